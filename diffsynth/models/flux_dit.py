@@ -1,0 +1,509 @@
+"""The FLUX.1 rectified-flow transformer (double-stream + single-stream blocks).
+
+Module names are this project's internal naming (the one SPEC.md's training interface uses:
+`blocks.N.attn.a_to_qkv`, `single_blocks.N.to_qkv_mlp`, ...). In every name `a` is the image
+stream and `b` the text stream. Converters from the BFL and diffusers layouts live at the bottom.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, asdict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.attention import attention
+
+
+@dataclass
+class FluxDiTConfig:
+    in_channels: int = 64
+    out_channels: int = 64
+    hidden_size: int = 3072
+    num_heads: int = 24
+    num_double_blocks: int = 19
+    num_single_blocks: int = 38
+    context_dim: int = 4096
+    pooled_dim: int = 768
+    mlp_ratio: float = 4.0
+    guidance_embed: bool = True
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- math helpers
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos half first. `t` is already on the 0..1000 scale."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (L, head_dim) for position ids (L, n_axes); pairs of channels share an angle."""
+    cos, sin = [], []
+    pos = ids.to(torch.float64)
+    for axis, dim in enumerate(axes_dim):
+        inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
+        angles = pos[:, axis, None] * inv[None]
+        cos.append(angles.cos().repeat_interleave(2, dim=-1))
+        sin.append(angles.sin().repeat_interleave(2, dim=-1))
+    return torch.cat(cos, -1).float(), torch.cat(sin, -1).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x (B, heads, L, D); computed in fp32 as the reference does."""
+    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def patchify(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4): 2x2 patches, channel-major inside a patch."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpatchify(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `patchify`; height/width are the latent sizes."""
+    b, _, d = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def image_ids(height: int, width: int, batch: int = 1, index: int = 0, device=None) -> torch.Tensor:
+    """Position ids (B, H/2*W/2, 3) = (index, row, col) on the packed grid of a (height, width) latent."""
+    h, w = height // 2, width // 2
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return ids.reshape(1, h * w, 3).expand(batch, -1, -1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class MLPEmbedder(nn.Sequential):
+    """Linear -> SiLU -> Linear, named `.0`/`.2` so checkpoints and LoRA targets are stable."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(256, hidden)
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.timestep_embedder(timestep_embedding(t * 1000).to(dtype))
+
+
+class AdaNorm(nn.Module):
+    """LayerNorm without affine whose shift/scale(/gate) come from the conditioning vector."""
+
+    def __init__(self, hidden: int, n_chunks: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, n_chunks * hidden)
+        self.n_chunks = n_chunks
+
+    def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(vec)).chunk(self.n_chunks, dim=-1)
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, L, H*D) -> (B, H, L, D)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).flatten(2)
+
+
+class JointAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        head_dim = hidden // heads
+        self.a_to_qkv = nn.Linear(hidden, 3 * hidden)
+        self.b_to_qkv = nn.Linear(hidden, 3 * hidden)
+        self.norm_q_a, self.norm_k_a = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.norm_q_b, self.norm_k_b = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.a_to_out = nn.Linear(hidden, hidden)
+        self.b_to_out = nn.Linear(hidden, hidden)
+
+    def qkv(self, x: torch.Tensor, proj: nn.Linear, norm_q: RMSNorm, norm_k: RMSNorm):
+        q, k, v = (split_heads(t, self.heads) for t in proj(x).chunk(3, dim=-1))
+        return norm_q(q), norm_k(k), v
+
+    def forward(self, img, txt, rope, mask=None, hooks=None):
+        q_a, k_a, v_a = self.qkv(img, self.a_to_qkv, self.norm_q_a, self.norm_k_a)
+        q_b, k_b, v_b = self.qkv(txt, self.b_to_qkv, self.norm_q_b, self.norm_k_b)
+        q, k, v = torch.cat([q_b, q_a], 2), torch.cat([k_b, k_a], 2), torch.cat([v_b, v_a], 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = merge_heads(attention(q, k, v, mask))
+        txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1]:]
+        return self.a_to_out(img_out), self.b_to_out(txt_out)
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, hidden: int, mlp_hidden: int):
+        super().__init__(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden))
+
+
+class DoubleBlock(nn.Module):
+    """Image and text streams with separate weights, joined only inside attention."""
+
+    def __init__(self, hidden: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.norm1_a, self.norm1_b = AdaNorm(hidden, 6), AdaNorm(hidden, 6)
+        self.attn = JointAttention(hidden, heads)
+        self.ff_a, self.ff_b = FeedForward(hidden, mlp_hidden), FeedForward(hidden, mlp_hidden)
+
+    def forward(self, img, txt, vec, rope, mask=None):
+        a_shift, a_scale, a_gate, a_shift2, a_scale2, a_gate2 = self.norm1_a(vec)
+        b_shift, b_scale, b_gate, b_shift2, b_scale2, b_gate2 = self.norm1_b(vec)
+        img_attn, txt_attn = self.attn(
+            modulate(layer_norm(img), a_shift, a_scale), modulate(layer_norm(txt), b_shift, b_scale), rope, mask)
+        img = img + a_gate[:, None] * img_attn
+        img = img + a_gate2[:, None] * self.ff_a(modulate(layer_norm(img), a_shift2, a_scale2))
+        txt = txt + b_gate[:, None] * txt_attn
+        txt = txt + b_gate2[:, None] * self.ff_b(modulate(layer_norm(txt), b_shift2, b_scale2))
+        if txt.dtype == torch.float16:  # fp16 text activations overflow otherwise
+            txt = txt.clip(-65504, 65504)
+        return img, txt
+
+
+class SingleBlock(nn.Module):
+    """One stream over [text, image]; attention and MLP run in parallel from one fused projection."""
+
+    def __init__(self, hidden: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.heads, self.hidden, self.mlp_hidden = heads, hidden, mlp_hidden
+        head_dim = hidden // heads
+        self.norm = AdaNorm(hidden, 3)
+        self.to_qkv_mlp = nn.Linear(hidden, 3 * hidden + mlp_hidden)
+        self.norm_q_a, self.norm_k_a = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.proj_out = nn.Linear(hidden + mlp_hidden, hidden)
+
+    def forward(self, x, vec, rope, mask=None):
+        shift, scale, gate = self.norm(vec)
+        qkv, mlp = self.to_qkv_mlp(modulate(layer_norm(x), shift, scale)).split(
+            [3 * self.hidden, self.mlp_hidden], dim=-1)
+        q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
+        q, k = apply_rope(self.norm_q_a(q), *rope), apply_rope(self.norm_k_a(k), *rope)
+        out = merge_heads(attention(q, k, v, mask))
+        return x + gate[:, None] * self.proj_out(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=-1))
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, 2 * hidden)
+
+    def forward(self, x, vec):
+        scale, shift = self.linear(F.silu(vec)).chunk(2, dim=-1)
+        return modulate(layer_norm(x), shift, scale)
+
+
+# ----------------------------------------------------------------------------- the model
+
+class FluxDiT(nn.Module):
+    def __init__(self, config: FluxDiTConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = config = config or FluxDiTConfig(**kwargs)
+        if config.hidden_size % config.num_heads or sum(config.axes_dim) != config.head_dim:
+            raise ValueError(f"inconsistent DiT config: hidden {config.hidden_size}, heads {config.num_heads}, "
+                             f"axes_dim {config.axes_dim} must sum to head_dim {config.head_dim}")
+        h = config.hidden_size
+        self.x_embedder = nn.Linear(config.in_channels, h)
+        self.context_embedder = nn.Linear(config.context_dim, h)
+        self.time_embedder = TimestepEmbedder(h)
+        self.guidance_embedder = TimestepEmbedder(h) if config.guidance_embed else None
+        self.pooled_text_embedder = MLPEmbedder(config.pooled_dim, h)
+        self.blocks = nn.ModuleList(
+            DoubleBlock(h, config.num_heads, config.mlp_hidden) for _ in range(config.num_double_blocks))
+        self.single_blocks = nn.ModuleList(
+            SingleBlock(h, config.num_heads, config.mlp_hidden) for _ in range(config.num_single_blocks))
+        self.final_norm_out = FinalNorm(h)
+        self.final_proj_out = nn.Linear(h, config.out_channels)
+        self.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.weight.dtype
+
+    def conditioning(self, timestep, pooled, guidance=None) -> torch.Tensor:
+        """Vector driving every modulation: time + pooled text (+ distilled guidance).
+
+        `timestep` is sigma in [0, 1] and `guidance` the raw value (e.g. 3.5); both are scaled by 1000.
+        """
+        dtype = self.pooled_text_embedder[0].weight.dtype
+        vec = self.time_embedder(timestep, dtype) + self.pooled_text_embedder(pooled.to(dtype))
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this DiT has a guidance embedder (FLUX.1-dev-like): pass `guidance`")
+            vec = vec + self.guidance_embedder(guidance, dtype)
+        return vec
+
+    def rope(self, txt_ids: torch.Tensor, img_ids: torch.Tensor):
+        ids = torch.cat([txt_ids, img_ids], dim=-2)
+        if ids.ndim == 3:
+            ids = ids[0]  # positions are shared by the batch
+        return rope_frequencies(ids, self.config.axes_dim, self.config.theta)
+
+    def run_blocks(self, img, txt, vec, rope, mask=None, block_hook: Callable | None = None):
+        """Double then single blocks. `block_hook(kind, index, img)` may add residuals (ControlNet)."""
+        for i, block in enumerate(self.blocks):
+            img, txt = self._call(block, img, txt, vec, rope, mask)
+            if block_hook is not None:
+                img = block_hook("double", i, img)
+        n_txt = txt.shape[1]
+        x = torch.cat([txt, img], dim=1)
+        for i, block in enumerate(self.single_blocks):
+            x = self._call(block, x, vec, rope, mask)
+            if block_hook is not None:
+                x = torch.cat([x[:, :n_txt], block_hook("single", i, x[:, n_txt:])], dim=1)
+        return x[:, n_txt:]
+
+    def _call(self, block, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def final(self, img, vec):
+        return self.final_proj_out(self.final_norm_out(img, vec))
+
+    def forward(self, img, img_ids, txt, txt_ids, timestep, pooled, guidance=None, mask=None, block_hook=None):
+        """img (B, N, in_channels) packed latents; txt (B, L, context_dim); ids (B, N|L, 3); timestep (B,)."""
+        vec = self.conditioning(timestep, pooled, guidance)
+        img = self.x_embedder(img.to(self.dtype))
+        txt = self.context_embedder(txt.to(self.dtype))
+        img = self.run_blocks(img, txt, vec, self.rope(txt_ids, img_ids), mask, block_hook)
+        return self.final(img, vec)
+
+
+# ----------------------------------------------------------------------------- checkpoint formats
+
+BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+_BFL_TOP = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in.in_layer": "time_embedder.timestep_embedder.0", "time_in.out_layer": "time_embedder.timestep_embedder.2",
+    "guidance_in.in_layer": "guidance_embedder.timestep_embedder.0",
+    "guidance_in.out_layer": "guidance_embedder.timestep_embedder.2",
+    "vector_in.in_layer": "pooled_text_embedder.0", "vector_in.out_layer": "pooled_text_embedder.2",
+    "final_layer.linear": "final_proj_out", "final_layer.adaLN_modulation.1": "final_norm_out.linear",
+}
+_BFL_DOUBLE = {
+    "img_mod.lin": "norm1_a.linear", "txt_mod.lin": "norm1_b.linear",
+    "img_attn.qkv": "attn.a_to_qkv", "txt_attn.qkv": "attn.b_to_qkv",
+    "img_attn.proj": "attn.a_to_out", "txt_attn.proj": "attn.b_to_out",
+    "img_attn.norm.query_norm.scale": "attn.norm_q_a.weight", "img_attn.norm.key_norm.scale": "attn.norm_k_a.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_q_b.weight", "txt_attn.norm.key_norm.scale": "attn.norm_k_b.weight",
+    "img_mlp.0": "ff_a.0", "img_mlp.2": "ff_a.2", "txt_mlp.0": "ff_b.0", "txt_mlp.2": "ff_b.2",
+}
+_BFL_SINGLE = {
+    "linear1": "to_qkv_mlp", "linear2": "proj_out", "modulation.lin": "norm.linear",
+    "norm.query_norm.scale": "norm_q_a.weight", "norm.key_norm.scale": "norm_k_a.weight",
+}
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """BFL's final modulation is (shift, scale); ours is (scale, shift). The swap is its own inverse."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _rename(key: str, table: dict[str, str]) -> str | None:
+    for src, dst in table.items():
+        if key == src:
+            return dst
+        if key.startswith(src + "."):
+            return dst + key[len(src):]
+    return None
+
+
+def bfl_key_to_internal(key: str) -> str | None:
+    """Map one BFL DiT key (prefix already stripped) to the internal name; None when unknown."""
+    m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", key)
+    if m:
+        kind, idx, rest = m.groups()
+        name = _rename(rest, _BFL_DOUBLE if kind == "double_blocks" else _BFL_SINGLE)
+        return None if name is None else f"{'blocks' if kind == 'double_blocks' else 'single_blocks'}.{idx}.{name}"
+    return _rename(key, _BFL_TOP)
+
+
+def internal_key_to_bfl(key: str) -> str | None:
+    m = re.match(r"(blocks|single_blocks)\.(\d+)\.(.+)", key)
+    if m:
+        kind, idx, rest = m.groups()
+        table = _BFL_DOUBLE if kind == "blocks" else _BFL_SINGLE
+        name = _rename(rest, {v: k for k, v in table.items()})
+        return None if name is None else f"{'double_blocks' if kind == 'blocks' else 'single_blocks'}.{idx}.{name}"
+    return _rename(key, {v: k for k, v in _BFL_TOP.items()})
+
+
+def _strip_prefix(sd: dict, prefixes=BFL_PREFIXES) -> dict:
+    for p in prefixes:
+        if any(k.startswith(p) for k in sd):
+            return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    return sd
+
+
+def dit_from_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = _strip_prefix(sd)
+    out, unknown = {}, []
+    for k, v in sd.items():
+        name = bfl_key_to_internal(k)
+        if name is None:
+            unknown.append(k)
+            continue
+        out[name] = _swap_halves(v) if name.startswith("final_norm_out.linear") else v
+    if unknown:
+        raise ValueError(f"unknown keys in BFL FLUX DiT checkpoint: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+    return out
+
+
+def dit_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        name = internal_key_to_bfl(k)
+        if name is None:
+            raise ValueError(f"cannot export {k!r} to BFL key names")
+        out[name] = _swap_halves(v) if k.startswith("final_norm_out.linear") else v
+    return out
+
+
+_DIFFUSERS_TOP = {
+    "time_text_embed.timestep_embedder.linear_1": "time_embedder.timestep_embedder.0",
+    "time_text_embed.timestep_embedder.linear_2": "time_embedder.timestep_embedder.2",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_embedder.timestep_embedder.0",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_embedder.timestep_embedder.2",
+    "time_text_embed.text_embedder.linear_1": "pooled_text_embedder.0",
+    "time_text_embed.text_embedder.linear_2": "pooled_text_embedder.2",
+    "context_embedder": "context_embedder", "x_embedder": "x_embedder",
+    "norm_out.linear": "final_norm_out.linear", "proj_out": "final_proj_out",
+}
+_DIFFUSERS_DOUBLE = {
+    "norm1.linear": "norm1_a.linear", "norm1_context.linear": "norm1_b.linear",
+    "attn.to_out.0": "attn.a_to_out", "attn.to_add_out": "attn.b_to_out",
+    "attn.norm_q": "attn.norm_q_a", "attn.norm_k": "attn.norm_k_a",
+    "attn.norm_added_q": "attn.norm_q_b", "attn.norm_added_k": "attn.norm_k_b",
+    "ff.net.0.proj": "ff_a.0", "ff.net.2": "ff_a.2", "ff_context.net.0.proj": "ff_b.0", "ff_context.net.2": "ff_b.2",
+}
+_DIFFUSERS_SINGLE = {
+    "norm.linear": "norm.linear", "proj_out": "proj_out", "attn.norm_q": "norm_q_a", "attn.norm_k": "norm_k_a",
+}
+# Fused internal projections and the diffusers pieces they concatenate, in order.
+_DIFFUSERS_FUSED = {
+    ("transformer_blocks", "attn.a_to_qkv"): ("attn.to_q", "attn.to_k", "attn.to_v"),
+    ("transformer_blocks", "attn.b_to_qkv"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    ("single_transformer_blocks", "to_qkv_mlp"): ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+}
+
+
+def dit_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = _strip_prefix(sd, ("transformer.",))
+    out, used = {}, set()
+    blocks: dict[tuple[str, str], set] = {}
+    for k in sd:
+        m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.", k)
+        if m:
+            blocks.setdefault((m.group(1), m.group(2)), set()).add(k)
+    for (kind, idx), keys in blocks.items():
+        prefix = f"{kind}.{idx}."
+        internal = f"{'blocks' if kind == 'transformer_blocks' else 'single_blocks'}.{idx}."
+        for (fkind, fused), parts in _DIFFUSERS_FUSED.items():
+            if fkind != kind:
+                continue
+            for p in ("weight", "bias"):
+                names = [f"{prefix}{part}.{p}" for part in parts]
+                if all(n in sd for n in names):
+                    out[f"{internal}{fused}.{p}"] = torch.cat([sd[n] for n in names], 0)
+                    used.update(names)
+        table = _DIFFUSERS_DOUBLE if kind == "transformer_blocks" else _DIFFUSERS_SINGLE
+        for k in keys - used:
+            name = _rename(k[len(prefix):], table)
+            if name is not None:
+                out[internal + name] = sd[k]
+                used.add(k)
+    for k in sd.keys() - used:
+        name = _rename(k, _DIFFUSERS_TOP)
+        if name is not None:
+            out[name] = sd[k]
+            used.add(k)
+    unknown = sorted(sd.keys() - used)
+    if unknown:
+        raise ValueError(f"unknown keys in diffusers FLUX transformer checkpoint: {unknown[:10]}")
+    return out
+
+
+def infer_dit_config(sd: dict[str, torch.Tensor]) -> FluxDiTConfig:
+    """Architecture from internal-named tensor shapes (width, depth, channels, guidance)."""
+    try:
+        hidden, in_channels = sd["x_embedder.weight"].shape
+        head_dim = sd["blocks.0.attn.norm_q_a.weight"].shape[0] if "blocks.0.attn.norm_q_a.weight" in sd else \
+            sd["single_blocks.0.norm_q_a.weight"].shape[0]
+        context_dim = sd["context_embedder.weight"].shape[1]
+        pooled_dim = sd["pooled_text_embedder.0.weight"].shape[1]
+        out_channels = sd["final_proj_out.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not a FLUX DiT state dict: missing {e.args[0]!r}") from None
+    n_double = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    n_single = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("single_blocks.")), default=-1)
+    if n_double:
+        mlp_hidden = sd["blocks.0.ff_a.0.weight"].shape[0]
+    else:
+        mlp_hidden = sd["single_blocks.0.to_qkv_mlp.weight"].shape[0] - 3 * hidden
+    heads = hidden // head_dim
+    return FluxDiTConfig(
+        in_channels=in_channels, out_channels=out_channels, hidden_size=hidden, num_heads=heads,
+        num_double_blocks=n_double, num_single_blocks=n_single, context_dim=context_dim, pooled_dim=pooled_dim,
+        mlp_ratio=mlp_hidden / hidden, guidance_embed="guidance_embedder.timestep_embedder.0.weight" in sd,
+        axes_dim=default_axes_dim(head_dim))
+
+
+def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
+    """FLUX splits each head's rotary channels (16, 56, 56) for head_dim 128; keep that ratio otherwise."""
+    if head_dim == 128:
+        return (16, 56, 56)
+    first = max(2, (head_dim // 8) // 2 * 2)
+    rest = (head_dim - first) // 2
+    rest -= rest % 2
+    return (head_dim - 2 * rest, rest, rest)
