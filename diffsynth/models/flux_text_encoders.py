@@ -1,0 +1,304 @@
+"""FLUX.1 text encoders: CLIP-L (pooled vector) and T5-XXL (token sequence), on HF transformers.
+
+Weights come as plain state dicts (HF key names), optionally with the ComfyUI all-in-one
+prefixes. Models are built on the meta device and the given tensors are assigned in place
+(``load_state_dict(assign=True)``), so loading never holds two copies of the weights.
+When no ``config.json`` is at hand, the config is inferred from tensor shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from pathlib import Path
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+try:  # transformers 4.x: the tokenizers-backed classes are the *Fast ones; in 5.x they are aliases.
+    from transformers import CLIPTokenizerFast as _CLIPTokenizer
+    from transformers import T5TokenizerFast as _T5Tokenizer
+except ImportError:  # pragma: no cover
+    from transformers import CLIPTokenizer as _CLIPTokenizer
+    from transformers import T5Tokenizer as _T5Tokenizer
+
+__all__ = [
+    "CLIP_PREFIX",
+    "T5_PREFIX",
+    "strip_prefix",
+    "infer_clip_config",
+    "infer_t5_config",
+    "load_clip_text_encoder",
+    "load_t5_encoder",
+    "load_clip_tokenizer",
+    "load_t5_tokenizer",
+    "load_tokenizers",
+    "encode_prompt_clip",
+    "encode_prompt_t5",
+]
+
+CLIP_PREFIX = "text_encoders.clip_l.transformer."
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+CLIP_MAX_LENGTH = 77
+
+# Present in some CLIP-L files but not part of CLIPTextModel: dropped silently.
+_CLIP_IGNORED = ("text_model.embeddings.position_ids", "embeddings.position_ids", "text_projection.weight", "logit_scale")
+_T5_EMBED = "encoder.embed_tokens.weight"
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def strip_prefix(sd: StateDict, prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``sd`` whose key starts with ``prefix``, with the prefix removed (others dropped)."""
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _maybe_strip(sd: StateDict, prefix: str) -> dict[str, torch.Tensor]:
+    return strip_prefix(sd, prefix) if any(k.startswith(prefix) for k in sd) else dict(sd)
+
+
+def _layer_count(sd: StateDict, prefix: str) -> int:
+    ids = {int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)}
+    if not ids:
+        raise ValueError(f"no '{prefix}N.*' keys found")
+    return max(ids) + 1
+
+
+def _require(sd: StateDict, key: str, what: str) -> torch.Tensor:
+    if key not in sd:
+        raise ValueError(f"{what}: missing key {key!r}")
+    return sd[key]
+
+
+# --------------------------------------------------------------------------------------
+# CLIP
+# --------------------------------------------------------------------------------------
+
+
+def _clip_key(key: str) -> str:
+    """Canonical on-disk CLIP key: always ``text_model.*``."""
+    return key if key.startswith("text_model.") else "text_model." + key
+
+
+def infer_clip_config(state_dict: StateDict) -> CLIPTextConfig:
+    """CLIPTextConfig from the shapes of an HF CLIP text state dict (``text_model.*`` keys).
+
+    Heads: ``hidden // 64`` (CLIP-L 768 -> 12, CLIP-G 1280 -> 20); below 64 (tiny test models)
+    the fallback is head_dim 8, i.e. ``max(1, hidden // 8)`` heads. ``projection_dim`` comes from
+    ``text_projection.weight`` when present, else equals hidden. BOS/EOS are the two highest ids.
+    """
+    sd = {_clip_key(k): v for k, v in state_dict.items() if k not in _CLIP_IGNORED}
+    what = "CLIP text encoder"
+    tok = _require(sd, "text_model.embeddings.token_embedding.weight", what)
+    pos = _require(sd, "text_model.embeddings.position_embedding.weight", what)
+    fc1 = _require(sd, "text_model.encoder.layers.0.mlp.fc1.weight", what)
+    vocab, hidden = tok.shape
+    heads = hidden // 64 if hidden >= 64 else max(1, hidden // 8)
+    proj = state_dict.get("text_projection.weight")
+    return CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=fc1.shape[0],
+        num_hidden_layers=_layer_count(sd, "text_model.encoder.layers."),
+        num_attention_heads=heads,
+        max_position_embeddings=pos.shape[0],
+        projection_dim=proj.shape[0] if proj is not None else hidden,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+    )
+
+
+def _clip_config_from_dict(config_dict: Mapping) -> CLIPTextConfig:
+    d = dict(config_dict.get("text_config", config_dict))  # a full CLIPConfig nests the text part
+    d.pop("model_type", None)
+    return CLIPTextConfig.from_dict(d)
+
+
+def load_clip_text_encoder(
+    state_dict: StateDict, config_dict: Mapping | None = None, dtype: torch.dtype = torch.float32
+) -> CLIPTextModel:
+    """Build an HF ``CLIPTextModel`` from ``text_model.*`` weights (ComfyUI prefix stripped if present).
+
+    ``config_dict`` is the content of a ``config.json`` (CLIPTextConfig or full CLIPConfig); when None
+    the config is inferred (:func:`infer_clip_config`). Raises ValueError on unknown/missing keys.
+    """
+    raw = _maybe_strip(state_dict, CLIP_PREFIX)
+    config = _clip_config_from_dict(config_dict) if config_dict is not None else infer_clip_config(raw)
+    sd = {_clip_key(k): v for k, v in raw.items() if k not in _CLIP_IGNORED}
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    # transformers 5 drops the ``text_model.`` level inside CLIPTextModel; 4.x keeps it.
+    nested = any(k.startswith("text_model.") for k in model.state_dict())
+    _assign(model, sd, dtype, "CLIP text encoder", file_prefix="" if nested else "text_model.")
+    for module in model.modules():  # non-persistent buffer, left on meta by the build above
+        buf = getattr(module, "position_ids", None)
+        if isinstance(buf, torch.Tensor) and buf.is_meta:
+            module.position_ids = torch.arange(buf.shape[-1]).expand(1, -1)
+    _check_materialized(model, "CLIP text encoder")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------
+# T5
+# --------------------------------------------------------------------------------------
+
+
+def infer_t5_config(state_dict: StateDict) -> T5Config:
+    """T5Config (encoder only) from the shapes of an HF T5 encoder state dict.
+
+    ``relative_attention_max_distance`` cannot be seen in the weights: the T5 default 128 is used.
+    """
+    sd = state_dict
+    what = "T5 encoder"
+    shared = sd.get("shared.weight", sd.get(_T5_EMBED))
+    if shared is None:
+        raise ValueError(f"{what}: missing key 'shared.weight'")
+    rel = _require(sd, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", what)
+    q = _require(sd, "encoder.block.0.layer.0.SelfAttention.q.weight", what)
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
+    wi = _require(sd, f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight", what)
+    buckets, heads = rel.shape
+    return T5Config(
+        vocab_size=shared.shape[0],
+        d_model=shared.shape[1],
+        d_kv=q.shape[0] // heads,
+        d_ff=wi.shape[0],
+        num_layers=_layer_count(sd, "encoder.block."),
+        num_heads=heads,
+        relative_attention_num_buckets=buckets,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+
+
+def load_t5_encoder(
+    state_dict: StateDict, config_dict: Mapping | None = None, dtype: torch.dtype = torch.float32
+) -> T5EncoderModel:
+    """Build an HF ``T5EncoderModel`` from ``shared.weight`` + ``encoder.*`` weights.
+
+    The ComfyUI prefix is stripped if present; ``encoder.embed_tokens.weight`` may be absent
+    (it is tied to ``shared.weight``). Decoder keys or other unknown keys raise ValueError.
+    """
+    sd = _maybe_strip(state_dict, T5_PREFIX)
+    embed = sd.pop(_T5_EMBED, None)
+    if "shared.weight" not in sd and embed is not None:
+        sd["shared.weight"] = embed
+    config = T5Config.from_dict(dict(config_dict)) if config_dict is not None else infer_t5_config(sd)
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    _assign(model, sd, dtype, "T5 encoder", optional={_T5_EMBED})
+    model.encoder.embed_tokens.weight = model.shared.weight  # tie
+    _check_materialized(model, "T5 encoder")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------
+# Loading helpers
+# --------------------------------------------------------------------------------------
+
+
+def _short(keys: list[str], n: int = 10) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _assign(
+    model: torch.nn.Module,
+    sd: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    what: str,
+    optional: Collection[str] = (),
+    file_prefix: str = "",
+) -> None:
+    """Check keys and shapes, then assign ``sd`` (cast to ``dtype``) into a meta-device model.
+
+    ``sd`` keys are the on-disk names: ``file_prefix`` + the module's state-dict key.
+    """
+    expected = {file_prefix + k: v for k, v in model.state_dict().items()}
+    unexpected = sorted(set(sd) - set(expected))
+    missing = sorted(set(expected) - set(sd) - set(optional))
+    if unexpected or missing:
+        parts = [f"unexpected keys: {_short(unexpected)}"] if unexpected else []
+        parts += [f"missing keys: {_short(missing)}"] if missing else []
+        raise ValueError(f"{what}: " + "; ".join(parts))
+    bad = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in sd.items() if v.shape != expected[k].shape]
+    if bad:
+        raise ValueError(f"{what}: shape mismatch (file != config): {_short(bad)}")
+    cast = {k[len(file_prefix) :]: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    model.load_state_dict(cast, strict=False, assign=True)
+
+
+def _check_materialized(model: torch.nn.Module, what: str) -> None:
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{what}: tensors never loaded: {_short(left)}")
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------
+
+
+def _check_folder(path: str | Path, alternatives: list[list[str]], what: str) -> Path:
+    folder = Path(path)
+    if any(all((folder / f).is_file() for f in files) for files in alternatives):
+        return folder
+    expected = " or ".join(" + ".join(files) for files in alternatives)
+    state = "is missing" if not folder.is_dir() else "lacks the tokenizer files"
+    raise FileNotFoundError(f"{what} folder {str(folder)!r} {state}: expected {expected}")
+
+
+def load_clip_tokenizer(path: str | Path) -> _CLIPTokenizer:
+    """CLIP BPE tokenizer from a folder with vocab.json + merges.txt (or tokenizer.json). Offline."""
+    folder = _check_folder(path, [["vocab.json", "merges.txt"], ["tokenizer.json"]], "CLIP tokenizer")
+    return _CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def load_t5_tokenizer(path: str | Path) -> _T5Tokenizer:
+    """T5 sentencepiece tokenizer from a folder with spiece.model and/or tokenizer.json. Offline."""
+    folder = _check_folder(path, [["spiece.model"], ["tokenizer.json"]], "T5 tokenizer")
+    return _T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def load_tokenizers(clip_dir: str | Path, t5_dir: str | Path) -> tuple[_CLIPTokenizer, _T5Tokenizer]:
+    """Both FLUX tokenizers: (CLIP from ``clip_dir``, T5 from ``t5_dir``)."""
+    return load_clip_tokenizer(clip_dir), load_t5_tokenizer(t5_dir)
+
+
+# --------------------------------------------------------------------------------------
+# Prompt encoding
+# --------------------------------------------------------------------------------------
+
+
+def _model_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def encode_prompt_clip(
+    tokenizer, model: CLIPTextModel, prompts: list[str], device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Pooled CLIP embedding ``(B, hidden)``: final-layer-norm state at the first EOS token.
+
+    Prompts are padded/truncated to ``min(tokenizer.model_max_length, 77)`` tokens. Equals HF
+    ``pooler_output`` whenever EOS is the highest token id (as in CLIP-L).
+    """
+    max_length = min(tokenizer.model_max_length, CLIP_MAX_LENGTH)
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(_model_device(model, device))
+    hidden = model(input_ids=ids).last_hidden_state
+    eos = (ids == tokenizer.eos_token_id).int().argmax(dim=-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]
+
+
+def encode_prompt_t5(
+    tokenizer, model: T5EncoderModel, prompts: list[str], max_length: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """T5 token embeddings ``(B, max_length, d_model)``; padded to ``max_length``, no attention mask
+    (as BFL's reference code and diffusers' FluxPipeline do)."""
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(_model_device(model, device))
+    return model(input_ids=ids).last_hidden_state
