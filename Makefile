@@ -1,0 +1,22 @@
+# Two commands do everything on a fresh machine: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# keeps a torch you installed yourself (e.g. a CUDA build); otherwise takes torch 2.13.0
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/diffsynth demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+.PHONY: install demo test

@@ -1,0 +1,173 @@
+"""Command line: `diffsynth generate | inspect | demo`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def model_files_in(folder: str) -> list[str]:
+    """The checkpoint files of a model folder (FLUX.1-dev repo layout, diffusers layout, or loose files)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    found = sorted(str(p) for p in root.iterdir() if p.suffix in (".safetensors", ".sft", ".gguf"))
+    found += [str(root / sub) for sub in ("transformer", "vae", "text_encoder", "text_encoder_2")
+              if (root / sub).is_dir()]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint files in {folder}")
+    return found
+
+
+def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True) -> None:
+    p.add_argument("--prompt", required=require_prompt)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--embedded-guidance", type=float, default=3.5)
+    p.add_argument("--t5-sequence-length", type=int, default=512)
+    p.add_argument("--input-image", help="image for image-to-image")
+    p.add_argument("--denoising-strength", type=float, default=1.0)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--rand-device", default="cpu")
+    p.add_argument("--sigma-shift", type=float)
+    p.add_argument("--steps", type=int, default=30, dest="num_inference_steps")
+    p.add_argument("--tiled", action="store_true")
+    p.add_argument("--tile-size", type=int, default=128)
+    p.add_argument("--tile-stride", type=int, default=64)
+    p.add_argument("--num-images", type=int, default=1)
+
+
+GENERATION_KEYS = ("prompt", "negative_prompt", "cfg_scale", "embedded_guidance", "t5_sequence_length",
+                   "denoising_strength", "height", "width", "seed", "rand_device", "sigma_shift",
+                   "num_inference_steps", "tiled", "tile_size", "tile_stride", "num_images")
+
+
+def png_metadata(params: dict, seed: int, size: tuple[int, int], models: list[str]):
+    """A1111-style `parameters` text (what ComfyUI/A1111 users read) plus the exact call as JSON."""
+    from PIL.PngImagePlugin import PngInfo
+    text = params["prompt"]
+    if params.get("negative_prompt"):
+        text += f"\nNegative prompt: {params['negative_prompt']}"
+    text += (f"\nSteps: {params['num_inference_steps']}, Sampler: Euler (flow matching), "
+             f"CFG scale: {params['cfg_scale']}, Guidance: {params['embedded_guidance']}, Seed: {seed}, "
+             f"Size: {size[0]}x{size[1]}, Shift: {params.get('sigma_shift') or 3.0}, "
+             f"Model: {', '.join(os.path.basename(m.rstrip('/')) for m in models)}")
+    info = PngInfo()
+    info.add_text("parameters", text)
+    info.add_text("diffsynth", json.dumps({**params, "seed": seed, "models": models}))
+    return info
+
+
+def save_png(image, path: str, pnginfo) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    image.save(tmp, pnginfo=pnginfo)
+    os.replace(tmp, path)
+
+
+def cmd_generate(args) -> list[str]:
+    from PIL import Image
+    from . import FluxImagePipeline, ModelConfig
+    models = list(args.model or [])
+    if args.model_dir:
+        models += model_files_in(args.model_dir)
+    if not models:
+        raise SystemExit("give --model FILE [FILE ...] or --model-dir DIR")
+    pipe = FluxImagePipeline.from_pretrained(
+        torch_dtype=DTYPES[args.dtype], device=args.device, model_configs=[ModelConfig(path=m) for m in models],
+        tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2)
+    params = {k: getattr(args, k) for k in GENERATION_KEYS}
+    input_image = Image.open(args.input_image) if args.input_image else None
+    images = pipe(**params, input_image=input_image)
+    images = images if isinstance(images, list) else [images]
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, image in enumerate(images):
+        path = str(out) if len(images) == 1 else str(out.with_name(f"{out.stem}-{i}{out.suffix}"))
+        save_png(image, path, png_metadata({**params, "input_image": args.input_image},
+                                           pipe.last_seed + i, image.size, models))
+        written.append(path)
+        print(f"saved {path}")
+    return written
+
+
+def cmd_inspect(args) -> None:
+    from .core.registry import describe, detect
+    for path in args.files:
+        report = {"file": path, "models": [describe(d) for d in detect(path)]}
+        print(json.dumps(report, indent=2) if args.json else _pretty(report))
+
+
+def _pretty(report: dict) -> str:
+    lines = [report["file"]]
+    for m in report["models"]:
+        lines.append(f"  {m['family']} ({m['format']} layout) -> {', '.join(m['components'])}")
+        lines.append(f"    parameters: {m['parameters']:,}   dtypes: {m['dtypes']}")
+        for k, v in m.get("architecture", {}).items():
+            lines.append(f"    {k}: {v}")
+        if "quant_types" in m:
+            lines.append(f"    quant types: {m['quant_types']}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> None:
+    from .testing import build_tiny_flux
+    root = Path(args.model_dir)
+    if not (root / "flux1-dev.safetensors").exists():
+        print(f"building the tiny random FLUX.1-dev model in {root} ...")
+        build_tiny_flux(root)
+    args.model, args.tokenizer_1, args.tokenizer_2 = None, None, None
+    cmd_generate(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffsynth", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="text-to-image / image-to-image from checkpoint files")
+    gen.add_argument("--model", nargs="+", help="checkpoint files or folders (DiT, VAE, CLIP, T5, or all-in-one)")
+    gen.add_argument("--model-dir", help="a model folder in the FLUX.1-dev layout")
+    gen.add_argument("--tokenizer-1", help="CLIP tokenizer folder (default: tokenizer/ beside text_encoder/)")
+    gen.add_argument("--tokenizer-2", help="T5 tokenizer folder (default: tokenizer_2/ beside text_encoder_2/)")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--dtype", choices=DTYPES, default="bf16" if torch.cuda.is_available() else "fp32")
+    gen.add_argument("--output", default="image.png")
+    add_generation_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    ins = sub.add_parser("inspect", help="what a checkpoint file is recognised as")
+    ins.add_argument("files", nargs="+")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)
+
+    demo = sub.add_parser("demo", help="build the tiny random model (if missing) and generate with it")
+    demo.add_argument("--model-dir", default="demo_model")
+    demo.add_argument("--output", default="demo_output/image.png")
+    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--dtype", choices=DTYPES, default="fp32")
+    add_generation_args(demo, require_prompt=False)
+    demo.set_defaults(func=cmd_demo, prompt="a cat sitting on a red sofa", height=128, width=128,
+                      num_inference_steps=4, seed=0, t5_sequence_length=32)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
