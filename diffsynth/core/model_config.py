@@ -37,7 +37,7 @@ class ModelConfig:
     def _local_matches(self) -> list[str]:
         pattern = self.origin_file_pattern or ""
         if pattern == "" or pattern.endswith("/"):
-            folder = os.path.join(self.local_dir, pattern)
+            folder = os.path.normpath(os.path.join(self.local_dir, pattern))
             return [folder] if os.path.isdir(folder) and os.listdir(folder) else []
         return sorted(glob.glob(os.path.join(self.local_dir, pattern)))
 

@@ -1,0 +1,230 @@
+"""Checkpoint formats, detection, ModelConfig resolution and loading errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffsynth import CheckpointError, FluxImagePipeline, ModelConfig
+from diffsynth.core import model_config as mc
+from diffsynth.core.registry import build, describe, detect
+from diffsynth.testing import build_tiny_comfy_checkpoint, build_tiny_flux
+
+TEXT = ("text_encoder/model.safetensors", "text_encoder_2/", "ae.safetensors")
+quiet = dict(progress_bar_cmd=lambda x: x, height=64, width=64, num_inference_steps=2, seed=0,
+             t5_sequence_length=16, output_type="latent")
+
+
+def pipe_from(paths, **kw):
+    return FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                             model_configs=[ModelConfig(path=str(p)) for p in paths], **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_root):
+    return pipe_from([tiny_root / "flux1-dev.safetensors"] + [tiny_root / p for p in TEXT])("a cat", **quiet)
+
+
+def test_detects_each_file_of_the_flux_dev_layout(tiny_root):
+    kinds = {p: [(d.family, d.format, d.components) for d in detect(str(tiny_root / p))]
+             for p in ("flux1-dev.safetensors",) + TEXT}
+    assert kinds == {
+        "flux1-dev.safetensors": [("flux-dit", "bfl", ("dit",))],
+        "text_encoder/model.safetensors": [("clip", "hf", ("text_encoder_1",))],
+        "text_encoder_2/": [("t5", "hf", ("text_encoder_2",))],
+        "ae.safetensors": [("flux-vae", "bfl", ("vae_encoder", "vae_decoder"))],
+    }
+
+
+def test_prefixed_bfl_file_loads_identically(tiny_root, tmp_path, reference):
+    sd = load_file(tiny_root / "flux1-dev.safetensors")
+    save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, tmp_path / "prefixed.safetensors")
+    got = pipe_from([tmp_path / "prefixed.safetensors"] + [tiny_root / p for p in TEXT])("a cat", **quiet)
+    assert torch.equal(got, reference)
+
+
+def test_diffusers_sharded_transformer_folder(tmp_path, tiny_root, reference):
+    root = build_tiny_flux(tmp_path / "diffusers", dit_format="diffusers")
+    assert (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    got = pipe_from([root / "transformer"] + [tiny_root / p for p in TEXT])("a cat", **quiet)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_comfyui_all_in_one_file_yields_four_models(tmp_path, tiny_root, reference):
+    path = build_tiny_comfy_checkpoint(tmp_path / "flux1-dev-comfy.safetensors")
+    families = sorted(d.family for d in detect(str(path)))
+    assert families == ["clip", "flux-dit", "flux-vae", "t5"]
+    pipe = pipe_from([path], tokenizer_1_path=tiny_root / "tokenizer", tokenizer_2_path=tiny_root / "tokenizer_2")
+    assert torch.equal(pipe("a cat", **quiet), reference)
+
+
+def test_comfyui_file_without_tokenizers_says_where_it_looked(tmp_path):
+    path = build_tiny_comfy_checkpoint(tmp_path / "aio.safetensors")
+    with pytest.raises(FileNotFoundError, match="tokenizer.*looked in"):
+        pipe_from([path])
+
+
+def test_fp8_stored_dit_close_to_fp32(tiny_root, tmp_path, reference):
+    sd = load_file(tiny_root / "flux1-dev.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in sd.items()}, tmp_path / "flux1-dev-fp8.safetensors")
+    assert detect(str(tmp_path / "flux1-dev-fp8.safetensors"))[0].dtypes == {"float8_e4m3fn": len(sd)}
+    got = pipe_from([tmp_path / "flux1-dev-fp8.safetensors"] + [tiny_root / p for p in TEXT])("a cat", **quiet)
+    assert got.dtype == torch.float32
+    rel = (got - reference).norm() / reference.norm()
+    assert 0 < rel < 0.1
+
+
+def test_schnell_without_guidance_embedder(tmp_path, tiny_root):
+    root = build_tiny_flux(tmp_path / "schnell", guidance=False)
+    pipe = pipe_from([root / "flux1-dev.safetensors"] + [root / p for p in TEXT])
+    assert pipe.dit.guidance_embedder is None
+    a = pipe("a cat", embedded_guidance=1.0, **quiet)
+    assert torch.equal(a, pipe("a cat", embedded_guidance=9.0, **quiet))  # guidance has no input to go to
+    info = describe(detect(str(root / "flux1-dev.safetensors"))[0])
+    assert "schnell" in info["architecture"]["variant"]
+
+
+def test_internal_names_checkpoint_is_detected(tiny_root, tmp_path, reference):
+    """A full fine-tune saved in our/DiffSynth names (optionally with pipe.dit.) loads without the base model."""
+    pipe = pipe_from([tiny_root / "flux1-dev.safetensors"] + [tiny_root / p for p in TEXT])
+    save_file({"pipe.dit." + k: v for k, v in pipe.dit.state_dict().items()}, tmp_path / "finetune.safetensors")
+    assert detect(str(tmp_path / "finetune.safetensors"))[0].format == "diffsynth"
+    got = pipe_from([tmp_path / "finetune.safetensors"] + [tiny_root / p for p in TEXT])("a cat", **quiet)
+    assert torch.equal(got, reference)
+
+
+def test_torch_bin_file_loads_weights_only(tiny_root, tmp_path):
+    sd = load_file(tiny_root / "ae.safetensors")
+    torch.save(sd, tmp_path / "ae.bin")
+    models = build(detect(str(tmp_path / "ae.bin"))[0])
+    assert set(models) == {"vae_encoder", "vae_decoder"}
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"x": Evil()}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="weights-only"):
+        detect(str(tmp_path / "evil.ckpt"))
+
+
+def test_truncated_safetensors_is_named(tiny_root, tmp_path):
+    data = (tiny_root / "ae.safetensors").read_bytes()
+    (tmp_path / "ae.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        pipe_from([tmp_path / "ae.safetensors"])
+
+
+def test_garbage_file_is_named(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="x.safetensors"):
+        detect(str(tmp_path / "x.safetensors"))
+
+
+def test_non_flux_file_is_rejected_with_its_keys(tmp_path):
+    save_file({"conv.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="not a recognised FLUX model.*conv.weight"):
+        pipe_from([tmp_path / "other.safetensors"])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        pipe_from([tmp_path / "nope.safetensors"])
+
+
+def test_model_config_needs_path_or_model_id():
+    with pytest.raises(ValueError, match="path.*model_id"):
+        ModelConfig()
+    with pytest.raises(ValueError, match="download_resource"):
+        ModelConfig(model_id="a/b", download_resource="ftp")
+
+
+# ----------------------------------------------------------------------------- offline-first resolution
+
+@pytest.fixture
+def no_network(monkeypatch):
+    calls = []
+
+    def fake(name):
+        def download(model_id, local_dir, allow, ignore):
+            calls.append((name, model_id, allow, ignore))
+            os.makedirs(os.path.join(local_dir, "text_encoder_2"), exist_ok=True)
+            open(os.path.join(local_dir, "flux1-dev.safetensors"), "wb").close()
+            open(os.path.join(local_dir, "text_encoder_2", "model.safetensors"), "wb").close()
+        return download
+    monkeypatch.setattr(mc, "_download_modelscope", fake("modelscope"))
+    monkeypatch.setattr(mc, "_download_huggingface", fake("huggingface"))
+    return calls
+
+
+def test_files_already_on_disk_never_download(tmp_path, no_network):
+    folder = tmp_path / "black-forest-labs" / "FLUX.1-dev"
+    folder.mkdir(parents=True)
+    (folder / "flux1-dev.safetensors").write_bytes(b"")
+    cfg = ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern="flux1-dev.safetensors",
+                      local_model_path=str(tmp_path))
+    assert cfg.resolve() == str(folder / "flux1-dev.safetensors")
+    assert no_network == []
+
+
+def test_missing_files_download_with_allow_pattern(tmp_path, no_network):
+    cfg = ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern="text_encoder_2/",
+                      local_model_path=str(tmp_path))
+    assert cfg.resolve() == str(tmp_path / "black-forest-labs/FLUX.1-dev/text_encoder_2/")
+    assert no_network == [("modelscope", "black-forest-labs/FLUX.1-dev", "text_encoder_2/*", [])]
+    cfg = ModelConfig(model_id="x/y", origin_file_pattern="*.safetensors", local_model_path=str(tmp_path),
+                      download_resource="HuggingFace")
+    cfg.resolve()
+    assert no_network[-1][0] == "huggingface"
+
+
+def test_download_skips_files_present(tmp_path, no_network):
+    folder = tmp_path / "x" / "y"
+    folder.mkdir(parents=True)
+    (folder / "ae.safetensors").write_bytes(b"")
+    ModelConfig(model_id="x/y", origin_file_pattern="flux1-dev.safetensors", local_model_path=str(tmp_path)).resolve()
+    assert no_network[0][3] == ["ae.safetensors"]
+
+
+def test_skip_download_raises_instead_of_downloading(tmp_path, no_network):
+    cfg = ModelConfig(model_id="x/y", origin_file_pattern="ae.safetensors", local_model_path=str(tmp_path),
+                      skip_download=True)
+    with pytest.raises(FileNotFoundError, match="skip_download"):
+        cfg.resolve()
+    assert no_network == []
+
+
+# ----------------------------------------------------------------------------- memory
+
+PEAK_SCRIPT = r"""
+import resource, sys, torch
+from diffsynth.core.registry import build, detect
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+build(detect(sys.argv[2])[0], torch.bfloat16)  # warm-up: every lazy import happens before the baseline
+base = rss_mb()
+model = build(detect(sys.argv[1])[0], torch.bfloat16)["dit"]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+print(f"{base} {peak} {weights}")
+"""
+
+
+def test_loading_peak_rss_close_to_weight_size(tmp_path, tiny_root):
+    """Mid-size DiT (~180 MB bf16): peak RSS growth while loading < 1.5x the weights."""
+    from diffsynth.models.flux_dit import FluxDiT, FluxDiTConfig, dit_to_bfl
+    config = FluxDiTConfig(hidden_size=768, num_heads=6, num_double_blocks=3, num_single_blocks=3,
+                           context_dim=256, pooled_dim=64)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in FluxDiT(config).state_dict().items()}
+    path = tmp_path / "mid.safetensors"
+    save_file(dit_to_bfl({k: torch.randn(s, dtype=torch.bfloat16) * 0.02 for k, s in shapes.items()}), path)
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path), str(tiny_root / "flux1-dev.safetensors")], capture_output=True, text=True, check=True)
+    base, peak, weights = map(float, out.stdout.split())
+    assert weights > 150
+    assert peak - base < 1.5 * weights, (base, peak, weights)
