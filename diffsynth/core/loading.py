@@ -77,11 +77,14 @@ def _read_safetensors_header(path: str) -> tuple[dict, int]:
 def _read_safetensors_tensor(ref: TensorRef) -> torch.Tensor:
     out = torch.empty(ref.shape, dtype=ref.dtype)
     if ref.nbytes:
-        with open(ref.path, "rb") as f:
+        with open(ref.path, "rb", buffering=0) as f:  # unbuffered: bytes go straight into the tensor
             f.seek(ref.offset)
-            got = f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
-        if got != ref.nbytes:
-            raise CheckpointError(f"{ref.path}: truncated while reading {ref.key!r}")
+            view, got = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
+            while got < ref.nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"{ref.path}: truncated while reading {ref.key!r}")
+                got += n
     return out
 
 
