@@ -234,3 +234,10 @@ def test_loading_peak_rss_close_to_weight_size(tmp_path, tiny_root):
             break
     assert weights > 150
     assert min(runs) < 1.5, runs
+
+
+def test_lora_file_given_as_model_says_so(tmp_path):
+    save_file({"double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(4, 32),
+               "double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(96, 4)}, tmp_path / "style.safetensors")
+    with pytest.raises(CheckpointError, match="is a LoRA.*pipe.load_lora"):
+        detect(str(tmp_path / "style.safetensors"))
