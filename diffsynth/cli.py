@@ -128,6 +128,11 @@ def cmd_demo(args) -> None:
     cmd_generate(args)
 
 
+def cmd_train(args) -> None:
+    from .training import train
+    train(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsynth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_args(demo, require_prompt=False)
     demo.set_defaults(func=cmd_demo, prompt="a cat sitting on a red sofa", height=128, width=128,
                       num_inference_steps=4, seed=0, t5_sequence_length=32)
+
+    from .training.args import add_training_args
+    train = sub.add_parser("train", help="LoRA / full training of FLUX.1 (same arguments as "
+                                         "examples/flux/model_training/train.py; multi-GPU: accelerate launch)")
+    add_training_args(train)
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,41 @@
+"""Disk cache of what the frozen encoders produce: VAE latents (x0) and text embeddings, one file per row.
+
+The file name is a hash of everything the tensors depend on (image file identity, target size, prompt,
+T5 length, model sources, dtype), so a changed image, caption or model never reuses a stale entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+from tqdm import tqdm
+
+from ..core.loading import save_safetensors
+from .data import ImageDataset, Sample
+from .module import CACHED_KEYS, FluxTrainingModule
+
+
+def cache_key(sample: Sample, size: tuple[int, int], t5_sequence_length: int, model_tag: str) -> str:
+    path = sample.files["image"]
+    st = os.stat(path)
+    ident = [path, st.st_mtime_ns, st.st_size, list(size), sample.prompt, t5_sequence_length, model_tag]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+
+
+def cache_paths(samples: list[Sample], sizes: list[tuple[int, int]], cache_dir: str, t5_sequence_length: int,
+                model_tag: str) -> list[str]:
+    return [os.path.join(cache_dir, cache_key(s, size, t5_sequence_length, model_tag) + ".safetensors")
+            for s, size in zip(samples, sizes)]
+
+
+@torch.no_grad()
+def build_cache(module: FluxTrainingModule, dataset: ImageDataset, paths: list[str], rank: int = 0,
+                world: int = 1, show_progress: bool = True) -> int:
+    """Encode the rows whose cache file is missing (rows split across processes). Returns how many."""
+    todo = [i for i in range(rank, len(paths), world) if not os.path.isfile(paths[i])]
+    for i in tqdm(todo, desc="caching latents and text embeddings", disable=not show_progress or not todo):
+        inputs = module.prepare_sample(dataset[i], seed=0)
+        save_safetensors({k: inputs[k].detach() for k in CACHED_KEYS}, paths[i])
+    return len(todo)

@@ -1,0 +1,62 @@
+"""Training outputs: the trainable weights only, prefix removed, in the chosen key format, written atomically.
+
+LoRA formats: "diffsynth" (PEFT names as trained: `blocks.0.attn.a_to_qkv.lora_A.default.weight`, read by
+`pipe.load_lora`), "kohya" (`lora_unet_*` + `.alpha`, ComfyUI / diffusers; what SPEC's
+`--align_to_opensource_format` asks for) and "diffusers" (`transformer.*.lora_A.weight` + adapter metadata).
+Full fine-tunes: "diffsynth" (internal names, `pipe.dit.load_state_dict`) or "bfl" (original FLUX names).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..core.loading import save_safetensors
+
+LORA_FORMATS = ("diffsynth", "kohya", "diffusers")
+FULL_FORMATS = ("diffsynth", "bfl")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def remove_prefix(sd: dict[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
+    if not prefix:
+        return dict(sd)
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def is_lora_key(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def convert_output(sd: dict[str, torch.Tensor], lora_format: str = "diffsynth", full_format: str = "diffsynth",
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of one output file. `sd` has the prefix already removed."""
+    metadata: dict[str, str] = {}
+    lora = {k: v for k, v in sd.items() if is_lora_key(k)}
+    full = {k: v for k, v in sd.items() if not is_lora_key(k)}
+    out: dict[str, torch.Tensor] = {}
+    if lora and lora_format != "diffsynth":
+        from ..core.lora import export_kohya, export_peft, lora_from_peft_model_state
+        canonical = lora_from_peft_model_state(lora)
+        if lora_format == "kohya":
+            lora = export_kohya(canonical)
+        else:
+            lora, metadata = export_peft(canonical)
+    if full and full_format == "bfl":
+        from ..models.flux_dit import dit_to_bfl
+        full = dit_to_bfl(full)
+    out.update(full)
+    out.update(lora)
+    return out, metadata
+
+
+def save_output(sd: dict[str, torch.Tensor], path: str, prefix: str | None, lora_format: str, full_format: str,
+                dtype: torch.dtype | None, info: dict | None = None) -> None:
+    """Remove the prefix, convert, cast floating tensors to `dtype`, and write `path` atomically."""
+    tensors, metadata = convert_output(remove_prefix(sd, prefix), lora_format, full_format)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    metadata = {"format": "pt", **metadata}
+    if info:
+        metadata["diffsynth_training"] = json.dumps(info, sort_keys=True, default=str)
+    save_safetensors(tensors, path, metadata)

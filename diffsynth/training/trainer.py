@@ -1,0 +1,362 @@
+"""The training loop: accelerate (single process, DDP, DeepSpeed), resumable, with outputs saved by rank 0.
+
+A step is one optimizer update (`--gradient_accumulation_steps` batches per process). `--save_steps`,
+`--checkpointing_steps`, `--validation_steps` and `--max_steps` count steps.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .args import build_parser, check_args, parse_model_sources
+from .cache import build_cache, cache_paths
+from .checkpoint import STATE_FILE, load_checkpoint, resolve_resume, save_checkpoint
+from .data import ImageDataset, bucket_sizes, epoch_batches, load_samples, shard_batches, target_size
+from .export import DTYPES, save_output
+from .module import FluxTrainingModule
+from .schedule import lr_factor, make_sigma_sampler
+
+StepCallback = Callable[[int, float], None]  # (optimizer step, loss); may raise to stop training
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+def load_pipeline(args: argparse.Namespace, device: torch.device | str, dtype: torch.dtype):
+    from ..pipelines.flux_image import FluxImagePipeline
+    configs = parse_model_sources(args.model_paths, args.model_id_with_origin_paths)
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=configs,
+                                             tokenizer_1_path=args.tokenizer_1_path,
+                                             tokenizer_2_path=args.tokenizer_2_path)
+    if pipe.dit is None:
+        raise ValueError("no FLUX DiT among the models: add flux1-dev.safetensors (or another FLUX transformer)")
+    if not args.cache_dir and None in (pipe.vae_encoder, pipe.text_encoder_1, pipe.text_encoder_2):
+        raise ValueError("training needs the VAE (ae.safetensors) and both text encoders "
+                         "(text_encoder/model.safetensors, text_encoder_2/)")
+    return pipe
+
+
+def use_tensorboard(report_to: str) -> bool:
+    available = any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+    if report_to == "tensorboard" and not available:
+        raise ValueError("--report_to tensorboard: install tensorboard (pip install tensorboard)")
+    return report_to != "none" and available
+
+
+def make_accelerator(args: argparse.Namespace, tensorboard: bool):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=multi_cpu,  # several processes without CUDA: DDP over gloo on CPU
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
+        log_with="tensorboard" if tensorboard else None, project_dir=args.output_path)
+    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
+        raise ValueError(f"the accelerate config sets gradient accumulation to {accelerator.gradient_accumulation_steps}"
+                         f" but --gradient_accumulation_steps is {args.gradient_accumulation_steps}: remove it from "
+                         "the accelerate config (train.py's argument decides)")
+    if accelerator.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" \
+            and "MASTER_ADDR" in os.environ:
+        accelerator.print("note: `accelerate launch --cpu --num_processes N` starts one process unless MPI is set up; "
+                          "for N CPU processes (DDP over gloo) use `accelerate launch --multi_gpu --num_processes N` "
+                          "or `torchrun --nproc_per_node N` on a machine without CUDA")
+    if zero_stage(accelerator) == 3 and args.ema_decay is not None:
+        raise ValueError("--ema_decay is not supported with DeepSpeed ZeRO-3 (parameters are sharded)")
+    if zero_stage(accelerator):
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
+    return accelerator
+
+
+def zero_stage(accelerator) -> int:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin.zero_stage if plugin is not None else 0
+
+
+def make_optimizer(params: list[torch.nn.Parameter], args: argparse.Namespace, accelerator) -> torch.optim.Optimizer:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}) if plugin else {}
+    if offload.get("device", "none") != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO optimizer offload needs DeepSpeed's CPU Adam
+        return DeepSpeedCPUAdam(params, lr=args.learning_rate, weight_decay=args.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+
+
+def pick_seed(args: argparse.Namespace, resume: Path | None, accelerator) -> int:
+    """The run's seed: the checkpoint's when resuming, else --seed, else a random one shared by all processes."""
+    if resume is not None:
+        saved = json.loads((resume / STATE_FILE).read_text())["seed"]
+        if args.seed is not None and args.seed != saved:
+            accelerator.print(f"warning: --seed {args.seed} differs from the checkpoint's {saved}; using {saved}")
+        return saved
+    if args.seed is not None:
+        return args.seed
+    from accelerate.utils import broadcast_object_list
+    seed = [random.SystemRandom().randrange(2**31)]
+    broadcast_object_list(seed)
+    return seed[0]
+
+
+def validation_size(args: argparse.Namespace) -> tuple[int, int]:
+    if args.height is not None:
+        return args.width, args.height
+    side = max(16, int(math.sqrt(args.max_pixels)) // 16 * 16)
+    return side, side
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+class Trainer:
+    """Everything one run needs; `run()` trains. Build it with `train(args)`."""
+
+    def __init__(self, args: argparse.Namespace, step_callback: StepCallback | None = None):
+        from accelerate.utils import set_seed
+        self.args = args = check_args(args)
+        self.step_callback = step_callback
+        self.samples = load_samples(args.dataset_base_path, args.dataset_metadata_path, args.data_file_keys)
+        missing = [k for k in args.extra_inputs if k not in args.data_file_keys
+                   and any(k not in s.extras for s in self.samples)]
+        if missing:
+            raise ValueError(f"--extra_inputs {missing}: column missing in some metadata rows")
+
+        self.tensorboard = use_tensorboard(args.report_to)
+        self.accelerator = acc = make_accelerator(args, self.tensorboard)
+        self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
+        self.output = Path(args.output_path)
+        self.ckpt_root = self.output / "checkpoints"
+        self.resume = resolve_resume(self.ckpt_root, args.resume_from_checkpoint) if args.resume_from_checkpoint \
+            else None
+        if args.resume_from_checkpoint and self.resume is None:
+            acc.print(f"no checkpoint in {self.ckpt_root} yet: starting a new run")
+        self.seed = pick_seed(args, self.resume, acc)
+        set_seed(self.seed)  # identical model initialisation on every process
+
+        self.dtype = DTYPES[args.torch_dtype] if args.torch_dtype else (
+            torch.bfloat16 if acc.device.type == "cuda" else torch.float32)
+        pipe = load_pipeline(args, "cpu" if zero_stage(acc) == 3 else acc.device, self.dtype)
+        pipe.device = acc.device
+        self.module = FluxTrainingModule(
+            pipe, trainable_models=args.trainable_models, lora_base_model=args.lora_base_model,
+            lora_target_modules=args.lora_target_modules, lora_rank=args.lora_rank,
+            lora_checkpoint=args.lora_checkpoint, use_gradient_checkpointing=args.use_gradient_checkpointing,
+            use_gradient_checkpointing_offload=args.use_gradient_checkpointing_offload,
+            extra_inputs=args.extra_inputs, guidance=args.guidance, t5_sequence_length=args.t5_sequence_length,
+            sigma_sampler=make_sigma_sampler(args.timestep_sampling, args.logit_mean, args.logit_std))
+        names = list(self.module.trainable_state_dict())
+        if not any(k.startswith(args.remove_prefix_in_ckpt) for k in names):
+            raise ValueError(f"--remove_prefix_in_ckpt {args.remove_prefix_in_ckpt!r} matches no trainable "
+                             f"parameter (they start like {names[0]!r})")
+        self.dataset = self._dataset()
+
+        self.steps_per_epoch = len(self.rank_batches(0)) // args.gradient_accumulation_steps
+        self.total_steps = args.num_epochs * self.steps_per_epoch
+        if args.max_steps:
+            self.total_steps = min(self.total_steps, args.max_steps)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        optimizer = make_optimizer(self.params, args, acc)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, args.lr_scheduler, args.lr_warmup_steps, self.total_steps))
+        self.model, self.optimizer = acc.prepare(self.module, optimizer)
+        self.unwrapped = acc.unwrap_model(self.model)
+        self.trainable = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        self.ema = {n: p.detach().float().clone() for n, p in self.trainable.items()} if args.ema_decay else None
+
+        set_seed(self.seed, device_specific=True)  # each process draws its own noise and timesteps
+        self.state = {"step": 0, "epoch": 0, "batch": 0}
+        if self.resume is not None:  # restores the RNG states too
+            self.state = load_checkpoint(acc, self.resume, self.unwrapped, self.optimizer, self.scheduler, self.ema)
+            self._warn_if_layout_changed()
+        self.files: list[str] = []
+        self.losses: list[float] = []
+
+    def _dataset(self) -> ImageDataset:
+        """Target sizes (fixed, dynamic or bucketed), and the latent/text cache when asked for."""
+        args, acc = self.args, self.accelerator
+        buckets = bucket_sizes(args.max_pixels, args.bucket_step) if args.batch_size > 1 and args.height is None \
+            else None
+        self.sizes = [target_size(s.size, args.height, args.width, args.max_pixels, buckets) for s in self.samples]
+        make = lambda paths=None: ImageDataset(self.samples, self.sizes, args.extra_inputs, args.height,  # noqa: E731
+                                               args.width, args.max_pixels, paths)
+        if not args.cache_dir:
+            return make()
+        if self.module.preprocessing_is_trained():
+            raise ValueError("--cache_dir cannot be used while a text encoder or the VAE encoder is trained")
+        tag = f"{args.model_paths}|{args.model_id_with_origin_paths}|{self.dtype}"
+        paths = cache_paths(self.samples, self.sizes, args.cache_dir, args.t5_sequence_length, tag)
+        built = build_cache(self.module, make(), paths, self.rank, self.world, show_progress=self.main)
+        acc.wait_for_everyone()
+        acc.print(f"latent/text cache: {len(paths)} rows in {args.cache_dir} ({built} new on rank 0)")
+        if not args.validation_prompts:  # the encoders are no longer needed
+            pipe = self.module.pipe
+            pipe.text_encoder_1 = pipe.text_encoder_2 = pipe.vae_encoder = pipe.vae_decoder = None
+            if acc.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return make(paths)
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        """This process's batches of `epoch`: a function of the seed only, so a resumed run sees the same."""
+        args = self.args
+        return shard_batches(epoch_batches(self.sizes, args.dataset_repeat, args.batch_size, self.seed, epoch),
+                             self.rank, self.world, args.gradient_accumulation_steps)
+
+    def _warn_if_layout_changed(self) -> None:
+        now = {"world_size": self.world, "batch_size": self.args.batch_size,
+               "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+        for key, value in now.items():
+            if self.state.get(key) != value:
+                self.accelerator.print(f"warning: {key} was {self.state.get(key)} when {self.resume} was saved, now "
+                                       f"{value}: the data order differs from an uninterrupted run")
+        self.accelerator.print(f"resumed from {self.resume} at step {self.state['step']} "
+                               f"(epoch {self.state['epoch']}, batch {self.state['batch']})")
+
+    # -- saving ------------------------------------------------------------------------------------
+    def gather_trainable(self) -> dict[str, torch.Tensor]:
+        if zero_stage(self.accelerator) == 3:  # a collective: every process calls it
+            full = self.accelerator.get_state_dict(self.model)
+            return {k: v for k, v in full.items() if k in self.trainable}
+        return {k: p.detach() for k, p in self.trainable.items()}
+
+    def save_weights(self, name: str) -> None:
+        """`<output_path>/<name>.safetensors` (and `-ema`), written by the main process only."""
+        args = self.args
+        sd = self.gather_trainable()
+        if self.main:
+            dtype = DTYPES[args.save_dtype] if args.save_dtype else self.dtype
+            info = {k: getattr(args, k) for k in ("lora_base_model", "lora_rank", "lora_target_modules",
+                                                  "trainable_models", "learning_rate", "guidance", "lora_format")}
+            for suffix, tensors in (("", sd), ("-ema", self.ema)):
+                if tensors is not None:
+                    path = str(self.output / f"{name}{suffix}.safetensors")
+                    save_output(tensors, path, args.remove_prefix_in_ckpt, args.lora_format, args.full_format,
+                                dtype, info)
+                    self.files.append(path)
+                    tqdm.write(f"saved {path}")
+        self.accelerator.wait_for_everyone()
+
+    def save_state(self) -> None:
+        record = {**self.state, "seed": self.seed, "world_size": self.world, "batch_size": self.args.batch_size,
+                  "gradient_accumulation_steps": self.args.gradient_accumulation_steps, "num_rows": len(self.samples)}
+        save_checkpoint(self.accelerator, self.ckpt_root, self.state["step"], self.gather_trainable(),
+                        self.optimizer, self.scheduler, self.ema, record, self.args.checkpoints_total_limit)
+        self.state_saved_at = self.state["step"]
+
+    def validate(self, step: int) -> None:
+        """Sample the validation prompts into `<output_path>/validation/step-N-i.png` (no training RNG used)."""
+        args, folder = self.args, self.output / "validation"
+        width, height = validation_size(args)
+        for i, prompt in enumerate(args.validation_prompts):  # every process runs it (ZeRO-3 gathers weights)
+            image = self.unwrapped.pipe(prompt, height=height, width=width, seed=self.seed + i,
+                                        num_inference_steps=args.validation_inference_steps,
+                                        embedded_guidance=args.validation_guidance,
+                                        t5_sequence_length=args.t5_sequence_length, progress_bar_cmd=lambda x: x)
+            if self.main:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".tmp-{os.getpid()}.png"
+                image.save(tmp)
+                os.replace(tmp, folder / f"step-{step}-{i}.png")
+        self.accelerator.wait_for_everyone()
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def optimizer_step(self, batches) -> float | None:
+        """Forward/backward one batch; returns the mean loss when an optimizer step completed, else None."""
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            loss = self.model(batches)
+            acc.backward(loss)
+            if acc.sync_gradients and self.args.max_grad_norm:
+                acc.clip_grad_norm_(self.params, self.args.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._micro_losses.append(loss.item())
+        if not acc.sync_gradients:
+            return None
+        self.scheduler.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in self.trainable.items():
+                    self.ema[n].lerp_(p.detach().float(), 1 - self.args.ema_decay)
+        value = sum(self._micro_losses) / len(self._micro_losses)
+        self._micro_losses = []
+        return value
+
+    def after_step(self, step: int, loss: float, progress: tqdm) -> None:
+        args = self.args
+        self.losses.append(loss)
+        lr = self.scheduler.get_last_lr()[0]
+        progress.update(1)
+        progress.set_postfix(loss=f"{sum(self.losses[-20:]) / len(self.losses[-20:]):.4f}", lr=f"{lr:.2e}")
+        if self.tensorboard:
+            self.accelerator.log({"loss": loss, "lr": lr}, step=step)
+        saved = bool(args.save_steps) and step % args.save_steps == 0
+        if saved:
+            self.save_weights(f"step-{step}")
+        if (step % args.checkpointing_steps == 0) if args.checkpointing_steps else saved:
+            self.save_state()
+        if args.validation_steps and step % args.validation_steps == 0:
+            self.validate(step)
+        if self.step_callback is not None:
+            self.step_callback(step, loss)
+
+    def run(self) -> dict:
+        args, acc, state = self.args, self.accelerator, self.state
+        if self.tensorboard:
+            acc.init_trackers("logs", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                              for k, v in vars(args).items()})
+        acc.print(f"training {sum(p.numel() for p in self.params):,} parameters of "
+                  f"{', '.join(self.module.trained_models())}: {len(self.samples)} rows x {args.dataset_repeat}, "
+                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {self.world} process(es), "
+                  f"seed {self.seed}")
+        progress = tqdm(total=self.total_steps, initial=state["step"], disable=not self.main, desc="train",
+                        dynamic_ncols=True)
+        started, self.state_saved_at, self._micro_losses = time.time(), -1, []
+        self.model.train()
+        for epoch in range(state["epoch"], args.num_epochs):
+            if state["step"] >= self.total_steps:
+                break
+            batches = self.rank_batches(epoch)
+            start = state["batch"] if epoch == state["epoch"] else 0
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[start:], collate_fn=list,
+                                                 num_workers=args.dataset_num_workers, generator=torch.Generator())
+            for i, batch in enumerate(loader, start=start):
+                loss = self.optimizer_step(batch)
+                if loss is None:
+                    continue
+                state.update(step=state["step"] + 1, epoch=epoch, batch=i + 1)
+                self.after_step(state["step"], loss, progress)
+                if state["step"] >= self.total_steps:
+                    break
+            if state["batch"] < len(batches):  # --max_steps ended training inside the epoch
+                if not (args.save_steps and state["step"] % args.save_steps == 0):
+                    self.save_weights(f"step-{state['step']}")
+                if self.state_saved_at != state["step"]:
+                    self.save_state()
+                break
+            self.save_weights(f"epoch-{epoch}")
+            state.update(epoch=epoch + 1, batch=0)
+            self.save_state()
+        progress.close()
+        acc.end_training()
+        elapsed = time.time() - started
+        acc.print(f"done: {state['step']} steps in {elapsed:.1f}s")
+        return {"steps": state["step"], "losses": self.losses, "files": self.files, "seed": self.seed,
+                "steps_per_epoch": self.steps_per_epoch, "seconds": elapsed, "module": self.unwrapped}
+
+
+def train(args: argparse.Namespace, step_callback: StepCallback | None = None) -> dict:
+    """Train as described by `args` (from `build_parser().parse_args`). Returns a summary: steps, per-step
+    losses, files written, seed, and the trained module (`module.pipe` is the pipeline)."""
+    return Trainer(args, step_callback).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    train(build_parser().parse_args(argv))
+    return 0
