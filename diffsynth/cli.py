@@ -100,10 +100,24 @@ def cmd_generate(args) -> list[str]:
 
 
 def cmd_inspect(args) -> None:
-    from .core.registry import describe, detect
+    from .core.loading import scan
+    from .core.lora import describe_lora
+    from .core.registry import describe, detect, looks_like_lora
     for path in args.files:
+        if looks_like_lora(scan(path)):
+            report = {"file": path, "lora": describe_lora(path)}
+            print(json.dumps(report, indent=2, default=str) if args.json else _pretty_lora(report))
+            continue
         report = {"file": path, "models": [describe(d) for d in detect(path)]}
         print(json.dumps(report, indent=2) if args.json else _pretty(report))
+
+
+def _pretty_lora(report: dict) -> str:
+    info = report["lora"]
+    lines = [report["file"], "  LoRA"]
+    lines += [f"    {k}: {v}" for k, v in info.items() if not isinstance(v, (list, dict)) or len(str(v)) < 200]
+    lines += [f"    {k}: {len(v)} entries" for k, v in info.items() if isinstance(v, (list, dict)) and len(str(v)) >= 200]
+    return "\n".join(lines)
 
 
 def _pretty(report: dict) -> str:
