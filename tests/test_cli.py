@@ -68,3 +68,19 @@ def test_demo_command_builds_model_and_writes_image(tmp_path):
                            "--output", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert f"saved {out}" in proc.stdout and Image.open(out).size == (128, 128)
+
+
+def test_inspect_lora_reports_dialect_rank_alpha_targets(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, 32),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(96, 4),
+               "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0),
+               "lora_unet_nonsense_layer.lora_down.weight": torch.randn(4, 32),
+               "lora_unet_nonsense_layer.lora_up.weight": torch.randn(32, 4)}, tmp_path / "k.safetensors")
+    assert main(["inspect", "--json", str(tmp_path / "k.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)["lora"]
+    assert info["dialect"] == "kohya" and info["layers"] == ["blocks.0.attn.a_to_qkv"]
+    assert info["ranks"] == {"4": 1}  # the unknown layer is listed, not counted
+    assert info["alphas"] == {"2.0": 1}
+    assert any("nonsense" in k for k in info["unknown"])
