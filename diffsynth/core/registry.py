@@ -94,10 +94,19 @@ def _components(family: str, refs) -> tuple[str, ...]:
     return tuple(c for c, p in (("vae_encoder", "encoder."), ("vae_decoder", "decoder.")) if _has(keys, p))
 
 
+def looks_like_lora(keys) -> bool:
+    """LoRA files carry low-rank pairs (lora_A/B, lora_down/up, XLabs `.down`/`.up` processors)."""
+    return any(".lora_" in k or "_lora" in k or k.startswith("lora_") for k in keys)
+
+
 def detect(paths) -> list[Detected]:
     """Recognise every model inside a file, a list of shards, or a folder."""
     refs = scan(paths)
     source = str(paths if isinstance(paths, str) else list(map(str, paths)))
+    if looks_like_lora(refs):
+        from .lora import detect_dialect
+        raise CheckpointError(f"{source} is a LoRA ({detect_dialect(refs)} dialect), not a model: apply it with "
+                              f"pipe.load_lora(pipe.dit, path); `diffsynth inspect` describes it")
     config = read_config(paths)
     present = [p for p in BUNDLE_PREFIXES if _has(refs.keys(), p)]
     bundle = len(present) >= 2
@@ -121,8 +130,15 @@ def detect(paths) -> list[Detected]:
 
 # ----------------------------------------------------------------------------- building
 
-def _assign(model_cls, config, state_dict: dict[str, torch.Tensor], name: str) -> nn.Module:
-    """Construct on the meta device and adopt the tensors as parameters (no copy, no init work)."""
+def _assign(model_cls, config, state_dict: dict[str, torch.Tensor], name: str,
+            quantized: dict[str, str] | None = None, scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Construct on the meta device and adopt the tensors as parameters (no copy, no init work).
+
+    `quantized` {key: GGUF type}: those entries are raw GGUF blocks that stay quantized (Linear weights);
+    `scales` {weight key: scale}: scaled-fp8 weights keep their scale beside them.
+    """
+    from .quant import install_gguf_weight, install_weight_scale
+    from .gguf import dequantize
     with torch.device("meta"):
         model = model_cls(config)
     expected = set(model.state_dict().keys())
@@ -130,23 +146,62 @@ def _assign(model_cls, config, state_dict: dict[str, torch.Tensor], name: str) -
     if missing or unexpected:
         raise CheckpointError(f"{name}: weights do not fit the inferred architecture; "
                               f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-    model.load_state_dict(state_dict, assign=True, strict=True)
+    raw = {k: state_dict.pop(k) for k in (quantized or {})}
+    for key, t in raw.items():
+        module = model.get_submodule(key.rsplit(".", 1)[0])
+        if isinstance(module, nn.Linear) and key.endswith(".weight"):
+            install_gguf_weight(module, t, quantized[key], tuple(module.weight.shape))
+        else:  # only Linear layers compute from blocks; anything else is dequantized once here
+            dtype = next((v.dtype for v in state_dict.values() if v.is_floating_point()), torch.float32)
+            state_dict[key] = dequantize(t, quantized[key], dtype).reshape(model.state_dict()[key].shape)
+    model.load_state_dict(state_dict, assign=True, strict=False)
+    for key, s in (scales or {}).items():
+        install_weight_scale(model.get_submodule(key.rsplit(".", 1)[0]), s)
+    left = [n for n, t in model.named_parameters() if t.is_meta]
+    if left:
+        raise CheckpointError(f"{name}: tensors never loaded: {left[:8]}")
     return model.eval().requires_grad_(False)
 
 
-def build_dit(det: Detected, dtype=None, device="cpu") -> nn.Module:
-    from ..models.flux_dit import FluxDiT, dit_from_bfl, dit_from_diffusers, infer_dit_config
-    sd = load_tensors(det.refs, dtype, device)
-    sd = {"bfl": dit_from_bfl, "diffusers": dit_from_diffusers, "diffsynth": dict}[det.format](sd)
-    config = infer_dit_config(sd)
+def _load(refs: dict[str, TensorRef], dtype, device, compute_dtype=None, as_stored=()) -> dict[str, torch.Tensor]:
+    """Read tensors into the storage `dtype`. With fp8 storage, 1-D tensors (biases, norm scales: ~0.1% of the
+    bytes) use `compute_dtype` instead; `as_stored` keys and GGUF blocks keep their file format."""
+    from .quant import FP8_DTYPES
+    small = compute_dtype if compute_dtype is not None and dtype in FP8_DTYPES else dtype
+    return {k: r.load(None if k in as_stored else (small if len(r.shape) < 2 else dtype), device)
+            for k, r in refs.items()}
+
+
+def build_dit(det: Detected, dtype=None, device="cpu", compute_dtype=None) -> nn.Module:
+    from ..models.flux_dit import FluxDiT, bfl_key_to_internal, dit_from_bfl, dit_from_diffusers, infer_dit_config
+    from .gguf import dequantize, is_quantized
+    from .quant import apply_scales, split_scales
+    convert = {"bfl": dit_from_bfl, "diffusers": dit_from_diffusers, "diffsynth": dict}[det.format]
+    rename = {"bfl": bfl_key_to_internal, "diffsynth": lambda k: k}.get(det.format)  # per-key formats
+    refs, scale_refs = split_scales(det.refs)
+    logical = convert({k: torch.empty(r.shape, device="meta") for k, r in refs.items()})
+    config = infer_dit_config(logical)
     if det.config and "axes_dims_rope" in det.config:
         config.axes_dim = tuple(det.config["axes_dims_rope"])
-    return _assign(FluxDiT, config, sd, f"FLUX DiT from {det.source}")
+    sd = _load(refs, dtype, device, compute_dtype, as_stored=scale_refs.keys())
+    # per-tensor scales survive renaming; the BFL final layer's halves swap would reorder per-row ones
+    keep = lambda k, s: rename is not None and (s.numel() == 1 or not k.startswith("final_layer.adaLN"))  # noqa: E731
+    scales = apply_scales(sd, scale_refs, dtype, keep)
+    quant = {k: r.extra for k, r in refs.items() if is_quantized(r.extra)}
+    if quant and rename is None:  # fused diffusers projections: dequantize once at load
+        for k, t in quant.items():
+            sd[k] = dequantize(sd[k], t, dtype if dtype is not None else torch.float32).reshape(refs[k].shape)
+        quant = {}
+    sd = convert(sd)
+    return _assign(FluxDiT, config, sd, f"FLUX DiT from {det.source}",
+                   quantized={rename(k): t for k, t in quant.items()},
+                   scales={rename(k): s for k, s in scales.items()})
 
 
-def build_vae(det: Detected, dtype=None, device="cpu") -> dict[str, nn.Module]:
+def build_vae(det: Detected, dtype=None, device="cpu",
+              sd: dict[str, torch.Tensor] | None = None) -> dict[str, nn.Module]:
     from ..models.flux_vae import FluxVAEDecoder, FluxVAEEncoder, infer_vae_config, vae_from_bfl, vae_from_diffusers
-    sd = load_tensors(det.refs, dtype, device)
+    sd = load_tensors(det.refs, dtype, device) if sd is None else sd
     enc, dec = (vae_from_bfl if det.format == "bfl" else vae_from_diffusers)(sd)
     out = {}
     if enc:
@@ -156,14 +211,22 @@ def build_vae(det: Detected, dtype=None, device="cpu") -> dict[str, nn.Module]:
     return out
 
 
-def build(det: Detected, dtype: torch.dtype | None = None, device="cpu") -> dict[str, nn.Module]:
-    """Build the detected model(s): {pipeline attribute: module}."""
+def build(det: Detected, dtype: torch.dtype | None = None, device="cpu",
+          compute_dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
+    """Build the detected model(s): {pipeline attribute: module}.
+
+    `dtype`/`device` are the storage ones; `compute_dtype` (the pipeline's) keeps small tensors precise
+    under fp8 storage. Scaled-fp8 scales are kept for the DiT and folded into the weights elsewhere.
+    """
     if det.family == "flux-dit":
-        return {"dit": build_dit(det, dtype, device)}
+        return {"dit": build_dit(det, dtype, device, compute_dtype)}
+    from .quant import apply_scales, split_scales
+    refs, scale_refs = split_scales(det.refs)
+    sd = _load(refs, dtype, device, compute_dtype, as_stored=scale_refs.keys())
+    apply_scales(sd, scale_refs, dtype, keep=lambda k, s: False)
     if det.family == "flux-vae":
-        return build_vae(det, dtype, device)
+        return build_vae(det, dtype, device, sd)
     from ..models import flux_text_encoders as te
-    sd = load_tensors(det.refs, dtype, device)
     if det.family == "clip":
         return {"text_encoder_1": te.load_clip_text_encoder(sd, det.config, dtype or torch.float32).to(device)}
     return {"text_encoder_2": te.load_t5_encoder(sd, det.config, dtype or torch.float32).to(device)}
@@ -178,7 +241,8 @@ def describe(det: Detected) -> dict:
         info["quant_types"] = quant
     if det.family == "flux-dit":
         from ..models.flux_dit import dit_from_bfl, dit_from_diffusers, infer_dit_config
-        meta = {k: torch.empty(r.shape, device="meta") for k, r in det.refs.items()}
+        from .quant import split_scales
+        meta = {k: torch.empty(r.shape, device="meta") for k, r in split_scales(det.refs)[0].items()}
         sd = {"bfl": dit_from_bfl, "diffusers": dit_from_diffusers, "diffsynth": dict}[det.format](meta)
         c = infer_dit_config(sd)
         info["architecture"] = {

@@ -266,14 +266,15 @@ class FluxDiT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.x_embedder.weight.dtype
+        """Computation dtype: the weights' own, unless VRAM management stores them otherwise (fp8, GGUF)."""
+        return self.__dict__.get("compute_dtype") or self.x_embedder.weight.dtype
 
     def conditioning(self, timestep, pooled, guidance=None) -> torch.Tensor:
         """Vector driving every modulation: time + pooled text (+ distilled guidance).
 
         `timestep` is sigma in [0, 1] and `guidance` the raw value (e.g. 3.5); both are scaled by 1000.
         """
-        dtype = self.pooled_text_embedder[0].weight.dtype
+        dtype = self.dtype
         vec = self.time_embedder(timestep, dtype) + self.pooled_text_embedder(pooled.to(dtype))
         if self.guidance_embedder is not None:
             if guidance is None:
@@ -287,9 +288,14 @@ class FluxDiT(nn.Module):
             ids = ids[0]  # positions are shared by the batch
         return rope_frequencies(ids, self.config.axes_dim, self.config.theta)
 
-    def run_blocks(self, img, txt, vec, rope, mask=None, block_hook: Callable | None = None):
-        """Double then single blocks. `block_hook(kind, index, img)` may add residuals (ControlNet)."""
+    def run_blocks(self, img, txt, vec, rope, mask=None, block_hook: Callable | None = None, start: int = 0):
+        """Double then single blocks. `block_hook(kind, index, img)` may add residuals (ControlNet).
+
+        `start` skips the first double blocks (First-Block-Cache runs block 0 on its own).
+        """
         for i, block in enumerate(self.blocks):
+            if i < start:
+                continue
             img, txt = self._call(block, img, txt, vec, rope, mask)
             if block_hook is not None:
                 img = block_hook("double", i, img)

@@ -13,6 +13,9 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from ..core import vram
+from ..core.attention import set_attention_backend as _set_attention_backend
+from ..core.cache import cached_dit_forward, make_cache
 from ..core.model_config import ModelConfig
 from ..core.registry import COMPONENTS, build, detect
 from ..models import flux_text_encoders as te
@@ -117,12 +120,40 @@ BASE_UNITS: list[Unit] = [check_shape, init_noise, encode_prompt, encode_input_i
 
 # ----------------------------------------------------------------------------- the denoiser call
 
-def model_fn(dit, latents, timestep, prompt_emb, pooled_prompt_emb, text_ids, image_ids, guidance=None, **_):
-    """One DiT evaluation: latents (B, 16, h, w) and sigma (B,) -> velocity (B, 16, h, w)."""
+def model_fn(dit, latents, timestep, prompt_emb, pooled_prompt_emb, text_ids, image_ids, guidance=None,
+             cache_states=None, step_index=0, **_):
+    """One DiT evaluation: latents (B, 16, h, w) and sigma (B,) -> velocity (B, 16, h, w).
+
+    `cache_states`: one TeaCache/First-Block-Cache state per CFG branch in the batch (None: no cache).
+    """
     _, _, h, w = latents.shape
-    out = dit(patchify(latents), image_ids, prompt_emb, text_ids, timestep, pooled_prompt_emb,
-              guidance if dit.config.guidance_embed else None)
+    guidance = guidance if dit.config.guidance_embed else None
+    if cache_states is None:
+        out = dit(patchify(latents), image_ids, prompt_emb, text_ids, timestep, pooled_prompt_emb, guidance)
+    else:
+        out = cached_dit_forward(dit, cache_states, step_index, patchify(latents), image_ids, prompt_emb,
+                                 text_ids, timestep, pooled_prompt_emb, guidance)
     return unpatchify(out, h, w)
+
+
+# Shared inputs of model_fn that carry the batch dimension: repeated when both CFG branches run as one batch.
+CFG_BATCHED_SHARED = ("latents", "timestep", "image_ids", "guidance")
+
+
+def batch_cfg_inputs(shared: dict, posi: dict, nega: dict, step: dict) -> dict | None:
+    """model_fn inputs with the positive and negative branch stacked along the batch (positive first);
+    None when the branches' tensors cannot be stacked (different shapes or keys)."""
+    merged = {**shared, **posi, **step}
+    for key, value in posi.items():
+        if isinstance(value, torch.Tensor):
+            other = nega.get(key)
+            if not isinstance(other, torch.Tensor) or other.shape != value.shape:
+                return None
+            merged[key] = torch.cat([value, other])
+    for key in CFG_BATCHED_SHARED:
+        if isinstance(merged.get(key), torch.Tensor):
+            merged[key] = torch.cat([merged[key], merged[key]])
+    return merged
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -140,6 +171,10 @@ class FluxImagePipeline(nn.Module):
         self.units: list[Unit] = list(BASE_UNITS)
         self.model_fn: Callable = model_fn
         self.offload = {}  # attribute -> (storage device, storage dtype) from ModelConfig
+        self.vram_models: dict[str, vram.ManagedModel] = {}  # models whose storage differs from computation
+        self.vram_plans: dict = {}
+        self.vram_management_enabled = False
+        self.last_cache_stats: dict | None = None
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -155,12 +190,14 @@ class FluxImagePipeline(nn.Module):
                 raise TypeError(f"model_configs must hold ModelConfig objects, got {type(config).__name__}")
             paths = config.resolve()
             for det in detect(paths):
-                models = build(det, config.offload_dtype or torch_dtype, config.offload_device or device)
+                models = build(det, config.offload_dtype or torch_dtype, config.offload_device or device,
+                               compute_dtype=torch_dtype)
                 for name, model in models.items():
                     if getattr(pipe, name) is not None:
                         warnings.warn(f"{name} loaded twice; keeping the one from {det.source}")
                     setattr(pipe, name, model)
                     pipe.offload[name] = (config.offload_device, config.offload_dtype)
+                    vram.register_model(pipe, name, model, config.offload_device or device, device, torch_dtype)
                     encoder_sources[name] = (paths, config)
         if pipe.text_encoder_1 is not None:
             pipe.tokenizer_1 = te.load_clip_tokenizer(
@@ -188,13 +225,61 @@ class FluxImagePipeline(nn.Module):
             if getattr(self, name) is not None:
                 clear_lora(getattr(self, name))
 
-    # -- device management (VRAM management replaces these) -------------------------------------
+    # -- memory and speed ------------------------------------------------------------------------
+    def enable_vram_management(self, vram_limit: float | None = None, vram_buffer: float = 0.5,
+                               num_persistent_param_in_dit: int | None = None) -> dict:
+        """Keep layers resident on the device while under `vram_limit` GB (default: the device's free memory
+        now) minus `vram_buffer` GB; stream the rest from their storage device (ModelConfig.offload_device)
+        at every call. `vram_limit=0` keeps nothing resident (minimum VRAM). `num_persistent_param_in_dit`
+        instead keeps that many DiT parameters resident, in module order. Models not needed by the running
+        step are moved off the device. The plan reserves the largest layer's transient copy and activations
+        estimated for 1024x1024 with one image per DiT call (batched CFG doubles those: on a tight card raise
+        `vram_buffer` or pass `batch_cfg=False`). Returns the plans, {group of models: VramPlan}."""
+        return vram.enable_vram_management(self, vram_limit, vram_buffer, num_persistent_param_in_dit)
+
+    def vram_plan(self, vram_limit_gb: float, vram_buffer: float = 0.5, height: int = 1024, width: int = 1024,
+                  batch: int = 1, storage_dtype: torch.dtype | None = None, gguf_type: str | None = None,
+                  num_persistent_param_in_dit: int | None = None) -> dict:
+        """What enable_vram_management would plan for a `vram_limit_gb` card, for every loaded model as if it
+        were offloadable (works on meta-device models). `storage_dtype`/`gguf_type` try another storage."""
+        budget = max(0, int((vram_limit_gb - vram_buffer) * vram.GB))
+        return vram.plan_pipeline(self, budget, num_persistent_param_in_dit, height, width, batch,
+                                  only_offloadable=False, storage_dtype=storage_dtype, gguf_type=gguf_type)
+
     def load_models_to_device(self, names: Sequence[str]) -> None:
-        """Without VRAM management every model already sits where it was loaded."""
+        """Under VRAM management: residents of `names` onto the device, other models' residents off it."""
+        vram.load_models_to_device(self, names)
 
     def compute_device_of(self, name: str) -> torch.device:
         model = getattr(self, name)
-        return next(model.parameters()).device if model is not None else self.device
+        if model is None or name in self.vram_models:
+            return self.device
+        return next(model.parameters()).device
+
+    def set_attention_backend(self, name: str) -> None:
+        """"auto" (default), "sdpa", "flash", "sage" or "math"; see diffsynth.core.attention. Process-wide."""
+        _set_attention_backend(name)
+
+    def compile(self, **compile_kwargs) -> "FluxImagePipeline":
+        """Regional compilation: each DiT double/single block is compiled with torch.compile (the 57 blocks
+        of FLUX.1 share 2 compiled graphs). Hot-loaded LoRAs keep working: loading or clearing one changes
+        the layers' forward hooks, which the compiled blocks guard on (this sets the process-wide
+        `torch._dynamo.config.skip_nnmodule_hook_guards = False`), so each new LoRA set recompiles once
+        and returning to an earlier set reuses its graph. Merged LoRAs change weights in place and need no
+        recompilation. Compiled graphs are shared by all blocks of a kind; after about 8 different LoRA
+        sets torch's recompile limit makes them run eagerly (`torch._dynamo.config.cache_size_limit`).
+        `compile_kwargs` go to torch.compile (mode, backend, dynamic, ...)."""
+        if self.dit is None:
+            raise RuntimeError("no DiT loaded")
+        import torch._dynamo
+        from ..core import attention
+        attention._flash_fn(), attention._sage_fn()  # import optional kernels before tracing
+        # Hot-loaded LoRAs are forward hooks: make compiled blocks guard on hooks (torch skips that by
+        # default), so adding/removing a LoRA recompiles instead of silently running the old graph.
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        for block in [*self.dit.blocks, *self.dit.single_blocks]:
+            block.compile(**compile_kwargs)
+        return self
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -204,10 +289,15 @@ class FluxImagePipeline(nn.Module):
                  height: int | None = None, width: int | None = None, seed: int | None = None,
                  rand_device: str = "cpu", sigma_shift: float | None = None, num_inference_steps: int = 30,
                  tiled: bool = False, tile_size: int = 128, tile_stride: int = 64,
-                 progress_bar_cmd: Callable = tqdm, num_images: int = 1, output_type: str = "pil"):
+                 progress_bar_cmd: Callable = tqdm, num_images: int = 1, output_type: str = "pil",
+                 tea_cache_l1_thresh: float | None = None, fbcache_thresh: float | None = None,
+                 batch_cfg: bool = True):
         """Generate images. Returns one PIL image (a list when num_images > 1), or tensors, see output_type.
 
         output_type: "pil"; "pt" -> (B, 3, H, W) float in [0, 1]; "latent" -> (B, 16, H/8, W/8).
+        tea_cache_l1_thresh / fbcache_thresh: TeaCache or First-Block-Cache threshold (one per call; larger
+        skips more steps; 0 never skips); what was skipped is in `pipe.last_cache_stats`.
+        batch_cfg: with cfg_scale != 1, run the positive and negative branch in one DiT batch.
         """
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
@@ -229,16 +319,24 @@ class FluxImagePipeline(nn.Module):
         run_units(self, self.units, shared, posi, nega, use_cfg)
 
         self.load_models_to_device(("dit",))
+        cache = make_cache(tea_cache_l1_thresh, fbcache_thresh, num_inference_steps, use_cfg)
+        states = (lambda *b: [cache.branches[x] for x in b]) if cache is not None else (lambda *b: None)
         latents = shared["latents"]
         steps = sigmas.tolist() + [0.0]
         for i in progress_bar_cmd(range(num_inference_steps)):
             timestep = torch.full((latents.shape[0],), steps[i], device=self.device, dtype=self.torch_dtype)
             step = {"latents": latents, "timestep": timestep, "step_index": i}
-            velocity = self.model_fn(self.dit, **{**shared, **posi, **step})
-            if use_cfg:
-                negative = self.model_fn(self.dit, **{**shared, **nega, **step})
+            batched = batch_cfg_inputs(shared, posi, nega, step) if use_cfg and batch_cfg else None
+            if batched is not None:
+                velocity, negative = self.model_fn(self.dit, **batched, cache_states=states("posi", "nega")).chunk(2)
                 velocity = negative + cfg_scale * (velocity - negative)
+            else:
+                velocity = self.model_fn(self.dit, **{**shared, **posi, **step}, cache_states=states("posi"))
+                if use_cfg:
+                    negative = self.model_fn(self.dit, **{**shared, **nega, **step}, cache_states=states("nega"))
+                    velocity = negative + cfg_scale * (velocity - negative)
             latents = euler_step(latents, velocity, steps[i], steps[i + 1])
+        self.last_cache_stats = cache.stats() if cache is not None else None
         self.last_seed = shared["seed"]
         if output_type == "latent":
             return latents

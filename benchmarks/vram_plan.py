@@ -1,0 +1,51 @@
+"""VRAM plans for the full-size FLUX.1-dev DiT (12B) on 8 / 12 / 24 GB cards, computed on the meta device.
+
+No weights are needed: the model is built on the meta device and only tensor shapes are read. Each row
+is what `pipe.enable_vram_management(vram_limit=card)` would plan for the DiT (1024x1024, batch 1,
+bf16 compute, default vram_buffer 0.5 GB): how many bytes stay resident, how many are streamed from
+CPU RAM every denoising step (one DiT forward; twice that with sequential true CFG), and the expected
+peak (residents + largest per-layer transient + activation estimate).
+
+    python benchmarks/vram_plan.py
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from _common import table  # noqa: E402
+from diffsynth.core.vram import GB, estimate_activation_bytes, plan_model  # noqa: E402
+from diffsynth.models.flux_dit import FluxDiT, FluxDiTConfig  # noqa: E402
+
+CARDS = (8, 12, 24)
+STORAGES = (("bf16", dict(storage_dtype=torch.bfloat16)), ("fp8 e4m3fn", dict(storage_dtype=torch.float8_e4m3fn)),
+            ("GGUF Q8_0", dict(gguf_type="Q8_0")), ("GGUF Q4_K", dict(gguf_type="Q4_K")))
+
+
+def main() -> None:
+    with torch.device("meta"):
+        dit = FluxDiT(FluxDiTConfig())
+    params = sum(p.numel() for p in dit.parameters())
+    act = estimate_activation_bytes("dit", dit, 1024, 1024, 1, torch.bfloat16)
+    rows = []
+    for label, storage in STORAGES:
+        for card in CARDS:
+            plan = plan_model(dit, int((card - 0.5) * GB), torch.bfloat16, activation_bytes=act, **storage)
+            total = plan.resident_bytes + plan.streamed_bytes
+            rows.append([label, f"{card} GB", f"{total / GB:.1f}", f"{plan.resident_bytes / GB:.1f}",
+                         f"{len(plan.resident)}/{len(plan.resident) + len(plan.streamed)}",
+                         f"{plan.streamed_bytes / GB:.1f}", f"{plan.peak_bytes / GB:.1f}",
+                         "yes" if plan.fits else "no"])
+    print(f"FLUX.1-dev DiT ({params / 1e9:.2f}B parameters), 1024x1024, bf16 compute, "
+          f"activation estimate {act / GB:.2f} GB, vram_buffer 0.5 GB (GB = GiB)")
+    print(table(rows, ["storage", "card", "weights GB", "resident GB", "resident layers",
+                       "streamed GB / step", "expected peak GB", "fits"]))
+
+
+if __name__ == "__main__":
+    main()

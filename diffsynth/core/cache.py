@@ -1,0 +1,154 @@
+"""Step caches for the DiT: TeaCache and First-Block-Cache, with one state per CFG branch.
+
+Both skip the whole block stack on steps where the input barely changed, re-using the residual
+(block-stack output minus its input, on the image tokens) of the branch's last computed step.
+
+* TeaCache (`tea_cache_l1_thresh`): the signal is the image input modulated by the first double
+  block's image AdaLN (`blocks[0].norm1_a`). The relative L1 change of that signal, mapped through the
+  TeaCache-FLUX polynomial, accumulates; a step is skipped while the sum stays below the threshold.
+* First-Block-Cache (`fbcache_thresh`): the first double block always runs; when its residual changed
+  by less than the threshold (relative L1) since the last computed step, the remaining blocks are skipped.
+
+The first and last steps are always computed, and a threshold of 0 never skips (identical to no cache).
+Unlike a single shared state (which mixes the positive and negative passes under CFG: residuals and
+the previous signal cross branches and the step counter runs twice as fast), each branch keeps its own.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models.flux_dit import layer_norm, modulate
+
+TEACACHE_FLUX_COEFFICIENTS = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
+
+
+def _rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+    return ((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12)).item()
+
+
+class BranchCache:
+    """Cache state of one CFG branch."""
+
+    def __init__(self, threshold: float, num_steps: int):
+        if threshold < 0:
+            raise ValueError(f"cache threshold must be >= 0, got {threshold}")
+        self.threshold, self.num_steps = float(threshold), num_steps
+        self.residual: torch.Tensor | None = None
+        self.computed_steps: list[int] = []
+        self.skipped_steps: list[int] = []
+
+    def _forced(self, step: int) -> bool:
+        return step == 0 or step == self.num_steps - 1 or self.residual is None
+
+    def _record(self, step: int, compute: bool) -> bool:
+        (self.computed_steps if compute else self.skipped_steps).append(step)
+        return compute
+
+
+class TeaCache(BranchCache):
+    def __init__(self, threshold: float, num_steps: int, coefficients=TEACACHE_FLUX_COEFFICIENTS):
+        super().__init__(threshold, num_steps)
+        self.coefficients = tuple(coefficients)
+        self.previous: torch.Tensor | None = None
+        self.accumulated = 0.0
+
+    def rescale(self, x: float) -> float:
+        y = 0.0
+        for c in self.coefficients:  # highest power first
+            y = y * x + c
+        return y
+
+    def decide(self, step: int, signal: torch.Tensor) -> bool:
+        """True: compute this step. `signal` is this branch's modulated image input."""
+        if self._forced(step) or self.previous is None:
+            compute = True
+        else:
+            self.accumulated += self.rescale(_rel_l1(signal, self.previous))
+            compute = not self.accumulated < self.threshold
+        if compute:
+            self.accumulated = 0.0
+        self.previous = signal
+        return self._record(step, compute)
+
+
+class FirstBlockCache(BranchCache):
+    def __init__(self, threshold: float, num_steps: int):
+        super().__init__(threshold, num_steps)
+        self.previous: torch.Tensor | None = None  # first-block residual of the last computed step
+
+    def decide(self, step: int, first_residual: torch.Tensor) -> bool:
+        compute = self._forced(step) or self.previous is None or \
+            not _rel_l1(first_residual, self.previous) < self.threshold
+        if compute:
+            self.previous = first_residual
+        return self._record(step, compute)
+
+
+class DenoiseCache:
+    """The per-branch states of one generation (`posi`, and `nega` under CFG)."""
+
+    def __init__(self, policy: str, threshold: float, num_steps: int, cfg: bool):
+        kinds = {"teacache": TeaCache, "fbcache": FirstBlockCache}
+        if policy not in kinds:
+            raise ValueError(f"unknown cache policy {policy!r}; choose from {sorted(kinds)}")
+        self.policy, self.threshold, self.num_steps = policy, threshold, num_steps
+        self.branches = {b: kinds[policy](threshold, num_steps) for b in (("posi", "nega") if cfg else ("posi",))}
+
+    def stats(self) -> dict:
+        per = {b: {"computed": len(s.computed_steps), "skipped": len(s.skipped_steps),
+                   "skipped_steps": list(s.skipped_steps)} for b, s in self.branches.items()}
+        return {"policy": self.policy, "threshold": self.threshold, "num_inference_steps": self.num_steps,
+                "skipped": sum(p["skipped"] for p in per.values()), "branches": per}
+
+
+def make_cache(tea_cache_l1_thresh: float | None, fbcache_thresh: float | None, num_steps: int,
+               cfg: bool) -> DenoiseCache | None:
+    if tea_cache_l1_thresh is not None and fbcache_thresh is not None:
+        raise ValueError("choose one cache: tea_cache_l1_thresh or fbcache_thresh, not both")
+    if tea_cache_l1_thresh is not None:
+        return DenoiseCache("teacache", tea_cache_l1_thresh, num_steps, cfg)
+    if fbcache_thresh is not None:
+        return DenoiseCache("fbcache", fbcache_thresh, num_steps, cfg)
+    return None
+
+
+def cached_dit_forward(dit, states: list[BranchCache], step: int, img, img_ids, txt, txt_ids, timestep, pooled,
+                       guidance=None, block_hook=None) -> torch.Tensor:
+    """`FluxDiT.forward` with step caching. The batch is len(states) equal chunks, one per CFG branch;
+    only the branches that must compute run the block stack (as one sub-batch)."""
+    vec = dit.conditioning(timestep, pooled, guidance)
+    img = dit.x_embedder(img.to(dit.dtype))
+    txt = dit.context_embedder(txt.to(dit.dtype))
+    rope = dit.rope(txt_ids, img_ids)
+    n = len(states)
+    if not len(dit.blocks):
+        raise ValueError("step caches need a DiT with at least one double block")
+    if img.shape[0] % n:
+        raise ValueError(f"batch of {img.shape[0]} does not split into {n} CFG branches")
+    size = img.shape[0] // n
+    chunk = [slice(i * size, (i + 1) * size) for i in range(n)]
+    if isinstance(states[0], TeaCache):
+        shift, scale = dit.blocks[0].norm1_a(vec)[:2]
+        signal = modulate(layer_norm(img), shift, scale)
+        compute = [s.decide(step, signal[c]) for s, c in zip(states, chunk)]
+        start, img0, txt0 = 0, img, txt
+    else:
+        img0, txt0 = dit._call(dit.blocks[0], img, txt, vec, rope, None)
+        if block_hook is not None:
+            img0 = block_hook("double", 0, img0)
+        compute = [s.decide(step, (img0 - img)[c]) for s, c in zip(states, chunk)]
+        start = 1
+    if all(compute):
+        out = dit.run_blocks(img0, txt0, vec, rope, None, block_hook, start=start)
+        for s, c in zip(states, chunk):
+            s.residual = out[c] - img0[c]
+        return dit.final(out, vec)
+    parts = [img0[c] + s.residual for s, c in zip(states, chunk)]
+    todo = [i for i, flag in enumerate(compute) if flag]
+    if todo:
+        rows = torch.cat([torch.arange(chunk[i].start, chunk[i].stop, device=img.device) for i in todo])
+        out = dit.run_blocks(img0[rows], txt0[rows], vec[rows], rope, None, block_hook, start=start)
+        for j, i in enumerate(todo):
+            parts[i] = out[j * size:(j + 1) * size]
+            states[i].residual = parts[i] - img0[chunk[i]]
+    return dit.final(torch.cat(parts), vec)
