@@ -182,3 +182,27 @@ def test_truncated_gguf_is_refused(tmp_path):
     path.write_bytes(b"GGUX" + data[4:])
     with pytest.raises(CheckpointError, match="not a GGUF"):
         scan_gguf(str(path))
+
+
+def test_lora_hotloads_onto_gguf_layers_and_merge_is_refused(tmp_path):
+    from diffsynth.core.lora import apply_lora, clear_lora
+    from diffsynth.core.vram import install_cast
+    path = tmp_path / "q8.gguf"
+    write_gguf(path, dit_to_bfl(reference_dit().state_dict()), "Q8_0")
+    dit = build(detect(str(path))[0], torch.float32, "cpu")["dit"]
+    install_cast(dit, "cpu", torch.float32)
+    expected = dequantized_reference(path)
+    g = torch.Generator().manual_seed(3)
+    lora = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, 256, generator=g) * 0.1,
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(768, 4, generator=g) * 0.1,
+            "lora_unet_single_blocks_0_linear2.lora_down.weight": torch.randn(4, 1280, generator=g) * 0.1,
+            "lora_unet_single_blocks_0_linear2.lora_up.weight": torch.randn(256, 4, generator=g) * 0.1}
+    with torch.no_grad():
+        before = dit(**dit_inputs())
+        apply_lora(dit, lora, alpha=0.7, hotload=True)
+        apply_lora(expected, lora, alpha=0.7)  # merged into the dequantized reference
+        torch.testing.assert_close(dit(**dit_inputs()), expected(**dit_inputs()), rtol=1e-5, atol=1e-5)
+        clear_lora(dit)
+        assert torch.equal(dit(**dit_inputs()), before)
+    with pytest.raises(ValueError, match="GGUF-quantized.*hotload=True"):
+        apply_lora(dit, lora, alpha=0.7)

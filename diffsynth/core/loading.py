@@ -1,13 +1,14 @@
 """Checkpoint readers: safetensors (own reader, sharded + index), torch files (weights_only), folders.
 
 Tensors are described lazily (`TensorRef`: shape, dtype, where the bytes are) so that detection and
-`diffsynth inspect` never read weights, and loading reads each tensor straight into its destination
-buffer with plain file reads: peak memory is the size of the weights in the requested dtype, and the
-page cache (not the process) holds the file.
+`diffsynth inspect` never read weights. Loading maps each safetensors file copy-on-write and hands out
+views of it: a tensor already in the requested dtype costs no copy at all, a converted one exactly one,
+so peak memory is the size of the weights in the requested dtype.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -74,24 +75,37 @@ def _read_safetensors_header(path: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _read_safetensors_tensor(ref: TensorRef) -> torch.Tensor:
-    out = torch.empty(ref.shape, dtype=ref.dtype)
-    if ref.nbytes:
-        with open(ref.path, "rb", buffering=0) as f:  # unbuffered: bytes go straight into the tensor
-            f.seek(ref.offset)
-            view, got = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
-            while got < ref.nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise CheckpointError(f"{ref.path}: truncated while reading {ref.key!r}")
-                got += n
-    return out
+class _MappedFile:
+    """One copy-on-write memory map per file, opened on first read and shared by all its tensors.
+
+    Tensors read from it are views of the page cache: loading costs no copy and no page faults on
+    fresh memory, and the process holds only the pages it touches. Writes (a merged LoRA, say) go to
+    private copies of the touched pages, never to the file.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._map: mmap.mmap | None = None
+
+    def read(self, ref: TensorRef) -> torch.Tensor:
+        if ref.nbytes == 0:
+            return torch.empty(ref.shape, dtype=ref.dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if len(self._map) < ref.offset + ref.nbytes:
+            raise CheckpointError(f"{self.path}: truncated while reading {ref.key!r} (file changed on disk?)")
+        data = torch.frombuffer(self._map, dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
+        if ref.offset % ref.dtype.itemsize:
+            data = data.clone()  # unaligned: a typed view needs an aligned start
+        return data.view(ref.dtype).reshape(ref.shape)
 
 
 def scan_safetensors(path: str) -> tuple[dict[str, TensorRef], dict[str, str]]:
     header, data_start = _read_safetensors_header(path)
     metadata = header.pop("__metadata__", None) or {}
     data_size = os.path.getsize(path) - data_start
+    mapped = _MappedFile(path)
     refs = {}
     for key, info in header.items():
         try:
@@ -103,10 +117,10 @@ def scan_safetensors(path: str) -> tuple[dict[str, TensorRef], dict[str, str]]:
         if end > data_size or begin > end:
             raise CheckpointError(f"{path}: truncated or corrupt: tensor {key!r} needs bytes {begin}..{end} "
                                   f"of a {data_size}-byte data section")
-        expected = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        expected = torch.Size(shape).numel() * dtype.itemsize
         if end - begin != expected:
             raise CheckpointError(f"{path}: corrupt: tensor {key!r} has {end - begin} bytes, shape {shape} needs {expected}")
-        refs[key] = TensorRef(key, shape, dtype, path, _read_safetensors_tensor, data_start + begin, end - begin)
+        refs[key] = TensorRef(key, shape, dtype, path, mapped.read, data_start + begin, end - begin)
     return refs, metadata
 
 

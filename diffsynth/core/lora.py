@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant import add_to_weight, quant_type
+from .vram import compute_spec
 from ..models.flux_dit import (_BFL_DOUBLE, _BFL_SINGLE, _BFL_TOP, _DIFFUSERS_DOUBLE, _DIFFUSERS_FUSED,
                                _DIFFUSERS_SINGLE, _DIFFUSERS_TOP, _swap_halves, bfl_key_to_internal,
                                internal_key_to_bfl)
@@ -523,6 +525,12 @@ def _find_module(named: dict[str, nn.Module], name: str) -> str | None:
     return None
 
 
+def _weight_shape(sub: nn.Module) -> tuple[int, ...]:
+    """Logical weight shape; a GGUF layer keeps raw blocks in `.weight` and its real shape beside it."""
+    w = getattr(sub, "weight", None)
+    return getattr(sub, "weight_shape", None) or (tuple(w.shape) if isinstance(w, torch.Tensor) else ())
+
+
 def _plan(module: nn.Module, lora: CanonicalLoRA, merge: bool, layers: dict[str, LoRAWeights] | None = None) -> _Plan:
     """Match every layer/norm of `lora` to `module` without changing anything."""
     plan = _Plan()
@@ -535,10 +543,11 @@ def _plan(module: nn.Module, lora: CanonicalLoRA, merge: bool, layers: dict[str,
             continue
         sub = named[found]
         w = getattr(sub, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.ndim != 2:
+        shape = _weight_shape(sub)
+        if len(shape) != 2:
             plan.unmatched.append(f"{src} -> {found}: not a linear layer")
             continue
-        out_f, in_f = w.shape
+        out_f, in_f = shape
         # Control LoRAs widen x_embedder (extra input channels); a plain LoRA on a widened x_embedder
         # leaves the extra channels alone (zero down columns).
         widen = lw.down.shape[1] > in_f and name == "x_embedder"
@@ -552,9 +561,9 @@ def _plan(module: nn.Module, lora: CanonicalLoRA, merge: bool, layers: dict[str,
         if lw.bias_up is not None and getattr(sub, "bias", None) is None:
             plan.unmatched.append(f"{src} -> {found}: LoRA has a bias but the layer has none")
             continue
-        if merge and (w.device.type == "meta" or w.dtype not in _MERGEABLE):
-            plan.unmatched.append(f"{src} -> {found}: cannot merge into a {w.dtype} weight on {w.device} "
-                                  "(quantized or meta); use hotload=True")
+        if merge and (w.device.type == "meta" or quant_type(sub) is not None):
+            plan.unmatched.append(f"{src} -> {found}: cannot merge into a {quant_type(sub) or w.dtype} weight "
+                                  f"on {w.device} (GGUF-quantized or meta); use hotload=True")
             continue
         plan.layers.append((found, sub, lw))
     if layers is None:
@@ -588,8 +597,7 @@ def widen_linear_input(module: nn.Module, new_in: int) -> nn.Parameter:
 def _merge(sub: nn.Module, lw: LoRAWeights, strength: float) -> None:
     w = sub.weight
     s = strength * lw.scale
-    delta = lw.up.to(w.device, torch.float32) @ lw.down.to(w.device, torch.float32)
-    w.copy_((w.float() + s * delta).to(w.dtype))
+    add_to_weight(sub, s * (lw.up.to(w.device, torch.float32) @ lw.down.to(w.device, torch.float32)))
     if lw.bias_up is not None:
         b = sub.bias
         b.copy_((b.float() + s * lw.bias_up.to(b.device, torch.float32)).to(b.dtype))
@@ -606,9 +614,9 @@ def _lora_hook(sub: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) 
 
 
 def _attach(sub: nn.Module, lw: LoRAWeights, strength: float) -> None:
-    w = sub.weight
-    dtype = w.dtype if w.dtype in _MERGEABLE else torch.bfloat16
-    device = w.device if w.device.type != "meta" else lw.down.device
+    device, dtype = compute_spec(sub)  # a cast layer computes in another dtype/device than it stores
+    dtype = dtype if dtype in _MERGEABLE else torch.bfloat16
+    device = device if device.type != "meta" else lw.down.device
     adapter = _HotLoRA(lw.down.to(device, dtype), lw.up.to(device, dtype),
                        None if lw.bias_up is None else lw.bias_up.to(device, dtype), strength * lw.scale)
     if getattr(sub, _HOOK, None) is None:
@@ -619,7 +627,7 @@ def _attach(sub: nn.Module, lw: LoRAWeights, strength: float) -> None:
 
 def _execute(plan: _Plan, strength: float, hotload: bool, report: LoRAReport, prefix: str = "") -> None:
     for name, sub, lw in plan.layers:
-        if lw.down.shape[1] > sub.weight.shape[1]:
+        if lw.down.shape[1] > _weight_shape(sub)[1]:
             old = widen_linear_input(sub, lw.down.shape[1])
             if hotload and getattr(sub, _SAVED_INPUT, None) is None:
                 setattr(sub, _SAVED_INPUT, (old, old.shape[1]))
