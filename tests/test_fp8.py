@@ -97,3 +97,15 @@ def test_merging_into_fp8_and_scaled_weights():
     install_weight_scale(scaled, scale)
     add_to_weight(scaled, delta)
     assert rel(effective_weight(scaled), expected) < 0.05
+
+
+def test_fp8_storage_of_text_encoders_keeps_norms_precise(tiny_root, reference):
+    configs = [ModelConfig(path=str(tiny_root / p), offload_dtype=torch.float8_e4m3fn)
+               for p in ("flux1-dev.safetensors",) + OTHERS]
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs)
+    t5 = pipe.text_encoder_2
+    assert t5.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
+    assert t5.encoder.final_layer_norm.weight.dtype == torch.float32
+    clip = pipe.text_encoder_1
+    assert getattr(clip, "text_model", clip).final_layer_norm.weight.dtype == torch.float32
+    assert 0 < rel(pipe("a cat", **KW), reference) < 0.1

@@ -227,9 +227,10 @@ def build(det: Detected, dtype: torch.dtype | None = None, device="cpu",
     if det.family == "flux-vae":
         return build_vae(det, dtype, device, sd)
     from ..models import flux_text_encoders as te
-    if det.family == "clip":
-        return {"text_encoder_1": te.load_clip_text_encoder(sd, det.config, dtype or torch.float32).to(device)}
-    return {"text_encoder_2": te.load_t5_encoder(sd, det.config, dtype or torch.float32).to(device)}
+    load = te.load_clip_text_encoder if det.family == "clip" else te.load_t5_encoder
+    # `sd` already holds each tensor in its storage dtype (small ones precise under fp8): keep them
+    model = load(sd, det.config, None if dtype is not None else torch.float32).to(device)
+    return {"text_encoder_1" if det.family == "clip" else "text_encoder_2": model}
 
 
 def describe(det: Detected) -> dict:

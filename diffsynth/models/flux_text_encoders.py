@@ -116,7 +116,7 @@ def _clip_config_from_dict(config_dict: Mapping) -> CLIPTextConfig:
 
 
 def load_clip_text_encoder(
-    state_dict: StateDict, config_dict: Mapping | None = None, dtype: torch.dtype = torch.float32
+    state_dict: StateDict, config_dict: Mapping | None = None, dtype: torch.dtype | None = torch.float32
 ) -> CLIPTextModel:
     """Build an HF ``CLIPTextModel`` from ``text_model.*`` weights (ComfyUI prefix stripped if present).
 
@@ -175,7 +175,7 @@ def infer_t5_config(state_dict: StateDict) -> T5Config:
 
 
 def load_t5_encoder(
-    state_dict: StateDict, config_dict: Mapping | None = None, dtype: torch.dtype = torch.float32
+    state_dict: StateDict, config_dict: Mapping | None = None, dtype: torch.dtype | None = torch.float32
 ) -> T5EncoderModel:
     """Build an HF ``T5EncoderModel`` from ``shared.weight`` + ``encoder.*`` weights.
 
@@ -207,12 +207,12 @@ def _short(keys: list[str], n: int = 10) -> str:
 def _assign(
     model: torch.nn.Module,
     sd: dict[str, torch.Tensor],
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     what: str,
     optional: Collection[str] = (),
     file_prefix: str = "",
 ) -> None:
-    """Check keys and shapes, then assign ``sd`` (cast to ``dtype``) into a meta-device model.
+    """Check keys and shapes, then assign ``sd`` (cast to ``dtype``; None keeps each tensor's) into a meta model.
 
     ``sd`` keys are the on-disk names: ``file_prefix`` + the module's state-dict key.
     """
@@ -226,7 +226,8 @@ def _assign(
     bad = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in sd.items() if v.shape != expected[k].shape]
     if bad:
         raise ValueError(f"{what}: shape mismatch (file != config): {_short(bad)}")
-    cast = {k[len(file_prefix) :]: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    cast = {k[len(file_prefix):]: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            for k, v in sd.items()}
     model.load_state_dict(cast, strict=False, assign=True)
 
 
