@@ -257,3 +257,20 @@ def test_lora_file_given_as_model_says_so(tmp_path):
                "double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(96, 4)}, tmp_path / "style.safetensors")
     with pytest.raises(CheckpointError, match="is a LoRA.*pipe.load_lora"):
         detect(str(tmp_path / "style.safetensors"))
+
+
+def test_diffusers_vae_file_loads_like_ae_safetensors(tiny_root, tmp_path, reference_pipe):
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from diffsynth.testing import TINY
+    v = TINY["vae"]
+    config = dict(in_channels=3, out_channels=3, latent_channels=16, down_block_types=["DownEncoderBlock2D"] * 4,
+                  up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[v["ch"] * m for m in v["ch_mult"]],
+                  layers_per_block=v["num_res_blocks"], norm_num_groups=32)
+    diffusers_sd = convert_ldm_vae_checkpoint(load_file(tiny_root / "ae.safetensors"), config)  # diffusers' converter
+    save_file(diffusers_sd, tmp_path / "diffusion_pytorch_model.safetensors")
+    (det,) = detect(str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    assert (det.family, det.format) == ("flux-vae", "diffusers")
+    models = build(det)
+    for name in ("vae_encoder", "vae_decoder"):
+        ours, ref = models[name].state_dict(), getattr(reference_pipe, name).state_dict()
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), name
