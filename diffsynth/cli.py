@@ -102,10 +102,11 @@ def cmd_generate(args) -> list[str]:
 def cmd_inspect(args) -> None:
     from .core.loading import scan
     from .core.lora import describe_lora
-    from .core.registry import describe, detect, looks_like_lora
+    from .core.registry import describe, detect, dit_config, looks_like_lora
     for path in args.files:
         if looks_like_lora(scan(path)):
-            report = {"file": path, "lora": describe_lora(path)}
+            model = dit_config(detect(args.dit)[0]) if args.dit else None
+            report = {"file": path, "lora": describe_lora(path, model)}
             print(json.dumps(report, indent=2, default=str) if args.json else _pretty_lora(report))
             continue
         report = {"file": path, "models": [describe(d) for d in detect(path)]}
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="what a checkpoint file is recognised as")
     ins.add_argument("files", nargs="+")
     ins.add_argument("--json", action="store_true")
+    ins.add_argument("--dit", help="for LoRA files: a DiT checkpoint to list the LoRA keys that would not apply to")
     ins.set_defaults(func=cmd_inspect)
 
     demo = sub.add_parser("demo", help="build the tiny random model (if missing) and generate with it")

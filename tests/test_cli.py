@@ -84,3 +84,17 @@ def test_inspect_lora_reports_dialect_rank_alpha_targets(tmp_path, capsys):
     assert info["ranks"] == {"4": 1}  # the unknown layer is listed, not counted
     assert info["alphas"] == {"2.0": 1}
     assert any("nonsense" in k for k in info["unknown"])
+
+
+def test_inspect_lora_against_a_dit_lists_what_would_not_apply(tiny_root, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, 32),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(96, 4),
+               "lora_unet_double_blocks_18_img_attn_qkv.lora_down.weight": torch.randn(4, 32),
+               "lora_unet_double_blocks_18_img_attn_qkv.lora_up.weight": torch.randn(96, 4)},
+              tmp_path / "deep.safetensors")
+    assert main(["inspect", "--json", str(tmp_path / "deep.safetensors"),
+                 "--dit", str(tiny_root / "flux1-dev.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)["lora"]
+    assert len(info["not_applied"]) == 1 and "blocks.18" in str(info["not_applied"])

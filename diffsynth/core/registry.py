@@ -172,17 +172,30 @@ def _load(refs: dict[str, TensorRef], dtype, device, compute_dtype=None, as_stor
             for k, r in refs.items()}
 
 
-def build_dit(det: Detected, dtype=None, device="cpu", compute_dtype=None) -> nn.Module:
-    from ..models.flux_dit import FluxDiT, bfl_key_to_internal, dit_from_bfl, dit_from_diffusers, infer_dit_config
-    from .gguf import dequantize, is_quantized
-    from .quant import apply_scales, split_scales
-    convert = {"bfl": dit_from_bfl, "diffusers": dit_from_diffusers, "diffsynth": dict}[det.format]
-    rename = {"bfl": bfl_key_to_internal, "diffsynth": lambda k: k}.get(det.format)  # per-key formats
-    refs, scale_refs = split_scales(det.refs)
-    logical = convert({k: torch.empty(r.shape, device="meta") for k, r in refs.items()})
-    config = infer_dit_config(logical)
+def _dit_converter(fmt: str):
+    from ..models.flux_dit import dit_from_bfl, dit_from_diffusers
+    return {"bfl": dit_from_bfl, "diffusers": dit_from_diffusers, "diffsynth": dict}[fmt]
+
+
+def dit_config(det: Detected):
+    """A detected DiT's architecture from tensor shapes alone (meta tensors: no weight is read)."""
+    from ..models.flux_dit import infer_dit_config
+    from .quant import split_scales
+    meta = {k: torch.empty(r.shape, device="meta") for k, r in split_scales(det.refs)[0].items()}
+    config = infer_dit_config(_dit_converter(det.format)(meta))
     if det.config and "axes_dims_rope" in det.config:
         config.axes_dim = tuple(det.config["axes_dims_rope"])
+    return config
+
+
+def build_dit(det: Detected, dtype=None, device="cpu", compute_dtype=None) -> nn.Module:
+    from ..models.flux_dit import FluxDiT, bfl_key_to_internal
+    from .gguf import dequantize, is_quantized
+    from .quant import apply_scales, split_scales
+    convert = _dit_converter(det.format)
+    rename = {"bfl": bfl_key_to_internal, "diffsynth": lambda k: k}.get(det.format)  # per-key formats
+    refs, scale_refs = split_scales(det.refs)
+    config = dit_config(det)
     sd = _load(refs, dtype, device, compute_dtype, as_stored=scale_refs.keys())
     # per-tensor scales survive renaming; the BFL final layer's halves swap would reorder per-row ones
     keep = lambda k, s: rename is not None and (s.numel() == 1 or not k.startswith("final_layer.adaLN"))  # noqa: E731
@@ -241,11 +254,7 @@ def describe(det: Detected) -> dict:
     if quant:
         info["quant_types"] = quant
     if det.family == "flux-dit":
-        from ..models.flux_dit import dit_from_bfl, dit_from_diffusers, infer_dit_config
-        from .quant import split_scales
-        meta = {k: torch.empty(r.shape, device="meta") for k, r in split_scales(det.refs)[0].items()}
-        sd = {"bfl": dit_from_bfl, "diffusers": dit_from_diffusers, "diffsynth": dict}[det.format](meta)
-        c = infer_dit_config(sd)
+        c = dit_config(det)
         info["architecture"] = {
             "hidden_size": c.hidden_size, "heads": c.num_heads, "double_blocks": c.num_double_blocks,
             "single_blocks": c.num_single_blocks, "in_channels": c.in_channels,
