@@ -274,3 +274,21 @@ def test_diffusers_vae_file_loads_like_ae_safetensors(tiny_root, tmp_path, refer
     for name in ("vae_encoder", "vae_decoder"):
         ours, ref = models[name].state_dict(), getattr(reference_pipe, name).state_dict()
         assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), name
+
+
+def test_model_id_configs_fetch_missing_tokenizers_from_the_same_repo(tiny_root, tmp_path, monkeypatch):
+    import shutil
+    repo = tmp_path / "models" / "black-forest-labs" / "FLUX.1-dev"
+    shutil.copytree(tiny_root, repo, ignore=shutil.ignore_patterns("tokenizer*"))
+    fetched = []
+
+    def fake_download(model_id, local_dir, allow, ignore):
+        fetched.append(allow)
+        shutil.copytree(tiny_root / allow.rstrip("/*"), os.path.join(local_dir, allow.rstrip("/*")))
+    monkeypatch.setattr(mc, "_download_modelscope", fake_download)
+    configs = [ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern=p,
+                           local_model_path=str(tmp_path / "models"))
+               for p in ("flux1-dev.safetensors", "text_encoder/model.safetensors", "text_encoder_2/", "ae.safetensors")]
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs)
+    assert sorted(fetched) == ["tokenizer/*", "tokenizer_2/*"]  # only what was missing
+    assert pipe("a cat", **quiet).shape == (1, 16, 8, 8)

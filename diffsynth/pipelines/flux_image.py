@@ -364,7 +364,7 @@ def _tokenizer_dir(explicit, source, name: str) -> str:
     for c in candidates:
         if (c / "vocab.json").is_file() or (c / "spiece.model").is_file() or (c / "tokenizer.json").is_file():
             return str(c)
-    if config.model_id is not None and config.path is not None and not config.skip_download:
+    if config.model_id is not None and not config.skip_download:  # the tokenizer from the same repository
         cfg = ModelConfig(model_id=config.model_id, origin_file_pattern=f"{name}/",
                           local_model_path=config.local_model_path, download_resource=config.download_resource)
         return str(cfg.resolve())
