@@ -225,6 +225,19 @@ def read_config(paths) -> dict | None:
     return None
 
 
+def strip_prefix(mapping: dict, prefix: str) -> dict:
+    """The entries whose key starts with `prefix`, with the prefix removed (the others dropped)."""
+    return {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
+
+
+def strip_first_prefix(mapping: dict, prefixes: Iterable[str]) -> dict:
+    """`strip_prefix` with the first of `prefixes` that some key carries; unchanged when none does."""
+    for p in prefixes:
+        if any(k.startswith(p) for k in mapping):
+            return strip_prefix(mapping, p)
+    return dict(mapping)
+
+
 def load_tensors(refs: dict[str, TensorRef], dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """Read every tensor, converting floating ones to `dtype` one at a time."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .loading import CheckpointError, TensorRef, load_tensors, read_config, scan
+from .loading import CheckpointError, TensorRef, load_tensors, read_config, scan, strip_prefix
 
 # Pipeline attribute each component fills (SPEC.md's names).
 COMPONENTS = ("dit", "text_encoder_1", "text_encoder_2", "vae_encoder", "vae_decoder")
@@ -54,15 +54,11 @@ def _has(keys, *patterns: str) -> bool:
     return any(k.startswith(p) for p in patterns for k in keys)
 
 
-def _strip(refs: dict[str, TensorRef], prefix: str) -> dict[str, TensorRef]:
-    return {k[len(prefix):]: r for k, r in refs.items() if k.startswith(prefix)}
-
-
 def classify(refs: dict[str, TensorRef]) -> tuple[str, str, dict[str, TensorRef]] | None:
     """(family, format, refs without wrapper prefix) of a single model, or None."""
     keys = refs.keys()
     for prefix in ("",) + MODEL_PREFIXES:
-        sub = _strip(refs, prefix) if prefix else refs
+        sub = strip_prefix(refs, prefix) if prefix else refs
         k = sub.keys()
         if not k:
             continue
@@ -110,7 +106,7 @@ def detect(paths) -> list[Detected]:
     config = read_config(paths)
     present = [p for p in BUNDLE_PREFIXES if _has(refs.keys(), p)]
     bundle = len(present) >= 2
-    groups = [(p, _strip(refs, p)) for p in present] if bundle else [("", refs)]
+    groups = [(p, strip_prefix(refs, p)) for p in present] if bundle else [("", refs)]
     found = []
     for _, sub in groups:
         result = classify(sub)

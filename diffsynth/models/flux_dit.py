@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.attention import attention
+from ..core.loading import strip_first_prefix
 
 
 @dataclass
@@ -385,15 +386,8 @@ def internal_key_to_bfl(key: str) -> str | None:
     return _rename(key, {v: k for k, v in _BFL_TOP.items()})
 
 
-def _strip_prefix(sd: dict, prefixes=BFL_PREFIXES) -> dict:
-    for p in prefixes:
-        if any(k.startswith(p) for k in sd):
-            return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
-    return sd
-
-
 def dit_from_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    sd = _strip_prefix(sd)
+    sd = strip_first_prefix(sd, BFL_PREFIXES)
     out, unknown = {}, []
     for k, v in sd.items():
         name = bfl_key_to_internal(k)
@@ -445,7 +439,7 @@ _DIFFUSERS_FUSED = {
 
 
 def dit_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    sd = _strip_prefix(sd, ("transformer.",))
+    sd = strip_first_prefix(sd, ("transformer.",))
     out, used = {}, set()
     blocks: dict[tuple[str, str], set] = {}
     for k in sd:

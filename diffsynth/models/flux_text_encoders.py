@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from ..core.loading import strip_first_prefix, strip_prefix
+
 try:  # transformers 4.x: the tokenizers-backed classes are the *Fast ones; in 5.x they are aliases.
     from transformers import CLIPTokenizerFast as _CLIPTokenizer
     from transformers import T5TokenizerFast as _T5Tokenizer
@@ -45,15 +47,6 @@ _CLIP_IGNORED = ("text_model.embeddings.position_ids", "embeddings.position_ids"
 _T5_EMBED = "encoder.embed_tokens.weight"
 
 StateDict = Mapping[str, torch.Tensor]
-
-
-def strip_prefix(sd: StateDict, prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of ``sd`` whose key starts with ``prefix``, with the prefix removed (others dropped)."""
-    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def _maybe_strip(sd: StateDict, prefix: str) -> dict[str, torch.Tensor]:
-    return strip_prefix(sd, prefix) if any(k.startswith(prefix) for k in sd) else dict(sd)
 
 
 def _layer_count(sd: StateDict, prefix: str) -> int:
@@ -123,7 +116,7 @@ def load_clip_text_encoder(
     ``config_dict`` is the content of a ``config.json`` (CLIPTextConfig or full CLIPConfig); when None
     the config is inferred (:func:`infer_clip_config`). Raises ValueError on unknown/missing keys.
     """
-    raw = _maybe_strip(state_dict, CLIP_PREFIX)
+    raw = strip_first_prefix(state_dict, (CLIP_PREFIX,))
     config = _clip_config_from_dict(config_dict) if config_dict is not None else infer_clip_config(raw)
     sd = {_clip_key(k): v for k, v in raw.items() if k not in _CLIP_IGNORED}
     with torch.device("meta"):
@@ -182,7 +175,7 @@ def load_t5_encoder(
     The ComfyUI prefix is stripped if present; ``encoder.embed_tokens.weight`` may be absent
     (it is tied to ``shared.weight``). Decoder keys or other unknown keys raise ValueError.
     """
-    sd = _maybe_strip(state_dict, T5_PREFIX)
+    sd = strip_first_prefix(state_dict, (T5_PREFIX,))
     embed = sd.pop(_T5_EMBED, None)
     if "shared.weight" not in sd and embed is not None:
         sd["shared.weight"] = embed
