@@ -137,6 +137,7 @@ def test_models_move_on_and_off_per_unit(fp8_pipe, monkeypatch):
     assert ("text_encoder_1", "text_encoder_2") in calls and ("dit",) in calls and calls[-1] == ("vae_decoder",)
     onloaded = [owner[id(u)] for u, _ in moves]
     assert {"text_encoder_1", "text_encoder_2", "dit", "vae_decoder"} <= set(onloaded)
+    assert "vae_encoder" not in onloaded and ("vae_encoder",) not in calls  # txt2img needs no encoder
     assert all(device == "cpu" for _, device in moves)  # compute and storage are both the CPU here
     assert {name for name, mm in pipe.vram_models.items() if mm.onloaded} == {"vae_decoder"}
     pipe.load_models_to_device(())
@@ -188,3 +189,14 @@ def test_hotloaded_lora_on_fp8_storage(fp8_pipe, tiny_pipe):
     assert (got - expected).norm() / expected.norm() < 0.05  # the fp8 error, as without LoRA
     assert (got - base).norm() > 0.5 * (expected - ref_base).norm()  # the LoRA acts
     assert torch.equal(fp8_pipe("a cat", **KW), base)
+
+
+def test_img2img_onloads_the_vae_encoder(fp8_pipe, monkeypatch):
+    from PIL import Image
+    pipe = fp8_pipe
+    pipe.enable_vram_management(vram_limit=1000)
+    calls = []
+    original = pipe.load_models_to_device
+    monkeypatch.setattr(pipe, "load_models_to_device", lambda names: calls.append(tuple(names)) or original(names))
+    pipe("a cat", input_image=Image.new("RGB", (96, 64), (90, 20, 200)), denoising_strength=0.5, **KW)
+    assert ("vae_encoder",) in calls

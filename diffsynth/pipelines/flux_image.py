@@ -90,7 +90,7 @@ def encode_prompt(pipe, prompt, t5_sequence_length=512, num_images=1):
             "text_ids": torch.zeros(num_images, emb.shape[1], 3, device=pipe.device)}
 
 
-@unit(models=("vae_encoder",))
+@unit()
 def encode_input_image(pipe, noise, sigmas, height, width, input_image=None, denoising_strength=1.0,
                        tiled=False, tile_size=128, tile_stride=64):
     """Inference starts from noise (txt2img) or the noised input latents (img2img); training keeps x0."""
@@ -101,6 +101,7 @@ def encode_input_image(pipe, noise, sigmas, height, width, input_image=None, den
         return {"latents": noise}
     if pipe.vae_encoder is None:
         raise RuntimeError("input_image needs the VAE encoder: load ae.safetensors")
+    pipe.load_models_to_device(("vae_encoder",))  # only when there is an image: txt2img never moves it
     x = image_to_tensor(input_image, width, height).to(pipe.compute_device_of("vae_encoder"), pipe.torch_dtype)
     # tile_size/tile_stride are latent units for both VAE halves (the encoder works in pixels)
     x0 = pipe.vae_encoder(x, tiled=tiled, tile_size=tile_size * VAE_FACTOR, tile_stride=tile_stride * VAE_FACTOR)
