@@ -25,5 +25,6 @@ def test_gpu_full_smoke(monkeypatch, capsys):
     monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
     _import("gpu_full").main()
     out = capsys.readouterr().out
-    for variant in ("ours, eager", "DiT x2: diffusers", "compiled", "fp8 storage", "DiT stored on CPU"):
+    for variant in ("ours, eager", "DiT x2: diffusers", "DiT x2: diffusers, compiled", "DiT x2: ours, compiled",
+                    "ours, compiled", "fp8 storage", "DiT stored on CPU"):
         assert variant in out
