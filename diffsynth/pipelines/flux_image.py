@@ -137,14 +137,14 @@ def model_fn(dit, latents, timestep, prompt_emb, pooled_prompt_emb, text_ids, im
     return unpatchify(out, h, w)
 
 
-# Shared inputs of model_fn that carry the batch dimension: repeated when both CFG branches run as one batch.
-CFG_BATCHED_SHARED = ("latents", "timestep", "image_ids", "guidance")
+# Step-independent shared inputs of model_fn that carry the batch dimension.
+CFG_BATCHED_SHARED = ("image_ids", "guidance")
 
 
-def batch_cfg_inputs(shared: dict, posi: dict, nega: dict, step: dict) -> dict | None:
-    """model_fn inputs with the positive and negative branch stacked along the batch (positive first);
-    None when the branches' tensors cannot be stacked (different shapes or keys)."""
-    merged = {**shared, **posi, **step}
+def batch_cfg_inputs(shared: dict, posi: dict, nega: dict) -> dict | None:
+    """The step-independent model_fn inputs with the positive and negative branch stacked along the batch
+    (positive first), built once per call; None when the branches' tensors cannot be stacked."""
+    merged = {**shared, **posi}
     for key, value in posi.items():
         if isinstance(value, torch.Tensor):
             other = nega.get(key)
@@ -324,12 +324,13 @@ class FluxImagePipeline(nn.Module):
         states = (lambda *b: [cache.branches[x] for x in b]) if cache is not None else (lambda *b: None)
         latents = shared["latents"]
         steps = sigmas.tolist() + [0.0]
+        batched = batch_cfg_inputs(shared, posi, nega) if use_cfg and batch_cfg else None
         for i in progress_bar_cmd(range(num_inference_steps)):
             timestep = torch.full((latents.shape[0],), steps[i], device=self.device, dtype=self.torch_dtype)
             step = {"latents": latents, "timestep": timestep, "step_index": i}
-            batched = batch_cfg_inputs(shared, posi, nega, step) if use_cfg and batch_cfg else None
             if batched is not None:
-                velocity, negative = self.model_fn(self.dit, **batched, cache_states=states("posi", "nega")).chunk(2)
+                both = {**batched, "latents": latents.repeat(2, 1, 1, 1), "timestep": timestep.repeat(2), "step_index": i}
+                velocity, negative = self.model_fn(self.dit, **both, cache_states=states("posi", "nega")).chunk(2)
                 velocity = negative + cfg_scale * (velocity - negative)
             else:
                 velocity = self.model_fn(self.dit, **{**shared, **posi, **step}, cache_states=states("posi"))
