@@ -116,10 +116,7 @@ def cached_dit_forward(dit, states: list[BranchCache], step: int, img, img_ids, 
                        guidance=None, block_hook=None) -> torch.Tensor:
     """`FluxDiT.forward` with step caching. The batch is len(states) equal chunks, one per CFG branch;
     only the branches that must compute run the block stack (as one sub-batch)."""
-    vec = dit.conditioning(timestep, pooled, guidance)
-    img = dit.x_embedder(img.to(dit.dtype))
-    txt = dit.context_embedder(txt.to(dit.dtype))
-    rope = dit.rope(txt_ids, img_ids)
+    img, txt, vec, rope = dit.embed(img, img_ids, txt, txt_ids, timestep, pooled, guidance)
     n = len(states)
     if not len(dit.blocks):
         raise ValueError("step caches need a DiT with at least one double block")

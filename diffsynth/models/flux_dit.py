@@ -316,13 +316,17 @@ class FluxDiT(nn.Module):
     def final(self, img, vec):
         return self.final_proj_out(self.final_norm_out(img, vec))
 
-    def forward(self, img, img_ids, txt, txt_ids, timestep, pooled, guidance=None, mask=None, block_hook=None):
-        """img (B, N, in_channels) packed latents; txt (B, L, context_dim); ids (B, N|L, 3); timestep (B,)."""
+    def embed(self, img, img_ids, txt, txt_ids, timestep, pooled, guidance=None):
+        """Everything before the blocks: (image tokens, text tokens, conditioning vector, rope tables)."""
         vec = self.conditioning(timestep, pooled, guidance)
         img = self.x_embedder(img.to(self.dtype))
         txt = self.context_embedder(txt.to(self.dtype))
-        img = self.run_blocks(img, txt, vec, self.rope(txt_ids, img_ids), mask, block_hook)
-        return self.final(img, vec)
+        return img, txt, vec, self.rope(txt_ids, img_ids)
+
+    def forward(self, img, img_ids, txt, txt_ids, timestep, pooled, guidance=None, mask=None, block_hook=None):
+        """img (B, N, in_channels) packed latents; txt (B, L, context_dim); ids (B, N|L, 3); timestep (B,)."""
+        img, txt, vec, rope = self.embed(img, img_ids, txt, txt_ids, timestep, pooled, guidance)
+        return self.final(self.run_blocks(img, txt, vec, rope, mask, block_hook), vec)
 
 
 # ----------------------------------------------------------------------------- checkpoint formats
