@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..pipelines.flux_image import SIZE_MULTIPLE
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
-SIZE_MULTIPLE = 16
 MAX_LISTED = 30
 
 
