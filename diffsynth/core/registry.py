@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .loading import CheckpointError, TensorRef, load_tensors, read_config, scan, strip_prefix
+from .loading import CheckpointError, TensorRef, read_config, scan, strip_prefix
 
 # Pipeline attribute each component fills (SPEC.md's names).
 COMPONENTS = ("dit", "text_encoder_1", "text_encoder_2", "vae_encoder", "vae_decoder")
@@ -159,13 +159,18 @@ def _assign(model_cls, config, state_dict: dict[str, torch.Tensor], name: str,
     return model.eval().requires_grad_(False)
 
 
-def _load(refs: dict[str, TensorRef], dtype, device, compute_dtype=None, as_stored=()) -> dict[str, torch.Tensor]:
-    """Read tensors into the storage `dtype`. With fp8 storage, 1-D tensors (biases, norm scales: ~0.1% of the
-    bytes) use `compute_dtype` instead; `as_stored` keys and GGUF blocks keep their file format."""
-    from .quant import FP8_DTYPES
+def _load(det: Detected, dtype, device, compute_dtype=None) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """(weight refs, scaled-fp8 scale refs, tensors) of a detected model, read into the storage `dtype`.
+
+    With fp8 storage, 1-D tensors (biases, norm scales: ~0.1% of the bytes) use `compute_dtype` instead;
+    scaled-fp8 weights and GGUF blocks keep their file format.
+    """
+    from .quant import FP8_DTYPES, split_scales
+    refs, scale_refs = split_scales(det.refs)
     small = compute_dtype if compute_dtype is not None and dtype in FP8_DTYPES else dtype
-    return {k: r.load(None if k in as_stored else (small if len(r.shape) < 2 else dtype), device)
-            for k, r in refs.items()}
+    sd = {k: r.load(None if k in scale_refs else (small if len(r.shape) < 2 else dtype), device)
+          for k, r in refs.items()}
+    return refs, scale_refs, sd
 
 
 def _dit_converter(fmt: str):
@@ -187,12 +192,11 @@ def dit_config(det: Detected):
 def build_dit(det: Detected, dtype=None, device="cpu", compute_dtype=None) -> nn.Module:
     from ..models.flux_dit import FluxDiT, bfl_key_to_internal
     from .gguf import dequantize, is_quantized
-    from .quant import apply_scales, split_scales
+    from .quant import apply_scales
     convert = _dit_converter(det.format)
     rename = {"bfl": bfl_key_to_internal, "diffsynth": lambda k: k}.get(det.format)  # per-key formats
-    refs, scale_refs = split_scales(det.refs)
     config = dit_config(det)
-    sd = _load(refs, dtype, device, compute_dtype, as_stored=scale_refs.keys())
+    refs, scale_refs, sd = _load(det, dtype, device, compute_dtype)
     # per-tensor scales survive renaming; the BFL final layer's halves swap would reorder per-row ones
     keep = lambda k, s: rename is not None and (s.numel() == 1 or not k.startswith("final_layer.adaLN"))  # noqa: E731
     scales = apply_scales(sd, scale_refs, dtype, keep)
@@ -207,10 +211,8 @@ def build_dit(det: Detected, dtype=None, device="cpu", compute_dtype=None) -> nn
                    scales={rename(k): s for k, s in scales.items()})
 
 
-def build_vae(det: Detected, dtype=None, device="cpu",
-              sd: dict[str, torch.Tensor] | None = None) -> dict[str, nn.Module]:
+def build_vae(det: Detected, sd: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
     from ..models.flux_vae import FluxVAEDecoder, FluxVAEEncoder, infer_vae_config, vae_from_bfl, vae_from_diffusers
-    sd = load_tensors(det.refs, dtype, device) if sd is None else sd
     enc, dec = (vae_from_bfl if det.format == "bfl" else vae_from_diffusers)(sd)
     out = {}
     if enc:
@@ -229,12 +231,11 @@ def build(det: Detected, dtype: torch.dtype | None = None, device="cpu",
     """
     if det.family == "flux-dit":
         return {"dit": build_dit(det, dtype, device, compute_dtype)}
-    from .quant import apply_scales, split_scales
-    refs, scale_refs = split_scales(det.refs)
-    sd = _load(refs, dtype, device, compute_dtype, as_stored=scale_refs.keys())
+    from .quant import apply_scales
+    _, scale_refs, sd = _load(det, dtype, device, compute_dtype)
     apply_scales(sd, scale_refs, dtype, keep=lambda k, s: False)
     if det.family == "flux-vae":
-        return build_vae(det, dtype, device, sd)
+        return build_vae(det, sd)
     from ..models import flux_text_encoders as te
     load = te.load_clip_text_encoder if det.family == "clip" else te.load_t5_encoder
     # `sd` already holds each tensor in its storage dtype (small ones precise under fp8): keep them
