@@ -44,11 +44,11 @@ def _load_kernel(name: str) -> Callable | None:
 
 
 def _flash_fn() -> Callable | None:
-    return _kernels["flash"] if "flash" in _kernels else _load_kernel("flash")
+    return _load_kernel("flash")
 
 
 def _sage_fn() -> Callable | None:
-    return _kernels["sage"] if "sage" in _kernels else _load_kernel("sage")
+    return _load_kernel("sage")
 
 
 def available_backends() -> list[str]:
@@ -95,6 +95,10 @@ def _flash(q, k, v):
     return out.transpose(1, 2)
 
 
+def _sage(q, k, v):
+    return _sage_fn()(q, k, v, tensor_layout="HND", is_causal=False)
+
+
 def _math(q, k, v, mask):
     scores = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.shape[-1]))
     if mask is not None:
@@ -110,13 +114,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             if _flash_fn() is not None:
                 return _flash(q, k, v)
             if _sage_fn() is not None:
-                return _sage_fn()(q, k, v, tensor_layout="HND", is_causal=False)
+                return _sage(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "math":
         return _math(q, k, v, mask)
     _check_kernel(backend, q, mask)
-    if backend == "flash":
-        return _flash(q, k, v)
-    return _sage_fn()(q, k, v, tensor_layout="HND", is_causal=False)
+    return _flash(q, k, v) if backend == "flash" else _sage(q, k, v)
