@@ -66,15 +66,10 @@ def png_metadata(params: dict, seed: int, size: tuple[int, int], models: list[st
     return info
 
 
-def save_png(image, path: str, pnginfo) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    image.save(tmp, pnginfo=pnginfo)
-    os.replace(tmp, path)
-
-
 def cmd_generate(args) -> list[str]:
     from PIL import Image
     from . import FluxImagePipeline, ModelConfig
+    from .core.loading import save_png
     models = list(args.model or [])
     if args.model_dir:
         models += model_files_in(args.model_dir)

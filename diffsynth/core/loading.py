@@ -261,3 +261,15 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_png(image, path: str | os.PathLike, pnginfo=None) -> None:
+    """Write a PIL image as PNG atomically (temp file beside it, then rename)."""
+    path = str(path)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    try:
+        image.save(tmp, format="PNG", pnginfo=pnginfo)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from ..core.loading import save_png
 from .args import build_parser, check_args, parse_model_sources
 from .cache import build_cache, cache_paths
 from .checkpoint import STATE_FILE, load_checkpoint, resolve_resume, save_checkpoint
@@ -260,9 +261,7 @@ class Trainer:
                                         t5_sequence_length=args.t5_sequence_length, progress_bar_cmd=lambda x: x)
             if self.main:
                 folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / f".tmp-{os.getpid()}.png"
-                image.save(tmp)
-                os.replace(tmp, folder / f"step-{step}-{i}.png")
+                save_png(image, folder / f"step-{step}-{i}.png")
         self.accelerator.wait_for_everyone()
 
     # -- the loop ----------------------------------------------------------------------------------
