@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from ..core.loading import save_safetensors
 
 __all__ = [
     "TINY",
@@ -485,10 +485,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    save_safetensors(tensors, path, metadata={"format": "pt"})
 
 
 def _write_sharded(folder: Path, stem: str, tensors: dict[str, torch.Tensor], shards: int = 2) -> None:
