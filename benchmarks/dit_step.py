@@ -2,9 +2,11 @@
 
 Mid-size FLUX config: 2 double + 4 single blocks, width 768 (6 heads x 128), 1024 image tokens
 (a 512x512 image) + 512 text tokens, batch 1, fp32 and bf16. Latency: both models in one process,
-measured alternately (the ratio of each pair, so load from other processes affects both alike).
-Peak memory: a fresh process per model and dtype; the growth of RSS during one step over the RSS with
-the model loaded (activations and temporaries; the weights are the same for both).
+measured in rotating order (the ratio of each pair, so load from other processes affects both alike).
+A third column times our model with `set_onednn_linear(False)` (fp32 GEMMs on ATen/MKL, as diffusers'),
+separating the kernel choice from the model code. Peak memory: a fresh process per model and dtype; the
+growth of RSS during one step over the RSS with the model loaded (activations and temporaries; the
+weights are the same for both).
 
     python benchmarks/dit_step.py
 """
@@ -17,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MEMORY_ENV, MID_DIT, emit, median, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table, timed  # noqa: E402,E501
 
 TOKENS, TEXT = 1024, 512
-REPS = 5
+REPS = 6
 
 
 def build(impl: str, dtype):
@@ -55,6 +57,19 @@ def runner(impl: str, model, dtype):
     return lambda: model(x, img_ids, txt, txt_ids, t, pooled, guidance)
 
 
+def with_aten_gemm(fn):
+    """Our model with its fp32 CPU GEMMs on ATen/MKL instead of oneDNN (diffsynth.core.linear)."""
+    from diffsynth.core.linear import set_onednn_linear
+
+    def run():
+        set_onednn_linear(False)
+        try:
+            return fn()
+        finally:
+            set_onednn_linear(True)
+    return run
+
+
 def worker(kind: str, dtype_name: str, impl: str = "") -> None:
     import torch
     torch.set_num_threads(torch.get_num_threads())
@@ -63,13 +78,15 @@ def worker(kind: str, dtype_name: str, impl: str = "") -> None:
         if kind == "latency":
             models = {i: build(i, dtype) for i in ("diffusers", "ours")}
             fns = {i: runner(i, m, dtype) for i, m in models.items()}
+            fns["ours-aten"] = with_aten_gemm(fns["ours"])
             a, b = fns["diffusers"](), fns["ours"]()
             max_diff = (a.float() - b.float()).abs().max().item()
-            times = {"diffusers": [], "ours": []}
+            names = list(fns)
+            times = {name: [] for name in names}
             for i in fns.values():
                 i()
-            for _ in range(REPS):
-                for name in ("diffusers", "ours") if _ % 2 == 0 else ("ours", "diffusers"):
+            for rep in range(REPS):
+                for name in names[rep % 3:] + names[:rep % 3]:  # rotate the order
                     times[name] += timed(fns[name], warmup=0, reps=1)
             emit({"times": times, "max_abs_diff": max_diff})
         else:
@@ -87,17 +104,19 @@ def main() -> None:
     rows = []
     for dtype in ("fp32", "bf16"):
         lat = run_worker(__file__, "latency", dtype)
-        d, o = lat["times"]["diffusers"], lat["times"]["ours"]
+        d, o, oa = (lat["times"][k] for k in ("diffusers", "ours", "ours-aten"))
         ratio = median([b / a for a, b in zip(d, o)])
+        ratio_aten = median([b / a for a, b in zip(d, oa)])
         mem = {i: run_worker(__file__, "memory", dtype, i, env=MEMORY_ENV) for i in ("diffusers", "ours")}
         rows.append([dtype, f"{median(d) * 1000:.0f}", f"{median(o) * 1000:.0f}", f"{ratio:.2f}",
-                     f"{mem['diffusers']['peak_mb']:.0f}", f"{mem['ours']['peak_mb']:.0f}",
+                     f"{ratio_aten:.2f}", f"{mem['diffusers']['peak_mb']:.0f}", f"{mem['ours']['peak_mb']:.0f}",
                      f"{mem['ours']['peak_mb'] / mem['diffusers']['peak_mb']:.2f}",
                      f"{mem['ours']['weights_mb']:.0f}", f"{lat['max_abs_diff']:.1e}"])
     print(f"DiT step, CPU ({MID_DIT['num_double_blocks']}+{MID_DIT['num_single_blocks']} blocks, width "
-          f"{MID_DIT['hidden_size']}, {TOKENS}+{TEXT} tokens, median of {REPS} alternating reps)")
+          f"{MID_DIT['hidden_size']}, {TOKENS}+{TEXT} tokens, median of {REPS} rotating reps)")
     print(table(rows, ["dtype", "diffusers ms", "ours ms", "ours/diffusers (median of pairs)",
-                       "diffusers step peak MB", "ours step peak MB", "peak ratio", "weights MB", "max |diff|"]))
+                       "same, our GEMMs on ATen", "diffusers step peak MB", "ours step peak MB", "peak ratio",
+                       "weights MB", "max |diff|"]))
 
 
 if __name__ == "__main__":

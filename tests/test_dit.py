@@ -3,8 +3,10 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from diffsynth.models.flux_dit import (FluxDiT, FluxDiTConfig, dit_from_bfl, dit_from_diffusers, dit_to_bfl,
-                                       image_ids, infer_dit_config, patchify, unpatchify)
+from diffsynth.models import flux_dit
+from diffsynth.models.flux_dit import (FluxDiT, FluxDiTConfig, apply_rope, dit_from_bfl, dit_from_diffusers,
+                                       dit_to_bfl, image_ids, infer_dit_config, patchify, rope_frequencies,
+                                       unpatchify)
 
 TINY = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20, axes_dims_rope=(4, 6, 6))
@@ -105,6 +107,60 @@ def test_dit_matches_diffusers(guidance, source):
         got = ours(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timestep"], x["pooled"], guid)
     assert expected.abs().mean() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_hook_residuals_match_diffusers_controlnet_inputs():
+    """`block_hook` adds per-block image residuals exactly where diffusers adds ControlNet samples
+    (this also covers the last single block, which computes image outputs only)."""
+    ref = diffusers_model(True)
+    ours = ours_from(dit_from_diffusers(ref.state_dict()), True)
+    x = inputs(batch=2, h=6, w=10)
+    g = torch.Generator().manual_seed(3)
+    res = {kind: [torch.randn(2, 15, 32, generator=g) * 0.5 for _ in range(2)] for kind in ("double", "single")}
+    guid = torch.full((2,), 3.5)
+    with torch.no_grad():
+        expected = ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["pooled"],
+                       timestep=x["timestep"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0], guidance=guid,
+                       controlnet_block_samples=res["double"], controlnet_single_block_samples=res["single"],
+                       return_dict=False)[0]
+        got = ours(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timestep"], x["pooled"], guid,
+                   block_hook=lambda kind, i, img: img + res[kind][i])
+        plain = ours(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timestep"], x["pooled"], guid)
+    assert (got - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_single_block_context_tokens_are_keys_and_values_only():
+    """block(img, context=txt) is block(cat[txt, img]) without the text rows, in value and gradient."""
+    torch.manual_seed(0)
+    block = flux_dit.SingleBlock(32, 2, 64)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    txt, img, vec = torch.randn(2, 5, 32), torch.randn(2, 9, 32), torch.randn(2, 32)
+    ids = torch.cat([torch.zeros(5, 3), image_ids(6, 6)[0]])
+    rope = rope_frequencies(ids, (4, 6, 6), 10000)
+    full = block(torch.cat([txt, img], 1), vec, rope)[:, 5:]
+    img_only = block(img, vec, rope, context=txt)
+    torch.testing.assert_close(img_only, full, rtol=1e-5, atol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), block.to_qkv_mlp.weight)[0] for out in (full, img_only)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+def test_rope_eager_complex_and_compiled_real_forms_agree(monkeypatch):
+    ids = torch.cat([torch.zeros(3, 3), image_ids(4, 6)[0]])
+    table = rope_frequencies(ids, (4, 6, 6), 10000)
+    x = torch.randn(2, 3, 9, 16)
+    eager = apply_rope(x, table)
+    monkeypatch.setattr(flux_dit.torch.compiler, "is_compiling", lambda: True)
+    real = apply_rope(x, table)
+    torch.testing.assert_close(eager, real, rtol=1e-6, atol=1e-6)
+    # Independent reference: rotate each channel pair (a, b) by its angle.
+    a, b = x[..., 0::2], x[..., 1::2]
+    cos, sin = table[..., 0], table[..., 1]
+    expected = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+    torch.testing.assert_close(eager, expected, rtol=1e-6, atol=1e-6)
+    assert apply_rope(x.bfloat16(), table).dtype == torch.bfloat16
 
 
 def test_bfl_round_trip_is_exact():

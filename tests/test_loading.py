@@ -1,5 +1,4 @@
 """Checkpoint formats, detection, ModelConfig resolution and loading errors."""
-import json
 import os
 import subprocess
 import sys

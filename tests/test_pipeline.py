@@ -4,7 +4,6 @@ import pytest
 import torch
 from PIL import Image
 
-from diffsynth import FluxImagePipeline, ModelConfig
 from diffsynth.models.flux_dit import patchify
 from diffsynth.schedulers.flow_match import flux_sigmas, shift_sigmas, SIGMA_MIN
 from diffsynth.testing import TINY, bfl_to_diffusers_dit

@@ -7,6 +7,7 @@ import torch
 
 from diffsynth import FluxImagePipeline, ModelConfig
 from diffsynth.core import vram
+from diffsynth.core.linear import Linear
 from diffsynth.core.vram import GB, Layer, plan_model, plan_vram
 from diffsynth.models.flux_dit import FluxDiT, FluxDiTConfig
 
@@ -168,7 +169,7 @@ def test_forward_hooks_survive_casting(fp8_pipe):
 
 def test_models_without_offload_are_untouched(tiny_pipe):
     assert tiny_pipe.vram_models == {}
-    assert type(tiny_pipe.dit.blocks[0].attn.a_to_qkv) is torch.nn.Linear
+    assert type(tiny_pipe.dit.blocks[0].attn.a_to_qkv) is Linear
 
 
 def test_hotloaded_lora_on_fp8_storage(fp8_pipe, tiny_pipe):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gguf import BLOCK_SIZES, quantized_nbytes
+from .linear import Linear, linear
 from .quant import quant_type, weight_for_compute
 
 GB = 1024 ** 3
@@ -58,7 +59,7 @@ class Cast:
 class CastLinear(Cast, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device, dtype = self._target(x)
-        return F.linear(x.to(dtype), self._weight(device, dtype), _fetch(self.bias, device, dtype))
+        return linear(x.to(dtype), self._weight(device, dtype), _fetch(self.bias, device, dtype))
 
 
 class CastConv2d(Cast, nn.Conv2d):
@@ -112,8 +113,8 @@ class CastModule(Cast):
                 module._parameters[name] = p
 
 
-LEAF_CASTS: dict[type, type] = {nn.Linear: CastLinear, nn.Conv2d: CastConv2d, nn.Embedding: CastEmbedding,
-                                nn.LayerNorm: CastLayerNorm, nn.GroupNorm: CastGroupNorm}
+LEAF_CASTS: dict[type, type] = {nn.Linear: CastLinear, Linear: CastLinear, nn.Conv2d: CastConv2d,
+                                nn.Embedding: CastEmbedding, nn.LayerNorm: CastLayerNorm, nn.GroupNorm: CastGroupNorm}
 # Modules cast as a whole because their forward reads weight dtypes (HF T5 casts activations to wo's dtype).
 WHOLE_MODULES = ("T5DenseGatedActDense", "T5DenseActDense", "T5LayerNorm")
 _GENERIC: dict[type, type] = {}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.attention import attention
+from ..core.linear import Linear
 from ..core.loading import strip_first_prefix
 
 
@@ -56,23 +57,27 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (L, head_dim) for position ids (L, n_axes); pairs of channels share an angle."""
-    cos, sin = [], []
+def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tensor:
+    """Rotation table (L, head_dim/2, 2) of (cos, sin) per channel pair for position ids (L, n_axes)."""
     pos = ids.to(torch.float64)
+    angles = []
     for axis, dim in enumerate(axes_dim):
         inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
-        angles = pos[:, axis, None] * inv[None]
-        cos.append(angles.cos().repeat_interleave(2, dim=-1))
-        sin.append(angles.sin().repeat_interleave(2, dim=-1))
-    return torch.cat(cos, -1).float(), torch.cat(sin, -1).float()
+        angles.append(pos[:, axis, None] * inv[None])
+    angles = torch.cat(angles, -1)
+    return torch.stack([angles.cos(), angles.sin()], -1).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x (B, heads, L, D); computed in fp32 as the reference does."""
-    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x (B, heads, L, D) by `table`, in fp32 as the reference does."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():  # inductor fuses the real form into one kernel but lowers complex poorly
+        a, b = pairs.unbind(-1)
+        cos, sin = table.unbind(-1)
+        out = torch.stack([a * cos - b * sin, a * sin + b * cos], -1)
+    else:  # eager: one complex product instead of five elementwise passes
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(table))
+    return out.flatten(-2).to(x.dtype)
 
 
 def patchify(latents: torch.Tensor) -> torch.Tensor:
@@ -100,7 +105,12 @@ def image_ids(height: int, width: int, batch: int = 1, index: int = 0, device=No
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gated residual x + gate * y, in one pass."""
+    return torch.addcmul(x, gate[:, None], y)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -112,7 +122,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.float().contiguous()  # q/k arrive as strided head views; reductions over those are ~8x slower
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
@@ -120,7 +130,7 @@ class MLPEmbedder(nn.Sequential):
     """Linear -> SiLU -> Linear, named `.0`/`.2` so checkpoints and LoRA targets are stable."""
 
     def __init__(self, in_dim: int, hidden: int):
-        super().__init__(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        super().__init__(Linear(in_dim, hidden), nn.SiLU(), Linear(hidden, hidden))
 
 
 class TimestepEmbedder(nn.Module):
@@ -137,7 +147,7 @@ class AdaNorm(nn.Module):
 
     def __init__(self, hidden: int, n_chunks: int):
         super().__init__()
-        self.linear = nn.Linear(hidden, n_chunks * hidden)
+        self.linear = Linear(hidden, n_chunks * hidden)
         self.n_chunks = n_chunks
 
     def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -161,12 +171,12 @@ class JointAttention(nn.Module):
         super().__init__()
         self.heads = heads
         head_dim = hidden // heads
-        self.a_to_qkv = nn.Linear(hidden, 3 * hidden)
-        self.b_to_qkv = nn.Linear(hidden, 3 * hidden)
+        self.a_to_qkv = Linear(hidden, 3 * hidden)
+        self.b_to_qkv = Linear(hidden, 3 * hidden)
         self.norm_q_a, self.norm_k_a = RMSNorm(head_dim), RMSNorm(head_dim)
         self.norm_q_b, self.norm_k_b = RMSNorm(head_dim), RMSNorm(head_dim)
-        self.a_to_out = nn.Linear(hidden, hidden)
-        self.b_to_out = nn.Linear(hidden, hidden)
+        self.a_to_out = Linear(hidden, hidden)
+        self.b_to_out = Linear(hidden, hidden)
 
     def qkv(self, x: torch.Tensor, proj: nn.Linear, norm_q: RMSNorm, norm_k: RMSNorm):
         q, k, v = (split_heads(t, self.heads) for t in proj(x).chunk(3, dim=-1))
@@ -176,7 +186,7 @@ class JointAttention(nn.Module):
         q_a, k_a, v_a = self.qkv(img, self.a_to_qkv, self.norm_q_a, self.norm_k_a)
         q_b, k_b, v_b = self.qkv(txt, self.b_to_qkv, self.norm_q_b, self.norm_k_b)
         q, k, v = torch.cat([q_b, q_a], 2), torch.cat([k_b, k_a], 2), torch.cat([v_b, v_a], 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = merge_heads(attention(q, k, v, mask))
         txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1]:]
         return self.a_to_out(img_out), self.b_to_out(txt_out)
@@ -184,7 +194,7 @@ class JointAttention(nn.Module):
 
 class FeedForward(nn.Sequential):
     def __init__(self, hidden: int, mlp_hidden: int):
-        super().__init__(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden))
+        super().__init__(Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), Linear(mlp_hidden, hidden))
 
 
 class DoubleBlock(nn.Module):
@@ -201,10 +211,10 @@ class DoubleBlock(nn.Module):
         b_shift, b_scale, b_gate, b_shift2, b_scale2, b_gate2 = self.norm1_b(vec)
         img_attn, txt_attn = self.attn(
             modulate(layer_norm(img), a_shift, a_scale), modulate(layer_norm(txt), b_shift, b_scale), rope, mask)
-        img = img + a_gate[:, None] * img_attn
-        img = img + a_gate2[:, None] * self.ff_a(modulate(layer_norm(img), a_shift2, a_scale2))
-        txt = txt + b_gate[:, None] * txt_attn
-        txt = txt + b_gate2[:, None] * self.ff_b(modulate(layer_norm(txt), b_shift2, b_scale2))
+        img = gated(img, a_gate, img_attn)
+        img = gated(img, a_gate2, self.ff_a(modulate(layer_norm(img), a_shift2, a_scale2)))
+        txt = gated(txt, b_gate, txt_attn)
+        txt = gated(txt, b_gate2, self.ff_b(modulate(layer_norm(txt), b_shift2, b_scale2)))
         if txt.dtype == torch.float16:  # fp16 text activations overflow otherwise
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -218,24 +228,34 @@ class SingleBlock(nn.Module):
         self.heads, self.hidden, self.mlp_hidden = heads, hidden, mlp_hidden
         head_dim = hidden // heads
         self.norm = AdaNorm(hidden, 3)
-        self.to_qkv_mlp = nn.Linear(hidden, 3 * hidden + mlp_hidden)
+        self.to_qkv_mlp = Linear(hidden, 3 * hidden + mlp_hidden)
         self.norm_q_a, self.norm_k_a = RMSNorm(head_dim), RMSNorm(head_dim)
-        self.proj_out = nn.Linear(hidden + mlp_hidden, hidden)
+        self.proj_out = Linear(hidden + mlp_hidden, hidden)
 
-    def forward(self, x, vec, rope, mask=None):
+    def forward(self, x, vec, rope, mask=None, context=None):
+        """`context`: tokens before x that serve only as keys/values; their outputs are not computed."""
+        n = x.shape[1]
+        full = x if context is None else torch.cat([context, x], dim=1)
         shift, scale, gate = self.norm(vec)
-        qkv, mlp = self.to_qkv_mlp(modulate(layer_norm(x), shift, scale)).split(
-            [3 * self.hidden, self.mlp_hidden], dim=-1)
+        h = self.to_qkv_mlp(modulate(layer_norm(full), shift, scale))
+        out = self.attend(h[..., : 3 * self.hidden], rope, mask, n)
+        mlp = F.gelu(h[:, -n:, 3 * self.hidden:], approximate="tanh")
+        del h  # the fused projection, the block's largest buffer, is freed before the concatenation
+        return gated(x, gate, self.proj_out(torch.cat([out, mlp], dim=-1)))
+
+    def attend(self, qkv, rope, mask, n: int):
+        """Attention of the last `n` tokens over all of them."""
         q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
-        q, k = apply_rope(self.norm_q_a(q), *rope), apply_rope(self.norm_k_a(k), *rope)
-        out = merge_heads(attention(q, k, v, mask))
-        return x + gate[:, None] * self.proj_out(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=-1))
+        q, k = apply_rope(self.norm_q_a(q[:, :, -n:]), rope[-n:]), apply_rope(self.norm_k_a(k), rope)
+        if mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1:
+            mask = mask[..., -n:, :]
+        return merge_heads(attention(q, k, v, mask))
 
 
 class FinalNorm(nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
-        self.linear = nn.Linear(hidden, 2 * hidden)
+        self.linear = Linear(hidden, 2 * hidden)
 
     def forward(self, x, vec):
         scale, shift = self.linear(F.silu(vec)).chunk(2, dim=-1)
@@ -252,8 +272,8 @@ class FluxDiT(nn.Module):
             raise ValueError(f"inconsistent DiT config: hidden {config.hidden_size}, heads {config.num_heads}, "
                              f"axes_dim {config.axes_dim} must sum to head_dim {config.head_dim}")
         h = config.hidden_size
-        self.x_embedder = nn.Linear(config.in_channels, h)
-        self.context_embedder = nn.Linear(config.context_dim, h)
+        self.x_embedder = Linear(config.in_channels, h)
+        self.context_embedder = Linear(config.context_dim, h)
         self.time_embedder = TimestepEmbedder(h)
         self.guidance_embedder = TimestepEmbedder(h) if config.guidance_embed else None
         self.pooled_text_embedder = MLPEmbedder(config.pooled_dim, h)
@@ -262,7 +282,7 @@ class FluxDiT(nn.Module):
         self.single_blocks = nn.ModuleList(
             SingleBlock(h, config.num_heads, config.mlp_hidden) for _ in range(config.num_single_blocks))
         self.final_norm_out = FinalNorm(h)
-        self.final_proj_out = nn.Linear(h, config.out_channels)
+        self.final_proj_out = Linear(h, config.out_channels)
         self.gradient_checkpointing = False
 
     @property
@@ -300,13 +320,16 @@ class FluxDiT(nn.Module):
             img, txt = self._call(block, img, txt, vec, rope, mask)
             if block_hook is not None:
                 img = block_hook("double", i, img)
-        n_txt = txt.shape[1]
+        n_img = img.shape[1]
         x = torch.cat([txt, img], dim=1)
         for i, block in enumerate(self.single_blocks):
-            x = self._call(block, x, vec, rope, mask)
+            if i == len(self.single_blocks) - 1:  # nothing reads its text outputs: text is only keys/values
+                x = self._call(block, x[:, -n_img:], vec, rope, mask, x[:, :-n_img])
+            else:
+                x = self._call(block, x, vec, rope, mask)
             if block_hook is not None:
-                x = torch.cat([x[:, :n_txt], block_hook("single", i, x[:, n_txt:])], dim=1)
-        return x[:, n_txt:]
+                x = torch.cat([x[:, :-n_img], block_hook("single", i, x[:, -n_img:])], dim=1)
+        return x[:, -n_img:]
 
     def _call(self, block, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():

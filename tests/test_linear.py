@@ -1,0 +1,76 @@
+"""`core.linear`: fp32 CPU inference on oneDNN, everything else on F.linear, same numbers either way."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffsynth.core import linear as lin
+from diffsynth.core.linear import Linear, linear, onednn_linear_enabled, set_onednn_linear
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_enabled(), reason="no oneDNN linear on this CPU/torch")
+
+
+def _kernels(fn) -> set[str]:
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.fixture
+def layer():
+    torch.manual_seed(0)
+    return Linear(96, 80)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp32_inference_runs_on_onednn_and_matches_f_linear(bias):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 33, 96), torch.randn(80, 96), torch.randn(80) if bias else None
+    x_strided = torch.randn(2, 33, 192)[..., ::2]  # a column slice, as attention outputs arrive
+    for inp in (x, x_strided, x[0]):
+        with torch.inference_mode():
+            assert "mkldnn::_linear_pointwise" in _kernels(lambda: linear(inp, w, b))
+            torch.testing.assert_close(linear(inp, w, b), F.linear(inp, w, b), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_switch_off_and_on(layer):
+    x = torch.randn(4, 96)
+    try:
+        set_onednn_linear(False)
+        with torch.no_grad():
+            assert "mkldnn::_linear_pointwise" not in _kernels(lambda: layer(x))
+            off = layer(x)
+    finally:
+        set_onednn_linear(True)
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in _kernels(lambda: layer(x))
+        torch.testing.assert_close(layer(x), off, rtol=1e-5, atol=1e-5)
+
+
+def test_autograd_and_other_dtypes_stay_on_f_linear(layer):
+    x = torch.randn(3, 96, requires_grad=True)
+    assert "mkldnn::_linear_pointwise" not in _kernels(lambda: layer(x))
+    ref = torch.nn.Linear(96, 80)
+    ref.load_state_dict(layer.state_dict())
+    x_ref = x.detach().clone().requires_grad_()
+    layer(x).square().sum().backward()
+    ref(x_ref).square().sum().backward()
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(layer.weight.grad, ref.weight.grad)
+    with torch.no_grad():  # bf16 already uses oneDNN inside ATen; fp64 has no oneDNN kernel
+        for dtype in (torch.bfloat16, torch.float64):
+            m = Linear(96, 80).to(dtype)
+            xd = torch.randn(3, 96, dtype=dtype)
+            assert "mkldnn::_linear_pointwise" not in _kernels(lambda: m(xd))
+            assert torch.equal(m(xd), F.linear(xd, m.weight, m.bias))
+
+
+def test_mixed_dtypes_raise_like_f_linear(layer):
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        layer(torch.randn(2, 96, dtype=torch.float64))
+
+
+def test_unavailable_backend_is_refused(monkeypatch):
+    monkeypatch.setattr(lin, "_kernel_available", lambda: False)
+    with pytest.raises(RuntimeError, match="oneDNN"):
+        set_onednn_linear(True)
