@@ -1,4 +1,4 @@
-"""`core.linear`: fp32 CPU inference on oneDNN, everything else on F.linear, same numbers either way."""
+"""`core.linear`: fp32/bf16 CPU inference on oneDNN, everything else on F.linear, same numbers either way."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,14 +23,19 @@ def layer():
 
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
-def test_fp32_inference_runs_on_onednn_and_matches_f_linear(bias):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_inference_runs_on_onednn_and_matches_f_linear(bias, dtype):
+    if dtype not in lin._DTYPES:
+        pytest.skip("oneDNN has no bf16 on this CPU")
     torch.manual_seed(0)
-    x, w, b = torch.randn(2, 33, 96), torch.randn(80, 96), torch.randn(80) if bias else None
-    x_strided = torch.randn(2, 33, 192)[..., ::2]  # a column slice, as attention outputs arrive
+    x, w = torch.randn(2, 33, 96, dtype=dtype), torch.randn(80, 96, dtype=dtype)
+    b = torch.randn(80, dtype=dtype) if bias else None
+    x_strided = torch.randn(2, 33, 192, dtype=dtype)[..., ::2]  # a column slice, as attention outputs arrive
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     for inp in (x, x_strided, x[0]):
         with torch.inference_mode():
             assert "mkldnn::_linear_pointwise" in _kernels(lambda: linear(inp, w, b))
-            torch.testing.assert_close(linear(inp, w, b), F.linear(inp, w, b), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(linear(inp, w, b), F.linear(inp, w, b), rtol=tol, atol=tol)
 
 
 @needs_onednn
@@ -57,8 +62,8 @@ def test_autograd_and_other_dtypes_stay_on_f_linear(layer):
     layer(x).square().sum().backward()
     ref(x_ref).square().sum().backward()
     assert torch.equal(x.grad, x_ref.grad) and torch.equal(layer.weight.grad, ref.weight.grad)
-    with torch.no_grad():  # bf16 already uses oneDNN inside ATen; fp64 has no oneDNN kernel
-        for dtype in (torch.bfloat16, torch.float64):
+    with torch.no_grad():  # no oneDNN linear for these
+        for dtype in (torch.float16, torch.float64):
             m = Linear(96, 80).to(dtype)
             xd = torch.randn(3, 96, dtype=dtype)
             assert "mkldnn::_linear_pointwise" not in _kernels(lambda: m(xd))

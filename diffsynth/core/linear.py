@@ -1,10 +1,12 @@
-"""`Linear`: nn.Linear whose fp32 CPU inference runs on oneDNN's GEMM instead of MKL's.
+"""`Linear`: nn.Linear whose fp32/bf16 CPU inference calls oneDNN's GEMM directly.
 
-On x86 CPUs `F.linear` in fp32 calls MKL's sgemm; oneDNN's JIT GEMM (the one torch.compile's CPU
-backend emits) computes the same product 5-30% faster on the DiT's shapes (AVX-512 and AVX2 alike,
-measured in benchmarks/dit_step.py), with the same fp32 accumulation (differences ~1e-7 relative).
-bf16 already goes to oneDNN inside ATen, so only fp32 is redirected. Everything else (CUDA, autograd,
-torch.compile tracing, tensor subclasses, other CPUs) stays on `F.linear`.
+On x86 CPUs `F.linear` in fp32 calls MKL's sgemm, and in bf16 reaches oneDNN through ATen's addmm
+(which adds its own copies around the call). Calling oneDNN's linear kernel directly (the one
+torch.compile's CPU backend emits) computes the same products with the same fp32 accumulation
+(differences ~1e-7 relative in fp32) and makes the mid-size DiT step 8-10 % faster in fp32 and ~3 % in
+bf16 on the development machine (benchmarks/dit_step.py prints both ways). Everything else (CUDA,
+autograd, torch.compile tracing, tensor subclasses, fp16/fp64, non-x86 CPUs, CPUs without bf16 support
+in oneDNN for bf16) stays on `F.linear`.
 
 `set_onednn_linear(False)` turns the redirection off (for A/B comparisons).
 """
@@ -27,8 +29,17 @@ def _kernel_available() -> bool:
 _state = {"onednn": platform.machine().lower() in ("x86_64", "amd64") and _kernel_available()}
 
 
+def _supported_dtypes() -> tuple[torch.dtype, ...]:
+    bf16 = _kernel_available() and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") \
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
+_DTYPES = _supported_dtypes()
+
+
 def set_onednn_linear(enabled: bool) -> None:
-    """Route fp32 CPU inference GEMMs of `Linear` through oneDNN (default on x86) or not."""
+    """Route fp32/bf16 CPU inference GEMMs of `Linear` to oneDNN directly (default on x86) or not."""
     if enabled and not _kernel_available():
         raise RuntimeError("this torch build has no oneDNN linear kernel (torch.ops.mkldnn._linear_pointwise)")
     _state["onednn"] = bool(enabled)
@@ -39,7 +50,7 @@ def onednn_linear_enabled() -> bool:
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if not _state["onednn"] or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2:
+    if not _state["onednn"] or x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 2:
         return False
     if type(x) not in _PLAIN or type(weight) not in _PLAIN or weight.dtype != x.dtype or weight.device != x.device:
         return False
@@ -52,7 +63,7 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, on oneDNN for fp32 CPU inference."""
+    """`F.linear(x, weight, bias)`, on oneDNN directly for fp32/bf16 CPU inference."""
     if _onednn_applies(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
