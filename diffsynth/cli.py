@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .core.loading import DTYPE_NAMES
 
 
 def model_files_in(folder: str) -> list[str]:
@@ -76,7 +76,7 @@ def cmd_generate(args) -> list[str]:
     if not models:
         raise SystemExit("give --model FILE [FILE ...] or --model-dir DIR")
     pipe = FluxImagePipeline.from_pretrained(
-        torch_dtype=DTYPES[args.dtype], device=args.device, model_configs=[ModelConfig(path=m) for m in models],
+        torch_dtype=DTYPE_NAMES[args.dtype], device=args.device, model_configs=[ModelConfig(path=m) for m in models],
         tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2)
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
     input_image = Image.open(args.input_image) if args.input_image else None
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer-1", help="CLIP tokenizer folder (default: tokenizer/ beside text_encoder/)")
     gen.add_argument("--tokenizer-2", help="T5 tokenizer folder (default: tokenizer_2/ beside text_encoder_2/)")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    gen.add_argument("--dtype", choices=DTYPES, default="bf16" if torch.cuda.is_available() else "fp32")
+    gen.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16" if torch.cuda.is_available() else "fp32")
     gen.add_argument("--output", default="image.png")
     add_generation_args(gen)
     gen.set_defaults(func=cmd_generate)
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model-dir", default="demo_model")
     demo.add_argument("--output", default="demo_output/image.png")
     demo.add_argument("--device", default="cpu")
-    demo.add_argument("--dtype", choices=DTYPES, default="fp32")
+    demo.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     add_generation_args(demo, require_prompt=False)
     demo.set_defaults(func=cmd_demo, prompt="a cat sitting on a red sofa", height=128, width=128,
                       num_inference_steps=4, seed=0, t5_sequence_length=32)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from diffsynth.models.flux_vae import (
+    AttnBlock,
     FluxVAEConfig,
     FluxVAEDecoder,
     FluxVAEEncoder,
@@ -213,3 +214,20 @@ def test_tiled_vae_matches_tiles_and_approximates_untiled():
     dec_err, enc_err = rel_err(tiled, full), rel_err(tiled_z, full_z)
     print(f"tiled vs untiled: decode rel err {dec_err:.2e}, encode rel err {enc_err:.2e}")
     assert dec_err < 0.2 and enc_err < 0.2
+
+
+def test_attention_runs_on_a_fused_sdpa_kernel():
+    """Tokens reach SDPA with contiguous channels, so it never takes the math path (which would hold the
+    (H*W)^2 score matrix: 1 GB in fp32 for a 1024 px image)."""
+    block = AttnBlock(32, 8).eval()
+    x = torch.randn(1, 32, 12, 10)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = block(x)
+    kernels = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels
+    assert "aten::_scaled_dot_product_attention_math" not in kernels
+    y = block.norm(x)
+    q, k, v = (m(y).flatten(2).transpose(1, 2) for m in (block.q, block.k, block.v))
+    ref = torch.softmax(q @ k.transpose(1, 2) / 32 ** 0.5, -1) @ v
+    torch.testing.assert_close(out, x + block.proj_out(ref.transpose(1, 2).reshape(1, 32, 12, 10)),
+                               rtol=1e-5, atol=1e-5)

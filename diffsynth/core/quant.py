@@ -55,18 +55,24 @@ def quant_type(module: nn.Module) -> str | None:
     return getattr(module, "quant_type", None)
 
 
+def to_compute(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """`t` on `device`, cast to `dtype` if it is floating point (no copy when it already is both)."""
+    if t is None:
+        return None
+    if t.device != device:
+        t = t.to(device, non_blocking=True)
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+
 def weight_for_compute(module: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The module's effective weight as a plain `dtype` tensor on `device` (a copy unless already there)."""
-    w = module.weight
-    if w.device != device:
-        w = w.to(device, non_blocking=True)
     qtype = quant_type(module)
-    if qtype is not None:
-        return dequantize(w, qtype, dtype).reshape(module.weight_shape)
+    if qtype is not None:  # raw GGUF blocks (uint8): moved as they are, dequantized on the device
+        return dequantize(to_compute(module.weight, device, dtype), qtype, dtype).reshape(module.weight_shape)
     scale = getattr(module, "scale_weight", None)
     if scale is not None:
-        return (w.to(torch.float32) * scale.to(device, torch.float32)).to(dtype)
-    return w.to(dtype)
+        return (to_compute(module.weight, device, torch.float32) * to_compute(scale, device, torch.float32)).to(dtype)
+    return to_compute(module.weight, device, dtype)
 
 
 def effective_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:

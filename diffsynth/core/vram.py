@@ -27,20 +27,12 @@ from torch import nn
 
 from .gguf import BLOCK_SIZES, quantized_nbytes
 from .linear import Linear, linear
-from .quant import quant_type, weight_for_compute
+from .quant import quant_type, to_compute, weight_for_compute
 
 GB = 1024 ** 3
 
 
 # ----------------------------------------------------------------------------- cast layers
-
-def _fetch(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-    if t is None:
-        return None
-    if t.device != device:
-        t = t.to(device, non_blocking=True)
-    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
-
 
 class Cast:
     """Mixin of the cast layer classes. `compute_device`/`compute_dtype` None means "follow the input"."""
@@ -59,13 +51,13 @@ class Cast:
 class CastLinear(Cast, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device, dtype = self._target(x)
-        return linear(x.to(dtype), self._weight(device, dtype), _fetch(self.bias, device, dtype))
+        return linear(x.to(dtype), self._weight(device, dtype), to_compute(self.bias, device, dtype))
 
 
 class CastConv2d(Cast, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device, dtype = self._target(x)
-        return self._conv_forward(x.to(dtype), self._weight(device, dtype), _fetch(self.bias, device, dtype))
+        return self._conv_forward(x.to(dtype), self._weight(device, dtype), to_compute(self.bias, device, dtype))
 
 
 class CastEmbedding(Cast, nn.Embedding):
@@ -78,15 +70,15 @@ class CastEmbedding(Cast, nn.Embedding):
 class CastLayerNorm(Cast, nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device, dtype = self._target(x)
-        return F.layer_norm(x.to(dtype), self.normalized_shape, _fetch(self.weight, device, dtype),
-                            _fetch(self.bias, device, dtype), self.eps)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, to_compute(self.weight, device, dtype),
+                            to_compute(self.bias, device, dtype), self.eps)
 
 
 class CastGroupNorm(Cast, nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device, dtype = self._target(x)
-        return F.group_norm(x.to(dtype), self.num_groups, _fetch(self.weight, device, dtype),
-                            _fetch(self.bias, device, dtype), self.eps)
+        return F.group_norm(x.to(dtype), self.num_groups, to_compute(self.weight, device, dtype),
+                            to_compute(self.bias, device, dtype), self.eps)
 
 
 class CastModule(Cast):
@@ -103,7 +95,7 @@ class CastModule(Cast):
                     if name == "weight" and (quant_type(module) or getattr(module, "scale_weight", None) is not None):
                         t = weight_for_compute(module, device or p.device, dtype or torch.float32)
                     else:
-                        t = _fetch(p, device or p.device, dtype or p.dtype)
+                        t = to_compute(p, device or p.device, dtype or p.dtype)
                     if t is not p:
                         swapped.append((module, name, p))
                         module._parameters[name] = t

@@ -89,7 +89,9 @@ class AttnBlock(nn.Module):
         y = self.norm(x)
 
         def tokens(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, 1 head, H*W, C)
-            return t.reshape(b, c, h * w).transpose(1, 2).unsqueeze(1)
+            # Contiguous channels: flash/memory-efficient SDPA kernels need them; with strided tokens SDPA
+            # falls back to the math path and materialises the (H*W)^2 score matrix (1 GB fp32 at 1024 px).
+            return t.reshape(b, c, h * w).transpose(1, 2).unsqueeze(1).contiguous()
 
         y = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
         y = y.squeeze(1).transpose(1, 2).reshape(b, c, h, w)

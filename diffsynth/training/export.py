@@ -15,7 +15,6 @@ from ..core.loading import save_safetensors
 
 LORA_FORMATS = ("diffsynth", "kohya", "diffusers")
 FULL_FORMATS = ("diffsynth", "bfl")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def remove_prefix(sd: dict[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:

@@ -18,12 +18,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..core.loading import save_png
+from ..core.loading import DTYPE_NAMES, save_png
 from .args import build_parser, check_args, parse_model_sources
 from .cache import build_cache, cache_paths
 from .checkpoint import STATE_FILE, load_checkpoint, resolve_resume, save_checkpoint
 from .data import ImageDataset, bucket_sizes, epoch_batches, load_samples, shard_batches, target_size
-from .export import DTYPES, save_output
+from .export import save_output
 from .module import FluxTrainingModule
 from .schedule import lr_factor, make_sigma_sampler
 
@@ -141,7 +141,7 @@ class Trainer:
         self.seed = pick_seed(args, self.resume, acc)
         set_seed(self.seed)  # identical model initialisation on every process
 
-        self.dtype = DTYPES[args.torch_dtype] if args.torch_dtype else (
+        self.dtype = DTYPE_NAMES[args.torch_dtype] if args.torch_dtype else (
             torch.bfloat16 if acc.device.type == "cuda" else torch.float32)
         pipe = load_pipeline(args, "cpu" if zero_stage(acc) == 3 else acc.device, self.dtype)
         pipe.device = acc.device
@@ -231,7 +231,7 @@ class Trainer:
         args = self.args
         sd = self.gather_trainable()
         if self.main:
-            dtype = DTYPES[args.save_dtype] if args.save_dtype else self.dtype
+            dtype = DTYPE_NAMES[args.save_dtype] if args.save_dtype else self.dtype
             info = {k: getattr(args, k) for k in ("lora_base_model", "lora_rank", "lora_target_modules",
                                                   "trainable_models", "learning_rate", "guidance", "lora_format")}
             for suffix, tensors in (("", sd), ("-ema", self.ema)):
