@@ -43,11 +43,95 @@ def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True)
     p.add_argument("--tile-size", type=int, default=128)
     p.add_argument("--tile-stride", type=int, default=64)
     p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--tea-cache", type=float, dest="tea_cache_l1_thresh", metavar="THRESH",
+                   help="TeaCache threshold (e.g. 0.4; larger skips more steps)")
+    p.add_argument("--fbcache", type=float, dest="fbcache_thresh", metavar="THRESH",
+                   help="First-Block-Cache threshold (e.g. 0.1)")
 
 
 GENERATION_KEYS = ("prompt", "negative_prompt", "cfg_scale", "embedded_guidance", "t5_sequence_length",
                    "denoising_strength", "height", "width", "seed", "rand_device", "sigma_shift",
-                   "num_inference_steps", "tiled", "tile_size", "tile_stride", "num_images")
+                   "num_inference_steps", "tiled", "tile_size", "tile_stride", "num_images",
+                   "tea_cache_l1_thresh", "fbcache_thresh")
+STORAGE_DTYPES = {**DTYPE_NAMES, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# --offload-dtype applies to these (SPEC.md's low-VRAM example stores the DiT and T5 in fp8, CLIP/VAE as is).
+LOW_PRECISION_FAMILIES = {"flux-dit", "t5"}
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    from .core.attention import BACKENDS
+    g = p.add_argument_group("fitting and speed")
+    g.add_argument("--offload", action="store_true",
+                   help="store weights in CPU RAM; layers stay on the device while under --vram-limit, the rest "
+                        "stream per call (enable_vram_management)")
+    g.add_argument("--offload-dtype", choices=STORAGE_DTYPES,
+                   help="storage dtype of the DiT and T5 files (e.g. fp8_e4m3fn); implies --offload")
+    g.add_argument("--vram-limit", type=float, metavar="GB",
+                   help="GB the models may keep on the device (default: its free memory); implies --offload")
+    g.add_argument("--vram-buffer", type=float, default=0.5, metavar="GB")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE", help="a LoRA file (repeatable)")
+    g.add_argument("--lora-alpha", action="append", type=float, default=[], metavar="A",
+                   help="strength of each --lora, in order (default 1.0 each)")
+    g.add_argument("--attention", choices=BACKENDS, default="auto", help="attention backend (process-wide)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (regional)")
+
+
+def _model_config(path: str, args):
+    """ModelConfig for one file or folder, with the storage --offload/--offload-dtype ask for."""
+    from . import ModelConfig
+    from .core.registry import detect
+    if not (args.offload or args.offload_dtype or args.vram_limit is not None):
+        return ModelConfig(path=path)
+    dtype = None
+    if args.offload_dtype:
+        config = ModelConfig(path=path)
+        families = {d.family for d in detect(config.resolve())}
+        if families <= LOW_PRECISION_FAMILIES:
+            dtype = STORAGE_DTYPES[args.offload_dtype]
+        else:
+            print(f"note: {path} also holds {', '.join(sorted(families - LOW_PRECISION_FAMILIES))}; "
+                  f"it is stored as is, not in {args.offload_dtype}", file=sys.stderr)
+    return ModelConfig(path=path, offload_device="cpu", offload_dtype=dtype)
+
+
+def model_paths(args) -> list[str]:
+    models = list(args.model or [])
+    if args.model_dir:
+        models += model_files_in(args.model_dir)
+    if not models:
+        raise SystemExit("give --model FILE [FILE ...] or --model-dir DIR")
+    return models
+
+
+def loras(args) -> list[tuple[str, float]]:
+    """(file, alpha) of every --lora."""
+    if args.lora_alpha and len(args.lora_alpha) != len(args.lora):
+        raise ValueError(f"{len(args.lora_alpha)} --lora-alpha values for {len(args.lora)} --lora files: "
+                         "give one per file, or none for 1.0")
+    return list(zip(args.lora, args.lora_alpha or [1.0] * len(args.lora)))
+
+
+def build_pipeline(args, models: list[str]):
+    """The pipeline `generate` runs: files, storage, LoRAs, attention backend, compilation, VRAM management."""
+    from . import FluxImagePipeline
+    from .core.quant import quant_type
+    lora_files = loras(args)
+    pipe = FluxImagePipeline.from_pretrained(
+        torch_dtype=DTYPE_NAMES[args.dtype], device=args.device,
+        model_configs=[_model_config(m, args) for m in models],
+        tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2)
+    if lora_files and pipe.dit is None:
+        raise ValueError("--lora needs a DiT among the models")
+    # GGUF blocks cannot absorb a merged delta: there the LoRA is applied at run time instead.
+    gguf = lora_files and any(quant_type(m) for m in pipe.dit.modules())
+    for path, alpha in lora_files:
+        pipe.load_lora(pipe.dit, path, alpha=alpha, hotload=gguf)
+    pipe.set_attention_backend(args.attention)
+    if args.compile:
+        pipe.compile()
+    if args.offload or args.offload_dtype or args.vram_limit is not None:
+        pipe.enable_vram_management(vram_limit=args.vram_limit, vram_buffer=args.vram_buffer)
+    return pipe
 
 
 def png_metadata(params: dict, seed: int, size: tuple[int, int], models: list[str]):
@@ -68,16 +152,9 @@ def png_metadata(params: dict, seed: int, size: tuple[int, int], models: list[st
 
 def cmd_generate(args) -> list[str]:
     from PIL import Image
-    from . import FluxImagePipeline, ModelConfig
     from .core.loading import save_png
-    models = list(args.model or [])
-    if args.model_dir:
-        models += model_files_in(args.model_dir)
-    if not models:
-        raise SystemExit("give --model FILE [FILE ...] or --model-dir DIR")
-    pipe = FluxImagePipeline.from_pretrained(
-        torch_dtype=DTYPE_NAMES[args.dtype], device=args.device, model_configs=[ModelConfig(path=m) for m in models],
-        tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2)
+    models = model_paths(args)
+    pipe = build_pipeline(args, models)
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
     input_image = Image.open(args.input_image) if args.input_image else None
     images = pipe(**params, input_image=input_image)
@@ -87,7 +164,7 @@ def cmd_generate(args) -> list[str]:
     written = []
     for i, image in enumerate(images):
         path = str(out) if len(images) == 1 else str(out.with_name(f"{out.stem}-{i}{out.suffix}"))
-        save_png(image, path, png_metadata({**params, "input_image": args.input_image},
+        save_png(image, path, png_metadata({**params, "input_image": args.input_image, "loras": loras(args)},
                                            pipe.last_seed + i, image.size, models))
         written.append(path)
         print(f"saved {path}")
@@ -156,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16" if torch.cuda.is_available() else "fp32")
     gen.add_argument("--output", default="image.png")
     add_generation_args(gen)
+    add_runtime_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     ins = sub.add_parser("inspect", help="what a checkpoint file is recognised as")
@@ -170,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     add_generation_args(demo, require_prompt=False)
+    add_runtime_args(demo)
     demo.set_defaults(func=cmd_demo, prompt="a cat sitting on a red sofa", height=128, width=128,
                       num_inference_steps=4, seed=0, t5_sequence_length=32)
 
@@ -185,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

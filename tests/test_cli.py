@@ -103,3 +103,79 @@ def test_inspect_lora_against_a_dit_lists_what_would_not_apply(tiny_root, tmp_pa
                  "--dit", str(tiny_root / "flux1-dev.safetensors")]) == 0
     info = json.loads(capsys.readouterr().out)["lora"]
     assert len(info["not_applied"]) == 1 and "blocks.18" in str(info["not_applied"])
+
+
+def _parse(argv):
+    from diffsynth.cli import build_parser
+    return build_parser().parse_args(argv)
+
+
+def _tiny_lora(dit_file, path):
+    from diffsynth.core.loading import save_safetensors
+    from diffsynth.core.registry import detect
+    import torch
+    refs = detect(str(dit_file))[0].refs
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f = refs["double_blocks.0.img_attn.qkv.weight"].shape
+    save_safetensors({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(2, in_f, generator=g),
+                      "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(out_f, 2, generator=g)},
+                     path)
+    return path
+
+
+def test_generate_fit_and_speed_options(tiny_root, tmp_path, capsys):
+    """--offload-dtype stores the DiT and T5 in fp8 (CLIP/VAE as they are) under VRAM management; caches,
+    LoRAs and their strengths reach the pipeline and the PNG's call record."""
+    import torch
+    from diffsynth.cli import build_pipeline, model_paths
+    from diffsynth.core.attention import get_attention_backend, set_attention_backend
+    lora = str(_tiny_lora(tiny_root / "flux1-dev.safetensors", tmp_path / "lora.safetensors"))
+    argv = ["generate", "--model-dir", str(tiny_root), "--prompt", "a cat", "--seed", "3"] + ARGS
+    try:
+        args = _parse(argv + ["--offload-dtype", "fp8_e4m3fn", "--attention", "math"])
+        pipe = build_pipeline(args, model_paths(args))
+        assert get_attention_backend() == "math"
+    finally:
+        set_attention_backend("auto")
+    assert pipe.vram_management_enabled
+    assert pipe.dit.blocks[0].attn.a_to_qkv.weight.dtype == torch.float8_e4m3fn
+    t5_weights = {p.dtype for p in pipe.text_encoder_2.parameters() if p.dim() == 2}
+    assert t5_weights == {torch.float8_e4m3fn}
+    assert {p.dtype for p in pipe.vae_decoder.parameters()} == {torch.float32}
+    assert {p.dtype for p in pipe.text_encoder_1.parameters()} == {torch.float32}
+
+    base, fp8, weak, strong = (tmp_path / f"{n}.png" for n in ("base", "fp8", "weak", "strong"))
+    assert main(argv + ["--output", str(base)]) == 0
+    assert main(argv + ["--output", str(fp8), "--offload-dtype", "fp8_e4m3fn", "--tea-cache", "0.3"]) == 0
+    assert main(argv + ["--output", str(weak), "--lora", lora, "--lora-alpha", "0"]) == 0
+    assert main(argv + ["--output", str(strong), "--lora", lora, "--lora-alpha", "1.5"]) == 0
+    pixels = {f.stem: np.asarray(Image.open(f), dtype=np.int16) for f in (base, fp8, weak, strong)}
+    assert np.array_equal(pixels["weak"], pixels["base"])  # alpha 0 adds nothing
+    assert np.abs(pixels["strong"] - pixels["base"]).max() > 10
+    assert 0 < np.abs(pixels["fp8"] - pixels["base"]).mean() < 20  # fp8 storage: close, not equal
+    call = json.loads(Image.open(fp8).text["diffsynth"])
+    assert call["tea_cache_l1_thresh"] == 0.3 and call["loras"] == []
+    assert json.loads(Image.open(strong).text["diffsynth"])["loras"] == [[lora, 1.5]]
+
+
+def test_generate_option_errors_are_reported(tiny_root, tmp_path, capsys):
+    argv = ["generate", "--model-dir", str(tiny_root), "--prompt", "a cat"] + ARGS
+    lora = str(_tiny_lora(tiny_root / "flux1-dev.safetensors", tmp_path / "lora.safetensors"))
+    assert main(argv + ["--lora", lora, "--lora-alpha", "1", "--lora-alpha", "2"]) == 1
+    assert "2 --lora-alpha values for 1 --lora files" in capsys.readouterr().err
+    assert main(argv + ["--lora", str(tmp_path / "missing.safetensors")]) == 1
+    assert "missing.safetensors" in capsys.readouterr().err
+    from diffsynth.core.attention import available_backends
+    if "flash" not in available_backends():
+        assert main(argv + ["--attention", "flash"]) == 1
+        assert "flash-attn" in capsys.readouterr().err
+
+
+def test_generate_compile_flag_compiles(tiny_root, monkeypatch):
+    from diffsynth import FluxImagePipeline
+    from diffsynth.cli import build_pipeline, model_paths
+    compiled = []
+    monkeypatch.setattr(FluxImagePipeline, "compile", lambda self, **kw: compiled.append(self) or self)
+    args = _parse(["generate", "--model-dir", str(tiny_root), "--prompt", "x", "--compile"] + ARGS)
+    pipe = build_pipeline(args, model_paths(args))
+    assert compiled == [pipe]

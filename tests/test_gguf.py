@@ -206,3 +206,24 @@ def test_lora_hotloads_onto_gguf_layers_and_merge_is_refused(tmp_path):
         assert torch.equal(dit(**dit_inputs()), before)
     with pytest.raises(ValueError, match="GGUF-quantized.*hotload=True"):
         apply_lora(dit, lora, alpha=0.7)
+
+
+def test_cli_lora_on_gguf_dit_is_hotloaded(tmp_path, tiny_root):
+    """GGUF blocks cannot absorb a merged delta: `generate --lora` hot-loads it there instead."""
+    from safetensors.torch import load_file
+    from diffsynth.cli import build_parser, build_pipeline
+    from diffsynth.core.loading import save_safetensors
+    sd = load_file(tiny_root / "flux1-dev.safetensors")
+    path = tmp_path / "tiny-Q8_0.gguf"
+    write_gguf(path, sd, "Q8_0")
+    out_f, in_f = sd["double_blocks.0.img_attn.qkv.weight"].shape
+    lora = tmp_path / "lora.safetensors"
+    save_safetensors({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(2, in_f),
+                      "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(out_f, 2)}, lora)
+    models = [str(path)] + [str(tiny_root / p) for p in
+                            ("text_encoder/model.safetensors", "text_encoder_2/", "ae.safetensors")]
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--lora", str(lora), "--device", "cpu",
+                                      "--dtype", "fp32"])
+    pipe = build_pipeline(args, models)
+    layer = pipe.dit.blocks[0].attn.a_to_qkv
+    assert layer.quant_type == "Q8_0" and len(layer._forward_hooks) == 1
