@@ -70,6 +70,14 @@ def test_autograd_and_other_dtypes_stay_on_f_linear(layer):
             assert torch.equal(m(xd), F.linear(xd, m.weight, m.bias))
 
 
+def test_cpu_autocast_is_honoured(layer):
+    x = torch.randn(3, 96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        assert "mkldnn::_linear_pointwise" not in _kernels(lambda: layer(x))
+    assert out.dtype == torch.bfloat16
+
+
 def test_mixed_dtypes_raise_like_f_linear(layer):
     with torch.no_grad(), pytest.raises(RuntimeError):
         layer(torch.randn(2, 96, dtype=torch.float64))

@@ -3,10 +3,10 @@
 On x86 CPUs `F.linear` in fp32 calls MKL's sgemm, and in bf16 reaches oneDNN through ATen's addmm
 (which adds its own copies around the call). Calling oneDNN's linear kernel directly (the one
 torch.compile's CPU backend emits) computes the same products with the same fp32 accumulation
-(differences ~1e-7 relative in fp32) and makes the mid-size DiT step 8-10 % faster in fp32 and ~3 % in
-bf16 on the development machine (benchmarks/dit_step.py prints both ways). Everything else (CUDA,
-autograd, torch.compile tracing, tensor subclasses, fp16/fp64, non-x86 CPUs, CPUs without bf16 support
-in oneDNN for bf16) stays on `F.linear`.
+(differences ~1e-7 relative in fp32) and makes the mid-size DiT step 8-10 % faster in fp32 and 2-3 %
+in bf16 on the development machine (benchmarks/dit_step.py prints both ways). Everything else stays on
+`F.linear`: CUDA, autograd, CPU autocast, torch.compile tracing, tensor subclasses, fp16/fp64,
+non-x86 CPUs, and bf16 where oneDNN has no bf16 kernels for the CPU.
 
 `set_onednn_linear(False)` turns the redirection off (for A/B comparisons).
 """
@@ -56,7 +56,7 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return False
     if bias is not None and (type(bias) not in _PLAIN or bias.dtype != x.dtype or bias.device != x.device):
         return False
-    if x.numel() == 0 or torch.compiler.is_compiling():
+    if x.numel() == 0 or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad)))
