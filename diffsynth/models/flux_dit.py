@@ -182,7 +182,7 @@ class JointAttention(nn.Module):
         q, k, v = (split_heads(t, self.heads) for t in proj(x).chunk(3, dim=-1))
         return norm_q(q), norm_k(k), v
 
-    def forward(self, img, txt, rope, mask=None, hooks=None):
+    def forward(self, img, txt, rope, mask=None):
         q_a, k_a, v_a = self.qkv(img, self.a_to_qkv, self.norm_q_a, self.norm_k_a)
         q_b, k_b, v_b = self.qkv(txt, self.b_to_qkv, self.norm_q_b, self.norm_k_b)
         q, k, v = torch.cat([q_b, q_a], 2), torch.cat([k_b, k_a], 2), torch.cat([v_b, v_a], 2)
