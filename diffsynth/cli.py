@@ -76,11 +76,16 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (regional)")
 
 
+def offloading(args) -> bool:
+    """--offload, or an option that implies it."""
+    return bool(args.offload or args.offload_dtype or args.vram_limit is not None)
+
+
 def _model_config(path: str, args):
     """ModelConfig for one file or folder, with the storage --offload/--offload-dtype ask for."""
     from . import ModelConfig
     from .core.registry import detect
-    if not (args.offload or args.offload_dtype or args.vram_limit is not None):
+    if not offloading(args):
         return ModelConfig(path=path)
     dtype = None
     if args.offload_dtype:
@@ -129,7 +134,7 @@ def build_pipeline(args, models: list[str]):
     pipe.set_attention_backend(args.attention)
     if args.compile:
         pipe.compile()
-    if args.offload or args.offload_dtype or args.vram_limit is not None:
+    if offloading(args):
         pipe.enable_vram_management(vram_limit=args.vram_limit, vram_buffer=args.vram_buffer)
     return pipe
 
