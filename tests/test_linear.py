@@ -87,3 +87,20 @@ def test_unavailable_backend_is_refused(monkeypatch):
     monkeypatch.setattr(lin, "_kernel_available", lambda: False)
     with pytest.raises(RuntimeError, match="oneDNN"):
         set_onednn_linear(True)
+
+
+def test_adopt_linears_switches_plain_linears_only():
+    torch.manual_seed(0)
+
+    class Custom(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), Custom(16, 4))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        ref = model(x)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        lin.adopt_linears(model)
+        assert type(model[0]) is Linear and type(model[2]) is Custom
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

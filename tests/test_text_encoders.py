@@ -249,3 +249,21 @@ def test_comfy_checkpoint_parts_equal_folder_versions(tmp_path, tiny, models):
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert strip_prefix({"x.a": 1, "y.b": 2}, "x.") == {"a": 1}
+
+
+def test_parity_with_transformers_from_pretrained(tiny, models):
+    """Our loaders (whose linear layers run oneDNN GEMMs on CPU) against transformers' own loading."""
+    from transformers import CLIPTextModel, T5EncoderModel
+    from diffsynth.core.linear import Linear
+    clip, t5 = models
+    assert type(t5.encoder.block[0].layer[0].SelfAttention.q) is Linear
+    assert all(type(m) is not torch.nn.Linear for m in [*clip.modules(), *t5.modules()])
+    ref_clip = CLIPTextModel.from_pretrained(tiny / "text_encoder").eval()
+    ref_t5 = T5EncoderModel.from_pretrained(tiny / "text_encoder_2").eval()
+    ids = torch.randint(0, TINY["clip"]["vocab_size"], (2, 77), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, ref = clip(ids), ref_clip(ids)
+        torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-5)
+        ids = ids[:, :40] % TINY["t5"]["vocab_size"]
+        torch.testing.assert_close(t5(ids).last_hidden_state, ref_t5(ids).last_hidden_state, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,8 @@ in bf16 on the development machine (benchmarks/dit_step.py prints both ways). Ev
 `F.linear`: CUDA, autograd, CPU autocast, torch.compile tracing, tensor subclasses, fp16/fp64,
 non-x86 CPUs, and bf16 where oneDNN has no bf16 kernels for the CPU.
 
-`set_onednn_linear(False)` turns the redirection off (for A/B comparisons).
+`adopt_linears(model)` converts another library's model (the text encoders); `set_onednn_linear(False)`
+turns the redirection off (for A/B comparisons).
 """
 from __future__ import annotations
 
@@ -72,3 +73,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def adopt_linears(model: nn.Module) -> nn.Module:
+    """Make every plain nn.Linear of `model` (a transformers text encoder, say) a `Linear`, in place."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Linear
+    return model

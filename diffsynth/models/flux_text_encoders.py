@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from ..core.linear import adopt_linears
 from ..core.loading import strip_first_prefix, strip_prefix
 
 try:  # transformers 4.x: the tokenizers-backed classes are the *Fast ones; in 5.x they are aliases.
@@ -129,7 +130,7 @@ def load_clip_text_encoder(
         if isinstance(buf, torch.Tensor) and buf.is_meta:
             module.position_ids = torch.arange(buf.shape[-1]).expand(1, -1)
     _check_materialized(model, "CLIP text encoder")
-    return model.eval()
+    return adopt_linears(model).eval()
 
 
 # --------------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def load_t5_encoder(
     _assign(model, sd, dtype, "T5 encoder", optional={_T5_EMBED})
     model.encoder.embed_tokens.weight = model.shared.weight  # tie
     _check_materialized(model, "T5 encoder")
-    return model.eval()
+    return adopt_linears(model).eval()
 
 
 # --------------------------------------------------------------------------------------
