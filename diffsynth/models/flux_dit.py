@@ -393,24 +393,34 @@ def _rename(key: str, table: dict[str, str]) -> str | None:
     return None
 
 
+def _invert(table: dict[str, str]) -> dict[str, str]:
+    return {v: k for k, v in table.items()}
+
+
+# Block lists of each layout: (name on the other side, per-block key table), and the top-level table.
+_FROM_BFL = ({"double_blocks": ("blocks", _BFL_DOUBLE), "single_blocks": ("single_blocks", _BFL_SINGLE)}, _BFL_TOP)
+_TO_BFL = ({"blocks": ("double_blocks", _invert(_BFL_DOUBLE)),
+            "single_blocks": ("single_blocks", _invert(_BFL_SINGLE))}, _invert(_BFL_TOP))
+
+
+def _map_key(key: str, mapping) -> str | None:
+    blocks, top = mapping
+    m = re.match(r"(\w+)\.(\d+)\.(.+)", key)
+    if m and m.group(1) in blocks:
+        kind, idx, rest = m.groups()
+        target, table = blocks[kind]
+        name = _rename(rest, table)
+        return None if name is None else f"{target}.{idx}.{name}"
+    return _rename(key, top)
+
+
 def bfl_key_to_internal(key: str) -> str | None:
     """Map one BFL DiT key (prefix already stripped) to the internal name; None when unknown."""
-    m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", key)
-    if m:
-        kind, idx, rest = m.groups()
-        name = _rename(rest, _BFL_DOUBLE if kind == "double_blocks" else _BFL_SINGLE)
-        return None if name is None else f"{'blocks' if kind == 'double_blocks' else 'single_blocks'}.{idx}.{name}"
-    return _rename(key, _BFL_TOP)
+    return _map_key(key, _FROM_BFL)
 
 
 def internal_key_to_bfl(key: str) -> str | None:
-    m = re.match(r"(blocks|single_blocks)\.(\d+)\.(.+)", key)
-    if m:
-        kind, idx, rest = m.groups()
-        table = _BFL_DOUBLE if kind == "blocks" else _BFL_SINGLE
-        name = _rename(rest, {v: k for k, v in table.items()})
-        return None if name is None else f"{'double_blocks' if kind == 'blocks' else 'single_blocks'}.{idx}.{name}"
-    return _rename(key, {v: k for k, v in _BFL_TOP.items()})
+    return _map_key(key, _TO_BFL)
 
 
 def dit_from_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
