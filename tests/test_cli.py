@@ -110,7 +110,8 @@ def _parse(argv):
     return build_parser().parse_args(argv)
 
 
-def _tiny_lora(dit_file, path):
+def write_tiny_lora(dit_file, path):
+    """A rank-2 ComfyUI-style LoRA on the first double block's image qkv of the DiT in `dit_file`."""
     from diffsynth.core.loading import save_safetensors
     from diffsynth.core.registry import detect
     import torch
@@ -129,7 +130,7 @@ def test_generate_fit_and_speed_options(tiny_root, tmp_path, capsys):
     import torch
     from diffsynth.cli import build_pipeline, model_paths
     from diffsynth.core.attention import get_attention_backend, set_attention_backend
-    lora = str(_tiny_lora(tiny_root / "flux1-dev.safetensors", tmp_path / "lora.safetensors"))
+    lora = str(write_tiny_lora(tiny_root / "flux1-dev.safetensors", tmp_path / "lora.safetensors"))
     argv = ["generate", "--model-dir", str(tiny_root), "--prompt", "a cat", "--seed", "3"] + ARGS
     try:
         args = _parse(argv + ["--offload-dtype", "fp8_e4m3fn", "--attention", "math"])
@@ -160,7 +161,7 @@ def test_generate_fit_and_speed_options(tiny_root, tmp_path, capsys):
 
 def test_generate_option_errors_are_reported(tiny_root, tmp_path, capsys):
     argv = ["generate", "--model-dir", str(tiny_root), "--prompt", "a cat"] + ARGS
-    lora = str(_tiny_lora(tiny_root / "flux1-dev.safetensors", tmp_path / "lora.safetensors"))
+    lora = str(write_tiny_lora(tiny_root / "flux1-dev.safetensors", tmp_path / "lora.safetensors"))
     assert main(argv + ["--lora", lora, "--lora-alpha", "1", "--lora-alpha", "2"]) == 1
     assert "2 --lora-alpha values for 1 --lora files" in capsys.readouterr().err
     assert main(argv + ["--lora", str(tmp_path / "missing.safetensors")]) == 1

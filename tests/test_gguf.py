@@ -212,14 +212,10 @@ def test_cli_lora_on_gguf_dit_is_hotloaded(tmp_path, tiny_root):
     """GGUF blocks cannot absorb a merged delta: `generate --lora` hot-loads it there instead."""
     from safetensors.torch import load_file
     from diffsynth.cli import build_parser, build_pipeline
-    from diffsynth.core.loading import save_safetensors
-    sd = load_file(tiny_root / "flux1-dev.safetensors")
+    from test_cli import write_tiny_lora
     path = tmp_path / "tiny-Q8_0.gguf"
-    write_gguf(path, sd, "Q8_0")
-    out_f, in_f = sd["double_blocks.0.img_attn.qkv.weight"].shape
-    lora = tmp_path / "lora.safetensors"
-    save_safetensors({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(2, in_f),
-                      "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(out_f, 2)}, lora)
+    write_gguf(path, load_file(tiny_root / "flux1-dev.safetensors"), "Q8_0")
+    lora = write_tiny_lora(tiny_root / "flux1-dev.safetensors", tmp_path / "lora.safetensors")
     models = [str(path)] + [str(tiny_root / p) for p in
                             ("text_encoder/model.safetensors", "text_encoder_2/", "ae.safetensors")]
     args = build_parser().parse_args(["generate", "--prompt", "x", "--lora", str(lora), "--device", "cpu",
