@@ -70,6 +70,23 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, called in turn `reps` rounds with the order rotating every round
+    (alternating for two), so changes in the machine's load affect all of them alike."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for n in names[k:] + names[:k]:
+            times[n] += timed(fns[n], warmup=0, reps=1)
+    return times
+
+
+def pair_ratio(ref: list[float], ours: list[float]) -> float:
+    """Median over rounds of ours/ref: the ratio each round measured side by side."""
+    return median([b / a for a, b in zip(ref, ours)])
+
+
 # For memory measurements: every buffer of 64 KiB or more gets its own mapping and is returned to the OS
 # when freed, so RSS follows the bytes of live tensors instead of what glibc's heap keeps cached.
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MEMORY_ENV, MID_DIT, emit, median, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table, timed  # noqa: E402,E501
+from _common import MEMORY_ENV, MID_DIT, emit, interleaved, median, pair_ratio, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
 
 TOKENS, TEXT = 1024, 512
 REPS = 6
@@ -81,14 +81,9 @@ def worker(kind: str, dtype_name: str, impl: str = "") -> None:
             fns["ours-aten"] = with_aten_gemm(fns["ours"])
             a, b = fns["diffusers"](), fns["ours"]()
             max_diff = (a.float() - b.float()).abs().max().item()
-            names = list(fns)
-            times = {name: [] for name in names}
             for i in fns.values():
                 i()
-            for rep in range(REPS):
-                for name in names[rep % 3:] + names[:rep % 3]:  # rotate the order
-                    times[name] += timed(fns[name], warmup=0, reps=1)
-            emit({"times": times, "max_abs_diff": max_diff})
+            emit({"times": interleaved(fns, REPS), "max_abs_diff": max_diff})
         else:
             model = build(impl, dtype)
             weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
@@ -105,8 +100,7 @@ def main() -> None:
     for dtype in ("fp32", "bf16"):
         lat = run_worker(__file__, "latency", dtype)
         d, o, oa = (lat["times"][k] for k in ("diffusers", "ours", "ours-aten"))
-        ratio = median([b / a for a, b in zip(d, o)])
-        ratio_aten = median([b / a for a, b in zip(d, oa)])
+        ratio, ratio_aten = pair_ratio(d, o), pair_ratio(d, oa)
         mem = {i: run_worker(__file__, "memory", dtype, i, env=MEMORY_ENV) for i in ("diffusers", "ours")}
         rows.append([dtype, f"{median(d) * 1000:.0f}", f"{median(o) * 1000:.0f}", f"{ratio:.2f}",
                      f"{ratio_aten:.2f}", f"{mem['diffusers']['peak_mb']:.0f}", f"{mem['ours']['peak_mb']:.0f}",

@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from _common import MEMORY_ENV, emit, median, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table, timed  # noqa: E402
+from _common import MEMORY_ENV, emit, interleaved, median, pair_ratio, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402
 
 CASES = {"512px-10steps": dict(height=512, width=512, num_inference_steps=10, cfg_scale=1.0),
          "512px-10steps-cfg": dict(height=512, width=512, num_inference_steps=10, cfg_scale=2.5)}
@@ -62,10 +62,7 @@ def worker(kind: str, root: str, impl: str = "") -> None:
             for name, case in CASES.items():
                 fns = {i: (lambda i=i: generate(i, pipes[i], case)) for i in pipes}
                 diff = (fns["diffusers"]() - fns["ours"]()).abs().max().item()
-                times = {"diffusers": [], "ours": []}
-                for rep in range(REPS):
-                    for i in ("diffusers", "ours") if rep % 2 == 0 else ("ours", "diffusers"):
-                        times[i] += timed(fns[i], warmup=0, reps=1)
+                times = interleaved(fns, REPS)
                 result[name] = {"times": times, "max_abs_diff": diff}
             emit(result)
         else:
@@ -87,7 +84,7 @@ def main() -> None:
     for name, r in lat.items():
         d, o = r["times"]["diffusers"], r["times"]["ours"]
         rows.append([name, f"{median(d) * 1000:.0f}", f"{median(o) * 1000:.0f}",
-                     f"{median([b / a for a, b in zip(d, o)]):.2f}", f"{r['max_abs_diff']:.1e}"])
+                     f"{pair_ratio(d, o):.2f}", f"{r['max_abs_diff']:.1e}"])
     print(f"Tiny FLUX.1-dev pipeline end to end, CPU fp32, T5 length {T5_LEN}, median of {REPS} alternating runs")
     print(table(rows, ["case", "diffusers ms", "ours ms", "ours/diffusers", "max |pixel diff|"]))
     print(f"peak RSS over both cases: diffusers {mem['diffusers']:.0f} MB, ours {mem['ours']:.0f} MB "

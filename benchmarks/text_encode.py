@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, median, run_worker, table, timed  # noqa: E402
+from _common import emit, interleaved, median, pair_ratio, run_worker, table  # noqa: E402
 
 TOKENS = 512
 REPS = 7
@@ -33,10 +33,7 @@ def worker() -> None:
     with torch.inference_mode():
         a, b = fns["transformers"](), fns["ours"]()
         rel = ((a - b).abs().max() / a.abs().max()).item()
-        times = {name: [] for name in fns}
-        for rep in range(REPS):
-            for name in ("transformers", "ours") if rep % 2 == 0 else ("ours", "transformers"):
-                times[name] += timed(fns[name], warmup=0, reps=1)
+        times = interleaved(fns, REPS)
     emit({"times": times, "max_rel_diff": rel})
 
 
@@ -45,7 +42,7 @@ def main() -> None:
     t, o = r["times"]["transformers"], r["times"]["ours"]
     print(f"T5 encoder (d_model {CONFIG['d_model']}, {CONFIG['num_layers']} layers), {TOKENS} tokens, CPU fp32, "
           f"median of {REPS} alternating reps")
-    print(table([[f"{median(t) * 1000:.0f}", f"{median(o) * 1000:.0f}", f"{median([b / a for a, b in zip(t, o)]):.2f}",
+    print(table([[f"{median(t) * 1000:.0f}", f"{median(o) * 1000:.0f}", f"{pair_ratio(t, o):.2f}",
                   f"{r['max_rel_diff']:.1e}"]], ["transformers ms", "ours ms", "ours/transformers", "max rel diff"]))
 
 

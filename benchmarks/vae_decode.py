@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MEMORY_ENV, emit, median, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table, timed  # noqa: E402,E501
+from _common import MEMORY_ENV, emit, interleaved, median, pair_ratio, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
 
 SIDE = 512
 REPS = 3
@@ -44,10 +44,7 @@ def worker(kind: str, impl: str = "") -> None:
             fns = {i: build(i) for i in ("diffusers", "ours")}
             a, b = fns["diffusers"](), fns["ours"]()
             rel = ((a - b).abs().max() / a.abs().max()).item()
-            times = {"diffusers": [], "ours": []}
-            for rep in range(REPS):
-                for name in ("diffusers", "ours") if rep % 2 == 0 else ("ours", "diffusers"):
-                    times[name] += timed(fns[name], warmup=0, reps=1)
+            times = interleaved(fns, REPS)
             emit({"times": times, "max_rel_diff": rel})
         else:
             fn = build(impl)
@@ -63,7 +60,7 @@ def main() -> None:
     mem = {i: run_worker(__file__, "memory", i, env=MEMORY_ENV)["peak_mb"] for i in ("diffusers", "ours")}
     d, o = lat["times"]["diffusers"], lat["times"]["ours"]
     print(f"VAE decode, CPU fp32, full-size FLUX VAE, {SIDE}x{SIDE} image (median of {REPS} alternating reps)")
-    print(table([[f"{median(d):.2f}", f"{median(o):.2f}", f"{median([b / a for a, b in zip(d, o)]):.2f}",
+    print(table([[f"{median(d):.2f}", f"{median(o):.2f}", f"{pair_ratio(d, o):.2f}",
                   f"{mem['diffusers']:.0f}", f"{mem['ours']:.0f}", f"{mem['ours'] / mem['diffusers']:.2f}",
                   f"{lat['max_rel_diff']:.1e}"]],
                 ["diffusers s", "ours s", "ours/diffusers", "diffusers peak MB", "ours peak MB", "peak ratio",
