@@ -58,8 +58,8 @@ def runner(impl: str, model, dtype):
 
 
 def with_aten_gemm(fn):
-    """Our model with its fp32 CPU GEMMs on ATen/MKL instead of oneDNN (diffsynth.core.linear)."""
-    from diffsynth.core.linear import set_onednn_linear
+    """Our model with its fp32 CPU GEMMs on ATen/MKL instead of oneDNN (diffsynth.ops.linear)."""
+    from diffsynth.ops.linear import set_onednn_linear
 
     def run():
         set_onednn_linear(False)

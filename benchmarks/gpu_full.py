@@ -191,7 +191,7 @@ def main() -> None:
     del pipe
     gc.collect()
 
-    from diffsynth.core.vram import install_cast
+    from diffsynth.loading.vram import install_cast
     pipe = make_pipe(device, dtype)
     with torch.no_grad():
         for p in pipe.dit.parameters():
@@ -209,7 +209,7 @@ def main() -> None:
     pipe = make_pipe(device, dtype)
     pipe.dit.to("cpu")
     pipe.offload["dit"] = ("cpu", None)
-    from diffsynth.core.vram import register_model
+    from diffsynth.loading.vram import register_model
     register_model(pipe, "dit", pipe.dit, "cpu", device, dtype)
     limit = 0.6 if SMOKE else 12
     plans = pipe.enable_vram_management(vram_limit=limit)

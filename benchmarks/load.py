@@ -29,7 +29,7 @@ REPS = 3
 
 def write_file(path: Path) -> int:
     import torch
-    from diffsynth.core.loading import save_safetensors
+    from diffsynth.ops.files import save_safetensors
     from diffsynth.models.flux_dit import FluxDiT, FluxDiTConfig, dit_to_bfl
     with torch.device("meta"):
         model = FluxDiT(FluxDiTConfig(**CONFIG))

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from _common import table  # noqa: E402
-from diffsynth.core.vram import GB, estimate_activation_bytes, plan_model  # noqa: E402
+from diffsynth.loading.vram import GB, estimate_activation_bytes, plan_model  # noqa: E402
 from diffsynth.models.flux_dit import FluxDiT, FluxDiTConfig  # noqa: E402
 
 CARDS = (8, 12, 24)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .core.loading import DTYPE_NAMES
+from .ops.files import DTYPE_NAMES
 
 
 def model_files_in(folder: str) -> list[str]:
@@ -59,7 +59,7 @@ LOW_PRECISION_FAMILIES = {"flux-dit", "t5"}
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    from .core.attention import BACKENDS
+    from .ops.attention import BACKENDS
     g = p.add_argument_group("fitting and speed")
     g.add_argument("--offload", action="store_true",
                    help="store weights in CPU RAM; layers stay on the device while under --vram-limit, the rest "
@@ -84,7 +84,7 @@ def offloading(args) -> bool:
 def _model_config(path: str, args):
     """ModelConfig for one file or folder, with the storage --offload/--offload-dtype ask for."""
     from . import ModelConfig
-    from .core.registry import detect
+    from .loading.registry import detect
     if not offloading(args):
         return ModelConfig(path=path)
     dtype = None
@@ -119,7 +119,7 @@ def loras(args) -> list[tuple[str, float]]:
 def build_pipeline(args, models: list[str]):
     """The pipeline `generate` runs: files, storage, LoRAs, attention backend, compilation, VRAM management."""
     from . import FluxImagePipeline
-    from .core.quant import quant_type
+    from .ops.quant import quant_type
     lora_files = loras(args)
     pipe = FluxImagePipeline.from_pretrained(
         torch_dtype=DTYPE_NAMES[args.dtype], device=args.device,
@@ -157,7 +157,7 @@ def png_metadata(params: dict, seed: int, size: tuple[int, int], models: list[st
 
 def cmd_generate(args) -> list[str]:
     from PIL import Image
-    from .core.loading import save_png
+    from .ops.files import save_png
     models = model_paths(args)
     pipe = build_pipeline(args, models)
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
@@ -177,9 +177,9 @@ def cmd_generate(args) -> list[str]:
 
 
 def cmd_inspect(args) -> None:
-    from .core.loading import scan
-    from .core.lora import describe_lora
-    from .core.registry import describe, detect, dit_config, looks_like_lora
+    from .ops.files import scan
+    from .loading.lora import describe_lora
+    from .loading.registry import describe, detect, dit_config, looks_like_lora
     for path in args.files:
         if looks_like_lora(scan(path)):
             model = dit_config(detect(args.dit)[0]) if args.dit else None

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diffsynth import FluxImagePipeline, ModelConfig
-from diffsynth.core import attention as attn
+from diffsynth.ops import attention as attn
 
 KW = dict(height=64, width=96, num_inference_steps=2, t5_sequence_length=16, seed=3,
           progress_bar_cmd=lambda x: x, output_type="latent")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from diffsynth.core.cache import TEACACHE_FLUX_COEFFICIENTS, FirstBlockCache, TeaCache, make_cache
+from diffsynth.models.flux_dit_cache import TEACACHE_FLUX_COEFFICIENTS, FirstBlockCache, TeaCache, make_cache
 
 KW = dict(height=64, width=96, num_inference_steps=8, t5_sequence_length=16, seed=3,
           progress_bar_cmd=lambda x: x, output_type="latent")

@@ -112,8 +112,8 @@ def _parse(argv):
 
 def write_tiny_lora(dit_file, path):
     """A rank-2 ComfyUI-style LoRA on the first double block's image qkv of the DiT in `dit_file`."""
-    from diffsynth.core.loading import save_safetensors
-    from diffsynth.core.registry import detect
+    from diffsynth.ops.files import save_safetensors
+    from diffsynth.loading.registry import detect
     import torch
     refs = detect(str(dit_file))[0].refs
     g = torch.Generator().manual_seed(0)
@@ -129,7 +129,7 @@ def test_generate_fit_and_speed_options(tiny_root, tmp_path, capsys):
     LoRAs and their strengths reach the pipeline and the PNG's call record."""
     import torch
     from diffsynth.cli import build_pipeline, model_paths
-    from diffsynth.core.attention import get_attention_backend, set_attention_backend
+    from diffsynth.ops.attention import get_attention_backend, set_attention_backend
     lora = str(write_tiny_lora(tiny_root / "flux1-dev.safetensors", tmp_path / "lora.safetensors"))
     argv = ["generate", "--model-dir", str(tiny_root), "--prompt", "a cat", "--seed", "3"] + ARGS
     try:
@@ -166,7 +166,7 @@ def test_generate_option_errors_are_reported(tiny_root, tmp_path, capsys):
     assert "2 --lora-alpha values for 1 --lora files" in capsys.readouterr().err
     assert main(argv + ["--lora", str(tmp_path / "missing.safetensors")]) == 1
     assert "missing.safetensors" in capsys.readouterr().err
-    from diffsynth.core.attention import available_backends
+    from diffsynth.ops.attention import available_backends
     if "flash" not in available_backends():
         assert main(argv + ["--attention", "flash"]) == 1
         assert "flash-attn" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffsynth import FluxImagePipeline
-from diffsynth.core.vram import is_cast
+from diffsynth.loading.vram import is_cast
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

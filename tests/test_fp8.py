@@ -4,8 +4,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffsynth import FluxImagePipeline, ModelConfig
-from diffsynth.core.quant import add_to_weight, effective_weight
-from diffsynth.core.registry import build, describe, detect
+from diffsynth.ops.quant import add_to_weight, effective_weight
+from diffsynth.loading.registry import build, describe, detect
 
 OTHERS = ("text_encoder/model.safetensors", "text_encoder_2/", "ae.safetensors")
 KW = dict(height=64, width=96, num_inference_steps=3, t5_sequence_length=16, seed=3,
@@ -90,7 +90,7 @@ def test_merging_into_fp8_and_scaled_weights():
     add_to_weight(plain, delta)
     assert plain.weight.dtype == torch.float8_e4m3fn
     assert rel(effective_weight(plain), expected) < 0.05
-    from diffsynth.core.quant import install_weight_scale
+    from diffsynth.ops.quant import install_weight_scale
     scaled = torch.nn.Linear(64, 32)
     scale = layer.weight.detach().abs().max() / 448
     scaled.weight.data = (layer.weight.detach() / scale).to(torch.float8_e4m3fn)

@@ -6,8 +6,8 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from diffsynth.core.gguf import BLOCK_SIZES, QUANT_TYPES, dequantize, scan_gguf  # noqa: E402
-from diffsynth.core.registry import build, describe, detect  # noqa: E402
+from diffsynth.ops.gguf import BLOCK_SIZES, QUANT_TYPES, dequantize, scan_gguf  # noqa: E402
+from diffsynth.loading.registry import build, describe, detect  # noqa: E402
 from diffsynth.models.flux_dit import FluxDiT, FluxDiTConfig, dit_to_bfl  # noqa: E402
 
 # byte offsets of the fp16 scale fields in each block (random bytes there could be inf/nan)
@@ -140,7 +140,7 @@ def test_gguf_dit_loads_quantized_and_matches(tmp_path, qtype, tol):
     qkv = dit.blocks[0].attn.a_to_qkv
     assert qkv.quant_type == qtype and qkv.weight.dtype == torch.uint8  # stays quantized in memory
     assert qkv.weight.numel() < qkv.weight_shape[0] * qkv.weight_shape[1] * 2
-    from diffsynth.core.vram import install_cast
+    from diffsynth.loading.vram import install_cast
     install_cast(dit, "cpu", torch.float32)
 
     with torch.no_grad():
@@ -185,8 +185,8 @@ def test_truncated_gguf_is_refused(tmp_path):
 
 
 def test_lora_hotloads_onto_gguf_layers_and_merge_is_refused(tmp_path):
-    from diffsynth.core.lora import apply_lora, clear_lora
-    from diffsynth.core.vram import install_cast
+    from diffsynth.loading.lora import apply_lora, clear_lora
+    from diffsynth.loading.vram import install_cast
     path = tmp_path / "q8.gguf"
     write_gguf(path, dit_to_bfl(reference_dit().state_dict()), "Q8_0")
     dit = build(detect(str(path))[0], torch.float32, "cpu")["dit"]

@@ -1,10 +1,10 @@
-"""`core.linear`: fp32/bf16 CPU inference on oneDNN, everything else on F.linear, same numbers either way."""
+"""`ops.linear`: fp32/bf16 CPU inference on oneDNN, everything else on F.linear, same numbers either way."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffsynth.core import linear as lin
-from diffsynth.core.linear import Linear, linear, onednn_linear_enabled, set_onednn_linear
+from diffsynth.ops import linear as lin
+from diffsynth.ops.linear import Linear, linear, onednn_linear_enabled, set_onednn_linear
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_enabled(), reason="no oneDNN linear on this CPU/torch")
 

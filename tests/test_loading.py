@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffsynth import CheckpointError, FluxImagePipeline, ModelConfig
-from diffsynth.core import model_config as mc
-from diffsynth.core.registry import build, describe, detect
+from diffsynth.loading import model_config as mc
+from diffsynth.loading.registry import build, describe, detect
 from diffsynth.testing import build_tiny_comfy_checkpoint, build_tiny_flux
 
 TEXT = ("text_encoder/model.safetensors", "text_encoder_2/", "ae.safetensors")
@@ -214,7 +214,7 @@ def test_skip_download_raises_instead_of_downloading(tmp_path, no_network):
 
 PEAK_SCRIPT = r"""
 import sys, torch
-from diffsynth.core.registry import build, detect
+from diffsynth.loading.registry import build, detect
 def status_mb(field):  # VmHWM, unlike ru_maxrss, starts afresh at exec (not inherited from pytest)
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith(field)) / 1024

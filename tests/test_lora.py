@@ -13,7 +13,7 @@ from torch import nn
 from diffusers import FluxTransformer2DModel
 from diffusers.loaders import FluxLoraLoaderMixin
 
-from diffsynth.core.lora import (CanonicalLoRA, apply_lora, clear_lora, convert_lora, describe_lora,
+from diffsynth.loading.lora import (CanonicalLoRA, apply_lora, clear_lora, convert_lora, describe_lora,
                                  detect_dialect, export_kohya, export_peft, load_lora_into_pipeline,
                                  lora_from_peft_model_state, save_lora)
 from diffsynth.models.flux_dit import FluxDiT, FluxDiTConfig, dit_from_diffusers, image_ids

@@ -254,7 +254,7 @@ def test_comfy_checkpoint_parts_equal_folder_versions(tmp_path, tiny, models):
 def test_parity_with_transformers_from_pretrained(tiny, models):
     """Our loaders (whose linear layers run oneDNN GEMMs on CPU) against transformers' own loading."""
     from transformers import CLIPTextModel, T5EncoderModel
-    from diffsynth.core.linear import Linear
+    from diffsynth.ops.linear import Linear
     clip, t5 = models
     assert type(t5.encoder.block[0].layer[0].SelfAttention.q) is Linear
     assert all(type(m) is not torch.nn.Linear for m in [*clip.modules(), *t5.modules()])

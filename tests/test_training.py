@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffsynth import FluxImagePipeline, ModelConfig
-from diffsynth.core.loading import load_state_dict
+from diffsynth.ops.files import load_state_dict
 from diffsynth.models.flux_dit import image_ids
 from diffsynth.pipelines.flux_image import model_fn
 from diffsynth.pipelines.units import run_units

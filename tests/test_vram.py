@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from diffsynth import FluxImagePipeline, ModelConfig
-from diffsynth.core import vram
-from diffsynth.core.linear import Linear
-from diffsynth.core.vram import GB, Layer, plan_model, plan_vram
+from diffsynth.loading import vram
+from diffsynth.ops.linear import Linear
+from diffsynth.loading.vram import GB, Layer, plan_model, plan_vram
 from diffsynth.models.flux_dit import FluxDiT, FluxDiTConfig
 
 KW = dict(height=64, width=96, num_inference_steps=2, t5_sequence_length=16, seed=3,

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attention import attention
-from ..core.linear import Linear
-from ..core.loading import strip_first_prefix
+from ..ops.attention import attention
+from ..ops.linear import Linear
+from ..ops.files import strip_first_prefix
 
 
 @dataclass

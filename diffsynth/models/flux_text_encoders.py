@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from ..core.linear import adopt_linears
-from ..core.loading import strip_first_prefix, strip_prefix
+from ..ops.linear import adopt_linears
+from ..ops.files import strip_first_prefix, strip_prefix
 
 try:  # transformers 4.x: the tokenizers-backed classes are the *Fast ones; in 5.x they are aliases.
     from transformers import CLIPTokenizerFast as _CLIPTokenizer

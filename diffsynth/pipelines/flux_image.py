@@ -13,11 +13,11 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from ..core import vram
-from ..core.attention import set_attention_backend as _set_attention_backend
-from ..core.cache import cached_dit_forward, make_cache
-from ..core.model_config import ModelConfig
-from ..core.registry import COMPONENTS, build, detect
+from ..loading import vram
+from ..ops.attention import set_attention_backend as _set_attention_backend
+from ..models.flux_dit_cache import cached_dit_forward, make_cache
+from ..loading.model_config import ModelConfig
+from ..loading.registry import COMPONENTS, build, detect
 from ..models import flux_text_encoders as te
 from ..models.flux_dit import image_ids, patchify, unpatchify
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
@@ -216,12 +216,12 @@ class FluxImagePipeline(nn.Module):
         `clear_lora()` restores them exactly. Text-encoder keys in the file (kohya `lora_te1_*`) go to
         `text_encoder_1`. Keys that match no layer raise, listing them (`strict=False`: warn instead).
         """
-        from ..core.lora import load_lora_into_pipeline
+        from ..loading.lora import load_lora_into_pipeline
         return load_lora_into_pipeline(self, module, lora, alpha=alpha, hotload=hotload, strict=strict)
 
     def clear_lora(self) -> None:
         """Remove every hot-loaded LoRA from every model of the pipeline."""
-        from ..core.lora import clear_lora
+        from ..loading.lora import clear_lora
         for name in COMPONENTS:
             if getattr(self, name) is not None:
                 clear_lora(getattr(self, name))
@@ -258,7 +258,7 @@ class FluxImagePipeline(nn.Module):
         return next(model.parameters()).device
 
     def set_attention_backend(self, name: str) -> None:
-        """"auto" (default), "sdpa", "flash", "sage" or "math"; see diffsynth.core.attention. Process-wide."""
+        """"auto" (default), "sdpa", "flash", "sage" or "math"; see diffsynth.ops.attention. Process-wide."""
         _set_attention_backend(name)
 
     def compile(self, **compile_kwargs) -> "FluxImagePipeline":
@@ -273,7 +273,7 @@ class FluxImagePipeline(nn.Module):
         if self.dit is None:
             raise RuntimeError("no DiT loaded")
         import torch._dynamo
-        from ..core import attention
+        from ..ops import attention
         attention._flash_fn(), attention._sage_fn()  # import optional kernels before tracing
         # Hot-loaded LoRAs are forward hooks: make compiled blocks guard on hooks (torch skips that by
         # default), so adding/removing a LoRA recompiles instead of silently running the old graph.

@@ -1,5 +1,5 @@
 """Import path used by SPEC.md's code: `from diffsynth.pipelines.flux_image_new import FluxImagePipeline, ModelConfig`."""
-from ..core.model_config import ModelConfig
+from ..loading.model_config import ModelConfig
 from .flux_image import FluxImagePipeline
 
 __all__ = ["FluxImagePipeline", "ModelConfig"]

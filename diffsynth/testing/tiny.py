@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from ..core.loading import save_safetensors
+from ..ops.files import save_safetensors
 
 __all__ = [
     "TINY",

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from ..core.loading import DTYPE_NAMES
+from ..ops.files import DTYPE_NAMES
 from .export import FULL_FORMATS, LORA_FORMATS
 from .schedule import LR_SCHEDULERS, TIMESTEP_SAMPLINGS
 
@@ -108,7 +108,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def parse_model_sources(model_paths: str | None, id_with_origin_paths: str | None) -> list:
     """ModelConfigs from --model_paths (JSON list) and --model_id_with_origin_paths ("id:pattern,...")."""
-    from ..core.model_config import ModelConfig
+    from ..loading.model_config import ModelConfig
     configs = []
     if model_paths:
         try:

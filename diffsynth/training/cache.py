@@ -12,7 +12,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from ..core.loading import save_safetensors
+from ..ops.files import save_safetensors
 from .data import ImageDataset, Sample
 from .module import CACHED_KEYS, FluxTrainingModule
 

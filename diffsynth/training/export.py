@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from ..core.loading import save_safetensors
+from ..ops.files import save_safetensors
 
 LORA_FORMATS = ("diffsynth", "kohya", "diffusers")
 FULL_FORMATS = ("diffsynth", "bfl")
@@ -35,7 +35,7 @@ def convert_output(sd: dict[str, torch.Tensor], lora_format: str = "diffsynth", 
     full = {k: v for k, v in sd.items() if not is_lora_key(k)}
     out: dict[str, torch.Tensor] = {}
     if lora and lora_format != "diffsynth":
-        from ..core.lora import export_kohya, export_peft, lora_from_peft_model_state
+        from ..loading.lora import export_kohya, export_peft, lora_from_peft_model_state
         canonical = lora_from_peft_model_state(lora)
         if lora_format == "kohya":
             lora = export_kohya(canonical)

@@ -64,11 +64,11 @@ def add_lora(model: nn.Module, targets: Sequence[str], rank: int) -> None:
 
 
 def load_lora_checkpoint(model: nn.Module, path: str, rank: int, is_dit: bool) -> int:
-    """Warm-start the injected LoRA from a file (our format, PEFT, or any dialect core.lora reads for a DiT).
+    """Warm-start the injected LoRA from a file (our format, PEFT, or any dialect loading.lora reads for a DiT).
 
     Returns how many layers were loaded; raises when a layer is unknown, not targeted, or of another rank.
     """
-    from ..core.lora import convert_lora, read_lora_file
+    from ..loading.lora import convert_lora, read_lora_file
     sd, metadata = read_lora_file(path)
     state = {}
     if is_dit:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..core.loading import DTYPE_NAMES, save_png
+from ..ops.files import DTYPE_NAMES, save_png
 from .args import build_parser, check_args, parse_model_sources
 from .cache import build_cache, cache_paths
 from .checkpoint import STATE_FILE, load_checkpoint, resolve_resume, save_checkpoint

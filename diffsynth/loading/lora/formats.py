@@ -429,7 +429,7 @@ def lora_from_peft_model_state(sd: Mapping[str, torch.Tensor], lora_alpha: float
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A LoRA file's tensors and (safetensors) header metadata."""
-    from ..loading import load_state_dict, scan_file
+    from ...ops.files import load_state_dict, scan_file
     path = str(path)
     metadata = scan_file(path)[1] if os.path.isfile(path) else {}
     return load_state_dict(path), metadata

@@ -154,7 +154,7 @@ def export_peft(lora: CanonicalLoRA) -> tuple[dict[str, torch.Tensor], dict[str,
 def save_lora(path: str | os.PathLike, sd: Mapping[str, torch.Tensor],
               metadata: Mapping[str, str] | None = None) -> None:
     """Write a LoRA state dict to a safetensors file atomically."""
-    from ..loading import save_safetensors
+    from ...ops.files import save_safetensors
     save_safetensors(dict(sd), path, dict(metadata) if metadata else None)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .loading import CheckpointError, TensorRef, read_config, scan, strip_prefix
+from ..ops.files import CheckpointError, TensorRef, read_config, scan, strip_prefix
 
 # Pipeline attribute each component fills (SPEC.md's names).
 COMPONENTS = ("dit", "text_encoder_1", "text_encoder_2", "vae_encoder", "vae_decoder")
@@ -133,8 +133,8 @@ def _assign(model_cls, config, state_dict: dict[str, torch.Tensor], name: str,
     `quantized` {key: GGUF type}: those entries are raw GGUF blocks that stay quantized (Linear weights);
     `scales` {weight key: scale}: scaled-fp8 weights keep their scale beside them.
     """
-    from .quant import install_gguf_weight, install_weight_scale
-    from .gguf import dequantize
+    from ..ops.quant import install_gguf_weight, install_weight_scale
+    from ..ops.gguf import dequantize
     with torch.device("meta"):
         model = model_cls(config)
     expected = set(model.state_dict().keys())
@@ -165,7 +165,7 @@ def _load(det: Detected, dtype, device, compute_dtype=None) -> tuple[dict, dict,
     With fp8 storage, 1-D tensors (biases, norm scales: ~0.1% of the bytes) use `compute_dtype` instead;
     scaled-fp8 weights and GGUF blocks keep their file format.
     """
-    from .quant import FP8_DTYPES, split_scales
+    from ..ops.quant import FP8_DTYPES, split_scales
     refs, scale_refs = split_scales(det.refs)
     small = compute_dtype if compute_dtype is not None and dtype in FP8_DTYPES else dtype
     sd = {k: r.load(None if k in scale_refs else (small if len(r.shape) < 2 else dtype), device)
@@ -181,7 +181,7 @@ def _dit_converter(fmt: str):
 def dit_config(det: Detected):
     """A detected DiT's architecture from tensor shapes alone (meta tensors: no weight is read)."""
     from ..models.flux_dit import infer_dit_config
-    from .quant import split_scales
+    from ..ops.quant import split_scales
     meta = {k: torch.empty(r.shape, device="meta") for k, r in split_scales(det.refs)[0].items()}
     config = infer_dit_config(_dit_converter(det.format)(meta))
     if det.config and "axes_dims_rope" in det.config:
@@ -191,8 +191,8 @@ def dit_config(det: Detected):
 
 def build_dit(det: Detected, dtype=None, device="cpu", compute_dtype=None) -> nn.Module:
     from ..models.flux_dit import FluxDiT, bfl_key_to_internal
-    from .gguf import dequantize, is_quantized
-    from .quant import apply_scales
+    from ..ops.gguf import dequantize, is_quantized
+    from ..ops.quant import apply_scales
     convert = _dit_converter(det.format)
     rename = {"bfl": bfl_key_to_internal, "diffsynth": lambda k: k}.get(det.format)  # per-key formats
     config = dit_config(det)
@@ -231,7 +231,7 @@ def build(det: Detected, dtype: torch.dtype | None = None, device="cpu",
     """
     if det.family == "flux-dit":
         return {"dit": build_dit(det, dtype, device, compute_dtype)}
-    from .quant import apply_scales
+    from ..ops.quant import apply_scales
     _, scale_refs, sd = _load(det, dtype, device, compute_dtype)
     apply_scales(sd, scale_refs, dtype, keep=lambda k, s: False)
     if det.family == "flux-vae":

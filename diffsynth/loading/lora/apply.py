@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import add_to_weight, quant_type
+from ...ops.quant import add_to_weight, quant_type
 from ..vram import compute_spec
 from .formats import CanonicalLoRA, LoRAReport, LoRAWeights, _as_canonical, _listing
 

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gguf import BLOCK_SIZES, quantized_nbytes
-from .linear import Linear, linear
-from .quant import quant_type, to_compute, weight_for_compute
+from ..ops.gguf import BLOCK_SIZES, quantized_nbytes
+from ..ops.linear import Linear, linear
+from ..ops.quant import quant_type, to_compute, weight_for_compute
 
 GB = 1024 ** 3
 

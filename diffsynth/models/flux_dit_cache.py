@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.flux_dit import layer_norm, modulate
+from .flux_dit import layer_norm, modulate
 
 TEACACHE_FLUX_COEFFICIENTS = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
 
