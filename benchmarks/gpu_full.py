@@ -62,7 +62,9 @@ def make_pipe(device, dtype):
     pipe.dit = random_module(FluxDiT, dit_config, device, dtype)
     pipe.vae_decoder = random_module(FluxVAEDecoder, vae_config, device, dtype)
 
-    @unit(per_branch=True)
+    outputs = flux_image.PROMPT_OUTPUTS
+
+    @unit(per_branch=True, outputs=outputs, model_inputs=outputs, cacheable=outputs)
     def random_prompt(pipe, prompt, t5_sequence_length=T5_LEN, num_images=1):
         g = torch.Generator(device).manual_seed(len(prompt))
         c = pipe.dit.config

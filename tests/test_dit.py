@@ -4,7 +4,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from diffsynth.models import flux_dit
-from diffsynth.models.flux_dit import (FluxDiT, FluxDiTConfig, apply_rope, dit_from_bfl, dit_from_diffusers,
+from diffsynth.models.flux_dit import (Extensions, FluxDiT, FluxDiTConfig, apply_rope, dit_from_bfl, dit_from_diffusers,
                                        dit_to_bfl, image_ids, infer_dit_config, patchify, rope_frequencies,
                                        unpatchify)
 
@@ -109,8 +109,8 @@ def test_dit_matches_diffusers(guidance, source):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_block_hook_residuals_match_diffusers_controlnet_inputs():
-    """`block_hook` adds per-block image residuals exactly where diffusers adds ControlNet samples
+def test_block_residuals_match_diffusers_controlnet_inputs():
+    """`Extensions.residual` adds per-block image residuals exactly where diffusers adds ControlNet samples
     (this also covers the last single block, which computes image outputs only)."""
     ref = diffusers_model(True)
     ours = ours_from(dit_from_diffusers(ref.state_dict()), True)
@@ -124,7 +124,7 @@ def test_block_hook_residuals_match_diffusers_controlnet_inputs():
                        controlnet_block_samples=res["double"], controlnet_single_block_samples=res["single"],
                        return_dict=False)[0]
         got = ours(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timestep"], x["pooled"], guid,
-                   block_hook=lambda kind, i, img: img + res[kind][i])
+                   ext=Extensions(residual=lambda kind, i: res[kind][i]))
         plain = ours(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timestep"], x["pooled"], guid)
     assert (got - plain).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

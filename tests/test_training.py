@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from diffsynth import FluxImagePipeline, ModelConfig
 from diffsynth.ops.files import load_state_dict
 from diffsynth.models.flux_dit import image_ids
-from diffsynth.pipelines.flux_image import model_fn
+from diffsynth.pipelines.denoise import model_fn
 from diffsynth.pipelines.units import run_units
 from diffsynth.training import DatasetError, build_parser, train
 from diffsynth.training import trainer as trainer_module
@@ -88,8 +88,8 @@ def evaluate(pipe, image: Image.Image, prompt: str) -> tuple[float, float]:
     x0, g, losses = shared["input_latents"], torch.Generator().manual_seed(0), []
     for sigma in torch.linspace(0.1, 0.9, 8):
         noise = torch.randn(x0.shape, generator=g)
-        pred = model_fn(pipe.dit, **{**shared, **posi, "latents": (1 - sigma) * x0 + sigma * noise,
-                                     "timestep": sigma.view(1)})
+        pred = model_fn(pipe.in_loop_models(), **pipe.model_inputs(pipe.units, {**shared, **posi}),
+                        latents=(1 - sigma) * x0 + sigma * noise, timestep=sigma.view(1))
         losses.append(((pred - (noise - x0)) ** 2).mean().item())
     generated = pipe(prompt, height=64, width=64, seed=1, num_inference_steps=8, embedded_guidance=1.0,
                      t5_sequence_length=32, output_type="latent", progress_bar_cmd=lambda x: x)
@@ -352,7 +352,7 @@ def test_bad_arguments_give_one_clear_error(tiny_root, data, tmp_path, monkeypat
 def test_model_dependent_arguments_are_checked_before_training(tiny_root, data, tmp_path):
     with pytest.raises(ValueError, match=r"\['to_q'\] match no linear layer; valid names: .*a_to_qkv"):
         run(tiny_root, data, tmp_path / "out", "--lora_base_model", "dit", "--lora_target_modules", "a_to_qkv,to_q")
-    with pytest.raises(ValueError, match="'unet' is not a model of the pipeline; loaded models: dit"):
+    with pytest.raises(ValueError, match="'unet' is not a trainable model of the pipeline; loaded models: dit, text_encoder_1"):
         run(tiny_root, data, tmp_path / "out", "--trainable_models", "unet")
     (tmp_path / "k.csv").write_text("image,prompt,kontext_images\ncat.png,a cat,dog.jpg\n")
     with pytest.raises(ValueError, match="kontext_images.*not inputs of any unit"):

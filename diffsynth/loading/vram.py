@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import components
 from ..ops.gguf import BLOCK_SIZES, quantized_nbytes
 from ..ops.linear import Linear, linear
 from ..ops.quant import quant_type, to_compute, weight_for_compute
@@ -356,15 +357,17 @@ def plan_model(model: nn.Module, budget_bytes: int, compute_dtype: torch.dtype =
 def estimate_activation_bytes(name: str, model: nn.Module, height: int = 1024, width: int = 1024,
                               batch: int = 1, dtype: torch.dtype = torch.bfloat16,
                               text_tokens: int = 512) -> int:
-    """Rough peak activation memory of one forward (order of magnitude; the vram_buffer covers the rest)."""
+    """Rough peak activation memory of one forward (order of magnitude; the vram_buffer covers the rest).
+    The estimate's kind comes from the component table (`Component.activation`)."""
     e = _elem_size(dtype)
-    if name == "dit":
+    kind = components.component(name.split(".")[0]).activation
+    if kind == "dit":
         c = model.config
         tokens = (height // 16) * (width // 16) + text_tokens
         return batch * tokens * ((8 * c.hidden_size + 3 * c.mlp_hidden) * e + 16 * c.hidden_size)
-    if name.startswith("vae"):
+    if kind == "vae":
         return batch * height * width * 128 * e * 6
-    if name.startswith("text_encoder"):
+    if kind == "text":
         d = getattr(getattr(model, "config", None), "d_model", None) or getattr(
             getattr(model, "config", None), "hidden_size", 768)
         return batch * text_tokens * d * 24 * 4
@@ -373,8 +376,6 @@ def estimate_activation_bytes(name: str, model: nn.Module, height: int = 1024, w
 
 # ----------------------------------------------------------------------------- pipeline integration
 
-# Models that run together (one unit loads them at once); each group gets the whole budget in turn.
-GROUPS = (("text_encoder_1", "text_encoder_2"), ("dit",), ("vae_encoder",), ("vae_decoder",))
 
 
 @dataclass
@@ -407,10 +408,22 @@ def register_model(pipe, name: str, model: nn.Module, storage_device, compute_de
         pipe.vram_models[name] = ManagedModel(storage, compute, compute_dtype, offloadable)
 
 
+def groups(loaded: dict[str, nn.Module]) -> list[list[str]]:
+    """Loaded model names grouped as the component table says (models of a group run together; each group
+    gets the whole budget in turn). `controlnet.0` belongs to the `controlnet` component."""
+    out = []
+    for group in components.vram_groups():
+        names = [n for n in loaded if n.split(".")[0] in group]
+        if names:
+            out.append(names)
+    return out
+
+
 def group_layers(pipe, names: Iterable[str], storage_dtype=None, gguf_type=None) -> list[Layer]:
     layers = []
+    loaded = pipe.loaded_models()
     for name in names:
-        model = getattr(pipe, name, None)
+        model = loaded.get(name)
         if model is not None:
             layers += [Layer(f"{name}.{x.name}", x.nbytes, x.compute_nbytes, x.numel)
                        for x in model_layers(model, pipe.torch_dtype, storage_dtype, gguf_type)]
@@ -421,13 +434,13 @@ def plan_pipeline(pipe, budget_bytes: int, num_persistent_param_in_dit: int | No
                   height: int = 1024, width: int = 1024, batch: int = 1, only_offloadable: bool = True,
                   storage_dtype=None, gguf_type=None) -> dict[tuple[str, ...], VramPlan]:
     plans = {}
-    for group in GROUPS:
-        names = [n for n in group if getattr(pipe, n, None) is not None
-                 and (not only_offloadable or (n in pipe.vram_models and pipe.vram_models[n].offloadable))]
+    loaded = pipe.loaded_models()
+    for group in groups(loaded):
+        names = [n for n in group
+                 if not only_offloadable or (n in pipe.vram_models and pipe.vram_models[n].offloadable)]
         if not names:
             continue
-        act = sum(estimate_activation_bytes(n, getattr(pipe, n), height, width, batch, pipe.torch_dtype)
-                  for n in names)
+        act = sum(estimate_activation_bytes(n, loaded[n], height, width, batch, pipe.torch_dtype) for n in names)
         persistent = num_persistent_param_in_dit if names == ["dit"] else None
         plans[tuple(names)] = plan_vram(group_layers(pipe, names, storage_dtype, gguf_type), budget_bytes, act,
                                         persistent)
@@ -443,7 +456,7 @@ def _set_onloaded(pipe, name: str, mm: ManagedModel, on: bool) -> None:
     if mm.onloaded == on or not mm.resident:
         mm.onloaded = on
         return
-    model = getattr(pipe, name)
+    model = pipe.loaded_models()[name]
     target = mm.compute_device if on else mm.storage_device
     wanted = set(mm.resident)
     for unit_name, unit in units(model):
@@ -455,9 +468,9 @@ def _set_onloaded(pipe, name: str, mm: ManagedModel, on: bool) -> None:
 def enable_vram_management(pipe, vram_limit: float | None = None, vram_buffer: float = 0.5,
                            num_persistent_param_in_dit: int | None = None) -> dict[tuple[str, ...], VramPlan]:
     """SPEC semantics; returns the plans (also kept in `pipe.vram_plans`)."""
-    for name in ("dit", "text_encoder_1", "text_encoder_2", "vae_encoder", "vae_decoder"):
-        model = getattr(pipe, name, None)
-        if model is not None and name not in pipe.vram_models:
+    loaded = pipe.loaded_models()
+    for name, model in loaded.items():
+        if name not in pipe.vram_models:
             register_model(pipe, name, model, _param_device(model), pipe.device, pipe.torch_dtype)
     offload_all(pipe)
     for mm in pipe.vram_models.values():
@@ -467,10 +480,8 @@ def enable_vram_management(pipe, vram_limit: float | None = None, vram_buffer: f
     if vram_limit is None:
         available = device_free_bytes(pipe.device)
     else:
-        permanent = sum(_bytes_on(getattr(pipe, n), pipe.device) for n in
-                        ("dit", "text_encoder_1", "text_encoder_2", "vae_encoder", "vae_decoder")
-                        if getattr(pipe, n, None) is not None and not (
-                            n in pipe.vram_models and pipe.vram_models[n].offloadable))
+        permanent = sum(_bytes_on(m, pipe.device) for n, m in loaded.items()
+                        if not (n in pipe.vram_models and pipe.vram_models[n].offloadable))
         available = int(vram_limit * GB) - permanent
     budget = max(0, available - int(vram_buffer * GB))
     plans = plan_pipeline(pipe, budget, num_persistent_param_in_dit)
@@ -480,7 +491,7 @@ def enable_vram_management(pipe, vram_limit: float | None = None, vram_buffer: f
             prefix = name + "."
             mm.resident = [r[len(prefix):] for r in plan.resident if r.startswith(prefix)]
             keep = set(mm.resident)
-            for unit_name, unit in units(getattr(pipe, name)):
+            for unit_name, unit in units(loaded[name]):
                 unit.resident = unit_name in keep
     pipe.vram_plans = plans
     pipe.vram_management_enabled = True
@@ -491,7 +502,7 @@ def load_models_to_device(pipe, names: Sequence[str]) -> None:
     """Residents of `names` onto the compute device; every other managed model's residents to storage."""
     if not getattr(pipe, "vram_management_enabled", False):
         return
-    names = set(names)
+    names = {n for n in pipe.vram_models if n in names or n.split(".")[0] in names}
     for name, mm in pipe.vram_models.items():  # offload first so that onloading has room
         if name not in names:
             _set_onloaded(pipe, name, mm, False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -182,14 +182,19 @@ class JointAttention(nn.Module):
         q, k, v = (split_heads(t, self.heads) for t in proj(x).chunk(3, dim=-1))
         return norm_q(q), norm_k(k), v
 
-    def forward(self, img, txt, rope, mask=None):
+    def forward(self, img, txt, rope, mask=None, extra: Callable | None = None):
+        """`extra(q_img)`: attention output (B, H, N_img, D) added to the image tokens' own (IP-Adapter);
+        it receives the image queries before RoPE."""
         q_a, k_a, v_a = self.qkv(img, self.a_to_qkv, self.norm_q_a, self.norm_k_a)
         q_b, k_b, v_b = self.qkv(txt, self.b_to_qkv, self.norm_q_b, self.norm_k_b)
         q, k, v = torch.cat([q_b, q_a], 2), torch.cat([k_b, k_a], 2), torch.cat([v_b, v_a], 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = merge_heads(attention(q, k, v, mask))
-        txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1]:]
-        return self.a_to_out(img_out), self.b_to_out(txt_out)
+        out = attention(q, k, v, mask)
+        n_txt = txt.shape[1]
+        txt_out, img_out = out[:, :, :n_txt], out[:, :, n_txt:]
+        if extra is not None:
+            img_out = img_out + extra(q_a)
+        return self.a_to_out(merge_heads(img_out)), self.b_to_out(merge_heads(txt_out))
 
 
 class FeedForward(nn.Sequential):
@@ -206,11 +211,12 @@ class DoubleBlock(nn.Module):
         self.attn = JointAttention(hidden, heads)
         self.ff_a, self.ff_b = FeedForward(hidden, mlp_hidden), FeedForward(hidden, mlp_hidden)
 
-    def forward(self, img, txt, vec, rope, mask=None):
+    def forward(self, img, txt, vec, rope, mask=None, extra: Callable | None = None):
         a_shift, a_scale, a_gate, a_shift2, a_scale2, a_gate2 = self.norm1_a(vec)
         b_shift, b_scale, b_gate, b_shift2, b_scale2, b_gate2 = self.norm1_b(vec)
         img_attn, txt_attn = self.attn(
-            modulate(layer_norm(img), a_shift, a_scale), modulate(layer_norm(txt), b_shift, b_scale), rope, mask)
+            modulate(layer_norm(img), a_shift, a_scale), modulate(layer_norm(txt), b_shift, b_scale), rope, mask,
+            extra)
         img = gated(img, a_gate, img_attn)
         img = gated(img, a_gate2, self.ff_a(modulate(layer_norm(img), a_shift2, a_scale2)))
         txt = gated(txt, b_gate, txt_attn)
@@ -232,24 +238,26 @@ class SingleBlock(nn.Module):
         self.norm_q_a, self.norm_k_a = RMSNorm(head_dim), RMSNorm(head_dim)
         self.proj_out = Linear(hidden + mlp_hidden, hidden)
 
-    def forward(self, x, vec, rope, mask=None, context=None):
-        """`context`: tokens before x that serve only as keys/values; their outputs are not computed."""
+    def forward(self, x, vec, rope, mask=None, context=None, extra: Callable | None = None):
+        """`context`: tokens before x that serve only as keys/values; their outputs are not computed.
+        `extra(q)`: attention output (B, H, n, D) added to the block's own, from the queries after RoPE."""
         n = x.shape[1]
         full = x if context is None else torch.cat([context, x], dim=1)
         shift, scale, gate = self.norm(vec)
         h = self.to_qkv_mlp(modulate(layer_norm(full), shift, scale))
-        out = self.attend(h[..., : 3 * self.hidden], rope, mask, n)
+        out = self.attend(h[..., : 3 * self.hidden], rope, mask, n, extra)
         mlp = F.gelu(h[:, -n:, 3 * self.hidden:], approximate="tanh")
         del h  # the fused projection, the block's largest buffer, is freed before the concatenation
         return gated(x, gate, self.proj_out(torch.cat([out, mlp], dim=-1)))
 
-    def attend(self, qkv, rope, mask, n: int):
+    def attend(self, qkv, rope, mask, n: int, extra: Callable | None = None):
         """Attention of the last `n` tokens over all of them."""
         q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         q, k = apply_rope(self.norm_q_a(q[:, :, -n:]), rope[-n:]), apply_rope(self.norm_k_a(k), rope)
         if mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1:
             mask = mask[..., -n:, :]
-        return merge_heads(attention(q, k, v, mask))
+        out = attention(q, k, v, mask)
+        return merge_heads(out if extra is None else out + extra(q))
 
 
 class FinalNorm(nn.Module):
@@ -309,26 +317,27 @@ class FluxDiT(nn.Module):
             ids = ids[0]  # positions are shared by the batch
         return rope_frequencies(ids, self.config.axes_dim, self.config.theta)
 
-    def run_blocks(self, img, txt, vec, rope, mask=None, block_hook: Callable | None = None, start: int = 0):
-        """Double then single blocks. `block_hook(kind, index, img)` may add residuals (ControlNet).
+    def run_blocks(self, img, txt, vec, rope, ext: "Extensions" = None, start: int = 0):
+        """Double then single blocks over image tokens `img` (target first, then any reference tokens).
 
         `start` skips the first double blocks (First-Block-Cache runs block 0 on its own).
         """
+        ext = ext or Extensions()
         for i, block in enumerate(self.blocks):
             if i < start:
                 continue
-            img, txt = self._call(block, img, txt, vec, rope, mask)
-            if block_hook is not None:
-                img = block_hook("double", i, img)
+            img, txt = self._call(block, img, txt, vec, rope, ext.mask, ext.attention_for("double", i))
+            img = ext.add_residual("double", i, img)
         n_img = img.shape[1]
         x = torch.cat([txt, img], dim=1)
+        last = len(self.single_blocks) - 1
         for i, block in enumerate(self.single_blocks):
-            if i == len(self.single_blocks) - 1:  # nothing reads its text outputs: text is only keys/values
-                x = self._call(block, x[:, -n_img:], vec, rope, mask, x[:, :-n_img])
+            extra = ext.attention_for("single", i)
+            if i == last:  # nothing reads its text outputs: text is only keys/values
+                x = self._call(block, x[:, -n_img:], vec, rope, ext.mask, x[:, :-n_img], extra)
             else:
-                x = self._call(block, x, vec, rope, mask)
-            if block_hook is not None:
-                x = torch.cat([x[:, :-n_img], block_hook("single", i, x[:, -n_img:])], dim=1)
+                x = self._call(block, x, vec, rope, ext.mask, None, extra)
+            x = torch.cat([x[:, :-n_img], ext.add_residual("single", i, x[:, -n_img:])], dim=1)
         return x[:, -n_img:]
 
     def _call(self, block, *args):
@@ -346,10 +355,76 @@ class FluxDiT(nn.Module):
         txt = self.context_embedder(txt.to(self.dtype))
         return img, txt, vec, self.rope(txt_ids, img_ids)
 
-    def forward(self, img, img_ids, txt, txt_ids, timestep, pooled, guidance=None, mask=None, block_hook=None):
-        """img (B, N, in_channels) packed latents; txt (B, L, context_dim); ids (B, N|L, 3); timestep (B,)."""
+    def forward(self, img, img_ids, txt, txt_ids, timestep, pooled, guidance=None, *,
+                ref: torch.Tensor | None = None, ref_ids: torch.Tensor | None = None,
+                ext: "Extensions | None" = None, cache=None):
+        """Velocity of the packed latents.
+
+        img (B, N, in_channels) packed latents with ids (B, N, 3); txt (B, L, context_dim) with ids
+        (B, L, 3); timestep (B,) sigma; pooled (B, pooled_dim); guidance (B,) (guidance-distilled DiTs).
+        ref (B, M, in_channels) with ids (B, M, 3): reference tokens (Kontext) appended after the target
+        ones; they take part in attention and are dropped from the output. `ext`: per-block residuals,
+        attention additions and the attention mask. `cache`: a step cache (flux_dit_cache) that may skip
+        the block stack. Returns (B, N, out_channels).
+        """
+        n = img.shape[1]
+        if ref is not None:
+            if ref_ids is None:
+                raise ValueError("reference tokens need their position ids (ref_ids)")
+            img, img_ids = torch.cat([img, ref.to(img.dtype)], 1), torch.cat([img_ids, ref_ids.to(img_ids)], -2)
+        ext = (ext or Extensions()).for_target(n)
         img, txt, vec, rope = self.embed(img, img_ids, txt, txt_ids, timestep, pooled, guidance)
-        return self.final(self.run_blocks(img, txt, vec, rope, mask, block_hook), vec)
+        out = self.run_blocks(img, txt, vec, rope, ext) if cache is None else cache.run(self, img, txt, vec, rope, ext)
+        return self.final(out[:, :n], vec)
+
+
+@dataclass
+class Extensions:
+    """What variants add to one DiT evaluation (all optional).
+
+    residual(kind, index) -> (B, N_target, hidden) or None: added to the target image tokens after
+        double/single block `index` ("double"/"single"), e.g. ControlNet samples.
+    attention: callables (kind, index, q, rows) -> (b, heads, n, head_dim) or None, summed into the image
+        tokens' attention output (double blocks: the image queries before RoPE; single blocks: the queries
+        after RoPE), e.g. IP-Adapter keys/values. `rows` (None = all) are the batch rows `q` holds.
+    mask: additive or boolean attention mask over [text, image] tokens (B|1, heads|1, L, L), e.g. EliGen.
+    """
+    residual: Callable | None = None
+    attention: tuple[Callable, ...] = ()
+    mask: torch.Tensor | None = None
+    n_target: int | None = None
+    batch_rows: torch.Tensor | None = None  # set by `rows`: a step cache runs a subset of the batch
+
+    def for_target(self, n: int) -> "Extensions":
+        return replace(self, attention=tuple(self.attention), n_target=n)
+
+    def rows(self, rows: torch.Tensor) -> "Extensions":
+        """The same extensions for the batch rows `rows` only."""
+        mask = self.mask
+        if mask is not None and mask.shape[0] > 1:
+            mask = mask[rows]
+        return replace(self, mask=mask, batch_rows=rows)
+
+    def add_residual(self, kind: str, index: int, img: torch.Tensor) -> torch.Tensor:
+        r = None if self.residual is None else self.residual(kind, index)
+        if r is None:
+            return img
+        if self.batch_rows is not None and r.shape[0] > 1:
+            r = r[self.batch_rows]
+        n = self.n_target or img.shape[1]
+        if n == img.shape[1]:
+            return img + r.to(img.dtype)
+        return torch.cat([img[:, :n] + r.to(img.dtype), img[:, n:]], 1)
+
+    def attention_for(self, kind: str, index: int) -> Callable | None:
+        if not self.attention:
+            return None
+        hooks, rows = self.attention, self.batch_rows
+
+        def extra(q: torch.Tensor) -> torch.Tensor:
+            outs = [o for o in (h(kind, index, q, rows) for h in hooks) if o is not None]
+            return sum(outs[1:], outs[0]) if outs else torch.zeros_like(q)
+        return extra
 
 
 # ----------------------------------------------------------------------------- checkpoint formats

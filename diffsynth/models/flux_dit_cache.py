@@ -15,6 +15,8 @@ the previous signal cross branches and the step counter runs twice as fast), eac
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .flux_dit import layer_norm, modulate
@@ -112,40 +114,45 @@ def make_cache(tea_cache_l1_thresh: float | None, fbcache_thresh: float | None, 
     return None
 
 
-def cached_dit_forward(dit, states: list[BranchCache], step: int, img, img_ids, txt, txt_ids, timestep, pooled,
-                       guidance=None, block_hook=None) -> torch.Tensor:
-    """`FluxDiT.forward` with step caching. The batch is len(states) equal chunks, one per CFG branch;
-    only the branches that must compute run the block stack (as one sub-batch)."""
-    img, txt, vec, rope = dit.embed(img, img_ids, txt, txt_ids, timestep, pooled, guidance)
-    n = len(states)
-    if not len(dit.blocks):
-        raise ValueError("step caches need a DiT with at least one double block")
-    if img.shape[0] % n:
-        raise ValueError(f"batch of {img.shape[0]} does not split into {n} CFG branches")
-    size = img.shape[0] // n
-    chunk = [slice(i * size, (i + 1) * size) for i in range(n)]
-    if isinstance(states[0], TeaCache):
-        shift, scale = dit.blocks[0].norm1_a(vec)[:2]
-        signal = modulate(layer_norm(img), shift, scale)
-        compute = [s.decide(step, signal[c]) for s, c in zip(states, chunk)]
-        start, img0, txt0 = 0, img, txt
-    else:
-        img0, txt0 = dit._call(dit.blocks[0], img, txt, vec, rope, None)
-        if block_hook is not None:
-            img0 = block_hook("double", 0, img0)
-        compute = [s.decide(step, (img0 - img)[c]) for s, c in zip(states, chunk)]
-        start = 1
-    if all(compute):
-        out = dit.run_blocks(img0, txt0, vec, rope, None, block_hook, start=start)
-        for s, c in zip(states, chunk):
-            s.residual = out[c] - img0[c]
-        return dit.final(out, vec)
-    parts = [img0[c] + s.residual for s, c in zip(states, chunk)]
-    todo = [i for i, flag in enumerate(compute) if flag]
-    if todo:
-        rows = torch.cat([torch.arange(chunk[i].start, chunk[i].stop, device=img.device) for i in todo])
-        out = dit.run_blocks(img0[rows], txt0[rows], vec[rows], rope, None, block_hook, start=start)
-        for j, i in enumerate(todo):
-            parts[i] = out[j * size:(j + 1) * size]
-            states[i].residual = parts[i] - img0[chunk[i]]
-    return dit.final(torch.cat(parts), vec)
+@dataclass
+class CachedStep:
+    """One DiT evaluation under step caching: `FluxDiT.forward(..., cache=CachedStep(states, step))`.
+
+    The batch is len(states) equal chunks, one per CFG branch; only the branches that must compute run
+    the block stack (as one sub-batch), the others add their cached residual to the input tokens.
+    """
+    states: list[BranchCache]
+    step: int
+
+    def run(self, dit, img, txt, vec, rope, ext) -> torch.Tensor:
+        n = len(self.states)
+        if not len(dit.blocks):
+            raise ValueError("step caches need a DiT with at least one double block")
+        if img.shape[0] % n:
+            raise ValueError(f"batch of {img.shape[0]} does not split into {n} CFG branches")
+        size = img.shape[0] // n
+        chunk = [slice(i * size, (i + 1) * size) for i in range(n)]
+        if isinstance(self.states[0], TeaCache):
+            shift, scale = dit.blocks[0].norm1_a(vec)[:2]
+            signal = modulate(layer_norm(img), shift, scale)
+            compute = [s.decide(self.step, signal[c]) for s, c in zip(self.states, chunk)]
+            start, img0, txt0 = 0, img, txt
+        else:
+            img0, txt0 = dit._call(dit.blocks[0], img, txt, vec, rope, ext.mask, ext.attention_for("double", 0))
+            img0 = ext.add_residual("double", 0, img0)
+            compute = [s.decide(self.step, (img0 - img)[c]) for s, c in zip(self.states, chunk)]
+            start = 1
+        if all(compute):
+            out = dit.run_blocks(img0, txt0, vec, rope, ext, start=start)
+            for s, c in zip(self.states, chunk):
+                s.residual = out[c] - img0[c]
+            return out
+        parts = [img0[c] + s.residual for s, c in zip(self.states, chunk)]
+        todo = [i for i, flag in enumerate(compute) if flag]
+        if todo:
+            rows = torch.cat([torch.arange(chunk[i].start, chunk[i].stop, device=img.device) for i in todo])
+            out = dit.run_blocks(img0[rows], txt0[rows], vec[rows], rope, ext.rows(rows), start=start)
+            for j, i in enumerate(todo):
+                parts[i] = out[j * size:(j + 1) * size]
+                self.states[i].residual = parts[i] - img0[chunk[i]]
+        return torch.cat(parts)

@@ -5,6 +5,7 @@ import os
 import random
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -13,15 +14,17 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from ..loading import components as table
 from ..loading import vram
-from ..ops.attention import set_attention_backend as _set_attention_backend
-from ..models.flux_dit_cache import cached_dit_forward, make_cache
 from ..loading.model_config import ModelConfig
-from ..loading.registry import COMPONENTS, build, detect
+from ..loading.registry import build, detect
 from ..models import flux_text_encoders as te
-from ..models.flux_dit import image_ids, patchify, unpatchify
+from ..models.flux_dit import image_ids
+from ..models.flux_dit_cache import make_cache
+from ..ops.attention import set_attention_backend as _set_attention_backend
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
-from .units import Unit, run_units, unit
+from .denoise import batch_cfg_inputs, model_fn
+from .units import StepUnit, Unit, active_units, run_units, unit
 
 LATENT_CHANNELS = 16
 VAE_FACTOR = 8
@@ -47,7 +50,7 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
 
 # ----------------------------------------------------------------------------- units
 
-@unit()
+@unit(outputs=("height", "width"))
 def check_shape(pipe, height=None, width=None, input_image=None):
     """Default size: the input image's, else 1024. Sizes are rounded up to a multiple of 16, with a warning."""
     default_h, default_w = (input_image.height, input_image.width) if input_image is not None else (1024, 1024)
@@ -63,7 +66,7 @@ def check_shape(pipe, height=None, width=None, input_image=None):
     return {"height": rounded[0], "width": rounded[1]}
 
 
-@unit()
+@unit(outputs=("noise", "seed"))
 def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
     """fp32 Gaussian noise drawn on `rand_device`; image i of a batch uses seed + i."""
     if seed is None:
@@ -74,7 +77,11 @@ def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
     return {"noise": noise.to(pipe.device, pipe.torch_dtype), "seed": seed}
 
 
-@unit(per_branch=True, models=("text_encoder_1", "text_encoder_2"))
+PROMPT_OUTPUTS = ("prompt_emb", "pooled_prompt_emb", "text_ids")
+
+
+@unit(per_branch=True, models=("text_encoder_1", "text_encoder_2"), outputs=PROMPT_OUTPUTS,
+      model_inputs=PROMPT_OUTPUTS, cacheable=PROMPT_OUTPUTS)
 def encode_prompt(pipe, prompt, t5_sequence_length=512, num_images=1):
     if pipe.text_encoder_1 is None or pipe.text_encoder_2 is None:
         raise RuntimeError("this pipeline has no text encoders loaded: add CLIP (text_encoder/model.safetensors) "
@@ -90,7 +97,7 @@ def encode_prompt(pipe, prompt, t5_sequence_length=512, num_images=1):
             "text_ids": torch.zeros(num_images, emb.shape[1], 3, device=pipe.device)}
 
 
-@unit()
+@unit(outputs=("latents", "input_latents"), cacheable=("input_latents",))
 def encode_input_image(pipe, noise, sigmas, height, width, input_image=None, denoising_strength=1.0,
                        tiled=False, tile_size=128, tile_stride=64):
     """Inference starts from noise (txt2img) or the noised input latents (img2img); training keeps x0."""
@@ -109,67 +116,33 @@ def encode_input_image(pipe, noise, sigmas, height, width, input_image=None, den
     return {"latents": add_noise(x0, noise, sigmas[0].item()), "input_latents": x0}
 
 
-@unit()
+@unit(outputs=("image_ids", "guidance"), model_inputs=("image_ids", "guidance"), batched=("image_ids", "guidance"))
 def prepare_ids_and_guidance(pipe, noise, embedded_guidance=3.5):
     b, _, h, w = noise.shape
     return {"image_ids": image_ids(h, w, b, device=pipe.device),
             "guidance": torch.full((b,), float(embedded_guidance), device=pipe.device)}
 
 
-BASE_UNITS: list[Unit] = [check_shape, init_noise, encode_prompt, encode_input_image, prepare_ids_and_guidance]
-
-
-# ----------------------------------------------------------------------------- the denoiser call
-
-def model_fn(dit, latents, timestep, prompt_emb, pooled_prompt_emb, text_ids, image_ids, guidance=None,
-             cache_states=None, step_index=0, **_):
-    """One DiT evaluation: latents (B, 16, h, w) and sigma (B,) -> velocity (B, 16, h, w).
-
-    `cache_states`: one TeaCache/First-Block-Cache state per CFG branch in the batch (None: no cache).
-    """
-    _, _, h, w = latents.shape
-    guidance = guidance if dit.config.guidance_embed else None
-    if cache_states is None:
-        out = dit(patchify(latents), image_ids, prompt_emb, text_ids, timestep, pooled_prompt_emb, guidance)
-    else:
-        out = cached_dit_forward(dit, cache_states, step_index, patchify(latents), image_ids, prompt_emb,
-                                 text_ids, timestep, pooled_prompt_emb, guidance)
-    return unpatchify(out, h, w)
-
-
-# Step-independent shared inputs of model_fn that carry the batch dimension.
-CFG_BATCHED_SHARED = ("image_ids", "guidance")
-
-
-def batch_cfg_inputs(shared: dict, posi: dict, nega: dict) -> dict | None:
-    """The step-independent model_fn inputs with the positive and negative branch stacked along the batch
-    (positive first), built once per call; None when the branches' tensors cannot be stacked."""
-    merged = {**shared, **posi}
-    for key, value in posi.items():
-        if isinstance(value, torch.Tensor):
-            other = nega.get(key)
-            if not isinstance(other, torch.Tensor) or other.shape != value.shape:
-                return None
-            merged[key] = torch.cat([value, other])
-    for key in CFG_BATCHED_SHARED:
-        if isinstance(merged.get(key), torch.Tensor):
-            merged[key] = torch.cat([merged[key], merged[key]])
-    return merged
+BASE_UNITS: list[Unit | StepUnit] = [check_shape, init_noise, encode_prompt, encode_input_image,
+                                     prepare_ids_and_guidance]
+# Inputs the loop itself provides to every model_fn call.
+STEP_INPUTS = ("latents", "timestep")
 
 
 # ----------------------------------------------------------------------------- the pipeline
 
 class FluxImagePipeline(nn.Module):
-    """Attributes follow SPEC.md: dit, text_encoder_1, text_encoder_2, vae_encoder, vae_decoder."""
+    """DiffSynth-Studio's FLUX pipeline. Model attributes (dit, text_encoder_1, text_encoder_2, vae_encoder,
+    vae_decoder, and the variants' models) come from the component table, `loading.components`."""
 
     def __init__(self, device: str | torch.device = "cuda", torch_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.device = torch.device(device)
         self.torch_dtype = torch_dtype
-        for name in COMPONENTS:
-            setattr(self, name, None)
+        for c in table.COMPONENTS:
+            setattr(self, c.name, nn.ModuleList() if c.many else None)
         self.tokenizer_1 = self.tokenizer_2 = None
-        self.units: list[Unit] = list(BASE_UNITS)
+        self.units: list[Unit | StepUnit] = list(BASE_UNITS)
         self.model_fn: Callable = model_fn
         self.offload = {}  # attribute -> (storage device, storage dtype) from ModelConfig
         self.vram_models: dict[str, vram.ManagedModel] = {}  # models whose storage differs from computation
@@ -194,9 +167,7 @@ class FluxImagePipeline(nn.Module):
                 models = build(det, config.offload_dtype or torch_dtype, config.offload_device or device,
                                compute_dtype=torch_dtype)
                 for name, model in models.items():
-                    if getattr(pipe, name) is not None:
-                        warnings.warn(f"{name} loaded twice; keeping the one from {det.source}")
-                    setattr(pipe, name, model)
+                    name = pipe._attach(name, model, det.source)
                     pipe.offload[name] = (config.offload_device, config.offload_dtype)
                     vram.register_model(pipe, name, model, config.offload_device or device, device, torch_dtype)
                     encoder_sources[name] = (paths, config)
@@ -207,6 +178,35 @@ class FluxImagePipeline(nn.Module):
             pipe.tokenizer_2 = te.load_t5_tokenizer(
                 _tokenizer_dir(tokenizer_2_path, encoder_sources["text_encoder_2"], "tokenizer_2"))
         return pipe
+
+    def _attach(self, name: str, model: nn.Module, source: str) -> str:
+        """Set a loaded model; returns its name (`controlnet.1` for the second of a `many` component)."""
+        if table.component(name).many:
+            getattr(self, name).append(model)
+            return f"{name}.{len(getattr(self, name)) - 1}"
+        if getattr(self, name) is not None:
+            warnings.warn(f"{name} loaded twice; keeping the one from {source}")
+        setattr(self, name, model)
+        return name
+
+    def loaded_models(self) -> dict[str, nn.Module]:
+        """{attribute: model} of every loaded model (`controlnet.0`, ... for `many` components)."""
+        out = {}
+        for c in table.COMPONENTS:
+            value = getattr(self, c.name, None)
+            if c.many:
+                out.update({f"{c.name}.{i}": m for i, m in enumerate(value or ())})
+            elif value is not None:
+                out[c.name] = value
+        return out
+
+    def in_loop_models(self) -> SimpleNamespace:
+        """The models `model_fn` receives: every in-loop component of the table, by attribute."""
+        return SimpleNamespace(**{c.name: getattr(self, c.name) for c in table.COMPONENTS if c.in_loop})
+
+    def accepted_inputs(self) -> set[str]:
+        """Every `__call__`/training input some unit or step unit of this pipeline reads."""
+        return {p for u in self.units for p in u.params}
 
     # -- LoRA --------------------------------------------------------------------------------------
     def load_lora(self, module: nn.Module, lora, alpha: float = 1.0, hotload: bool = False, strict: bool = True):
@@ -222,9 +222,8 @@ class FluxImagePipeline(nn.Module):
     def clear_lora(self) -> None:
         """Remove every hot-loaded LoRA from every model of the pipeline."""
         from ..loading.lora import clear_lora
-        for name in COMPONENTS:
-            if getattr(self, name) is not None:
-                clear_lora(getattr(self, name))
+        for model in self.loaded_models().values():
+            clear_lora(model)
 
     # -- memory and speed ------------------------------------------------------------------------
     def enable_vram_management(self, vram_limit: float | None = None, vram_buffer: float = 0.5,
@@ -292,13 +291,15 @@ class FluxImagePipeline(nn.Module):
                  tiled: bool = False, tile_size: int = 128, tile_stride: int = 64,
                  progress_bar_cmd: Callable = tqdm, num_images: int = 1, output_type: str = "pil",
                  tea_cache_l1_thresh: float | None = None, fbcache_thresh: float | None = None,
-                 batch_cfg: bool = True):
+                 batch_cfg: bool = True, **variant_inputs):
         """Generate images. Returns one PIL image (a list when num_images > 1), or tensors, see output_type.
 
         output_type: "pil"; "pt" -> (B, 3, H, W) float in [0, 1]; "latent" -> (B, 16, H/8, W/8).
         tea_cache_l1_thresh / fbcache_thresh: TeaCache or First-Block-Cache threshold (one per call; larger
         skips more steps; 0 never skips); what was skipped is in `pipe.last_cache_stats`.
         batch_cfg: with cfg_scale != 1, run the positive and negative branch in one DiT batch.
+        variant_inputs: the inputs of the model variants (kontext_images, ...), see the README; a name that
+        no unit of this pipeline reads is an error.
         """
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
@@ -308,36 +309,23 @@ class FluxImagePipeline(nn.Module):
             raise ValueError(f"tile_stride ({tile_stride}) must be in (0, tile_size={tile_size}]")
         if self.dit is None:
             raise RuntimeError("no DiT loaded: add the FLUX transformer checkpoint to model_configs")
+        variants = self.accepted_inputs() - BASE_ARGUMENTS
+        unknown = sorted(variant_inputs.keys() - variants)
+        if unknown:
+            raise TypeError(f"unknown argument(s) {unknown}; variant inputs this pipeline reads: {sorted(variants)}")
         sigmas = flux_sigmas(num_inference_steps, denoising_strength,
                              DEFAULT_SHIFT if sigma_shift is None else sigma_shift)
         shared = dict(
             cfg_scale=cfg_scale, embedded_guidance=embedded_guidance, t5_sequence_length=t5_sequence_length,
             input_image=input_image, denoising_strength=denoising_strength, height=height, width=width,
             seed=seed, rand_device=rand_device, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride,
-            num_images=num_images, sigmas=sigmas)
+            num_images=num_images, sigmas=sigmas, **variant_inputs)
         posi, nega = {"prompt": prompt}, {"prompt": negative_prompt}
         use_cfg = cfg_scale != 1.0
-        run_units(self, self.units, shared, posi, nega, use_cfg)
-
-        self.load_models_to_device(("dit",))
+        units = active_units(self, self.units)
+        run_units(self, units, shared, posi, nega, use_cfg)
         cache = make_cache(tea_cache_l1_thresh, fbcache_thresh, num_inference_steps, use_cfg)
-        states = (lambda *b: [cache.branches[x] for x in b]) if cache is not None else (lambda *b: None)
-        latents = shared["latents"]
-        steps = sigmas.tolist() + [0.0]
-        batched = batch_cfg_inputs(shared, posi, nega) if use_cfg and batch_cfg else None
-        for i in progress_bar_cmd(range(num_inference_steps)):
-            timestep = torch.full((latents.shape[0],), steps[i], device=self.device, dtype=self.torch_dtype)
-            step = {"latents": latents, "timestep": timestep, "step_index": i}
-            if batched is not None:
-                both = {**batched, "latents": latents.repeat(2, 1, 1, 1), "timestep": timestep.repeat(2), "step_index": i}
-                velocity, negative = self.model_fn(self.dit, **both, cache_states=states("posi", "nega")).chunk(2)
-                velocity = negative + cfg_scale * (velocity - negative)
-            else:
-                velocity = self.model_fn(self.dit, **{**shared, **posi, **step}, cache_states=states("posi"))
-                if use_cfg:
-                    negative = self.model_fn(self.dit, **{**shared, **nega, **step}, cache_states=states("nega"))
-                    velocity = negative + cfg_scale * (velocity - negative)
-            latents = euler_step(latents, velocity, steps[i], steps[i + 1])
+        latents = self.denoise(units, shared, posi, nega, cfg_scale, batch_cfg, cache, progress_bar_cmd)
         self.last_cache_stats = cache.stats() if cache is not None else None
         self.last_seed = shared["seed"]
         if output_type == "latent":
@@ -351,6 +339,48 @@ class FluxImagePipeline(nn.Module):
             return ((image.float().clamp(-1, 1) + 1) / 2).cpu()
         images = tensor_to_images(image)
         return images[0] if num_images == 1 else images
+
+    def model_inputs(self, units: list[Unit], values: dict) -> dict:
+        """The values the units declared as denoiser inputs."""
+        keys = {k for u in units for k in u.model_inputs}
+        return {k: v for k, v in values.items() if k in keys}
+
+    def denoise(self, units: list[Unit], shared: dict, posi: dict, nega: dict, cfg_scale: float,
+                batch_cfg: bool, cache, progress_bar_cmd: Callable = tqdm) -> torch.Tensor:
+        """The sampling loop: Euler steps over `shared["sigmas"]`, true CFG when cfg_scale != 1."""
+        use_cfg = cfg_scale != 1.0
+        self.load_models_to_device(table.in_loop_names())
+        models, step_units = self.in_loop_models(), [u for u in self.units if isinstance(u, StepUnit)]
+        states = (lambda *b: [cache.branches[x] for x in b]) if cache is not None else (lambda *b: None)
+        sigmas, latents = shared["sigmas"], shared["latents"]
+        steps = sigmas.tolist() + [0.0]
+        inputs = {b: self.model_inputs(units, {**shared, **d}) for b, d in (("posi", posi), ("nega", nega))}
+        batched_keys = [k for u in units for k in u.batched]
+        both = batch_cfg_inputs(self.model_inputs(units, shared), self.model_inputs(units, posi),
+                                self.model_inputs(units, nega), batched_keys) if use_cfg and batch_cfg else None
+
+        def evaluate(values: dict, x: torch.Tensor, sigma: float, branches: tuple[str, ...], i: int):
+            timestep = torch.full((x.shape[0],), sigma, device=self.device, dtype=self.torch_dtype)
+            return self.model_fn(models, **values, latents=x, timestep=timestep, step_units=step_units,
+                                 step_index=i, cache_states=states(*branches))
+
+        for i in progress_bar_cmd(range(len(sigmas))):
+            if both is not None:
+                velocity, negative = evaluate(both, latents.repeat(2, 1, 1, 1), steps[i], ("posi", "nega"), i).chunk(2)
+            else:
+                velocity = evaluate(inputs["posi"], latents, steps[i], ("posi",), i)
+                negative = evaluate(inputs["nega"], latents, steps[i], ("nega",), i) if use_cfg else None
+            if negative is not None:
+                velocity = negative + cfg_scale * (velocity - negative)
+            latents = euler_step(latents, velocity, steps[i], steps[i + 1])
+        return latents
+
+
+# The explicit arguments of FluxImagePipeline.__call__ (variant inputs are the other unit inputs).
+BASE_ARGUMENTS = {
+    "prompt", "negative_prompt", "cfg_scale", "embedded_guidance", "t5_sequence_length", "input_image",
+    "denoising_strength", "height", "width", "seed", "rand_device", "sigma_shift", "num_inference_steps",
+    "tiled", "tile_size", "tile_stride", "num_images", "sigmas", "noise", "latents"}
 
 
 def _tokenizer_dir(explicit, source, name: str) -> str:

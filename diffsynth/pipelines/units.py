@@ -1,10 +1,24 @@
-"""Units: the small preprocessing steps a pipeline runs before denoising, shared by inference and training.
+"""Units: the small steps a pipeline runs, shared by inference and training.
 
-A unit is a function `fn(pipe, **named_inputs) -> dict of named outputs`. The runner passes each
-function exactly the inputs its signature names (defaults apply when an input is absent), so units
-compose without a monolithic call. A unit marked `per_branch` runs once for the positive side and,
-under CFG, once for the negative side, each reading its own branch values (`prompt` is the branch's
-text) and writing into its own branch dict.
+A `Unit` runs before denoising: `fn(pipe, **named_inputs) -> dict of named outputs`. The runner passes
+each function exactly the inputs its signature names (defaults apply when an input is absent), so units
+compose without a monolithic call. How it sees the CFG branches:
+
+* shared (default): reads and writes the shared values.
+* `per_branch`: runs once for the positive side and, under CFG, once for the negative side, each
+  reading its own branch values (`prompt` is the branch's text) and writing into its own branch dict.
+* `both_branches`: runs once with `branches` = [positive values, negative values (CFG only)] and returns
+  one dict per branch (batched encoders, inputs whose negative side depends on the positive one).
+
+A unit declares its `outputs` (checked); which of them go to the denoiser (`model_inputs`), which shared
+ones carry the batch dimension (`batched`: repeated when both CFG branches run as one batch) and which a
+training cache may store (`cacheable`: the unit is skipped when all of them come from the cache). A unit
+with `active` runs only when that predicate holds, and then replaces the units named in `replaces`
+(e.g. another text encoder replacing CLIP+T5 `encode_prompt`).
+
+A `StepUnit` runs inside the denoising loop, at every DiT evaluation: `fn(pipe, call, step, **inputs)`
+edits the `DiTCall` (extra channels, reference tokens, residuals, attention additions) from the model
+inputs its signature names.
 """
 from __future__ import annotations
 
@@ -13,31 +27,92 @@ from dataclasses import dataclass
 from typing import Callable
 
 
+def _params(fn: Callable, skip: int) -> list[str]:
+    return list(inspect.signature(fn).parameters)[skip:]
+
+
 @dataclass(frozen=True)
 class Unit:
     fn: Callable[..., dict]
     per_branch: bool = False
-    models: tuple[str, ...] = ()  # pipeline attributes this unit needs on the compute device
+    both_branches: bool = False
+    models: tuple[str, ...] = ()       # pipeline attributes this unit needs on the compute device
+    outputs: tuple[str, ...] = ()
+    model_inputs: tuple[str, ...] = ()
+    batched: tuple[str, ...] = ()
+    cacheable: tuple[str, ...] = ()
+    replaces: tuple[str, ...] = ()
+    active: Callable | None = None     # (pipe) -> bool
 
     @property
     def name(self) -> str:
         return self.fn.__name__
 
+    @property
+    def params(self) -> list[str]:
+        return _params(self.fn, 2 if self.both_branches else 1)
+
     def inputs(self, values: dict) -> dict:
-        params = list(inspect.signature(self.fn).parameters)[1:]  # first parameter is the pipeline
-        return {p: values[p] for p in params if p in values}
+        return {p: values[p] for p in self.params if p in values}
+
+    def _checked(self, out: dict) -> dict:
+        extra = out.keys() - set(self.outputs)
+        if extra:
+            raise RuntimeError(f"unit {self.name} returned undeclared outputs {sorted(extra)}")
+        return out
 
 
-def unit(per_branch: bool = False, models: tuple[str, ...] = ()) -> Callable[[Callable], Unit]:
-    return lambda fn: Unit(fn, per_branch, models)
+@dataclass(frozen=True)
+class StepUnit:
+    fn: Callable[..., None]            # (pipe, call: DiTCall, step: int, **inputs) -> None
+    models: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    @property
+    def params(self) -> list[str]:
+        return _params(self.fn, 3)
+
+
+def unit(per_branch: bool = False, both_branches: bool = False, models: tuple[str, ...] = (),
+         outputs: tuple[str, ...] = (), model_inputs: tuple[str, ...] = (), batched: tuple[str, ...] = (),
+         cacheable: tuple[str, ...] = (), replaces: tuple[str, ...] = (),
+         active: Callable | None = None) -> Callable[[Callable], Unit]:
+    def wrap(fn: Callable) -> Unit:
+        undeclared = set(model_inputs) | set(batched) | set(cacheable)
+        if not undeclared <= set(outputs):
+            raise ValueError(f"unit {fn.__name__}: {sorted(undeclared - set(outputs))} are not among its outputs")
+        return Unit(fn, per_branch, both_branches, models, outputs, model_inputs, batched, cacheable, replaces,
+                    active)
+    return wrap
+
+
+def step_unit(models: tuple[str, ...] = ()) -> Callable[[Callable], StepUnit]:
+    return lambda fn: StepUnit(fn, models)
+
+
+def active_units(pipe, units: list) -> list[Unit]:
+    """The preprocessing units that run for `pipe`: inactive ones and replaced ones dropped."""
+    units = [u for u in units if isinstance(u, Unit) and (u.active is None or u.active(pipe))]
+    replaced = {r for u in units if u.active is not None for r in u.replaces}
+    return [u for u in units if u.name not in replaced]
 
 
 def run_units(pipe, units: list[Unit], shared: dict, posi: dict, nega: dict, cfg: bool) -> None:
     """Run `units` in order, updating the three dicts in place."""
     for u in units:
         pipe.load_models_to_device(u.models)
-        if not u.per_branch:
-            shared.update(u.fn(pipe, **u.inputs(shared)))
-            continue
-        for branch in (posi, nega) if cfg else (posi,):
-            branch.update(u.fn(pipe, **u.inputs({**shared, **branch})))
+        branches = [posi, nega] if cfg else [posi]
+        if u.both_branches:
+            outs = u.fn(pipe, [{**shared, **b} for b in branches], **u.inputs(shared))
+            if len(outs) != len(branches):
+                raise RuntimeError(f"unit {u.name} returned {len(outs)} branch results for {len(branches)} branches")
+            for b, out in zip(branches, outs):
+                b.update(u._checked(out))
+        elif u.per_branch:
+            for b in branches:
+                b.update(u._checked(u.fn(pipe, **u.inputs({**shared, **b}))))
+        else:
+            shared.update(u._checked(u.fn(pipe, **u.inputs(shared))))

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..ops.files import save_safetensors
 from .data import ImageDataset, Sample
-from .module import CACHED_KEYS, FluxTrainingModule
+from .module import FluxTrainingModule, cached_keys
 
 
 def cache_key(sample: Sample, size: tuple[int, int], t5_sequence_length: int, model_tag: str) -> str:
@@ -37,5 +37,5 @@ def build_cache(module: FluxTrainingModule, dataset: ImageDataset, paths: list[s
     todo = [i for i in range(rank, len(paths), world) if not os.path.isfile(paths[i])]
     for i in tqdm(todo, desc="caching latents and text embeddings", disable=not show_progress or not todo):
         inputs = module.prepare_sample(dataset[i], seed=0)
-        save_safetensors({k: inputs[k].detach() for k in CACHED_KEYS}, paths[i])
+        save_safetensors({k: inputs[k].detach() for k in cached_keys(module.units())}, paths[i])
     return len(todo)

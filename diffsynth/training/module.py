@@ -7,36 +7,37 @@ units (the ones inference runs), so training sees the same latents, embeddings a
 from __future__ import annotations
 
 import contextlib
-import inspect
 import re
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..pipelines.units import run_units
+from ..loading import components as table
+from ..pipelines.units import StepUnit, Unit, active_units, run_units
 from ..schedulers.flow_match import add_noise, training_target
 from .schedule import SigmaSampler, shifted_uniform
 
-MODEL_ALIASES = {"text_encoder": "text_encoder_1"}
-MODEL_NAMES = ("dit", "text_encoder_1", "text_encoder_2", "vae_encoder", "vae_decoder")
-CACHEABLE_UNITS = ("encode_prompt", "encode_input_image")  # skipped when their outputs come from the cache
-CACHED_KEYS = ("input_latents", "prompt_emb", "pooled_prompt_emb", "text_ids")
-
 
 def model_name(name: str) -> str:
-    return MODEL_ALIASES.get(name, name)
+    return table.ALIASES.get(name, name)
 
 
 def pipeline_model(pipe, name: str) -> nn.Module:
-    """`pipe.<name>`, with a clear error for unknown or unloaded names."""
+    """`pipe.<name>` (a trainable component of the table), with a clear error for unknown or unloaded names."""
     name = model_name(name)
-    model = getattr(pipe, name, None) if name in MODEL_NAMES else None
-    if not isinstance(model, nn.Module):
-        loaded = [n for n in MODEL_NAMES if getattr(pipe, n, None) is not None]
-        why = "is not loaded" if name in MODEL_NAMES else "is not a model of the pipeline"
+    known = name in table.COMPONENT_BY_NAME and table.COMPONENT_BY_NAME[name].trainable
+    model = getattr(pipe, name, None) if known else None
+    if not isinstance(model, nn.Module) or (isinstance(model, nn.ModuleList) and not len(model)):
+        loaded = list(pipe.loaded_models())
+        why = "is not loaded" if known else "is not a trainable model of the pipeline"
         raise ValueError(f"{name!r} {why}; loaded models: {', '.join(loaded)}")
     return model
+
+
+def cached_keys(units: list[Unit]) -> tuple[str, ...]:
+    """What a training cache stores: the cacheable outputs of the units."""
+    return tuple(k for u in units for k in u.cacheable)
 
 
 def short_linear_names(model: nn.Module) -> list[str]:
@@ -147,7 +148,7 @@ class FluxTrainingModule(nn.Module):
         return self
 
     def _check_extra_inputs(self) -> None:
-        accepted = {p for u in self.pipe.units for p in list(inspect.signature(u.fn).parameters)[1:]}
+        accepted = self.pipe.accepted_inputs()
         unused = [k for k in self.extra_inputs if k not in accepted]
         if unused:
             raise ValueError(f"--extra_inputs {unused} are not inputs of any unit of this pipeline; "
@@ -155,8 +156,12 @@ class FluxTrainingModule(nn.Module):
 
     def preprocessing_is_trained(self) -> bool:
         """True when a model the units run (text encoders, VAE encoder) has trainable weights."""
-        return any(p.requires_grad for n in ("text_encoder_1", "text_encoder_2", "vae_encoder")
-                   if getattr(self.pipe, n, None) is not None for p in getattr(self.pipe, n).parameters())
+        names = {m for u in self.units() for m in u.models}
+        return any(p.requires_grad for n, m in self.pipe.loaded_models().items() if n.split(".")[0] in names
+                   for p in m.parameters())
+
+    def units(self) -> list[Unit]:
+        return active_units(self.pipe, self.pipe.units)
 
     # -- inputs ------------------------------------------------------------------------------------
     def prepare_sample(self, item: dict, seed: int) -> dict:
@@ -166,12 +171,12 @@ class FluxTrainingModule(nn.Module):
                   "sigmas": torch.ones(1), "cfg_scale": 1.0, "tiled": False}
         shared.update({k: item[k] for k in self.extra_inputs})
         posi = {"prompt": item["prompt"]}
-        units = self.pipe.units
+        units = self.units()
         if "cached" in item:
             cached = {k: v.to(self.pipe.device) for k, v in item["cached"].items()}
             shared["input_latents"] = cached.pop("input_latents")
             posi.update(cached)
-            units = [u for u in units if u.name not in CACHEABLE_UNITS]
+            units = [u for u in units if not u.cacheable or not set(u.cacheable) <= set(item["cached"])]
         else:
             shared["input_image"] = item["image"]
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.preprocessing_is_trained()):
@@ -200,7 +205,9 @@ class FluxTrainingModule(nn.Module):
         offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) \
             if self.offload_activations else contextlib.nullcontext()
         with offload:
-            pred = self.pipe.model_fn(self.pipe.dit, **{**inputs, "latents": latents, "timestep": sigma})
+            pred = self.pipe.model_fn(self.pipe.in_loop_models(), **self.pipe.model_inputs(self.units(), inputs),
+                                      latents=latents, timestep=sigma,
+                                      step_units=[u for u in self.pipe.units if isinstance(u, StepUnit)])
         per_sample = (pred.float() - training_target(x0, noise)).pow(2).mean(dim=(1, 2, 3))
         return (per_sample * weight).mean()
 

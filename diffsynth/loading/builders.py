@@ -1,0 +1,138 @@
+"""Builders of the component table's families: a detected checkpoint -> modules on the meta device, filled
+straight from disk in the storage dtype (no copy, no init work)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..ops.files import CheckpointError
+from ..ops.gguf import dequantize, is_quantized
+from ..ops.quant import FP8_DTYPES, apply_scales, install_gguf_weight, install_weight_scale, split_scales
+from .registry import Detected
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """`dtype`/`device`: storage (None dtype = the file's own); `compute_dtype` (the pipeline's) keeps small
+    tensors precise under fp8 storage."""
+    dtype: torch.dtype | None = None
+    device: str | torch.device = "cpu"
+    compute_dtype: torch.dtype | None = None
+
+
+def assign(model_cls, config, state_dict: dict[str, torch.Tensor], name: str,
+           quantized: dict[str, str] | None = None, scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Construct on the meta device and adopt the tensors as parameters (no copy, no init work).
+
+    `quantized` {key: GGUF type}: those entries are raw GGUF blocks that stay quantized (Linear weights);
+    `scales` {weight key: scale}: scaled-fp8 weights keep their scale beside them.
+    """
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = set(model.state_dict().keys())
+    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{name}: weights do not fit the inferred architecture; "
+                              f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    raw = {k: state_dict.pop(k) for k in (quantized or {})}
+    for key, t in raw.items():
+        module = model.get_submodule(key.rsplit(".", 1)[0])
+        if isinstance(module, nn.Linear) and key.endswith(".weight"):
+            install_gguf_weight(module, t, quantized[key], tuple(module.weight.shape))
+        else:  # only Linear layers compute from blocks; anything else is dequantized once here
+            dtype = next((v.dtype for v in state_dict.values() if v.is_floating_point()), torch.float32)
+            state_dict[key] = dequantize(t, quantized[key], dtype).reshape(model.state_dict()[key].shape)
+    model.load_state_dict(state_dict, assign=True, strict=False)
+    for key, s in (scales or {}).items():
+        install_weight_scale(model.get_submodule(key.rsplit(".", 1)[0]), s)
+    left = [n for n, t in model.named_parameters() if t.is_meta]
+    if left:
+        raise CheckpointError(f"{name}: tensors never loaded: {left[:8]}")
+    return model.eval().requires_grad_(False)
+
+
+def load_tensors(det: Detected, options: BuildOptions) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """(weight refs, scaled-fp8 scale refs, tensors) of a detected model, read into the storage dtype.
+
+    With fp8 storage, 1-D tensors (biases, norm scales: ~0.1% of the bytes) use the compute dtype instead;
+    scaled-fp8 weights and GGUF blocks keep their file format.
+    """
+    dtype, compute = options.dtype, options.compute_dtype
+    refs, scale_refs = split_scales(det.refs)
+    small = compute if compute is not None and dtype in FP8_DTYPES else dtype
+    sd = {k: r.load(None if k in scale_refs else (small if len(r.shape) < 2 else dtype), options.device)
+          for k, r in refs.items()}
+    return refs, scale_refs, sd
+
+
+def plain_tensors(det: Detected, options: BuildOptions) -> dict[str, torch.Tensor]:
+    """The tensors of a model that computes from plain weights (scaled-fp8 scales folded in)."""
+    _, scale_refs, sd = load_tensors(det, options)
+    apply_scales(sd, scale_refs, options.dtype, keep=lambda k, s: False)
+    return sd
+
+
+def _dit_converter(fmt: str):
+    from ..models.flux_dit import dit_from_bfl, dit_from_diffusers
+    return {"bfl": dit_from_bfl, "diffusers": dit_from_diffusers, "diffsynth": dict}[fmt]
+
+
+def dit_config(det: Detected):
+    """A detected DiT's architecture from tensor shapes alone (meta tensors: no weight is read)."""
+    from ..models.flux_dit import infer_dit_config
+    meta = {k: torch.empty(r.shape, device="meta") for k, r in split_scales(det.refs)[0].items()}
+    config = infer_dit_config(_dit_converter(det.format)(meta))
+    if det.config and "axes_dims_rope" in det.config:
+        config.axes_dim = tuple(det.config["axes_dims_rope"])
+    return config
+
+
+def build_dit(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_dit import FluxDiT, bfl_key_to_internal
+    dtype = options.dtype
+    convert = _dit_converter(det.format)
+    rename = {"bfl": bfl_key_to_internal, "diffsynth": lambda k: k}.get(det.format)  # per-key formats
+    config = dit_config(det)
+    refs, scale_refs, sd = load_tensors(det, options)
+    # per-tensor scales survive renaming; the BFL final layer's halves swap would reorder per-row ones
+    keep = lambda k, s: rename is not None and (s.numel() == 1 or not k.startswith("final_layer.adaLN"))  # noqa: E731
+    scales = apply_scales(sd, scale_refs, dtype, keep)
+    quant = {k: r.extra for k, r in refs.items() if is_quantized(r.extra)}
+    if quant and rename is None:  # fused diffusers projections: dequantize once at load
+        for k, t in quant.items():
+            sd[k] = dequantize(sd[k], t, dtype if dtype is not None else torch.float32).reshape(refs[k].shape)
+        quant = {}
+    sd = convert(sd)
+    return {"dit": assign(FluxDiT, config, sd, f"FLUX DiT from {det.source}",
+                          quantized={rename(k): t for k, t in quant.items()},
+                          scales={rename(k): s for k, s in scales.items()})}
+
+
+def build_vae(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_vae import FluxVAEDecoder, FluxVAEEncoder, infer_vae_config, vae_from_bfl, vae_from_diffusers
+    sd = plain_tensors(det, options)
+    enc, dec = (vae_from_bfl if det.format == "bfl" else vae_from_diffusers)(sd)
+    out = {}
+    if enc:
+        out["vae_encoder"] = assign(FluxVAEEncoder, infer_vae_config(enc), enc, f"VAE encoder from {det.source}")
+    if dec:
+        out["vae_decoder"] = assign(FluxVAEDecoder, infer_vae_config(dec), dec, f"VAE decoder from {det.source}")
+    return out
+
+
+def _text_encoder(load, det: Detected, options: BuildOptions) -> nn.Module:
+    # the tensors are already in their storage dtype (small ones precise under fp8): keep them
+    sd = plain_tensors(det, options)
+    return load(sd, det.config, None if options.dtype is not None else torch.float32).to(options.device)
+
+
+def build_clip(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_text_encoders import load_clip_text_encoder
+    return {"text_encoder_1": _text_encoder(load_clip_text_encoder, det, options)}
+
+
+def build_t5(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_text_encoders import load_t5_encoder
+    return {"text_encoder_2": _text_encoder(load_t5_encoder, det, options)}

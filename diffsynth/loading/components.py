@@ -1,0 +1,207 @@
+"""The component table: every model the pipeline can hold, and every kind of checkpoint file.
+
+Two small tables, read by the registry (detection and building), VRAM management (groups), training
+(trainable names, aliases), the CLI and the pipeline (attributes, in-loop models):
+
+* `COMPONENTS`: pipeline attributes (`dit`, `text_encoder_1`, `controlnet`, ...), how they run.
+* `FAMILIES`: checkpoint kinds (`flux-dit`, `flux-vae`, `clip`, ...), how a file of that kind is
+  recognised from its keys and shapes, what it builds and which attributes it fills.
+
+Adding a model = its model file + one `Family` entry (+ a `Component` when it fills a new attribute)
++ its pipeline units. Families whose loader does not exist yet are still recognised (build=None), so
+that such a file is reported as what it is instead of being misread as another model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from ..ops.files import TensorRef
+
+Refs = Mapping[str, TensorRef]
+
+
+@dataclass(frozen=True)
+class Component:
+    """A pipeline attribute holding a model."""
+    name: str
+    vram_group: str             # models of one group run together and share the VRAM budget in turn
+    in_loop: bool = False       # runs inside the denoising loop: handed to model_fn, on the device then
+    trainable: bool = True      # may be named in --trainable_models / --lora_base_model
+    many: bool = False          # holds several models (a list in load order), e.g. ControlNets
+    activation: str = ""        # activation estimate kind for the VRAM planner ("dit", "vae", "text")
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kind of checkpoint file."""
+    name: str
+    description: str
+    detect: Callable[[Refs], str | None]           # the layout ("bfl", "diffusers", ...) or None
+    components: Callable[[Refs], tuple[str, ...]]  # the attributes a detected file fills
+    build: Callable | None = None                  # (Detected, BuildOptions) -> {attribute: module}
+    # Prefix under which this family sits inside a multi-model (ComfyUI) file.
+    bundle_prefixes: tuple[str, ...] = ()
+
+
+def has_prefix(keys, *prefixes: str) -> bool:
+    return any(k.startswith(p) for p in prefixes for k in keys)
+
+
+def has_key(keys, *names: str) -> bool:
+    return any(n in keys for n in names)
+
+
+def fills(*names: str) -> Callable[[Refs], tuple[str, ...]]:
+    return lambda refs: names
+
+
+# ----------------------------------------------------------------------------- detectors
+
+_CONTROL_MARKERS = ("controlnet_", "input_hint_block.")
+
+
+def _no_control(keys) -> bool:
+    return not any(k.startswith(_CONTROL_MARKERS) or ".controlnet_" in k for k in keys)
+
+
+def detect_flux_dit(refs: Refs) -> str | None:
+    keys = refs.keys()
+    if not _no_control(keys) or has_prefix(keys, "ip_adapter", "redux_"):
+        return None
+    if has_prefix(keys, "double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"):
+        return None if has_prefix(keys, "double_blocks.0.processor.") else "bfl"
+    if "x_embedder.weight" in keys and has_prefix(keys, "transformer_blocks.", "single_transformer_blocks."):
+        return "diffusers"
+    if "x_embedder.weight" in keys and has_prefix(keys, "blocks.0.attn.a_to_qkv", "single_blocks.0.to_qkv_mlp"):
+        return "diffsynth"
+    return None
+
+
+def detect_flux_vae(refs: Refs) -> str | None:
+    keys = refs.keys()
+    if has_prefix(keys, "encoder.down.0.block.0.", "decoder.up.0.block.0."):
+        return "bfl"
+    if has_prefix(keys, "encoder.down_blocks.0.resnets.0.", "decoder.up_blocks.0.resnets.0."):
+        return "diffusers"
+    return None
+
+
+def vae_parts(refs: Refs) -> tuple[str, ...]:
+    keys = refs.keys()
+    return tuple(c for c, p in (("vae_encoder", "encoder."), ("vae_decoder", "decoder.")) if has_prefix(keys, p))
+
+
+def detect_clip(refs: Refs) -> str | None:
+    return "hf" if has_prefix(refs.keys(), "text_model.encoder.layers.0.self_attn.q_proj") else None
+
+
+def detect_t5(refs: Refs) -> str | None:
+    return "hf" if has_prefix(refs.keys(), "encoder.block.0.layer.0.SelfAttention.q") else None
+
+
+def detect_diffusers_controlnet(refs: Refs) -> str | None:
+    """diffusers FluxControlNetModel (InstantX Union, alimama Inpainting, jasperai Upscaler, ...)."""
+    keys = refs.keys()
+    if "controlnet_x_embedder.weight" in keys or has_prefix(keys, "controlnet_blocks.0.", "controlnet_single_blocks."):
+        if has_prefix(keys, "transformer_blocks.", "single_transformer_blocks.", "x_embedder."):
+            return "diffusers"
+    return None
+
+
+def detect_xlabs_controlnet(refs: Refs) -> str | None:
+    keys = refs.keys()
+    if has_prefix(keys, "input_hint_block.") and has_prefix(keys, "controlnet_blocks.", "double_blocks."):
+        return "xlabs"
+    return None
+
+
+def detect_ipadapter(refs: Refs) -> str | None:
+    keys = refs.keys()
+    if has_prefix(keys, "ip_adapter.") and has_prefix(keys, "image_proj."):
+        return "instantx"
+    if has_prefix(keys, "ip_adapter_proj_model.") or any(".ip_adapter_double_stream_" in k for k in keys):
+        return "xlabs"
+    return None
+
+
+def detect_redux(refs: Refs) -> str | None:
+    return "bfl" if has_key(refs.keys(), "redux_up.weight") and has_key(refs.keys(), "redux_down.weight") else None
+
+
+def detect_siglip(refs: Refs) -> str | None:
+    keys = refs.keys()
+    return "hf" if has_prefix(keys, "vision_model.embeddings.patch_embedding.") and \
+        not has_prefix(keys, "text_model.") else None
+
+
+def detect_qwen_vl(refs: Refs) -> str | None:
+    keys = refs.keys()
+    vision = has_prefix(keys, "visual.patch_embed.", "model.visual.patch_embed.")
+    text = has_prefix(keys, "model.layers.0.self_attn.", "model.language_model.layers.0.self_attn.")
+    return "hf" if vision and text else None
+
+
+# ----------------------------------------------------------------------------- the tables
+
+COMPONENTS: tuple[Component, ...] = (
+    Component("dit", "denoise", in_loop=True, activation="dit"),
+    Component("text_encoder_1", "text", activation="text", aliases=("text_encoder",)),
+    Component("text_encoder_2", "text", activation="text"),
+    Component("vae_encoder", "vae_encoder", activation="vae"),
+    Component("vae_decoder", "vae_decoder", activation="vae"),
+)
+
+
+def _builders():
+    from . import builders
+    return builders
+
+
+def _lazy(name: str) -> Callable:
+    """A builder of `loading.builders`, looked up at call time (builders import the models)."""
+    return lambda det, options: getattr(_builders(), name)(det, options)
+
+
+FAMILIES: tuple[Family, ...] = (
+    # Recognised before the DiT so that files which also carry DiT-like blocks are never misread.
+    Family("flux-controlnet", "FLUX ControlNet (diffusers layout)", detect_diffusers_controlnet, fills("controlnet")),
+    Family("xlabs-controlnet", "XLabs FLUX ControlNet", detect_xlabs_controlnet, fills("controlnet")),
+    Family("flux-ipadapter", "FLUX IP-Adapter", detect_ipadapter, fills("ipadapter")),
+    Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux")),
+    Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder")),
+    Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl")),
+    Family("flux-dit", "FLUX DiT", detect_flux_dit, fills("dit"), _lazy("build_dit"),
+           bundle_prefixes=("model.diffusion_model.",)),
+    Family("flux-vae", "FLUX VAE", detect_flux_vae, vae_parts, _lazy("build_vae"),
+           bundle_prefixes=("first_stage_model.", "vae.")),
+    Family("clip", "CLIP-L text encoder", detect_clip, fills("text_encoder_1"), _lazy("build_clip"),
+           bundle_prefixes=("text_encoders.clip_l.transformer.",)),
+    Family("t5", "T5 text encoder", detect_t5, fills("text_encoder_2"), _lazy("build_t5"),
+           bundle_prefixes=("text_encoders.t5xxl.transformer.",)),
+)
+
+COMPONENT_BY_NAME = {c.name: c for c in COMPONENTS}
+FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
+ALIASES = {a: c.name for c in COMPONENTS for a in c.aliases}
+
+
+def component(name: str) -> Component:
+    name = ALIASES.get(name, name)
+    if name not in COMPONENT_BY_NAME:
+        raise KeyError(f"{name!r} is not a model of the pipeline; known: {', '.join(COMPONENT_BY_NAME)}")
+    return COMPONENT_BY_NAME[name]
+
+
+def in_loop_names() -> tuple[str, ...]:
+    return tuple(c.name for c in COMPONENTS if c.in_loop)
+
+
+def vram_groups() -> tuple[tuple[str, ...], ...]:
+    """Component names grouped by `vram_group`, in table order."""
+    groups: dict[str, list[str]] = {}
+    for c in COMPONENTS:
+        groups.setdefault(c.vram_group, []).append(c.name)
+    return tuple(tuple(g) for g in groups.values())
+
