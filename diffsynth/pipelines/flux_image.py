@@ -25,6 +25,7 @@ from ..ops.attention import set_attention_backend as _set_attention_backend
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
 from .denoise import batch_cfg_inputs, model_fn
 from .units import StepUnit, Unit, active_units, run_units, unit
+from .variants import UNITS as VARIANT_UNITS
 
 LATENT_CHANNELS = 16
 VAE_FACTOR = 8
@@ -124,7 +125,7 @@ def prepare_ids_and_guidance(pipe, noise, embedded_guidance=3.5):
 
 
 BASE_UNITS: list[Unit | StepUnit] = [check_shape, init_noise, encode_prompt, encode_input_image,
-                                     prepare_ids_and_guidance]
+                                     prepare_ids_and_guidance, *VARIANT_UNITS]
 # Inputs the loop itself provides to every model_fn call.
 STEP_INPUTS = ("latents", "timestep")
 
