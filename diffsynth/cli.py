@@ -54,8 +54,6 @@ GENERATION_KEYS = ("prompt", "negative_prompt", "cfg_scale", "embedded_guidance"
                    "num_inference_steps", "tiled", "tile_size", "tile_stride", "num_images",
                    "tea_cache_l1_thresh", "fbcache_thresh")
 STORAGE_DTYPES = {**DTYPE_NAMES, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-# --offload-dtype applies to these (SPEC.md's low-VRAM example stores the DiT and T5 in fp8, CLIP/VAE as is).
-LOW_PRECISION_FAMILIES = {"flux-dit", "t5"}
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +82,7 @@ def offloading(args) -> bool:
 def _model_config(path: str, args):
     """ModelConfig for one file or folder, with the storage --offload/--offload-dtype ask for."""
     from . import ModelConfig
+    from .loading.components import FAMILY_BY_NAME
     from .loading.registry import detect
     if not offloading(args):
         return ModelConfig(path=path)
@@ -91,10 +90,11 @@ def _model_config(path: str, args):
     if args.offload_dtype:
         config = ModelConfig(path=path)
         families = {d.family for d in detect(config.resolve())}
-        if families <= LOW_PRECISION_FAMILIES:
+        precise = sorted(f for f in families if not FAMILY_BY_NAME[f].low_precision_storage)
+        if not precise:
             dtype = STORAGE_DTYPES[args.offload_dtype]
         else:
-            print(f"note: {path} also holds {', '.join(sorted(families - LOW_PRECISION_FAMILIES))}; "
+            print(f"note: {path} also holds {', '.join(precise)}; "
                   f"it is stored as is, not in {args.offload_dtype}", file=sys.stderr)
     return ModelConfig(path=path, offload_device="cpu", offload_dtype=dtype)
 

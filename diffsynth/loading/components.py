@@ -43,6 +43,9 @@ class Family:
     build: Callable | None = None                  # (Detected, BuildOptions) -> {attribute: module}
     # Prefix under which this family sits inside a multi-model (ComfyUI) file.
     bundle_prefixes: tuple[str, ...] = ()
+    # Large weight matrices that tolerate reduced-precision storage (fp8): the CLI's --offload-dtype applies
+    # to files holding only such families; the VAE and CLIP stay in the compute dtype.
+    low_precision_storage: bool = False
 
 
 def has_prefix(keys, *prefixes: str) -> bool:
@@ -177,13 +180,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder")),
     Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl")),
     Family("flux-dit", "FLUX DiT", detect_flux_dit, fills("dit"), _lazy("build_dit"),
-           bundle_prefixes=("model.diffusion_model.",)),
+           bundle_prefixes=("model.diffusion_model.",), low_precision_storage=True),
     Family("flux-vae", "FLUX VAE", detect_flux_vae, vae_parts, _lazy("build_vae"),
            bundle_prefixes=("first_stage_model.", "vae.")),
     Family("clip", "CLIP-L text encoder", detect_clip, fills("text_encoder_1"), _lazy("build_clip"),
            bundle_prefixes=("text_encoders.clip_l.transformer.",)),
     Family("t5", "T5 text encoder", detect_t5, fills("text_encoder_2"), _lazy("build_t5"),
-           bundle_prefixes=("text_encoders.t5xxl.transformer.",)),
+           bundle_prefixes=("text_encoders.t5xxl.transformer.",), low_precision_storage=True),
 )
 
 COMPONENT_BY_NAME = {c.name: c for c in COMPONENTS}
