@@ -76,8 +76,9 @@ def run_dit(dit, call: DiTCall, cache: CachedStep | None = None) -> torch.Tensor
         ref = torch.cat([t for t, _ in call.ref], 1)
         ref_ids = torch.cat([i for _, i in call.ref], -2)
     guidance = call.guidance if dit.config.guidance_embed else None
-    out = dit(patchify(x), call.image_ids, call.prompt_emb, call.text_ids, call.timestep, call.pooled_prompt_emb,
-              guidance, ref=ref, ref_ids=ref_ids, ext=call.extensions(), cache=cache)
+    out = dit(img=patchify(x), img_ids=call.image_ids, txt=call.prompt_emb, txt_ids=call.text_ids,
+              timestep=call.timestep, pooled=call.pooled_prompt_emb, guidance=guidance, ref=ref, ref_ids=ref_ids,
+              ext=call.extensions(), cache=cache)
     return unpatchify(out, h, w)
 
 
