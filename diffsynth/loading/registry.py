@@ -72,8 +72,9 @@ def classify(refs: dict[str, TensorRef]) -> tuple[str, str, dict[str, TensorRef]
         return "flux-vae", "bfl", refs
     if _has(keys, "encoder.down_blocks.0.resnets.0.", "decoder.up_blocks.0.resnets.0."):
         return "flux-vae", "diffusers", refs
-    if _has(keys, "text_model.encoder.layers.0.self_attn.q_proj"):
-        return "clip", "hf", refs
+    from ..models.flux_text_encoders import canonical_clip_keys, is_clip_text_state
+    if is_clip_text_state(keys):
+        return "clip", "hf", canonical_clip_keys(refs)
     if _has(keys, "encoder.block.0.layer.0.SelfAttention.q"):
         return "t5", "hf", refs
     return None
