@@ -182,23 +182,28 @@ class FluxImagePipeline(nn.Module):
     def from_pretrained(cls, torch_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
                         model_configs: Sequence[ModelConfig] = (),
                         tokenizer_1_path: str | ModelConfig | None = None,
-                        tokenizer_2_path: str | ModelConfig | None = None) -> "FluxImagePipeline":
-        """Build a pipeline from checkpoint files; each file is recognised from its keys and shapes."""
+                        tokenizer_2_path: str | ModelConfig | None = None,
+                        vram_limit: float | None = None) -> "FluxImagePipeline":
+        """Build a pipeline from checkpoint files; each file is recognised from its keys and shapes.
+
+        `vram_limit` (GB, DiffSynth-Studio 2.0): when given, VRAM management is enabled after loading with
+        that limit and no further buffer (2.0's scripts subtract their own margin), see enable_vram_management.
+        """
         pipe = cls(device=device, torch_dtype=torch_dtype)
         encoder_sources = {}
         for config in model_configs:
             if not isinstance(config, ModelConfig):
                 raise TypeError(f"model_configs must hold ModelConfig objects, got {type(config).__name__}")
+            storage_device, storage_dtype = config.storage(device, torch_dtype)
             paths = config.resolve()
             for det in detect(paths):
-                models = build(det, config.offload_dtype or torch_dtype, config.offload_device or device,
-                               compute_dtype=torch_dtype)
+                models = build(det, storage_dtype or torch_dtype, storage_device or device, compute_dtype=torch_dtype)
                 for name, model in models.items():
                     if getattr(pipe, name) is not None:
                         warnings.warn(f"{name} loaded twice; keeping the one from {det.source}")
                     setattr(pipe, name, model)
-                    pipe.offload[name] = (config.offload_device, config.offload_dtype)
-                    vram.register_model(pipe, name, model, config.offload_device or device, device, torch_dtype)
+                    pipe.offload[name] = (storage_device, storage_dtype)
+                    vram.register_model(pipe, name, model, storage_device or device, device, torch_dtype)
                     encoder_sources[name] = (paths, config)
         if pipe.text_encoder_1 is not None:
             pipe.tokenizer_1 = te.load_clip_tokenizer(
@@ -206,11 +211,13 @@ class FluxImagePipeline(nn.Module):
         if pipe.text_encoder_2 is not None:
             pipe.tokenizer_2 = te.load_t5_tokenizer(
                 _tokenizer_dir(tokenizer_2_path, encoder_sources["text_encoder_2"], "tokenizer_2"))
+        if vram_limit is not None:
+            pipe.enable_vram_management(vram_limit=vram_limit, vram_buffer=0)
         return pipe
 
     # -- LoRA --------------------------------------------------------------------------------------
     def load_lora(self, module: nn.Module, lora, alpha: float = 1.0, hotload: bool = False, strict: bool = True):
-        """Apply a LoRA file (any supported dialect) or state dict to `module` (usually `pipe.dit`).
+        """Apply a LoRA (file in any supported dialect, ModelConfig or state dict) to `module` (usually `pipe.dit`).
 
         Merged into the weights by default; `hotload=True` keeps base weights untouched so that
         `clear_lora()` restores them exactly. Text-encoder keys in the file (kohya `lora_te1_*`) go to
