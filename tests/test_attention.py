@@ -29,6 +29,19 @@ def test_backends_agree_on_cpu(restore_backend):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_never_picks_an_approximate_kernel(restore_backend, monkeypatch):
+    """With SageAttention installed and a CUDA half-precision call, "auto" still computes exact attention."""
+    def sage(*args, **kwargs):
+        raise AssertionError("auto picked SageAttention")
+    monkeypatch.setitem(attn._kernels, "sage", sage)
+    monkeypatch.setitem(attn._kernels, "flash", None)
+    monkeypatch.setattr(attn, "_half_cuda", lambda q, mask: True)  # as if the tensors were CUDA bf16
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    attn.set_attention_backend("auto")
+    torch.testing.assert_close(attn.attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                               rtol=0, atol=0)
+
+
 def test_unknown_or_missing_backend_errors(restore_backend):
     with pytest.raises(ValueError, match="unknown attention backend"):
         attn.set_attention_backend("xformers2")

@@ -103,8 +103,10 @@ def test_noise_is_fp32_randn_from_rand_device_generator(tiny_pipe, monkeypatch):
     expected = torch.randn((1, 16, 8, 12), generator=torch.Generator("cpu").manual_seed(3), dtype=torch.float32)
     assert torch.equal(rec.calls[0][0], expected)
     assert len(rec.calls) == 3
-    with pytest.raises(RuntimeError):  # a device that cannot make a generator here is not silently replaced
-        tiny_pipe("a cat", rand_device="cuda" if not torch.cuda.is_available() else "meta", **SMALL)
+    missing = "cuda" if not torch.cuda.is_available() else "meta"  # not silently replaced, and named
+    with pytest.raises(ValueError, match=rf"rand_device='{missing}': this device is not available here; "
+                                         r"use one of \['cpu'"):
+        tiny_pipe("a cat", rand_device=missing, **SMALL)
 
 
 def test_batch_image_i_uses_seed_plus_i(tiny_pipe):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffsynth import FluxImagePipeline, ModelConfig
@@ -143,6 +144,9 @@ def test_full_training_checkpoint_loads_back_and_reproduces_the_model(tiny_root,
     common = ("--trainable_models", "dit", "--remove_prefix_in_ckpt", "pipe.dit.", "--learning_rate", "1e-3",
               "--cache_dir", str(tmp_path / "cache"))
     result = run(tiny_root, data, tmp_path / "out", *common)
+    with safe_open(str(tmp_path / "out" / "epoch-0.safetensors"), "pt") as f:  # no LoRA fields: none trained
+        info = json.loads(f.metadata()["diffsynth_training"])
+    assert info["trainable_models"] == ["dit"] and not [k for k in info if k.startswith("lora")]
     expected = dit_output(result["module"].pipe.dit)
     pipe = fresh_pipe(tiny_root)
     base = dit_output(pipe.dit)
@@ -423,3 +427,14 @@ def test_lora_checkpoint_warm_start(tiny_root, data, tmp_path):
     with pytest.raises(ValueError, match="does not fit --lora_rank 8"):
         FluxTrainingModule(fresh_pipe(tiny_root), lora_base_model="dit", lora_target_modules=SPEC_TARGETS.split(","),
                            lora_rank=8, lora_checkpoint=first["files"][0])
+
+
+def test_output_header_records_only_what_was_trained():
+    from argparse import Namespace
+    from diffsynth.training.export import training_info
+    run_args = dict(trainable_models=[], lora_base_model=None, lora_rank=32, lora_target_modules=["a_to_qkv"],
+                    lora_format="diffsynth", full_format="bfl", learning_rate=1e-4, guidance=1.0)
+    full = training_info(Namespace(**{**run_args, "trainable_models": ["dit"]}))
+    assert full == {"trainable_models": ["dit"], "learning_rate": 1e-4, "guidance": 1.0, "full_format": "bfl"}
+    lora = training_info(Namespace(**{**run_args, "lora_base_model": "dit"}))
+    assert lora["lora_rank"] == 32 and lora["lora_target_modules"] == ["a_to_qkv"] and "full_format" not in lora

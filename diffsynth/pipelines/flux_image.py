@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..loading import vram
 from ..ops.attention import set_attention_backend as _set_attention_backend
+from ..ops.devices import random_generator
 from ..models.flux_dit_cache import cached_dit_forward, make_cache
 from ..loading.model_config import ModelConfig
 from ..loading.registry import COMPONENTS, build, detect
@@ -69,8 +70,8 @@ def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
     shape = (1, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR)
-    noise = torch.cat([torch.randn(shape, generator=torch.Generator(rand_device).manual_seed(seed + i),
-                                   device=rand_device, dtype=torch.float32) for i in range(num_images)])
+    noise = torch.cat([torch.randn(shape, generator=random_generator(rand_device, seed + i), device=rand_device,
+                                   dtype=torch.float32) for i in range(num_images)])
     return {"noise": noise.to(pipe.device, pipe.torch_dtype), "seed": seed}
 
 
