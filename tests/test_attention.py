@@ -78,11 +78,11 @@ def _lora(pipe, seed=0, rank=2):
     return sd
 
 
-def _compile_and_hotload(root, backend):
+def _compile_and_hotload(root, backend, cfg=True):
     import torch._dynamo
     torch._dynamo.reset()
     eager, compiled = _fresh_pipe(root), _fresh_pipe(root)
-    compiled.compile(backend=backend)
+    compiled.compile(backend=backend, dynamic=False)  # static shapes: a batch-2 graph compiles in seconds
     base = eager("a cat", **KW)
     torch.testing.assert_close(compiled("a cat", **KW), base, rtol=1e-4, atol=1e-4)
     for pipe in (eager, compiled):  # a LoRA hot-loaded after compiling is honoured (recompiles once)
@@ -92,16 +92,18 @@ def _compile_and_hotload(root, backend):
     torch.testing.assert_close(compiled("a cat", **KW), with_lora, rtol=1e-4, atol=1e-4)
     compiled.clear_lora()
     torch.testing.assert_close(compiled("a cat", **KW), base, rtol=1e-4, atol=1e-4)
-    cfg = dict(KW, cfg_scale=2.0, negative_prompt="a dog")
-    torch.testing.assert_close(compiled("a cat", **cfg), eager.clear_lora() or eager("a cat", **cfg),
-                               rtol=1e-4, atol=1e-4)
+    if cfg:  # batched CFG doubles the batch: one more graph per block kind
+        kw = dict(KW, cfg_scale=2.0, negative_prompt="a dog")
+        torch.testing.assert_close(compiled("a cat", **kw), eager.clear_lora() or eager("a cat", **kw),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_compile_matches_eager_and_follows_hotloaded_lora(tiny_root):
-    """Dynamo tracing of the blocks (aot_eager backend: fast); the inductor variant is marked slow."""
+    """Dynamo tracing of the blocks (aot_eager backend: no code generation), batched CFG included."""
     _compile_and_hotload(tiny_root, "aot_eager")
 
 
-@pytest.mark.slow
 def test_compile_inductor(tiny_root):
-    _compile_and_hotload(tiny_root, "inductor")
+    """Inductor's generated kernels match eager, follow a hot-loaded LoRA and drop it again. CFG's batch-2
+    graph is covered by the aot_eager test above: under inductor it costs another minute on CPU."""
+    _compile_and_hotload(tiny_root, "inductor", cfg=False)
