@@ -54,7 +54,7 @@ GENERATION_KEYS = ("prompt", "negative_prompt", "cfg_scale", "embedded_guidance"
                    "num_inference_steps", "tiled", "tile_size", "tile_stride", "num_images",
                    "tea_cache_l1_thresh", "fbcache_thresh")
 STORAGE_DTYPES = {**DTYPE_NAMES, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-# --offload-dtype applies to these (SPEC.md's low-VRAM example stores the DiT and T5 in fp8, CLIP/VAE as is).
+# --offload-dtype applies to these (DiffSynth-Studio's low-VRAM example stores the DiT and T5 in fp8, CLIP/VAE as is).
 LOW_PRECISION_FAMILIES = {"flux-dit", "t5"}
 
 

@@ -1,4 +1,5 @@
-"""Whole-pipeline behaviour on the tiny random model: parity with diffusers' FluxPipeline and SPEC semantics."""
+"""Whole-pipeline behaviour on the tiny random model: parity with diffusers' FluxPipeline and
+DiffSynth-Studio's semantics."""
 import numpy as np
 import pytest
 import torch

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..ops.files import CheckpointError, TensorRef, read_config, scan, strip_prefix
 
-# Pipeline attribute each component fills (SPEC.md's names).
+# Pipeline attribute each component fills (DiffSynth-Studio's names).
 COMPONENTS = ("dit", "text_encoder_1", "text_encoder_2", "vae_encoder", "vae_decoder")
 
 # Outer prefixes of multi-model files: prefix -> the family expected under it.

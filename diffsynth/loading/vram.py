@@ -264,7 +264,7 @@ def plan_vram(layers: Sequence[Layer | tuple], budget_bytes: int, activation_byt
     its compute-dtype copy (when its storage dtype differs). Layers are taken first-fit in execution
     order against a reserve for the worst transient, so the plan never exceeds the budget; when not even
     one layer fits, nothing is resident and the peak is the minimum possible (`fits` is then False).
-    `max_resident_numel` (SPEC's num_persistent_param_in_dit) instead keeps layers in order until that
+    `max_resident_numel` (DiffSynth-Studio's num_persistent_param_in_dit) instead keeps layers in order until that
     many parameters are resident, ignoring the budget.
     """
     layers = [_as_layer(x) for x in layers]
@@ -454,7 +454,7 @@ def _set_onloaded(pipe, name: str, mm: ManagedModel, on: bool) -> None:
 
 def enable_vram_management(pipe, vram_limit: float | None = None, vram_buffer: float = 0.5,
                            num_persistent_param_in_dit: int | None = None) -> dict[tuple[str, ...], VramPlan]:
-    """SPEC semantics; returns the plans (also kept in `pipe.vram_plans`)."""
+    """DiffSynth-Studio's semantics; returns the plans (also kept in `pipe.vram_plans`)."""
     for name in ("dit", "text_encoder_1", "text_encoder_2", "vae_encoder", "vae_decoder"):
         model = getattr(pipe, name, None)
         if model is not None and name not in pipe.vram_models:

@@ -161,7 +161,8 @@ def batch_cfg_inputs(shared: dict, posi: dict, nega: dict) -> dict | None:
 # ----------------------------------------------------------------------------- the pipeline
 
 class FluxImagePipeline(nn.Module):
-    """Attributes follow SPEC.md: dit, text_encoder_1, text_encoder_2, vae_encoder, vae_decoder."""
+    """Attributes follow DiffSynth-Studio's FLUX interface: dit, text_encoder_1, text_encoder_2, vae_encoder,
+    vae_decoder."""
 
     def __init__(self, device: str | torch.device = "cuda", torch_dtype: torch.dtype = torch.bfloat16):
         super().__init__()

@@ -1,5 +1,5 @@
-"""Command-line arguments of `train.py` / `diffsynth train` (SPEC.md "Model Training" plus extensions),
-and the checks that run before anything is loaded."""
+"""Command-line arguments of `train.py` / `diffsynth train` (DiffSynth-Studio's FLUX training arguments plus
+extensions), and the checks that run before anything is loaded."""
 from __future__ import annotations
 
 import argparse
@@ -59,7 +59,7 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev distilled guidance during training")
     t.add_argument("--t5_sequence_length", type=int, default=512)
     t.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLINGS, default="shifted_uniform",
-                   help="shifted_uniform: SPEC's 1000-step shifted grid with its weights")
+                   help="shifted_uniform: DiffSynth-Studio's 1000-step shifted grid with its weights")
     t.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal / flux_shift mean")
     t.add_argument("--logit_std", type=float, default=1.0, help="logit_normal / flux_shift std")
     t.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant")
