@@ -212,5 +212,6 @@ def test_failed_download_into_an_existing_folder_keeps_it(tmp_path, fake_hub):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "mine.txt").write_text("keep")
     with pytest.raises(FileNotFoundError):
-        ModelConfig(model_id="a/b", origin_file_pattern="x.safetensors", local_model_path=str(tmp_path / "models")).resolve()
+        ModelConfig(model_id="a/b", origin_file_pattern="x.safetensors",
+                    local_model_path=str(tmp_path / "models")).resolve()
     assert os.listdir(tmp_path / "models") == ["mine.txt"]

@@ -46,7 +46,8 @@ T5_PREFIX = "text_encoders.t5xxl.transformer."
 CLIP_MAX_LENGTH = 77
 
 # Present in some CLIP-L files but not part of CLIPTextModel: dropped silently.
-_CLIP_IGNORED = ("text_model.embeddings.position_ids", "embeddings.position_ids", "text_projection.weight", "logit_scale")
+_CLIP_IGNORED = ("text_model.embeddings.position_ids", "embeddings.position_ids", "text_projection.weight",
+                 "logit_scale")
 _T5_EMBED = "encoder.embed_tokens.weight"
 
 StateDict = Mapping[str, torch.Tensor]
