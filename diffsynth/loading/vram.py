@@ -264,8 +264,8 @@ def plan_vram(layers: Sequence[Layer | tuple], budget_bytes: int, activation_byt
     its compute-dtype copy (when its storage dtype differs). Layers are taken first-fit in execution
     order against a reserve for the worst transient, so the plan never exceeds the budget; when not even
     one layer fits, nothing is resident and the peak is the minimum possible (`fits` is then False).
-    `max_resident_numel` (DiffSynth-Studio's num_persistent_param_in_dit) instead keeps layers in order until that
-    many parameters are resident, ignoring the budget.
+    `max_resident_numel` (num_persistent_param_in_dit in enable_vram_management) instead keeps layers in
+    order until that many parameters are resident, ignoring the budget.
     """
     layers = [_as_layer(x) for x in layers]
     transient = lambda layer, resident: layer.compute_nbytes + (0 if resident else layer.nbytes)  # noqa: E731
