@@ -82,6 +82,8 @@ pipe = FluxImagePipeline.from_pretrained(
                    ModelConfig(model_id=repo, origin_file_pattern="text_encoder/model.safetensors", **stages),
                    ModelConfig(model_id=repo, origin_file_pattern="text_encoder_2/*.safetensors", **stages),
                    ModelConfig(model_id=repo, origin_file_pattern="ae.safetensors", **stages)],
+    tokenizer_1_config=ModelConfig(model_id=repo, origin_file_pattern="tokenizer/", download_source="ModelScope"),
+    tokenizer_2_config=ModelConfig(model_id=repo, origin_file_pattern="tokenizer_2/"),
     vram_limit=0.001,
 )
 pipe(prompt="a bicycle in a park", seed=0, embedded_guidance=4.5).save("krea.jpg")
@@ -118,6 +120,17 @@ def test_studio2_stage_fields_that_cannot_be_honoured_are_refused(tiny_root, fie
                          **{field: value})
     with pytest.raises(ValueError, match=message):
         FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[config])
+
+
+def test_studio2_names_of_1x_arguments(tiny_root):
+    assert ModelConfig(model_id="a/b", download_source="HuggingFace").download_resource == "huggingface"
+    with pytest.raises(ValueError, match="download_source='modelscope' and download_resource='huggingface'"):
+        ModelConfig(model_id="a/b", download_source="modelscope", download_resource="huggingface")
+    with pytest.raises(TypeError, match="tokenizer_1_path or tokenizer_1_config, not both"):
+        FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                          model_configs=[ModelConfig(path=str(tiny_root / "text_encoder"))],
+                                          tokenizer_1_path=str(tiny_root / "tokenizer"),
+                                          tokenizer_1_config=ModelConfig(path=str(tiny_root / "tokenizer")))
 
 
 def test_onload_fields_alone_set_the_storage():

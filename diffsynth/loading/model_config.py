@@ -24,6 +24,7 @@ class ModelConfig:
     `offload_device`/`offload_dtype`: where and in which dtype the weights are stored (e.g. "cpu",
     torch.float8_e4m3fn). DiffSynth-Studio 2.0's `onload_*`, `preparing_*` and `computation_*` fields are
     accepted with the same meaning; see `storage` for how they map onto this project's storage/compute split.
+    `download_source` is 2.0's name for `download_resource`.
     """
     path: str | list[str] | None = None
     model_id: str | None = None
@@ -39,10 +40,16 @@ class ModelConfig:
     preparing_dtype: torch.dtype | None = None
     computation_device: Device = None
     computation_dtype: torch.dtype | None = None
+    download_source: str | None = None  # 2.0's name for download_resource
 
     def __post_init__(self):
         if self.path is None and self.model_id is None:
             raise ValueError("ModelConfig needs `path` (local files) or `model_id` (+ `origin_file_pattern`)")
+        if self.download_source is not None:  # 2.0's name; download_resource at its default defers to it
+            if self.download_resource.lower() not in ("modelscope", self.download_source.lower()):
+                raise ValueError(f"download_source={self.download_source!r} and download_resource="
+                                 f"{self.download_resource!r} disagree (2.0 and 1.x names of one field): give one")
+            self.download_resource, self.download_source = self.download_source, None
         self.download_resource = self.download_resource.lower()
         if self.download_resource not in DOWNLOAD_RESOURCES:
             raise ValueError(f"download_resource must be one of {DOWNLOAD_RESOURCES}, got {self.download_resource!r}")

@@ -185,11 +185,14 @@ class FluxImagePipeline(nn.Module):
                         model_configs: Sequence[ModelConfig] = (),
                         tokenizer_1_path: str | ModelConfig | None = None,
                         tokenizer_2_path: str | ModelConfig | None = None,
-                        vram_limit: float | None = None) -> "FluxImagePipeline":
+                        vram_limit: float | None = None,
+                        tokenizer_1_config: ModelConfig | None = None,
+                        tokenizer_2_config: ModelConfig | None = None) -> "FluxImagePipeline":
         """Build a pipeline from checkpoint files; each file is recognised from its keys and shapes.
 
         `vram_limit` (GB, DiffSynth-Studio 2.0): when given, VRAM management is enabled after loading with
         that limit and no further buffer (2.0's scripts subtract their own margin), see enable_vram_management.
+        `tokenizer_N_config` is 2.0's name for `tokenizer_N_path`.
         """
         pipe = cls(device=device, torch_dtype=torch_dtype)
         encoder_sources = {}
@@ -209,10 +212,12 @@ class FluxImagePipeline(nn.Module):
                     encoder_sources[name] = (paths, config)
         if pipe.text_encoder_1 is not None:
             pipe.tokenizer_1 = te.load_clip_tokenizer(
-                _tokenizer_dir(tokenizer_1_path, encoder_sources["text_encoder_1"], "tokenizer"))
+                _tokenizer_dir(_either(tokenizer_1_path, tokenizer_1_config, 1),
+                               encoder_sources["text_encoder_1"], "tokenizer"))
         if pipe.text_encoder_2 is not None:
             pipe.tokenizer_2 = te.load_t5_tokenizer(
-                _tokenizer_dir(tokenizer_2_path, encoder_sources["text_encoder_2"], "tokenizer_2"))
+                _tokenizer_dir(_either(tokenizer_2_path, tokenizer_2_config, 2),
+                               encoder_sources["text_encoder_2"], "tokenizer_2"))
         if vram_limit is not None:
             pipe.enable_vram_management(vram_limit=vram_limit, vram_buffer=0)
         return pipe
@@ -360,6 +365,13 @@ class FluxImagePipeline(nn.Module):
             return ((image.float().clamp(-1, 1) + 1) / 2).cpu()
         images = tensor_to_images(image)
         return images[0] if num_images == 1 else images
+
+
+def _either(path, config, n: int):
+    """`tokenizer_{n}_path` (1.x) or `tokenizer_{n}_config` (2.0's name for the same argument)."""
+    if path is not None and config is not None:
+        raise TypeError(f"give tokenizer_{n}_path or tokenizer_{n}_config, not both")
+    return path if path is not None else config
 
 
 def _tokenizer_dir(explicit, source, name: str) -> str:
