@@ -19,4 +19,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-.PHONY: install demo test
+lint: $(STAMP)
+	$(BIN)/ruff check diffsynth tests benchmarks examples
+	$(BIN)/python -m pytest -q tests/test_layering.py
+
+.PHONY: install demo test lint

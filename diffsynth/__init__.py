@@ -1,7 +1,9 @@
 """diffsynth: FLUX image generation and training on the checkpoint files you already have."""
 from .ops.files import CheckpointError, load_state_dict
 from .loading.model_config import ModelConfig
+from .loading.download import download_customized_models, download_models
 from .pipelines.flux_image import FluxImagePipeline
 
-__all__ = ["FluxImagePipeline", "ModelConfig", "CheckpointError", "load_state_dict"]
+__all__ = ["FluxImagePipeline", "ModelConfig", "CheckpointError", "load_state_dict", "download_models",
+           "download_customized_models"]
 __version__ = "0.1.0"

@@ -26,23 +26,29 @@ def model_files_in(folder: str) -> list[str]:
 
 
 def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True) -> None:
-    p.add_argument("--prompt", required=require_prompt)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--embedded-guidance", type=float, default=3.5)
-    p.add_argument("--t5-sequence-length", type=int, default=512)
+    p.add_argument("--prompt", required=require_prompt, help="what to generate")
+    p.add_argument("--negative-prompt", default="", help="what to avoid (used when --cfg-scale > 1)")
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="real classifier-free guidance; 1 = off (FLUX.1-dev uses --embedded-guidance)")
+    p.add_argument("--embedded-guidance", type=float, default=3.5, help="FLUX.1-dev's distilled guidance strength")
+    p.add_argument("--t5-sequence-length", type=int, default=512, help="T5 tokens the prompt is padded/truncated to")
     p.add_argument("--input-image", help="image for image-to-image")
-    p.add_argument("--denoising-strength", type=float, default=1.0)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--rand-device", default="cpu")
-    p.add_argument("--sigma-shift", type=float)
-    p.add_argument("--steps", type=int, default=30, dest="num_inference_steps")
-    p.add_argument("--tiled", action="store_true")
-    p.add_argument("--tile-size", type=int, default=128)
-    p.add_argument("--tile-stride", type=int, default=64)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--denoising-strength", type=float, default=1.0,
+                   help="image-to-image: 1 = ignore the input image, lower keeps more of it")
+    p.add_argument("--height", type=int,
+                   help="pixels, rounded up to a multiple of 16 (default: the input image's, else 1024)")
+    p.add_argument("--width", type=int,
+                   help="pixels, rounded up to a multiple of 16 (default: the input image's, else 1024)")
+    p.add_argument("--seed", type=int, help="image i of a batch uses seed + i (default: random, printed)")
+    p.add_argument("--rand-device", default="cpu",
+                   help="where the noise is drawn: cpu (same noise on every machine) or cuda")
+    p.add_argument("--sigma-shift", type=float, help="timestep shift of the schedule (default 3)")
+    p.add_argument("--steps", type=int, default=30, dest="num_inference_steps", help="denoising steps")
+    p.add_argument("--tiled", action="store_true", help="decode/encode the VAE in tiles (less memory)")
+    p.add_argument("--tile-size", type=int, default=128,
+                   help="VAE tile size in latent pixels (128 = 1024 image pixels)")
+    p.add_argument("--tile-stride", type=int, default=64, help="VAE tile stride in latent pixels")
+    p.add_argument("--num-images", type=int, default=1, help="images generated in one batch")
     p.add_argument("--tea-cache", type=float, dest="tea_cache_l1_thresh", metavar="THRESH",
                    help="TeaCache threshold (e.g. 0.4; larger skips more steps)")
     p.add_argument("--fbcache", type=float, dest="fbcache_thresh", metavar="THRESH",
@@ -66,7 +72,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="storage dtype of the DiT and T5 files (e.g. fp8_e4m3fn); implies --offload")
     g.add_argument("--vram-limit", type=float, metavar="GB",
                    help="GB the models may keep on the device (default: its free memory); implies --offload")
-    g.add_argument("--vram-buffer", type=float, default=0.5, metavar="GB")
+    g.add_argument("--vram-buffer", type=float, default=0.5, metavar="GB", help="GB kept free under --vram-limit")
     g.add_argument("--lora", action="append", default=[], metavar="FILE", help="a LoRA file (repeatable)")
     g.add_argument("--lora-alpha", action="append", type=float, default=[], metavar="A",
                    help="strength of each --lora, in order (default 1.0 each)")
@@ -234,16 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model-dir", help="a model folder in the FLUX.1-dev layout")
     gen.add_argument("--tokenizer-1", help="CLIP tokenizer folder (default: tokenizer/ beside text_encoder/)")
     gen.add_argument("--tokenizer-2", help="T5 tokenizer folder (default: tokenizer_2/ beside text_encoder_2/)")
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    gen.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16" if torch.cuda.is_available() else "fp32")
-    gen.add_argument("--output", default="image.png")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
+    gen.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16" if torch.cuda.is_available() else "fp32",
+                     help="compute dtype")
+    gen.add_argument("--output", default="image.png", help="image file to write (numbered when --num-images > 1)")
     add_generation_args(gen)
     add_runtime_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     ins = sub.add_parser("inspect", help="what a checkpoint file is recognised as")
-    ins.add_argument("files", nargs="+")
-    ins.add_argument("--json", action="store_true")
+    ins.add_argument("files", nargs="+", help="model or LoRA files / folders")
+    ins.add_argument("--json", action="store_true", help="print the description as JSON")
     ins.add_argument("--dit", help="for LoRA files: a DiT checkpoint to list the LoRA keys that would not apply to")
     ins.set_defaults(func=cmd_inspect)
 

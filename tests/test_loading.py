@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffsynth import CheckpointError, FluxImagePipeline, ModelConfig
-from diffsynth.loading import model_config as mc
+from diffsynth.loading import download as dl
 from diffsynth.loading.registry import build, describe, detect
 from diffsynth.testing import build_tiny_comfy_checkpoint, build_tiny_flux
 
@@ -168,8 +168,8 @@ def no_network(monkeypatch):
             open(os.path.join(local_dir, "flux1-dev.safetensors"), "wb").close()
             open(os.path.join(local_dir, "text_encoder_2", "model.safetensors"), "wb").close()
         return download
-    monkeypatch.setattr(mc, "_download_modelscope", fake("modelscope"))
-    monkeypatch.setattr(mc, "_download_huggingface", fake("huggingface"))
+    monkeypatch.setitem(dl.SOURCES, "modelscope", fake("modelscope"))
+    monkeypatch.setitem(dl.SOURCES, "huggingface", fake("huggingface"))
     return calls
 
 
@@ -277,7 +277,7 @@ def test_model_id_configs_fetch_missing_tokenizers_from_the_same_repo(tiny_root,
     def fake_download(model_id, local_dir, allow, ignore):
         fetched.append(allow)
         shutil.copytree(tiny_root / allow.rstrip("/*"), os.path.join(local_dir, allow.rstrip("/*")))
-    monkeypatch.setattr(mc, "_download_modelscope", fake_download)
+    monkeypatch.setitem(dl.SOURCES, "modelscope", fake_download)
     configs = [ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern=p,
                            local_model_path=str(tmp_path / "models"))
                for p in ("flux1-dev.safetensors", "text_encoder/model.safetensors", "text_encoder_2/", "ae.safetensors")]

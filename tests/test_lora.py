@@ -22,7 +22,6 @@ TINY = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, att
             num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20, axes_dims_rope=(4, 6, 6))
 H, MLP = 32, 128
 STRENGTH = 0.7
-MAX_ERR: dict[str, float] = {}  # label -> max relative error, printed with `pytest -s`
 
 
 # ----------------------------------------------------------------------------- models and inputs
@@ -83,7 +82,6 @@ def assert_match(got, expected, label):
     """fp32 agreement (~1e-5 relative) and proof that the LoRA changed the output."""
     assert (expected - BASE_OUT[..., : expected.shape[-1]]).abs().max() > 1e-2, f"{label}: LoRA had no effect"
     err = ((got - expected).abs().max() / expected.abs().max()).item()
-    MAX_ERR[label] = max(err, MAX_ERR.get(label, 0.0))
     print(f"{label}: max rel error {err:.2e}")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -702,8 +700,3 @@ def test_describe_lora(tmp_path):
     assert len(info["not_applied"]) == 1 and "double_blocks_9_img_mlp_0" in info["not_applied"][0]
     json.dumps(info)
 
-
-def test_max_errors_summary():
-    """Runs last in this file: prints the measured max relative errors (pytest -s)."""
-    for k, v in sorted(MAX_ERR.items()):
-        print(f"  {v:.2e}  {k}")

@@ -1,4 +1,5 @@
-"""Whole-pipeline behaviour on the tiny random model: parity with diffusers' FluxPipeline and SPEC semantics."""
+"""Whole-pipeline behaviour on the tiny random model: parity with diffusers' FluxPipeline and
+DiffSynth-Studio's semantics."""
 import numpy as np
 import pytest
 import torch
@@ -58,8 +59,11 @@ def test_pipeline_matches_diffusers(tiny_root, tiny_pipe, cfg):
     assert np.abs(got - expected).max() <= 2
 
 
-def test_spec_quick_start_runs(tiny_root, tmp_path, monkeypatch):
-    """SPEC.md's Quick Start with model_id swapped for local paths (and CPU for CUDA)."""
+def test_quick_start_runs_with_its_defaults(tiny_root, tmp_path, monkeypatch):
+    """The README's Quick Start (model_id swapped for local paths, CPU for CUDA), checked for what its call
+    leaves to defaults: 1024x1024, 30 steps of the shift-3 schedule, embedded guidance 3.5, 512 T5 tokens, no
+    CFG, untiled decode. The DiT and the VAE decoder are stubbed (a 1024x1024 bf16 decode alone takes minutes
+    on CPU); their numerics are compared with diffusers above at small sizes."""
     monkeypatch.chdir(tmp_path)
     from diffsynth.pipelines.flux_image_new import FluxImagePipeline, ModelConfig
     pipe = FluxImagePipeline.from_pretrained(
@@ -72,10 +76,26 @@ def test_spec_quick_start_runs(tiny_root, tmp_path, monkeypatch):
             ModelConfig(path=str(tiny_root / "ae.safetensors")),
         ],
     )
+    steps, decoded = [], []
+
+    def model_fn(dit, latents, timestep, prompt_emb, guidance, **kw):
+        steps.append((tuple(latents.shape), timestep.item(), prompt_emb.shape[1], guidance.tolist()))
+        return torch.zeros_like(latents)
+
+    def decode(latents, tiled=False, **kw):
+        decoded.append((tuple(latents.shape), tiled))
+        return torch.zeros(latents.shape[0], 3, latents.shape[2] * 8, latents.shape[3] * 8)
+    pipe.model_fn = model_fn
+    monkeypatch.setattr(pipe.vae_decoder, "forward", decode)
+
     image = pipe(prompt="a cat", seed=0)
     image.save("image.jpg")
     assert Image.open("image.jpg").size == (1024, 1024)
     assert pipe.dit.dtype == torch.bfloat16
+    schedule = flux_sigmas(30).to(torch.bfloat16).tolist()
+    assert [s[1] for s in steps] == schedule
+    assert {(s[0], s[2], tuple(s[3])) for s in steps} == {((1, 16, 128, 128), 512, (3.5,))}
+    assert decoded == [((1, 16, 128, 128), False)]
 
 
 def test_same_seed_same_image_and_different_seed_differs(tiny_pipe):
@@ -103,8 +123,10 @@ def test_noise_is_fp32_randn_from_rand_device_generator(tiny_pipe, monkeypatch):
     expected = torch.randn((1, 16, 8, 12), generator=torch.Generator("cpu").manual_seed(3), dtype=torch.float32)
     assert torch.equal(rec.calls[0][0], expected)
     assert len(rec.calls) == 3
-    with pytest.raises(RuntimeError):  # a device that cannot make a generator here is not silently replaced
-        tiny_pipe("a cat", rand_device="cuda" if not torch.cuda.is_available() else "meta", **SMALL)
+    missing = "cuda" if not torch.cuda.is_available() else "meta"  # not silently replaced, and named
+    with pytest.raises(ValueError, match=rf"rand_device='{missing}': this device is not available here; "
+                                         r"use one of \['cpu'"):
+        tiny_pipe("a cat", rand_device=missing, **SMALL)
 
 
 def test_batch_image_i_uses_seed_plus_i(tiny_pipe):

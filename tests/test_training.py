@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffsynth import FluxImagePipeline, ModelConfig
@@ -24,9 +25,9 @@ from diffsynth.training.data import crop_resize
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_FILES = ("flux1-dev.safetensors", "text_encoder/model.safetensors", "text_encoder_2/", "ae.safetensors")
-SPEC_TARGETS = ("a_to_qkv,b_to_qkv,ff_a.0,ff_a.2,ff_b.0,ff_b.2,a_to_out,b_to_out,proj_out,norm.linear,"
+STUDIO_TARGETS = ("a_to_qkv,b_to_qkv,ff_a.0,ff_a.2,ff_b.0,ff_b.2,a_to_out,b_to_out,proj_out,norm.linear,"
                 "norm1_a.linear,norm1_b.linear,to_qkv_mlp")
-SPEC_LORA = ["--lora_base_model", "dit", "--lora_target_modules", SPEC_TARGETS, "--lora_rank", "32",
+STUDIO_LORA = ["--lora_base_model", "dit", "--lora_target_modules", STUDIO_TARGETS, "--lora_rank", "32",
              "--remove_prefix_in_ckpt", "pipe.dit."]
 
 
@@ -107,12 +108,12 @@ def dit_output(dit, seed: int = 3) -> torch.Tensor:
 # ----------------------------------------------------------------------------- learning
 
 def test_lora_training_learns_the_training_image(tiny_root, data, tmp_path):
-    """SPEC's LoRA arguments verbatim; 80 steps on one image; the LoRA file loads with pipe.load_lora."""
+    """DiffSynth-Studio's LoRA arguments verbatim; 80 steps on one image; the LoRA file loads with pipe.load_lora."""
     image = Image.open(data / "cat.png")
     before = evaluate(fresh_pipe(tiny_root), image, "a red cat")
     result = run(tiny_root, data, tmp_path / "out", "--dataset_metadata_path", str(data / "one.jsonl"),
                  "--dataset_repeat", "80", "--learning_rate", "1e-2", "--cache_dir", str(tmp_path / "cache"),
-                 *SPEC_LORA)
+                 *STUDIO_LORA)
     assert result["steps"] == 80 and result["files"] == [str(tmp_path / "out" / "epoch-0.safetensors")]
     sd = load_file(tmp_path / "out" / "epoch-0.safetensors")
     assert "blocks.0.attn.a_to_qkv.lora_A.default.weight" in sd and "single_blocks.1.to_qkv_mlp.lora_B.default.weight" in sd
@@ -120,7 +121,7 @@ def test_lora_training_learns_the_training_image(tiny_root, data, tmp_path):
     assert len(sd) == 2 * (2 * 10 + 2 * 3)  # 10 targeted linears per double block, 3 per single block
 
     pipe = fresh_pipe(tiny_root)
-    pipe.load_lora(pipe.dit, str(tmp_path / "out" / "epoch-0.safetensors"), alpha=1)  # SPEC validate_lora flow
+    pipe.load_lora(pipe.dit, str(tmp_path / "out" / "epoch-0.safetensors"), alpha=1)  # validate_lora flow
     after = evaluate(pipe, image, "a red cat")
     print(f"fixed-noise loss {before[0]:.4f} -> {after[0]:.4f}; generated-latent MSE {before[1]:.4f} -> {after[1]:.4f}")
     assert after[0] < 0.85 * before[0]
@@ -143,10 +144,13 @@ def test_full_training_checkpoint_loads_back_and_reproduces_the_model(tiny_root,
     common = ("--trainable_models", "dit", "--remove_prefix_in_ckpt", "pipe.dit.", "--learning_rate", "1e-3",
               "--cache_dir", str(tmp_path / "cache"))
     result = run(tiny_root, data, tmp_path / "out", *common)
+    with safe_open(str(tmp_path / "out" / "epoch-0.safetensors"), "pt") as f:  # no LoRA fields: none trained
+        info = json.loads(f.metadata()["diffsynth_training"])
+    assert info["trainable_models"] == ["dit"] and not [k for k in info if k.startswith("lora")]
     expected = dit_output(result["module"].pipe.dit)
     pipe = fresh_pipe(tiny_root)
     base = dit_output(pipe.dit)
-    pipe.dit.load_state_dict(load_state_dict(str(tmp_path / "out" / "epoch-0.safetensors")))  # SPEC validate_full
+    pipe.dit.load_state_dict(load_state_dict(str(tmp_path / "out" / "epoch-0.safetensors")))  # validate_full flow
     assert (expected - base).abs().max() > 1e-4
     torch.testing.assert_close(dit_output(pipe.dit), expected, rtol=0, atol=0)
 
@@ -223,7 +227,7 @@ def test_kohya_output_loads_in_diffusers_with_the_same_dit_output(tiny_root, dat
     comparison leaves to_qkv_mlp out of the targets (our own reader handles it: see the LoRA test above)."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from diffsynth.testing.tiny import _diffusers_dit_config, bfl_to_diffusers_dit, tiny_dit_state_dict
-    targets = SPEC_TARGETS.replace(",to_qkv_mlp", "")
+    targets = STUDIO_TARGETS.replace(",to_qkv_mlp", "")
     result = run(tiny_root, data, tmp_path / "out", "--lora_base_model", "dit", "--lora_target_modules", targets,
                  "--lora_rank", "4", "--learning_rate", "2e-2", "--remove_prefix_in_ckpt", "pipe.dit.",
                  "--align_to_opensource_format", "--cache_dir", str(tmp_path / "cache"))
@@ -269,7 +273,7 @@ def test_two_processes_train_and_save_once(tiny_root, data, tmp_path):
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(ROOT / "examples/flux/model_training/train.py"),
-           *argv(tiny_root, data, tmp_path / "out", *SPEC_LORA[:2], "--lora_rank", "4", "--dataset_repeat", "2")]
+           *argv(tiny_root, data, tmp_path / "out", *STUDIO_LORA[:2], "--lora_rank", "4", "--dataset_repeat", "2")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
@@ -362,7 +366,7 @@ def test_model_dependent_arguments_are_checked_before_training(tiny_root, data, 
 
 
 def test_cli_train_subcommand(tiny_root, data, tmp_path, capsys, monkeypatch):
-    """`diffsynth train` has every SPEC argument; SPEC's --model_id_with_origin_paths form works verbatim with
+    """`diffsynth train` has every DiffSynth-Studio argument; its --model_id_with_origin_paths form works verbatim with
     the files already under ./models (no download)."""
     from diffsynth.cli import build_parser as cli_parser, main
     help_text = cli_parser()._subparsers._group_actions[0].choices["train"].format_help()
@@ -383,7 +387,7 @@ def test_cli_train_subcommand(tiny_root, data, tmp_path, capsys, monkeypatch):
     models = ",".join(f"{repo}:{f}" for f in MODEL_FILES)
     assert main(["train", "--dataset_base_path", str(data), "--model_id_with_origin_paths", models,
                  "--height", "64", "--width", "64", "--output_path", "out", "--t5_sequence_length", "32",
-                 "--report_to", "none", "--max_steps", "1", "--dataset_num_workers", "1", *SPEC_LORA]) == 0
+                 "--report_to", "none", "--max_steps", "1", "--dataset_num_workers", "1", *STUDIO_LORA]) == 0
     assert (tmp_path / "out" / "step-1.safetensors").is_file()
 
 
@@ -416,10 +420,21 @@ def test_lora_checkpoint_warm_start(tiny_root, data, tmp_path):
     save_output(trained, str(tmp_path / "kohya.safetensors"), "pipe.dit.", "kohya", "diffsynth", None)
     for path in (first["files"][0], str(tmp_path / "kohya.safetensors")):
         module = FluxTrainingModule(fresh_pipe(tiny_root), lora_base_model="dit",
-                                    lora_target_modules=SPEC_TARGETS.split(","), lora_rank=4, lora_checkpoint=path)
+                                    lora_target_modules=STUDIO_TARGETS.split(","), lora_rank=4, lora_checkpoint=path)
         loaded = module.trainable_state_dict()
         assert loaded.keys() == trained.keys()
         assert max((loaded[k] - trained[k]).abs().max().item() for k in trained) < 1e-7
     with pytest.raises(ValueError, match="does not fit --lora_rank 8"):
-        FluxTrainingModule(fresh_pipe(tiny_root), lora_base_model="dit", lora_target_modules=SPEC_TARGETS.split(","),
+        FluxTrainingModule(fresh_pipe(tiny_root), lora_base_model="dit", lora_target_modules=STUDIO_TARGETS.split(","),
                            lora_rank=8, lora_checkpoint=first["files"][0])
+
+
+def test_output_header_records_only_what_was_trained():
+    from argparse import Namespace
+    from diffsynth.training.export import training_info
+    run_args = dict(trainable_models=[], lora_base_model=None, lora_rank=32, lora_target_modules=["a_to_qkv"],
+                    lora_format="diffsynth", full_format="bfl", learning_rate=1e-4, guidance=1.0)
+    full = training_info(Namespace(**{**run_args, "trainable_models": ["dit"]}))
+    assert full == {"trainable_models": ["dit"], "learning_rate": 1e-4, "guidance": 1.0, "full_format": "bfl"}
+    lora = training_info(Namespace(**{**run_args, "lora_base_model": "dit"}))
+    assert lora["lora_rank"] == 32 and lora["lora_target_modules"] == ["a_to_qkv"] and "full_format" not in lora

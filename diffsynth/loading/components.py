@@ -46,6 +46,8 @@ class Family:
     # Large weight matrices that tolerate reduced-precision storage (fp8): the CLI's --offload-dtype applies
     # to files holding only such families; the VAE and CLIP stay in the compute dtype.
     low_precision_storage: bool = False
+    # Renames a detected file's keys into the one layout the builder reads (e.g. CLIP without `text_model.`).
+    normalize: Callable[[Refs], Refs] | None = None
 
 
 def has_prefix(keys, *prefixes: str) -> bool:
@@ -97,7 +99,14 @@ def vae_parts(refs: Refs) -> tuple[str, ...]:
 
 
 def detect_clip(refs: Refs) -> str | None:
-    return "hf" if has_prefix(refs.keys(), "text_model.encoder.layers.0.self_attn.q_proj") else None
+    """HF CLIPTextModel, with the `text_model.` level (transformers 4) or without it (transformers 5)."""
+    from ..models.flux_text_encoders import is_clip_text_state
+    return "hf" if is_clip_text_state(refs.keys()) else None
+
+
+def canonical_clip(refs: Refs) -> Refs:
+    from ..models.flux_text_encoders import canonical_clip_keys
+    return canonical_clip_keys(refs)
 
 
 def detect_t5(refs: Refs) -> str | None:
@@ -184,7 +193,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("flux-vae", "FLUX VAE", detect_flux_vae, vae_parts, _lazy("build_vae"),
            bundle_prefixes=("first_stage_model.", "vae.")),
     Family("clip", "CLIP-L text encoder", detect_clip, fills("text_encoder_1"), _lazy("build_clip"),
-           bundle_prefixes=("text_encoders.clip_l.transformer.",)),
+           bundle_prefixes=("text_encoders.clip_l.transformer.",), normalize=canonical_clip),
     Family("t5", "T5 text encoder", detect_t5, fills("text_encoder_2"), _lazy("build_t5"),
            bundle_prefixes=("text_encoders.t5xxl.transformer.",), low_precision_storage=True),
 )

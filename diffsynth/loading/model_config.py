@@ -1,35 +1,69 @@
-"""ModelConfig: where a model's files are, resolved offline-first, downloaded only when missing."""
+"""ModelConfig: where a model's files are, resolved offline-first, downloaded only when missing; and where
+its weights are stored versus computed (DiffSynth-Studio 1.x's `offload_*` fields and 2.0's four stages)."""
 from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-DOWNLOAD_RESOURCES = ("modelscope", "huggingface")
+from .download import SOURCE_NAMES as DOWNLOAD_RESOURCES
+from .download import fetch
+
+Device = str | torch.device | None
+_DTYPE_FIELDS = ("offload_dtype", "onload_dtype", "preparing_dtype", "computation_dtype")
 
 
 @dataclass
 class ModelConfig:
+    """One model's files: `path` (a file, a folder or a list of shards) or `model_id` + `origin_file_pattern`
+    (a glob, or a folder when it ends in "/") under `local_model_path/model_id`, downloaded when missing
+    (`download_resource` "modelscope" or "huggingface"; `skip_download=True` never downloads).
+
+    `offload_device`/`offload_dtype`: where and in which dtype the weights are stored (e.g. "cpu",
+    torch.float8_e4m3fn). DiffSynth-Studio 2.0's `onload_*`, `preparing_*` and `computation_*` fields are
+    accepted with the same meaning; see `storage` for how they map onto this project's storage/compute split.
+    `download_source` is 2.0's name for `download_resource`.
+    """
     path: str | list[str] | None = None
     model_id: str | None = None
     origin_file_pattern: str | None = None
     download_resource: str = "modelscope"
-    offload_device: str | torch.device | None = None
+    offload_device: Device = None
     offload_dtype: torch.dtype | None = None
     local_model_path: str = "./models"
     skip_download: bool = False
+    onload_device: Device = None
+    onload_dtype: torch.dtype | None = None
+    preparing_device: Device = None
+    preparing_dtype: torch.dtype | None = None
+    computation_device: Device = None
+    computation_dtype: torch.dtype | None = None
+    download_source: str | None = None  # 2.0's name for download_resource
 
     def __post_init__(self):
         if self.path is None and self.model_id is None:
             raise ValueError("ModelConfig needs `path` (local files) or `model_id` (+ `origin_file_pattern`)")
+        if self.download_source is not None:  # 2.0's name; download_resource at its default defers to it
+            if self.download_resource.lower() not in ("modelscope", self.download_source.lower()):
+                raise ValueError(f"download_source={self.download_source!r} and download_resource="
+                                 f"{self.download_resource!r} disagree (2.0 and 1.x names of one field): give one")
+            self.download_resource, self.download_source = self.download_source, None
         self.download_resource = self.download_resource.lower()
         if self.download_resource not in DOWNLOAD_RESOURCES:
             raise ValueError(f"download_resource must be one of {DOWNLOAD_RESOURCES}, got {self.download_resource!r}")
-        if self.offload_dtype is not None and not isinstance(self.offload_dtype, torch.dtype):
-            raise TypeError(f"offload_dtype must be a torch.dtype, got {self.offload_dtype!r}")
+        for name in _DTYPE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, torch.dtype):
+                raise TypeError(f"ModelConfig {name} must be a torch.dtype, got {value!r}")
 
+    def __repr__(self) -> str:  # only the fields that were set: the message of an error stays readable
+        items = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                          if getattr(self, f.name) != f.default)
+        return f"ModelConfig({items})"
+
+    # -- files -------------------------------------------------------------------------------------
     @property
     def local_dir(self) -> str:
         return os.path.join(self.local_model_path, self.model_id)
@@ -53,9 +87,9 @@ class ModelConfig:
         if not matches:
             if self.skip_download:
                 raise FileNotFoundError(
-                    f"{self.model_id}/{self.origin_file_pattern or ''} is not under {self.local_dir} "
-                    f"and skip_download=True")
-            download(self)
+                    f"{self.model_id} / {self.origin_file_pattern or '(whole repository)'}: nothing matches under "
+                    f"{self.local_dir} and skip_download=True")
+            fetch(self.model_id, self.origin_file_pattern, self.local_dir, self.download_resource)
             matches = self._local_matches()
             if not matches:
                 raise FileNotFoundError(f"download of {self.model_id} gave no file matching "
@@ -63,37 +97,42 @@ class ModelConfig:
         self.path = matches[0] if len(matches) == 1 else matches
         return self.path
 
+    # -- storage versus computation ----------------------------------------------------------------
+    def storage(self, device: Device, torch_dtype: torch.dtype) -> tuple[Device, torch.dtype | None]:
+        """(storage device, storage dtype) of this model in a pipeline computing on `device` in `torch_dtype`
+        (None: the pipeline's own).
 
-def _allow_pattern(pattern: str | None) -> str | None:
-    if not pattern:
-        return None
-    return pattern + "*" if pattern.endswith("/") else pattern
+        Weights here live in one place and dtype and are cast layer by layer for computation (see
+        loading/vram.py). 2.0's stages map onto that: offload_* (or onload_* when only it is set) is the
+        storage; weights are onloaded and prepared in that same dtype, so a different onload_/preparing_dtype
+        is refused; onload_device is the storage device or the compute device (residency is then decided by
+        `vram_limit`); preparing_/computation_device must be the pipeline's device and computation_dtype its
+        torch_dtype: one pipeline computes everything in one place and dtype.
+        """
+        dtypes = {n: getattr(self, n) for n in ("offload_dtype", "onload_dtype", "preparing_dtype")
+                  if getattr(self, n) is not None}
+        if len(set(dtypes.values())) > 1:
+            raise ValueError(f"{self!r}: {dtypes} differ; weights are stored, onloaded and sent to the device in "
+                             "one dtype (then cast to torch_dtype layer by layer): give them the same dtype")
+        if self.computation_dtype is not None and self.computation_dtype != torch_dtype:
+            raise ValueError(f"{self!r}: computation_dtype={self.computation_dtype} but from_pretrained("
+                             f"torch_dtype={torch_dtype}): every model computes in the pipeline's torch_dtype; "
+                             "pass that torch_dtype or drop computation_dtype")
+        for name in ("preparing_device", "computation_device"):
+            if not _same_device(getattr(self, name), device):
+                raise ValueError(f"{self!r}: {name}={getattr(self, name)!r} but from_pretrained(device="
+                                 f"{device!r}): computation runs on the pipeline's device; drop {name} or match it")
+        storage_device = self.offload_device if self.offload_device is not None else self.onload_device
+        if self.onload_device is not None and not (_same_device(self.onload_device, storage_device)
+                                                   or _same_device(self.onload_device, device)):
+            raise ValueError(f"{self!r}: onload_device={self.onload_device!r} is neither the storage device "
+                             f"({storage_device!r}) nor the pipeline's device ({device!r})")
+        return storage_device, next(iter(dtypes.values()), None)
 
 
-def download(config: ModelConfig) -> None:
-    """Fetch the files of `config` into its local_dir, skipping files already there."""
-    allow = _allow_pattern(config.origin_file_pattern)
-    present = [os.path.relpath(p, config.local_dir) for p in
-               glob.glob(os.path.join(config.local_dir, "**", "*"), recursive=True) if os.path.isfile(p)]
-    os.makedirs(config.local_dir, exist_ok=True)
-    if config.download_resource == "modelscope":
-        _download_modelscope(config.model_id, config.local_dir, allow, present)
-    else:
-        _download_huggingface(config.model_id, config.local_dir, allow, present)
-
-
-def _download_modelscope(model_id: str, local_dir: str, allow: str | None, ignore: list[str]) -> None:
-    try:
-        from modelscope import snapshot_download
-    except ImportError:
-        raise ImportError("downloading from ModelScope needs `pip install modelscope` "
-                          "(or pass local files with ModelConfig(path=...))") from None
-    snapshot_download(model_id, local_dir=local_dir, allow_file_pattern=allow, ignore_file_pattern=ignore or None)
-
-
-def _download_huggingface(model_id: str, local_dir: str, allow: str | None, ignore: list[str]) -> None:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ImportError("downloading from Hugging Face needs `pip install huggingface_hub`") from None
-    snapshot_download(repo_id=model_id, local_dir=local_dir, allow_patterns=allow, ignore_patterns=ignore or None)
+def _same_device(a: Device, b: Device) -> bool:
+    """None matches anything; "cuda" matches "cuda:0" (an index only counts when both give one)."""
+    if a is None or b is None:
+        return True
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)

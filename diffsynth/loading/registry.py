@@ -51,7 +51,7 @@ def classify(refs: dict[str, TensorRef]) -> tuple[table.Family, str, dict[str, T
         for family in table.FAMILIES:
             fmt = family.detect(sub)
             if fmt is not None:
-                return family, fmt, sub
+                return family, fmt, dict(family.normalize(sub)) if family.normalize else sub
     return None
 
 

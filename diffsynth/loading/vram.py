@@ -265,8 +265,8 @@ def plan_vram(layers: Sequence[Layer | tuple], budget_bytes: int, activation_byt
     its compute-dtype copy (when its storage dtype differs). Layers are taken first-fit in execution
     order against a reserve for the worst transient, so the plan never exceeds the budget; when not even
     one layer fits, nothing is resident and the peak is the minimum possible (`fits` is then False).
-    `max_resident_numel` (SPEC's num_persistent_param_in_dit) instead keeps layers in order until that
-    many parameters are resident, ignoring the budget.
+    `max_resident_numel` (num_persistent_param_in_dit in enable_vram_management) instead keeps layers in
+    order until that many parameters are resident, ignoring the budget.
     """
     layers = [_as_layer(x) for x in layers]
     transient = lambda layer, resident: layer.compute_nbytes + (0 if resident else layer.nbytes)  # noqa: E731
@@ -467,7 +467,7 @@ def _set_onloaded(pipe, name: str, mm: ManagedModel, on: bool) -> None:
 
 def enable_vram_management(pipe, vram_limit: float | None = None, vram_buffer: float = 0.5,
                            num_persistent_param_in_dit: int | None = None) -> dict[tuple[str, ...], VramPlan]:
-    """SPEC semantics; returns the plans (also kept in `pipe.vram_plans`)."""
+    """DiffSynth-Studio's semantics; returns the plans (also kept in `pipe.vram_plans`)."""
     loaded = pipe.loaded_models()
     for name, model in loaded.items():
         if name not in pipe.vram_models:

@@ -1,6 +1,6 @@
 """The FLUX.1 rectified-flow transformer (double-stream + single-stream blocks).
 
-Module names are this project's internal naming (the one SPEC.md's training interface uses:
+Module names are this project's internal naming (the one DiffSynth-Studio's training interface uses:
 `blocks.N.attn.a_to_qkv`, `single_blocks.N.to_qkv_mlp`, ...). In every name `a` is the image
 stream and `b` the text stream. Converters from the BFL and diffusers layouts live at the bottom.
 """

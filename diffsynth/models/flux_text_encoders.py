@@ -28,6 +28,8 @@ __all__ = [
     "CLIP_PREFIX",
     "T5_PREFIX",
     "strip_prefix",
+    "is_clip_text_state",
+    "canonical_clip_keys",
     "infer_clip_config",
     "infer_t5_config",
     "load_clip_text_encoder",
@@ -44,7 +46,8 @@ T5_PREFIX = "text_encoders.t5xxl.transformer."
 CLIP_MAX_LENGTH = 77
 
 # Present in some CLIP-L files but not part of CLIPTextModel: dropped silently.
-_CLIP_IGNORED = ("text_model.embeddings.position_ids", "embeddings.position_ids", "text_projection.weight", "logit_scale")
+_CLIP_IGNORED = ("text_model.embeddings.position_ids", "embeddings.position_ids", "text_projection.weight",
+                 "logit_scale")
 _T5_EMBED = "encoder.embed_tokens.weight"
 
 StateDict = Mapping[str, torch.Tensor]
@@ -71,6 +74,22 @@ def _require(sd: StateDict, key: str, what: str) -> torch.Tensor:
 def _clip_key(key: str) -> str:
     """Canonical on-disk CLIP key: always ``text_model.*``."""
     return key if key.startswith("text_model.") else "text_model." + key
+
+
+# transformers 4 wrote CLIPTextModel weights as ``text_model.*``; transformers 5's save_pretrained drops
+# that level (``embeddings.*``, ``encoder.layers.*``). Both are the same model, so both are recognised.
+_CLIP_MARKERS = (("text_model.encoder.layers.0.self_attn.q_proj.weight",),
+                 ("encoder.layers.0.self_attn.q_proj.weight", "embeddings.token_embedding.weight"))
+
+
+def is_clip_text_state(keys: Collection[str]) -> bool:
+    """True for HF CLIPTextModel weights in either layout (with or without the ``text_model.`` level)."""
+    return any(all(k in keys for k in marker) for marker in _CLIP_MARKERS)
+
+
+def canonical_clip_keys(state: Mapping[str, object]) -> dict[str, object]:
+    """The same entries under ``text_model.*`` names, whichever layout the file used."""
+    return {k if k in _CLIP_IGNORED else _clip_key(k): v for k, v in state.items()}
 
 
 def infer_clip_config(state_dict: StateDict) -> CLIPTextConfig:

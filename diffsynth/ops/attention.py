@@ -1,10 +1,11 @@
 """Attention backends. `attention(q, k, v, mask)` dispatches to the selected one.
 
-* "auto" (default): flash-attn (FA3, else FA2) when installed, then SageAttention when installed, for
-  CUDA fp16/bf16 calls without a mask; torch SDPA otherwise.
+* "auto" (default): exact kernels only. flash-attn (FA3, else FA2; exact attention) when installed, for
+  CUDA fp16/bf16 calls without a mask; torch SDPA otherwise. Approximate kernels are never picked here.
 * "sdpa": `torch.nn.functional.scaled_dot_product_attention` (picks its own flash/efficient/math kernel).
 * "flash": flash-attn 3 (`flash_attn_interface`) or 2 (`flash_attn`); CUDA, fp16/bf16, no mask.
-* "sage": SageAttention (`sageattention.sageattn`, 8-bit QK: approximate); CUDA, fp16/bf16, no mask.
+* "sage": SageAttention (`sageattention.sageattn`, 8-bit QK: approximate, opt-in only); CUDA, fp16/bf16,
+  no mask.
 * "math": plain softmax(QK^T/sqrt(d))V in the input dtype with fp32 softmax (reference, any device).
 
 `set_attention_backend(name)` raises a clear error when the backend is not installed.
@@ -110,11 +111,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """q, k, v: (B, heads, L, D). `mask` is additive (0 / -inf) or boolean (True = attend)."""
     backend = _state["backend"]
     if backend == "auto":
-        if _half_cuda(q, mask):
-            if _flash_fn() is not None:
-                return _flash(q, k, v)
-            if _sage_fn() is not None:
-                return _sage(q, k, v)
+        if _half_cuda(q, mask) and _flash_fn() is not None:
+            return _flash(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -247,7 +247,7 @@ def load_tensors(refs: dict[str, TensorRef], dtype: torch.dtype | None = None,
 
 
 def load_state_dict(paths, dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
-    """SPEC-style helper: read a checkpoint (file, shards or folder) into a plain state dict."""
+    """DiffSynth-Studio-style helper: read a checkpoint (file, shards or folder) into a plain state dict."""
     return load_tensors(scan(paths), dtype, device)
 
 

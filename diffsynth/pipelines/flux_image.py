@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..loading import components as table
 from ..loading import vram
+from ..ops.devices import random_generator
 from ..loading.model_config import ModelConfig
 from ..loading.registry import build, detect
 from ..models import flux_text_encoders as te
@@ -73,8 +74,8 @@ def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
     shape = (1, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR)
-    noise = torch.cat([torch.randn(shape, generator=torch.Generator(rand_device).manual_seed(seed + i),
-                                   device=rand_device, dtype=torch.float32) for i in range(num_images)])
+    noise = torch.cat([torch.randn(shape, generator=random_generator(rand_device, seed + i), device=rand_device,
+                                   dtype=torch.float32) for i in range(num_images)])
     return {"noise": noise.to(pipe.device, pipe.torch_dtype), "seed": seed}
 
 
@@ -156,28 +157,40 @@ class FluxImagePipeline(nn.Module):
     def from_pretrained(cls, torch_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
                         model_configs: Sequence[ModelConfig] = (),
                         tokenizer_1_path: str | ModelConfig | None = None,
-                        tokenizer_2_path: str | ModelConfig | None = None) -> "FluxImagePipeline":
-        """Build a pipeline from checkpoint files; each file is recognised from its keys and shapes."""
+                        tokenizer_2_path: str | ModelConfig | None = None,
+                        vram_limit: float | None = None,
+                        tokenizer_1_config: ModelConfig | None = None,
+                        tokenizer_2_config: ModelConfig | None = None) -> "FluxImagePipeline":
+        """Build a pipeline from checkpoint files; each file is recognised from its keys and shapes.
+
+        `vram_limit` (GB, DiffSynth-Studio 2.0): when given, VRAM management is enabled after loading with
+        that limit and no further buffer (2.0's scripts subtract their own margin), see enable_vram_management.
+        `tokenizer_N_config` is 2.0's name for `tokenizer_N_path`.
+        """
         pipe = cls(device=device, torch_dtype=torch_dtype)
         encoder_sources = {}
         for config in model_configs:
             if not isinstance(config, ModelConfig):
                 raise TypeError(f"model_configs must hold ModelConfig objects, got {type(config).__name__}")
+            storage_device, storage_dtype = config.storage(device, torch_dtype)
             paths = config.resolve()
             for det in detect(paths):
-                models = build(det, config.offload_dtype or torch_dtype, config.offload_device or device,
-                               compute_dtype=torch_dtype)
+                models = build(det, storage_dtype or torch_dtype, storage_device or device, compute_dtype=torch_dtype)
                 for name, model in models.items():
                     name = pipe._attach(name, model, det.source)
-                    pipe.offload[name] = (config.offload_device, config.offload_dtype)
-                    vram.register_model(pipe, name, model, config.offload_device or device, device, torch_dtype)
+                    pipe.offload[name] = (storage_device, storage_dtype)
+                    vram.register_model(pipe, name, model, storage_device or device, device, torch_dtype)
                     encoder_sources[name] = (paths, config)
         if pipe.text_encoder_1 is not None:
             pipe.tokenizer_1 = te.load_clip_tokenizer(
-                _tokenizer_dir(tokenizer_1_path, encoder_sources["text_encoder_1"], "tokenizer"))
+                _tokenizer_dir(_either(tokenizer_1_path, tokenizer_1_config, 1),
+                               encoder_sources["text_encoder_1"], "tokenizer"))
         if pipe.text_encoder_2 is not None:
             pipe.tokenizer_2 = te.load_t5_tokenizer(
-                _tokenizer_dir(tokenizer_2_path, encoder_sources["text_encoder_2"], "tokenizer_2"))
+                _tokenizer_dir(_either(tokenizer_2_path, tokenizer_2_config, 2),
+                               encoder_sources["text_encoder_2"], "tokenizer_2"))
+        if vram_limit is not None:
+            pipe.enable_vram_management(vram_limit=vram_limit, vram_buffer=0)
         return pipe
 
     def _attach(self, name: str, model: nn.Module, source: str) -> str:
@@ -211,7 +224,7 @@ class FluxImagePipeline(nn.Module):
 
     # -- LoRA --------------------------------------------------------------------------------------
     def load_lora(self, module: nn.Module, lora, alpha: float = 1.0, hotload: bool = False, strict: bool = True):
-        """Apply a LoRA file (any supported dialect) or state dict to `module` (usually `pipe.dit`).
+        """Apply a LoRA (file in any supported dialect, ModelConfig or state dict) to `module` (usually `pipe.dit`).
 
         Merged into the weights by default; `hotload=True` keeps base weights untouched so that
         `clear_lora()` restores them exactly. Text-encoder keys in the file (kohya `lora_te1_*`) go to
@@ -382,6 +395,13 @@ BASE_ARGUMENTS = {
     "prompt", "negative_prompt", "cfg_scale", "embedded_guidance", "t5_sequence_length", "input_image",
     "denoising_strength", "height", "width", "seed", "rand_device", "sigma_shift", "num_inference_steps",
     "tiled", "tile_size", "tile_stride", "num_images", "sigmas", "noise", "latents"}
+
+
+def _either(path, config, n: int):
+    """`tokenizer_{n}_path` (1.x) or `tokenizer_{n}_config` (2.0's name for the same argument)."""
+    if path is not None and config is not None:
+        raise TypeError(f"give tokenizer_{n}_path or tokenizer_{n}_config, not both")
+    return path if path is not None else config
 
 
 def _tokenizer_dir(explicit, source, name: str) -> str:

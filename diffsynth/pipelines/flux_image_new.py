@@ -1,4 +1,5 @@
-"""Import path used by SPEC.md's code: `from diffsynth.pipelines.flux_image_new import FluxImagePipeline, ModelConfig`."""
+"""Import path of DiffSynth-Studio 1.x code:
+`from diffsynth.pipelines.flux_image_new import FluxImagePipeline, ModelConfig`."""
 from ..loading.model_config import ModelConfig
 from .flux_image import FluxImagePipeline
 

@@ -17,7 +17,7 @@ def flux_sigmas(num_steps: int, denoising_strength: float = 1.0, shift: float = 
     """`num_steps` shifted sigmas from sigma_start down to sigma_min.
 
     denoising_strength scales the starting sigma; every one of the N steps is still spent between
-    sigma_start and sigma_min (SPEC.md's img2img semantics, not an index into a longer schedule).
+    sigma_start and sigma_min (DiffSynth-Studio's img2img semantics, not an index into a longer schedule).
     """
     if num_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")

@@ -1,5 +1,5 @@
-"""Command-line arguments of `train.py` / `diffsynth train` (SPEC.md "Model Training" plus extensions),
-and the checks that run before anything is loaded."""
+"""Command-line arguments of `train.py` / `diffsynth train` (DiffSynth-Studio's FLUX training arguments plus
+extensions), and the checks that run before anything is loaded."""
 from __future__ import annotations
 
 import argparse
@@ -46,24 +46,25 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument("--torch_dtype", choices=DTYPE_NAMES, help="model dtype (default bf16 on GPU, fp32 on CPU)")
 
     t = p.add_argument_group("training")
-    t.add_argument("--learning_rate", type=float, default=1e-4)
-    t.add_argument("--weight_decay", type=float, default=0.01)
-    t.add_argument("--num_epochs", type=int, default=1)
+    t.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate")
+    t.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    t.add_argument("--num_epochs", type=int, default=1, help="passes over the (repeated) dataset")
     t.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (the LR schedule ends there)")
-    t.add_argument("--output_path", default="./models")
+    t.add_argument("--output_path", default="./models", help="folder for epoch-N / step-N .safetensors and checkpoints")
     t.add_argument("--remove_prefix_in_ckpt", help="prefix stripped from saved keys (default: pipe.<model>. "
                                                    "when one model is trained, e.g. pipe.dit.)")
     t.add_argument("--save_steps", type=int, help="also save step-N.safetensors every N optimizer steps")
     t.add_argument("--save_dtype", choices=DTYPE_NAMES, help="dtype of saved weights (default: the model dtype)")
     t.add_argument("--seed", type=int, help="seed for data order, noise and timesteps (default: random, logged)")
     t.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev distilled guidance during training")
-    t.add_argument("--t5_sequence_length", type=int, default=512)
+    t.add_argument("--t5_sequence_length", type=int, default=512, help="T5 tokens the prompts are padded/truncated to")
     t.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLINGS, default="shifted_uniform",
-                   help="shifted_uniform: SPEC's 1000-step shifted grid with its weights")
+                   help="shifted_uniform: DiffSynth-Studio's 1000-step shifted grid with its weights")
     t.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal / flux_shift mean")
     t.add_argument("--logit_std", type=float, default=1.0, help="logit_normal / flux_shift std")
-    t.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant")
-    t.add_argument("--lr_warmup_steps", type=int, default=0)
+    t.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant",
+                   help="learning-rate schedule after the warm-up")
+    t.add_argument("--lr_warmup_steps", type=int, default=0, help="linear warm-up steps")
     t.add_argument("--max_grad_norm", type=float, help="clip the gradient norm (default: no clipping)")
     t.add_argument("--ema_decay", type=float, help="keep an EMA of the trained weights (saved as *-ema.safetensors)")
     t.add_argument("--find_unused_parameters", action="store_true", help="DDP find_unused_parameters")
@@ -72,20 +73,22 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     r.add_argument("--trainable_models", help="pipeline models trained in full, comma separated (e.g. dit)")
     r.add_argument("--lora_base_model", help="model that gets a LoRA (e.g. dit)")
     r.add_argument("--lora_target_modules", default=DEFAULT_LORA_TARGETS, help="layers that get LoRA, comma separated")
-    r.add_argument("--lora_rank", type=int, default=32)
+    r.add_argument("--lora_rank", type=int, default=32, help="rank of every LoRA layer (alpha = rank: scale 1)")
     r.add_argument("--lora_checkpoint", help="LoRA file to start from (any format pipe.load_lora reads)")
     r.add_argument("--extra_inputs", help="metadata columns passed to the pipeline units, comma separated")
 
     v = p.add_argument_group("memory")
-    v.add_argument("--use_gradient_checkpointing", action="store_true")
+    v.add_argument("--use_gradient_checkpointing", action="store_true",
+                   help="recompute block activations in the backward pass (less memory)")
     v.add_argument("--use_gradient_checkpointing_offload", action="store_true",
                    help="checkpointing with the saved activations in CPU memory")
-    v.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    v.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
 
     o = p.add_argument_group("outputs, resume, validation")
     o.add_argument("--align_to_opensource_format", action="store_true",
                    help="save LoRAs in kohya format (lora_unet_* + alpha): ComfyUI, diffusers (= --lora_format kohya)")
-    o.add_argument("--lora_format", choices=LORA_FORMATS, default="diffsynth")
+    o.add_argument("--lora_format", choices=LORA_FORMATS, default="diffsynth",
+                   help="key names of saved LoRAs: diffsynth (as trained), kohya, diffusers")
     o.add_argument("--full_format", choices=FULL_FORMATS, default="diffsynth",
                    help="key names of full fine-tunes: diffsynth (pipe.dit.load_state_dict) or bfl (original FLUX)")
     o.add_argument("--resume_from_checkpoint", help='"latest" or a checkpoint folder (<output_path>/checkpoints/step-N)')
@@ -94,8 +97,9 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     o.add_argument("--checkpoints_total_limit", type=int, default=1, help="resumable states kept (newest)")
     o.add_argument("--validation_prompts", help='prompts to sample during training: "a,b" or a .txt file (one per line)')
     o.add_argument("--validation_steps", type=int, help="sample the validation prompts every N steps")
-    o.add_argument("--validation_inference_steps", type=int, default=20)
-    o.add_argument("--validation_guidance", type=float, default=3.5)
+    o.add_argument("--validation_inference_steps", type=int, default=20,
+                   help="denoising steps of the validation images")
+    o.add_argument("--validation_guidance", type=float, default=3.5, help="embedded guidance of the validation images")
     o.add_argument("--report_to", choices=("auto", "tensorboard", "none"), default="auto",
                    help="auto: TensorBoard when it is installed")
     return p

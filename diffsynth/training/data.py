@@ -185,7 +185,7 @@ def floor_to(v: float, multiple: int = SIZE_MULTIPLE) -> int:
 
 
 def dynamic_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """SPEC's dynamic resolution: shrink (keeping the aspect) to at most `max_pixels`, floor to 16."""
+    """DiffSynth-Studio's dynamic resolution: shrink (keeping the aspect) to at most `max_pixels`, floor to 16."""
     if width * height > max_pixels:
         scale = math.sqrt(max_pixels / (width * height))
         width, height = width * scale, height * scale

@@ -1,7 +1,7 @@
 """Training outputs: the trainable weights only, prefix removed, in the chosen key format, written atomically.
 
 LoRA formats: "diffsynth" (PEFT names as trained: `blocks.0.attn.a_to_qkv.lora_A.default.weight`, read by
-`pipe.load_lora`), "kohya" (`lora_unet_*` + `.alpha`, ComfyUI / diffusers; what SPEC's
+`pipe.load_lora`), "kohya" (`lora_unet_*` + `.alpha`, ComfyUI / diffusers; what DiffSynth-Studio's
 `--align_to_opensource_format` asks for) and "diffusers" (`transformer.*.lora_A.weight` + adapter metadata).
 Full fine-tunes: "diffsynth" (internal names, `pipe.dit.load_state_dict`) or "bfl" (original FLUX names).
 """
@@ -47,6 +47,18 @@ def convert_output(sd: dict[str, torch.Tensor], lora_format: str = "diffsynth", 
     out.update(full)
     out.update(lora)
     return out, metadata
+
+
+_RUN_FIELDS = ("trainable_models", "learning_rate", "guidance")
+_LORA_FIELDS = ("lora_base_model", "lora_rank", "lora_target_modules", "lora_format")
+
+
+def training_info(args) -> dict:
+    """What an output file's header records about its run: the LoRA fields only when a LoRA was trained,
+    the full-weight format only when weights were fully trained (a reader must not guess from empty fields)."""
+    names = _RUN_FIELDS + (_LORA_FIELDS if args.lora_base_model else ())
+    names += ("full_format",) if args.trainable_models else ()
+    return {k: getattr(args, k) for k in names}
 
 
 def save_output(sd: dict[str, torch.Tensor], path: str, prefix: str | None, lora_format: str, full_format: str,

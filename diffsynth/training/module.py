@@ -1,6 +1,6 @@
 """FluxTrainingModule: the pipeline plus what is trained (full models and/or a PEFT LoRA) and the loss.
 
-The module holds the pipeline as `self.pipe`, so parameter names read `pipe.dit.*` and SPEC's
+The module holds the pipeline as `self.pipe`, so parameter names read `pipe.dit.*` and DiffSynth-Studio's
 `--remove_prefix_in_ckpt pipe.dit.` strips exactly that. Inputs are prepared by the pipeline's own
 units (the ones inference runs), so training sees the same latents, embeddings and ids as generation.
 """

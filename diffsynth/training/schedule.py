@@ -17,7 +17,7 @@ SigmaSampler = Callable[[int, int, "torch.Generator | None"], tuple[torch.Tensor
 
 def shifted_uniform(batch: int, seq_len: int, generator: torch.Generator | None = None,
                     num_train_timesteps: int = 1000, shift: float = DEFAULT_SHIFT) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC's sampler: a uniform index into the 1000-step shifted grid, weighted by the grid's bump."""
+    """DiffSynth-Studio's sampler: a uniform index into the 1000-step shifted grid, weighted by the grid's bump."""
     sigmas, weights = training_weights(num_train_timesteps, shift)
     idx = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
     return sigmas[idx], weights[idx]

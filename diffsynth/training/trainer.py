@@ -23,7 +23,7 @@ from .args import build_parser, check_args, parse_model_sources
 from .cache import build_cache, cache_paths
 from .checkpoint import STATE_FILE, load_checkpoint, resolve_resume, save_checkpoint
 from .data import ImageDataset, bucket_sizes, epoch_batches, load_samples, shard_batches, target_size
-from .export import save_output
+from .export import save_output, training_info
 from .module import FluxTrainingModule
 from .schedule import lr_factor, make_sigma_sampler
 
@@ -232,8 +232,7 @@ class Trainer:
         sd = self.gather_trainable()
         if self.main:
             dtype = DTYPE_NAMES[args.save_dtype] if args.save_dtype else self.dtype
-            info = {k: getattr(args, k) for k in ("lora_base_model", "lora_rank", "lora_target_modules",
-                                                  "trainable_models", "learning_rate", "guidance", "lora_format")}
+            info = training_info(args)
             for suffix, tensors in (("", sd), ("-ema", self.ema)):
                 if tensors is not None:
                     path = str(self.output / f"{name}{suffix}.safetensors")

@@ -217,7 +217,7 @@ def load_lora_into_pipeline(pipe, module: nn.Module, lora, alpha: float = 1.0, h
                             strict: bool = True) -> LoRAReport:
     """`FluxImagePipeline.load_lora`: DiT layers go to `module`, CLIP layers to ``pipe.text_encoder_1``.
 
-    `lora` is a file path (safetensors / torch file), a state dict or a `CanonicalLoRA`. Everything is
+    `lora` is a file path (safetensors / torch file), a `ModelConfig`, a state dict or a `CanonicalLoRA`. Everything is
     matched first; with `strict`, any unmatched entry raises ValueError and nothing is applied.
     """
     lora = _as_canonical(lora, _mlp_ratio(module))

@@ -438,9 +438,22 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 def _as_canonical(lora, mlp_ratio: float = 4.0) -> CanonicalLoRA:
     if isinstance(lora, CanonicalLoRA):
         return lora
+    lora = _resolve_config(lora)
     if isinstance(lora, (str, os.PathLike)):
         sd, metadata = read_lora_file(lora)
         return convert_lora(sd, metadata, mlp_ratio)
     if isinstance(lora, Mapping):
         return convert_lora(lora, mlp_ratio=mlp_ratio)
-    raise TypeError(f"expected a LoRA path, state dict or CanonicalLoRA, got {type(lora).__name__}")
+    raise TypeError(f"expected a LoRA path, ModelConfig, state dict or CanonicalLoRA, got {type(lora).__name__}")
+
+
+def _resolve_config(lora):
+    """A ModelConfig (what DiffSynth-Studio's LoRA scripts pass) becomes its one local file, fetched if missing."""
+    from ..model_config import ModelConfig
+    if not isinstance(lora, ModelConfig):
+        return lora
+    path = lora.resolve()
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{lora!r} matches {len(path)} files ({path[:3]}...); a LoRA is one file: "
+                         "narrow origin_file_pattern")
+    return path

@@ -1,4 +1,4 @@
-"""FLUX.1 training script (SPEC.md "Model Training").
+"""FLUX.1 training script (DiffSynth-Studio's FLUX training interface).
 
     accelerate launch examples/flux/model_training/train.py --dataset_base_path data/example_image_dataset ...
 

@@ -1,4 +1,4 @@
-"""Generate with the DiT fully trained by full/FLUX.1-Kera-dev.sh (run from the repository root)."""
+"""Generate with the DiT fully trained by full/FLUX.1-Krea-dev.sh (run from the repository root)."""
 import torch
 from diffsynth import load_state_dict
 from diffsynth.pipelines.flux_image_new import FluxImagePipeline, ModelConfig
@@ -13,7 +13,7 @@ pipe = FluxImagePipeline.from_pretrained(
         ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern="ae.safetensors"),
     ],
 )
-state_dict = load_state_dict("models/train/FLUX.1-Kera-dev_full/epoch-0.safetensors")
+state_dict = load_state_dict("models/train/FLUX.1-Krea-dev_full/epoch-0.safetensors")
 pipe.dit.load_state_dict(state_dict)
 image = pipe(prompt="a dog", seed=0, embedded_guidance=4.5)
-image.save("image_FLUX.1-Kera-dev_full.jpg")
+image.save("image_FLUX.1-Krea-dev_full.jpg")

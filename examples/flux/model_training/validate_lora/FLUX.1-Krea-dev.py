@@ -1,4 +1,4 @@
-"""Generate with the LoRA trained by lora/FLUX.1-Kera-dev.sh (run from the repository root)."""
+"""Generate with the LoRA trained by lora/FLUX.1-Krea-dev.sh (run from the repository root)."""
 import torch
 from diffsynth.pipelines.flux_image_new import FluxImagePipeline, ModelConfig
 
@@ -12,6 +12,6 @@ pipe = FluxImagePipeline.from_pretrained(
         ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern="ae.safetensors"),
     ],
 )
-pipe.load_lora(pipe.dit, "models/train/FLUX.1-Kera-dev_lora/epoch-4.safetensors", alpha=1)
+pipe.load_lora(pipe.dit, "models/train/FLUX.1-Krea-dev_lora/epoch-4.safetensors", alpha=1)
 image = pipe(prompt="a dog", seed=0, embedded_guidance=4.5)
-image.save("image_FLUX.1-Kera-dev_lora.jpg")
+image.save("image_FLUX.1-Krea-dev_lora.jpg")

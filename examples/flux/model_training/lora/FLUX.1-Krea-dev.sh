@@ -1,6 +1,6 @@
-# LoRA training of FLUX.1-Kera-dev on the example dataset:
+# LoRA training of FLUX.1-Krea-dev on the example dataset:
 #   modelscope download --dataset DiffSynth-Studio/example_image_dataset --local_dir ./data/example_image_dataset
-# Run from the repository root. Validate with examples/flux/model_training/validate_lora/FLUX.1-Kera-dev.py
+# Run from the repository root. Validate with examples/flux/model_training/validate_lora/FLUX.1-Krea-dev.py
 # Multi-GPU: accelerate launch --multi_gpu --num_processes N ... (or run `accelerate config` first).
 accelerate launch examples/flux/model_training/train.py \
   --dataset_base_path data/example_image_dataset \
@@ -11,7 +11,7 @@ accelerate launch examples/flux/model_training/train.py \
   --learning_rate 1e-4 \
   --num_epochs 5 \
   --remove_prefix_in_ckpt "pipe.dit." \
-  --output_path "./models/train/FLUX.1-Kera-dev_lora" \
+  --output_path "./models/train/FLUX.1-Krea-dev_lora" \
   --lora_base_model "dit" \
   --lora_target_modules "a_to_qkv,b_to_qkv,ff_a.0,ff_a.2,ff_b.0,ff_b.2,a_to_out,b_to_out,proj_out,norm.linear,norm1_a.linear,norm1_b.linear,to_qkv_mlp" \
   --lora_rank 32 \

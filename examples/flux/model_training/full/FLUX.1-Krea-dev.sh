@@ -1,7 +1,7 @@
-# Full training of the FLUX.1-Kera-dev DiT (DeepSpeed ZeRO-2, 8 GPUs, bf16: full/accelerate_config.yaml).
+# Full training of the FLUX.1-Krea-dev DiT (DeepSpeed ZeRO-2, 8 GPUs, bf16: full/accelerate_config.yaml).
 # Other configs here: accelerate_config_ddp.yaml (plain DDP), accelerate_config_zero2offload.yaml,
 # accelerate_config_zero3.yaml, accelerate_config_zero3offload.yaml (set num_processes to your GPU count).
-# Run from the repository root. Validate with examples/flux/model_training/validate_full/FLUX.1-Kera-dev.py
+# Run from the repository root. Validate with examples/flux/model_training/validate_full/FLUX.1-Krea-dev.py
 accelerate launch --config_file examples/flux/model_training/full/accelerate_config.yaml \
   examples/flux/model_training/train.py \
   --dataset_base_path data/example_image_dataset \
@@ -12,6 +12,6 @@ accelerate launch --config_file examples/flux/model_training/full/accelerate_con
   --learning_rate 1e-5 \
   --num_epochs 1 \
   --remove_prefix_in_ckpt "pipe.dit." \
-  --output_path "./models/train/FLUX.1-Kera-dev_full" \
+  --output_path "./models/train/FLUX.1-Krea-dev_full" \
   --trainable_models "dit" \
   --use_gradient_checkpointing

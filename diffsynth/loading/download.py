@@ -1,0 +1,156 @@
+"""Downloads from ModelScope / Hugging Face, offline-first: files already on disk are never fetched again.
+
+`fetch` is what `ModelConfig.resolve` calls when files are missing. `download_models` and
+`download_customized_models` are DiffSynth-Studio 1.x's helpers, with the same arguments and results.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from typing import Callable, Sequence
+
+# 1.x scripts name the hubs "ModelScope" / "HuggingFace"; ModelConfig lower-cases them.
+SOURCE_NAMES = ("modelscope", "huggingface")
+
+
+class DownloadError(FileNotFoundError):
+    """Files are not on disk and could not be downloaded (no client installed, no network, unknown id)."""
+
+
+def _modelscope(model_id: str, local_dir: str, allow: str | None, ignore: list[str]) -> None:
+    try:
+        from modelscope import snapshot_download
+    except ImportError:
+        raise ImportError("the modelscope package is not installed (`pip install modelscope`)") from None
+    snapshot_download(model_id, local_dir=local_dir, allow_file_pattern=allow, ignore_file_pattern=ignore or None)
+
+
+def _huggingface(model_id: str, local_dir: str, allow: str | None, ignore: list[str]) -> None:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError("the huggingface_hub package is not installed (`pip install huggingface_hub`)") from None
+    snapshot_download(repo_id=model_id, local_dir=local_dir, allow_patterns=allow, ignore_patterns=ignore or None)
+
+
+# source -> client call (model_id, local_dir, allow pattern, files to skip); tests replace the entries.
+SOURCES: dict[str, Callable[[str, str, str | None, list[str]], None]] = {
+    "modelscope": _modelscope, "huggingface": _huggingface}
+
+
+def allow_pattern(pattern: str | None) -> str | None:
+    """The hub glob for a ModelConfig pattern: a folder ("text_encoder_2/") means everything in it."""
+    if not pattern:
+        return None
+    return pattern + "*" if pattern.endswith("/") else pattern
+
+
+def _files_under(folder: str) -> list[str]:
+    return [os.path.relpath(p, folder) for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+            if os.path.isfile(p)]
+
+
+def _first_missing_dir(folder: str) -> str | None:
+    """The outermost folder on the way to `folder` that does not exist yet (None if it exists)."""
+    missing = None
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def fetch(model_id: str, pattern: str | None, local_dir: str, source: str = "modelscope") -> None:
+    """Download what matches `pattern` from `model_id` into `local_dir`, skipping files already there.
+
+    A failure (client not installed, no network, unknown repository) raises DownloadError naming the model,
+    the pattern and the folder, and removes the folders this call created if nothing landed in them.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"download source must be one of {SOURCE_NAMES}, got {source!r}")
+    created = _first_missing_dir(local_dir)
+    present = _files_under(local_dir) if created is None else []
+    try:
+        SOURCES[source](model_id, local_dir, allow_pattern(pattern), present)
+    except Exception as e:  # every client failure means the same thing to the caller: the files are not here
+        if created is not None and os.path.isdir(created) and not _files_under(created):
+            shutil.rmtree(created)
+        raise DownloadError(
+            f"{model_id} / {pattern or '(whole repository)'}: not found under {local_dir} and the download "
+            f"from {source} failed ({type(e).__name__}: {e}). Put the files there, pass local files with "
+            f"ModelConfig(path=...), or choose the other hub with download_resource=") from e
+
+
+# ----------------------------------------------------------------------------- DiffSynth-Studio 1.x helpers
+
+_FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+_ENCODERS_AND_VAE = [(_FLUX_DEV, "text_encoder/model.safetensors"), (_FLUX_DEV, "text_encoder_2/"),
+                     (_FLUX_DEV, "ae.safetensors")]
+# preset name -> (model_id, file pattern) of each file; variants reuse FLUX.1-dev's text encoders and VAE
+FLUX_PRESETS: dict[str, list[tuple[str, str]]] = {
+    "FLUX.1-dev": [(_FLUX_DEV, "flux1-dev.safetensors"), *_ENCODERS_AND_VAE],
+    "FLUX.1-schnell": [("black-forest-labs/FLUX.1-schnell", "flux1-schnell.safetensors"), *_ENCODERS_AND_VAE],
+    "FLUX.1-Krea-dev": [("black-forest-labs/FLUX.1-Krea-dev", "flux1-krea-dev.safetensors"), *_ENCODERS_AND_VAE],
+    "FLUX.1-Kontext-dev": [("black-forest-labs/FLUX.1-Kontext-dev", "flux1-kontext-dev.safetensors"),
+                           *_ENCODERS_AND_VAE],
+}
+
+
+def _priority(downloading_priority: Sequence[str]) -> list[str]:
+    sources = [s.lower() for s in downloading_priority]
+    unknown = [s for s in sources if s not in SOURCE_NAMES]
+    if unknown or not sources:
+        raise ValueError(f"downloading_priority must list 'ModelScope' and/or 'HuggingFace', "
+                         f"got {list(downloading_priority)}")
+    return sources
+
+
+def _first_source(sources: list[str], attempt: Callable[[str], None]) -> None:
+    """Try each hub in order; raise the last hub's error when none works."""
+    for i, source in enumerate(sources):
+        try:
+            return attempt(source)
+        except DownloadError:
+            if i == len(sources) - 1:
+                raise
+
+
+def download_models(model_id_list: Sequence[str] = (), downloading_priority: Sequence[str] = ("ModelScope",
+                    "HuggingFace"), local_model_path: str = "./models") -> list[str]:
+    """Fetch preset models (names in FLUX_PRESETS) into the folders `ModelConfig(model_id=...)` reads
+    (`local_model_path/<model_id>/`), so that later model_id configs find them offline.
+    Returns the local paths (a folder for `text_encoder_2/`)."""
+    from .model_config import ModelConfig
+    unknown = [m for m in model_id_list if m not in FLUX_PRESETS]
+    if unknown:
+        raise ValueError(f"unknown preset model(s) {unknown}; known: {sorted(FLUX_PRESETS)}. Other files: "
+                         f"download_customized_models(model_id, origin_file_path, local_dir)")
+    sources, paths = _priority(downloading_priority), []
+    for preset in model_id_list:
+        for model_id, pattern in FLUX_PRESETS[preset]:
+            def attempt(source, model_id=model_id, pattern=pattern):
+                resolved = ModelConfig(model_id=model_id, origin_file_pattern=pattern, download_resource=source,
+                                       local_model_path=local_model_path).resolve()
+                paths.extend([resolved] if isinstance(resolved, str) else resolved)
+            _first_source(sources, attempt)
+    return paths
+
+
+def download_customized_models(model_id: str, origin_file_path: str, local_dir: str,
+                               downloading_priority: Sequence[str] = ("ModelScope", "HuggingFace")) -> list[str]:
+    """One file of any repository, saved as `local_dir/<file name>` (1.x's result); returns [that path].
+    Nothing is downloaded when the file is already there."""
+    target = os.path.join(local_dir, os.path.basename(origin_file_path))
+    if os.path.isfile(target):
+        return [target]
+
+    def attempt(source):
+        fetch(model_id, origin_file_path, local_dir, source)
+        landed = os.path.join(local_dir, origin_file_path)
+        if not os.path.isfile(landed):
+            raise DownloadError(f"{model_id} has no file {origin_file_path!r} on {source}")
+        if os.path.abspath(landed) != os.path.abspath(target):  # the hub kept the repository's sub-folders
+            os.replace(landed, target)
+            os.removedirs(os.path.dirname(landed))  # only the sub-folders left empty
+    _first_source(_priority(downloading_priority), attempt)
+    return [target]
