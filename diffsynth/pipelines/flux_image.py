@@ -21,6 +21,7 @@ from ..loading.registry import COMPONENTS, build, detect
 from ..models import flux_text_encoders as te
 from ..models.flux_dit import image_ids, patchify, unpatchify
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
+from .checks import check_call_args, check_finite
 from .units import Unit, run_units, unit
 
 LATENT_CHANNELS = 16
@@ -300,6 +301,7 @@ class FluxImagePipeline(nn.Module):
         skips more steps; 0 never skips); what was skipped is in `pipe.last_cache_stats`.
         batch_cfg: with cfg_scale != 1, run the positive and negative branch in one DiT batch.
         """
+        check_call_args(locals())  # types, ranges, finiteness, sizes: before anything is allocated
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         if not isinstance(num_images, int) or num_images < 1:
@@ -338,6 +340,7 @@ class FluxImagePipeline(nn.Module):
                     negative = self.model_fn(self.dit, **{**shared, **nega, **step}, cache_states=states("nega"))
                     velocity = negative + cfg_scale * (velocity - negative)
             latents = euler_step(latents, velocity, steps[i], steps[i + 1])
+        check_finite(self, latents, "latents", {**shared, **posi})
         self.last_cache_stats = cache.stats() if cache is not None else None
         self.last_seed = shared["seed"]
         if output_type == "latent":
@@ -347,6 +350,7 @@ class FluxImagePipeline(nn.Module):
         self.load_models_to_device(("vae_decoder",))
         image = self.vae_decoder(latents.to(self.compute_device_of("vae_decoder"), self.torch_dtype),
                                  tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+        check_finite(self, image, "decoded image", {})
         if output_type == "pt":
             return ((image.float().clamp(-1, 1) + 1) / 2).cpu()
         images = tensor_to_images(image)

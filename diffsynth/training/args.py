@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from ..ops.files import DTYPE_NAMES
+from ..pipelines.checks import MAX_T5_SEQUENCE_LENGTH
 from .export import FULL_FORMATS, LORA_FORMATS
 from .schedule import LR_SCHEDULERS, TIMESTEP_SAMPLINGS
 
@@ -163,6 +165,12 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("max_steps", "save_steps", "checkpointing_steps", "validation_steps"):
         v = getattr(args, name)
         need(v is None or v >= 1, f"--{name} must be >= 1, got {v}")
+    for name in ("learning_rate", "weight_decay", "guidance", "logit_mean", "logit_std", "max_grad_norm",
+                 "ema_decay", "validation_guidance"):
+        v = getattr(args, name)
+        need(v is None or math.isfinite(v), f"--{name} must be a finite number, got {v}")
+    need(args.t5_sequence_length <= MAX_T5_SEQUENCE_LENGTH,
+         f"--t5_sequence_length must be <= {MAX_T5_SEQUENCE_LENGTH} (FLUX's T5 context), got {args.t5_sequence_length}")
     need(args.dataset_num_workers >= 0, "--dataset_num_workers must be >= 0")
     need(args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}")
     need(args.weight_decay >= 0, f"--weight_decay must be >= 0, got {args.weight_decay}")
