@@ -382,6 +382,22 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
     return removed
 
 
+def check_writable(folder: Path, what: str) -> bool:
+    """Create `folder` if needed and prove a file can be written in it, before any expensive work.
+    Returns whether the folder was created."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {folder} exists and is not a folder")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = Path(temp_path(str(folder / ".write-test")))
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{what} {folder} is not writable ({e.strerror or e})") from None
+    return created
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..ops.files import remove_stale_temps, temp_path
+from ..ops.files import check_writable, remove_stale_temps
 from .checkpoint import recover
 
 try:
@@ -23,22 +23,6 @@ except ImportError:  # Windows: no flock; runs are not protected from each other
 
 class OutputLocked(RuntimeError):
     """Another live process trains into the same --output_path."""
-
-
-def check_writable(folder: Path, what: str = "--output_path") -> bool:
-    """Create `folder` if needed and prove a file can be written in it, before any expensive work.
-    Returns whether the folder was created."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{what} {folder} exists and is not a folder")
-    created = not folder.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = Path(temp_path(str(folder / ".write-test")))
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"{what} {folder} is not writable ({e.strerror or e})") from None
-    return created
 
 
 class FolderLock:
@@ -77,7 +61,7 @@ def previous_run_files(folder: Path) -> list[str]:
 def claim_output(folder: Path, resuming: bool) -> tuple[FolderLock, list[str]]:
     """Main process, before any model loads: writable check, lock, repair, take-over check.
     Returns (lock handle, notes about what was repaired)."""
-    lock = FolderLock(folder, created=check_writable(folder))
+    lock = FolderLock(folder, created=check_writable(folder, "--output_path"))
     try:
         notes = recover(folder / "checkpoints")
         notes += [f"removed temp file {os.path.basename(f)}" for f in remove_stale_temps(folder)]
