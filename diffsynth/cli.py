@@ -167,9 +167,9 @@ def check_outputs(paths: list[str], overwrite: bool) -> None:
     """Before any model loads: a known image extension, a writable folder, and no file silently replaced."""
     from .ops.files import check_writable, image_format
     for path in paths:
-        image_format(path)
         if os.path.isdir(path):
             raise ValueError(f"--output {path} is a folder; give a file name such as {path}/image.png")
+        image_format(path)
         if os.path.lexists(path) and not overwrite:
             raise FileExistsError(f"--output {path} already exists: pass --overwrite to replace it")
     check_writable(Path(paths[0]).parent.resolve(), "the folder of --output")
