@@ -165,14 +165,16 @@ def output_paths(output: str, num_images: int) -> list[str]:
 
 def check_outputs(paths: list[str], overwrite: bool) -> None:
     """Before any model loads: a known image extension, a writable folder, and no file silently replaced."""
-    from .ops.files import check_writable, image_format
+    from .ops.files import check_writable, image_format, remove_stale_temps
     for path in paths:
         if os.path.isdir(path):
             raise ValueError(f"--output {path} is a folder; give a file name such as {path}/image.png")
         image_format(path)
         if os.path.lexists(path) and not overwrite:
             raise FileExistsError(f"--output {path} already exists: pass --overwrite to replace it")
-    check_writable(Path(paths[0]).parent.resolve(), "the folder of --output")
+    folder = Path(paths[0]).parent.resolve()
+    check_writable(folder, "the folder of --output")
+    remove_stale_temps(folder)  # half-written images of killed runs (only those whose process is gone)
 
 
 def open_input_image(path: str | None):

@@ -369,14 +369,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
-    """Delete temp files in `folder` left by killed writers (their PID is gone). Returns what was removed."""
+def remove_stale_temps(folder: str | os.PathLike, any_pid: bool = False) -> list[str]:
+    """Delete temp files in `folder` left by killed writers (their PID is gone; `any_pid`: every temp file,
+    for a folder locked by the caller, where no other writer can be at work). Returns what was removed."""
     removed = []
     if not os.path.isdir(folder):
         return removed
     for entry in os.scandir(folder):
         m = TEMP_NAME.search(entry.name)
-        if m and entry.is_file(follow_symlinks=False) and not _pid_alive(int(m.group(1))):
+        if m and entry.is_file(follow_symlinks=False) and (any_pid or not _pid_alive(int(m.group(1)))):
             os.remove(entry.path)
             removed.append(entry.path)
     return removed

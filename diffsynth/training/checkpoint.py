@@ -105,7 +105,7 @@ def recover(root: Path) -> list[str]:
     for folder in leftovers:
         if folder.exists():
             shutil.rmtree(folder)
-    notes += [f"removed temp file {os.path.basename(f)}" for f in remove_stale_temps(root)]
+    notes += [f"removed temp file {os.path.basename(f)}" for f in remove_stale_temps(root, any_pid=True)]
     if notes:
         fsync_path(root)
     return notes

@@ -64,7 +64,7 @@ def claim_output(folder: Path, resuming: bool) -> tuple[FolderLock, list[str]]:
     lock = FolderLock(folder, created=check_writable(folder, "--output_path"))
     try:
         notes = recover(folder / "checkpoints")
-        notes += [f"removed temp file {os.path.basename(f)}" for f in remove_stale_temps(folder)]
+        notes += [f"removed temp file {os.path.basename(f)}" for f in remove_stale_temps(folder, any_pid=True)]
         existing = previous_run_files(folder)
         if existing and not resuming:
             listed = ", ".join(existing[:6]) + (f" and {len(existing) - 6} more" if len(existing) > 6 else "")
