@@ -8,7 +8,7 @@ import math
 import os
 
 from ..ops.files import DTYPE_NAMES
-from ..pipelines.checks import MAX_T5_SEQUENCE_LENGTH
+from ..pipelines.checks import MAX_PIXELS, MAX_SIDE, MAX_T5_SEQUENCE_LENGTH
 from .export import FULL_FORMATS, LORA_FORMATS
 from .schedule import LR_SCHEDULERS, TIMESTEP_SAMPLINGS
 
@@ -157,8 +157,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     need((args.height is None) == (args.width is None), "--height and --width go together (or leave both empty)")
     for name in ("height", "width"):
         v = getattr(args, name)
-        need(v is None or (v > 0 and v % 16 == 0), f"--{name} must be a positive multiple of 16, got {v}")
-    need(args.max_pixels >= 16 * 16, f"--max_pixels must be at least 256, got {args.max_pixels}")
+        need(v is None or (0 < v <= MAX_SIDE and v % 16 == 0),
+             f"--{name} must be a positive multiple of 16 up to {MAX_SIDE}, got {v}")
+    need(16 * 16 <= args.max_pixels <= MAX_PIXELS, f"--max_pixels must be in [256, {MAX_PIXELS}], got {args.max_pixels}")
     for name in ("dataset_repeat", "num_epochs", "batch_size", "gradient_accumulation_steps", "lora_rank",
                  "bucket_step", "t5_sequence_length", "validation_inference_steps", "checkpoints_total_limit"):
         need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
