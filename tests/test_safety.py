@@ -163,11 +163,13 @@ def test_publish_without_overwrite_never_replaces_a_concurrent_file(tmp_path):
 
 def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f"epoch-0.safetensors.tmp-{int(dead.stdout)}-0"
+    pid = int(dead.stdout)
+    stale = [tmp_path / f"epoch-0.safetensors.tmp-{pid}-0", tmp_path / f".latest.tmp-{pid}",
+             tmp_path / f"a.png.tmp-{pid}.png"]  # the last two: names of earlier versions
     live = tmp_path / f"epoch-1.safetensors.tmp-{os.getpid()}-7"
-    for p in (stale, live):
+    for p in (*stale, live):
         p.write_bytes(b"x")
-    assert remove_stale_temps(tmp_path) == [str(stale)]
+    assert sorted(remove_stale_temps(tmp_path)) == sorted(map(str, stale))
     assert sorted(os.listdir(tmp_path)) == [live.name]
 
 

@@ -347,8 +347,9 @@ def load_state_dict(paths, dtype: torch.dtype | None = None, device="cpu") -> di
 
 # ----------------------------------------------------------------------------- atomic writes
 
-# `<target>.tmp-<pid>-<n>`: the writer's PID tells a leftover of a killed process from a live write.
-TEMP_NAME = re.compile(r"\.tmp-(\d+)-\d+$")
+# `<target>.tmp-<pid>-<n>`: the writer's PID tells a leftover of a killed process from a live write. Also
+# matches the names earlier versions used (`<target>.tmp-<pid>`, `<image>.tmp-<pid>.png`).
+TEMP_NAME = re.compile(r"\.tmp-(\d+)(?:-\d+|\.png)?$")
 _temp_counter = itertools.count()
 
 

@@ -304,8 +304,6 @@ class FluxImagePipeline(nn.Module):
         check_call_args(locals())  # types, ranges, finiteness, sizes: before anything is allocated
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         if tiled and not 0 < tile_stride <= tile_size:
             raise ValueError(f"tile_stride ({tile_stride}) must be in (0, tile_size={tile_size}]")
         if self.dit is None:

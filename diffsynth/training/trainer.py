@@ -281,10 +281,13 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["initial_lr"] = args.learning_rate
                 group["lr"] = args.learning_rate * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        batches = len(self.rank_batches(state["epoch"])) if state["epoch"] < args.num_epochs else 0
-        if state.get("num_rows", len(self.samples)) != len(self.samples) or state["batch"] > batches:
-            self.accelerator.print(f"warning: the dataset has {len(self.samples)} rows, the checkpoint was saved with "
-                                   f"{state.get('num_rows')}: epoch {state['epoch']} restarts from its first batch")
+        saved_repeat = state.get("config", {}).get("dataset_repeat", args.dataset_repeat)
+        changed = [f"{what} {before} -> {now}" for what, before, now in (
+            ("rows", state.get("num_rows", len(self.samples)), len(self.samples)),
+            ("--dataset_repeat", saved_repeat, args.dataset_repeat)) if before != now]
+        if changed or state["batch"] > len(self.rank_batches(state["epoch"])):
+            self.accelerator.print(f"warning: the data changed since the checkpoint ({', '.join(changed) or 'batches'}):"
+                                   f" epoch {state['epoch']} restarts from its first batch")
             state["batch"] = 0
         if state["step"] >= self.total_steps:
             raise ValueError(f"{self.resume} is at step {state['step']}, already the end of this run "
