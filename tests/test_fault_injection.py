@@ -129,6 +129,7 @@ def test_sigkill_at_a_random_moment_costs_at_most_the_steps_since_the_last_save(
 
 def test_a_new_run_never_takes_over_another_runs_folder(tmp_path):
     (tmp_path / "epoch-0.safetensors").write_bytes(b"weights")
+    (tmp_path / "epoch-1.safetensors.tmp-999-0").write_bytes(b"half")  # the other run was killed
     save(tmp_path / "checkpoints", 4, 0)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     with pytest.raises(ValueError, match=r"already holds another run \(epoch-0.safetensors, checkpoints/latest, "
@@ -137,7 +138,7 @@ def test_a_new_run_never_takes_over_another_runs_folder(tmp_path):
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
     lock, notes = claim_output(tmp_path, resuming=True)
     lock.close()
-    assert notes == []
+    assert notes == ["removed temp file epoch-1.safetensors.tmp-999-0"]
 
 
 def test_a_second_run_in_a_locked_folder_stops_at_once(tmp_path):

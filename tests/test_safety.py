@@ -253,8 +253,8 @@ KOHYA = "lora_unet_double_blocks_0_img_attn_qkv"
 
 
 def kohya(rank=2, alpha=1.0, value=0.1):
-    return {f"{KOHYA}.lora_down.weight": torch.full((rank, 32), value), f"{KOHYA}.lora_up.weight": torch.zeros(96, rank),
-            f"{KOHYA}.alpha": torch.tensor(alpha)}
+    return {f"{KOHYA}.lora_down.weight": torch.full((rank, 32), value),
+            f"{KOHYA}.lora_up.weight": torch.zeros(96, rank), f"{KOHYA}.alpha": torch.tensor(alpha)}
 
 
 @pytest.mark.parametrize("sd, reason", [

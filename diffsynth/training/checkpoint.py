@@ -55,16 +55,14 @@ def restore_rng(state: dict) -> None:
 
 # ----------------------------------------------------------------------------- files
 
-def write_json_atomic(path: Path, value: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = Path(temp_path(str(path)))
-    tmp.write_text(json.dumps(value, indent=2))
+    tmp.write_text(text)
     publish(str(tmp), str(path))
 
 
 def write_pointer(root: Path, name: str) -> None:
-    tmp = Path(temp_path(str(root / LATEST)))
-    tmp.write_text(name + "\n")
-    publish(str(tmp), str(root / LATEST))
+    write_text_atomic(root / LATEST, name + "\n")
 
 
 def is_complete(path: Path) -> bool:
@@ -140,7 +138,9 @@ def resolve_resume(root: Path, spec: str) -> Path | None:
 
 
 def prune(root: Path, keep: int | None, protect: str) -> None:
-    """Delete the oldest complete checkpoints beyond `keep` (never `protect`)."""
+    """Delete the oldest complete checkpoints beyond `keep` (never `protect`). Leftovers of killed saves go
+    through `recover` first, so a complete state in them becomes a checkpoint instead of being deleted."""
+    recover(root)
     if keep is None:
         return
     found = [p for p in complete_checkpoints(root) if p.name != protect]
@@ -191,7 +191,7 @@ def save_checkpoint(accelerator, root: Path, step: int, trainable: dict[str, tor
         for f in tmp.rglob("*"):
             if f.is_file():
                 fsync_path(f)
-        write_json_atomic(tmp / STATE_FILE, state)  # last: its presence means complete
+        write_text_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))  # last: its presence means complete
         fsync_path(tmp)
         _replace_folder(root, tmp, name)
         prune(root, keep, protect=name)

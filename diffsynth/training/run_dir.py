@@ -63,13 +63,14 @@ def claim_output(folder: Path, resuming: bool) -> tuple[FolderLock, list[str]]:
     Returns (lock handle, notes about what was repaired)."""
     lock = FolderLock(folder, created=check_writable(folder, "--output_path"))
     try:
-        notes = recover(folder / "checkpoints")
-        notes += [f"removed temp file {os.path.basename(f)}" for f in remove_stale_temps(folder, any_pid=True)]
         existing = previous_run_files(folder)
-        if existing and not resuming:
+        if existing and not resuming:  # checked before any repair: the other run's folder stays as it is
             listed = ", ".join(existing[:6]) + (f" and {len(existing) - 6} more" if len(existing) > 6 else "")
             raise ValueError(f"--output_path {folder} already holds another run ({listed}); nothing was changed. "
                              "Continue it with --resume_from_checkpoint latest, or choose another --output_path")
+        notes = recover(folder / "checkpoints")
+        for sub in (folder, folder / "validation"):
+            notes += [f"removed temp file {os.path.basename(f)}" for f in remove_stale_temps(sub, any_pid=True)]
     except BaseException:
         lock.close(discard=True)
         raise

@@ -286,8 +286,9 @@ class Trainer:
             ("rows", state.get("num_rows", len(self.samples)), len(self.samples)),
             ("--dataset_repeat", saved_repeat, args.dataset_repeat)) if before != now]
         if changed or state["batch"] > len(self.rank_batches(state["epoch"])):
-            self.accelerator.print(f"warning: the data changed since the checkpoint ({', '.join(changed) or 'batches'}):"
-                                   f" epoch {state['epoch']} restarts from its first batch")
+            what = ", ".join(changed) or "batches"
+            self.accelerator.print(f"warning: the data changed since the checkpoint ({what}): epoch {state['epoch']} "
+                                   "restarts from its first batch")
             state["batch"] = 0
         if state["step"] >= self.total_steps:
             raise ValueError(f"{self.resume} is at step {state['step']}, already the end of this run "
