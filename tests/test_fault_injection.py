@@ -287,6 +287,6 @@ def test_a_nan_loss_stops_training_and_saves_nothing(tiny_root, data, tmp_path, 
     monkeypatch.setattr(trainer_module.FluxTrainingModule, "forward",
                         lambda self, batch: next(p for p in self.parameters() if p.requires_grad).sum() * float("nan"))
     with pytest.raises(trainer_module.NonFiniteLoss, match=r"the loss is nan at step 1 \(metadata rows \[\d\]\);"
-                                                           r".*no checkpoint was saved"):
+                                                           r".*not updated with it; no checkpoint was saved"):
         train(args(tiny_root, data, tmp_path / "out"))
     assert os.listdir(tmp_path / "out") == []

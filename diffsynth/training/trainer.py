@@ -357,14 +357,13 @@ class Trainer:
         acc = self.accelerator
         with acc.accumulate(self.model):
             loss = self.model(batches)
+            self._check_loss(loss, batches)
             acc.backward(loss)
             if acc.sync_gradients and self.args.max_grad_norm:
                 acc.clip_grad_norm_(self.params, self.args.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self._micro_losses.append(loss.item())
-        if not math.isfinite(self._micro_losses[-1]):
-            raise self._nonfinite_loss(self._micro_losses[-1], batches)
         if not acc.sync_gradients:
             return None
         self.scheduler.step()
@@ -376,8 +375,20 @@ class Trainer:
         self._micro_losses = []
         return value
 
-    def _nonfinite_loss(self, value: float, batch: list[dict]) -> NonFiniteLoss:
-        rows = sorted({self.samples[item["index"]].row for item in batch})
+    def _check_loss(self, loss: torch.Tensor, batch: list[dict]) -> None:
+        """Before the backward pass, on every process together (one small all-gather per batch), so that a
+        non-finite loss never updates the weights and no process is left waiting for a stopped one."""
+        losses = self.accelerator.gather(loss.detach().float().reshape(1))
+        if torch.isfinite(losses).all():
+            return
+        value = loss.item()
+        if math.isfinite(value):
+            value, where = losses[~torch.isfinite(losses)][0].item(), "on another process"
+        else:
+            where = f"metadata rows {sorted({self.samples[item['index']].row for item in batch})}"
+        raise self._nonfinite_loss(value, where)
+
+    def _nonfinite_loss(self, value: float, where: str) -> NonFiniteLoss:
         bad = [n for n, p in self.trainable.items() if not torch.isfinite(p).all()]
         cause = (f"the trained weights are already non-finite ({bad[:3]}): NaN/Inf in the model or "
                  "--lora_checkpoint files, or an earlier update diverged") if bad else \
@@ -385,8 +396,8 @@ class Trainer:
              "fp16 overflow (use bf16 or fp32)")
         saved = f"the newest checkpoint is step-{self.state_saved_at} in {self.ckpt_root}" \
             if self.state_saved_at >= 0 else "no checkpoint was saved"
-        return NonFiniteLoss(f"training stopped: the loss is {value} at step {self.state['step'] + 1} "
-                             f"(metadata rows {rows}); {cause}. Nothing was saved for this step; {saved}")
+        return NonFiniteLoss(f"training stopped: the loss is {value} at step {self.state['step'] + 1} ({where}); "
+                             f"{cause}. The weights were not updated with it; {saved}")
 
     def after_step(self, step: int, loss: float, progress: tqdm) -> None:
         args = self.args
