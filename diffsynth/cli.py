@@ -204,15 +204,17 @@ def check_device(name: str) -> None:
 
 def cmd_generate(args) -> list[str]:
     from .ops.files import save_image
+    from .pipelines.checks import check_call_args
     # `demo` has no --overwrite: it always rewrites its own image
     overwrite = getattr(args, "overwrite", True)
+    params = {k: getattr(args, k) for k in GENERATION_KEYS}
+    input_image = open_input_image(args.input_image)
+    check_call_args({**params, "input_image": input_image})  # the pipeline's own checks, before models load
     paths = output_paths(args.output, args.num_images)
     check_outputs(paths, overwrite)
     check_device(args.device)
-    input_image = open_input_image(args.input_image)
     models = model_paths(args)
     pipe = build_pipeline(args, models)
-    params = {k: getattr(args, k) for k in GENERATION_KEYS}
     images = pipe(**params, input_image=input_image)
     images = images if isinstance(images, list) else [images]
     for i, (image, path) in enumerate(zip(images, paths)):

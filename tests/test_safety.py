@@ -314,6 +314,19 @@ def test_generate_checks_the_output_first(tmp_path, capsys, output, match):
     assert match in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, match", [
+    (["--cfg-scale", "nan"], "cfg_scale must be finite, got nan"),
+    (["--num-images", "0"], "num_images must be a positive integer"),
+    (["--height", "100000"], "height must be a positive integer and at most 16384, got 100000"),
+    (["--seed", "-1"], "seed must be an integer >= 0"),
+])
+def test_generate_checks_generation_arguments_before_loading(tmp_path, capsys, extra, match):
+    assert main(["generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x",
+                 "--output", str(tmp_path / "o.png")] + ARGS + extra) == 1
+    err = capsys.readouterr().err
+    assert match in err and "missing.safetensors" not in err and os.listdir(tmp_path) == []
+
+
 def test_generate_reads_the_input_image_first(tmp_path, capsys):
     (tmp_path / "in.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     assert main(["generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x",
