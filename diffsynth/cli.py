@@ -191,12 +191,12 @@ def open_input_image(path: str | None):
 
 
 def check_device(name: str) -> None:
+    """A device this machine has: otherwise torch fails deep inside model loading."""
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
-    available = {"cuda": torch.cuda.is_available,
-                 "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     if device.type in available and not available[device.type]():
         raise ValueError(f"--device {name}: this machine/torch build has no {device.type.upper()} device "
                          "(use --device cpu)")
