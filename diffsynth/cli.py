@@ -145,41 +145,89 @@ def build_pipeline(args, models: list[str]):
     return pipe
 
 
-def png_metadata(params: dict, seed: int, size: tuple[int, int], models: list[str]):
+def escape_line(text: str) -> str:
+    """One line of A1111 `parameters` text: a newline in a prompt could otherwise forge the
+    "Negative prompt:" or settings lines that readers parse."""
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+
+
+def png_metadata(params: dict, seed: int, size: tuple[int, int], models: list[str]) -> dict[str, str]:
     """A1111-style `parameters` text (what ComfyUI/A1111 users read) plus the exact call as JSON."""
-    from PIL.PngImagePlugin import PngInfo
-    text = params["prompt"]
+    text = escape_line(params["prompt"])
     if params.get("negative_prompt"):
-        text += f"\nNegative prompt: {params['negative_prompt']}"
+        text += f"\nNegative prompt: {escape_line(params['negative_prompt'])}"
     text += (f"\nSteps: {params['num_inference_steps']}, Sampler: Euler (flow matching), "
              f"CFG scale: {params['cfg_scale']}, Guidance: {params['embedded_guidance']}, Seed: {seed}, "
              f"Size: {size[0]}x{size[1]}, Shift: {params.get('sigma_shift') or 3.0}, "
              f"Model: {', '.join(os.path.basename(m.rstrip('/')) for m in models)}")
-    info = PngInfo()
-    info.add_text("parameters", text)
-    info.add_text("diffsynth", json.dumps({**params, "seed": seed, "models": models}))
-    return info
+    return {"parameters": text, "diffsynth": json.dumps({**params, "seed": seed, "models": models})}
+
+
+def output_paths(output: str, num_images: int) -> list[str]:
+    out = Path(output)
+    return [str(out)] if num_images == 1 else [str(out.with_name(f"{out.stem}-{i}{out.suffix}"))
+                                               for i in range(num_images)]
+
+
+def check_outputs(paths: list[str], overwrite: bool) -> None:
+    """Before any model loads: a known image extension, a writable folder, and no file silently replaced."""
+    from .ops.files import check_writable, image_format, remove_stale_temps
+    for path in paths:
+        if os.path.isdir(path):
+            raise ValueError(f"--output {path} is a folder; give a file name such as {path}/image.png")
+        image_format(path)
+        if os.path.lexists(path) and not overwrite:
+            raise FileExistsError(f"--output {path} already exists: pass --overwrite to replace it")
+    folder = Path(paths[0]).parent.resolve()
+    check_writable(folder, "the folder of --output")
+    remove_stale_temps(folder)  # half-written images of killed runs (only those whose process is gone)
+
+
+def open_input_image(path: str | None):
+    """The decoded --input-image (decoded now: a damaged file fails before the models load)."""
+    if path is None:
+        return None
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"--input-image {path}: cannot be read as an image ({type(e).__name__}: {e})") from None
+
+
+def check_device(name: str) -> None:
+    """A device this machine has: otherwise torch fails deep inside model loading."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if device.type in available and not available[device.type]():
+        raise ValueError(f"--device {name}: this machine/torch build has no {device.type.upper()} device "
+                         "(use --device cpu)")
 
 
 def cmd_generate(args) -> list[str]:
-    from PIL import Image
-    from .ops.files import save_png
+    from .ops.files import save_image
+    from .pipelines.checks import check_call_args
+    # `demo` has no --overwrite: it always rewrites its own image
+    overwrite = getattr(args, "overwrite", True)
+    params = {k: getattr(args, k) for k in GENERATION_KEYS}
+    input_image = open_input_image(args.input_image)
+    check_call_args({**params, "input_image": input_image})  # the pipeline's own checks, before models load
+    paths = output_paths(args.output, args.num_images)
+    check_outputs(paths, overwrite)
+    check_device(args.device)
     models = model_paths(args)
     pipe = build_pipeline(args, models)
-    params = {k: getattr(args, k) for k in GENERATION_KEYS}
-    input_image = Image.open(args.input_image) if args.input_image else None
     images = pipe(**params, input_image=input_image)
     images = images if isinstance(images, list) else [images]
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, image in enumerate(images):
-        path = str(out) if len(images) == 1 else str(out.with_name(f"{out.stem}-{i}{out.suffix}"))
-        save_png(image, path, png_metadata({**params, "input_image": args.input_image, "loras": loras(args)},
-                                           pipe.last_seed + i, image.size, models))
-        written.append(path)
+    for i, (image, path) in enumerate(zip(images, paths)):
+        save_image(image, path, png_metadata({**params, "input_image": args.input_image, "loras": loras(args)},
+                                             pipe.last_seed + i, image.size, models), overwrite=overwrite)
         print(f"saved {path}")
-    return written
+    return paths
 
 
 def cmd_inspect(args) -> None:
@@ -243,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
     gen.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16" if torch.cuda.is_available() else "fp32",
                      help="compute dtype")
-    gen.add_argument("--output", default="image.png", help="image file to write (numbered when --num-images > 1)")
+    gen.add_argument("--output", default="image.png", help="image file; .png (with the parameters), .jpg or .webp "
+                     "(numbered when --num-images > 1)")
+    gen.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
     add_generation_args(gen)
     add_runtime_args(gen)
     gen.set_defaults(func=cmd_generate)
@@ -276,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, FileExistsError, PermissionError, ImportError, ValueError, RuntimeError,
+            FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

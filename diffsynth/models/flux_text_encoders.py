@@ -139,6 +139,8 @@ def load_clip_text_encoder(
     raw = strip_first_prefix(state_dict, (CLIP_PREFIX,))
     config = _clip_config_from_dict(config_dict) if config_dict is not None else infer_clip_config(raw)
     sd = {_clip_key(k): v for k, v in raw.items() if k not in _CLIP_IGNORED}
+    _check_depth(config.num_hidden_layers, _layer_count(sd, "text_model.encoder.layers."), "CLIP",
+                 "num_hidden_layers")
     with torch.device("meta"):
         model = CLIPTextModel(config)
     # transformers 5 drops the ``text_model.`` level inside CLIPTextModel; 4.x keeps it.
@@ -200,6 +202,7 @@ def load_t5_encoder(
     if "shared.weight" not in sd and embed is not None:
         sd["shared.weight"] = embed
     config = T5Config.from_dict(dict(config_dict)) if config_dict is not None else infer_t5_config(sd)
+    _check_depth(config.num_layers, _layer_count(sd, "encoder.block."), "T5", "num_layers")
     with torch.device("meta"):
         model = T5EncoderModel(config)
     _assign(model, sd, dtype, "T5 encoder", optional={_T5_EMBED})
@@ -211,6 +214,14 @@ def load_t5_encoder(
 # --------------------------------------------------------------------------------------
 # Loading helpers
 # --------------------------------------------------------------------------------------
+
+
+def _check_depth(configured, found: int, what: str, field: str) -> None:
+    """Compare config.json's depth with the weights before building: a corrupt or hostile value
+    (num_hidden_layers=10**9) would otherwise spin and grow memory building empty layers."""
+    if configured != found:
+        raise ValueError(f"{what} text encoder: config.json says {field}={configured!r} but the weights hold "
+                         f"{found} layers")
 
 
 def _short(keys: list[str], n: int = 10) -> str:

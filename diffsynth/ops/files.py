@@ -1,16 +1,20 @@
 """Checkpoint readers: safetensors (own reader, sharded + index), torch files (weights_only), folders.
 
 Tensors are described lazily (`TensorRef`: shape, dtype, where the bytes are) so that detection and
-`diffsynth inspect` never read weights. Loading maps each safetensors file copy-on-write and hands out
-views of it: a tensor already in the requested dtype costs no copy at all, a converted one exactly one,
-so peak memory is the size of the weights in the requested dtype.
+`diffsynth inspect` never read weights. Loading reads each tensor into its own memory (never a view of
+the file: see `_FileReader`), converting one tensor at a time, so peak memory is the size of the
+weights in the requested dtype plus one tensor.
 """
 from __future__ import annotations
 
+import itertools
 import json
-import mmap
 import os
+import re
+import stat
 import struct
+import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -61,68 +65,135 @@ class TensorRef:
 
 # ----------------------------------------------------------------------------- safetensors
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
+
+
+def require_regular_file(path: str) -> None:
+    """A FIFO, socket or device given as a model file would block or stream forever: refuse it up front."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise CheckpointError(f"{path}: not a regular file (a pipe, device or socket cannot be a checkpoint)")
+
+
+def _unique_pairs(path: str):
+    """json object_pairs_hook refusing duplicated names (json.loads would silently keep the last one)."""
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            dup = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+            raise CheckpointError(f"{path}: corrupt safetensors header: duplicated names {dup[:5]}")
+        return out
+    return hook
+
+
 def _read_safetensors_header(path: str) -> tuple[dict, int]:
+    require_regular_file(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
+        if n > size - 8 or n > MAX_HEADER_BYTES:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file is {size})")
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_unique_pairs(path))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: a JSON object was expected, "
+                              f"got a {type(header).__name__}")
     return header, 8 + n
 
 
-class _MappedFile:
-    """One copy-on-write memory map per file, opened on first read and shared by all its tensors.
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-    Tensors read from it are views of the page cache: loading costs no copy and no page faults on
-    fresh memory, and the process holds only the pages it touches. Writes (a merged LoRA, say) go to
-    private copies of the touched pages, never to the file.
+
+def _parse_entry(path: str, key: str, info) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, validated as the format specification requires."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors entry for {key!r}: {what} ({info!r})")
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise bad("needs dtype, shape and data_offsets")
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise bad(f"unsupported dtype {info['dtype']!r}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise bad("shape must be a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
+        raise bad("data_offsets must be [begin, end] with integers 0 <= begin <= end")
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    begin, end = offsets
+    expected = torch.Size(shape).numel() * dtype.itemsize
+    if end - begin != expected:
+        raise CheckpointError(f"{path}: corrupt: tensor {key!r} has {end - begin} bytes, shape {shape} needs {expected}")
+    return dtype, tuple(shape), begin, end
+
+
+def _check_layout(path: str, ranges: list[tuple[int, int, str]], data_size: int) -> None:
+    """Byte ranges must tile the data section exactly: in bounds, disjoint, no gap, nothing after the last."""
+    position = 0
+    for begin, end, key in sorted(ranges):
+        if end > data_size:
+            raise CheckpointError(f"{path}: truncated or corrupt: tensor {key!r} needs bytes {begin}..{end} "
+                                  f"of a {data_size}-byte data section")
+        if begin != position:
+            kind = "overlaps another tensor" if begin < position else f"leaves a gap after byte {position}"
+            raise CheckpointError(f"{path}: corrupt: the byte range {begin}..{end} of tensor {key!r} {kind}")
+        position = max(position, end)
+    if position != data_size:
+        raise CheckpointError(f"{path}: corrupt: {data_size - position} bytes after the last tensor "
+                              "(the data section must be exactly covered)")
+
+
+class _FileReader:
+    """Reads each tensor of one safetensors file into fresh memory (copy-on-load, see README "Data safety").
+
+    Loaded weights never alias the file: a file truncated or re-downloaded while a server runs cannot
+    crash it (SIGBUS on a memory map) or silently change its weights. A file that changed between the
+    scan and the read (size, mtime or inode) is refused instead of being read half old, half new.
     """
 
     def __init__(self, path: str):
         self.path = path
-        self._map: mmap.mmap | None = None
+        self.identity = self._identity(os.stat(path))
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> tuple[int, int, int]:
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def read(self, ref: TensorRef) -> torch.Tensor:
+        out = torch.empty(ref.shape, dtype=ref.dtype)
         if ref.nbytes == 0:
-            return torch.empty(ref.shape, dtype=ref.dtype)
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        if len(self._map) < ref.offset + ref.nbytes:
+            return out
+        with open(self.path, "rb") as f:
+            if self._identity(os.fstat(f.fileno())) != self.identity:
+                raise CheckpointError(f"{self.path}: changed on disk since it was opened (replaced or truncated "
+                                      "while loading?): load it again")
+            f.seek(ref.offset)
+            got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
+        if got != ref.nbytes:
             raise CheckpointError(f"{self.path}: truncated while reading {ref.key!r} (file changed on disk?)")
-        data = torch.frombuffer(self._map, dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
-        if ref.offset % ref.dtype.itemsize:
-            data = data.clone()  # unaligned: a typed view needs an aligned start
-        return data.view(ref.dtype).reshape(ref.shape)
+        return out
 
 
 def scan_safetensors(path: str) -> tuple[dict[str, TensorRef], dict[str, str]]:
     header, data_start = _read_safetensors_header(path)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map names to strings, "
+                              f"got {metadata!r:.200}")
     data_size = os.path.getsize(path) - data_start
-    mapped = _MappedFile(path)
-    refs = {}
+    reader = _FileReader(path)
+    refs, ranges = {}, []
     for key, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors entry for {key!r}: {info!r}") from None
-        if end > data_size or begin > end:
-            raise CheckpointError(f"{path}: truncated or corrupt: tensor {key!r} needs bytes {begin}..{end} "
-                                  f"of a {data_size}-byte data section")
-        expected = torch.Size(shape).numel() * dtype.itemsize
-        if end - begin != expected:
-            raise CheckpointError(f"{path}: corrupt: tensor {key!r} has {end - begin} bytes, shape {shape} needs {expected}")
-        refs[key] = TensorRef(key, shape, dtype, path, mapped.read, data_start + begin, end - begin)
+        dtype, shape, begin, end = _parse_entry(path, key, info)
+        ranges.append((begin, end, key))
+        refs[key] = TensorRef(key, shape, dtype, path, reader.read, data_start + begin, end - begin)
+    _check_layout(path, ranges, data_size)
     return refs, metadata
 
 
@@ -139,15 +210,18 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def scan_torch_file(path: str) -> dict[str, TensorRef]:
+    require_regular_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # torch can map only zip-format files; legacy (pre-1.6) files are read into memory instead
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # pickle with code, zip damage, ...: all mean "refuse this file"
         raise CheckpointError(f"{path}: cannot be read as a weights-only torch file ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    return {k: TensorRef(k, tuple(t.shape), t.dtype, path, lambda r: r.extra, extra=t)
+    # clone on load: loaded weights must not stay views of a file that may change (see _FileReader)
+    return {k: TensorRef(k, tuple(t.shape), t.dtype, path, lambda r: r.extra.clone(), extra=t)
             for k, t in _flatten(obj).items()}
 
 
@@ -166,15 +240,37 @@ def expand_paths(paths: str | os.PathLike | Iterable) -> list[str]:
         elif p.endswith(".index.json"):
             files.extend(_index_shards(p))
         else:
+            require_regular_file(p)
             files.append(p)
     return files
 
 
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """A JSON object from `path`; CheckpointError naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON in this {what} ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: this {what} must hold a JSON object, got a {type(value).__name__}")
+    return value
+
+
+def _inside(folder: str, name: str) -> bool:
+    real = os.path.realpath(folder)
+    return os.path.commonpath([real, os.path.realpath(os.path.join(real, name))]) == real
+
+
 def _index_shards(index_path: str) -> list[str]:
-    with open(index_path) as f:
-        weight_map = json.load(f).get("weight_map", {})
+    weight_map = read_json(index_path, "shard index").get("weight_map", {})
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
     folder = os.path.dirname(index_path)
     shards = sorted(set(weight_map.values()))
+    outside = [s for s in shards if not _inside(folder, s)]
+    if outside:  # an index must not make us open /etc/passwd or another model's files
+        raise CheckpointError(f"{index_path} names shards outside its folder: {outside[:5]}")
     missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
     if missing:
         raise FileNotFoundError(f"{index_path} lists shards that are missing: {missing}")
@@ -194,6 +290,7 @@ def _folder_weight_files(folder: str) -> list[str]:
 
 
 def scan_file(path: str) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    require_regular_file(path)
     if path.endswith(".gguf"):
         from .gguf import scan_gguf  # optional format, imported only when used
         return scan_gguf(path), {}
@@ -221,10 +318,7 @@ def read_config(paths) -> dict | None:
         return None
     folder = Path(p) if Path(p).is_dir() else Path(p).parent
     cfg = folder / "config.json"
-    if cfg.is_file():
-        with open(cfg) as f:
-            return json.load(f)
-    return None
+    return read_json(cfg, "model config") if cfg.is_file() else None
 
 
 def strip_prefix(mapping: dict, prefix: str) -> dict:
@@ -251,27 +345,135 @@ def load_state_dict(paths, dtype: torch.dtype | None = None, device="cpu") -> di
     return load_tensors(scan(paths), dtype, device)
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write atomically: a temp file beside the target, then rename, so readers never see half a file."""
-    from safetensors.torch import save_file
+# ----------------------------------------------------------------------------- atomic writes
+
+# `<target>.tmp-<pid>-<n>`: the writer's PID tells a leftover of a killed process from a live write. Also
+# matches the names earlier versions used (`<target>.tmp-<pid>`, `<image>.tmp-<pid>.png`).
+TEMP_NAME = re.compile(r"\.tmp-(\d+)(?:-\d+|\.png)?$")
+_temp_counter = itertools.count()
+
+
+def temp_path(path: str) -> str:
+    """A temporary name beside `path`, unique per process and call."""
+    return f"{path}.tmp-{os.getpid()}-{next(_temp_counter)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # cannot tell: keep the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, any_pid: bool = False) -> list[str]:
+    """Delete temp files in `folder` left by killed writers (their PID is gone; `any_pid`: every temp file,
+    for a folder locked by the caller, where no other writer can be at work). Returns what was removed."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for entry in os.scandir(folder):
+        m = TEMP_NAME.search(entry.name)
+        if m and entry.is_file(follow_symlinks=False) and (any_pid or not _pid_alive(int(m.group(1)))):
+            os.remove(entry.path)
+            removed.append(entry.path)
+    return removed
+
+
+def check_writable(folder: Path, what: str) -> bool:
+    """Create `folder` if needed and prove a file can be written in it, before any expensive work.
+    Returns whether the folder was created."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {folder} exists and is not a folder")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = Path(temp_path(str(folder / ".write-test")))
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{what} {folder} is not writable ({e.strerror or e})") from None
+    return created
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: str, path: str, overwrite: bool = True) -> None:
+    """Move a finished temp file to `path` in one step. overwrite=False never replaces an existing file,
+    even one created by a concurrent process after any earlier check (a hard link fails if `path` exists)."""
+    fsync_path(tmp)  # the data is on disk before the name points at it
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists (written by another process?): not overwritten") from None
+    os.remove(tmp)
+
+
+def _write_atomic(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool) -> None:
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(f"{path} already exists: not overwritten")
+    tmp = temp_path(path)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        write(tmp)
+        publish(tmp, path, overwrite)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def save_png(image, path: str | os.PathLike, pnginfo=None) -> None:
-    """Write a PIL image as PNG atomically (temp file beside it, then rename)."""
-    path = str(path)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    try:
-        image.save(tmp, format="PNG", pnginfo=pnginfo)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None,
+                     overwrite: bool = True) -> None:
+    """Write atomically (temp file beside the target, fsync, rename): readers never see half a file.
+    Tensors holding NaN/Inf are refused: such a file is never useful and would hide the real failure."""
+    from safetensors.torch import save_file
+    bad = nonfinite_keys(tensors)
+    if bad:
+        raise ValueError(f"{path}: not written: {len(bad)} tensors hold NaN/Inf, e.g. {bad[:3]}")
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _write_atomic(path, lambda tmp: save_file(cpu, tmp, metadata=metadata), overwrite)
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The format an output file's extension names; ValueError for others."""
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext not in IMAGE_FORMATS:
+        raise ValueError(f"{path}: the extension must be one of {', '.join(IMAGE_FORMATS)} (it picks the format)")
+    return IMAGE_FORMATS[ext]
+
+
+def save_image(image, path: str | os.PathLike, text: dict[str, str] | None = None, overwrite: bool = True) -> None:
+    """Write a PIL image atomically in the format its extension names. `text`: PNG text chunks; a JPEG
+    keeps only the `parameters` entry, as its comment; a WebP none."""
+    fmt = image_format(path)
+    kwargs: dict = {}
+    if fmt == "PNG" and text:
+        from PIL.PngImagePlugin import PngInfo
+        kwargs["pnginfo"] = PngInfo()
+        for k, v in text.items():
+            kwargs["pnginfo"].add_text(k, v)
+    if fmt == "JPEG":
+        kwargs.update(quality=95, comment=(text or {}).get("parameters", ""))
+        image = image.convert("RGB")
+    _write_atomic(path, lambda tmp: image.save(tmp, format=fmt, **kwargs), overwrite)

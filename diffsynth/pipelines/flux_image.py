@@ -24,6 +24,7 @@ from ..models.flux_dit import image_ids
 from ..models.flux_dit_cache import make_cache
 from ..ops.attention import set_attention_backend as _set_attention_backend
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
+from .checks import check_call_args, check_finite
 from .denoise import batch_cfg_inputs, model_fn
 from .units import StepUnit, Unit, active_units, run_units, unit
 from .variants import UNITS as VARIANT_UNITS
@@ -315,10 +316,9 @@ class FluxImagePipeline(nn.Module):
         variant_inputs: the inputs of the model variants (kontext_images, ...), see the README; a name that
         no unit of this pipeline reads is an error.
         """
+        check_call_args(locals())  # types, ranges, finiteness, sizes: before anything is allocated
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         if tiled and not 0 < tile_stride <= tile_size:
             raise ValueError(f"tile_stride ({tile_stride}) must be in (0, tile_size={tile_size}]")
         if self.dit is None:
@@ -340,6 +340,7 @@ class FluxImagePipeline(nn.Module):
         run_units(self, units, shared, posi, nega, use_cfg)
         cache = make_cache(tea_cache_l1_thresh, fbcache_thresh, num_inference_steps, use_cfg)
         latents = self.denoise(units, shared, posi, nega, cfg_scale, batch_cfg, cache, progress_bar_cmd)
+        check_finite(self, latents, "latents", {**shared, **posi})
         self.last_cache_stats = cache.stats() if cache is not None else None
         self.last_seed = shared["seed"]
         if output_type == "latent":
@@ -349,6 +350,7 @@ class FluxImagePipeline(nn.Module):
         self.load_models_to_device(("vae_decoder",))
         image = self.vae_decoder(latents.to(self.compute_device_of("vae_decoder"), self.torch_dtype),
                                  tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+        check_finite(self, image, "decoded image", {})
         if output_type == "pt":
             return ((image.float().clamp(-1, 1) + 1) / 2).cpu()
         images = tensor_to_images(image)

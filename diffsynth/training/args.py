@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from ..ops.files import DTYPE_NAMES
+from ..pipelines.checks import MAX_PIXELS, MAX_SIDE, MAX_T5_SEQUENCE_LENGTH
 from .export import FULL_FORMATS, LORA_FORMATS
 from .schedule import LR_SCHEDULERS, TIMESTEP_SAMPLINGS
 
@@ -159,14 +161,21 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     need((args.height is None) == (args.width is None), "--height and --width go together (or leave both empty)")
     for name in ("height", "width"):
         v = getattr(args, name)
-        need(v is None or (v > 0 and v % 16 == 0), f"--{name} must be a positive multiple of 16, got {v}")
-    need(args.max_pixels >= 16 * 16, f"--max_pixels must be at least 256, got {args.max_pixels}")
+        need(v is None or (0 < v <= MAX_SIDE and v % 16 == 0),
+             f"--{name} must be a positive multiple of 16 up to {MAX_SIDE}, got {v}")
+    need(16 * 16 <= args.max_pixels <= MAX_PIXELS, f"--max_pixels must be in [256, {MAX_PIXELS}], got {args.max_pixels}")
     for name in ("dataset_repeat", "num_epochs", "batch_size", "gradient_accumulation_steps", "lora_rank",
                  "bucket_step", "t5_sequence_length", "validation_inference_steps", "checkpoints_total_limit"):
         need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("max_steps", "save_steps", "checkpointing_steps", "validation_steps"):
         v = getattr(args, name)
         need(v is None or v >= 1, f"--{name} must be >= 1, got {v}")
+    for name in ("learning_rate", "weight_decay", "guidance", "logit_mean", "logit_std", "max_grad_norm",
+                 "ema_decay", "validation_guidance"):
+        v = getattr(args, name)
+        need(v is None or math.isfinite(v), f"--{name} must be a finite number, got {v}")
+    need(args.t5_sequence_length <= MAX_T5_SEQUENCE_LENGTH,
+         f"--t5_sequence_length must be <= {MAX_T5_SEQUENCE_LENGTH} (FLUX's T5 context), got {args.t5_sequence_length}")
     need(args.dataset_num_workers >= 0, "--dataset_num_workers must be >= 0")
     need(args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}")
     need(args.weight_decay >= 0, f"--weight_decay must be >= 0, got {args.weight_decay}")

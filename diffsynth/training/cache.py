@@ -12,7 +12,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from ..ops.files import save_safetensors
+from ..ops.files import remove_stale_temps, save_safetensors
 from .data import ImageDataset, Sample
 from .module import FluxTrainingModule, cached_keys
 
@@ -34,6 +34,8 @@ def cache_paths(samples: list[Sample], sizes: list[tuple[int, int]], cache_dir: 
 def build_cache(module: FluxTrainingModule, dataset: ImageDataset, paths: list[str], rank: int = 0,
                 world: int = 1, show_progress: bool = True) -> int:
     """Encode the rows whose cache file is missing (rows split across processes). Returns how many."""
+    if rank == 0 and paths:  # half-written entries of killed runs (only those whose process is gone)
+        remove_stale_temps(os.path.dirname(paths[0]))
     todo = [i for i in range(rank, len(paths), world) if not os.path.isfile(paths[i])]
     for i in tqdm(todo, desc="caching latents and text embeddings", disable=not show_progress or not todo):
         inputs = module.prepare_sample(dataset[i], seed=0)

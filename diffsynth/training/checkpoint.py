@@ -2,9 +2,10 @@
 
 `<output_path>/checkpoints/step-N/` holds the trainable weights (full names, native dtype), optimizer
 and LR-scheduler state, EMA weights, one RNG file per process and `state.json` (step, epoch, position
-in the epoch's batch list). A checkpoint is written into a hidden temp folder and renamed into place,
-then `latest` (a one-line text file) is replaced atomically, so killing the process at any moment
-leaves `latest` naming a complete checkpoint.
+in the epoch's batch list). A checkpoint is written into a hidden temp folder (state.json last, atomically)
+and renamed into place, then `latest` (a one-line text file) is replaced atomically. A kill at any
+moment leaves a complete checkpoint on disk: at worst in the temp folder or in the folder being
+replaced, which `recover` (run before every resume) renames back into place.
 """
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ import random
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ..ops.files import (CheckpointError, fsync_path, load_state_dict, nonfinite_keys, publish,
+                         remove_stale_temps, temp_path)
 
 STATE_FILE = "state.json"
 LATEST = "latest"
@@ -50,55 +55,92 @@ def restore_rng(state: dict) -> None:
 
 # ----------------------------------------------------------------------------- files
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = Path(temp_path(str(path)))
+    tmp.write_text(text)
+    publish(str(tmp), str(path))
 
 
 def write_pointer(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    tmp.write_text(name + "\n")
-    _fsync(tmp)
-    os.replace(tmp, root / LATEST)
+    write_text_atomic(root / LATEST, name + "\n")
 
 
 def is_complete(path: Path) -> bool:
+    """state.json is written last, atomically, after every other file is on disk."""
     return (path / STATE_FILE).is_file()
+
+
+def step_of(path: Path) -> int:
+    return int(NAME.fullmatch(path.name).group(1))
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete `step-N` folders, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if NAME.fullmatch(p.name) and is_complete(p)]
-    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
+    return sorted((p for p in root.iterdir() if NAME.fullmatch(p.name) and is_complete(p)), key=step_of)
 
 
-def resolve_resume(root: Path, spec: str) -> Path | None:
-    """The checkpoint `--resume_from_checkpoint` names: "latest" (None when there is none yet) or a folder."""
+def _leftover_target(folder: Path) -> str | None:
+    """The `step-N` a `.tmp-step-N` / `.old-step-N-PID` folder belongs to."""
+    m = re.fullmatch(r"\.(?:tmp-(step-\d+)|old-(step-\d+)-\d+)", folder.name)
+    return (m.group(1) or m.group(2)) if m else None
+
+
+def recover(root: Path) -> list[str]:
+    """Repair what a killed save left behind; call before resolving a resume or pruning, with the output folder
+    locked. A missing `step-N` is restored from its complete temp folder (the newer state) or else from the
+    complete previous version being replaced; then every leftover folder and temp file goes. Returns notes."""
+    if not root.is_dir():
+        return []
+    notes, leftovers = [], sorted(p for p in root.iterdir() if p.is_dir() and _leftover_target(p))
+    # temp folders before old ones: a complete temp folder is the newer state of that step
+    for folder in sorted(leftovers, key=lambda p: not p.name.startswith(".tmp-")):
+        final = root / _leftover_target(folder)
+        if not final.exists() and is_complete(folder):
+            os.rename(folder, final)
+            notes.append(f"restored {final.name} from {folder.name} (a save was interrupted)")
+    for folder in leftovers:
+        if folder.exists():
+            shutil.rmtree(folder)
+    notes += [f"removed temp file {os.path.basename(f)}" for f in remove_stale_temps(root, any_pid=True)]
+    if notes:
+        fsync_path(root)
+    return notes
+
+
+def resume_candidates(root: Path, spec: str) -> list[Path]:
+    """Checkpoints `--resume_from_checkpoint` may use, preferred first: the folder it names, or for
+    "latest" the one `latest` names and then every other complete one, newest first."""
     if spec != LATEST:
         path = Path(spec)
         if not is_complete(path):
             raise ValueError(f"--resume_from_checkpoint {spec}: not a complete training checkpoint (no {STATE_FILE})")
-        return path
+        return [path]
+    found = complete_checkpoints(root)[::-1]
     pointer = root / LATEST
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if is_complete(path):
-            return path
-        warnings.warn(f"{pointer} names {path}, which is missing or incomplete; using the newest complete one")
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+    if not pointer.is_file():
+        return found
+    name = pointer.read_text().strip()
+    if not NAME.fullmatch(name):  # only a step-N folder of this checkpoints/ may be named
+        raise ValueError(f"{pointer} names {name!r}, not a step-N folder of {root}: refusing to follow it "
+                         "(repair or delete the file, or pass --resume_from_checkpoint <folder>)")
+    if not is_complete(root / name):
+        warnings.warn(f"{pointer} names {name}, which is missing or incomplete; using the newest complete one")
+        return found
+    return [root / name] + [p for p in found if p.name != name]
+
+
+def resolve_resume(root: Path, spec: str) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint` names: "latest" (None when there is none yet) or a folder."""
+    found = resume_candidates(root, spec)
+    return found[0] if found else None
 
 
 def prune(root: Path, keep: int | None, protect: str) -> None:
-    """Delete the oldest complete checkpoints beyond `keep` (never `protect`), and stale temp folders."""
-    for p in root.iterdir():
-        if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+    """Delete the oldest complete checkpoints beyond `keep` (never `protect`). Leftovers of killed saves go
+    through `recover` first, so a complete state in them becomes a checkpoint instead of being deleted."""
+    recover(root)
     if keep is None:
         return
     found = [p for p in complete_checkpoints(root) if p.name != protect]
@@ -106,13 +148,30 @@ def prune(root: Path, keep: int | None, protect: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _replace_folder(root: Path, tmp: Path, name: str) -> None:
+    """Rename the complete `tmp` to `name`. An existing `name` is first moved aside; a kill between the two
+    renames leaves both complete folders, which `recover` turns back into `name`."""
+    final, old = root / name, None
+    if final.exists():
+        old = root / f".old-{name}-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_path(root)
+    write_pointer(root, name)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer,
                     scheduler, ema: dict[str, torch.Tensor] | None, state: dict, keep: int | None) -> Path:
     """Write the training state atomically (call on every process). Returns the checkpoint folder."""
     name = f"step-{step}"
-    tmp, final = root / f".tmp-{name}", root / name
+    tmp = root / f".tmp-{name}"
     main = accelerator.is_main_process
     if main:
+        bad = nonfinite_keys(trainable) + nonfinite_keys(ema or {})
+        if bad:  # checked before any file is touched: the last good checkpoint stays the newest
+            raise ValueError(f"checkpoint {name} not written: NaN/Inf in {bad[:3]}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -127,53 +186,100 @@ def save_checkpoint(accelerator, root: Path, step: int, trainable: dict[str, tor
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if ema is not None:
             save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     accelerator.wait_for_everyone()
     if main:
         for f in tmp.rglob("*"):
             if f.is_file():
-                _fsync(f)
-        old = None
-        if final.exists():
-            old = root / f".old-{name}-{os.getpid()}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync(root)
-        write_pointer(root, name)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                fsync_path(f)
+        write_text_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))  # last: its presence means complete
+        fsync_path(tmp)
+        _replace_folder(root, tmp, name)
         prune(root, keep, protect=name)
     accelerator.wait_for_everyone()
-    return final
+    return root / name
 
 
-def load_checkpoint(accelerator, path: Path, module: torch.nn.Module, optimizer, scheduler,
+# ----------------------------------------------------------------------------- loading
+
+@dataclass
+class SavedState:
+    """Everything a checkpoint holds, read into memory (so that a damaged file is found before any change)."""
+    path: Path
+    state: dict
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict | None
+    scheduler: dict
+    ema: dict[str, torch.Tensor] | None
+    rng: dict | None
+
+
+def read_checkpoint(path: Path, process_index: int = 0, deepspeed: bool = False) -> SavedState:
+    """Read and check every file of `path`; CheckpointError naming the file when one is damaged."""
+    def torch_file(name: str):
+        try:
+            return torch.load(path / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, missing file, ...: the file is unusable either way
+            raise CheckpointError(f"{path / name}: unreadable ({type(e).__name__}: {e})") from None
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({e})") from None
+    rng = path / f"rng-{process_index}.pt"
+    return SavedState(
+        path=path, state=state, trainable=load_state_dict(str(path / "trainable.safetensors")),
+        optimizer=None if deepspeed else torch_file("optimizer.pt"), scheduler=torch_file("scheduler.pt"),
+        ema=load_state_dict(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None,
+        rng=torch_file(rng.name) if rng.is_file() else None)
+
+
+def read_newest_readable(candidates: list[Path], process_index: int = 0, deepspeed: bool = False,
+                         ) -> SavedState | None:
+    """The first of `candidates` whose files all read back; a damaged one is skipped with a warning."""
+    problems = []
+    for path in candidates:
+        try:
+            saved = read_checkpoint(path, process_index, deepspeed)
+        except (CheckpointError, FileNotFoundError) as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            warnings.warn(f"skipped damaged checkpoint(s), resuming from {path}: " + "; ".join(problems))
+        return saved
+    if problems:
+        raise ValueError("no readable checkpoint to resume from: " + "; ".join(problems))
+    return None
+
+
+def load_checkpoint(accelerator, saved: SavedState, module: torch.nn.Module, optimizer, scheduler,
                     ema: dict[str, torch.Tensor] | None) -> dict:
-    """Restore weights, optimizer, scheduler, EMA and this process's RNG from `path`; returns state.json."""
-    state = json.loads((path / STATE_FILE).read_text())
+    """Restore weights, optimizer, scheduler, EMA and this process's RNG from `saved`; returns state.json."""
+    path = saved.path
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    tensors = load_file(path / "trainable.safetensors")
-    if tensors.keys() != params.keys():
-        diff = sorted(tensors.keys() ^ params.keys())
+    if saved.trainable.keys() != params.keys():
+        diff = sorted(saved.trainable.keys() ^ params.keys())
         raise ValueError(f"{path} was saved with other trainable parameters (different --trainable_models, "
                          f"--lora_base_model, --lora_target_modules?): e.g. {diff[:5]}")
+    shapes = [f"{k} {tuple(v.shape)} != {tuple(params[k].shape)}" for k, v in saved.trainable.items()
+              if v.shape != params[k].shape]
+    if shapes:
+        raise ValueError(f"{path} holds parameters of other shapes (saved != now; a different --lora_rank?): "
+                         f"{shapes[:3]}")
     if accelerator.distributed_type == "DEEPSPEED":
         accelerator.load_state(str(path / "deepspeed"), load_module_strict=False)
     else:
         with torch.no_grad():
             for k, p in params.items():
-                p.copy_(tensors[k])
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+                p.copy_(saved.trainable[k])
+        optimizer.load_state_dict(saved.optimizer)
+    scheduler.load_state_dict(saved.scheduler)
     if ema is not None:
-        if not (path / "ema.safetensors").is_file():
+        if saved.ema is None:
             raise ValueError(f"{path} has no EMA weights, but --ema_decay is set")
-        for k, v in load_file(path / "ema.safetensors").items():
+        for k, v in saved.ema.items():
             ema[k].copy_(v)
-    rng = path / f"rng-{accelerator.process_index}.pt"
-    if rng.is_file():
-        restore_rng(torch.load(rng, weights_only=True))
+    if saved.rng is not None:
+        restore_rng(saved.rng)
     else:
         warnings.warn(f"{path} has no RNG state for process {accelerator.process_index} "
                       "(saved with fewer processes): random draws will differ from an uninterrupted run")
-    return state
+    return saved.state

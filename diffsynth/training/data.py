@@ -3,7 +3,7 @@
 A dataset is a folder (`--dataset_base_path`) plus a metadata file: `metadata.csv` (`image,prompt[,extra]`),
 a `.json` list of objects, or `.jsonl`. Without a metadata file the folder's `metadata.*` is used, or
 else every image with a same-named `.txt` caption. Every row is checked before training starts; all
-problems are reported together in one `DatasetError`.
+problems are reported together in one `DatasetError`; every image is decoded once for that.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def image_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             size = im.size
-            im.verify()
+            im.load()  # a full decode: verify() passes truncated JPEGs, which would crash training mid-run
     except Exception as e:  # PIL raises many types for damaged files
         raise ValueError(f"{path} cannot be read as an image ({type(e).__name__}: {e})") from None
     return size

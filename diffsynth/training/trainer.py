@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import random
@@ -18,16 +17,25 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..ops.files import DTYPE_NAMES, save_png
+from ..ops.files import DTYPE_NAMES, save_image
 from .args import build_parser, check_args, parse_model_sources
 from .cache import build_cache, cache_paths
-from .checkpoint import STATE_FILE, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import SavedState, load_checkpoint, read_newest_readable, resume_candidates, save_checkpoint
 from .data import ImageDataset, bucket_sizes, epoch_batches, load_samples, shard_batches, target_size
 from .export import save_output, training_info
 from .module import FluxTrainingModule
+from .run_dir import OutputLocked, claim_output
 from .schedule import lr_factor, make_sigma_sampler
 
 StepCallback = Callable[[int, float], None]  # (optimizer step, loss); may raise to stop training
+# What a checkpoint must share with the run resuming it (the trainable tensors depend on them) ...
+RESUME_FIXED = ("trainable_models", "lora_base_model", "lora_rank", "lora_target_modules")
+# ... and what may change, the command line winning (said when it does).
+RESUME_CHANGEABLE = ("learning_rate", "dataset_repeat")
+
+
+class NonFiniteLoss(ValueError):
+    """The loss became NaN/Inf: training stops before the bad update is saved anywhere."""
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -92,10 +100,10 @@ def make_optimizer(params: list[torch.nn.Parameter], args: argparse.Namespace, a
     return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
 
 
-def pick_seed(args: argparse.Namespace, resume: Path | None, accelerator) -> int:
+def pick_seed(args: argparse.Namespace, resume: SavedState | None, accelerator) -> int:
     """The run's seed: the checkpoint's when resuming, else --seed, else a random one shared by all processes."""
     if resume is not None:
-        saved = json.loads((resume / STATE_FILE).read_text())["seed"]
+        saved = resume.state["seed"]
         if args.seed is not None and args.seed != saved:
             accelerator.print(f"warning: --seed {args.seed} differs from the checkpoint's {saved}; using {saved}")
         return saved
@@ -105,6 +113,39 @@ def pick_seed(args: argparse.Namespace, resume: Path | None, accelerator) -> int
     seed = [random.SystemRandom().randrange(2**31)]
     broadcast_object_list(seed)
     return seed[0]
+
+
+def check_resume_config(saved: SavedState, args: argparse.Namespace) -> list[str]:
+    """Refuse a checkpoint whose trainable tensors cannot fit this run; notes on what changed and what wins."""
+    config = saved.state.get("config", {})
+    differ = [f"--{k} {config[k]!r} (checkpoint) vs {getattr(args, k)!r} (now)" for k in RESUME_FIXED
+              if k in config and config[k] != getattr(args, k)]
+    if differ:
+        raise ValueError(f"cannot resume from {saved.path}: it trains other tensors: {'; '.join(differ)}. Resume "
+                         "with the checkpoint's values, or start a new --output_path (--lora_checkpoint warm-starts)")
+    return [f"--{k} is {getattr(args, k)!r}, the checkpoint was saved with {config[k]!r}: {getattr(args, k)!r} "
+            "is used from now on" for k in RESUME_CHANGEABLE if k in config and config[k] != getattr(args, k)]
+
+
+def claim_output_everywhere(accelerator, folder: Path, resuming: bool):
+    """`claim_output` on the main process; its verdict is shared so that every process stops together."""
+    lock, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            lock, notes = claim_output(folder, resuming)
+            for note in notes:
+                accelerator.print(f"note: {note}")
+        except (ValueError, OSError, OutputLocked) as e:
+            problem = e
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        message = [str(problem) if problem else None]
+        broadcast_object_list(message)
+        if message[0] and problem is None:
+            raise ValueError(message[0])
+    if problem is not None:
+        raise problem
+    return lock
 
 
 def validation_size(args: argparse.Namespace) -> tuple[int, int]:
@@ -120,7 +161,6 @@ class Trainer:
     """Everything one run needs; `run()` trains. Build it with `train(args)`."""
 
     def __init__(self, args: argparse.Namespace, step_callback: StepCallback | None = None):
-        from accelerate.utils import set_seed
         self.args = args = check_args(args)
         self.step_callback = step_callback
         self.samples = load_samples(args.dataset_base_path, args.dataset_metadata_path, args.data_file_keys)
@@ -134,11 +174,31 @@ class Trainer:
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         self.output = Path(args.output_path)
         self.ckpt_root = self.output / "checkpoints"
-        self.resume = resolve_resume(self.ckpt_root, args.resume_from_checkpoint) if args.resume_from_checkpoint \
-            else None
+        self.lock = claim_output_everywhere(acc, self.output, bool(args.resume_from_checkpoint))
+        try:
+            self._build(step_callback)
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def close(self, failed: bool = False) -> None:
+        """Release the output folder (the lock also goes when the process dies); a run that failed before
+        writing anything leaves no empty folder behind."""
+        if self.lock is not None:
+            self.lock.close(discard=failed)
+            self.lock = None
+
+    def _build(self, step_callback: StepCallback | None) -> None:
+        from accelerate.utils import set_seed
+        args, acc = self.args, self.accelerator
+        self.saved = read_newest_readable(resume_candidates(self.ckpt_root, args.resume_from_checkpoint),
+                                          self.rank, acc.distributed_type == "DEEPSPEED") \
+            if args.resume_from_checkpoint else None
+        self.resume = self.saved.path if self.saved else None
         if args.resume_from_checkpoint and self.resume is None:
             acc.print(f"no checkpoint in {self.ckpt_root} yet: starting a new run")
-        self.seed = pick_seed(args, self.resume, acc)
+        self.resume_notes = check_resume_config(self.saved, args) if self.saved else []
+        self.seed = pick_seed(args, self.saved, acc)
         set_seed(self.seed)  # identical model initialisation on every process
 
         self.dtype = DTYPE_NAMES[args.torch_dtype] if args.torch_dtype else (
@@ -173,8 +233,10 @@ class Trainer:
 
         set_seed(self.seed, device_specific=True)  # each process draws its own noise and timesteps
         self.state = {"step": 0, "epoch": 0, "batch": 0}
-        if self.resume is not None:  # restores the RNG states too
-            self.state = load_checkpoint(acc, self.resume, self.unwrapped, self.optimizer, self.scheduler, self.ema)
+        if self.saved is not None:  # restores the RNG states too
+            self.state = load_checkpoint(acc, self.saved, self.unwrapped, self.optimizer, self.scheduler, self.ema)
+            self.saved = None  # the tensors are in the model now
+            self._apply_resume_changes()
             self._warn_if_layout_changed()
         self.files: list[str] = []
         self.losses: list[float] = []
@@ -208,6 +270,30 @@ class Trainer:
         args = self.args
         return shard_batches(epoch_batches(self.sizes, args.dataset_repeat, args.batch_size, self.seed, epoch),
                              self.rank, self.world, args.gradient_accumulation_steps)
+
+    def _apply_resume_changes(self) -> None:
+        """The command line wins over the checkpoint for the learning rate and the dataset; say so."""
+        args, state = self.args, self.state
+        for note in self.resume_notes:
+            self.accelerator.print(f"warning: {note}")
+        if self.scheduler.base_lrs != [args.learning_rate] * len(self.scheduler.base_lrs):
+            self.scheduler.base_lrs = [args.learning_rate] * len(self.scheduler.base_lrs)
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = args.learning_rate
+                group["lr"] = args.learning_rate * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        saved_repeat = state.get("config", {}).get("dataset_repeat", args.dataset_repeat)
+        changed = [f"{what} {before} -> {now}" for what, before, now in (
+            ("rows", state.get("num_rows", len(self.samples)), len(self.samples)),
+            ("--dataset_repeat", saved_repeat, args.dataset_repeat)) if before != now]
+        if changed or state["batch"] > len(self.rank_batches(state["epoch"])):
+            what = ", ".join(changed) or "batches"
+            self.accelerator.print(f"warning: the data changed since the checkpoint ({what}): epoch {state['epoch']} "
+                                   "restarts from its first batch")
+            state["batch"] = 0
+        if state["step"] >= self.total_steps:
+            raise ValueError(f"{self.resume} is at step {state['step']}, already the end of this run "
+                             f"({self.total_steps} steps: --num_epochs {args.num_epochs} x {self.steps_per_epoch} "
+                             "steps/epoch, --max_steps): nothing to train; raise --num_epochs or --max_steps")
 
     def _warn_if_layout_changed(self) -> None:
         now = {"world_size": self.world, "batch_size": self.args.batch_size,
@@ -244,7 +330,8 @@ class Trainer:
 
     def save_state(self) -> None:
         record = {**self.state, "seed": self.seed, "world_size": self.world, "batch_size": self.args.batch_size,
-                  "gradient_accumulation_steps": self.args.gradient_accumulation_steps, "num_rows": len(self.samples)}
+                  "gradient_accumulation_steps": self.args.gradient_accumulation_steps, "num_rows": len(self.samples),
+                  "config": {k: getattr(self.args, k) for k in (*RESUME_FIXED, *RESUME_CHANGEABLE)}}
         save_checkpoint(self.accelerator, self.ckpt_root, self.state["step"], self.gather_trainable(),
                         self.optimizer, self.scheduler, self.ema, record, self.args.checkpoints_total_limit)
         self.state_saved_at = self.state["step"]
@@ -260,7 +347,7 @@ class Trainer:
                                         t5_sequence_length=args.t5_sequence_length, progress_bar_cmd=lambda x: x)
             if self.main:
                 folder.mkdir(parents=True, exist_ok=True)
-                save_png(image, folder / f"step-{step}-{i}.png")
+                save_image(image, folder / f"step-{step}-{i}.png")
         self.accelerator.wait_for_everyone()
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -269,6 +356,7 @@ class Trainer:
         acc = self.accelerator
         with acc.accumulate(self.model):
             loss = self.model(batches)
+            self._check_loss(loss, batches)
             acc.backward(loss)
             if acc.sync_gradients and self.args.max_grad_norm:
                 acc.clip_grad_norm_(self.params, self.args.max_grad_norm)
@@ -285,6 +373,30 @@ class Trainer:
         value = sum(self._micro_losses) / len(self._micro_losses)
         self._micro_losses = []
         return value
+
+    def _check_loss(self, loss: torch.Tensor, batch: list[dict]) -> None:
+        """Before the backward pass, on every process together (one small all-gather per batch), so that a
+        non-finite loss never updates the weights and no process is left waiting for a stopped one."""
+        losses = self.accelerator.gather(loss.detach().float().reshape(1))
+        if torch.isfinite(losses).all():
+            return
+        value = loss.item()
+        if math.isfinite(value):
+            value, where = losses[~torch.isfinite(losses)][0].item(), "on another process"
+        else:
+            where = f"metadata rows {sorted({self.samples[item['index']].row for item in batch})}"
+        raise self._nonfinite_loss(value, where)
+
+    def _nonfinite_loss(self, value: float, where: str) -> NonFiniteLoss:
+        bad = [n for n, p in self.trainable.items() if not torch.isfinite(p).all()]
+        cause = (f"the trained weights are already non-finite ({bad[:3]}): NaN/Inf in the model or "
+                 "--lora_checkpoint files, or an earlier update diverged") if bad else \
+            ("likely causes: --learning_rate too high, NaN/Inf in the model weights or the image, "
+             "fp16 overflow (use bf16 or fp32)")
+        saved = f"the newest checkpoint is step-{self.state_saved_at} in {self.ckpt_root}" \
+            if self.state_saved_at >= 0 else "no checkpoint was saved"
+        return NonFiniteLoss(f"training stopped: the loss is {value} at step {self.state['step'] + 1} ({where}); "
+                             f"{cause}. The weights were not updated with it; {saved}")
 
     def after_step(self, step: int, loss: float, progress: tqdm) -> None:
         args = self.args
@@ -315,7 +427,8 @@ class Trainer:
                   f"seed {self.seed}")
         progress = tqdm(total=self.total_steps, initial=state["step"], disable=not self.main, desc="train",
                         dynamic_ncols=True)
-        started, self.state_saved_at, self._micro_losses = time.time(), -1, []
+        started, self._micro_losses = time.time(), []
+        self.state_saved_at = state["step"] if self.resume is not None else -1
         self.model.train()
         for epoch in range(state["epoch"], args.num_epochs):
             if state["step"] >= self.total_steps:
@@ -352,9 +465,20 @@ class Trainer:
 def train(args: argparse.Namespace, step_callback: StepCallback | None = None) -> dict:
     """Train as described by `args` (from `build_parser().parse_args`). Returns a summary: steps, per-step
     losses, files written, seed, and the trained module (`module.pipe` is the pipeline)."""
-    return Trainer(args, step_callback).run()
+    trainer = Trainer(args, step_callback)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(build_parser().parse_args(argv))
+    """train.py's entry point: a user error prints its message (no traceback) and exits with 1."""
+    import sys
+    args = build_parser().parse_args(argv)
+    try:
+        train(args)
+    except (ValueError, FileNotFoundError, ImportError, OutputLocked) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -190,6 +191,11 @@ def _mlp_ratio(module: nn.Module) -> float:
     return float(getattr(getattr(module, "config", None), "mlp_ratio", 4.0))
 
 
+def _check_strength(alpha) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"LoRA alpha (strength) must be a finite number, got {alpha!r}")
+
+
 def apply_lora(module: nn.Module, lora, alpha: float = 1.0, hotload: bool = False,
                strict: bool = True) -> LoRAReport:
     """Apply the DiT part of `lora` (canonical, state dict or path) to `module` at strength `alpha`.
@@ -202,6 +208,7 @@ def apply_lora(module: nn.Module, lora, alpha: float = 1.0, hotload: bool = Fals
     Text-encoder layers are not applied here: use `load_lora_into_pipeline` or
     ``apply_lora(text_encoder, lora.text_encoder_part())``.
     """
+    _check_strength(alpha)
     lora = _as_canonical(lora, _mlp_ratio(module))
     report = LoRAReport("hotload" if hotload else "merge")
     plan = _plan(module, lora, merge=not hotload)
@@ -220,6 +227,7 @@ def load_lora_into_pipeline(pipe, module: nn.Module, lora, alpha: float = 1.0, h
     `lora` is a file path (safetensors / torch file), a `ModelConfig`, a state dict or a `CanonicalLoRA`. Everything is
     matched first; with `strict`, any unmatched entry raises ValueError and nothing is applied.
     """
+    _check_strength(alpha)
     lora = _as_canonical(lora, _mlp_ratio(module))
     report = LoRAReport("hotload" if hotload else "merge")
     dit_plan = _plan(module, lora, merge=not hotload)

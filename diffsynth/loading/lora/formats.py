@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -388,6 +389,10 @@ def convert_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, object] 
             lora.unknown[stem] = f"not a linear LoRA (down {tuple(down.shape)}, up {tuple(up.shape)})"
             continue
         alpha = float(parts["alpha"].item()) if "alpha" in parts else alpha_of(stem)
+        problem = _unusable(down, alpha, parts)
+        if problem:
+            lora.unknown[stem] = problem
+            continue
         bias = parts.get("up_bias")
         if "down_bias" in parts:  # B (A x + a) = B A x + B a
             bias = (0 if bias is None else bias.float()) + up.float() @ parts["down_bias"].float()
@@ -410,6 +415,16 @@ def convert_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, object] 
                 continue
         (lora.layers if space == "dit" else lora.te_layers)[name] = lw
     return lora
+
+
+def _unusable(down: torch.Tensor, alpha: float | None, parts: dict[str, torch.Tensor]) -> str | None:
+    """Why a LoRA pair cannot be applied (rank 0 divides by zero; NaN/Inf would poison every output)."""
+    if down.shape[0] == 0:
+        return "rank 0 (no LoRA weights)"
+    if alpha is not None and not math.isfinite(alpha):
+        return f"alpha is {alpha}"
+    bad = [role for role, t in parts.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    return f"NaN/Inf in its {', '.join(sorted(bad))} weights" if bad else None
 
 
 def lora_from_peft_model_state(sd: Mapping[str, torch.Tensor], lora_alpha: float | None = None) -> CanonicalLoRA:

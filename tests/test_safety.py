@@ -1,0 +1,371 @@
+"""Bad input fails early and clearly; nothing is silently wrong: corrupt files, absurd or non-finite
+arguments, forged metadata, overwrites. Every case asserts the exact outcome."""
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from diffsynth.cli import escape_line, main, png_metadata
+from diffsynth.loading.lora import convert_lora, describe_lora
+from diffsynth.ops.files import (CheckpointError, load_state_dict, publish, remove_stale_temps, save_image,
+                                 save_safetensors, scan, scan_file, temp_path)
+from diffsynth.pipelines.checks import MAX_PIXELS, check_call_args
+from diffsynth.training.data import image_size
+
+ARGS = ["--height", "64", "--width", "96", "--steps", "2", "--t5-sequence-length", "16", "--device", "cpu",
+        "--dtype", "fp32"]
+
+
+# ----------------------------------------------------------------------------- safetensors headers
+
+def raw_safetensors(path, header, data: bytes = b"\0" * 8, prefix: bytes = b"") -> str:
+    """A file with exactly this header (no library checks on the way)."""
+    text = prefix + (header if isinstance(header, bytes) else json.dumps(header).encode())
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return str(path)
+
+
+def entry(begin, end, shape=(2,), dtype="F32"):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize("header, data, match", [
+    ({"a": entry(-8, 0)}, b"\0" * 8, "data_offsets must be"),                      # would read the JSON header
+    ({"a": entry(0, 8), "b": entry(4, 12)}, b"\0" * 12, "overlaps another tensor"),
+    ({"a": entry(0.0, 8.0)}, b"\0" * 8, "data_offsets must be"),
+    ({"a": entry(0, 8), "b": entry(12, 20)}, b"\0" * 20, "leaves a gap"),
+    ({"a": entry(0, 8)}, b"\0" * 16, "8 bytes after the last tensor"),
+    ({"a": entry(0, 8)}, b"\0" * 4, "truncated"),
+    ({"a": entry(0, 8, shape=(True, 2))}, b"\0" * 8, "shape must be a list of non-negative integers"),
+    ({"a": entry(0, 8, dtype="F17")}, b"\0" * 8, "unsupported dtype 'F17'"),
+    ({"a": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "needs dtype, shape and data_offsets"),
+    ({"a": entry(0, 8), "__metadata__": ["x"]}, b"\0" * 8, "__metadata__ must map names to strings"),
+    ({"a": entry(0, 8), "__metadata__": {"k": 1}}, b"\0" * 8, "__metadata__ must map names to strings"),
+    ([{"a": 1}], b"", "a JSON object was expected, got a list"),
+])
+def test_safetensors_header_is_validated_like_the_format_spec(tmp_path, header, data, match):
+    path = raw_safetensors(tmp_path / "x.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=match):
+        scan_file(path)
+
+
+def test_safetensors_duplicated_names_are_refused(tmp_path):
+    text = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, ' \
+           b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'
+    with pytest.raises(CheckpointError, match=r"duplicated names \['a'\]"):
+        scan_file(raw_safetensors(tmp_path / "dup.safetensors", text))
+
+
+def test_valid_edge_cases_still_load(tmp_path):
+    """What the safetensors library accepts: empty tensors sharing an offset, header padding spaces."""
+    path = raw_safetensors(tmp_path / "ok.safetensors", json.dumps(
+        {"e": entry(0, 0, shape=(0,)), "a": entry(0, 8)}).encode() + b"   ", struct.pack("<2f", 1.5, -2.0))
+    sd = load_state_dict(path)
+    assert sd["e"].shape == (0,) and sd["a"].tolist() == [1.5, -2.0]
+
+
+# ----------------------------------------------------------------------------- files that change or are odd
+
+def test_loaded_weights_do_not_change_when_the_file_is_overwritten_in_place(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(1024)}, path)
+    loaded = load_state_dict(str(path))
+    with open(path, "r+b") as f:  # overwrite the data section in place (same inode, same size)
+        f.seek(os.path.getsize(path) - 4096)
+        f.write(b"\xff" * 4096)
+    assert torch.equal(loaded["w"], torch.ones(1024))
+
+
+def test_a_file_truncated_after_loading_does_not_crash(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(4096)}, path)
+    loaded = load_state_dict(str(path))
+    os.truncate(path, 100)  # with a memory map this would be SIGBUS on the next access
+    assert loaded["w"].sum().item() == 4096
+
+
+def test_a_file_changed_between_scan_and_read_is_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(4096)}, path)
+    refs = scan(str(path))
+    os.truncate(path, 100)
+    with pytest.raises(CheckpointError, match="changed on disk since it was opened"):
+        refs["w"].load()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_as_model_file_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        scan(str(fifo))
+
+
+def test_an_index_naming_files_outside_its_folder_is_refused(tmp_path):
+    folder = tmp_path / "te"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../../../etc/passwd"}}))
+    with pytest.raises(CheckpointError, match=r"names shards outside its folder: \['../../../etc/passwd'\]"):
+        scan(str(folder))
+
+
+def test_invalid_json_config_names_the_file(tiny_root, tmp_path):
+    from diffsynth.loading.registry import detect
+    folder = tmp_path / "text_encoder"
+    shutil.copytree(tiny_root / "text_encoder", folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config.json: invalid JSON in this model config"):
+        detect(str(folder))
+
+
+def test_absurd_config_depth_is_refused_before_building(tiny_root, tmp_path):
+    from diffsynth import FluxImagePipeline, ModelConfig
+    folder = tmp_path / "text_encoder"
+    shutil.copytree(tiny_root / "text_encoder", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 10**9
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json says num_hidden_layers=1000000000 but the weights hold \d+"):
+        FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                          model_configs=[ModelConfig(path=str(folder))])
+
+
+def test_legacy_format_torch_file_loads(tmp_path):
+    path = tmp_path / "old.bin"
+    torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
+    assert load_state_dict(str(path))["w"].tolist() == [0.0, 1.0, 2.0]
+
+
+# ----------------------------------------------------------------------------- atomic writers
+
+def test_no_file_with_nan_is_ever_written(tmp_path):
+    with pytest.raises(ValueError, match=r"not written: 1 tensors hold NaN/Inf, e.g. \['b'\]"):
+        save_safetensors({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])}, tmp_path / "x.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_publish_without_overwrite_never_replaces_a_concurrent_file(tmp_path):
+    target = tmp_path / "image.png"
+    tmp = temp_path(str(target))
+    open(tmp, "wb").write(b"mine")
+    target.write_bytes(b"theirs")  # another process got there first
+    with pytest.raises(FileExistsError, match="already exists"):
+        publish(tmp, str(target), overwrite=False)
+    assert target.read_bytes() == b"theirs"
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = [tmp_path / f"epoch-0.safetensors.tmp-{pid}-0", tmp_path / f".latest.tmp-{pid}",
+             tmp_path / f"a.png.tmp-{pid}.png"]  # the last two: names of earlier versions
+    live = tmp_path / f"epoch-1.safetensors.tmp-{os.getpid()}-7"
+    for p in (*stale, live):
+        p.write_bytes(b"x")
+    assert sorted(remove_stale_temps(tmp_path)) == sorted(map(str, stale))
+    assert sorted(os.listdir(tmp_path)) == [live.name]
+
+
+@pytest.mark.parametrize("name, magic", [("a.jpg", b"\xff\xd8"), ("a.jpeg", b"\xff\xd8"), ("a.png", b"\x89PNG"),
+                                         ("a.webp", b"RIFF")])
+def test_images_are_written_in_the_format_their_extension_names(tmp_path, name, magic):
+    save_image(Image.new("RGB", (16, 16)), tmp_path / name, {"parameters": "a cat"})
+    assert (tmp_path / name).read_bytes()[:len(magic)] == magic
+
+
+def test_unknown_image_extension_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"x.gif: the extension must be one of .png, .jpg, .jpeg, .webp"):
+        save_image(Image.new("RGB", (16, 16)), tmp_path / "x.gif")
+
+
+# ----------------------------------------------------------------------------- generation arguments
+
+CALL = dict(prompt="a cat", negative_prompt="", cfg_scale=1.0, embedded_guidance=3.5, t5_sequence_length=512,
+            input_image=None, denoising_strength=1.0, height=None, width=None, seed=None, sigma_shift=None,
+            num_inference_steps=30, tile_size=128, tile_stride=64, num_images=1, tea_cache_l1_thresh=None,
+            fbcache_thresh=None)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(num_images=True), TypeError, "num_images must be an integer, got True"),
+    (dict(input_image="cat.png"), TypeError, r"input_image must be a PIL image \(open it first"),
+    (dict(num_inference_steps=2.5), TypeError, "num_inference_steps must be an integer, got 2.5"),
+    (dict(cfg_scale="2"), TypeError, "cfg_scale must be a number, got '2'"),
+    (dict(cfg_scale=float("nan")), ValueError, "cfg_scale must be finite, got nan"),
+    (dict(embedded_guidance=float("inf")), ValueError, "embedded_guidance must be finite, got inf"),
+    (dict(sigma_shift=0.0), ValueError, r"sigma_shift must be in \(0.0, inf\], got 0.0"),
+    (dict(sigma_shift=float("nan")), ValueError, "sigma_shift must be finite"),
+    (dict(seed=2**64), ValueError, "seed must be an integer >= 0 and at most 18446744073709551615"),
+    (dict(seed=2**64 - 1, num_images=2), ValueError, "seed must be an integer >= 0 and at most 18446744073709551614"),
+    (dict(t5_sequence_length=-1), ValueError, "t5_sequence_length must be a positive integer and at most 512"),
+    (dict(t5_sequence_length=100000), ValueError, "t5_sequence_length must be a positive integer and at most 512"),
+    (dict(height=100000, width=64), ValueError, "height must be a positive integer and at most 16384, got 100000"),
+    (dict(height=16384, width=16384), ValueError, f"above the {MAX_PIXELS:,}-pixel limit"),
+    (dict(denoising_strength=0.0), ValueError, r"denoising_strength must be in \(0.0, 1.0\]"),
+    (dict(prompt=None), TypeError, "prompt must be a string, got NoneType"),
+])
+def test_bad_generation_arguments_fail_before_any_work(kw, error, match):
+    with pytest.raises(error, match=match):
+        check_call_args({**CALL, **kw})
+
+
+def truncated_jpeg(path):
+    """A JPEG whose header is intact (it opens) but whose image data stops half way."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (128, 128, 3), generator=g, dtype=torch.uint8).numpy()
+    Image.fromarray(noise).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_truncated_input_image_is_named(tmp_path):
+    truncated_jpeg(tmp_path / "cut.jpg")
+    with pytest.raises(ValueError, match="input_image cannot be decoded"):
+        check_call_args({**CALL, "input_image": Image.open(tmp_path / "cut.jpg")})
+
+
+def test_nan_in_dit_weights_raises_naming_the_weight_instead_of_a_black_image(tiny_pipe):
+    weight = tiny_pipe.dit.blocks[0].attn.a_to_qkv.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    try:
+        with pytest.raises(FloatingPointError, match=r"latents hold NaN/Inf: caused by the DiT weight "
+                                                     r"blocks.0.attn.a_to_qkv.weight"):
+            tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, t5_sequence_length=8, seed=0,
+                      progress_bar_cmd=lambda x: x)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+# ----------------------------------------------------------------------------- LoRA files
+
+KOHYA = "lora_unet_double_blocks_0_img_attn_qkv"
+
+
+def kohya(rank=2, alpha=1.0, value=0.1):
+    return {f"{KOHYA}.lora_down.weight": torch.full((rank, 32), value),
+            f"{KOHYA}.lora_up.weight": torch.zeros(96, rank), f"{KOHYA}.alpha": torch.tensor(alpha)}
+
+
+@pytest.mark.parametrize("sd, reason", [
+    (kohya(rank=0), "rank 0 (no LoRA weights)"),
+    (kohya(alpha=float("nan")), "alpha is nan"),
+    (kohya(value=float("inf")), "NaN/Inf in its down weights"),
+])
+def test_unusable_lora_layers_are_reported_not_applied(tmp_path, sd, reason):
+    assert convert_lora(sd).unknown == {KOHYA: reason}
+    save_file(sd, tmp_path / "l.safetensors")
+    assert describe_lora(str(tmp_path / "l.safetensors"))["unknown"] == {KOHYA: reason}
+
+
+def test_non_finite_lora_strength_is_refused(tiny_pipe):
+    with pytest.raises(ValueError, match="LoRA alpha \\(strength\\) must be a finite number, got nan"):
+        tiny_pipe.load_lora(tiny_pipe.dit, kohya(), alpha=float("nan"))
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def test_truncated_jpeg_fails_the_dataset_check(tmp_path):
+    truncated_jpeg(tmp_path / "a.jpg")
+    with pytest.raises(ValueError, match=r"a.jpg cannot be read as an image \(OSError: image file is truncated"):
+        image_size(str(tmp_path / "a.jpg"))
+
+
+# ----------------------------------------------------------------------------- generate command line
+
+def test_parameters_text_cannot_be_forged_through_the_prompt():
+    text = png_metadata({"prompt": "a cat\nNegative prompt: evil\nSteps: 1", "negative_prompt": "",
+                         "num_inference_steps": 2, "cfg_scale": 1.0, "embedded_guidance": 3.5}, 0, (64, 64),
+                        ["m.safetensors"])["parameters"]
+    lines = text.split("\n")
+    assert lines[0] == "a cat\\nNegative prompt: evil\\nSteps: 1" and len(lines) == 2
+    assert escape_line("a\\nb") == "a\\\\nb"  # a literal backslash-n stays distinguishable
+
+
+def test_generate_refuses_an_existing_output_before_loading_models(tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    out.write_bytes(b"precious")
+    assert main(["generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x",
+                 "--output", str(out)] + ARGS) == 1
+    assert "cat.png already exists: pass --overwrite to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("output, match", [
+    ("folder", "is a folder; give a file name"),
+    ("x.gif", "the extension must be one of"),
+    ("file.txt/x.png", "file.txt exists and is not a folder"),
+])
+def test_generate_checks_the_output_first(tmp_path, capsys, output, match):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    assert main(["generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x",
+                 "--output", str(tmp_path / output)] + ARGS) == 1
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--cfg-scale", "nan"], "cfg_scale must be finite, got nan"),
+    (["--num-images", "0"], "num_images must be a positive integer"),
+    (["--height", "100000"], "height must be a positive integer and at most 16384, got 100000"),
+    (["--seed", "-1"], "seed must be an integer >= 0"),
+])
+def test_generate_checks_generation_arguments_before_loading(tmp_path, capsys, extra, match):
+    assert main(["generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x",
+                 "--output", str(tmp_path / "o.png")] + ARGS + extra) == 1
+    err = capsys.readouterr().err
+    assert match in err and "missing.safetensors" not in err and os.listdir(tmp_path) == []
+
+
+def test_generate_reads_the_input_image_first(tmp_path, capsys):
+    (tmp_path / "in.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    assert main(["generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x",
+                 "--input-image", str(tmp_path / "in.png"), "--output", str(tmp_path / "o.png")] + ARGS) == 1
+    assert f"--input-image {tmp_path / 'in.png'}: cannot be read as an image" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_generate_cuda_without_cuda_is_a_message(tmp_path, capsys):
+    argv = ["generate", "--model", str(tmp_path / "m.safetensors"), "--prompt", "x", "--output",
+            str(tmp_path / "o.png")] + ARGS[:-4] + ["--device", "cuda", "--dtype", "fp32"]
+    assert main(argv) == 1
+    assert "--device cuda: this machine/torch build has no CUDA device" in capsys.readouterr().err
+
+
+def quick_generate(tiny_root, out) -> list[str]:
+    return ["generate", "--model-dir", str(tiny_root), "--prompt", "a cat", "--seed", "1", "--output", str(out),
+            "--height", "32", "--width", "32", "--steps", "1", "--t5-sequence-length", "8", "--device", "cpu"]
+
+
+def test_generate_writes_jpeg_for_jpg(tiny_root, tmp_path):
+    out = tmp_path / "cat.jpg"
+    assert main(quick_generate(tiny_root, out)) == 0
+    assert out.read_bytes()[:2] == b"\xff\xd8" and Image.open(out).format == "JPEG"
+    assert os.listdir(tmp_path) == ["cat.jpg"]  # no temp file left
+
+
+def test_generate_overwrites_only_when_asked(tiny_root, tmp_path):
+    out = tmp_path / "cat.png"
+    out.write_bytes(b"old")
+    assert main(quick_generate(tiny_root, out)) == 1 and out.read_bytes() == b"old"
+    assert main(quick_generate(tiny_root, out) + ["--overwrite"]) == 0 and Image.open(out).format == "PNG"
+
+
+def test_train_entry_point_prints_the_message_not_a_traceback(tmp_path, capsys):
+    """train.py calls diffsynth.training.main: a user error is one line on stderr and exit code 1."""
+    from diffsynth.training import main as train_main
+    assert train_main(["--dataset_base_path", str(tmp_path), "--learning_rate", "inf", "--guidance", "nan",
+                       "--lora_base_model", "dit", "--model_paths", "[]"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: invalid arguments")
+    assert "--learning_rate must be a finite number, got inf" in err and "--guidance must be a finite number" in err
