@@ -268,3 +268,13 @@ def test_step_cache_runs_the_same_forward_with_extensions():
         step1 = dit(*args, ext=ext, cache=CachedStep(states, 1))
     torch.testing.assert_close(step1[1:], plain[1:])
     assert states[0].skipped_steps == [1] and states[1].computed_steps == [0, 1]
+
+
+def test_a_tensor_of_the_wrong_width_is_named(tmp_path):
+    """One tensor inconsistent with the rest: the error names it with both shapes (no raw torch traceback)."""
+    from diffsynth.models.flux_dit import dit_to_bfl
+    sd = dit_to_bfl(tiny_dit().state_dict())
+    sd["double_blocks.1.img_mlp.2.weight"] = torch.zeros(32, 100)
+    det = detect(write(tmp_path, "bad.safetensors", sd))[0]
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.ff_a\.2\.weight: \(32, 100\) in the file, \(32, 128\) expected"):
+        build(det)

@@ -31,11 +31,16 @@ def assign(model_cls, config, state_dict: dict[str, torch.Tensor], name: str,
     """
     with torch.device("meta"):
         model = model_cls(config)
-    expected = set(model.state_dict().keys())
-    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(shapes.keys() - state_dict.keys()), sorted(state_dict.keys() - shapes.keys())
     if missing or unexpected:
         raise CheckpointError(f"{name}: weights do not fit the inferred architecture; "
                               f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    wrong = [f"{k}: {tuple(t.shape)} in the file, {shapes[k]} expected" for k, t in state_dict.items()
+             if k not in (quantized or {}) and tuple(t.shape) != shapes[k]]
+    if wrong:  # the architecture is read from a few tensors: the others must agree with it
+        raise CheckpointError(f"{name}: {len(wrong)} tensor(s) disagree with the architecture the other tensors "
+                              f"describe (a damaged or mixed file?): {wrong[:6]}")
     raw = {k: state_dict.pop(k) for k in (quantized or {})}
     for key, t in raw.items():
         module = model.get_submodule(key.rsplit(".", 1)[0])
