@@ -2,6 +2,7 @@
 from .ops.files import CheckpointError, load_state_dict
 from .loading.model_config import ModelConfig
 from .pipelines.flux_image import FluxImagePipeline
+from .pipelines.variants.controlnet import ControlNetInput
 
-__all__ = ["FluxImagePipeline", "ModelConfig", "CheckpointError", "load_state_dict"]
+__all__ = ["FluxImagePipeline", "ModelConfig", "ControlNetInput", "CheckpointError", "load_state_dict"]
 __version__ = "0.1.0"

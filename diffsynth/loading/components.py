@@ -151,6 +151,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("text_encoder_2", "text", activation="text"),
     Component("vae_encoder", "vae_encoder", activation="vae"),
     Component("vae_decoder", "vae_decoder", activation="vae"),
+    # ControlNets run with the DiT at every step: on the device together, offloaded after denoising.
+    Component("controlnet", "denoise", in_loop=True, many=True, activation="dit"),
 )
 
 
@@ -166,7 +168,8 @@ def _lazy(name: str) -> Callable:
 
 FAMILIES: tuple[Family, ...] = (
     # Recognised before the DiT so that files which also carry DiT-like blocks are never misread.
-    Family("flux-controlnet", "FLUX ControlNet (diffusers layout)", detect_diffusers_controlnet, fills("controlnet")),
+    Family("flux-controlnet", "FLUX ControlNet (diffusers layout)", detect_diffusers_controlnet, fills("controlnet"),
+           _lazy("build_controlnet")),
     Family("xlabs-controlnet", "XLabs FLUX ControlNet", detect_xlabs_controlnet, fills("controlnet")),
     Family("flux-ipadapter", "FLUX IP-Adapter", detect_ipadapter, fills("ipadapter")),
     Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux")),

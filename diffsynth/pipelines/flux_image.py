@@ -132,6 +132,15 @@ STEP_INPUTS = ("latents", "timestep")
 
 # ----------------------------------------------------------------------------- the pipeline
 
+class ModelList(nn.ModuleList):
+    """A `many` component (`pipe.controlnet`): models in load order. `.models` is the list itself, the name
+    DiffSynth-Studio scripts use (`pipe.controlnet.models[0]`)."""
+
+    @property
+    def models(self) -> "ModelList":
+        return self
+
+
 class FluxImagePipeline(nn.Module):
     """DiffSynth-Studio's FLUX pipeline. Model attributes (dit, text_encoder_1, text_encoder_2, vae_encoder,
     vae_decoder, and the variants' models) come from the component table, `loading.components`."""
@@ -141,7 +150,7 @@ class FluxImagePipeline(nn.Module):
         self.device = torch.device(device)
         self.torch_dtype = torch_dtype
         for c in table.COMPONENTS:
-            setattr(self, c.name, nn.ModuleList() if c.many else None)
+            setattr(self, c.name, ModelList() if c.many else None)
         self.tokenizer_1 = self.tokenizer_2 = None
         self.units: list[Unit | StepUnit] = list(BASE_UNITS)
         self.model_fn: Callable = model_fn
