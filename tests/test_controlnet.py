@@ -222,3 +222,29 @@ def test_loaded_names_models_alias_vram_and_fp8(make_pipe):
     assert fp8.controlnet[0].blocks[0].attn.a_to_qkv.weight.dtype == torch.float8_e4m3fn
     got = fp8(**kw)
     assert torch.isfinite(got).all() and (got - expected).abs().max() < 0.5
+
+
+# ----------------------------------------------------------------------------- annotators
+
+def test_canny_annotator_matches_opencv():
+    cv2 = pytest.importorskip("cv2")
+    from diffsynth.controlnets.processors import Annotator
+    image = control_image(7, size=(80, 64))
+    out = Annotator("canny")(image)
+    assert out.size == image.size and out.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(out)[..., 0], cv2.Canny(np.asarray(image), 100, 200))
+    assert Annotator("tile")(image) is image
+
+
+def test_learned_annotators_say_what_to_install_or_download(monkeypatch, tmp_path):
+    import sys
+    import types
+    from diffsynth.controlnets.processors import Annotator
+    with pytest.raises(ValueError, match="unknown processor_id 'sketch'"):
+        Annotator("sketch")
+    monkeypatch.setitem(sys.modules, "controlnet_aux", None)  # not installed
+    with pytest.raises(ImportError, match=r"diffsynth\[annotators\]"):
+        Annotator("depth", model_path=str(tmp_path))
+    monkeypatch.setitem(sys.modules, "controlnet_aux", types.SimpleNamespace())  # installed, weights missing
+    with pytest.raises(FileNotFoundError, match="body_pose_model.pth.*lllyasviel/Annotators"):
+        Annotator("openpose", model_path=str(tmp_path))

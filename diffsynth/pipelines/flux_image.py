@@ -140,6 +140,10 @@ class ModelList(nn.ModuleList):
     def models(self) -> "ModelList":
         return self
 
+    def gradient_checkpointing_enable(self) -> None:
+        for model in self:
+            model.gradient_checkpointing = True
+
 
 class FluxImagePipeline(nn.Module):
     """DiffSynth-Studio's FLUX pipeline. Model attributes (dit, text_encoder_1, text_encoder_2, vae_encoder,

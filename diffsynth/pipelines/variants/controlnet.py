@@ -126,6 +126,22 @@ def encode_condition(pipe, inp: ControlNetInput, height: int, width: int, tiled:
     return patchify(latents)
 
 
+@unit(outputs=("controlnet_inputs",))
+def collect_controlnet_columns(pipe, controlnet_inputs=None, controlnet_image=None, controlnet_processor_id=None,
+                               controlnet_inpaint_mask=None, controlnet_scale=1.0):
+    """Training data columns (`--extra_inputs controlnet_image,controlnet_processor_id`): `controlnet_<field>`
+    become one ControlNetInput for ControlNet 0."""
+    if controlnet_image is None:
+        return {}
+    if controlnet_inputs is not None:
+        raise ValueError("give either controlnet_inputs or controlnet_image (+ controlnet_processor_id, ...), not both")
+    if controlnet_processor_id == "":  # empty CSV cell
+        controlnet_processor_id = None
+    return {"controlnet_inputs": [ControlNetInput(image=controlnet_image, processor_id=controlnet_processor_id,
+                                                  inpaint_mask=controlnet_inpaint_mask,
+                                                  scale=float(controlnet_scale))]}
+
+
 @unit(outputs=("controlnet_conditions",), model_inputs=("controlnet_conditions",))
 def encode_controlnet_inputs(pipe, height, width, sigmas, controlnet_inputs=None, num_images=1, tiled=False,
                              tile_size=128, tile_stride=64):
@@ -189,4 +205,4 @@ def apply_controlnets(models, call, step_index, controlnet_conditions=None):
     call.residuals.append(residual)
 
 
-UNITS = [encode_controlnet_inputs, apply_controlnets]
+UNITS = [collect_controlnet_columns, encode_controlnet_inputs, apply_controlnets]
