@@ -23,11 +23,12 @@ def nets(tmp_path_factory):
         "plain": build_tiny_controlnet(root / "plain", "plain", seed=3),
         "plain_b": build_tiny_controlnet(root / "plain_b", "plain", seed=4),
         "short": build_tiny_controlnet(root / "short", "plain", num_double=1, num_single=0, seed=5),
+        "xlabs": build_tiny_controlnet(root / "xlabs", "xlabs", seed=6),
     }
 
 
 def net_file(folder):
-    return str(folder / "diffusion_pytorch_model.safetensors")
+    return str(next(folder.glob("*.safetensors")))
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +46,20 @@ def control_image(seed=0, size=(64, 64)):
 
 # ----------------------------------------------------------------------------- the model
 
-@pytest.mark.parametrize("kind", ["union", "inpaint", "plain"])
+SEEDS = {"union": 1, "inpaint": 2, "plain": 3, "xlabs": 6}
+
+
+@pytest.mark.parametrize("kind", ["union", "inpaint", "plain", "xlabs"])
 def test_model_matches_diffusers(nets, kind):
     (det,) = detect(net_file(nets[kind]))
-    assert (det.family, det.format) == ("flux-controlnet", "diffusers")
+    assert (det.family, det.format) == (("xlabs-controlnet", "xlabs") if kind == "xlabs" else
+                                        ("flux-controlnet", "diffusers"))
     ours = build(det, torch.float32, "cpu", compute_dtype=torch.float32)["controlnet"]
-    ref = tiny_diffusers_controlnet(kind, seed={"union": 1, "inpaint": 2, "plain": 3}[kind])
+    ref = tiny_diffusers_controlnet(kind, seed=SEEDS[kind])
     g = torch.Generator().manual_seed(0)
-    img, cond = torch.randn(1, 16, 64, generator=g), torch.randn(1, 16, ours.config.cond_channels, generator=g)
+    img = torch.randn(1, 16, 64, generator=g)
+    cond = torch.randn(1, 3, 64, 64, generator=g) if kind == "xlabs" else \
+        torch.randn(1, 16, ours.config.cond_channels, generator=g)
     txt, pooled = torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g)
     ids, txt_ids, t, gd = image_ids(8, 8), torch.zeros(1, 5, 3), torch.tensor([0.7]), torch.tensor([3.5])
     mode = torch.tensor([2]) if kind == "union" else None
@@ -61,7 +68,8 @@ def test_model_matches_diffusers(nets, kind):
         double, single = ref(hidden_states=img, controlnet_cond=cond, encoder_hidden_states=txt,
                              controlnet_mode=None if mode is None else mode[:, None], pooled_projections=pooled,
                              timestep=t, img_ids=ids[0], txt_ids=txt_ids[0], guidance=gd, return_dict=False)
-    for a, b in zip(out.double + out.single, [*double, *single]):
+    assert len(out.double) + len(out.single) == len(double) + len(single or ())
+    for a, b in zip(out.double + out.single, [*double, *(single or ())]):
         assert (a - b).abs().max() / b.abs().max() < 1e-5
     assert ours.is_union == (kind == "union") and ours.config.extra_channels == (4 if kind == "inpaint" else 0)
 
@@ -75,6 +83,8 @@ def test_layouts_and_block_counts(nets, tmp_path):
     out = ControlNetOutput([torch.zeros(1), torch.ones(1)], [])
     assert [out.for_block("double", i, 19)[0].item() for i in (0, 9, 10, 18)] == [0, 0, 1, 1]
     assert out.for_block("single", 3, 38) is None
+    xlabs = ControlNetOutput([torch.zeros(1), torch.ones(1)], [], repeat=True)  # XLabs: residual i % K
+    assert [xlabs.for_block("double", i, 19)[0].item() for i in (0, 1, 2, 17, 18)] == [0, 1, 0, 1, 0]
 
 
 # ----------------------------------------------------------------------------- pipeline parity
@@ -88,7 +98,7 @@ def diffusers_controlnet_pipeline(root, controlnet):
                                   tokenizer_2=base.tokenizer_2, transformer=base.transformer, controlnet=controlnet)
 
 
-@pytest.mark.parametrize("case", ["union", "plain", "two"])
+@pytest.mark.parametrize("case", ["union", "plain", "two", "xlabs"])
 def test_pipeline_matches_diffusers(tiny_root, make_pipe, case, monkeypatch):
     from diffusers import FluxMultiControlNetModel
     from diffusers.pipelines.flux import pipeline_flux_controlnet
@@ -101,6 +111,10 @@ def test_pipeline_matches_diffusers(tiny_root, make_pipe, case, monkeypatch):
         pipe, ref_net = make_pipe("union"), tiny_diffusers_controlnet("union", seed=1)
         inputs = [ControlNetInput(image=images[0], scale=0.8, processor_id="depth")]
         extra = dict(control_image=images[0], control_mode=2, controlnet_conditioning_scale=0.8)
+    elif case == "xlabs":  # pixel condition, residuals repeated over the base blocks
+        pipe, ref_net = make_pipe("xlabs"), tiny_diffusers_controlnet("xlabs", seed=6)
+        inputs = [ControlNetInput(image=images[0], scale=0.8)]
+        extra = dict(control_image=images[0], controlnet_conditioning_scale=0.8)
     elif case == "plain":
         pipe, ref_net = make_pipe("plain"), tiny_diffusers_controlnet("plain", seed=3)
         inputs = [ControlNetInput(image=images[0], scale=0.7)]

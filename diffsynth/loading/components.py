@@ -170,7 +170,8 @@ FAMILIES: tuple[Family, ...] = (
     # Recognised before the DiT so that files which also carry DiT-like blocks are never misread.
     Family("flux-controlnet", "FLUX ControlNet (diffusers layout)", detect_diffusers_controlnet, fills("controlnet"),
            _lazy("build_controlnet")),
-    Family("xlabs-controlnet", "XLabs FLUX ControlNet", detect_xlabs_controlnet, fills("controlnet")),
+    Family("xlabs-controlnet", "XLabs FLUX ControlNet", detect_xlabs_controlnet, fills("controlnet"),
+           _lazy("build_controlnet")),
     Family("flux-ipadapter", "FLUX IP-Adapter", detect_ipadapter, fills("ipadapter")),
     Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux")),
     Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder")),

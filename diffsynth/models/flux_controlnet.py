@@ -8,6 +8,10 @@ DiT. The checkpoint variants differ only in sizes, read from the tensor shapes:
 * Union (InstantX): `controlnet_mode_embedder` (Embedding, 10 modes): one mode token prepended to the text.
 * Inpainting (alimama): `controlnet_x_embedder` takes 4 more channels (the packed 1-channel keep-mask).
 * InfuseNet (InfiniteYou): 4 double + 10 single blocks; its text is the identity tokens.
+
+XLabs ControlNets (BFL-named double blocks) take the control image in pixels: `input_hint_block` (8 convs,
+3 stride-2) makes a 16-channel latent-sized map of it, and their K residuals repeat over the base blocks
+(base block i receives residual i % K).
 """
 from __future__ import annotations
 
@@ -20,8 +24,8 @@ from torch import nn
 
 from ..ops.files import strip_first_prefix
 from ..ops.linear import Linear
-from .flux_dit import (DoubleBlock, FluxDiT, MLPEmbedder, SingleBlock, TimestepEmbedder, default_axes_dim,
-                       dit_from_diffusers)
+from .flux_dit import (BFL_PREFIXES, DoubleBlock, FluxDiT, MLPEmbedder, SingleBlock, TimestepEmbedder,
+                       bfl_key_to_internal, default_axes_dim, dit_from_diffusers, patchify)
 
 # Union-alpha's control modes: `ControlNetInput.processor_id` -> mode index.
 UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
@@ -40,6 +44,7 @@ class FluxControlNetConfig:
     mlp_ratio: float = 4.0
     guidance_embed: bool = True
     num_modes: int = 0               # union ControlNets: size of the mode embedding table
+    pixel_condition: bool = False    # XLabs: the condition is the image itself, through `input_hint_block`
     axes_dim: tuple[int, ...] = (16, 56, 56)
     theta: int = 10000
 
@@ -64,6 +69,7 @@ class ControlNetOutput:
     """Per-block residuals on the image tokens, each (B, N, hidden)."""
     double: list[torch.Tensor]
     single: list[torch.Tensor]
+    repeat: bool = False  # XLabs: residual i % K instead of spreading
 
     def for_block(self, kind: str, index: int, num_base_blocks: int) -> torch.Tensor | None:
         """The residual for base block `index` of `kind`: K residuals spread over the base blocks with
@@ -71,6 +77,8 @@ class ControlNetOutput:
         samples = self.double if kind == "double" else self.single
         if not samples:
             return None
+        if self.repeat:
+            return samples[index % len(samples)]
         interval = math.ceil(num_base_blocks / len(samples))
         return samples[index // interval] if index // interval < len(samples) else None
 
@@ -99,6 +107,7 @@ class FluxControlNet(nn.Module):
             SingleBlock(h, config.num_heads, config.mlp_hidden) for _ in range(config.num_single_blocks))
         self.controlnet_blocks = nn.ModuleList(Linear(h, h) for _ in range(config.num_double_blocks))
         self.controlnet_single_blocks = nn.ModuleList(Linear(h, h) for _ in range(config.num_single_blocks))
+        self.input_hint_block = hint_block(config.cond_channels // 4) if config.pixel_condition else None
         self.gradient_checkpointing = False
 
     @property
@@ -107,10 +116,13 @@ class FluxControlNet(nn.Module):
 
     def forward(self, img, img_ids, txt, txt_ids, timestep, pooled, guidance=None, *, cond: torch.Tensor,
                 mode: torch.Tensor | None = None) -> ControlNetOutput:
-        """img (B, N, in_channels) packed latents with ids (B|-, N, 3); cond (B|1, N, cond_channels) the packed
-        condition; txt (B, L, context_dim) with ids; timestep (B,) sigma; mode (B,) long (union only)."""
+        """img (B, N, in_channels) packed latents with ids (B|-, N, 3); cond (B, N, cond_channels) the packed
+        condition, or for pixel-condition (XLabs) ControlNets the image (B, 3, H, W) in [-1, 1]; txt (B, L,
+        context_dim) with ids; timestep (B,) sigma; mode (B,) long (union only)."""
         if self.is_union and mode is None:
             raise ValueError("this ControlNet is a union ControlNet: it needs a control mode (processor_id)")
+        if self.input_hint_block is not None:
+            cond = patchify(self.input_hint_block(cond.to(self.dtype)))  # (B, 3, H, W) -> (B, N, 64)
         x = self.x_embedder(img.to(self.dtype)) + self.controlnet_x_embedder(cond.to(self.dtype))
         vec = self.conditioning(timestep, pooled, guidance if self.guidance_embedder is not None else None)
         txt = self.context_embedder(txt.to(self.dtype))
@@ -129,7 +141,17 @@ class FluxControlNet(nn.Module):
         for block, out in zip(self.single_blocks, self.controlnet_single_blocks):
             x = self._call(block, x, vec, rope, None, None, None)
             single.append(out(x[:, -n:]))
-        return ControlNetOutput(double, single)
+        return ControlNetOutput(double, single, repeat=self.config.pixel_condition)
+
+
+def hint_block(out_channels: int, width: int = 16) -> nn.Sequential:
+    """Pixels (B, 3, H, W) -> (B, out_channels, H/8, W/8): 8 3x3 convs with SiLU between, 3 of them stride 2.
+    Indices 0, 2, ..., 14 are the convs (XLabs' `input_hint_block.N` names)."""
+    strides = (1, 1, 2, 1, 2, 1, 2)
+    layers: list[nn.Module] = []
+    for i, stride in enumerate(strides):
+        layers += [nn.Conv2d(3 if i == 0 else width, width, 3, padding=1, stride=stride), nn.SiLU()]
+    return nn.Sequential(*layers, nn.Conv2d(width, out_channels, 3, padding=1))
 
 
 # ----------------------------------------------------------------------------- checkpoint formats
@@ -137,22 +159,48 @@ class FluxControlNet(nn.Module):
 _OWN_KEYS = re.compile(r"^(controlnet_x_embedder|controlnet_mode_embedder|controlnet_blocks|controlnet_single_blocks)\.")
 
 
+# diffusers' ControlNetConditioningEmbedding names of the hint convs -> their index in `hint_block`
+_DIFFUSERS_HINT = {"conv_in": 0, **{f"blocks.{i}": 2 * i + 2 for i in range(6)}, "conv_out": 14}
+
+
 def controlnet_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers FluxControlNetModel keys -> ours. The shared DiT part goes through the DiT converter; the
     ControlNet's own layers keep their names."""
     sd = strip_first_prefix(sd, ("controlnet.",))
-    hint = [k for k in sd if k.startswith("input_hint_block.")]
-    if hint:
-        raise ValueError(f"a diffusers FLUX ControlNet with a pixel-space input_hint_block is not supported: {hint[:3]}")
-    own = {k: v for k, v in sd.items() if _OWN_KEYS.match(k)}
-    return {**dit_from_diffusers({k: v for k, v in sd.items() if k not in own}), **own}
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"input_hint_block\.(conv_in|conv_out|blocks\.\d+)\.(weight|bias)$", k)
+        if m:
+            out[f"input_hint_block.{_DIFFUSERS_HINT[m.group(1)]}.{m.group(2)}"] = v
+        elif _OWN_KEYS.match(k):
+            out[k] = v
+    rest = {k: v for k, v in sd.items() if not _OWN_KEYS.match(k) and not k.startswith("input_hint_block.")}
+    return {**dit_from_diffusers(rest), **out}
+
+
+def controlnet_from_xlabs(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """XLabs FLUX ControlNet keys (BFL-named blocks, `pos_embed_input`, `input_hint_block.N`) -> ours."""
+    sd = strip_first_prefix(sd, BFL_PREFIXES)
+    out, unknown = {}, []
+    for k, v in sd.items():
+        if k.startswith(("controlnet_blocks.", "input_hint_block.")):
+            out[k] = v
+        elif k.startswith("pos_embed_input."):
+            out["controlnet_x_embedder." + k.split(".", 1)[1]] = v
+        elif (name := bfl_key_to_internal(k)) is not None:
+            out[name] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        raise ValueError(f"unknown keys in XLabs FLUX ControlNet checkpoint: {unknown[:10]}")
+    return out
 
 
 def infer_controlnet_config(sd: dict[str, torch.Tensor]) -> FluxControlNetConfig:
     """Architecture from internal-named tensor shapes (block counts, extra channels, mode table, guidance)."""
     try:
         hidden, in_channels = sd["x_embedder.weight"].shape
-        cond_channels = sd["controlnet_x_embedder.weight"].shape[1]
+        cond_channels = sd["controlnet_x_embedder.weight"].shape[1]  # (hint output channels x 4 with a hint)
         context_dim = sd["context_embedder.weight"].shape[1]
         pooled_dim = sd["pooled_text_embedder.0.weight"].shape[1]
     except KeyError as e:
@@ -172,4 +220,5 @@ def infer_controlnet_config(sd: dict[str, torch.Tensor]) -> FluxControlNetConfig
         in_channels=in_channels, cond_channels=cond_channels, hidden_size=hidden, num_heads=hidden // head_dim,
         num_double_blocks=n_double, num_single_blocks=n_single, context_dim=context_dim, pooled_dim=pooled_dim,
         mlp_ratio=mlp_hidden / hidden, guidance_embed="guidance_embedder.timestep_embedder.0.weight" in sd,
-        num_modes=0 if modes is None else modes.shape[0], axes_dim=default_axes_dim(head_dim))
+        num_modes=0 if modes is None else modes.shape[0], axes_dim=default_axes_dim(head_dim),
+        pixel_condition="input_hint_block.0.weight" in sd)

@@ -3,7 +3,9 @@
     folder/diffusion_pytorch_model.safetensors + config.json
 
 Kinds: "union" (InstantX Union-alpha: mode embedder with 10 entries), "inpaint" (alimama Inpainting-Beta:
-`controlnet_x_embedder` takes 64 + 4 channels), "plain" (jasperai Upscaler / generic). The weights are
+`controlnet_x_embedder` takes 64 + 4 channels), "plain" (jasperai Upscaler / generic), "xlabs" (XLabs layout:
+one `flux-*-controlnet.safetensors` with BFL-named double blocks, `pos_embed_input`, `input_hint_block.N`;
+its diffusers twin has `conditioning_embedding_channels=16`, patch size 2). The weights are
 written by diffusers' own class (every tensor redrawn at random, the zero-initialised outputs included), so
 parity tests can load the same folder into diffusers.
 """
@@ -19,7 +21,8 @@ import torch
 from ..ops.files import save_safetensors
 from .tiny import TINY
 
-KINDS = ("union", "inpaint", "plain")
+KINDS = ("union", "inpaint", "plain", "xlabs")
+XLABS_FILE = "flux-canny-controlnet-v3.safetensors"
 
 
 def diffusers_controlnet_config(kind: str = "plain", num_double: int = 2, num_single: int = 1,
@@ -27,7 +30,9 @@ def diffusers_controlnet_config(kind: str = "plain", num_double: int = 2, num_si
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     d = TINY["dit"]
-    return dict(patch_size=1, in_channels=d["in_channels"], num_layers=num_double, num_single_layers=num_single,
+    xlabs = kind == "xlabs"
+    return dict(patch_size=2 if xlabs else 1, in_channels=d["in_channels"], num_layers=num_double,
+                num_single_layers=0 if xlabs else num_single, conditioning_embedding_channels=16 if xlabs else None,
                 attention_head_dim=d["head_dim"], num_attention_heads=d["num_heads"],
                 joint_attention_dim=d["context_dim"], pooled_projection_dim=d["pooled_dim"],
                 guidance_embeds=guidance, axes_dims_rope=list(d["axes_dim"]),
@@ -70,6 +75,9 @@ def build_tiny_controlnet(folder: str | Path, kind: str = "plain", num_double: i
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = tiny_diffusers_controlnet(kind, num_double, num_single, seed, guidance)
+    if kind == "xlabs":
+        save_safetensors(_to_xlabs(model.state_dict()), folder / XLABS_FILE, metadata={"format": "pt"})
+        return folder
     config = {"_class_name": "FluxControlNetModel", "_diffusers_version": "0.30.0",
               **diffusers_controlnet_config(kind, num_double, num_single, guidance)}
     if kind == "inpaint":
@@ -80,3 +88,18 @@ def build_tiny_controlnet(folder: str | Path, kind: str = "plain", num_double: i
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, folder / "config.json")
     return folder
+
+
+def _to_xlabs(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers XLabs-style ControlNet weights -> the XLabs file's key names."""
+    from ..models.flux_controlnet import controlnet_from_diffusers
+    from ..models.flux_dit import internal_key_to_bfl
+    out = {}
+    for k, v in controlnet_from_diffusers(sd).items():
+        if k.startswith(("controlnet_blocks.", "input_hint_block.")):
+            out[k] = v
+        elif k.startswith("controlnet_x_embedder."):
+            out["pos_embed_input." + k.split(".", 1)[1]] = v
+        else:
+            out[internal_key_to_bfl(k)] = v
+    return {k: v.contiguous() for k, v in out.items()}

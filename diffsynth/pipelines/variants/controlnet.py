@@ -41,7 +41,7 @@ class ControlNetInput:
 @dataclass
 class ControlCondition:
     controlnet_id: int
-    cond: torch.Tensor               # (B, N, cond_channels) packed VAE latents (+ packed keep-mask)
+    cond: torch.Tensor               # (B, N, cond_channels) packed VAE latents (+ keep-mask); XLabs: (B, 3, H, W)
     mode: torch.Tensor | None        # (B,) long: union control mode
     scale: float
     start: float
@@ -94,7 +94,7 @@ def _checked(pipe, inp, i: int) -> None:
                          f"ControlNet; give one of {sorted(UNION_MODES)}")
     if not net.is_union and inp.processor_id not in PLAIN_PROCESSORS and inp.processor_id not in UNION_MODES:
         raise ValueError(f"{name}.processor_id={inp.processor_id!r} is unknown; known: {sorted(UNION_MODES)}")
-    extra = net.config.extra_channels
+    extra = 0 if net.config.pixel_condition else net.config.extra_channels
     if inp.inpaint_mask is not None and extra == 0:
         raise ValueError(f"{name}.inpaint_mask: ControlNet {inp.controlnet_id} is not an inpainting ControlNet "
                          "(load FLUX.1-dev-Controlnet-Inpainting-Beta for masks)")
@@ -108,8 +108,11 @@ def _checked(pipe, inp, i: int) -> None:
 def encode_condition(pipe, inp: ControlNetInput, height: int, width: int, tiled: bool, tile_size: int,
                      tile_stride: int) -> torch.Tensor:
     """(1, N, 64|68) packed condition: the control image's VAE latents; for inpainting, of the image with the
-    masked pixels set to black, plus the keep-mask (1 - mask, nearest-resized to the latent) as a 17th channel."""
+    masked pixels set to black, plus the keep-mask (1 - mask, nearest-resized to the latent) as a 17th channel.
+    Pixel-condition (XLabs) ControlNets take the image itself, (1, 3, H, W) in [-1, 1]."""
     from ..flux_image import VAE_FACTOR, image_to_tensor
+    if pipe.controlnet[inp.controlnet_id].config.pixel_condition:
+        return image_to_tensor(inp.image, width, height).to(pipe.device, pipe.torch_dtype)
     image = inp.image.convert("RGB")
     if inp.inpaint_mask is not None:
         pixels = np.array(image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image)
@@ -162,7 +165,7 @@ def encode_controlnet_inputs(pipe, height, width, sigmas, controlnet_inputs=None
         mode = None
         if pipe.controlnet[inp.controlnet_id].is_union:
             mode = torch.tensor([UNION_MODES[inp.processor_id]], device=pipe.device)
-        items.append(ControlCondition(inp.controlnet_id, cond.repeat(num_images, 1, 1),
+        items.append(ControlCondition(inp.controlnet_id, _rows(cond, num_images),
                                       None if mode is None else mode.repeat(num_images),
                                       float(inp.scale), float(inp.start), float(inp.end)))
     return {"controlnet_conditions": ControlNetConditions(items, len(sigmas))}
