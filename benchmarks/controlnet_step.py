@@ -20,7 +20,7 @@ from _common import MID_DIT, interleaved, median, pair_ratio, table  # noqa: E40
 SMOKE = os.environ.get("DIFFSYNTH_BENCH_SMOKE") == "1"
 DIT = dict(MID_DIT, hidden_size=64, num_heads=2, context_dim=32, pooled_dim=32, axes_dim=(8, 12, 12)) if SMOKE \
     else MID_DIT
-TOKENS, TEXT, REPS = (16, 8, 2) if SMOKE else (1024, 512, 6)
+TOKENS, TEXT, REPS = (16, 8, 2) if SMOKE else (1024, 512, 4)
 CONTROLNET_BLOCKS = (2, 2)
 
 

@@ -14,6 +14,15 @@ from diffsynth.testing.tiny_controlnet import build_tiny_controlnet, tiny_diffus
 quiet = dict(progress_bar_cmd=lambda x: x)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops run fastest single-threaded (and do not fight other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
     root = tmp_path_factory.mktemp("controlnets")
