@@ -126,6 +126,16 @@ def detect_ipadapter(refs: Refs) -> str | None:
     return None
 
 
+def detect_infiniteyou_projector(refs: Refs) -> str | None:
+    """InfiniteYou's image_proj_model.bin: a Perceiver resampler under `image_proj.` (no IP-Adapter layers)."""
+    keys = refs.keys()
+    for prefix in ("image_proj.", ""):
+        if has_key(keys, prefix + "latents") and has_key(keys, prefix + "proj_in.weight") and \
+                has_prefix(keys, prefix + "layers.0.0.to_kv.") and not has_prefix(keys, "ip_adapter."):
+            return "infiniteyou"
+    return None
+
+
 def detect_redux(refs: Refs) -> str | None:
     return "bfl" if has_key(refs.keys(), "redux_up.weight") and has_key(refs.keys(), "redux_down.weight") else None
 
@@ -174,6 +184,8 @@ FAMILIES: tuple[Family, ...] = (
            _lazy("build_controlnet")),
     Family("flux-ipadapter", "FLUX IP-Adapter", detect_ipadapter, fills("ipadapter")),
     Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux")),
+    Family("infiniteyou-projector", "InfiniteYou image projector", detect_infiniteyou_projector,
+           fills("image_proj_model")),
     Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder")),
     Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl")),
     Family("flux-dit", "FLUX DiT", detect_flux_dit, fills("dit"), _lazy("build_dit"),
