@@ -95,7 +95,7 @@ def diffusers_step(dit, nets, v, scales):
 
 
 def ours_step(models, v, scales):
-    from diffsynth.models.flux_dit import patchify, unpatchify
+    from diffsynth.models.flux_dit import patchify
     from diffsynth.pipelines.denoise import model_fn
     from diffsynth.pipelines.variants.controlnet import ControlCondition, ControlNetConditions, apply_controlnets
     conditions = ControlNetConditions([ControlCondition(i, v["conds"][i], None, s, 1.0, 0.0)

@@ -44,7 +44,8 @@ def one_thread_and_fresh_accelerate(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_nets(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_controlnets")
-    return {kind: build_tiny_controlnet(root / kind, kind, seed=i) for i, kind in enumerate(("union", "inpaint", "plain"))}
+    kinds = ("union", "inpaint", "plain")
+    return {kind: build_tiny_controlnet(root / kind, kind, seed=i) for i, kind in enumerate(kinds)}
 
 
 def models_for(row, tiny_root, tiny_nets):
@@ -90,7 +91,8 @@ def write_dataset(root: Path) -> None:
     (root / "metadata_controlnet_canny.csv").write_text(
         "image,prompt,controlnet_image,controlnet_processor_id\nimage_1.jpg,a dog,canny/image_1.jpg,canny\n")
     (root / "metadata_controlnet_inpaint.csv").write_text(
-        "image,prompt,controlnet_image,controlnet_inpaint_mask\nimage_1.jpg,a dog,inpaint/image_1.jpg,inpaint/mask.jpg\n")
+        "image,prompt,controlnet_image,controlnet_inpaint_mask\n"
+        "image_1.jpg,a dog,inpaint/image_1.jpg,inpaint/mask.jpg\n")
     (root / "metadata_controlnet_upscale.csv").write_text(
         "image,prompt,controlnet_image\nimage_1.jpg,a dog,upscale/image_1.jpg\n")
 

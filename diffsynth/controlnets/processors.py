@@ -55,7 +55,8 @@ def _load_learned(processor_id: str, model_path: str, device: str):
             import controlnet_aux
     except ImportError:
         raise ImportError(f"Annotator({processor_id!r}) needs the controlnet_aux package: "
-                          "pip install 'diffsynth[annotators]' (canny, tile, none and inpaint work without it)") from None
+                          "pip install 'diffsynth[annotators]' (canny, tile, none and inpaint work without it)"
+                          ) from None
     missing = [f for f in spec.files if not os.path.isfile(os.path.join(model_path, f))]
     if missing:
         raise FileNotFoundError(

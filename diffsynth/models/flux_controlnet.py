@@ -156,7 +156,8 @@ def hint_block(out_channels: int, width: int = 16) -> nn.Sequential:
 
 # ----------------------------------------------------------------------------- checkpoint formats
 
-_OWN_KEYS = re.compile(r"^(controlnet_x_embedder|controlnet_mode_embedder|controlnet_blocks|controlnet_single_blocks)\.")
+_OWN_KEYS = re.compile(
+    r"^(controlnet_x_embedder|controlnet_mode_embedder|controlnet_blocks|controlnet_single_blocks)\.")
 
 
 # diffusers' ControlNetConditioningEmbedding names of the hint convs -> their index in `hint_block`
