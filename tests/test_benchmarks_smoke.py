@@ -28,3 +28,10 @@ def test_gpu_full_smoke(monkeypatch, capsys):
     for variant in ("ours, eager", "DiT x2: diffusers", "DiT x2: diffusers, compiled", "DiT x2: ours, compiled",
                     "ours, compiled", "fp8 storage", "DiT stored on CPU"):
         assert variant in out
+
+
+def test_controlnet_step_smoke(monkeypatch, capsys):
+    monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
+    _import("controlnet_step").main()
+    out = capsys.readouterr().out
+    assert "ours/diffusers" in out and out.count("e-0") == 2  # both rows agree with diffusers to ~1e-7

@@ -141,3 +141,14 @@ def build_clip(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
 def build_t5(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     from ..models.flux_text_encoders import load_t5_encoder
     return {"text_encoder_2": _text_encoder(load_t5_encoder, det, options)}
+
+
+def build_controlnet(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_controlnet import (FluxControlNet, controlnet_from_diffusers, controlnet_from_xlabs,
+                                          infer_controlnet_config)
+    convert = controlnet_from_xlabs if det.format == "xlabs" else controlnet_from_diffusers
+    sd = convert(plain_tensors(det, options))
+    config = infer_controlnet_config(sd)
+    if det.config and "axes_dims_rope" in det.config:
+        config.axes_dim = tuple(det.config["axes_dims_rope"])
+    return {"controlnet": assign(FluxControlNet, config, sd, f"FLUX ControlNet from {det.source}")}

@@ -138,6 +138,16 @@ def detect_ipadapter(refs: Refs) -> str | None:
     return None
 
 
+def detect_infiniteyou_projector(refs: Refs) -> str | None:
+    """InfiniteYou's image_proj_model.bin: a Perceiver resampler under `image_proj.` (no IP-Adapter layers)."""
+    keys = refs.keys()
+    for prefix in ("image_proj.", ""):
+        if has_key(keys, prefix + "latents") and has_key(keys, prefix + "proj_in.weight") and \
+                has_prefix(keys, prefix + "layers.0.0.to_kv.") and not has_prefix(keys, "ip_adapter."):
+            return "infiniteyou"
+    return None
+
+
 def detect_redux(refs: Refs) -> str | None:
     return "bfl" if has_key(refs.keys(), "redux_up.weight") and has_key(refs.keys(), "redux_down.weight") else None
 
@@ -167,6 +177,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("text_encoder_2", "text", activation="text"),
     Component("vae_encoder", "vae_encoder", activation="vae"),
     Component("vae_decoder", "vae_decoder", activation="vae"),
+    # ControlNets run with the DiT at every step: on the device together, offloaded after denoising.
+    Component("controlnet", "denoise", in_loop=True, many=True, activation="dit"),
 )
 
 
@@ -182,10 +194,14 @@ def _lazy(name: str) -> Callable:
 
 FAMILIES: tuple[Family, ...] = (
     # Recognised before the DiT so that files which also carry DiT-like blocks are never misread.
-    Family("flux-controlnet", "FLUX ControlNet (diffusers layout)", detect_diffusers_controlnet, fills("controlnet")),
-    Family("xlabs-controlnet", "XLabs FLUX ControlNet", detect_xlabs_controlnet, fills("controlnet")),
+    Family("flux-controlnet", "FLUX ControlNet (diffusers layout)", detect_diffusers_controlnet, fills("controlnet"),
+           _lazy("build_controlnet")),
+    Family("xlabs-controlnet", "XLabs FLUX ControlNet", detect_xlabs_controlnet, fills("controlnet"),
+           _lazy("build_controlnet")),
     Family("flux-ipadapter", "FLUX IP-Adapter", detect_ipadapter, fills("ipadapter")),
     Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux")),
+    Family("infiniteyou-projector", "InfiniteYou image projector", detect_infiniteyou_projector,
+           fills("image_proj_model")),
     Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder")),
     Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl")),
     Family("flux-dit", "FLUX DiT", detect_flux_dit, fills("dit"), _lazy("build_dit"),

@@ -134,6 +134,19 @@ STEP_INPUTS = ("latents", "timestep")
 
 # ----------------------------------------------------------------------------- the pipeline
 
+class ModelList(nn.ModuleList):
+    """A `many` component (`pipe.controlnet`): models in load order. `.models` is the list itself, the name
+    DiffSynth-Studio scripts use (`pipe.controlnet.models[0]`)."""
+
+    @property
+    def models(self) -> "ModelList":
+        return self
+
+    def gradient_checkpointing_enable(self) -> None:
+        for model in self:
+            model.gradient_checkpointing = True
+
+
 class FluxImagePipeline(nn.Module):
     """DiffSynth-Studio's FLUX pipeline. Model attributes (dit, text_encoder_1, text_encoder_2, vae_encoder,
     vae_decoder, and the variants' models) come from the component table, `loading.components`."""
@@ -143,7 +156,7 @@ class FluxImagePipeline(nn.Module):
         self.device = torch.device(device)
         self.torch_dtype = torch_dtype
         for c in table.COMPONENTS:
-            setattr(self, c.name, nn.ModuleList() if c.many else None)
+            setattr(self, c.name, ModelList() if c.many else None)
         self.tokenizer_1 = self.tokenizer_2 = None
         self.units: list[Unit | StepUnit] = list(BASE_UNITS)
         self.model_fn: Callable = model_fn

@@ -2,5 +2,6 @@
 `from diffsynth.pipelines.flux_image_new import FluxImagePipeline, ModelConfig`."""
 from ..loading.model_config import ModelConfig
 from .flux_image import FluxImagePipeline
+from .variants.controlnet import ControlNetInput
 
-__all__ = ["FluxImagePipeline", "ModelConfig"]
+__all__ = ["FluxImagePipeline", "ModelConfig", "ControlNetInput"]

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 
 from ..ops.files import DTYPE_NAMES
 from ..pipelines.checks import MAX_PIXELS, MAX_SIDE, MAX_T5_SEQUENCE_LENGTH
@@ -206,6 +207,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     trained = sorted({*args.trainable_models, *([args.lora_base_model] if args.lora_base_model else [])})
     if args.remove_prefix_in_ckpt is None:
         args.remove_prefix_in_ckpt = f"pipe.{trained[0]}." if len(trained) == 1 else "pipe."
+    # DiffSynth-Studio's scripts name the first ControlNet `pipe.controlnet.models.0.`; ours is `pipe.controlnet.0.`
+    args.remove_prefix_in_ckpt = re.sub(r"^pipe\.(\w+)\.models\.(\d+)\.", r"pipe.\1.\2.", args.remove_prefix_in_ckpt)
     dit_only_prefix = trained == ["dit"] and args.remove_prefix_in_ckpt == "pipe.dit."
     if args.lora_format != "diffsynth":
         need(dit_only_prefix, f"--lora_format {args.lora_format} needs --remove_prefix_in_ckpt pipe.dit.")

@@ -192,6 +192,8 @@ class FluxTrainingModule(nn.Module):
             if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == 1 and len(items) > 1:
                 if all(isinstance(x.get(k), torch.Tensor) and x[k].shape == v.shape for x in items):
                     out[k] = torch.cat([x[k] for x in items])
+            elif hasattr(v, "stack") and len(items) > 1:  # structured model inputs (ControlNet conditions)
+                out[k] = type(v).stack([x[k] for x in items])
         return out
 
     # -- loss --------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""ControlNet helpers: condition-image annotators (`processors.Annotator`)."""

@@ -1,0 +1,103 @@
+"""Annotators: turn a photo into a ControlNet condition image (`Annotator("canny")(image)`).
+
+canny runs on OpenCV (`pip install 'diffsynth[controlnet]'`). The learned annotators (depth, softedge,
+lineart, lineart_anime, openpose, normal) come from the `controlnet_aux` package (`pip install
+'diffsynth[annotators]'`, optional) and read their weights from a local folder (default `models/Annotators`, the
+files of the lllyasviel/Annotators repository): nothing is downloaded here. tile, none and inpaint pass the
+image through unchanged.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class _Learned:
+    detector: str             # controlnet_aux class
+    files: tuple[str, ...]    # weight files it reads from the annotator folder
+    kwargs: tuple = ()        # extra call arguments
+
+
+LEARNED = {
+    "depth": _Learned("MidasDetector", ("dpt_hybrid-midas-501f0c75.pt",)),
+    "softedge": _Learned("HEDdetector", ("ControlNetHED.pth",)),
+    "lineart": _Learned("LineartDetector", ("sk_model.pth", "sk_model2.pth")),
+    "lineart_anime": _Learned("LineartAnimeDetector", ("netG.pth",)),
+    "openpose": _Learned("OpenposeDetector", ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
+                         (("include_body", True), ("include_hand", True), ("include_face", True))),
+    "normal": _Learned("NormalBaeDetector", ("scannet.pt",)),
+}
+PASS_THROUGH = ("tile", "none", "inpaint")
+PROCESSOR_IDS = ("canny", *LEARNED, *PASS_THROUGH)
+
+
+def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:
+    """Canny edges (white on black, RGB) of an RGB image, at its own size."""
+    try:
+        import cv2
+    except ImportError:
+        raise ImportError("the canny annotator needs OpenCV: pip install 'diffsynth[controlnet]' "
+                          "(or opencv-python-headless)") from None
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low_threshold, high_threshold)
+    return Image.fromarray(np.repeat(edges[..., None], 3, -1))
+
+
+def _load_learned(processor_id: str, model_path: str, device: str):
+    spec = LEARNED[processor_id]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import controlnet_aux
+    except ImportError:
+        raise ImportError(f"Annotator({processor_id!r}) needs the controlnet_aux package: "
+                          "pip install 'diffsynth[annotators]' (canny, tile, none and inpaint work without it)"
+                          ) from None
+    missing = [f for f in spec.files if not os.path.isfile(os.path.join(model_path, f))]
+    if missing:
+        raise FileNotFoundError(
+            f"Annotator({processor_id!r}) reads {', '.join(spec.files)} from {model_path!r}; missing: "
+            f"{', '.join(missing)}. Download them from the lllyasviel/Annotators repository, e.g. "
+            f"`modelscope download --model lllyasviel/Annotators {' '.join(missing)} --local_dir {model_path}` "
+            f"or `huggingface-cli download lllyasviel/Annotators {' '.join(missing)} --local-dir {model_path}`")
+    detector = getattr(controlnet_aux, spec.detector).from_pretrained(model_path)
+    return detector.to(device) if hasattr(detector, "to") else detector
+
+
+class Annotator:
+    """`Annotator(processor_id)(image)` -> the condition image, at the input image's size.
+
+    processor_id: canny, depth, softedge, lineart, lineart_anime, openpose, normal, tile, none, inpaint.
+    model_path: the folder holding the learned annotators' weights. detect_resolution: the side the
+    detector works at (default: the image's shorter side). device: where a learned annotator runs
+    (default: cuda when available)."""
+
+    def __init__(self, processor_id: str, model_path: str = "models/Annotators", detect_resolution: int | None = None,
+                 device: str | None = None, skip_processor: bool = False):
+        if processor_id not in PROCESSOR_IDS:
+            raise ValueError(f"unknown processor_id {processor_id!r}; known: {', '.join(PROCESSOR_IDS)}")
+        if device is None:
+            import torch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.processor_id, self.detect_resolution = processor_id, detect_resolution
+        self.detector = None
+        if processor_id in LEARNED and not skip_processor:
+            self.detector = _load_learned(processor_id, model_path, device)
+        self.skip = skip_processor or processor_id in PASS_THROUGH
+
+    def __call__(self, image: Image.Image, mask: Image.Image | None = None) -> Image.Image:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"Annotator expects a PIL image, got {type(image).__name__}")
+        size = image.size
+        if self.skip:
+            return image
+        if self.processor_id == "canny":
+            return canny(image)
+        short = min(size)
+        out = self.detector(image, detect_resolution=self.detect_resolution or short, image_resolution=short,
+                            **dict(LEARNED[self.processor_id].kwargs))
+        return out.resize(size)
