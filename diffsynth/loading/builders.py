@@ -136,3 +136,15 @@ def build_clip(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
 def build_t5(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     from ..models.flux_text_encoders import load_t5_encoder
     return {"text_encoder_2": _text_encoder(load_t5_encoder, det, options)}
+
+
+def build_siglip(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.siglip import load_siglip_vision
+    sd = plain_tensors(det, options)  # storage dtype already (small tensors precise under fp8)
+    return {"image_encoder": load_siglip_vision(sd, det.config).to(options.device)}
+
+
+def build_redux(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_redux import ReduxImageEncoder, infer_redux_config
+    sd = plain_tensors(det, options)
+    return {"redux": assign(ReduxImageEncoder, infer_redux_config(sd), sd, f"FLUX.1-Redux embedder from {det.source}")}

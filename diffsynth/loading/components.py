@@ -131,9 +131,15 @@ def detect_redux(refs: Refs) -> str | None:
 
 
 def detect_siglip(refs: Refs) -> str | None:
+    """A SigLIP vision tower: alone (`vision_model.*`, or unnested as transformers 5 saves it) or inside a
+    whole SiglipModel (text tower beside it). CLIP's vision tower has a class token; SigLIP's has none."""
     keys = refs.keys()
-    return "hf" if has_prefix(keys, "vision_model.embeddings.patch_embedding.") and \
-        not has_prefix(keys, "text_model.") else None
+    for p in ("vision_model.", ""):
+        if has_key(keys, f"{p}embeddings.patch_embedding.weight") and \
+                has_prefix(keys, f"{p}encoder.layers.0.self_attn.q_proj.") and \
+                not has_key(keys, f"{p}embeddings.class_embedding"):
+            return "hf"
+    return None
 
 
 def detect_qwen_vl(refs: Refs) -> str | None:
@@ -151,6 +157,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("text_encoder_2", "text", activation="text"),
     Component("vae_encoder", "vae_encoder", activation="vae"),
     Component("vae_decoder", "vae_decoder", activation="vae"),
+    Component("image_encoder", "image_encoder", activation="text", aliases=("siglip",)),
+    Component("redux", "image_encoder", activation="text"),
 )
 
 
@@ -169,8 +177,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("flux-controlnet", "FLUX ControlNet (diffusers layout)", detect_diffusers_controlnet, fills("controlnet")),
     Family("xlabs-controlnet", "XLabs FLUX ControlNet", detect_xlabs_controlnet, fills("controlnet")),
     Family("flux-ipadapter", "FLUX IP-Adapter", detect_ipadapter, fills("ipadapter")),
-    Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux")),
-    Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder")),
+    Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux"), _lazy("build_redux")),
+    Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder"), _lazy("build_siglip")),
     Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl")),
     Family("flux-dit", "FLUX DiT", detect_flux_dit, fills("dit"), _lazy("build_dit"),
            bundle_prefixes=("model.diffusion_model.",)),

@@ -74,3 +74,28 @@ def diffusers_variant_transformer(root: str | Path, variant: str):
     model = FluxTransformer2DModel(**config)
     model.load_state_dict(bfl_to_diffusers_dit(load_file(Path(root) / VARIANTS[variant][0])), strict=True)
     return model
+
+
+# ----------------------------------------------------------------------------- FLUX.1-Redux
+
+TINY_SIGLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=28, patch_size=14)
+
+
+def build_tiny_redux(root: str | Path, seed: int = 0) -> Path:
+    """A tiny FLUX.1-Redux-dev folder: image_encoder/ (HF SiglipVisionModel: config.json + model.safetensors),
+    flux1-redux-dev.safetensors (BFL) and image_embedder/ (diffusers ReduxImageEncoder), same weights."""
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    root = Path(root)
+    torch.manual_seed(seed)
+    siglip = SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP)).eval()
+    with torch.no_grad():  # the default init leaves biases at zero: make every tensor matter
+        for p in siglip.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    siglip.save_pretrained(root / "image_encoder")
+    t5 = TINY["t5"]["d_model"]
+    redux = ReduxImageEncoder(redux_dim=TINY_SIGLIP["hidden_size"], txt_in_features=t5).eval()
+    redux.save_pretrained(root / "image_embedder")
+    _write_safetensors(root / "flux1-redux-dev.safetensors", {k: v.contiguous() for k, v in redux.state_dict().items()})
+    return root
