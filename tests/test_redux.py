@@ -96,3 +96,22 @@ def test_siglip_layouts_load_the_same_encoder(tiny_root, redux_root, pipe, tmp_p
 def test_redux_without_its_models_is_a_clear_error(tiny_pipe):
     with pytest.raises(RuntimeError, match="flux_redux_image needs the SigLIP image encoder"):
         tiny_pipe("a", flux_redux_image=picture(), height=H, width=W, num_inference_steps=1, **quiet)
+
+
+def test_redux_example_runs(tiny_root, redux_root, tmp_path, monkeypatch):
+    from example_harness import run_example
+    (tmp_path / "FLUX.1-Redux-dev").mkdir()
+    picture(48).save(tmp_path / "FLUX.1-Redux-dev/robot.png")
+    run_example("model_inference/FLUX.1-Redux-dev.py", tmp_path, monkeypatch,
+                {"black-forest-labs/FLUX.1-dev": tiny_root, "black-forest-labs/FLUX.1-Redux-dev": redux_root})
+    assert (tmp_path / "image_FLUX.1-Redux-dev.jpg").is_file() and (tmp_path / "image_FLUX.1-Redux-dev_prompt.jpg").is_file()
+
+
+def test_vram_management_plans_redux_models(tiny_root, redux_root):
+    pipe = make_pipe(tiny_root, redux_root / "image_encoder", redux_root / "flux1-redux-dev.safetensors")
+    plans = pipe.vram_plan(8)
+    assert any("image_encoder" in group and "redux" in group for group in plans)
+    pipe.enable_vram_management(vram_limit=0)
+    out = pipe(flux_redux_image=picture(), height=H, width=W, num_inference_steps=1, t5_sequence_length=16,
+               output_type="latent", **quiet)
+    assert torch.isfinite(out).all()
