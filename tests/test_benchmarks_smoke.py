@@ -28,3 +28,13 @@ def test_gpu_full_smoke(monkeypatch, capsys):
     for variant in ("ours, eager", "DiT x2: diffusers", "DiT x2: diffusers, compiled", "DiT x2: ours, compiled",
                     "ours, compiled", "fp8 storage", "DiT stored on CPU"):
         assert variant in out
+
+
+def test_image_variants_smoke(monkeypatch, capsys):
+    monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
+    _import("image_variants").main()
+    out = capsys.readouterr().out
+    for variant in ("kontext", "fill", "canny/depth", "flex"):
+        assert f"| {variant}" in out
+    diffs = [float(line.rsplit("|", 2)[-2]) for line in out.splitlines() if line.startswith("| ") and "e-" in line]
+    assert len(diffs) == 4 and max(diffs) < 1e-4  # both steps compute the same velocity
