@@ -56,9 +56,13 @@ def box_mask(width=W, height=H, box=(16, 8, 64, 40), mode="L"):
     return mask.convert(mode)
 
 
-def reference_pipeline(cls, tiny_root, transformer):
+@pytest.fixture(scope="module")
+def diffusers_base(tiny_root):
     from test_pipeline import diffusers_pipeline
-    base = diffusers_pipeline(tiny_root)
+    return diffusers_pipeline(tiny_root)
+
+
+def reference_pipeline(cls, base, transformer):
     import inspect
     accepted = inspect.signature(cls.__init__).parameters
     return cls(**{k: v for k, v in {**base.components, "transformer": transformer}.items() if k in accepted})
@@ -68,7 +72,9 @@ def compare(expected: np.ndarray, ours: Image.Image) -> int:
     expected = np.round(expected * 255).astype(np.int16)
     got = np.asarray(ours).astype(np.int16)
     assert got.shape == expected.shape and expected.std() > 5
-    return int(np.abs(got - expected).max())
+    worst = int(np.abs(got - expected).max())
+    print(f"max |pixel diff| vs diffusers: {worst}/255, mean {np.abs(got - expected).mean():.3f}")
+    return worst
 
 
 def same_noise(steps=3, seed=5):
@@ -87,9 +93,9 @@ def vae_mode(monkeypatch):
 
 # ----------------------------------------------------------------------------- parity with diffusers
 
-def test_kontext_matches_diffusers(tiny_root, variant_root, pipes):
+def test_kontext_matches_diffusers(diffusers_base, variant_root, pipes):
     from diffusers import FluxKontextPipeline
-    ref = reference_pipeline(FluxKontextPipeline, tiny_root, diffusers_variant_transformer(variant_root / "kontext", "kontext"))
+    ref = reference_pipeline(FluxKontextPipeline, diffusers_base, diffusers_variant_transformer(variant_root / "kontext", "kontext"))
     theirs, ours = same_noise()
     image = picture(80, 48, seed=1)  # another size than the output: encoded at its own resolution
     expected = ref(prompt="make it blue", image=image, guidance_scale=2.5, _auto_resize=False, max_area=H * W,
@@ -98,9 +104,9 @@ def test_kontext_matches_diffusers(tiny_root, variant_root, pipes):
     assert compare(expected, got) <= 2
 
 
-def test_fill_matches_diffusers(tiny_root, variant_root, pipes, vae_mode):
+def test_fill_matches_diffusers(diffusers_base, variant_root, pipes, vae_mode):
     from diffusers import FluxFillPipeline
-    ref = reference_pipeline(FluxFillPipeline, tiny_root, diffusers_variant_transformer(variant_root / "fill", "fill"))
+    ref = reference_pipeline(FluxFillPipeline, diffusers_base, diffusers_variant_transformer(variant_root / "fill", "fill"))
     theirs, ours = same_noise()
     image, mask = picture(seed=2), box_mask()
     expected = ref(prompt="a white cup", image=image, mask_image=mask, guidance_scale=30.0, **theirs).images[0]
@@ -108,9 +114,9 @@ def test_fill_matches_diffusers(tiny_root, variant_root, pipes, vae_mode):
     assert compare(expected, got) <= 2
 
 
-def test_canny_matches_diffusers(tiny_root, variant_root, pipes, vae_mode):
+def test_canny_matches_diffusers(diffusers_base, variant_root, pipes, vae_mode):
     from diffusers import FluxControlPipeline
-    ref = reference_pipeline(FluxControlPipeline, tiny_root, diffusers_variant_transformer(variant_root / "canny", "canny"))
+    ref = reference_pipeline(FluxControlPipeline, diffusers_base, diffusers_variant_transformer(variant_root / "canny", "canny"))
     theirs, ours = same_noise()
     control = picture(seed=3)
     expected = ref(prompt="a robot", control_image=control, guidance_scale=10.0, **theirs).images[0]
@@ -200,8 +206,13 @@ def test_flex_runs_with_batched_cfg(pipes):
 
 # ----------------------------------------------------------------------------- loading
 
+def dit_only(path):
+    return FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                             model_configs=[ModelConfig(path=str(path))]).dit
+
+
 @pytest.mark.parametrize("layout", ["diffusers", "comfyui", "fp8"])
-def test_variant_dits_load_from_every_layout(tiny_root, variant_root, tmp_path, layout):
+def test_variant_dits_load_from_every_layout(variant_root, pipes, tmp_path, layout):
     from safetensors.torch import load_file, save_file
     for variant, channels in (("fill", 384), ("flex", 196)):
         bfl = variant_root / variant / VARIANTS[variant][0]
@@ -213,13 +224,16 @@ def test_variant_dits_load_from_every_layout(tiny_root, variant_root, tmp_path, 
         else:
             path = tmp_path / f"{variant}_fp8.safetensors"
             save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in load_file(bfl).items()}, path)
-        pipe = make_pipe(tiny_root, path)
-        assert pipe.dit.config.in_channels == channels
-        reference = make_pipe(tiny_root, bfl)
-        kw = dict(same_noise(1)[1], output_type="latent")
-        kw.update(dict(flux_fill_image=picture(), flux_fill_mask=box_mask()) if variant == "fill" else {})
-        atol = 0.5 if layout == "fp8" else 1e-5
-        torch.testing.assert_close(pipe("a", **kw), reference("a", **kw), rtol=0, atol=atol)
+        dit, reference = dit_only(path), pipes[variant].dit
+        assert dit.config == reference.config and dit.config.in_channels == channels
+        g = torch.Generator().manual_seed(0)
+        args = (torch.randn(1, 12, channels, generator=g), torch.zeros(1, 12, 3), torch.randn(1, 5, 32, generator=g),
+                torch.zeros(1, 5, 3), torch.tensor([0.5]), torch.randn(1, 32, generator=g), torch.tensor([3.5]))
+        got, want = dit(*args), reference(*args)
+        if layout == "fp8":  # e4m3 weights: a few % of relative error
+            assert 0 < ((got - want).norm() / want.norm()).item() < 0.1
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_vram_management_plans_variant_dit(tiny_root, variant_root):
