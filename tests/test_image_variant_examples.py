@@ -1,6 +1,7 @@
 """The Kontext / FLEX.2 / Fill / Canny / Depth example scripts run unchanged on tiny models, and their
 training scripts' commands train (one step, LoRA and full) with the variants' dataset columns."""
 import json
+import os
 import shutil
 import shlex
 from pathlib import Path
@@ -33,11 +34,13 @@ def one_thread_and_fresh_accelerate():
 
 @pytest.fixture(scope="module")
 def models(tiny_root, tmp_path_factory):
-    """{model_id: tiny folder} for every model id the scripts name."""
+    """{model_id: tiny folder} for every model id the scripts name; DIFFSYNTH_EXAMPLE_MODELS (a JSON object
+    {model_id: folder}) points some of them elsewhere, e.g. at other small checkpoints."""
     root = tmp_path_factory.mktemp("variant_models")
     out = {"black-forest-labs/FLUX.1-dev": tiny_root}
     for model_id, variant in MODEL_IDS.items():
         out[model_id] = build_tiny_variant(root / variant, variant)
+    out.update({k: Path(v) for k, v in json.loads(os.environ.get("DIFFSYNTH_EXAMPLE_MODELS", "{}")).items()})
     return out
 
 
