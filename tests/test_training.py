@@ -355,10 +355,10 @@ def test_model_dependent_arguments_are_checked_before_training(tiny_root, data, 
         run(tiny_root, data, tmp_path / "out", "--lora_base_model", "dit", "--lora_target_modules", "a_to_qkv,to_q")
     with pytest.raises(ValueError, match="'unet' is not a trainable model of the pipeline; loaded models: dit, text_encoder_1"):
         run(tiny_root, data, tmp_path / "out", "--trainable_models", "unet")
-    (tmp_path / "k.csv").write_text("image,prompt,kontext_images\ncat.png,a cat,dog.jpg\n")
-    with pytest.raises(ValueError, match="kontext_images.*not inputs of any unit"):
-        run(tiny_root, data, tmp_path / "out", "--lora_base_model", "dit", "--extra_inputs", "kontext_images",
-            "--data_file_keys", "image,kontext_images", "--dataset_metadata_path", str(tmp_path / "k.csv"))
+    (tmp_path / "k.csv").write_text("image,prompt,style_image\ncat.png,a cat,dog.jpg\n")
+    with pytest.raises(ValueError, match="style_image.*not inputs of any unit"):
+        run(tiny_root, data, tmp_path / "out", "--lora_base_model", "dit", "--extra_inputs", "style_image",
+            "--data_file_keys", "image,style_image", "--dataset_metadata_path", str(tmp_path / "k.csv"))
     assert not (tmp_path / "out").exists()
 
 
