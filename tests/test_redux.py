@@ -58,7 +58,9 @@ def test_redux_matches_diffusers_prior_plus_flux(tiny_root, redux_root, pipe):
                num_inference_steps=steps, seed=seed, t5_sequence_length=512, **quiet)
     expected = np.round(expected * 255).astype(np.int16)
     assert expected.std() > 5
-    assert np.abs(np.asarray(got).astype(np.int16) - expected).max() <= 2
+    worst = np.abs(np.asarray(got).astype(np.int16) - expected).max()
+    print(f"max |pixel diff| vs diffusers: {worst}/255")
+    assert worst <= 2
 
 
 def test_redux_tokens_go_to_the_positive_prompt_only(pipe, monkeypatch):
