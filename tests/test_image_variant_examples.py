@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from diffsynth.training import build_parser, train
-from diffsynth.testing.tiny_image import build_tiny_variant
+from diffsynth.testing.tiny_image import build_tiny_variant, record_dit_calls
 from example_harness import ROOT, run_example
 
 TRAINING = ROOT / "examples/flux/model_training"
@@ -68,8 +68,8 @@ def dataset(folder: Path) -> Path:
 
 # ----------------------------------------------------------------------------- inference scripts
 
-@pytest.mark.parametrize("script", ["model_inference/FLUX.1-Kontext-dev.py", "model_inference_low_vram/FLUX.1-Kontext-dev.py",
-                                    "model_inference/FLEX.2-preview.py", "model_inference_low_vram/FLEX.2-preview.py"])
+@pytest.mark.parametrize("script", [f"{folder}/{row}.py" for row in ("FLUX.1-Kontext-dev", "FLEX.2-preview")
+                                    for folder in ("model_inference", "model_inference_low_vram")])
 def test_spec_row_inference_examples(models, tmp_path, monkeypatch, script):
     run_example(script, tmp_path, monkeypatch, models)
     assert len(list(tmp_path.glob("image_*.jpg"))) >= 2
@@ -118,10 +118,7 @@ def script_args(name: str, kind: str, models: dict, data: Path, out: Path, *extr
 def test_kontext_training_commands_train_and_validate(models, tmp_path, monkeypatch, kind):
     data = dataset(tmp_path / "data/example_image_dataset")
     out = tmp_path / f"models/train/FLUX.1-Kontext-dev_{kind}"
-    seen = []
-    from diffsynth.pipelines import denoise
-    original = denoise.run_dit
-    monkeypatch.setattr(denoise, "run_dit", lambda dit, call, cache=None: seen.append(call) or original(dit, call, cache))
+    seen = record_dit_calls(monkeypatch, passthrough=True)
     result = train(build_parser().parse_args(script_args("FLUX.1-Kontext-dev", kind, models, data, out)))
     assert result["steps"] == 1 and np.isfinite(result["losses"]).all()
     (tokens, ids), = seen[0].ref  # the dataset's reference image, as Kontext tokens
@@ -142,10 +139,7 @@ def test_flex_training_with_condition_columns(models, tmp_path, monkeypatch, kin
     extra = ["--dataset_metadata_path", str(data / "metadata_flex.csv"), "--extra_inputs",
              "flex_inpaint_image,flex_inpaint_mask,flex_control_image,flex_control_strength"]
     args = build_parser().parse_args(script_args("FLEX.2-preview", kind, models, data, out, *extra))
-    seen = []
-    from diffsynth.pipelines import denoise
-    original = denoise.run_dit
-    monkeypatch.setattr(denoise, "run_dit", lambda dit, call, cache=None: seen.append(call) or original(dit, call, cache))
+    seen = record_dit_calls(monkeypatch, passthrough=True)
     result = train(args)
     assert result["steps"] == 1 and np.isfinite(result["losses"]).all()
     (channels,) = seen[0].channels

@@ -7,10 +7,10 @@ from PIL import Image
 
 from diffsynth import FluxImagePipeline, ModelConfig
 from diffsynth.models.flux_dit import patchify
-from diffsynth.pipelines import denoise
 from diffsynth.pipelines.variants.kontext import Canvas, reference_size
 from diffsynth.schedulers.flow_match import flux_sigmas
-from diffsynth.testing.tiny_image import VARIANTS, build_tiny_variant, diffusers_variant_transformer
+from diffsynth.testing.tiny_image import (VARIANTS, build_tiny_variant, diffusers_variant_transformer,
+                                          record_dit_calls)
 
 quiet = dict(progress_bar_cmd=lambda x: x)
 ENCODERS = ("text_encoder/model.safetensors", "text_encoder_2/", "ae.safetensors")
@@ -46,7 +46,8 @@ def pipes(tiny_root, variant_root):
 def picture(width=W, height=H, seed=0):
     y, x = np.mgrid[0:height, 0:width]
     rng = np.random.default_rng(seed)
-    rgb = np.stack([(x * 5 + seed * 40) % 256, (y * 7) % 256, ((x + y) * 3) % 256], -1) + rng.integers(0, 30, (height, width, 3))
+    rgb = np.stack([(x * 5 + seed * 40) % 256, (y * 7) % 256, ((x + y) * 3) % 256], -1)
+    rgb = rgb + rng.integers(0, 30, (height, width, 3))
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
@@ -62,9 +63,10 @@ def diffusers_base(tiny_root):
     return diffusers_pipeline(tiny_root)
 
 
-def reference_pipeline(cls, base, transformer):
+def reference_pipeline(cls, base, variant_root, variant):
     import inspect
     accepted = inspect.signature(cls.__init__).parameters
+    transformer = diffusers_variant_transformer(variant_root / variant, variant)
     return cls(**{k: v for k, v in {**base.components, "transformer": transformer}.items() if k in accepted})
 
 
@@ -95,7 +97,7 @@ def vae_mode(monkeypatch):
 
 def test_kontext_matches_diffusers(diffusers_base, variant_root, pipes):
     from diffusers import FluxKontextPipeline
-    ref = reference_pipeline(FluxKontextPipeline, diffusers_base, diffusers_variant_transformer(variant_root / "kontext", "kontext"))
+    ref = reference_pipeline(FluxKontextPipeline, diffusers_base, variant_root, "kontext")
     theirs, ours = same_noise()
     image = picture(80, 48, seed=1)  # another size than the output: encoded at its own resolution
     expected = ref(prompt="make it blue", image=image, guidance_scale=2.5, _auto_resize=False, max_area=H * W,
@@ -106,7 +108,7 @@ def test_kontext_matches_diffusers(diffusers_base, variant_root, pipes):
 
 def test_fill_matches_diffusers(diffusers_base, variant_root, pipes, vae_mode):
     from diffusers import FluxFillPipeline
-    ref = reference_pipeline(FluxFillPipeline, diffusers_base, diffusers_variant_transformer(variant_root / "fill", "fill"))
+    ref = reference_pipeline(FluxFillPipeline, diffusers_base, variant_root, "fill")
     theirs, ours = same_noise()
     image, mask = picture(seed=2), box_mask()
     expected = ref(prompt="a white cup", image=image, mask_image=mask, guidance_scale=30.0, **theirs).images[0]
@@ -116,7 +118,7 @@ def test_fill_matches_diffusers(diffusers_base, variant_root, pipes, vae_mode):
 
 def test_canny_matches_diffusers(diffusers_base, variant_root, pipes, vae_mode):
     from diffusers import FluxControlPipeline
-    ref = reference_pipeline(FluxControlPipeline, diffusers_base, diffusers_variant_transformer(variant_root / "canny", "canny"))
+    ref = reference_pipeline(FluxControlPipeline, diffusers_base, variant_root, "canny")
     theirs, ours = same_noise()
     control = picture(seed=3)
     expected = ref(prompt="a robot", control_image=control, guidance_scale=10.0, **theirs).images[0]
@@ -127,8 +129,7 @@ def test_canny_matches_diffusers(diffusers_base, variant_root, pipes, vae_mode):
 # ----------------------------------------------------------------------------- Kontext semantics
 
 def test_kontext_references_get_distinct_positions(pipes, monkeypatch):
-    seen = []
-    monkeypatch.setattr(denoise, "run_dit", lambda dit, call, cache=None: seen.append(call) or torch.zeros_like(call.latents))
+    seen = record_dit_calls(monkeypatch)
     a, b, c = picture(64, 32), picture(32, 48, seed=1), picture(48, 48, seed=2)
     pipes["kontext"]("a", kontext_images=[a, b, c], output_type="latent", **same_noise(1)[1])
     (tokens, ids), = seen[0].ref
@@ -174,8 +175,7 @@ def expected_flex(pipe, inpaint, mask, control, strength):
 
 @pytest.mark.parametrize("stop, steps, control_steps", [(0.5, 5, 3), (1.0, 4, 4), (0.0, 4, 1), (0.4, 6, 3)])
 def test_flex_condition_and_control_stop(pipes, monkeypatch, stop, steps, control_steps):
-    seen = []
-    monkeypatch.setattr(denoise, "run_dit", lambda dit, call, cache=None: seen.append(call) or torch.zeros_like(call.latents))
+    seen = record_dit_calls(monkeypatch)
     pipe = pipes["flex"]
     inpaint, mask, control = picture(seed=4), box_mask(mode="RGB"), picture(seed=5)
     pipe("a", flex_inpaint_image=inpaint, flex_inpaint_mask=mask, flex_control_image=control,
@@ -190,8 +190,7 @@ def test_flex_condition_and_control_stop(pipes, monkeypatch, stop, steps, contro
 
 
 def test_flex_defaults_without_inputs(pipes, monkeypatch):
-    seen = []
-    monkeypatch.setattr(denoise, "run_dit", lambda dit, call, cache=None: seen.append(call) or torch.zeros_like(call.latents))
+    seen = record_dit_calls(monkeypatch)
     pipes["flex"]("a", output_type="latent", **same_noise(2)[1])
     (channels,) = seen[0].channels
     assert torch.equal(channels[:, :16], torch.zeros_like(channels[:, :16]))
@@ -201,7 +200,8 @@ def test_flex_defaults_without_inputs(pipes, monkeypatch):
 
 def test_flex_runs_with_batched_cfg(pipes):
     kw = dict(same_noise(2)[1], output_type="latent", flex_control_image=picture(), cfg_scale=2.0)
-    torch.testing.assert_close(pipes["flex"]("a", **kw), pipes["flex"]("a", batch_cfg=False, **kw), rtol=1e-4, atol=1e-5)
+    batched, separate = pipes["flex"]("a", **kw), pipes["flex"]("a", batch_cfg=False, **kw)
+    torch.testing.assert_close(batched, separate, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- loading

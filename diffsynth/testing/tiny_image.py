@@ -99,3 +99,15 @@ def build_tiny_redux(root: str | Path, seed: int = 0) -> Path:
     redux.save_pretrained(root / "image_embedder")
     _write_safetensors(root / "flux1-redux-dev.safetensors", {k: v.contiguous() for k, v in redux.state_dict().items()})
     return root
+
+
+def record_dit_calls(monkeypatch, passthrough: bool = False) -> list:
+    """Record every DiTCall the denoiser makes (the DiT then returns zeros, or runs with `passthrough`)."""
+    from ..pipelines import denoise
+    calls, original = [], denoise.run_dit
+
+    def run(dit, call, cache=None):
+        calls.append(call)
+        return original(dit, call, cache) if passthrough else torch.zeros_like(call.latents)
+    monkeypatch.setattr(denoise, "run_dit", run)
+    return calls

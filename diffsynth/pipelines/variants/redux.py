@@ -39,7 +39,8 @@ def append_redux_tokens(pipe, branches, flux_redux_image=None):
     b = posi["prompt_emb"].shape[0]
     tokens = tokens.repeat(b, 1, 1)
     ids = torch.zeros(b, tokens.shape[1], 3, device=posi["text_ids"].device, dtype=posi["text_ids"].dtype)
-    first = {"prompt_emb": torch.cat([posi["prompt_emb"], tokens], 1), "text_ids": torch.cat([posi["text_ids"], ids], 1)}
+    first = {"prompt_emb": torch.cat([posi["prompt_emb"], tokens], 1),
+             "text_ids": torch.cat([posi["text_ids"], ids], 1)}
     return [first] + [{} for _ in branches[1:]]
 
 
