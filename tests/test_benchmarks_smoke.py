@@ -35,3 +35,13 @@ def test_controlnet_step_smoke(monkeypatch, capsys):
     _import("controlnet_step").main()
     out = capsys.readouterr().out
     assert "ours/diffusers" in out and out.count("e-0") == 2  # both rows agree with diffusers to ~1e-7
+
+
+def test_image_variants_smoke(monkeypatch, capsys):
+    monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
+    _import("image_variants").main()
+    out = capsys.readouterr().out
+    for variant in ("kontext", "fill", "canny/depth", "flex"):
+        assert f"| {variant}" in out
+    diffs = [float(line.rsplit("|", 2)[-2]) for line in out.splitlines() if line.startswith("| ") and "e-" in line]
+    assert len(diffs) == 4 and max(diffs) < 1e-4  # both steps compute the same velocity

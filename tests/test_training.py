@@ -17,7 +17,7 @@ from diffsynth import FluxImagePipeline, ModelConfig
 from diffsynth.ops.files import load_state_dict
 from diffsynth.models.flux_dit import image_ids
 from diffsynth.pipelines.denoise import model_fn
-from diffsynth.pipelines.units import run_units
+from diffsynth.pipelines.units import active_units, run_units
 from diffsynth.training import DatasetError, build_parser, train
 from diffsynth.training import trainer as trainer_module
 from diffsynth.training.checkpoint import resolve_resume
@@ -85,11 +85,12 @@ def evaluate(pipe, image: Image.Image, prompt: str) -> tuple[float, float]:
     shared = dict(input_image=image, height=64, width=64, seed=0, sigmas=torch.ones(1), embedded_guidance=1.0,
                   t5_sequence_length=32)
     posi = {"prompt": prompt}
-    run_units(pipe, pipe.units, shared, posi, {}, False)
+    units = active_units(pipe, pipe.units)  # the preprocessing units (the variants' step units run in model_fn)
+    run_units(pipe, units, shared, posi, {}, False)
     x0, g, losses = shared["input_latents"], torch.Generator().manual_seed(0), []
     for sigma in torch.linspace(0.1, 0.9, 8):
         noise = torch.randn(x0.shape, generator=g)
-        pred = model_fn(pipe.in_loop_models(), **pipe.model_inputs(pipe.units, {**shared, **posi}),
+        pred = model_fn(pipe.in_loop_models(), **pipe.model_inputs(units, {**shared, **posi}),
                         latents=(1 - sigma) * x0 + sigma * noise, timestep=sigma.view(1))
         losses.append(((pred - (noise - x0)) ** 2).mean().item())
     generated = pipe(prompt, height=64, width=64, seed=1, num_inference_steps=8, embedded_guidance=1.0,
@@ -358,10 +359,10 @@ def test_model_dependent_arguments_are_checked_before_training(tiny_root, data, 
         run(tiny_root, data, tmp_path / "out", "--lora_base_model", "dit", "--lora_target_modules", "a_to_qkv,to_q")
     with pytest.raises(ValueError, match="'unet' is not a trainable model of the pipeline; loaded models: dit, text_encoder_1"):
         run(tiny_root, data, tmp_path / "out", "--trainable_models", "unet")
-    (tmp_path / "k.csv").write_text("image,prompt,kontext_images\ncat.png,a cat,dog.jpg\n")
-    with pytest.raises(ValueError, match="kontext_images.*not inputs of any unit"):
-        run(tiny_root, data, tmp_path / "out", "--lora_base_model", "dit", "--extra_inputs", "kontext_images",
-            "--data_file_keys", "image,kontext_images", "--dataset_metadata_path", str(tmp_path / "k.csv"))
+    (tmp_path / "k.csv").write_text("image,prompt,style_image\ncat.png,a cat,dog.jpg\n")
+    with pytest.raises(ValueError, match="style_image.*not inputs of any unit"):
+        run(tiny_root, data, tmp_path / "out", "--lora_base_model", "dit", "--extra_inputs", "style_image",
+            "--data_file_keys", "image,style_image", "--dataset_metadata_path", str(tmp_path / "k.csv"))
     assert not (tmp_path / "out").exists()
 
 

@@ -152,3 +152,15 @@ def build_controlnet(det: Detected, options: BuildOptions) -> dict[str, nn.Modul
     if det.config and "axes_dims_rope" in det.config:
         config.axes_dim = tuple(det.config["axes_dims_rope"])
     return {"controlnet": assign(FluxControlNet, config, sd, f"FLUX ControlNet from {det.source}")}
+
+
+def build_siglip(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.siglip import load_siglip_vision
+    sd = plain_tensors(det, options)  # storage dtype already (small tensors precise under fp8)
+    return {"image_encoder": load_siglip_vision(sd, det.config).to(options.device)}
+
+
+def build_redux(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_redux import ReduxImageEncoder, infer_redux_config
+    sd = plain_tensors(det, options)
+    return {"redux": assign(ReduxImageEncoder, infer_redux_config(sd), sd, f"FLUX.1-Redux embedder from {det.source}")}

@@ -153,11 +153,13 @@ def detect_redux(refs: Refs) -> str | None:
 
 
 def detect_siglip(refs: Refs) -> str | None:
-    """SigLIP vision tower: transformers 4 (`vision_model.` prefix, also inside a full SiglipModel) or 5 (no
-    prefix). CLIP's vision tower has a class embedding, SigLIP's an attention-pooling head."""
+    """A SigLIP vision tower: alone (`vision_model.*`, or unnested as transformers 5 saves it) or inside a
+    whole SiglipModel (text tower beside it). CLIP's vision tower has a class token; SigLIP's has none."""
     keys = refs.keys()
-    for prefix in ("vision_model.", ""):
-        if f"{prefix}embeddings.patch_embedding.weight" in keys and f"{prefix}embeddings.class_embedding" not in keys:
+    for p in ("vision_model.", ""):
+        if has_key(keys, f"{p}embeddings.patch_embedding.weight") and \
+                has_prefix(keys, f"{p}encoder.layers.0.self_attn.q_proj.") and \
+                not has_key(keys, f"{p}embeddings.class_embedding"):
             return "hf"
     return None
 
@@ -179,6 +181,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("vae_decoder", "vae_decoder", activation="vae"),
     # ControlNets run with the DiT at every step: on the device together, offloaded after denoising.
     Component("controlnet", "denoise", in_loop=True, many=True, activation="dit"),
+    Component("image_encoder", "image_encoder", activation="text", aliases=("siglip",)),
+    Component("redux", "image_encoder", activation="text"),
 )
 
 
@@ -199,10 +203,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("xlabs-controlnet", "XLabs FLUX ControlNet", detect_xlabs_controlnet, fills("controlnet"),
            _lazy("build_controlnet")),
     Family("flux-ipadapter", "FLUX IP-Adapter", detect_ipadapter, fills("ipadapter")),
-    Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux")),
+    Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux"), _lazy("build_redux")),
     Family("infiniteyou-projector", "InfiniteYou image projector", detect_infiniteyou_projector,
            fills("image_proj_model")),
-    Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder")),
+    Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder"), _lazy("build_siglip")),
     Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl")),
     Family("flux-dit", "FLUX DiT", detect_flux_dit, fills("dit"), _lazy("build_dit"),
            bundle_prefixes=("model.diffusion_model.",), low_precision_storage=True),

@@ -134,4 +134,4 @@ def _dit_variant(c) -> str:
     if not c.guidance_embed:
         return "FLUX.1-schnell-like (no guidance embedder)"
     return {64: "FLUX.1-dev-like", 128: "FLUX.1-Canny/Depth-like (control channels)",
-            384: "FLUX.1-Fill-like"}.get(c.in_channels, f"FLUX-like, {c.in_channels} input channels")
+            196: "FLEX.2-like (in-paint and control channels)", 384: "FLUX.1-Fill-like"}.get(c.in_channels, f"FLUX-like, {c.in_channels} input channels")

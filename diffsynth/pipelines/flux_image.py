@@ -311,7 +311,7 @@ class FluxImagePipeline(nn.Module):
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt: str, negative_prompt: str = "", cfg_scale: float = 1.0,
+    def __call__(self, prompt: str = "", negative_prompt: str = "", cfg_scale: float = 1.0,
                  embedded_guidance: float = 3.5, t5_sequence_length: int = 512,
                  input_image: Image.Image | None = None, denoising_strength: float = 1.0,
                  height: int | None = None, width: int | None = None, seed: int | None = None,

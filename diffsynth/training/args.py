@@ -191,6 +191,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     args.trainable_models = csv_list(args.trainable_models)
     args.lora_target_modules = csv_list(args.lora_target_modules)
     args.extra_inputs = csv_list(args.extra_inputs)
+    from ..pipelines.variants import IMAGE_INPUTS  # the variants' image inputs are image files in a dataset
+    args.data_file_keys += [k for k in args.extra_inputs if k in IMAGE_INPUTS and k not in args.data_file_keys]
     need("image" not in args.extra_inputs and "prompt" not in args.extra_inputs,
          "--extra_inputs: image and prompt are always passed")
     need(bool(args.trainable_models or args.lora_base_model),

@@ -23,6 +23,7 @@ from ..pipelines.flux_image import SIZE_MULTIPLE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
 MAX_LISTED = 30
+MASK_INPUTS = ("flux_fill_mask", "flex_inpaint_mask")  # read as grayscale (white = repaint)
 
 
 class DatasetError(ValueError):
@@ -222,8 +223,8 @@ def target_size(size: tuple[int, int], height: int | None, width: int | None, ma
 
 
 def crop_resize(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale to cover (width, height), keeping the aspect, then centre-crop."""
-    image = image.convert("RGB")
+    """Scale to cover (width, height), keeping the aspect, then centre-crop (masks stay grayscale)."""
+    image = image if image.mode == "L" else image.convert("RGB")
     scale = max(width / image.width, height / image.height)
     new = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     if new != image.size:
@@ -246,16 +247,17 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _image(self, path: str, size: tuple[int, int] | None) -> Image.Image:
+    def _image(self, path: str, size: tuple[int, int] | None, mode: str = "RGB") -> Image.Image:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = im.convert(mode)
         w, h = size or target_size(im.size, self.height, self.width, self.max_pixels, None)
         return crop_resize(im, w, h)
 
     def load_files(self, i: int, key: str):
         value = self.samples[i].files[key]
         size = self.sizes[i] if key == "image" else None
-        return [self._image(p, size) for p in value] if isinstance(value, list) else self._image(value, size)
+        mode = "L" if key in MASK_INPUTS else "RGB"
+        return [self._image(p, size, mode) for p in value] if isinstance(value, list) else self._image(value, size, mode)
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]

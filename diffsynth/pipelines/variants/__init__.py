@@ -6,6 +6,10 @@ Every unit is a no-op (returns {}) when its inputs are absent, so all of them ar
 """
 from __future__ import annotations
 
-from . import controlnet
+from . import controlnet, fill_control, flex, kontext, redux
 
-UNITS: list = [*controlnet.UNITS]
+UNITS: list = [*redux.UNITS, *kontext.UNITS, *flex.UNITS, *fill_control.UNITS, *controlnet.UNITS]
+
+# Unit inputs that are images: training reads these dataset columns as image files.
+IMAGE_INPUTS = ("kontext_images", "flex_inpaint_image", "flex_inpaint_mask", "flex_control_image",
+                "flux_fill_image", "flux_fill_mask", "flux_control_image", "flux_redux_image")

@@ -1,0 +1,100 @@
+"""SigLIP vision encoder (transformers' SiglipVisionModel), from an HF folder or a single file.
+
+Files seen in the wild: a `SiglipVisionModel` (`vision_model.*` keys, FLUX.1-Redux's image_encoder/), a
+whole `SiglipModel` (text + vision, e.g. google/siglip-so400m-patch14-384: only the vision half is
+built), and the same without the `vision_model.` level (transformers 5 saves SiglipVisionModel so).
+With a config.json (plain or nesting `vision_config`) that config is used; otherwise the architecture is
+read from the shapes (heads: 16 for the so400m width 1152, else head_dim 64).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from ..ops.linear import adopt_linears
+
+VISION_PREFIX = "vision_model."
+HEADS_BY_WIDTH = {1152: 16}  # so400m: head_dim 72
+
+
+def vision_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The vision tower's tensors, named without the `vision_model.` level (text tower dropped)."""
+    if any(k.startswith(VISION_PREFIX) for k in state_dict):
+        return {k[len(VISION_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VISION_PREFIX)}
+    return {k: v for k, v in state_dict.items() if not k.startswith(("text_model.", "logit_"))}
+
+
+def _layers(sd: Mapping, prefix: str) -> int:
+    return 1 + max(int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix))
+
+
+def infer_siglip_config(sd: Mapping[str, torch.Tensor]) -> SiglipVisionConfig:
+    """SiglipVisionConfig from the vision tower's shapes (keys without `vision_model.`)."""
+    try:
+        patch = sd["embeddings.patch_embedding.weight"]
+        positions = sd["embeddings.position_embedding.weight"].shape[0]
+        fc1 = sd["encoder.layers.0.mlp.fc1.weight"]
+    except KeyError as e:
+        raise ValueError(f"SigLIP vision encoder: missing key {e.args[0]!r}") from None
+    hidden, channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[2]
+    side = round(positions ** 0.5)
+    heads = HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64) if hidden >= 64 else max(1, hidden // 8))
+    return SiglipVisionConfig(hidden_size=hidden, intermediate_size=fc1.shape[0], num_channels=channels,
+                              num_hidden_layers=_layers(sd, "encoder.layers."), num_attention_heads=heads,
+                              image_size=side * patch_size, patch_size=patch_size, layer_norm_eps=1e-6,
+                              vision_use_head="head.probe" in sd)
+
+
+def siglip_config(config_dict: Mapping | None, sd: Mapping) -> SiglipVisionConfig:
+    if config_dict is None:
+        return infer_siglip_config(sd)
+    d = dict(config_dict.get("vision_config", config_dict))
+    d.pop("model_type", None)
+    d.setdefault("vision_use_head", "head.probe" in sd)
+    return SiglipVisionConfig.from_dict(d)
+
+
+def load_siglip_vision(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None = None,
+                       dtype: torch.dtype | None = None) -> SiglipVisionModel:
+    """Build transformers' SiglipVisionModel from SigLIP weights (any of the layouts above)."""
+    sd = vision_keys(state_dict)
+    config = siglip_config(config_dict, sd)
+    with torch.device("meta"):
+        model = SiglipVisionModel(config)
+    # transformers 4 nests the tower as `vision_model.`; transformers 5 does not
+    nested = any(k.startswith(VISION_PREFIX) for k in model.state_dict())
+    sd = {(VISION_PREFIX + k if nested else k): (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+          for k, v in sd.items()}
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
+    bad = [k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"SigLIP vision encoder: weights do not fit the config; missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    for module in model.modules():  # non-persistent position ids, left on meta by the build above
+        buf = getattr(module, "position_ids", None)
+        if isinstance(buf, torch.Tensor) and buf.is_meta:
+            module.position_ids = torch.arange(buf.shape[-1]).expand(1, -1)
+    return adopt_linears(model).eval().requires_grad_(False)
+
+
+def siglip_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
+    """PIL images -> (B, 3, size, size): bicubic resize, then [0, 1] mapped to [-1, 1] (SigLIP's mean = std = 0.5)."""
+    arrays = []
+    for image in images:
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BICUBIC)
+        arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
+    return torch.from_numpy((np.stack(arrays) - 0.5) / 0.5).permute(0, 3, 1, 2)
+
+
+def encode_images(model: SiglipVisionModel, images: list[Image.Image], device, dtype) -> torch.Tensor:
+    """(B, patches, hidden): the last hidden state (after the post-layernorm) of each image."""
+    x = siglip_pixels(images, model.config.image_size).to(device, dtype)
+    return model(pixel_values=x).last_hidden_state

@@ -1,0 +1,83 @@
+"""What the image-conditioned variants share: checking condition images and masks, VAE-encoding them,
+and asking which kind of DiT is loaded (the variants' DiTs differ only in their input channels)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+VAE_FACTOR = 8
+PATCH = 2
+
+# DiT input channels (x_embedder width, packed 2x2) of each variant: the DiT file says which it is.
+BASE_CHANNELS = 64      # FLUX.1-dev/schnell/Krea/Kontext: 16 latent channels
+CONTROL_CHANNELS = 128  # FLUX.1-Canny/Depth-dev: + 16 control latent channels
+FLEX_CHANNELS = 196     # FLEX.2: + 16 in-paint latents, 1 mask, 16 control latents
+FILL_CHANNELS = 384     # FLUX.1-Fill-dev: + 16 masked-image latents, 64 (8x8 pixel mask)
+
+DIT_KIND = {BASE_CHANNELS: "a FLUX.1-dev-like DiT", CONTROL_CHANNELS: "a FLUX.1-Canny/Depth DiT",
+            FLEX_CHANNELS: "a FLEX.2 DiT", FILL_CHANNELS: "a FLUX.1-Fill DiT"}
+
+
+def dit_channels(pipe) -> int:
+    return pipe.dit.config.in_channels
+
+
+def dit_kind(pipe) -> str:
+    c = dit_channels(pipe)
+    return DIT_KIND.get(c, f"a DiT with {c} input channels")
+
+
+def require_dit(pipe, channels: int, argument: str, model: str) -> None:
+    """`argument` only makes sense for the DiT with `channels` inputs: say which DiT is loaded otherwise."""
+    if dit_channels(pipe) != channels:
+        raise ValueError(f"{argument} needs the {model} DiT ({channels} input channels); the loaded DiT is "
+                         f"{dit_kind(pipe)} ({dit_channels(pipe)} input channels)")
+
+
+def check_image(value, name: str) -> Image.Image:
+    if not isinstance(value, Image.Image):
+        raise TypeError(f"{name} must be a PIL image, got {type(value).__name__}")
+    return value
+
+
+def image_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """PIL -> (1, 3, height, width) in [-1, 1], resized (Lanczos) when its size differs."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def mask_tensor(mask, name: str, size: tuple[int, int], modes: tuple[str, ...], resize_to=None) -> torch.Tensor:
+    """A mask image -> (1, 1, h, w) in [0, 1] (white = 1). It must have the size of the image it masks
+    (`size`, (width, height)) and one of `modes`; `resize_to` (width, height) resamples it (bilinear)."""
+    check_image(mask, name)
+    if mask.mode not in modes:
+        raise ValueError(f"{name} must be a mask image of mode {' or '.join(map(repr, modes))} "
+                         f"(white = the region to paint), got mode {mask.mode!r}: use .convert('L')")
+    if mask.size != size:
+        raise ValueError(f"{name} is {mask.size[0]}x{mask.size[1]} but the image it masks is {size[0]}x{size[1]}")
+    mask = mask.convert("RGB").getchannel(0) if mask.mode == "RGB" else mask.convert("L")
+    if resize_to is not None and mask.size != resize_to:
+        mask = mask.resize(resize_to, Image.BILINEAR)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+
+
+def vae_encode(pipe, pixels: torch.Tensor, tiled: bool = False, tile_size: int = 128,
+               tile_stride: int = 64) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> latents (B, 16, H/8, W/8) on the pipeline's device and dtype.
+
+    tile_size/tile_stride are latent units, as for the input image."""
+    if pipe.vae_encoder is None:
+        raise RuntimeError("condition images need the VAE encoder: load ae.safetensors")
+    pipe.load_models_to_device(("vae_encoder",))  # only when there is an image: txt2img never moves it
+    x = pixels.to(pipe.compute_device_of("vae_encoder"), pipe.torch_dtype)
+    z = pipe.vae_encoder(x, tiled=tiled, tile_size=tile_size * VAE_FACTOR, tile_stride=tile_stride * VAE_FACTOR)
+    return z.to(pipe.device, pipe.torch_dtype)
+
+
+def latent_size(noise: torch.Tensor) -> tuple[int, int]:
+    """(width, height) in pixels of the generated image, from the noise (B, 16, h, w)."""
+    return noise.shape[3] * VAE_FACTOR, noise.shape[2] * VAE_FACTOR
