@@ -136,3 +136,22 @@ def build_clip(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
 def build_t5(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     from ..models.flux_text_encoders import load_t5_encoder
     return {"text_encoder_2": _text_encoder(load_t5_encoder, det, options)}
+
+
+def build_ipadapter(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_ipadapter import FluxIpAdapter, infer_ipadapter_config, ipadapter_from_xlabs
+    sd = plain_tensors(det, options)
+    if det.format == "xlabs":
+        sd = ipadapter_from_xlabs(sd)
+    config = infer_ipadapter_config(det.format, {k: tuple(v.shape) for k, v in sd.items()})
+    return {"ipadapter": assign(FluxIpAdapter, config, sd, f"{det.format} IP-Adapter from {det.source}")}
+
+
+def build_siglip(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.siglip import load_siglip
+    return {"image_encoder": load_siglip(plain_tensors(det, options), det.config, options.device)}
+
+
+def build_clip_vision(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.clip_vision import load_clip_vision
+    return {"image_encoder": load_clip_vision(plain_tensors(det, options), det.config, options.device)}

@@ -119,8 +119,8 @@ def detect_xlabs_controlnet(refs: Refs) -> str | None:
 
 def detect_ipadapter(refs: Refs) -> str | None:
     keys = refs.keys()
-    if has_prefix(keys, "ip_adapter.") and has_prefix(keys, "image_proj."):
-        return "instantx"
+    if any(k.startswith("ip_adapter.") and ".to_k_ip." in k for k in keys):
+        return "instantx"  # ip-adapter.bin (nested ip_adapter/image_proj dicts) or its flat safetensors form
     if has_prefix(keys, "ip_adapter_proj_model.") or any(".ip_adapter_double_stream_" in k for k in keys):
         return "xlabs"
     return None
@@ -131,9 +131,17 @@ def detect_redux(refs: Refs) -> str | None:
 
 
 def detect_siglip(refs: Refs) -> str | None:
+    """A SigLIP vision tower (alone or inside a full SiglipModel file); CLIP's has a class embedding."""
     keys = refs.keys()
     return "hf" if has_prefix(keys, "vision_model.embeddings.patch_embedding.") and \
-        not has_prefix(keys, "text_model.") else None
+        not has_key(keys, "vision_model.embeddings.class_embedding") else None
+
+
+def detect_clip_vision(refs: Refs) -> str | None:
+    """CLIPVisionModelWithProjection weights (alone or inside a full CLIPModel file)."""
+    keys = refs.keys()
+    return "hf" if has_key(keys, "vision_model.embeddings.class_embedding") and \
+        has_key(keys, "visual_projection.weight") else None
 
 
 def detect_qwen_vl(refs: Refs) -> str | None:
@@ -151,6 +159,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("text_encoder_2", "text", activation="text"),
     Component("vae_encoder", "vae_encoder", activation="vae"),
     Component("vae_decoder", "vae_decoder", activation="vae"),
+    Component("ipadapter", "denoise", in_loop=True),
+    Component("image_encoder", "image_encoder"),
 )
 
 
@@ -168,9 +178,11 @@ FAMILIES: tuple[Family, ...] = (
     # Recognised before the DiT so that files which also carry DiT-like blocks are never misread.
     Family("flux-controlnet", "FLUX ControlNet (diffusers layout)", detect_diffusers_controlnet, fills("controlnet")),
     Family("xlabs-controlnet", "XLabs FLUX ControlNet", detect_xlabs_controlnet, fills("controlnet")),
-    Family("flux-ipadapter", "FLUX IP-Adapter", detect_ipadapter, fills("ipadapter")),
+    Family("flux-ipadapter", "FLUX IP-Adapter (InstantX or XLabs)", detect_ipadapter, fills("ipadapter"),
+           _lazy("build_ipadapter")),
     Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux")),
-    Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder")),
+    Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder"), _lazy("build_siglip")),
+    Family("clip-vision", "CLIP vision encoder", detect_clip_vision, fills("image_encoder"), _lazy("build_clip_vision")),
     Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl")),
     Family("flux-dit", "FLUX DiT", detect_flux_dit, fills("dit"), _lazy("build_dit"),
            bundle_prefixes=("model.diffusion_model.",)),

@@ -1,0 +1,84 @@
+"""Tiny random IP-Adapter files and image encoders in the real on-disk layouts, sized for the tiny DiT.
+
+* `build_tiny_siglip(folder)`: a full SiglipModel folder (config.json + model.safetensors, vision and text
+  towers), as google/siglip-so400m-patch14-384 ships it, written with transformers.
+* `build_tiny_clip_vision(folder)`: CLIPVisionModelWithProjection folder (XLabs' image encoder).
+* `write_tiny_instantx_ipadapter(path)`: InstantX `ip-adapter.bin` (nested `image_proj` / `ip_adapter` dicts,
+  torch.save) or, for a `.safetensors` path, its flat form.
+* `write_tiny_xlabs_ipadapter(path)`: XLabs `ip_adapter.safetensors` (`ip_adapter_proj_model.*`,
+  `double_blocks.N.processor.ip_adapter_double_stream_{k,v}_proj.*`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..ops.files import save_safetensors
+from .tiny import TINY
+
+IMAGE_SIZE, PATCH = 28, 14
+ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+               image_size=IMAGE_SIZE, patch_size=PATCH)
+
+
+def _random(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(s, generator=g) * (0.5 / s[-1] ** 0.5 if len(s) > 1 else 0.05)
+                + (1.0 if k.endswith("norm.weight") else 0.0)) for k, s in shapes.items()}
+
+
+def build_tiny_siglip(folder: str | Path, seed: int = 0) -> Path:
+    from transformers import SiglipConfig, SiglipModel
+    torch.manual_seed(seed)
+    config = SiglipConfig(vision_config=ENCODER, text_config=dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+        max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    SiglipModel(config).save_pretrained(folder)
+    return Path(folder)
+
+
+def build_tiny_clip_vision(folder: str | Path, seed: int = 0) -> Path:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(seed)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**ENCODER, projection_dim=24)).save_pretrained(folder)
+    return Path(folder)
+
+
+def instantx_ipadapter_state_dict(seed: int = 0, image_dim: int = 32, num_tokens: int = 4) -> dict[str, dict]:
+    d = TINY["dit"]
+    ctx, hidden = d["context_dim"], d["hidden_size"]
+    proj = {"proj.0.weight": (2 * image_dim, image_dim), "proj.0.bias": (2 * image_dim,),
+            "proj.2.weight": (num_tokens * ctx, 2 * image_dim), "proj.2.bias": (num_tokens * ctx,),
+            "norm.weight": (ctx,), "norm.bias": (ctx,)}
+    kv = {f"{i}.to_{x}_ip.weight": (hidden, ctx) for i in range(d["depth"] + d["depth_single_blocks"]) for x in "kv"}
+    return {"image_proj": _random(proj, seed), "ip_adapter": _random(kv, seed + 1)}
+
+
+def write_tiny_instantx_ipadapter(path: str | Path, seed: int = 0, image_dim: int = 32) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = instantx_ipadapter_state_dict(seed, image_dim)
+    if path.suffix == ".safetensors":
+        save_safetensors({f"{group}.{k}": v for group, part in sd.items() for k, v in part.items()}, path)
+    else:
+        torch.save(sd, path)
+    return path
+
+
+def xlabs_ipadapter_state_dict(seed: int = 0, image_dim: int = 24, num_tokens: int = 4) -> dict[str, torch.Tensor]:
+    d = TINY["dit"]
+    ctx, hidden = d["context_dim"], d["hidden_size"]
+    shapes = {"ip_adapter_proj_model.proj.weight": (num_tokens * ctx, image_dim),
+              "ip_adapter_proj_model.proj.bias": (num_tokens * ctx,),
+              "ip_adapter_proj_model.norm.weight": (ctx,), "ip_adapter_proj_model.norm.bias": (ctx,)}
+    for i in range(d["depth"]):
+        for x in "kv":
+            p = f"double_blocks.{i}.processor.ip_adapter_double_stream_{x}_proj"
+            shapes.update({f"{p}.weight": (hidden, ctx), f"{p}.bias": (hidden,)})
+    return _random(shapes, seed)
+
+
+def write_tiny_xlabs_ipadapter(path: str | Path, seed: int = 0) -> Path:
+    save_safetensors(xlabs_ipadapter_state_dict(seed), path)
+    return Path(path)
