@@ -131,10 +131,13 @@ def detect_redux(refs: Refs) -> str | None:
 
 
 def detect_siglip(refs: Refs) -> str | None:
-    """A SigLIP vision tower (alone or inside a full SiglipModel file); CLIP's has a class embedding."""
+    """SigLIP vision tower: transformers 4 (`vision_model.` prefix, also inside a full SiglipModel) or 5 (no
+    prefix). CLIP's vision tower has a class embedding, SigLIP's an attention-pooling head."""
     keys = refs.keys()
-    return "hf" if has_prefix(keys, "vision_model.embeddings.patch_embedding.") and \
-        not has_key(keys, "vision_model.embeddings.class_embedding") else None
+    for prefix in ("vision_model.", ""):
+        if f"{prefix}embeddings.patch_embedding.weight" in keys and f"{prefix}embeddings.class_embedding" not in keys:
+            return "hf"
+    return None
 
 
 def detect_clip_vision(refs: Refs) -> str | None:

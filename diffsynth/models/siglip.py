@@ -1,7 +1,7 @@
 """SigLIP vision encoder (google/siglip-so400m-patch14-384 for the InstantX IP-Adapter), through transformers.
 
-Reads an HF folder (config.json + model.safetensors) or the weight file alone; a full SiglipModel file
-(vision + text towers) keeps only `vision_model.*`. Without a config the architecture comes from the shapes
+Reads an HF folder (config.json + model.safetensors) or the weight file alone, with or without the
+`vision_model.` level; a full SiglipModel file (vision + text towers) keeps only the vision tower. Without a config the architecture comes from the shapes
 (heads: 16 for the 1152-wide so400m, else width / 64).
 """
 from __future__ import annotations
@@ -73,6 +73,8 @@ def adopt_hf_model(model_cls, config, sd: dict[str, torch.Tensor], name: str, de
 
 def load_siglip(sd: dict[str, torch.Tensor], config: dict | None, device) -> SiglipImageEncoder:
     from transformers import SiglipVisionModel
+    if not any(k.startswith("vision_model.") for k in sd):  # transformers 5 vision-model files: no prefix
+        sd = {f"vision_model.{k}": v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if k.startswith("vision_model.")}
     model = adopt_hf_model(SiglipVisionModel, siglip_vision_config(sd, config), sd, "SigLIP vision encoder", device)
     return SiglipImageEncoder(model)
