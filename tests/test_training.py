@@ -398,7 +398,8 @@ def test_example_scripts_parse(tmp_path):
     for script in scripts:
         words = shlex.split(script.read_text().replace("\\\n", " "), comments=True)
         args = check_args(build_parser().parse_args(words[words.index("examples/flux/model_training/train.py") + 1:]))
-        assert args.remove_prefix_in_ckpt == "pipe.dit."
+        trained = args.lora_base_model or args.trainable_models[0]
+        assert args.remove_prefix_in_ckpt == f"pipe.{trained}."
         assert (args.lora_format == "kohya") == ("lora" in script.parts)
         if "--config_file" in words:
             assert (ROOT / words[words.index("--config_file") + 1]).is_file()

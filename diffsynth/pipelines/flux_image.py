@@ -211,13 +211,15 @@ class FluxImagePipeline(nn.Module):
 
     # -- LoRA --------------------------------------------------------------------------------------
     def load_lora(self, module: nn.Module, lora, alpha: float = 1.0, hotload: bool = False, strict: bool = True):
-        """Apply a LoRA file (any supported dialect) or state dict to `module` (usually `pipe.dit`).
+        """Apply a LoRA (file in any supported dialect, ModelConfig or state dict) to `module` (usually `pipe.dit`).
 
         Merged into the weights by default; `hotload=True` keeps base weights untouched so that
         `clear_lora()` restores them exactly. Text-encoder keys in the file (kohya `lora_te1_*`) go to
         `text_encoder_1`. Keys that match no layer raise, listing them (`strict=False`: warn instead).
         """
         from ..loading.lora import load_lora_into_pipeline
+        if isinstance(lora, ModelConfig):
+            lora = lora.resolve()
         return load_lora_into_pipeline(self, module, lora, alpha=alpha, hotload=hotload, strict=strict)
 
     def clear_lora(self) -> None:
