@@ -155,3 +155,17 @@ def build_siglip(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
 def build_clip_vision(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     from ..models.clip_vision import load_clip_vision
     return {"image_encoder": load_clip_vision(plain_tensors(det, options), det.config, options.device)}
+
+
+def build_lora_encoder(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_lora_encoder import FluxLoRAEncoder, infer_lora_encoder_config
+    sd = plain_tensors(det, options)
+    config = infer_lora_encoder_config({k: tuple(v.shape) for k, v in sd.items()})
+    return {"lora_encoder": assign(FluxLoRAEncoder, config, sd, f"LoRA-Encoder from {det.source}")}
+
+
+def build_value_controller(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_value_control import ValueController, infer_value_controller_config
+    sd = plain_tensors(det, options)
+    config = infer_value_controller_config({k: tuple(v.shape) for k, v in sd.items()})
+    return {"value_controller": assign(ValueController, config, sd, f"value controller from {det.source}")}

@@ -126,6 +126,16 @@ def detect_ipadapter(refs: Refs) -> str | None:
     return None
 
 
+def detect_lora_encoder(refs: Refs) -> str | None:
+    keys = refs.keys()
+    return "diffsynth" if has_key(keys, "special_embeds") and has_prefix(keys, "embedder.model_dict.") else None
+
+
+def detect_value_controller(refs: Refs) -> str | None:
+    keys = refs.keys()
+    return "diffsynth" if "positional_embedding" in keys and "prefer_value_embedder.0.weight" in keys else None
+
+
 def detect_redux(refs: Refs) -> str | None:
     return "bfl" if has_key(refs.keys(), "redux_up.weight") and has_key(refs.keys(), "redux_down.weight") else None
 
@@ -164,6 +174,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("vae_decoder", "vae_decoder", activation="vae"),
     Component("ipadapter", "denoise", in_loop=True),
     Component("image_encoder", "image_encoder"),
+    Component("lora_encoder", "prompt_tokens"),
+    Component("value_controller", "prompt_tokens", many=True),
 )
 
 
@@ -183,6 +195,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("xlabs-controlnet", "XLabs FLUX ControlNet", detect_xlabs_controlnet, fills("controlnet")),
     Family("flux-ipadapter", "FLUX IP-Adapter (InstantX or XLabs)", detect_ipadapter, fills("ipadapter"),
            _lazy("build_ipadapter")),
+    Family("flux-lora-encoder", "FLUX LoRA-Encoder", detect_lora_encoder, fills("lora_encoder"),
+           _lazy("build_lora_encoder")),
+    Family("flux-value-controller", "FLUX AttriCtrl value controller", detect_value_controller,
+           fills("value_controller"), _lazy("build_value_controller")),
     Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux")),
     Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder"), _lazy("build_siglip")),
     Family("clip-vision", "CLIP vision encoder", detect_clip_vision, fills("image_encoder"), _lazy("build_clip_vision")),

@@ -82,3 +82,57 @@ def xlabs_ipadapter_state_dict(seed: int = 0, image_dim: int = 24, num_tokens: i
 def write_tiny_xlabs_ipadapter(path: str | Path, seed: int = 0) -> Path:
     save_safetensors(xlabs_ipadapter_state_dict(seed), path)
     return Path(path)
+
+
+def tiny_lora_encoder_layers() -> list[tuple[str, int, int]]:
+    """(internal layer, in, out) of every linear of the tiny DiT, in DiffSynth's LoRA-Encoder order."""
+    d = TINY["dit"]
+    h, m = d["hidden_size"], int(d["hidden_size"] * d["mlp_ratio"])
+    double = {"attn.a_to_qkv": (h, 3 * h), "attn.a_to_out": (h, h), "ff_a.0": (h, m), "ff_a.2": (m, h),
+              "norm1_a.linear": (h, 6 * h), "attn.b_to_qkv": (h, 3 * h), "attn.b_to_out": (h, h), "ff_b.0": (h, m),
+              "ff_b.2": (m, h), "norm1_b.linear": (h, 6 * h)}
+    single = {"to_qkv_mlp": (h, 3 * h + m), "proj_out": (h + m, h), "norm.linear": (h, 3 * h)}
+    return [(f"blocks.{i}.{k}", *v) for i in range(d["depth"]) for k, v in double.items()] + \
+        [(f"single_blocks.{i}.{k}", *v) for i in range(d["depth_single_blocks"]) for k, v in single.items()]
+
+
+def lora_encoder_state_dict(seed: int = 0, queries: int = 4, ff: int = 64) -> dict[str, torch.Tensor]:
+    width = TINY["dit"]["context_dim"]
+    shapes: dict[str, tuple[int, ...]] = {"special_embeds": (1, 1, width), "final_layer_norm.weight": (width,),
+                                          "final_layer_norm.bias": (width,), "final_linear.weight": (width, width),
+                                          "final_linear.bias": (width,)}
+    kinds = {}
+    for name, i, o in tiny_lora_encoder_layers():
+        key = name.replace(".", "___")
+        shapes.update({f"embedder.model_dict.{key}.x": (1, queries, i),
+                       f"embedder.model_dict.{key}.layer_norm.weight": (o,),
+                       f"embedder.model_dict.{key}.layer_norm.bias": (o,)})
+        kinds[name.split(".", 2)[2].replace(".", "___")] = o
+    for kind, o in kinds.items():
+        shapes.update({f"embedder.proj_dict.{kind}.weight": (width, o), f"embedder.proj_dict.{kind}.bias": (width,)})
+    for n in ("to_q", "to_k", "to_v", "to_out"):
+        shapes.update({f"encoders.0.attn.{n}.weight": (width, width), f"encoders.0.attn.{n}.bias": (width,)})
+    for n in ("layer_norm1", "layer_norm2"):
+        shapes.update({f"encoders.0.{n}.weight": (width,), f"encoders.0.{n}.bias": (width,)})
+    shapes.update({"encoders.0.fc1.weight": (ff, width), "encoders.0.fc1.bias": (ff,),
+                   "encoders.0.fc2.weight": (width, ff), "encoders.0.fc2.bias": (width,)})
+    sd = _random(shapes, seed)
+    for k in sd:  # LayerNorm scales around 1
+        if k.endswith("norm.weight") or ".layer_norm" in k and k.endswith(".weight") or k.endswith("norm1.weight") \
+                or k.endswith("norm2.weight"):
+            sd[k] = 1 + 0.05 * torch.randn(sd[k].shape, generator=torch.Generator().manual_seed(seed + 7))
+    return sd
+
+
+def write_tiny_lora_encoder(path: str | Path, seed: int = 0) -> Path:
+    save_safetensors(lora_encoder_state_dict(seed), path)
+    return Path(path)
+
+
+def write_tiny_value_controller(path: str | Path, seed: int = 0, tokens: int = 4) -> Path:
+    width = TINY["dit"]["context_dim"]
+    save_safetensors(_random({"prefer_value_embedder.0.weight": (width, 256), "prefer_value_embedder.0.bias": (width,),
+                              "prefer_value_embedder.2.weight": (width, width),
+                              "prefer_value_embedder.2.bias": (width,), "positional_embedding": (tokens, width)},
+                             seed), path)
+    return Path(path)

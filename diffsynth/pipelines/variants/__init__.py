@@ -6,6 +6,7 @@ Every unit is a no-op (returns {}) when its inputs are absent, so all of them ar
 """
 from __future__ import annotations
 
-from . import eligen, ipadapter
+from . import eligen, ipadapter, prompt_tokens
 
-UNITS: list = [*ipadapter.UNITS, *eligen.UNITS]
+# prompt_tokens appends tokens before eligen prepends its entity prompts (whose mask counts them as global)
+UNITS: list = [*ipadapter.UNITS, *prompt_tokens.UNITS, *eligen.UNITS]
