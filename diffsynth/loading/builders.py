@@ -169,3 +169,10 @@ def build_value_controller(det: Detected, options: BuildOptions) -> dict[str, nn
     sd = plain_tensors(det, options)
     config = infer_value_controller_config({k: tuple(v.shape) for k, v in sd.items()})
     return {"value_controller": assign(ValueController, config, sd, f"value controller from {det.source}")}
+
+
+def build_lora_patcher(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_lora_patcher import FluxLoraPatcher, infer_patcher_layers
+    sd = plain_tensors(det, options)
+    layers = infer_patcher_layers({k: tuple(v.shape) for k, v in sd.items()})
+    return {"lora_patcher": assign(FluxLoraPatcher, layers, sd, f"LoRA-Fusion patcher from {det.source}")}

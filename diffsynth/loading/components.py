@@ -136,6 +136,11 @@ def detect_value_controller(refs: Refs) -> str | None:
     return "diffsynth" if "positional_embedding" in keys and "prefer_value_embedder.0.weight" in keys else None
 
 
+def detect_lora_patcher(refs: Refs) -> str | None:
+    keys = refs.keys()
+    return "diffsynth" if any(k.startswith("model_dict.") and k.endswith(".weight_cross") for k in keys) else None
+
+
 def detect_redux(refs: Refs) -> str | None:
     return "bfl" if has_key(refs.keys(), "redux_up.weight") and has_key(refs.keys(), "redux_down.weight") else None
 
@@ -176,6 +181,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component("image_encoder", "image_encoder"),
     Component("lora_encoder", "prompt_tokens"),
     Component("value_controller", "prompt_tokens", many=True),
+    Component("lora_patcher", "denoise", in_loop=True),
 )
 
 
@@ -199,6 +205,8 @@ FAMILIES: tuple[Family, ...] = (
            _lazy("build_lora_encoder")),
     Family("flux-value-controller", "FLUX AttriCtrl value controller", detect_value_controller,
            fills("value_controller"), _lazy("build_value_controller")),
+    Family("flux-lora-patcher", "FLUX LoRA-Fusion patcher", detect_lora_patcher, fills("lora_patcher"),
+           _lazy("build_lora_patcher")),
     Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux")),
     Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder"), _lazy("build_siglip")),
     Family("clip-vision", "CLIP vision encoder", detect_clip_vision, fills("image_encoder"), _lazy("build_clip_vision")),
