@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from example_harness import EXAMPLES, run_example
-from diffsynth.testing.tiny_adapters import build_tiny_siglip, write_tiny_instantx_ipadapter
+from diffsynth.testing.tiny_adapters import (build_tiny_siglip, write_tiny_instantx_ipadapter, write_tiny_lora_encoder,
+                                             write_tiny_lora_patcher, write_tiny_value_controller)
 from diffsynth.training import build_parser, check_args, train
 
 SCRIPTS = EXAMPLES / "model_training"
@@ -31,8 +32,21 @@ def models(tiny_root, tmp_path_factory):
     eligen = d / "eligen"
     eligen.mkdir()
     write_tiny_dit_lora(tiny_root / "flux1-dev.safetensors", eligen / "model_bf16.safetensors")
+    folders = {name: d / name.replace("/", "--") for name in (
+        "DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev", "VoidOc/flux_animal_forest1", "DiffSynth-Studio/AttriCtrl-FLUX.1-Dev",
+        "DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev", "cancel13/cxsk", "DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1")}
+    for folder in folders.values():
+        (folder / "models").mkdir(parents=True)
+    write_tiny_lora_encoder(folders["DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev"] / "model.safetensors")
+    write_tiny_dit_lora(tiny_root / "flux1-dev.safetensors", folders["VoidOc/flux_animal_forest1"] / "20.safetensors")
+    write_tiny_value_controller(folders["DiffSynth-Studio/AttriCtrl-FLUX.1-Dev"] / "models/brightness.safetensors")
+    write_tiny_lora_patcher(folders["DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev"] / "model.safetensors")
+    write_tiny_dit_lora(tiny_root / "flux1-dev.safetensors", folders["cancel13/cxsk"] / "30.safetensors")
+    write_tiny_dit_lora(tiny_root / "flux1-dev.safetensors",
+                        folders["DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1"] / "merged_lora.safetensors")
     return {"black-forest-labs/FLUX.1-dev": tiny_root, "InstantX/FLUX.1-dev-IP-Adapter": d / "ipadapter",
-            "google/siglip-so400m-patch14-384": build_tiny_siglip(d / "siglip"), "DiffSynth-Studio/Eligen": eligen}
+            "google/siglip-so400m-patch14-384": build_tiny_siglip(d / "siglip"), "DiffSynth-Studio/Eligen": eligen,
+            **folders}
 
 
 def write_tiny_dit_lora(dit_file, path):
@@ -74,6 +88,14 @@ def test_eligen_inference_examples(folder, tmp_path, monkeypatch, models):
     assert {p.name for p in tmp_path.glob("*.png")} >= {"eligen_example_1_0.png", "eligen_example_4_mask_21.png"}
 
 
+@pytest.mark.parametrize("script, outputs", [
+    ("model_inference/FLUX.1-dev-LoRA-Encoder.py", 6), ("model_inference_low_vram/FLUX.1-dev-LoRA-Encoder.py", 6),
+    ("model_inference/FLUX.1-dev-LoRA-Fusion.py", 1), ("model_inference/FLUX.1-dev-AttriCtrl.py", 5)])
+def test_prompt_token_and_fusion_examples(script, outputs, tmp_path, monkeypatch, models):
+    run_example(script, tmp_path, monkeypatch, models)
+    assert len(list(tmp_path.glob("*.jpg"))) == outputs
+
+
 def _script_args(script: Path, **paths) -> list[str]:
     """The train.py arguments of a shell script, with the dataset/model/output paths swapped for local ones."""
     words = shlex.split(script.read_text().replace("\\\n", " "), comments=True)
@@ -94,7 +116,7 @@ def _script_args(script: Path, **paths) -> list[str]:
 
 def _model_paths(models: dict, *files: str) -> str:
     repo = {"flux": "black-forest-labs/FLUX.1-dev", "ip": "InstantX/FLUX.1-dev-IP-Adapter",
-            "siglip": "google/siglip-so400m-patch14-384"}
+            "siglip": "google/siglip-so400m-patch14-384", "enc": "enc"}
     return json.dumps([str(Path(models[repo[f.split(":")[0]]]) / f.split(":")[1]) for f in files])
 
 
@@ -103,7 +125,8 @@ IP = ("ip:ip-adapter.bin", "siglip:model.safetensors")
 
 
 def test_scripts_parse():
-    for name in ("full/FLUX.1-dev-IP-Adapter.sh", "lora/FLUX.1-dev-IP-Adapter.sh", "lora/FLUX.1-dev-EliGen.sh"):
+    for name in ("full/FLUX.1-dev-IP-Adapter.sh", "lora/FLUX.1-dev-IP-Adapter.sh", "lora/FLUX.1-dev-EliGen.sh",
+                 "full/FLUX.1-dev-LoRA-Encoder.sh"):
         words = shlex.split((SCRIPTS / name).read_text().replace("\\\n", " "), comments=True)
         check_args(build_parser().parse_args(words[words.index("examples/flux/model_training/train.py") + 1:]))
 
@@ -165,3 +188,21 @@ def test_ipadapter_lora_training_then_validation(tmp_path, monkeypatch, models):
     _pattern(tmp_path / "data/example_image_dataset/1.jpg", phase=30)
     run_example("model_training/validate_lora/FLUX.1-dev-IP-Adapter.py", tmp_path, monkeypatch, models)
     assert (tmp_path / "image_FLUX.1-dev-IP-Adapter_lora.jpg").is_file()
+
+
+def test_lora_encoder_full_training_then_validation(tmp_path, monkeypatch, models):
+    data = tmp_path / "data/diffsynth_example_dataset/flux/FLUX.1-dev-LoRA-Encoder"
+    _pattern(data / "image.jpg")
+    lora = Path(models["VoidOc/flux_animal_forest1"]) / "20.safetensors"
+    (data / "metadata.csv").write_text(f"image,prompt,lora_encoder_inputs\nimage.jpg,,{lora}\n")
+    out = tmp_path / "models/train/FLUX.1-dev-LoRA-Encoder_full"
+    encoder = Path(models["DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev"]) / "model.safetensors"
+    files = _train("full/FLUX.1-dev-LoRA-Encoder.sh", data, out, {**models, "enc": encoder.parent},
+                   BASE + ("enc:model.safetensors",), "metadata.csv")
+    assert [f.name for f in files] == ["epoch-0.safetensors"]
+    from diffsynth import load_state_dict
+    trained, original = load_state_dict(str(files[0])), load_state_dict(str(encoder))
+    assert trained.keys() == original.keys()
+    assert any(not torch.equal(trained[k], original[k]) for k in trained)  # it learned
+    run_example("model_training/validate_full/FLUX.1-dev-LoRA-Encoder.py", tmp_path, monkeypatch, models)
+    assert (tmp_path / "image_FLUX.1-dev-LoRA-Encoder_full.jpg").is_file()
