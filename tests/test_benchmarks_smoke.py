@@ -28,3 +28,11 @@ def test_gpu_full_smoke(monkeypatch, capsys):
     for variant in ("ours, eager", "DiT x2: diffusers", "DiT x2: diffusers, compiled", "DiT x2: ours, compiled",
                     "ours, compiled", "fp8 storage", "DiT stored on CPU"):
         assert variant in out
+
+
+def test_adapters_step_smoke(monkeypatch, capsys):
+    monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
+    _import("adapters_step").main()
+    out = capsys.readouterr().out
+    for row in ("instantx", "xlabs", "eligen", "diffusers-xlabs", "/ base step"):
+        assert row in out
