@@ -102,8 +102,9 @@ def diffusers_step(ref, base: dict, ip_sd=None):
         ref._load_ip_adapter_weights([ip_sd])
     kw = {} if ip_sd is None else {"joint_attention_kwargs": {"ip_adapter_image_embeds": [torch.randn(1, 1, 64)]}}
     return lambda: ref(hidden_states=patchify(base["latents"]), encoder_hidden_states=base["prompt_emb"],
-                       pooled_projections=base["pooled_prompt_emb"], timestep=base["timestep"], img_ids=base["image_ids"][0],
-                       txt_ids=base["text_ids"][0], guidance=base["guidance"], return_dict=False, **kw)[0]
+                       pooled_projections=base["pooled_prompt_emb"], timestep=base["timestep"],
+                       img_ids=base["image_ids"][0], txt_ids=base["text_ids"][0], guidance=base["guidance"],
+                       return_dict=False, **kw)[0]
 
 
 def worker(kind: str, variant: str = "") -> None:

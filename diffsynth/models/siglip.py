@@ -1,8 +1,8 @@
 """SigLIP vision encoder (google/siglip-so400m-patch14-384 for the InstantX IP-Adapter), through transformers.
 
 Reads an HF folder (config.json + model.safetensors) or the weight file alone, with or without the
-`vision_model.` level; a full SiglipModel file (vision + text towers) keeps only the vision tower. Without a config the architecture comes from the shapes
-(heads: 16 for the 1152-wide so400m, else width / 64).
+`vision_model.` level; a full SiglipModel file (vision + text towers) keeps only the vision tower. Without a
+config the architecture comes from the shapes (heads: 16 for the 1152-wide so400m, else width / 64).
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 `model_fn` builds a `DiTCall` from the base inputs, lets every `StepUnit` edit it with the inputs its
 signature names (extra latent channels, reference tokens, ControlNet residuals, attention additions,
-an attention mask, edits of the predicted velocity), then calls the DiT with keywords. An input that neither the base call nor any
-step unit takes is an error, never silently dropped.
+an attention mask, edits of the predicted velocity), then calls the DiT with keywords. An input that
+neither the base call nor any step unit takes is an error, never silently dropped.
 """
 from __future__ import annotations
 

@@ -143,8 +143,9 @@ def write_tiny_lora_patcher(path: str | Path, seed: int = 0) -> Path:
     shapes = {}
     for name, _, out in tiny_lora_encoder_layers():
         p = f"model_dict.{name.replace('.', '___')}."
-        shapes.update({p + n: (out,) for n in ("weight_base", "weight_lora", "weight_cross", "weight_out", "bias",
-                                               "norm_base.weight", "norm_base.bias", "norm_lora.weight", "norm_lora.bias")})
+        names = ("weight_base", "weight_lora", "weight_cross", "weight_out", "bias", "norm_base.weight",
+                 "norm_base.bias", "norm_lora.weight", "norm_lora.bias")
+        shapes.update({p + n: (out,) for n in names})
     g = torch.Generator().manual_seed(seed)
     sd = {k: (1.0 if k.endswith(("norm_base.weight", "norm_lora.weight", "weight_out")) else 0.0)
           + 0.3 * torch.randn(s, generator=g) for k, s in shapes.items()}

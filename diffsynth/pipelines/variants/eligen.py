@@ -117,7 +117,8 @@ def eligen_attention(models, call, step_index, eligen_prompt_emb=None, eligen_re
 
 
 @unit(outputs=("eligen_inpaint_latents", "eligen_inpaint_keep"),
-      model_inputs=("eligen_inpaint_latents", "eligen_inpaint_keep"), batched=("eligen_inpaint_latents", "eligen_inpaint_keep"))
+      model_inputs=("eligen_inpaint_latents", "eligen_inpaint_keep"),
+      batched=("eligen_inpaint_latents", "eligen_inpaint_keep"))
 def prepare_eligen_inpaint(pipe, height, width, eligen_enable_inpaint=False, eligen_entity_masks=None,
                            input_image=None, input_latents=None):
     """Input latents and the area to keep (1 outside every entity mask) for `eligen_enable_inpaint`."""

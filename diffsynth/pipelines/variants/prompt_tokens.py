@@ -58,7 +58,8 @@ def encode_values(pipe, value_controller_inputs=None, num_images=1):
     """(B, 32 * n_values, width) tokens, shared by both CFG sides."""
     if value_controller_inputs is None:
         return {}
-    values = value_controller_inputs if isinstance(value_controller_inputs, (list, tuple)) else [value_controller_inputs]
+    values = value_controller_inputs
+    values = values if isinstance(values, (list, tuple)) else [values]
     controllers = list(pipe.value_controller)
     if len(values) != len(controllers):
         raise ValueError(f"value_controller_inputs has {len(values)} values for {len(controllers)} loaded value "
