@@ -83,7 +83,8 @@ class FluxIpAdapter(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.image_proj.norm.weight.dtype
+        """Computation dtype: the weights' own, unless VRAM management stores them otherwise (fp8)."""
+        return self.__dict__.get("compute_dtype") or self.image_proj.norm.weight.dtype
 
     def tokens(self, image_emb: torch.Tensor) -> torch.Tensor:
         """(B, n_images, image_dim) -> (B, n_images * num_tokens, context_dim): the images' tokens, in order."""

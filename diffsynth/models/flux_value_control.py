@@ -33,9 +33,9 @@ class ValueController(nn.Module):
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         """value () in [0, 1] -> (tokens, width)."""
-        dtype = self.positional_embedding.dtype
-        freq = timestep_embedding(value.reshape(1).float() * 1000, self.config.freq_dim).to(dtype)
-        return self.prefer_value_embedder(freq) + self.positional_embedding  # (1, w) + (tokens, w)
+        pos = self.positional_embedding  # under VRAM management: the compute copy, on the compute device
+        freq = timestep_embedding(value.reshape(1).float().to(pos.device) * 1000, self.config.freq_dim).to(pos.dtype)
+        return self.prefer_value_embedder(freq) + pos  # (1, w) + (tokens, w)
 
 
 def infer_value_controller_config(shapes: dict[str, tuple[int, ...]]) -> ValueControllerConfig:

@@ -70,7 +70,7 @@ def encode_values(pipe, value_controller_inputs=None, num_images=1):
             continue
         if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"value_controller_inputs must be numbers in [0, 1], got {value!r}")
-        tokens.append(controller(torch.tensor(float(value), device=pipe.compute_device_of("value_controller"))))
+        tokens.append(controller(torch.tensor(float(value))))
     if not tokens:
         return {}
     emb = torch.cat(tokens, 0)[None].to(pipe.device, pipe.torch_dtype).repeat(num_images, 1, 1)
