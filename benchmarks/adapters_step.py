@@ -9,7 +9,7 @@ every block) and XLabs layout (4 tokens, double blocks; the diffusers column run
 block. Memory (a fresh process each): RSS growth during one step at 1024x1024 (4096 image tokens), base vs
 EliGen vs the same 5 x 512 text tokens without the mask (the mask's own cost).
 
-    python benchmarks/adapters_step.py          (DIFFSYNTH_BENCH_SMOKE=1: tiny sizes, one rep)
+    python benchmarks/adapters_step.py [latency] [memory]     (DIFFSYNTH_BENCH_SMOKE=1: tiny sizes, one rep)
 """
 from __future__ import annotations
 
@@ -135,7 +135,14 @@ def worker(kind: str, variant: str = "") -> None:
             emit({"peak_mb": peak_rss_mb() - before})
 
 
-def main() -> None:
+def main(parts: tuple[str, ...] = ("latency", "memory")) -> None:
+    if "latency" in parts:
+        latency_table()
+    if "memory" in parts:
+        memory_table()
+
+
+def latency_table() -> None:
     lat = run_worker(__file__, "latency")["times"]
     b = lat["base"]
     rows = [[name, f"{median(lat[name]) * 1000:.0f}", f"{pair_ratio(b, lat[name]):.2f}"]
@@ -145,6 +152,9 @@ def main() -> None:
     print(f"Step latency, CPU fp32 ({DIT['num_double_blocks']}+{DIT['num_single_blocks']} blocks, width "
           f"{DIT['hidden_size']}, {TOKENS} image + {TEXT} text tokens, EliGen {ENTITIES} entities, median of {REPS})")
     print(table(rows, ["variant", "ms", "ratio to our base step"]))
+
+
+def memory_table() -> None:
     mem = {v: run_worker(__file__, "memory", v, env=MEMORY_ENV)["peak_mb"] for v in ("base", "long-text", "eligen")}
     print(f"\nStep memory (RSS growth), {MEMORY_TOKENS} image tokens:")
     print(table([[v, f"{m:.0f}", f"{m / mem['base']:.2f}", f"{m / mem['long-text']:.2f}"] for v, m in mem.items()],
@@ -155,4 +165,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(*sys.argv[2:])
     else:
-        main()
+        main(tuple(sys.argv[1:]) or ("latency", "memory"))
