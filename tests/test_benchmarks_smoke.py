@@ -45,3 +45,11 @@ def test_image_variants_smoke(monkeypatch, capsys):
         assert f"| {variant}" in out
     diffs = [float(line.rsplit("|", 2)[-2]) for line in out.splitlines() if line.startswith("| ") and "e-" in line]
     assert len(diffs) == 4 and max(diffs) < 1e-4  # both steps compute the same velocity
+
+
+def test_adapters_step_smoke(monkeypatch, capsys):
+    monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
+    _import("adapters_step").main()
+    out = capsys.readouterr().out
+    for row in ("instantx", "xlabs", "eligen", "diffusers-xlabs", "/ base step"):
+        assert row in out

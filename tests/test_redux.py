@@ -89,8 +89,8 @@ def test_siglip_layouts_load_the_same_encoder(tiny_root, redux_root, pipe, tmp_p
     other = make_pipe(tiny_root, tmp_path / "siglip.safetensors", redux_root / "image_embedder")
     x = torch.randn(1, 3, 28, 28)
     atol = 0.5 if layout == "fp8" else 1e-5
-    torch.testing.assert_close(other.image_encoder(pixel_values=x).last_hidden_state,
-                               pipe.image_encoder(pixel_values=x).last_hidden_state, rtol=0, atol=atol)
+    torch.testing.assert_close(other.image_encoder.model(pixel_values=x).last_hidden_state,
+                               pipe.image_encoder.model(pixel_values=x).last_hidden_state, rtol=0, atol=atol)
 
 
 def test_redux_without_its_models_is_a_clear_error(tiny_pipe):

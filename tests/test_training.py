@@ -403,8 +403,9 @@ def test_example_scripts_parse(tmp_path):
     for script in scripts:
         words = shlex.split(script.read_text().replace("\\\n", " "), comments=True)
         args = check_args(build_parser().parse_args(words[words.index("examples/flux/model_training/train.py") + 1:]))
-        controlnet = args.trainable_models == ["controlnet"]  # full ControlNet training saves the ControlNet
-        assert args.remove_prefix_in_ckpt == ("pipe.controlnet.0." if controlnet else "pipe.dit.")
+        trained = args.lora_base_model or args.trainable_models[0]
+        prefix = "pipe.controlnet.0." if trained == "controlnet" else f"pipe.{trained}."  # full ControlNet
+        assert args.remove_prefix_in_ckpt == prefix
         assert (args.lora_format == "kohya") == ("lora" in script.parts)
         if "--config_file" in words:
             assert (ROOT / words[words.index("--config_file") + 1]).is_file()

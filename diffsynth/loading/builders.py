@@ -155,12 +155,47 @@ def build_controlnet(det: Detected, options: BuildOptions) -> dict[str, nn.Modul
 
 
 def build_siglip(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
-    from ..models.siglip import load_siglip_vision
+    from ..models.siglip import SiglipImageEncoder, load_siglip_vision
     sd = plain_tensors(det, options)  # storage dtype already (small tensors precise under fp8)
-    return {"image_encoder": load_siglip_vision(sd, det.config).to(options.device)}
+    return {"image_encoder": SiglipImageEncoder(load_siglip_vision(sd, det.config)).to(options.device)}
 
 
 def build_redux(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     from ..models.flux_redux import ReduxImageEncoder, infer_redux_config
     sd = plain_tensors(det, options)
     return {"redux": assign(ReduxImageEncoder, infer_redux_config(sd), sd, f"FLUX.1-Redux embedder from {det.source}")}
+
+
+def build_ipadapter(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_ipadapter import FluxIpAdapter, infer_ipadapter_config, ipadapter_from_xlabs
+    sd = plain_tensors(det, options)
+    if det.format == "xlabs":
+        sd = ipadapter_from_xlabs(sd)
+    config = infer_ipadapter_config(det.format, {k: tuple(v.shape) for k, v in sd.items()})
+    return {"ipadapter": assign(FluxIpAdapter, config, sd, f"{det.format} IP-Adapter from {det.source}")}
+
+
+def build_clip_vision(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.clip_vision import load_clip_vision
+    return {"image_encoder": load_clip_vision(plain_tensors(det, options), det.config, options.device)}
+
+
+def build_lora_encoder(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_lora_encoder import FluxLoRAEncoder, infer_lora_encoder_config
+    sd = plain_tensors(det, options)
+    config = infer_lora_encoder_config({k: tuple(v.shape) for k, v in sd.items()})
+    return {"lora_encoder": assign(FluxLoRAEncoder, config, sd, f"LoRA-Encoder from {det.source}")}
+
+
+def build_value_controller(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_value_control import ValueController, infer_value_controller_config
+    sd = plain_tensors(det, options)
+    config = infer_value_controller_config({k: tuple(v.shape) for k, v in sd.items()})
+    return {"value_controller": assign(ValueController, config, sd, f"value controller from {det.source}")}
+
+
+def build_lora_patcher(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_lora_patcher import FluxLoraPatcher, infer_patcher_layers
+    sd = plain_tensors(det, options)
+    layers = infer_patcher_layers({k: tuple(v.shape) for k, v in sd.items()})
+    return {"lora_patcher": assign(FluxLoraPatcher, layers, sd, f"LoRA-Fusion patcher from {det.source}")}

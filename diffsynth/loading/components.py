@@ -131,8 +131,8 @@ def detect_xlabs_controlnet(refs: Refs) -> str | None:
 
 def detect_ipadapter(refs: Refs) -> str | None:
     keys = refs.keys()
-    if has_prefix(keys, "ip_adapter.") and has_prefix(keys, "image_proj."):
-        return "instantx"
+    if any(k.startswith("ip_adapter.") and ".to_k_ip." in k for k in keys):
+        return "instantx"  # ip-adapter.bin (nested ip_adapter/image_proj dicts) or its flat safetensors form
     if has_prefix(keys, "ip_adapter_proj_model.") or any(".ip_adapter_double_stream_" in k for k in keys):
         return "xlabs"
     return None
@@ -146,6 +146,21 @@ def detect_infiniteyou_projector(refs: Refs) -> str | None:
                 has_prefix(keys, prefix + "layers.0.0.to_kv.") and not has_prefix(keys, "ip_adapter."):
             return "infiniteyou"
     return None
+
+
+def detect_lora_encoder(refs: Refs) -> str | None:
+    keys = refs.keys()
+    return "diffsynth" if has_key(keys, "special_embeds") and has_prefix(keys, "embedder.model_dict.") else None
+
+
+def detect_value_controller(refs: Refs) -> str | None:
+    keys = refs.keys()
+    return "diffsynth" if "positional_embedding" in keys and "prefer_value_embedder.0.weight" in keys else None
+
+
+def detect_lora_patcher(refs: Refs) -> str | None:
+    keys = refs.keys()
+    return "diffsynth" if any(k.startswith("model_dict.") and k.endswith(".weight_cross") for k in keys) else None
 
 
 def detect_redux(refs: Refs) -> str | None:
@@ -162,6 +177,13 @@ def detect_siglip(refs: Refs) -> str | None:
                 not has_key(keys, f"{p}embeddings.class_embedding"):
             return "hf"
     return None
+
+
+def detect_clip_vision(refs: Refs) -> str | None:
+    """CLIPVisionModelWithProjection weights (alone or inside a full CLIPModel file)."""
+    keys = refs.keys()
+    return "hf" if has_key(keys, "vision_model.embeddings.class_embedding") and \
+        has_key(keys, "visual_projection.weight") else None
 
 
 def detect_qwen_vl(refs: Refs) -> str | None:
@@ -181,8 +203,12 @@ COMPONENTS: tuple[Component, ...] = (
     Component("vae_decoder", "vae_decoder", activation="vae"),
     # ControlNets run with the DiT at every step: on the device together, offloaded after denoising.
     Component("controlnet", "denoise", in_loop=True, many=True, activation="dit"),
+    Component("ipadapter", "denoise", in_loop=True),
     Component("image_encoder", "image_encoder", activation="text", aliases=("siglip",)),
     Component("redux", "image_encoder", activation="text"),
+    Component("lora_encoder", "prompt_tokens"),
+    Component("value_controller", "prompt_tokens", many=True),
+    Component("lora_patcher", "denoise", in_loop=True),
 )
 
 
@@ -202,11 +228,20 @@ FAMILIES: tuple[Family, ...] = (
            _lazy("build_controlnet")),
     Family("xlabs-controlnet", "XLabs FLUX ControlNet", detect_xlabs_controlnet, fills("controlnet"),
            _lazy("build_controlnet")),
-    Family("flux-ipadapter", "FLUX IP-Adapter", detect_ipadapter, fills("ipadapter")),
+    Family("flux-ipadapter", "FLUX IP-Adapter (InstantX or XLabs)", detect_ipadapter, fills("ipadapter"),
+           _lazy("build_ipadapter")),
+    Family("flux-lora-encoder", "FLUX LoRA-Encoder", detect_lora_encoder, fills("lora_encoder"),
+           _lazy("build_lora_encoder")),
+    Family("flux-value-controller", "FLUX AttriCtrl value controller", detect_value_controller,
+           fills("value_controller"), _lazy("build_value_controller")),
+    Family("flux-lora-patcher", "FLUX LoRA-Fusion patcher", detect_lora_patcher, fills("lora_patcher"),
+           _lazy("build_lora_patcher")),
     Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux"), _lazy("build_redux")),
     Family("infiniteyou-projector", "InfiniteYou image projector", detect_infiniteyou_projector,
            fills("image_proj_model")),
     Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder"), _lazy("build_siglip")),
+    Family("clip-vision", "CLIP vision encoder", detect_clip_vision, fills("image_encoder"),
+           _lazy("build_clip_vision")),
     Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl")),
     Family("flux-dit", "FLUX DiT", detect_flux_dit, fills("dit"), _lazy("build_dit"),
            bundle_prefixes=("model.diffusion_model.",), low_precision_storage=True),

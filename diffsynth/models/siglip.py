@@ -13,8 +13,10 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
+from ..ops.files import CheckpointError
 from ..ops.linear import adopt_linears
 
 VISION_PREFIX = "vision_model."
@@ -58,29 +60,34 @@ def siglip_config(config_dict: Mapping | None, sd: Mapping) -> SiglipVisionConfi
     return SiglipVisionConfig.from_dict(d)
 
 
-def load_siglip_vision(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None = None,
-                       dtype: torch.dtype | None = None) -> SiglipVisionModel:
-    """Build transformers' SiglipVisionModel from SigLIP weights (any of the layouts above)."""
-    sd = vision_keys(state_dict)
-    config = siglip_config(config_dict, sd)
+def adopt_hf_model(model_cls, config, sd: Mapping[str, torch.Tensor], name: str) -> nn.Module:
+    """Build a transformers vision model on the meta device and adopt `sd` (keys with the `vision_model.`
+    level, which transformers 5 drops in some classes); non-persistent position ids are rebuilt."""
     with torch.device("meta"):
-        model = SiglipVisionModel(config)
-    # transformers 4 nests the tower as `vision_model.`; transformers 5 does not
-    nested = any(k.startswith(VISION_PREFIX) for k in model.state_dict())
-    sd = {(VISION_PREFIX + k if nested else k): (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-          for k, v in sd.items()}
+        model = model_cls(config)
     expected = model.state_dict()
+    if not any(k.startswith(VISION_PREFIX) for k in expected):
+        sd = {k.removeprefix(VISION_PREFIX): v for k, v in sd.items()}
     missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
     bad = [k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape]
     if missing or unexpected or bad:
-        raise ValueError(f"SigLIP vision encoder: weights do not fit the config; missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
+        raise CheckpointError(f"{name}: weights do not fit the config; missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
     model.load_state_dict(sd, strict=True, assign=True)
     for module in model.modules():  # non-persistent position ids, left on meta by the build above
         buf = getattr(module, "position_ids", None)
         if isinstance(buf, torch.Tensor) and buf.is_meta:
             module.position_ids = torch.arange(buf.shape[-1]).expand(1, -1)
     return adopt_linears(model).eval().requires_grad_(False)
+
+
+def load_siglip_vision(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None = None,
+                       dtype: torch.dtype | None = None) -> SiglipVisionModel:
+    """Build transformers' SiglipVisionModel from SigLIP weights (any of the layouts above)."""
+    sd = vision_keys(state_dict)
+    config = siglip_config(config_dict, sd)
+    sd = {VISION_PREFIX + k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
+    return adopt_hf_model(SiglipVisionModel, config, sd, "SigLIP vision encoder")
 
 
 def siglip_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
@@ -94,7 +101,25 @@ def siglip_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
     return torch.from_numpy((np.stack(arrays) - 0.5) / 0.5).permute(0, 3, 1, 2)
 
 
-def encode_images(model: SiglipVisionModel, images: list[Image.Image], device, dtype) -> torch.Tensor:
-    """(B, patches, hidden): the last hidden state (after the post-layernorm) of each image."""
-    x = siglip_pixels(images, model.config.image_size).to(device, dtype)
-    return model(pixel_values=x).last_hidden_state
+class SiglipImageEncoder(nn.Module):
+    """The `image_encoder` component: PIL images -> SigLIP features (pooled for the IP-Adapter, patch
+    features for Redux), resized to the model's square size (bicubic) and mapped to [-1, 1]."""
+
+    def __init__(self, model: SiglipVisionModel):
+        super().__init__()
+        self.model = model
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def _run(self, images: list[Image.Image], device, dtype):
+        return self.model(pixel_values=siglip_pixels(images, self.model.config.image_size).to(device, dtype))
+
+    def forward(self, images: list[Image.Image], device, dtype) -> torch.Tensor:
+        """(B, hidden): the attention-pooled embedding of each image."""
+        return self._run(images, device, dtype).pooler_output
+
+    def patch_features(self, images: list[Image.Image], device, dtype) -> torch.Tensor:
+        """(B, patches, hidden): the last hidden state (after the post-layernorm) of each image."""
+        return self._run(images, device, dtype).last_hidden_state

@@ -2,8 +2,8 @@
 
 `model_fn` builds a `DiTCall` from the base inputs, lets every `StepUnit` edit it with the inputs its
 signature names (extra latent channels, reference tokens, ControlNet residuals, attention additions,
-an attention mask), then calls the DiT with keywords. An input that neither the base call nor any
-step unit takes is an error, never silently dropped.
+an attention mask, edits of the predicted velocity), then calls the DiT with keywords. An input that
+neither the base call nor any step unit takes is an error, never silently dropped.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class DiTCall:
     residuals: list[Callable] = field(default_factory=list)      # (kind, index) -> (B, N, hidden) | None
     attention: list[Callable] = field(default_factory=list)      # see models.flux_dit.Extensions
     mask: torch.Tensor | None = None
+    output: list[Callable] = field(default_factory=list)         # velocity (B, 16, h, w) -> velocity (EliGen inpaint)
 
     def extensions(self) -> Extensions:
         residuals = tuple(self.residuals)
@@ -62,7 +63,10 @@ def model_fn(models: SimpleNamespace, latents, timestep, prompt_emb, pooled_prom
     call = DiTCall(latents, timestep, prompt_emb, pooled_prompt_emb, text_ids, image_ids, guidance)
     for u in step_units:
         u.fn(models, call, step_index, **{p: variant_inputs[p] for p in u.params if p in variant_inputs})
-    return run_dit(models.dit, call, None if cache_states is None else CachedStep(cache_states, step_index))
+    velocity = run_dit(models.dit, call, None if cache_states is None else CachedStep(cache_states, step_index))
+    for edit in call.output:
+        velocity = edit(velocity)
+    return velocity
 
 
 def run_dit(dit, call: DiTCall, cache: CachedStep | None = None) -> torch.Tensor:

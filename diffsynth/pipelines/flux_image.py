@@ -245,7 +245,22 @@ class FluxImagePipeline(nn.Module):
         `text_encoder_1`. Keys that match no layer raise, listing them (`strict=False`: warn instead).
         """
         from ..loading.lora import load_lora_into_pipeline
+        if isinstance(lora, ModelConfig):
+            lora = lora.resolve()
         return load_lora_into_pipeline(self, module, lora, alpha=alpha, hotload=hotload, strict=strict)
+
+    def enable_lora_magic(self) -> None:
+        """With a LoRA-Fusion patcher loaded, hot-loaded DiT LoRAs are blended by its learned gates instead of
+        summed (load them with `hotload=True`). Hot-loading itself needs no enabling."""
+        if self.lora_patcher is None:
+            return
+        from ..loading.lora.apply import set_lora_mergers
+        mergers = self.lora_patcher.mergers()
+        missing = sorted(set(mergers) - set(set_lora_mergers(self.dit, mergers)))
+        if missing:
+            raise ValueError(f"the LoRA-Fusion patcher has layers this DiT lacks: {missing[:5]}")
+
+    enable_lora_merger = enable_lora_magic  # DiffSynth-Studio 2.0's name
 
     def clear_lora(self) -> None:
         """Remove every hot-loaded LoRA from every model of the pipeline."""

@@ -21,6 +21,7 @@ _HOOK = "_diffsynth_lora_hook"
 _ADAPTERS = "_diffsynth_lora_adapters"
 _SAVED_WEIGHT = "_diffsynth_lora_saved_weight"
 _SAVED_INPUT = "_diffsynth_lora_saved_input"
+_MERGER = "_diffsynth_lora_merger"  # a learned blend of the hot-loaded LoRAs' outputs (LoRA-Fusion)
 _MERGEABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -136,12 +137,28 @@ def _merge(sub: nn.Module, lw: LoRAWeights, strength: float) -> None:
 
 def _lora_hook(sub: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
     x = args[0] if args else kwargs["input"]
+    outs = []
     for a in getattr(sub, _ADAPTERS):
         if a.down.device != x.device:
             a.to_(x.device)
         h = F.linear(x.to(a.down.dtype), a.down)
-        output = output + (a.weight * F.linear(h, a.up, a.bias)).to(output.dtype)
-    return output
+        outs.append((a.weight * F.linear(h, a.up, a.bias)).to(output.dtype))
+    merger = getattr(sub, _MERGER, None)
+    if merger is not None and outs:
+        return merger(output, torch.stack(outs)).to(output.dtype)
+    return sum(outs, output)
+
+
+def set_lora_mergers(module: nn.Module, mergers: dict) -> list[str]:
+    """Blend the hot-loaded LoRAs of `module`'s layers {name: merger(base, stacked outputs)} instead of
+    summing them; returns the layer names that got one (those not found are left out)."""
+    named = dict(module.named_modules())
+    done = []
+    for name, merger in mergers.items():
+        if name in named:
+            object.__setattr__(named[name], _MERGER, merger)  # not a submodule: its weights live elsewhere
+            done.append(name)
+    return done
 
 
 def _attach(sub: nn.Module, lw: LoRAWeights, strength: float) -> None:

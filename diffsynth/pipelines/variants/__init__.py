@@ -6,9 +6,11 @@ Every unit is a no-op (returns {}) when its inputs are absent, so all of them ar
 """
 from __future__ import annotations
 
-from . import controlnet, fill_control, flex, kontext, redux
+from . import controlnet, eligen, fill_control, flex, ipadapter, kontext, prompt_tokens, redux
 
-UNITS: list = [*redux.UNITS, *kontext.UNITS, *flex.UNITS, *fill_control.UNITS, *controlnet.UNITS]
+# prompt_tokens appends tokens before eligen prepends its entity prompts (whose mask counts them as global)
+UNITS: list = [*redux.UNITS, *kontext.UNITS, *flex.UNITS, *fill_control.UNITS, *controlnet.UNITS,
+               *ipadapter.UNITS, *prompt_tokens.UNITS, *eligen.UNITS]
 
 # Unit inputs that are images: training reads these dataset columns as image files.
 IMAGE_INPUTS = ("kontext_images", "flex_inpaint_image", "flex_inpaint_mask", "flex_control_image",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ...models.siglip import encode_images
 from ..units import unit
 from ._images import check_image
 
@@ -22,7 +21,7 @@ def redux_tokens(pipe, images) -> torch.Tensor:
                            f"the Redux embedder (flux1-redux-dev.safetensors); not loaded: {', '.join(missing)}")
     images = [check_image(im, "flux_redux_image") for im in (images if isinstance(images, (list, tuple)) else [images])]
     pipe.load_models_to_device(("image_encoder", "redux"))
-    features = encode_images(pipe.image_encoder, images, pipe.compute_device_of("image_encoder"), pipe.torch_dtype)
+    features = pipe.image_encoder.patch_features(images, pipe.compute_device_of("image_encoder"), pipe.torch_dtype)
     tokens = pipe.redux(features.to(pipe.compute_device_of("redux"), pipe.torch_dtype))
     return tokens.reshape(1, -1, tokens.shape[-1]).to(pipe.device, pipe.torch_dtype)
 
