@@ -136,3 +136,27 @@ def build_clip(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
 def build_t5(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     from ..models.flux_text_encoders import load_t5_encoder
     return {"text_encoder_2": _text_encoder(load_t5_encoder, det, options)}
+
+
+def build_qwenvl(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    """transformers' Qwen2.5-VL from its HF folder; the processor (tokenizer, image processor, chat template)
+    from the same folder rides along as `qwenvl.processor`."""
+    from pathlib import Path
+    from ..models.qwen_vl import QwenVLProcessor, load_qwen_vl
+    folder = Path(next(iter(det.refs.values())).path).parent
+    processor = QwenVLProcessor.from_folder(folder)  # first: a folder without it fails before any weight is read
+    probe = options.compute_dtype if options.dtype in FP8_DTYPES else None
+    model = load_qwen_vl(plain_tensors(det, options), det.config, f"Qwen2.5-VL from {det.source}", probe)
+    model.processor = processor
+    return {"qwenvl": model}
+
+
+def build_step1x(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    """Step1X-Edit's single file: the DiT (BFL layout) and the connector (`connector.*`)."""
+    from dataclasses import replace
+    from ..models.step1x import Step1XConnector, infer_connector_config
+    dit_refs = {k: r for k, r in det.refs.items() if not k.startswith("connector.")}
+    conn = replace(det, refs={k[len("connector."):]: r for k, r in det.refs.items() if k.startswith("connector.")})
+    sd = plain_tensors(conn, options)
+    connector = assign(Step1XConnector, infer_connector_config(sd), sd, f"Step1X connector from {det.source}")
+    return {**build_dit(replace(det, family="flux-dit", refs=dit_refs), options), "step1x_connector": connector}

@@ -136,6 +136,14 @@ def detect_siglip(refs: Refs) -> str | None:
         not has_prefix(keys, "text_model.") else None
 
 
+def detect_step1x(refs: Refs) -> str | None:
+    """Step1X-Edit's single file: a BFL-layout DiT and its Qwen connector (`connector.*`)."""
+    keys = refs.keys()
+    if has_prefix(keys, "connector.S.input_embedder.") and has_prefix(keys, "double_blocks.0.img_attn.qkv"):
+        return "bfl"
+    return None
+
+
 def detect_qwen_vl(refs: Refs) -> str | None:
     keys = refs.keys()
     vision = has_prefix(keys, "visual.patch_embed.", "model.visual.patch_embed.")
@@ -151,6 +159,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("text_encoder_2", "text", activation="text"),
     Component("vae_encoder", "vae_encoder", activation="vae"),
     Component("vae_decoder", "vae_decoder", activation="vae"),
+    Component("qwenvl", "text", activation="text"),                 # Qwen2.5-VL prompt encoder (Step1X, Nexus-Gen)
+    Component("step1x_connector", "denoise", in_loop=True),         # per-step: conditioned on the timestep
 )
 
 
@@ -171,7 +181,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("flux-ipadapter", "FLUX IP-Adapter", detect_ipadapter, fills("ipadapter")),
     Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux")),
     Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder")),
-    Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl")),
+    Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl"), _lazy("build_qwenvl")),
+    Family("step1x", "Step1X-Edit DiT + connector", detect_step1x, fills("dit", "step1x_connector"),
+           _lazy("build_step1x")),
     Family("flux-dit", "FLUX DiT", detect_flux_dit, fills("dit"), _lazy("build_dit"),
            bundle_prefixes=("model.diffusion_model.",)),
     Family("flux-vae", "FLUX VAE", detect_flux_vae, vae_parts, _lazy("build_vae"),

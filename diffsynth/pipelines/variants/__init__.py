@@ -6,4 +6,6 @@ Every unit is a no-op (returns {}) when its inputs are absent, so all of them ar
 """
 from __future__ import annotations
 
-UNITS: list = []
+from . import step1x
+
+UNITS: list = [*step1x.UNITS]
