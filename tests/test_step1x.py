@@ -18,6 +18,15 @@ from diffsynth.testing.tiny_qwen import build_tiny_qwen_vl, build_tiny_step1x, t
 SMALL_PIXELS = 28 * 28 * 4  # 4 vision tokens: the tests that run whole pipelines use this
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops run fastest single-threaded (and do not fight other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
     return build_tiny_qwen_vl(tmp_path_factory.mktemp("qwen") / "Qwen2.5-VL-7B-Instruct")
@@ -274,3 +283,68 @@ def test_qwen_in_fp8_storage_with_vram_management(qwen_dir, step1x_dir, small_im
     cos = F.cosine_similarity(a.flatten(), b.flatten(), dim=0)
     assert cos > 0.98, cos
     assert any("qwenvl" in group for group in pipe.vram_plans)
+
+
+# ----------------------------------------------------------------------------- training and examples
+
+def _write_step1x_data(root):
+    root.mkdir(parents=True, exist_ok=True)
+    _image(5, (64, 64)).save(root / "edited.png")
+    _image(6, (64, 64)).save(root / "2.jpg")
+    (root / "metadata_step1x.csv").write_text('image,prompt,step1x_reference_image\nedited.png,"make it red",2.jpg\n')
+    return root
+
+
+def test_lora_training_step_reads_the_reference_column(qwen_dir, step1x_dir, tmp_path, small_images):
+    from diffsynth.training import build_parser, train
+    data = _write_step1x_data(tmp_path / "data")
+    paths = [str(qwen_dir), str(step1x_dir / "step1x-edit-i1258.safetensors"), str(step1x_dir / "vae.safetensors")]
+    args = build_parser().parse_args([
+        "--dataset_base_path", str(data), "--dataset_metadata_path", str(data / "metadata_step1x.csv"),
+        "--data_file_keys", "image,step1x_reference_image", "--extra_inputs", "step1x_reference_image",
+        "--height", "32", "--width", "32", "--model_paths", __import__("json").dumps(paths),
+        "--output_path", str(tmp_path / "out"), "--lora_base_model", "dit", "--lora_target_modules",
+        "a_to_qkv,to_qkv_mlp", "--lora_rank", "4", "--remove_prefix_in_ckpt", "pipe.dit.", "--max_steps", "1",
+        "--seed", "0", "--report_to", "none"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = train(args)
+    assert out["steps"] == 1 and math.isfinite(out["losses"][0]) and out["files"]
+
+
+@pytest.fixture
+def example_models(qwen_dir, step1x_dir, monkeypatch, small_images):
+    original = FluxImagePipeline.__call__
+
+    def on_cpu(self, *args, **kwargs):  # the scripts draw their noise on "cuda"
+        kwargs["rand_device"] = "cpu"
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(FluxImagePipeline, "__call__", on_cpu)
+    warnings.simplefilter("ignore")
+    return {"Qwen/Qwen2.5-VL-7B-Instruct": qwen_dir, "stepfun-ai/Step1X-Edit": step1x_dir}
+
+
+@pytest.mark.parametrize("script", ["model_inference/Step1X-Edit.py", "model_inference_low_vram/Step1X-Edit.py"])
+def test_inference_examples(script, tmp_path, monkeypatch, example_models):
+    from example_harness import run_example
+    run_example(script, tmp_path, monkeypatch, example_models)
+    assert {p.name for p in tmp_path.glob("*.jpg")} == {"image_1.jpg", "image_2.jpg"}
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_validate_examples(kind, tmp_path, monkeypatch, example_models):
+    from diffsynth.ops.files import save_safetensors
+    from example_harness import run_example
+    _write_step1x_data(tmp_path / "data/example_image_dataset")
+    out = tmp_path / f"models/train/Step1X-Edit_{kind}"
+    out.mkdir(parents=True)
+    if kind == "full":
+        from diffsynth.models.flux_dit import dit_from_bfl
+        save_safetensors(dit_from_bfl(tiny_dit_state_dict(1, guidance=False)), out / "epoch-0.safetensors")
+    else:
+        a = torch.randn(2, 32) * 0.01
+        save_safetensors({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": a,
+                          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(96, 2) * 0.01},
+                         out / "epoch-4.safetensors")
+    run_example(f"model_training/validate_{kind}/Step1X-Edit.py", tmp_path, monkeypatch, example_models)
+    assert (tmp_path / f"image_Step1X-Edit_{kind}.jpg").is_file()
