@@ -28,3 +28,11 @@ def test_gpu_full_smoke(monkeypatch, capsys):
     for variant in ("ours, eager", "DiT x2: diffusers", "DiT x2: diffusers, compiled", "DiT x2: ours, compiled",
                     "ours, compiled", "fp8 storage", "DiT stored on CPU"):
         assert variant in out
+
+
+def test_step1x_step_smoke(monkeypatch, capsys):
+    monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
+    _import("step1x_step").main()
+    out = capsys.readouterr().out
+    assert "Step1X-Edit denoiser step" in out
+    assert float(out.strip().splitlines()[-1].split("|")[-2]) < 1e-4  # parity with diffusers' transformer
