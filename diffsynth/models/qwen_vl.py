@@ -133,10 +133,12 @@ class QwenVLProcessor:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=True, add_vision_id=True)
 
-    def images(self, images: list[Image.Image], min_pixels: int, max_pixels: int) -> dict[str, torch.Tensor]:
-        """pixel_values (patches, C*T*P*P) and image_grid_thw (n, 3), each image resized to [min, max] pixels."""
-        out = self.image_processor(images=images, return_tensors="pt",
-                                   size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    def images(self, images: list[Image.Image], min_pixels: int | None = None,
+               max_pixels: int | None = None) -> dict[str, torch.Tensor]:
+        """pixel_values (patches, C*T*P*P) and image_grid_thw (n, 3), each image resized to [min, max] pixels
+        (None: the folder's preprocessor_config.json limits)."""
+        size = None if min_pixels is None else {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        out = self.image_processor(images=images, return_tensors="pt", **({"size": size} if size else {}))
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
     def expand_image_tokens(self, text: str, grid_thw: torch.Tensor) -> str:

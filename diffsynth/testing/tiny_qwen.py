@@ -24,7 +24,7 @@ from ..models.step1x import PREFIX
 from .tiny import TINY, _WORDS, _byte_chars, _fill, _linear, _norm, _write_json, _write_safetensors, \
     _write_sharded, tiny_ae_state_dict, tiny_dit_state_dict
 
-__all__ = ["TINY_QWEN", "build_tiny_qwen_vl", "build_tiny_step1x", "tiny_qwen_config", "tiny_connector_state_dict",
+__all__ = ["TINY_QWEN", "build_tiny_qwen_vl", "build_tiny_step1x", "build_tiny_nexus_gen", "tiny_qwen_config", "tiny_connector_state_dict",
            "QWEN_SPECIAL_TOKENS"]
 
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -131,6 +131,12 @@ def tiny_qwen_config() -> dict:
     }
 
 
+def _nexus_extras(seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    h = TINY_QWEN["hidden_size"]
+    return _fill([("vision_head.weight", (h, h), "w"), ("image_prefill_embeds.weight", (81, h), "emb")], seed,
+                 "nexus", dtype)
+
+
 def _tiny_qwen_tensors(seed: int, dtype: torch.dtype, transformers_layout: int) -> dict[str, torch.Tensor]:
     """Random tensors of transformers' own model, renamed to the on-disk layout of the release."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -146,13 +152,17 @@ def _tiny_qwen_tensors(seed: int, dtype: torch.dtype, transformers_layout: int) 
 
 
 def build_tiny_qwen_vl(folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-                       transformers_layout: int = 4) -> Path:
-    """Write a tiny Qwen2.5-VL folder (see module docstring); `transformers_layout` 4 (the release's keys) or 5."""
+                       transformers_layout: int = 4, nexus_gen: bool = False) -> Path:
+    """Write a tiny Qwen2.5-VL folder (see module docstring); `transformers_layout` 4 (the release's keys) or 5;
+    `nexus_gen`: Nexus-GenV2's autoregressive model (+ `vision_head`, `image_prefill_embeds`)."""
     if transformers_layout not in (4, 5):
         raise ValueError(f"transformers_layout must be 4 or 5, got {transformers_layout!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_sharded(folder, "model", _tiny_qwen_tensors(seed, dtype, transformers_layout))
+    tensors = _tiny_qwen_tensors(seed, dtype, transformers_layout)
+    if nexus_gen:
+        tensors.update(_nexus_extras(seed, dtype))
+    _write_sharded(folder, "model", tensors)
     _write_json(folder / "config.json", tiny_qwen_config())
     _write_json(folder / "tokenizer.json", _tokenizer_json())
     decoder = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
@@ -202,4 +212,38 @@ def build_tiny_step1x(folder: str | Path, seed: int = 0, dtype: torch.dtype = to
     tensors.update({"connector." + k: v for k, v in tiny_connector_state_dict(seed, dtype).items()})
     _write_safetensors(folder / "step1x-edit-i1258.safetensors", tensors)
     _write_safetensors(folder / "vae.safetensors", tiny_ae_state_dict(seed, dtype))
+    return folder
+
+
+# ----------------------------------------------------------------------------- Nexus-Gen
+
+def _merger_spec(hidden: int, out: int, expand: int = 4) -> list:
+    c = TINY_QWEN
+    kv = c["num_key_value_heads"] * hidden // c["num_attention_heads"]
+    spec = _linear("layers.0.self_attn.q_proj", hidden, hidden) + _linear("layers.0.self_attn.k_proj", kv, hidden)
+    spec += _linear("layers.0.self_attn.v_proj", kv, hidden) + _linear("layers.0.self_attn.o_proj", hidden, hidden, False)
+    for name, shape in (("gate_proj", (c["intermediate_size"], hidden)), ("up_proj", (c["intermediate_size"], hidden)),
+                        ("down_proj", (hidden, c["intermediate_size"]))):
+        spec.append((f"layers.0.mlp.{name}.weight", shape, "w"))
+    spec += _norm("layers.0.input_layernorm", hidden, False) + _norm("layers.0.post_attention_layernorm", hidden, False)
+    spec += _norm("projector.0", hidden, False) + _linear("projector.1", out * expand, hidden)
+    spec += _norm("projector.2", out * expand, False) + _linear("projector.4", out, out * expand)
+    return spec + _norm("projector.5", out, False)
+
+
+def build_tiny_nexus_gen(folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Nexus-GenV2's layout: the autoregressive model (`model-*.safetensors` + processor files) and the
+    `generation_decoder.bin` / `edit_decoder.bin` torch files (DiT as `pipe.dit.*` in our layout + adapter)."""
+    from ..models.flux_dit import dit_from_bfl
+    folder = build_tiny_qwen_vl(folder, seed, dtype, nexus_gen=True)
+    dit = {"pipe.dit." + k: v for k, v in dit_from_bfl(tiny_dit_state_dict(seed, dtype=dtype)).items()}
+    h, ctx = TINY_QWEN["hidden_size"], TINY["dit"]["context_dim"]
+    adapter = _fill(_linear("adapter.0", ctx, h) + _norm("adapter.1", ctx) + _linear("adapter.3", ctx, ctx)
+                    + _norm("adapter.4", ctx), seed, "nexus_adapter", dtype)
+    merger = _fill(_merger_spec(h, ctx), seed, "nexus_merger", dtype)
+    for name, extra in (("generation_decoder.bin", adapter),
+                        ("edit_decoder.bin", {"embedding_merger." + k: v for k, v in merger.items()})):
+        tmp = folder / (name + ".tmp")
+        torch.save({**dit, **extra}, tmp)
+        tmp.replace(folder / name)
     return folder

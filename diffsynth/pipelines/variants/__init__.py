@@ -6,6 +6,6 @@ Every unit is a no-op (returns {}) when its inputs are absent, so all of them ar
 """
 from __future__ import annotations
 
-from . import step1x
+from . import nexus_gen, step1x
 
-UNITS: list = [*step1x.UNITS]
+UNITS: list = [*step1x.UNITS, *nexus_gen.UNITS]
