@@ -55,7 +55,7 @@ def encode_step1x_prompt(pipe, branches, step1x_reference_image=None, num_images
             for i in range(len(prompts))]
 
 
-@unit(models=("vae_encoder",), outputs=("step1x_reference_latents",), model_inputs=("step1x_reference_latents",),
+@unit(outputs=("step1x_reference_latents",), model_inputs=("step1x_reference_latents",),
       batched=("step1x_reference_latents",), cacheable=("step1x_reference_latents",))
 def encode_step1x_reference(pipe, noise, height, width, step1x_reference_image=None, tiled=False, tile_size=128,
                             tile_stride=64):
@@ -69,6 +69,7 @@ def encode_step1x_reference(pipe, noise, height, width, step1x_reference_image=N
         image = image.resize((width, height), Image.LANCZOS)
     if pipe.vae_encoder is None:
         raise RuntimeError("step1x_reference_image needs the VAE encoder: load vae.safetensors")
+    pipe.load_models_to_device(("vae_encoder",))  # only when there is an image (txt2img never moves it)
     from ..flux_image import VAE_FACTOR, image_to_tensor
     x = image_to_tensor(image, width, height).to(pipe.compute_device_of("vae_encoder"), pipe.torch_dtype)
     latents = pipe.vae_encoder(x, tiled=tiled, tile_size=tile_size * VAE_FACTOR, tile_stride=tile_stride * VAE_FACTOR)
