@@ -165,6 +165,8 @@ def test_pipeline_generation_and_editing(nexus_dir, flux_dir):
               output_type="latent", progress_bar_cmd=lambda x: x)
     gen = _pipe(nexus_dir, flux_dir, "generation_decoder.bin")
     a = gen(**kw)
+    guided = gen(**kw, cfg_scale=2.0)  # negative branch: T5 tokens of another length -> two DiT calls
+    assert guided.shape == a.shape and not torch.allclose(guided, a)
     with pytest.raises(RuntimeError, match="edit_decoder.bin"):
         gen(**kw, nexus_gen_reference_image=_image())
     edit = _pipe(nexus_dir, flux_dir, "edit_decoder.bin")
