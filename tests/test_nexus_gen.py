@@ -197,14 +197,20 @@ def test_inference_examples(script, output, tmp_path, monkeypatch, example_model
     assert (tmp_path / output).is_file()
 
 
-def test_validate_full_example(tmp_path, monkeypatch, example_models):
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_validate_examples(kind, tmp_path, monkeypatch, example_models):
     from diffsynth.ops.files import save_safetensors
     from example_harness import run_example
-    out = tmp_path / "models/train/FLUX.1-NexusGen-Edit_full"
+    out = tmp_path / f"models/train/FLUX.1-NexusGen-Edit_{kind}"
     out.mkdir(parents=True)
-    save_safetensors(dit_from_bfl(tiny_dit_state_dict(2)), out / "epoch-0.safetensors")
-    run_example("model_training/validate_full/Nexus-Gen.py", tmp_path, monkeypatch, example_models)
-    assert (tmp_path / "NexusGen-Edit_full.jpg").is_file()
+    if kind == "full":
+        save_safetensors(dit_from_bfl(tiny_dit_state_dict(2)), out / "epoch-0.safetensors")
+    else:
+        save_safetensors({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 32) * 0.01,
+                          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(96, 2) * 0.01},
+                         out / "epoch-4.safetensors")
+    run_example(f"model_training/validate_{kind}/Nexus-Gen.py", tmp_path, monkeypatch, example_models)
+    assert (tmp_path / f"NexusGen-Edit_{kind}.jpg").is_file()
 
 
 def test_lora_training_step_with_the_reference_column(nexus_dir, flux_dir, tmp_path):
