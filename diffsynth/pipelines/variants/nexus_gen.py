@@ -23,6 +23,8 @@ def _is_nexus_gen(pipe) -> bool:
       outputs=OUTPUTS, model_inputs=OUTPUTS, active=_is_nexus_gen)
 def encode_nexus_gen_prompt(pipe, branches, noise, nexus_gen_reference_image=None):
     """Positive branch: the Nexus-Gen tokens replace the T5 ones (the negative branch keeps its own)."""
+    if not _is_nexus_gen(pipe):  # run outside `active_units` (a no-op for other pipelines)
+        return [{} for _ in branches]
     reference = nexus_gen_reference_image
     if reference is not None and not isinstance(reference, Image.Image):
         raise TypeError(f"nexus_gen_reference_image must be a PIL image, got {type(reference).__name__}")

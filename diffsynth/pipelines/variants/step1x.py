@@ -42,6 +42,8 @@ def _reference(pipe, image) -> Image.Image:
       model_inputs=(*LLM_OUTPUTS, *DIT_TEXT), replaces=("encode_prompt",), active=_is_step1x)
 def encode_step1x_prompt(pipe, branches, step1x_reference_image=None, num_images=1):
     """Qwen2.5-VL embeddings of the positive (and negative) prompt with the reference image, one batch."""
+    if not _is_step1x(pipe):  # run outside `active_units` (a no-op for other pipelines)
+        return [{} for _ in branches]
     image = _reference(pipe, step1x_reference_image)
     prompts = [b["prompt"] for b in branches]
     for p in prompts:
