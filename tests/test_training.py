@@ -16,7 +16,7 @@ from diffsynth import FluxImagePipeline, ModelConfig
 from diffsynth.ops.files import load_state_dict
 from diffsynth.models.flux_dit import image_ids
 from diffsynth.pipelines.denoise import model_fn
-from diffsynth.pipelines.units import run_units
+from diffsynth.pipelines.units import active_units, run_units
 from diffsynth.training import DatasetError, build_parser, train
 from diffsynth.training import trainer as trainer_module
 from diffsynth.training.checkpoint import resolve_resume
@@ -84,11 +84,12 @@ def evaluate(pipe, image: Image.Image, prompt: str) -> tuple[float, float]:
     shared = dict(input_image=image, height=64, width=64, seed=0, sigmas=torch.ones(1), embedded_guidance=1.0,
                   t5_sequence_length=32)
     posi = {"prompt": prompt}
-    run_units(pipe, pipe.units, shared, posi, {}, False)
+    units = active_units(pipe, pipe.units)  # preprocessing units only (variants add step units)
+    run_units(pipe, units, shared, posi, {}, False)
     x0, g, losses = shared["input_latents"], torch.Generator().manual_seed(0), []
     for sigma in torch.linspace(0.1, 0.9, 8):
         noise = torch.randn(x0.shape, generator=g)
-        pred = model_fn(pipe.in_loop_models(), **pipe.model_inputs(pipe.units, {**shared, **posi}),
+        pred = model_fn(pipe.in_loop_models(), **pipe.model_inputs(units, {**shared, **posi}),
                         latents=(1 - sigma) * x0 + sigma * noise, timestep=sigma.view(1))
         losses.append(((pred - (noise - x0)) ** 2).mean().item())
     generated = pipe(prompt, height=64, width=64, seed=1, num_inference_steps=8, embedded_guidance=1.0,
