@@ -58,7 +58,7 @@ def encode_step1x_prompt(pipe, branches, step1x_reference_image=None, num_images
 
 
 @unit(outputs=("step1x_reference_latents",), model_inputs=("step1x_reference_latents",),
-      batched=("step1x_reference_latents",), cacheable=("step1x_reference_latents",))
+      batched=("step1x_reference_latents",))  # not cacheable: the cache expects every unit's cacheable outputs
 def encode_step1x_reference(pipe, noise, height, width, step1x_reference_image=None, tiled=False, tile_size=128,
                             tile_stride=64):
     """The reference image's latents (B, 16, h, w), at the target size."""
