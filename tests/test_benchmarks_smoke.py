@@ -53,3 +53,11 @@ def test_adapters_step_smoke(monkeypatch, capsys):
     out = capsys.readouterr().out
     for row in ("instantx", "xlabs", "eligen", "diffusers-xlabs", "/ base step"):
         assert row in out
+
+
+def test_step1x_step_smoke(monkeypatch, capsys):
+    monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
+    _import("step1x_step").main()
+    out = capsys.readouterr().out
+    assert "Step1X-Edit denoiser step" in out
+    assert float(out.strip().splitlines()[-1].split("|")[-2]) < 1e-4  # parity with diffusers' transformer

@@ -199,3 +199,56 @@ def build_lora_patcher(det: Detected, options: BuildOptions) -> dict[str, nn.Mod
     sd = plain_tensors(det, options)
     layers = infer_patcher_layers({k: tuple(v.shape) for k, v in sd.items()})
     return {"lora_patcher": assign(FluxLoraPatcher, layers, sd, f"LoRA-Fusion patcher from {det.source}")}
+
+
+def _qwen(det: Detected, options: BuildOptions, load, name: str) -> dict[str, nn.Module]:
+    """A Qwen2.5-VL-based model from its HF folder; the processor (tokenizer, image processor, chat template)
+    from the same folder rides along as `<model>.processor`."""
+    from pathlib import Path
+    from ..models.qwen_vl import QwenVLProcessor
+    folder = Path(next(iter(det.refs.values())).path).parent
+    processor = QwenVLProcessor.from_folder(folder)  # first: a folder without it fails before any weight is read
+    probe = options.compute_dtype if options.dtype in FP8_DTYPES else None
+    model = load(plain_tensors(det, options), det.config, f"{det.family} from {det.source}", probe)
+    model.processor = processor
+    return {name: model}
+
+
+def build_qwenvl(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.qwen_vl import load_qwen_vl
+    return _qwen(det, options, load_qwen_vl, "qwenvl")
+
+
+def build_nexus_gen_llm(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.nexus_gen import load_nexus_llm
+    return _qwen(det, options, load_nexus_llm, "nexus_gen")
+
+
+def build_nexus_gen_decoder(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    """generation_decoder.bin / edit_decoder.bin: the fine-tuned DiT (`pipe.dit.*`, our layout) and its adapter."""
+    from dataclasses import replace
+    from ..models.nexus_gen import NexusGenAdapter, NexusGenMerger, infer_merger_config
+    dit = build_dit(replace(det, family="flux-dit", format="diffsynth",
+                            refs={k[len("pipe.dit."):]: r for k, r in det.refs.items() if k.startswith("pipe.dit.")}),
+                    options)
+    prefix = "adapter." if det.format == "generation" else "embedding_merger."
+    part = replace(det, refs={k[len(prefix):] if prefix != "adapter." else k: r
+                              for k, r in det.refs.items() if k.startswith(prefix)})
+    sd = plain_tensors(part, options)
+    if det.format == "generation":
+        w = sd["adapter.0.weight"]
+        return {**dit, "nexus_gen_generation_adapter": assign(
+            lambda _: NexusGenAdapter(w.shape[1], w.shape[0]), None, sd, f"Nexus-Gen adapter from {det.source}")}
+    return {**dit, "nexus_gen_editing_adapter": assign(NexusGenMerger, infer_merger_config(sd), sd,
+                                                       f"Nexus-Gen merger from {det.source}")}
+
+
+def build_step1x(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    """Step1X-Edit's single file: the DiT (BFL layout) and the connector (`connector.*`)."""
+    from dataclasses import replace
+    from ..models.step1x import Step1XConnector, infer_connector_config
+    dit_refs = {k: r for k, r in det.refs.items() if not k.startswith("connector.")}
+    conn = replace(det, refs={k[len("connector."):]: r for k, r in det.refs.items() if k.startswith("connector.")})
+    sd = plain_tensors(conn, options)
+    connector = assign(Step1XConnector, infer_connector_config(sd), sd, f"Step1X connector from {det.source}")
+    return {**build_dit(replace(det, family="flux-dit", refs=dit_refs), options), "step1x_connector": connector}

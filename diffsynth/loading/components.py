@@ -186,6 +186,33 @@ def detect_clip_vision(refs: Refs) -> str | None:
         has_key(keys, "visual_projection.weight") else None
 
 
+def detect_step1x(refs: Refs) -> str | None:
+    """Step1X-Edit's single file: a BFL-layout DiT and its Qwen connector (`connector.*`)."""
+    keys = refs.keys()
+    if has_prefix(keys, "connector.S.input_embedder.") and has_prefix(keys, "double_blocks.0.img_attn.qkv"):
+        return "bfl"
+    return None
+
+
+def detect_nexus_gen_llm(refs: Refs) -> str | None:
+    """Nexus-Gen's autoregressive Qwen2.5-VL: Qwen keys plus `image_prefill_embeds` and `vision_head`."""
+    keys = refs.keys()
+    return "hf" if has_key(keys, "image_prefill_embeds.weight") and detect_qwen_vl(refs) else None
+
+
+def detect_nexus_gen_decoder(refs: Refs) -> str | None:
+    """Nexus-Gen's generation_decoder.bin / edit_decoder.bin: a DiT (`pipe.dit.*`) and its adapter."""
+    keys = refs.keys()
+    if not has_prefix(keys, "pipe.dit."):
+        return None
+    return "generation" if has_prefix(keys, "adapter.") else "editing" if has_prefix(keys, "embedding_merger.") else None
+
+
+def nexus_gen_decoder_parts(refs: Refs) -> tuple[str, ...]:
+    adapter = "nexus_gen_generation_adapter" if has_prefix(refs.keys(), "adapter.") else "nexus_gen_editing_adapter"
+    return ("dit", adapter)
+
+
 def detect_qwen_vl(refs: Refs) -> str | None:
     keys = refs.keys()
     vision = has_prefix(keys, "visual.patch_embed.", "model.visual.patch_embed.")
@@ -209,6 +236,11 @@ COMPONENTS: tuple[Component, ...] = (
     Component("lora_encoder", "prompt_tokens"),
     Component("value_controller", "prompt_tokens", many=True),
     Component("lora_patcher", "denoise", in_loop=True),
+    Component("qwenvl", "text", activation="text"),                 # Qwen2.5-VL prompt encoder (Step1X, Nexus-Gen)
+    Component("step1x_connector", "denoise", in_loop=True),         # per-step: conditioned on the timestep
+    Component("nexus_gen", "text", activation="text"),              # Nexus-Gen's autoregressive Qwen2.5-VL
+    Component("nexus_gen_generation_adapter", "text"),
+    Component("nexus_gen_editing_adapter", "text"),
 )
 
 
@@ -242,7 +274,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder"), _lazy("build_siglip")),
     Family("clip-vision", "CLIP vision encoder", detect_clip_vision, fills("image_encoder"),
            _lazy("build_clip_vision")),
-    Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl")),
+    Family("nexus-gen-llm", "Nexus-Gen autoregressive Qwen2.5-VL", detect_nexus_gen_llm, fills("nexus_gen"),
+           _lazy("build_nexus_gen_llm")),
+    Family("nexus-gen-decoder", "Nexus-Gen decoder (DiT + adapter)", detect_nexus_gen_decoder, nexus_gen_decoder_parts,
+           _lazy("build_nexus_gen_decoder")),
+    Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl"), _lazy("build_qwenvl")),
+    Family("step1x", "Step1X-Edit DiT + connector", detect_step1x, fills("dit", "step1x_connector"),
+           _lazy("build_step1x")),
     Family("flux-dit", "FLUX DiT", detect_flux_dit, fills("dit"), _lazy("build_dit"),
            bundle_prefixes=("model.diffusion_model.",), low_precision_storage=True),
     Family("flux-vae", "FLUX VAE", detect_flux_vae, vae_parts, _lazy("build_vae"),

@@ -48,7 +48,11 @@ def load_pipeline(args: argparse.Namespace, device: torch.device | str, dtype: t
                                              tokenizer_2_path=args.tokenizer_2_path)
     if pipe.dit is None:
         raise ValueError("no FLUX DiT among the models: add flux1-dev.safetensors (or another FLUX transformer)")
-    if not args.cache_dir and None in (pipe.vae_encoder, pipe.text_encoder_1, pipe.text_encoder_2):
+    from ..pipelines.units import active_units
+    # CLIP/T5 only where they encode the prompt (a variant's own encoder may replace them, e.g. Step1X's Qwen)
+    clip_t5 = any(u.name == "encode_prompt" for u in active_units(pipe, pipe.units))
+    if not args.cache_dir and (pipe.vae_encoder is None or
+                               (clip_t5 and None in (pipe.text_encoder_1, pipe.text_encoder_2))):
         raise ValueError("training needs the VAE (ae.safetensors) and both text encoders "
                          "(text_encoder/model.safetensors, text_encoder_2/)")
     return pipe

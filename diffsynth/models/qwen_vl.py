@@ -1,0 +1,181 @@
+"""Qwen2.5-VL (transformers' own model) loaded from an HF folder, with its tokenizer and image processor.
+
+The weights are adopted without a copy: the model is built with its parameters on the meta device (buffers,
+e.g. the rotary tables, computed for real) and the file's tensors are assigned in their storage dtype. Files
+in the release's key layout (`model.layers.*`, `visual.*`, transformers 4) and in transformers 5's
+(`model.language_model.*`, `model.visual.*`) both load; `lm_head` is not needed for embeddings and is dropped.
+
+The processor is assembled here from the folder's files (tokenizer.json/tokenizer_config.json, the image
+processor's preprocessor_config.json, chat_template.json or .jinja) rather than through transformers'
+AutoProcessor, which would also require the video processor (and torchvision) that prompt encoding never uses.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from PIL import Image
+
+from ..ops.files import CheckpointError
+
+IMAGE_PAD = "<|image_pad|>"
+VISION_END = "<|vision_end|>"
+PROCESSOR_FILES = ("tokenizer.json or vocab.json + merges.txt", "preprocessor_config.json",
+                   "chat_template.json, chat_template.jinja or a chat_template in tokenizer_config.json")
+# A first parameter the model's `dtype` property reads (transformers casts pixel values to it): kept in the
+# compute dtype under fp8 storage. It is tiny (1.5M values in the 7B model).
+_DTYPE_PROBE = "visual.patch_embed.proj.weight"
+
+
+def qwen_key(key: str) -> str | None:
+    """A file key (either transformers layout) -> the key of transformers' Qwen2_5_VLModel; None: not used."""
+    for prefix in ("model.visual.", "visual."):
+        if key.startswith(prefix):
+            return "visual." + key[len(prefix):]
+    for prefix in ("model.language_model.", "language_model.", "model."):
+        if key.startswith(prefix):
+            return "language_model." + key[len(prefix):]
+    return None  # lm_head.*: hidden states are what the pipelines read
+
+
+def _config(config_dict: Mapping | None, source: str):
+    from transformers import Qwen2_5_VLConfig
+    if config_dict is None:
+        raise CheckpointError(f"{source}: Qwen2.5-VL weights need the config.json of their HF folder beside them "
+                              "(load the folder, e.g. ModelConfig(model_id='Qwen/Qwen2.5-VL-7B-Instruct'))")
+    config = Qwen2_5_VLConfig.from_dict(dict(config_dict))
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def load_qwen_vl(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None, source: str = "Qwen2.5-VL",
+                 probe_dtype: torch.dtype | None = None):
+    """transformers' Qwen2_5_VLModel (vision tower + language model, no LM head) adopting `state_dict`.
+
+    `probe_dtype`: the dtype of the patch-embedding weight (see `_DTYPE_PROBE`), None keeps the file's.
+    """
+    from accelerate import init_empty_weights
+    from transformers import Qwen2_5_VLModel
+    config = _config(config_dict, source)
+    with init_empty_weights(include_buffers=False):
+        model = Qwen2_5_VLModel(config)
+    sd = {}
+    for key, t in state_dict.items():
+        name = qwen_key(key)
+        if name is not None:
+            sd[name] = t
+    if probe_dtype is not None and _DTYPE_PROBE in sd:
+        sd[_DTYPE_PROBE] = sd[_DTYPE_PROBE].to(probe_dtype)
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: the weights do not fit config.json; missing {missing[:8]}, "
+                              f"unexpected {unexpected[:8]}")
+    bad = [f"{k} {tuple(t.shape)} != {tuple(expected[k].shape)}" for k, t in sd.items() if t.shape != expected[k].shape]
+    if bad:
+        raise CheckpointError(f"{source}: shape mismatch (file != config.json): {bad[:8]}")
+    model.load_state_dict(sd, assign=True, strict=True)
+    device = next(iter(sd.values())).device
+    for module in model.modules():  # rotary tables were computed on the CPU
+        for name, b in module._buffers.items():
+            if b is not None and b.device != device:
+                module._buffers[name] = b.to(device)
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- processor
+
+def _image_processor_class():
+    try:  # transformers 5: the PIL backend (the torchvision one needs torchvision)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        return Qwen2VLImageProcessorPil
+    except ImportError:  # transformers 4: the slow (PIL/numpy) processor
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+        return Qwen2VLImageProcessor
+
+
+def _chat_template(folder: Path, tokenizer) -> str | None:
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    if (folder / "chat_template.json").is_file():
+        return json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    return getattr(tokenizer, "chat_template", None)
+
+
+@dataclass
+class QwenVLProcessor:
+    """The tokenizer, the image processor and the chat template of a Qwen2.5-VL folder."""
+    tokenizer: Any
+    image_processor: Any
+    chat_template: str
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "QwenVLProcessor":
+        from transformers import AutoTokenizer
+        folder = Path(folder)
+        has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+        if not folder.is_dir() or not has_tokenizer or not (folder / "preprocessor_config.json").is_file():
+            raise FileNotFoundError(f"Qwen2.5-VL folder {str(folder)!r} lacks its processor files: expected "
+                                    f"{', '.join(PROCESSOR_FILES)} (the whole Qwen/Qwen2.5-VL-7B-Instruct folder)")
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        template = _chat_template(folder, tokenizer)
+        if template is None:
+            raise FileNotFoundError(f"Qwen2.5-VL folder {str(folder)!r} has no chat template ({PROCESSOR_FILES[2]})")
+        image_processor = _image_processor_class().from_pretrained(str(folder), local_files_only=True)
+        return cls(tokenizer, image_processor, template)
+
+    def chat(self, content: list[dict]) -> str:
+        """One user message (text and image parts) in the chat format, ready for the assistant's answer."""
+        messages = [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=True, add_vision_id=True)
+
+    def images(self, images: list[Image.Image], min_pixels: int | None = None,
+               max_pixels: int | None = None) -> dict[str, torch.Tensor]:
+        """pixel_values (patches, C*T*P*P) and image_grid_thw (n, 3), each image resized to [min, max] pixels
+        (None: the folder's preprocessor_config.json limits)."""
+        size = None if min_pixels is None else {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        out = self.image_processor(images=images, return_tensors="pt", **({"size": size} if size else {}))
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def expand_image_tokens(self, text: str, grid_thw: torch.Tensor) -> str:
+        """One `<|image_pad|>` per merged vision token of each image, in order."""
+        merge = self.image_processor.merge_size ** 2
+        parts = text.split(IMAGE_PAD)
+        if len(parts) - 1 != len(grid_thw):
+            raise ValueError(f"{len(parts) - 1} image placeholders for {len(grid_thw)} images")
+        out = parts[0]
+        for grid, rest in zip(grid_thw, parts[1:]):
+            out += IMAGE_PAD * int(grid.prod() // merge) + rest
+        return out
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def token_id(self, token: str) -> int:
+        return self.tokenizer.convert_tokens_to_ids(token)
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, L), real-token mask (B, L)) with every sequence padded on the right to the longest."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def hidden_states(model, ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                  grid_thw: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Last hidden state (after the final norm) of the language model over text + image tokens (B, L, D)."""
+    image_token = model.config.image_token_id
+    kwargs = dict(input_ids=ids.to(device), attention_mask=attention_mask.to(device),
+                  pixel_values=pixel_values.to(device), image_grid_thw=grid_thw.to(device), use_cache=False)
+    kwargs["mm_token_type_ids"] = (ids == image_token).int().to(device)  # transformers 5 builds mRoPE from these
+    model.rope_deltas = None  # a cached offset from an earlier call would shift positions
+    return model(**kwargs).last_hidden_state
