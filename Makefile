@@ -13,10 +13,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP)  # flux-nano, shipped in diffsynth/nano/flux-nano: no training, no download
 	$(BIN)/diffsynth demo
+
+nano: $(STAMP)  # rebuild flux-nano from scratch (fixed seeds; see diffsynth/nano/flux-nano/BUILD.md)
+	$(BIN)/python -m diffsynth.nano.build
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-.PHONY: install demo test
+.PHONY: install demo nano test
