@@ -32,7 +32,8 @@ def lora_argv(data: Path, output: Path, root: Path, steps: int, rank: int, learn
     from .shapes import SIZE
     return ["--dataset_base_path", str(data), "--height", str(SIZE), "--width", str(SIZE),
             "--model_paths", json.dumps(model_files(root)), "--lora_base_model", "dit", "--lora_rank", str(rank),
-            "--learning_rate", str(learning_rate), "--batch_size", str(batch_size), "--num_epochs", "1000",
+            "--learning_rate", str(learning_rate), "--batch_size", str(batch_size), "--dataset_repeat", "1000",
+            "--num_epochs", "1",
             "--max_steps", str(steps), "--t5_sequence_length", str(T5_LENGTH), "--guidance", "3.5",
             "--cache_dir", str(output / "cache"), "--output_path", str(output), "--seed", str(seed),
             "--report_to", "none"]

@@ -73,7 +73,7 @@ def vae_loss(encoder_moments: Callable, decoder: FluxVAEDecoder, x: torch.Tensor
     mean, logvar = encoder_moments(x)
     z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator)
     recon = (decoder(z) - x).abs().mean()
-    return recon + kl_weight * kl_to_standard_normal(mean, logvar), float(recon)
+    return recon + kl_weight * kl_to_standard_normal(mean, logvar), recon.detach().item()
 
 
 def train_vae(steps: int, batch_size: int = 16, learning_rate: float = 1e-3, kl_weight: float = 1e-3,
