@@ -17,7 +17,7 @@ demo: $(STAMP)  # flux-nano, shipped in diffsynth/nano/flux-nano: no training, n
 	$(BIN)/diffsynth demo
 
 nano: $(STAMP)  # rebuild flux-nano from scratch (fixed seeds; see diffsynth/nano/flux-nano/BUILD.md)
-	$(BIN)/python -m diffsynth.nano.build
+	OMP_NUM_THREADS=1 $(BIN)/python -m diffsynth.nano.build
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
