@@ -24,9 +24,9 @@ from . import evaluate, model, shapes, vae
 # The recipe (each value is recorded in BUILD.json).
 RECIPE = {
     "seed": 0,
-    "vae_steps": 200, "vae_batch_size": 8, "vae_learning_rate": 2e-3, "vae_kl_weight": 1e-3, "vae_crop": 64,
+    "vae_steps": 200, "vae_batch_size": 8, "vae_learning_rate": 2e-3, "vae_kl_weight": 1e-5, "vae_crop": 64,
     "images_per_triple": 8,
-    "dit_steps": 600, "dit_batch_size": 16, "dit_learning_rate": 1e-3, "dit_warmup_steps": 50, "guidance": 3.5,
+    "dit_steps": 1000, "dit_batch_size": 16, "dit_learning_rate": 1e-3, "dit_warmup_steps": 50, "guidance": 3.5,
     "dit_ema_decay": 0.995, "dit_max_grad_norm": 1.0,
 }
 
