@@ -53,7 +53,7 @@ def test_shipped_folder_is_small_and_records_its_build():
     size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
     assert size <= 25 * 2**20, size
     build = json.loads((SHIPPED / "BUILD.json").read_text())
-    assert build["command"].startswith("python -m diffsynth.nano.build") and build["recipe"]["seed"] == 0
+    assert "python -m diffsynth.nano.build" in build["command"] and build["recipe"]["seed"] == 0
     assert {"color", "position", "shape"} <= build["evaluation"].keys()
 
 
