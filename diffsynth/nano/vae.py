@@ -79,7 +79,8 @@ def vae_loss(encoder_moments: Callable, decoder: FluxVAEDecoder, x: torch.Tensor
 
 
 def train_vae(steps: int, batch_size: int = 16, learning_rate: float = 1e-3, kl_weight: float = 1e-5,
-              seed: int = 0, crop: int = SIZE, config: FluxVAEConfig | None = None) -> tuple[FluxVAEEncoder, FluxVAEDecoder, dict]:
+              seed: int = 0, crop: int = SIZE, config: FluxVAEConfig | None = None
+              ) -> tuple[FluxVAEEncoder, FluxVAEDecoder, dict]:
     """Train encoder + decoder on random shapes; returns them (eval mode) and a summary."""
     torch.manual_seed(seed)
     config = config or FluxVAEConfig(**NANO_VAE)
@@ -102,7 +103,8 @@ def train_vae(steps: int, batch_size: int = 16, learning_rate: float = 1e-3, kl_
             progress.set_postfix(l1=f"{np.mean(recon_history[-50:]):.4f}")
     encoder.eval(), decoder.eval()
     summary = {"steps": steps, "batch_size": batch_size, "crop": crop, "learning_rate": learning_rate,
-               "kl_weight": kl_weight, "seed": seed, "final_l1": float(np.mean(recon_history[-50:])), "seconds": time.time() - started}
+               "kl_weight": kl_weight, "seed": seed, "final_l1": float(np.mean(recon_history[-50:])),
+               "seconds": time.time() - started}
     return encoder, decoder, summary
 
 
