@@ -13,8 +13,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP)  # flux-nano, shipped in diffsynth/nano/flux-nano: no training, no download
 	$(BIN)/diffsynth demo
+
+nano: $(STAMP)  # rebuild flux-nano from scratch (fixed seeds; see diffsynth/nano/flux-nano/BUILD.md)
+	OMP_NUM_THREADS=1 $(BIN)/python -m diffsynth.nano.build
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -23,4 +26,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check diffsynth tests benchmarks examples
 	$(BIN)/python -m pytest -q tests/test_layering.py
 
-.PHONY: install demo test lint
+.PHONY: install demo nano test lint

@@ -208,19 +208,42 @@ def check_device(name: str) -> None:
                          "(use --device cpu)")
 
 
+def apply_folder_defaults(args) -> None:
+    """Sizes a model folder declares in generation_defaults.json (flux-nano: 64 px) replace the 1024 px
+    default when --height/--width are not given."""
+    path = Path(args.model_dir or "") / "generation_defaults.json"
+    if args.model_dir and path.is_file():
+        defaults = json.loads(path.read_text())
+        for key in ("height", "width"):
+            if getattr(args, key) is None and key in defaults:
+                setattr(args, key, int(defaults[key]))
+
+
 def cmd_generate(args) -> list[str]:
-    from .ops.files import save_image
+    apply_folder_defaults(args)
+    paths, input_image = check_generation(args)
+    models = model_paths(args)
+    return write_images(args, build_pipeline(args, models), models, paths, input_image)
+
+
+def check_generation(args) -> tuple[list[str], object]:
+    """Everything about a generation that can be wrong, checked before any model loads: the pipeline's
+    argument checks, the input image, the output paths and the device. Returns (output paths, input image)."""
     from .pipelines.checks import check_call_args
-    # `demo` has no --overwrite: it always rewrites its own image
-    overwrite = getattr(args, "overwrite", True)
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
     input_image = open_input_image(args.input_image)
-    check_call_args({**params, "input_image": input_image})  # the pipeline's own checks, before models load
+    check_call_args({**params, "input_image": input_image})
     paths = output_paths(args.output, args.num_images)
-    check_outputs(paths, overwrite)
+    check_outputs(paths, getattr(args, "overwrite", True))  # `demo` has no --overwrite: it rewrites its image
     check_device(args.device)
-    models = model_paths(args)
-    pipe = build_pipeline(args, models)
+    return paths, input_image
+
+
+def write_images(args, pipe, models: list[str], paths: list[str], input_image) -> list[str]:
+    """Run the pipeline with the generation arguments and save the image(s) to `paths`."""
+    from .ops.files import save_image
+    params = {k: getattr(args, k) for k in GENERATION_KEYS}
+    overwrite = getattr(args, "overwrite", True)
     images = pipe(**params, input_image=input_image)
     images = images if isinstance(images, list) else [images]
     for i, (image, path) in enumerate(zip(images, paths)):
@@ -265,13 +288,26 @@ def _pretty(report: dict) -> str:
 
 
 def cmd_demo(args) -> None:
-    from .testing import build_tiny_flux
-    root = Path(args.model_dir)
-    if not (root / "flux1-dev.safetensors").exists():
-        print(f"building the tiny random FLUX.1-dev model in {root} ...")
-        build_tiny_flux(root)
+    """flux-nano, shipped in the package: --prompt writes that image; without it, the default prompt's
+    image and a grid of several prompts (grid.png beside --output)."""
+    from .nano import demo
+    from .ops.files import save_image
     args.model, args.tokenizer_1, args.tokenizer_2 = None, None, None
-    cmd_generate(args)
+    apply_folder_defaults(args)
+    grid = args.prompt is None
+    args.prompt = args.prompt or demo.DEFAULT_PROMPT
+    paths, input_image = check_generation(args)
+    models = model_paths(args)
+    pipe = build_pipeline(args, models)
+    write_images(args, pipe, models, paths, input_image)
+    if grid:
+        seed = 0 if args.seed is None else args.seed
+        images = [pipe(p, seed=seed, height=args.height, width=args.width, t5_sequence_length=args.t5_sequence_length,
+                       num_inference_steps=args.num_inference_steps, progress_bar_cmd=lambda x: x)
+                  for p in demo.GRID_PROMPTS]
+        path = Path(args.output).with_name("grid.png")
+        save_image(demo.make_grid(images, list(demo.GRID_PROMPTS)), path)
+        print(f"saved {path} ({', '.join(demo.GRID_PROMPTS)})")
 
 
 def cmd_train(args) -> None:
@@ -304,15 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--dit", help="for LoRA files: a DiT checkpoint to list the LoRA keys that would not apply to")
     ins.set_defaults(func=cmd_inspect)
 
-    demo = sub.add_parser("demo", help="build the tiny random model (if missing) and generate with it")
-    demo.add_argument("--model-dir", default="demo_model")
+    from .nano import SHIPPED
+    demo = sub.add_parser("demo", help="generate with flux-nano, the small FLUX.1 model shipped with diffsynth")
+    demo.add_argument("--model-dir", default=str(SHIPPED))
     demo.add_argument("--output", default="demo_output/image.png")
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     add_generation_args(demo, require_prompt=False)
     add_runtime_args(demo)
-    demo.set_defaults(func=cmd_demo, prompt="a cat sitting on a red sofa", height=128, width=128,
-                      num_inference_steps=4, seed=0, t5_sequence_length=32)
+    demo.set_defaults(func=cmd_demo, prompt=None, num_inference_steps=20, seed=0)
 
     from .training.args import add_training_args
     train = sub.add_parser("train", help="LoRA / full training of FLUX.1 (same arguments as "

@@ -1,7 +1,5 @@
-"""`diffsynth generate | inspect | demo` end to end on the tiny model."""
+"""`diffsynth generate | inspect` end to end on the tiny model (`demo`: tests/test_nano.py)."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
@@ -65,14 +63,6 @@ def test_inspect_reports_family_format_architecture(tiny_root, tmp_path, capsys)
     text = capsys.readouterr().out
     for family in ("flux-dit", "clip", "t5", "flux-vae"):
         assert family in text
-
-
-def test_demo_command_builds_model_and_writes_image(tmp_path):
-    out = tmp_path / "demo.png"
-    proc = subprocess.run([sys.executable, "-m", "diffsynth.cli", "demo", "--model-dir", str(tmp_path / "m"),
-                           "--output", str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert f"saved {out}" in proc.stdout and Image.open(out).size == (128, 128)
 
 
 def test_inspect_lora_reports_dialect_rank_alpha_targets(tmp_path, capsys):

@@ -29,6 +29,10 @@ import torch
 from ..ops.files import save_safetensors
 
 __all__ = [
+    "write_clip_tokenizer",
+    "write_t5_tokenizer",
+    "write_json",
+    "write_bytes",
     "TINY",
     "build_tiny_flux",
     "build_tiny_comfy_checkpoint",
@@ -73,14 +77,15 @@ def _byte_chars() -> list[str]:
     return chars
 
 
-@lru_cache(maxsize=1)
-def _clip_bpe() -> tuple[dict[str, int], list[str]]:
-    """A CLIP-style BPE: 256 byte symbols, the same with ``</w>``, word merges, then BOS and EOS last."""
+@lru_cache(maxsize=4)
+def _clip_bpe(words: tuple[str, ...] = tuple(_WORDS)) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-style BPE: 256 byte symbols, the same with ``</w>``, merges making each of `words` one token,
+    then BOS and EOS last."""
     base = _byte_chars()
     tokens = base + [c + "</w>" for c in base]
     merges: list[str] = []
     seen = set(tokens)
-    for word in _WORDS:
+    for word in words:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         left = symbols[0]
         for right in symbols[1:]:
@@ -103,14 +108,15 @@ def _sentences(n: int) -> list[str]:
     return out
 
 
-@lru_cache(maxsize=1)
-def _t5_spiece() -> bytes:
-    """Train a tiny unigram sentencepiece model in memory (single thread: deterministic)."""
+@lru_cache(maxsize=4)
+def _t5_spiece(sentences: tuple[str, ...] | None = None) -> bytes:
+    """Train a tiny unigram sentencepiece model in memory (single thread: deterministic) on `sentences`
+    (default: random sentences of the tiny vocabulary)."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_sentences(3000)),
+        sentence_iterator=iter(sentences or _sentences(3000)),
         model_writer=buf,
         model_type="unigram",
         vocab_size=_T5_SP_VOCAB,
@@ -297,8 +303,8 @@ def _ae_spec() -> _Spec:
     return spec
 
 
-def _clip_spec() -> _Spec:
-    c = TINY["clip"]
+def _clip_spec(c: dict | None = None) -> _Spec:
+    c = c or TINY["clip"]
     h, f = c["hidden_size"], c["intermediate_size"]
     spec: _Spec = [
         ("text_model.embeddings.token_embedding.weight", (c["vocab_size"], h), "emb"),
@@ -313,8 +319,8 @@ def _clip_spec() -> _Spec:
     return spec + _norm("text_model.final_layer_norm", h)
 
 
-def _t5_spec() -> _Spec:
-    c = TINY["t5"]
+def _t5_spec(c: dict | None = None) -> _Spec:
+    c = c or TINY["t5"]
     d, f, inner = c["d_model"], c["d_ff"], c["num_heads"] * c["d_kv"]
     spec: _Spec = [("shared.weight", (c["vocab_size"], d), "emb")]
     for i in range(c["num_layers"]):
@@ -343,19 +349,21 @@ def tiny_ae_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dic
     return _fill(_ae_spec(), seed, "ae", dtype)
 
 
-def tiny_clip_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Random tiny CLIP text encoder weights with HF ``text_model.*`` key names."""
-    return _fill(_clip_spec(), seed, "clip", dtype)
+def tiny_clip_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """Random tiny CLIP text encoder weights with HF ``text_model.*`` key names (sizes: `config`, default TINY)."""
+    return _fill(_clip_spec(config), seed, "clip", dtype)
 
 
-def tiny_t5_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def tiny_t5_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None
+                       ) -> dict[str, torch.Tensor]:
     """Random tiny T5 encoder weights with HF key names (``shared.weight`` + ``encoder.*``)."""
-    return _fill(_t5_spec(), seed, "t5", dtype)
+    return _fill(_t5_spec(config), seed, "t5", dtype)
 
 
-def tiny_clip_config() -> dict:
-    """config.json contents for the tiny HF CLIPTextModel."""
-    c = TINY["clip"]
+def tiny_clip_config(config: dict | None = None) -> dict:
+    """config.json contents for the tiny HF CLIPTextModel (sizes: `config`, default TINY)."""
+    c = config or TINY["clip"]
     return {
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
@@ -372,12 +380,12 @@ def tiny_clip_config() -> dict:
     }
 
 
-def tiny_t5_config() -> dict:
-    """config.json contents for the tiny HF T5EncoderModel."""
+def tiny_t5_config(config: dict | None = None) -> dict:
+    """config.json contents for the tiny HF T5EncoderModel (sizes: `config`, default TINY)."""
     return {
         "architectures": ["T5EncoderModel"],
         "model_type": "t5",
-        **TINY["t5"],
+        **(config or TINY["t5"]),
         "dense_act_fn": "gelu_new",
         "is_gated_act": True,
         "layer_norm_epsilon": 1e-6,
@@ -473,15 +481,15 @@ def _diffusers_dit_config(guidance: bool) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    _write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def write_json(path: Path, obj: dict) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -499,14 +507,15 @@ def _write_sharded(folder: Path, stem: str, tensors: dict[str, torch.Tensor], sh
         _write_safetensors(folder / name, part)
         weight_map.update({k: name for k in part})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(folder / f"{stem}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(folder / f"{stem}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _write_clip_tokenizer(folder: Path) -> None:
-    vocab, merges = _clip_bpe()
+def write_clip_tokenizer(folder: Path, words: tuple[str, ...] = tuple(_WORDS)) -> None:
+    """CLIP BPE tokenizer files in which each of `words` is a single token."""
+    vocab, merges = _clip_bpe(words)
     special = {"bos_token": _CLIP_BOS, "eos_token": _CLIP_EOS, "unk_token": _CLIP_EOS, "pad_token": _CLIP_EOS}
-    _write_bytes(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode())
-    _write_bytes(folder / "merges.txt", ("#version: 0.2\n" + "\n".join(merges) + "\n").encode())
+    write_bytes(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode())
+    write_bytes(folder / "merges.txt", ("#version: 0.2\n" + "\n".join(merges) + "\n").encode())
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": TINY["tokenizer"]["clip_max_length"],
@@ -516,24 +525,26 @@ def _write_clip_tokenizer(folder: Path) -> None:
         "clean_up_tokenization_spaces": False,
         **special,
     }
-    _write_json(folder / "tokenizer_config.json", config)
-    _write_json(folder / "special_tokens_map.json", special)
+    write_json(folder / "tokenizer_config.json", config)
+    write_json(folder / "special_tokens_map.json", special)
 
 
-def _write_t5_tokenizer(folder: Path) -> None:
+def write_t5_tokenizer(folder: Path, sentences: tuple[str, ...] | None = None,
+                       max_length: int = TINY["tokenizer"]["t5_max_length"]) -> None:
+    """T5 sentencepiece tokenizer files trained on `sentences`; `max_length` becomes model_max_length."""
     extra = [f"<extra_id_{i}>" for i in range(_T5_EXTRA_IDS)]
     special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "additional_special_tokens": extra}
-    _write_bytes(folder / "spiece.model", _t5_spiece())
+    write_bytes(folder / "spiece.model", _t5_spiece(sentences))
     config = {
         "tokenizer_class": "T5Tokenizer",
-        "model_max_length": TINY["tokenizer"]["t5_max_length"],
+        "model_max_length": max_length,
         "extra_ids": _T5_EXTRA_IDS,
         "legacy": True,
         "clean_up_tokenization_spaces": True,
         **special,
     }
-    _write_json(folder / "tokenizer_config.json", config)
-    _write_json(folder / "special_tokens_map.json", special)
+    write_json(folder / "tokenizer_config.json", config)
+    write_json(folder / "special_tokens_map.json", special)
 
 
 # --------------------------------------------------------------------------------------
@@ -563,16 +574,16 @@ def build_tiny_flux(
         _write_safetensors(root / "flux1-dev.safetensors", dit)
     else:
         _write_sharded(root / "transformer", "diffusion_pytorch_model", bfl_to_diffusers_dit(dit))
-        _write_json(root / "transformer" / "config.json", _diffusers_dit_config(guidance))
+        write_json(root / "transformer" / "config.json", _diffusers_dit_config(guidance))
     _write_safetensors(root / "ae.safetensors", tiny_ae_state_dict(seed, dtype))
 
     _write_safetensors(root / "text_encoder" / "model.safetensors", tiny_clip_state_dict(seed, dtype))
-    _write_json(root / "text_encoder" / "config.json", tiny_clip_config())
+    write_json(root / "text_encoder" / "config.json", tiny_clip_config())
     _write_sharded(root / "text_encoder_2", "model", tiny_t5_state_dict(seed, dtype))
-    _write_json(root / "text_encoder_2" / "config.json", tiny_t5_config())
+    write_json(root / "text_encoder_2" / "config.json", tiny_t5_config())
 
-    _write_clip_tokenizer(root / "tokenizer")
-    _write_t5_tokenizer(root / "tokenizer_2")
+    write_clip_tokenizer(root / "tokenizer")
+    write_t5_tokenizer(root / "tokenizer_2")
     return root
 
 
