@@ -17,51 +17,30 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..ops.files import strip_first_prefix
 from ..ops.linear import Linear
-from .flux_dit import (BFL_PREFIXES, DoubleBlock, FluxDiT, MLPEmbedder, SingleBlock, TimestepEmbedder,
-                       bfl_key_to_internal, default_axes_dim, dit_from_diffusers, patchify)
+from .flux_dit import (BFL_PREFIXES, DoubleBlock, FluxDiT, FluxDiTConfig, MLPEmbedder, SingleBlock,
+                       TimestepEmbedder, bfl_key_to_internal, default_axes_dim, dit_from_diffusers, patchify)
 
 # Union-alpha's control modes: `ControlNetInput.processor_id` -> mode index.
 UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
 
 
 @dataclass
-class FluxControlNetConfig:
-    in_channels: int = 64            # packed latents
+class FluxControlNetConfig(FluxDiTConfig):
+    """The DiT's configuration (embedders and blocks are the DiT's) plus what the condition input needs."""
     cond_channels: int = 64          # packed condition: 64, or 68 with the inpainting mask
-    hidden_size: int = 3072
-    num_heads: int = 24
-    num_double_blocks: int = 19
-    num_single_blocks: int = 38
-    context_dim: int = 4096
-    pooled_dim: int = 768
-    mlp_ratio: float = 4.0
-    guidance_embed: bool = True
     num_modes: int = 0               # union ControlNets: size of the mode embedding table
     pixel_condition: bool = False    # XLabs: the condition is the image itself, through `input_hint_block`
-    axes_dim: tuple[int, ...] = (16, 56, 56)
-    theta: int = 10000
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
 
     @property
     def extra_channels(self) -> int:
         return self.cond_channels - self.in_channels
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
