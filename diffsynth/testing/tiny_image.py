@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny import TINY, _write_json, _write_safetensors, _write_sharded, bfl_to_diffusers_dit, tiny_dit_state_dict
+from .tiny import TINY, write_json, _write_safetensors, _write_sharded, bfl_to_diffusers_dit, tiny_dit_state_dict
 
 # variant -> (BFL file name, input channels, double blocks kept (None: all))
 VARIANTS: dict[str, tuple[str, int, int | None]] = {
@@ -60,7 +60,7 @@ def build_tiny_variant(root: str | Path, variant: str, seed: int = 0, dit_format
         _write_safetensors(root / VARIANTS[variant][0], sd)
     elif dit_format == "diffusers":
         _write_sharded(root / "transformer", "diffusion_pytorch_model", bfl_to_diffusers_dit(sd))
-        _write_json(root / "transformer" / "config.json", diffusers_variant_config(variant))
+        write_json(root / "transformer" / "config.json", diffusers_variant_config(variant))
     else:
         raise ValueError(f"dit_format must be 'bfl' or 'diffusers', got {dit_format!r}")
     return root

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..models.step1x import PREFIX
-from .tiny import TINY, _WORDS, _byte_chars, _fill, _linear, _norm, _write_json, _write_safetensors, \
+from .tiny import TINY, _WORDS, _byte_chars, _fill, _linear, _norm, write_json, _write_safetensors, \
     _write_sharded, tiny_ae_state_dict, tiny_dit_state_dict
 
 __all__ = ["TINY_QWEN", "build_tiny_qwen_vl", "build_tiny_step1x", "build_tiny_nexus_gen", "tiny_qwen_config", "tiny_connector_state_dict",
@@ -163,22 +163,22 @@ def build_tiny_qwen_vl(folder: str | Path, seed: int = 0, dtype: torch.dtype = t
     if nexus_gen:
         tensors.update(_nexus_extras(seed, dtype))
     _write_sharded(folder, "model", tensors)
-    _write_json(folder / "config.json", tiny_qwen_config())
-    _write_json(folder / "tokenizer.json", _tokenizer_json())
+    write_json(folder / "config.json", tiny_qwen_config())
+    write_json(folder / "tokenizer.json", _tokenizer_json())
     decoder = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                         "special": True} for t, i in tiny_token_ids().items()}
-    _write_json(folder / "tokenizer_config.json", {
+    write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768, "errors": "replace", "split_special_tokens": False,
         "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
         "clean_up_tokenization_spaces": False, "add_prefix_space": False, "added_tokens_decoder": decoder})
     v = TINY_QWEN["vision"]
-    _write_json(folder / "preprocessor_config.json", {
+    write_json(folder / "preprocessor_config.json", {
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
         "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
         "min_pixels": 3136, "max_pixels": 12845056, "patch_size": v["patch_size"],
         "temporal_patch_size": v["temporal_patch_size"], "merge_size": v["spatial_merge_size"]})
-    _write_json(folder / "chat_template.json", {"chat_template": _CHAT_TEMPLATE})
+    write_json(folder / "chat_template.json", {"chat_template": _CHAT_TEMPLATE})
     return folder
 
 
