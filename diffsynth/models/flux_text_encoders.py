@@ -53,7 +53,7 @@ _T5_EMBED = "encoder.embed_tokens.weight"
 StateDict = Mapping[str, torch.Tensor]
 
 
-def _layer_count(sd: StateDict, prefix: str) -> int:
+def layer_count(sd: StateDict, prefix: str) -> int:
     ids = {int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)}
     if not ids:
         raise ValueError(f"no '{prefix}N.*' keys found")
@@ -111,7 +111,7 @@ def infer_clip_config(state_dict: StateDict) -> CLIPTextConfig:
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=fc1.shape[0],
-        num_hidden_layers=_layer_count(sd, "text_model.encoder.layers."),
+        num_hidden_layers=layer_count(sd, "text_model.encoder.layers."),
         num_attention_heads=heads,
         max_position_embeddings=pos.shape[0],
         projection_dim=proj.shape[0] if proj is not None else hidden,
@@ -139,17 +139,14 @@ def load_clip_text_encoder(
     raw = strip_first_prefix(state_dict, (CLIP_PREFIX,))
     config = _clip_config_from_dict(config_dict) if config_dict is not None else infer_clip_config(raw)
     sd = {_clip_key(k): v for k, v in raw.items() if k not in _CLIP_IGNORED}
-    _check_depth(config.num_hidden_layers, _layer_count(sd, "text_model.encoder.layers."), "CLIP",
+    _check_depth(config.num_hidden_layers, layer_count(sd, "text_model.encoder.layers."), "CLIP",
                  "num_hidden_layers")
     with torch.device("meta"):
         model = CLIPTextModel(config)
     # transformers 5 drops the ``text_model.`` level inside CLIPTextModel; 4.x keeps it.
     nested = any(k.startswith("text_model.") for k in model.state_dict())
     _assign(model, sd, dtype, "CLIP text encoder", file_prefix="" if nested else "text_model.")
-    for module in model.modules():  # non-persistent buffer, left on meta by the build above
-        buf = getattr(module, "position_ids", None)
-        if isinstance(buf, torch.Tensor) and buf.is_meta:
-            module.position_ids = torch.arange(buf.shape[-1]).expand(1, -1)
+    rebuild_position_ids(model)
     _check_materialized(model, "CLIP text encoder")
     return adopt_linears(model).eval()
 
@@ -179,7 +176,7 @@ def infer_t5_config(state_dict: StateDict) -> T5Config:
         d_model=shared.shape[1],
         d_kv=q.shape[0] // heads,
         d_ff=wi.shape[0],
-        num_layers=_layer_count(sd, "encoder.block."),
+        num_layers=layer_count(sd, "encoder.block."),
         num_heads=heads,
         relative_attention_num_buckets=buckets,
         feed_forward_proj="gated-gelu" if gated else "relu",
@@ -202,7 +199,7 @@ def load_t5_encoder(
     if "shared.weight" not in sd and embed is not None:
         sd["shared.weight"] = embed
     config = T5Config.from_dict(dict(config_dict)) if config_dict is not None else infer_t5_config(sd)
-    _check_depth(config.num_layers, _layer_count(sd, "encoder.block."), "T5", "num_layers")
+    _check_depth(config.num_layers, layer_count(sd, "encoder.block."), "T5", "num_layers")
     with torch.device("meta"):
         model = T5EncoderModel(config)
     _assign(model, sd, dtype, "T5 encoder", optional={_T5_EMBED})
@@ -253,6 +250,15 @@ def _assign(
     cast = {k[len(file_prefix):]: v.to(dtype) if dtype is not None and v.is_floating_point() else v
             for k, v in sd.items()}
     model.load_state_dict(cast, strict=False, assign=True)
+
+
+def rebuild_position_ids(model: torch.nn.Module) -> None:
+    """transformers keeps `position_ids` as a non-persistent buffer: files do not store it, so a model built
+    on the meta device has it on meta; rebuild it (0..n-1) on the CPU."""
+    for module in model.modules():
+        buf = getattr(module, "position_ids", None)
+        if isinstance(buf, torch.Tensor) and buf.is_meta:
+            module.position_ids = torch.arange(buf.shape[-1]).expand(1, -1)
 
 
 def _check_materialized(model: torch.nn.Module, what: str) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from ..ops.files import CheckpointError
+from .flux_text_encoders import layer_count, rebuild_position_ids
 from ..ops.linear import adopt_linears
 
 VISION_PREFIX = "vision_model."
@@ -28,10 +29,6 @@ def vision_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     if any(k.startswith(VISION_PREFIX) for k in state_dict):
         return {k[len(VISION_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VISION_PREFIX)}
     return {k: v for k, v in state_dict.items() if not k.startswith(("text_model.", "logit_"))}
-
-
-def _layers(sd: Mapping, prefix: str) -> int:
-    return 1 + max(int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix))
 
 
 def infer_siglip_config(sd: Mapping[str, torch.Tensor]) -> SiglipVisionConfig:
@@ -46,7 +43,7 @@ def infer_siglip_config(sd: Mapping[str, torch.Tensor]) -> SiglipVisionConfig:
     side = round(positions ** 0.5)
     heads = HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64) if hidden >= 64 else max(1, hidden // 8))
     return SiglipVisionConfig(hidden_size=hidden, intermediate_size=fc1.shape[0], num_channels=channels,
-                              num_hidden_layers=_layers(sd, "encoder.layers."), num_attention_heads=heads,
+                              num_hidden_layers=layer_count(sd, "encoder.layers."), num_attention_heads=heads,
                               image_size=side * patch_size, patch_size=patch_size, layer_norm_eps=1e-6,
                               vision_use_head="head.probe" in sd)
 
@@ -74,10 +71,7 @@ def adopt_hf_model(model_cls, config, sd: Mapping[str, torch.Tensor], name: str)
         raise CheckpointError(f"{name}: weights do not fit the config; missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
     model.load_state_dict(sd, strict=True, assign=True)
-    for module in model.modules():  # non-persistent position ids, left on meta by the build above
-        buf = getattr(module, "position_ids", None)
-        if isinstance(buf, torch.Tensor) and buf.is_meta:
-            module.position_ids = torch.arange(buf.shape[-1]).expand(1, -1)
+    rebuild_position_ids(model)
     return adopt_linears(model).eval().requires_grad_(False)
 
 

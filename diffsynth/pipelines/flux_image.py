@@ -8,7 +8,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -26,29 +25,12 @@ from ..ops.attention import set_attention_backend as _set_attention_backend
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
 from .checks import check_call_args, check_finite
 from .denoise import batch_cfg_inputs, model_fn
+from .images import VAE_FACTOR, image_to_tensor, tensor_to_images, vae_encode
 from .units import StepUnit, Unit, active_units, run_units, unit
 from .variants import UNITS as VARIANT_UNITS
 
 LATENT_CHANNELS = 16
-VAE_FACTOR = 8
 SIZE_MULTIPLE = 16  # VAE 8x, then 2x2 patches
-
-
-# ----------------------------------------------------------------------------- image <-> tensor
-
-def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """PIL image -> (1, 3, H, W) in [-1, 1], resized (Lanczos) when its size differs."""
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
-
-
-def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in about [-1, 1] -> PIL images (rounded to uint8)."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in x]
 
 
 # ----------------------------------------------------------------------------- units
@@ -109,13 +91,8 @@ def encode_input_image(pipe, noise, sigmas, height, width, input_image=None, den
             raise ValueError(f"denoising_strength={denoising_strength} needs an input_image "
                              "(it says how much of the input image to keep)")
         return {"latents": noise}
-    if pipe.vae_encoder is None:
-        raise RuntimeError("input_image needs the VAE encoder: load ae.safetensors")
-    pipe.load_models_to_device(("vae_encoder",))  # only when there is an image: txt2img never moves it
-    x = image_to_tensor(input_image, width, height).to(pipe.compute_device_of("vae_encoder"), pipe.torch_dtype)
-    # tile_size/tile_stride are latent units for both VAE halves (the encoder works in pixels)
-    x0 = pipe.vae_encoder(x, tiled=tiled, tile_size=tile_size * VAE_FACTOR, tile_stride=tile_stride * VAE_FACTOR)
-    x0 = x0.to(pipe.device, pipe.torch_dtype).repeat(noise.shape[0], 1, 1, 1)
+    x0 = vae_encode(pipe, image_to_tensor(input_image, width, height), "input_image", tiled, tile_size, tile_stride)
+    x0 = x0.repeat(noise.shape[0], 1, 1, 1)
     return {"latents": add_noise(x0, noise, sigmas[0].item()), "input_latents": x0}
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-VAE_FACTOR = 8
+from ..images import VAE_FACTOR, image_to_tensor, vae_encode  # noqa: F401  (the variants' image helpers)
+
 PATCH = 2
 
 # DiT input channels (x_embedder width, packed 2x2) of each variant: the DiT file says which it is.
@@ -41,15 +42,6 @@ def check_image(value, name: str) -> Image.Image:
     return value
 
 
-def image_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """PIL -> (1, 3, height, width) in [-1, 1], resized (Lanczos) when its size differs."""
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
-
-
 def mask_tensor(mask, name: str, size: tuple[int, int], modes: tuple[str, ...], resize_to=None) -> torch.Tensor:
     """A mask image -> (1, 1, h, w) in [0, 1] (white = 1). It must have the size of the image it masks
     (`size`, (width, height)) and one of `modes`; `resize_to` (width, height) resamples it (bilinear)."""
@@ -63,19 +55,6 @@ def mask_tensor(mask, name: str, size: tuple[int, int], modes: tuple[str, ...], 
     if resize_to is not None and mask.size != resize_to:
         mask = mask.resize(resize_to, Image.BILINEAR)
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
-
-
-def vae_encode(pipe, pixels: torch.Tensor, tiled: bool = False, tile_size: int = 128,
-               tile_stride: int = 64) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> latents (B, 16, H/8, W/8) on the pipeline's device and dtype.
-
-    tile_size/tile_stride are latent units, as for the input image."""
-    if pipe.vae_encoder is None:
-        raise RuntimeError("condition images need the VAE encoder: load ae.safetensors")
-    pipe.load_models_to_device(("vae_encoder",))  # only when there is an image: txt2img never moves it
-    x = pixels.to(pipe.compute_device_of("vae_encoder"), pipe.torch_dtype)
-    z = pipe.vae_encoder(x, tiled=tiled, tile_size=tile_size * VAE_FACTOR, tile_stride=tile_stride * VAE_FACTOR)
-    return z.to(pipe.device, pipe.torch_dtype)
 
 
 def latent_size(noise: torch.Tensor) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ...models.flux_controlnet import UNION_MODES
 from ...models.flux_dit import patchify
+from ..images import image_to_tensor, vae_encode
 from ..units import step_unit, unit
 
 # processor_id values that mean "no annotator" (the image is the condition as is)
@@ -110,7 +111,6 @@ def encode_condition(pipe, inp: ControlNetInput, height: int, width: int, tiled:
     """(1, N, 64|68) packed condition: the control image's VAE latents; for inpainting, of the image with the
     masked pixels set to black, plus the keep-mask (1 - mask, nearest-resized to the latent) as a 17th channel.
     Pixel-condition (XLabs) ControlNets take the image itself, (1, 3, H, W) in [-1, 1]."""
-    from ..flux_image import VAE_FACTOR, image_to_tensor
     if pipe.controlnet[inp.controlnet_id].config.pixel_condition:
         return image_to_tensor(inp.image, width, height).to(pipe.device, pipe.torch_dtype)
     image = inp.image.convert("RGB")
@@ -118,10 +118,8 @@ def encode_condition(pipe, inp: ControlNetInput, height: int, width: int, tiled:
         pixels = np.array(image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image)
         pixels[_mask_array(inp.inpaint_mask, width, height) > 0.5] = 0
         image = Image.fromarray(pixels)
-    device = pipe.compute_device_of("vae_encoder")
-    x = image_to_tensor(image, width, height).to(device, pipe.torch_dtype)
-    latents = pipe.vae_encoder(x, tiled=tiled, tile_size=tile_size * VAE_FACTOR, tile_stride=tile_stride * VAE_FACTOR)
-    latents = latents.to(pipe.device, pipe.torch_dtype)
+    latents = vae_encode(pipe, image_to_tensor(image, width, height), "controlnet_inputs", tiled, tile_size,
+                         tile_stride)
     if inp.inpaint_mask is not None:
         mask = torch.from_numpy(_mask_array(inp.inpaint_mask, width, height))[None, None]
         keep = 1 - torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="nearest")
@@ -158,7 +156,6 @@ def encode_controlnet_inputs(pipe, height, width, sigmas, controlnet_inputs=None
         raise RuntimeError("controlnet_inputs need the VAE encoder: load ae.safetensors")
     for i, inp in enumerate(controlnet_inputs):
         _checked(pipe, inp, i)
-    pipe.load_models_to_device(("vae_encoder",))
     items = []
     for inp in controlnet_inputs:
         cond = encode_condition(pipe, inp, height, width, tiled, tile_size, tile_stride)

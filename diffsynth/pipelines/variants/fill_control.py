@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..units import step_unit, unit
-from ._images import CONTROL_CHANNELS, FILL_CHANNELS, VAE_FACTOR, check_image, dit_channels, image_tensor, \
+from ._images import CONTROL_CHANNELS, FILL_CHANNELS, VAE_FACTOR, check_image, dit_channels, image_to_tensor, \
     latent_size, mask_tensor, require_dit, vae_encode
 
 
@@ -42,8 +42,8 @@ def prepare_fill_condition(pipe, noise, flux_fill_image=None, flux_fill_mask=Non
     width, height = latent_size(noise)
     mask = mask_tensor(flux_fill_mask, "flux_fill_mask", flux_fill_image.size, ("L", "1"), resize_to=(width, height))
     mask = (mask >= 0.5).float()
-    masked = image_tensor(flux_fill_image, width, height) * (1 - mask)
-    z = vae_encode(pipe, masked, tiled, tile_size, tile_stride)
+    masked = image_to_tensor(flux_fill_image, width, height) * (1 - mask)
+    z = vae_encode(pipe, masked, "flux_fill_image", tiled, tile_size, tile_stride)
     cond = torch.cat([z, fold_mask(mask).to(z)], 1)
     return {"fill_condition": cond.repeat(noise.shape[0], 1, 1, 1)}
 
@@ -59,8 +59,8 @@ def prepare_control_latents(pipe, noise, flux_control_image=None, tiled=False, t
         return {}
     require_dit(pipe, CONTROL_CHANNELS, "flux_control_image", "FLUX.1-Canny/Depth")
     width, height = latent_size(noise)
-    z = vae_encode(pipe, image_tensor(check_image(flux_control_image, "flux_control_image"), width, height),
-                   tiled, tile_size, tile_stride)
+    z = vae_encode(pipe, image_to_tensor(check_image(flux_control_image, "flux_control_image"), width, height),
+                   "flux_control_image", tiled, tile_size, tile_stride)
     return {"control_latents": z.repeat(noise.shape[0], 1, 1, 1)}
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ...schedulers.flow_match import flux_sigmas
 from ..units import step_unit, unit
-from ._images import FLEX_CHANNELS, check_image, dit_channels, image_tensor, latent_size, mask_tensor, \
+from ._images import FLEX_CHANNELS, check_image, dit_channels, image_to_tensor, latent_size, mask_tensor, \
     require_dit, vae_encode
 
 FLEX_ARGUMENTS = ("flex_inpaint_image", "flex_inpaint_mask", "flex_control_image", "flex_control_strength",
@@ -37,8 +37,8 @@ def flex_condition(pipe, noise, inpaint_image, inpaint_mask, control_image, stre
     zeros = torch.zeros(1, 16, h, w, device=pipe.device, dtype=pipe.torch_dtype)
     inpaint = zeros
     if inpaint_image is not None:
-        inpaint = vae_encode(pipe, image_tensor(check_image(inpaint_image, "flex_inpaint_image"), width, height),
-                             **tiling)
+        inpaint = vae_encode(pipe, image_to_tensor(check_image(inpaint_image, "flex_inpaint_image"), width, height),
+                             "flex_inpaint_image", **tiling)
     mask = torch.ones(1, 1, h, w, device=pipe.device, dtype=pipe.torch_dtype)
     if inpaint_mask is not None:
         size = inpaint_image.size if inpaint_image is not None else (width, height)
@@ -46,8 +46,8 @@ def flex_condition(pipe, noise, inpaint_image, inpaint_mask, control_image, stre
         mask = mask.to(pipe.device, pipe.torch_dtype)
     control = zeros
     if control_image is not None:
-        control = vae_encode(pipe, image_tensor(check_image(control_image, "flex_control_image"), width, height),
-                             **tiling) * strength
+        control = vae_encode(pipe, image_to_tensor(check_image(control_image, "flex_control_image"), width, height),
+                             "flex_control_image", **tiling) * strength
     kept = torch.cat([inpaint * (1 - mask), mask], 1)
     return torch.cat([kept, control], 1).repeat(b, 1, 1, 1), torch.cat([kept, zeros], 1).repeat(b, 1, 1, 1)
 

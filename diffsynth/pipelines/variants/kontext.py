@@ -18,7 +18,7 @@ from PIL import Image
 
 from ...models.flux_dit import image_ids, patchify
 from ..units import step_unit, unit
-from ._images import BASE_CHANNELS, VAE_FACTOR, check_image, image_tensor, require_dit, vae_encode
+from ._images import BASE_CHANNELS, VAE_FACTOR, check_image, image_to_tensor, require_dit, vae_encode
 
 MULTIPLE = VAE_FACTOR * 2  # VAE 8x, then 2x2 patches
 
@@ -76,7 +76,7 @@ def encode_kontext_images(pipe, noise, kontext_images=None, kontext_auto_resize=
     canvas, tokens, ids = Canvas(), [], []
     for image in images:
         width, height = reference_size(image, kontext_auto_resize)
-        z = vae_encode(pipe, image_tensor(image, width, height), tiled, tile_size, tile_stride)  # (1, 16, h, w)
+        z = vae_encode(pipe, image_to_tensor(image, width, height), "kontext_images", tiled, tile_size, tile_stride)  # (1, 16, h, w)
         h, w = z.shape[2:]
         row, col = canvas.place(h // 2, w // 2)
         grid = image_ids(h, w, index=1, device=pipe.device).clone()  # (1, h/2*w/2, 3)

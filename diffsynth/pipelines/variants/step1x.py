@@ -16,6 +16,7 @@ from PIL import Image
 
 from ...models.flux_dit import image_ids, patchify
 from ...models.step1x import encode_step1x_prompts
+from ..images import image_to_tensor, vae_encode
 from ..units import step_unit, unit
 
 LLM_OUTPUTS = ("step1x_llm_embedding", "step1x_mask")
@@ -69,13 +70,9 @@ def encode_step1x_reference(pipe, noise, height, width, step1x_reference_image=N
         warnings.warn(f"step1x_reference_image is {image.width}x{image.height}; resized to the target "
                       f"{width}x{height} (Step1X-Edit edits same-size images)", stacklevel=4)
         image = image.resize((width, height), Image.LANCZOS)
-    if pipe.vae_encoder is None:
-        raise RuntimeError("step1x_reference_image needs the VAE encoder: load vae.safetensors")
-    pipe.load_models_to_device(("vae_encoder",))  # only when there is an image (txt2img never moves it)
-    from ..flux_image import VAE_FACTOR, image_to_tensor
-    x = image_to_tensor(image, width, height).to(pipe.compute_device_of("vae_encoder"), pipe.torch_dtype)
-    latents = pipe.vae_encoder(x, tiled=tiled, tile_size=tile_size * VAE_FACTOR, tile_stride=tile_stride * VAE_FACTOR)
-    return {"step1x_reference_latents": latents.to(pipe.device, pipe.torch_dtype).repeat(noise.shape[0], 1, 1, 1)}
+    latents = vae_encode(pipe, image_to_tensor(image, width, height), "step1x_reference_image", tiled, tile_size,
+                         tile_stride)
+    return {"step1x_reference_latents": latents.repeat(noise.shape[0], 1, 1, 1)}
 
 
 @step_unit(models=("step1x_connector",))
