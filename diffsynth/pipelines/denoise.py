@@ -44,9 +44,6 @@ class DiTCall:
         return Extensions(residual if residuals else None, tuple(self.attention), self.mask)
 
 
-BASE_INPUTS = ("latents", "timestep", "prompt_emb", "pooled_prompt_emb", "text_ids", "image_ids", "guidance")
-
-
 def model_fn(models: SimpleNamespace, latents, timestep, prompt_emb, pooled_prompt_emb, text_ids, image_ids,
              guidance=None, *, step_units: Sequence[StepUnit] = (), step_index: int = 0, cache_states=None,
              **variant_inputs) -> torch.Tensor:

@@ -103,10 +103,8 @@ def prepare_ids_and_guidance(pipe, noise, embedded_guidance=3.5):
             "guidance": torch.full((b,), float(embedded_guidance), device=pipe.device)}
 
 
-BASE_UNITS: list[Unit | StepUnit] = [check_shape, init_noise, encode_prompt, encode_input_image,
-                                     prepare_ids_and_guidance, *VARIANT_UNITS]
-# Inputs the loop itself provides to every model_fn call.
-STEP_INPUTS = ("latents", "timestep")
+CORE_UNITS: list[Unit] = [check_shape, init_noise, encode_prompt, encode_input_image, prepare_ids_and_guidance]
+BASE_UNITS: list[Unit | StepUnit] = [*CORE_UNITS, *VARIANT_UNITS]
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -328,18 +326,21 @@ class FluxImagePipeline(nn.Module):
             raise ValueError(f"tile_stride ({tile_stride}) must be in (0, tile_size={tile_size}]")
         if self.dit is None:
             raise RuntimeError("no DiT loaded: add the FLUX transformer checkpoint to model_configs")
-        variants = self.accepted_inputs() - BASE_ARGUMENTS
-        unknown = sorted(variant_inputs.keys() - variants)
-        if unknown:
-            raise TypeError(f"unknown argument(s) {unknown}; variant inputs this pipeline reads: {sorted(variants)}")
         sigmas = flux_sigmas(num_inference_steps, denoising_strength,
                              DEFAULT_SHIFT if sigma_shift is None else sigma_shift)
         shared = dict(
             cfg_scale=cfg_scale, embedded_guidance=embedded_guidance, t5_sequence_length=t5_sequence_length,
             input_image=input_image, denoising_strength=denoising_strength, height=height, width=width,
             seed=seed, rand_device=rand_device, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride,
-            num_images=num_images, sigmas=sigmas, **variant_inputs)
+            num_images=num_images, sigmas=sigmas)
         posi, nega = {"prompt": prompt}, {"prompt": negative_prompt}
+        # Variant arguments: what units read that neither this call nor the core units provide.
+        produced = {o for u in CORE_UNITS for o in u.outputs}
+        variants = self.accepted_inputs() - shared.keys() - posi.keys() - produced
+        unknown = sorted(variant_inputs.keys() - variants)
+        if unknown:
+            raise TypeError(f"unknown argument(s) {unknown}; variant inputs this pipeline reads: {sorted(variants)}")
+        shared.update(variant_inputs)
         use_cfg = cfg_scale != 1.0
         units = active_units(self, self.units)
         run_units(self, units, shared, posi, nega, use_cfg)
@@ -395,13 +396,6 @@ class FluxImagePipeline(nn.Module):
                 velocity = negative + cfg_scale * (velocity - negative)
             latents = euler_step(latents, velocity, steps[i], steps[i + 1])
         return latents
-
-
-# The explicit arguments of FluxImagePipeline.__call__ (variant inputs are the other unit inputs).
-BASE_ARGUMENTS = {
-    "prompt", "negative_prompt", "cfg_scale", "embedded_guidance", "t5_sequence_length", "input_image",
-    "denoising_strength", "height", "width", "seed", "rand_device", "sigma_shift", "num_inference_steps",
-    "tiled", "tile_size", "tile_stride", "num_images", "sigmas", "noise", "latents"}
 
 
 def _either(path, config, n: int):
