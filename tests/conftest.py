@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from diffsynth.testing import build_tiny_flux
 
@@ -21,3 +22,21 @@ def tiny_pipe(tiny_configs):
     import torch
     from diffsynth import FluxImagePipeline
     return FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=tiny_configs())
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops run fastest single-threaded (and do not fight other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate(one_thread):
+    """Training runs in-process: accelerate keeps global state between them, reset after each test."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -14,13 +14,7 @@ from diffsynth.testing.tiny_controlnet import build_tiny_controlnet, tiny_diffus
 quiet = dict(progress_bar_cmd=lambda x: x)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops run fastest single-threaded (and do not fight other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,21 +24,14 @@ ROWS = {  # row -> (model id, tiny kind)
 
 
 @pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate(monkeypatch):
-    """Also: SPEC's scripts draw noise with rand_device="cuda"; on a CPU-only machine draw it on the CPU (the
+def cpu_noise(monkeypatch, fresh_accelerate):
+    """SPEC's scripts draw noise with rand_device="cuda"; on a CPU-only machine draw it on the CPU (the
     harness wraps this call in turn)."""
     from diffsynth import FluxImagePipeline
     original = FluxImagePipeline.__call__
     if not torch.cuda.is_available():
         monkeypatch.setattr(FluxImagePipeline, "__call__", lambda self, *a, **kw: original(
             self, *a, **{**kw, "rand_device": "cpu"}))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

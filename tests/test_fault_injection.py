@@ -19,6 +19,9 @@ class Killed(BaseException):
     """A simulated SIGKILL: a BaseException, so no `except Exception` clean-up runs on the way out."""
 
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
+
 class FakeAccelerator:
     is_main_process, process_index, num_processes, distributed_type = True, 0, 1, "NO"
 
@@ -197,15 +200,6 @@ def test_no_readable_checkpoint_is_an_error_naming_the_files(tmp_path):
 
 # ----------------------------------------------------------------------------- training runs
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,7 @@ MODEL_IDS = {"black-forest-labs/FLUX.1-Kontext-dev": "kontext", "ostris/Flex.2-p
              "black-forest-labs/FLUX.1-Depth-dev": "depth"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from diffsynth.testing.tiny_qwen import TINY_QWEN, build_tiny_nexus_gen
 FLUX_FILES = ("text_encoder/model.safetensors", "text_encoder_2/", "ae.safetensors")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

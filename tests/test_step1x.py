@@ -18,13 +18,7 @@ from diffsynth.testing.tiny_qwen import build_tiny_qwen_vl, build_tiny_step1x, t
 SMALL_PIXELS = 28 * 28 * 4  # 4 vision tokens: the tests that run whole pipelines use this
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops run fastest single-threaded (and do not fight other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

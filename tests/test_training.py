@@ -31,16 +31,7 @@ STUDIO_LORA = ["--lora_base_model", "dit", "--lora_target_modules", STUDIO_TARGE
              "--remove_prefix_in_ckpt", "pipe.dit."]
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    """Tiny ops run fastest single-threaded (and do not fight other processes); accelerate keeps global state."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def pattern(width: int, height: int, phase: int) -> Image.Image:
