@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 
@@ -48,7 +49,7 @@ class Unit:
     def name(self) -> str:
         return self.fn.__name__
 
-    @property
+    @cached_property  # read at every call; the signature never changes
     def params(self) -> list[str]:
         return _params(self.fn, 2 if self.both_branches else 1)
 
@@ -71,7 +72,7 @@ class StepUnit:
     def name(self) -> str:
         return self.fn.__name__
 
-    @property
+    @cached_property  # read at every DiT evaluation
     def params(self) -> list[str]:
         return _params(self.fn, 3)
 
