@@ -208,7 +208,12 @@ def test_validate_examples(kind, tmp_path, monkeypatch, example_models):
     assert (tmp_path / f"NexusGen-Edit_{kind}.jpg").is_file()
 
 
-def test_lora_training_step_with_the_reference_column(nexus_dir, flux_dir, tmp_path):
+TRAINED = {"lora": ["--lora_base_model", "dit", "--lora_target_modules", "a_to_qkv,to_qkv_mlp", "--lora_rank", "4"],
+           "full": ["--trainable_models", "dit"]}
+
+
+@pytest.mark.parametrize("kind", TRAINED)
+def test_training_step_with_the_reference_column(kind, nexus_dir, flux_dir, tmp_path):
     from diffsynth.training import build_parser, train
     data = tmp_path / "data"
     data.mkdir()
@@ -220,8 +225,7 @@ def test_lora_training_step_with_the_reference_column(nexus_dir, flux_dir, tmp_p
         "--dataset_base_path", str(data), "--dataset_metadata_path", str(data / "metadata.csv"),
         "--data_file_keys", "image,nexus_gen_reference_image", "--extra_inputs", "nexus_gen_reference_image",
         "--height", "32", "--width", "32", "--model_paths", json.dumps(paths), "--t5_sequence_length", "16",
-        "--output_path", str(tmp_path / "out"), "--lora_base_model", "dit", "--lora_target_modules",
-        "a_to_qkv,to_qkv_mlp", "--lora_rank", "4", "--remove_prefix_in_ckpt", "pipe.dit.", "--max_steps", "1",
-        "--seed", "0", "--report_to", "none"])
+        "--output_path", str(tmp_path / "out"), *TRAINED[kind], "--remove_prefix_in_ckpt", "pipe.dit.",
+        "--max_steps", "1", "--seed", "0", "--report_to", "none"])
     out = train(args)
     assert out["steps"] == 1 and math.isfinite(out["losses"][0]) and out["files"]

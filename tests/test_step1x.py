@@ -289,7 +289,12 @@ def _write_step1x_data(root):
     return root
 
 
-def test_lora_training_step_reads_the_reference_column(qwen_dir, step1x_dir, tmp_path, small_images):
+TRAINED = {"lora": ["--lora_base_model", "dit", "--lora_target_modules", "a_to_qkv,to_qkv_mlp", "--lora_rank", "4"],
+           "full": ["--trainable_models", "dit"]}
+
+
+@pytest.mark.parametrize("kind", TRAINED)
+def test_training_step_reads_the_reference_column(kind, qwen_dir, step1x_dir, tmp_path, small_images):
     from diffsynth.training import build_parser, train
     data = _write_step1x_data(tmp_path / "data")
     paths = [str(qwen_dir), str(step1x_dir / "step1x-edit-i1258.safetensors"), str(step1x_dir / "vae.safetensors")]
@@ -297,9 +302,8 @@ def test_lora_training_step_reads_the_reference_column(qwen_dir, step1x_dir, tmp
         "--dataset_base_path", str(data), "--dataset_metadata_path", str(data / "metadata_step1x.csv"),
         "--data_file_keys", "image,step1x_reference_image", "--extra_inputs", "step1x_reference_image",
         "--height", "32", "--width", "32", "--model_paths", __import__("json").dumps(paths),
-        "--output_path", str(tmp_path / "out"), "--lora_base_model", "dit", "--lora_target_modules",
-        "a_to_qkv,to_qkv_mlp", "--lora_rank", "4", "--remove_prefix_in_ckpt", "pipe.dit.", "--max_steps", "1",
-        "--seed", "0", "--report_to", "none"])
+        "--output_path", str(tmp_path / "out"), *TRAINED[kind], "--remove_prefix_in_ckpt", "pipe.dit.",
+        "--max_steps", "1", "--seed", "0", "--report_to", "none"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = train(args)
