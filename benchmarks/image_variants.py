@@ -22,14 +22,17 @@ from _common import MID_DIT, interleaved, median, pair_ratio, table  # noqa: E40
 
 # variant -> (DiT input features, condition channels at latent resolution, reference tokens?)
 VARIANTS = {"kontext": (64, 0, True), "fill": (384, 80, False), "canny/depth": (128, 16, False),
-            "flex": (196, 33, False)}
+            "flex": (196, 33, False), "redux": (64, 0, False)}
+# FLUX.1-Redux appends its image tokens (27x27 SigLIP patches of a 384 px image) to the T5 prompt; its encoders
+# run once per call, so a step costs the DiT with that longer text.
+REDUX_TOKENS = 729
 
 
 def sizes() -> dict:
     if os.environ.get("DIFFSYNTH_BENCH_SMOKE"):
         return dict(dit=dict(hidden_size=64, num_heads=2, num_double_blocks=1, num_single_blocks=1, context_dim=32,
-                             pooled_dim=32, axes_dim=(8, 12, 12)), side=8, text=8, reps=2)
-    return dict(dit=MID_DIT, side=64, text=512, reps=6)
+                             pooled_dim=32, axes_dim=(8, 12, 12)), side=8, text=8, redux=4, reps=2)
+    return dict(dit=MID_DIT, side=64, text=512, redux=REDUX_TOKENS, reps=6)
 
 
 def build(features: int, dit: dict):
@@ -60,7 +63,7 @@ def steps(variant: str, s: dict):
     features, channels, reference = VARIANTS[variant]
     ref, ours = build(features, s["dit"])
     g = torch.Generator().manual_seed(1)
-    side, text, dit = s["side"], s["text"], s["dit"]
+    side, text, dit = s["side"], s["text"] + (s["redux"] if variant == "redux" else 0), s["dit"]
     latents = torch.randn(1, 16, side, side, generator=g)
     base = dict(timestep=torch.tensor([0.7]), prompt_emb=torch.randn(1, text, dit["context_dim"], generator=g),
                 pooled_prompt_emb=torch.randn(1, dit["pooled_dim"], generator=g), text_ids=torch.zeros(1, text, 3),
@@ -70,6 +73,8 @@ def steps(variant: str, s: dict):
     if reference:
         ref_ids = image_ids(side, side, index=1).clone()
         inputs = dict(kontext_latents=patchify(torch.randn(1, 16, side, side, generator=g)), kontext_image_ids=ref_ids)
+    elif variant == "redux":
+        inputs = {}
     elif variant == "flex":
         cond = torch.randn(1, channels, side, side, generator=g)
         inputs = dict(flex_condition=cond, flex_uncondition=cond, flex_control_stop_sigma=0.5)
@@ -82,13 +87,16 @@ def steps(variant: str, s: dict):
         return model_fn(models, latents, **base, step_units=step_units, **inputs)
 
     packed = patchify(latents)
-    cond_packed = None if reference else patchify(next(v for v in inputs.values() if torch.is_tensor(v)))
+    cond_packed = None if reference or not inputs else patchify(next(v for v in inputs.values() if torch.is_tensor(v)))
     txt_ids, img_ids = base["text_ids"][0], base["image_ids"][0]
     if reference:
         img_ids = torch.cat([img_ids, inputs["kontext_image_ids"][0]], 0)
 
     def diffusers_step():
-        x = torch.cat([packed, inputs["kontext_latents"]], 1) if reference else torch.cat([packed, cond_packed], 2)
+        if reference:
+            x = torch.cat([packed, inputs["kontext_latents"]], 1)
+        else:
+            x = packed if cond_packed is None else torch.cat([packed, cond_packed], 2)
         out = ref(hidden_states=x, timestep=base["timestep"], guidance=base["guidance"],
                   pooled_projections=base["pooled_prompt_emb"], encoder_hidden_states=base["prompt_emb"],
                   txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
@@ -96,12 +104,13 @@ def steps(variant: str, s: dict):
     return {"diffusers": diffusers_step, "ours": ours_step}
 
 
-def main() -> None:
+def main(only: list[str] | None = None) -> None:
+    """`only`: variant names to measure (default: all), e.g. `image_variants.py redux`."""
     import torch
     s = sizes()
     rows = []
     with torch.inference_mode():
-        for variant in VARIANTS:
+        for variant in only or VARIANTS:
             fns = steps(variant, s)
             diff = (fns["diffusers"]() - fns["ours"]()).abs().max().item()
             times = interleaved(fns, s["reps"])
@@ -110,10 +119,10 @@ def main() -> None:
                          f"{diff:.1e}"])
     dit = s["dit"]
     print(f"Variant denoising step, CPU fp32 ({dit['num_double_blocks']}+{dit['num_single_blocks']} blocks, width "
-          f"{dit['hidden_size']}, {(s['side'] // 2) ** 2} image + {s['text']} text tokens, median of {s['reps']} "
-          "rotating reps)")
+          f"{dit['hidden_size']}, {(s['side'] // 2) ** 2} image + {s['text']} text tokens (Redux: + {s['redux']}), "
+          f"median of {s['reps']} rotating reps)")
     print(table(rows, ["variant", "diffusers ms", "ours ms", "ours/diffusers", "max |velocity diff|"]))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

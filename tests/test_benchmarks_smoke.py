@@ -41,10 +41,10 @@ def test_image_variants_smoke(monkeypatch, capsys):
     monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
     _import("image_variants").main()
     out = capsys.readouterr().out
-    for variant in ("kontext", "fill", "canny/depth", "flex"):
+    for variant in ("kontext", "fill", "canny/depth", "flex", "redux"):
         assert f"| {variant}" in out
     diffs = [float(line.rsplit("|", 2)[-2]) for line in out.splitlines() if line.startswith("| ") and "e-" in line]
-    assert len(diffs) == 4 and max(diffs) < 1e-4  # both steps compute the same velocity
+    assert len(diffs) == 5 and max(diffs) < 1e-4  # both steps compute the same velocity
 
 
 def test_adapters_step_smoke(monkeypatch, capsys):
