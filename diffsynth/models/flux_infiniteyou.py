@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 HEAD_DIM = 64  # the shapes give heads x head_dim only; InfiniteYou's resampler uses 64-d heads
