@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ops.files import CheckpointError
+
 HEAD_DIM = 64  # the shapes give heads x head_dim only; InfiniteYou's resampler uses 64-d heads
 
 
@@ -86,10 +88,14 @@ def projector_from_file(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def infer_projector_config(shapes: dict[str, tuple[int, ...]]) -> ProjectorConfig:
+    missing = [k for k in ("latents", "proj_in.weight", "proj_out.weight", "layers.0.0.to_q.weight",
+                           "layers.0.1.1.weight") if k not in shapes]
+    if missing:
+        raise CheckpointError(f"not a complete InfiniteYou projector: missing {missing}")
     _, queries, dim = shapes["latents"]
     inner = shapes["layers.0.0.to_q.weight"][0]
     if inner % HEAD_DIM:
-        raise ValueError(f"InfiniteYou projector: attention width {inner} is not a multiple of {HEAD_DIM}-d heads")
+        raise CheckpointError(f"InfiniteYou projector: attention width {inner} is not a multiple of {HEAD_DIM}-d heads")
     depth = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("layers."))
     return ProjectorConfig(dim=dim, depth=depth, heads=inner // HEAD_DIM, num_queries=queries,
                            embedding_dim=shapes["proj_in.weight"][1], output_dim=shapes["proj_out.weight"][0],
