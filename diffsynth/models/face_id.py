@@ -131,15 +131,15 @@ class FaceDetector:
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """(2, 3) least-squares similarity (rotation, uniform scale, translation) mapping src (n, 2) onto dst
-    (Umeyama 1991)."""
-    src, dst = src.astype(np.float64), dst.astype(np.float64)
+    (Umeyama 1991). Computed in the points' dtype up to the SVD (float32 keypoints: as insightface's
+    alignment does), so that the warped crops match it to the pixel."""
     src_mean, dst_mean = src.mean(0), dst.mean(0)
     src_c, dst_c = src - src_mean, dst - dst_mean
     cov = dst_c.T @ src_c / len(src)
     d = np.array([1.0, 1.0 if np.linalg.det(cov) >= 0 else -1.0])
     u, s, vt = np.linalg.svd(cov)
     rotation = u @ np.diag(d) @ vt
-    scale = (s @ d) / src_c.var(0).sum()
+    scale = 1.0 / src_c.var(0).sum() * (s @ d)
     return np.concatenate([scale * rotation, (dst_mean - scale * rotation @ src_mean)[:, None]], 1)
 
 
