@@ -135,18 +135,35 @@ def test_pipeline_identity_changes_image(iy_pipe):
     torch.testing.assert_close(iy_pipe(**cfg), iy_pipe(**cfg, batch_cfg=False), rtol=1e-4, atol=1e-4)
 
 
-def test_identity_tokens_reach_the_controlnet(iy_pipe, monkeypatch):
-    seen = []
+def test_identity_tokens_reach_the_controlnet(iy_root, iy_pipe, monkeypatch):
+    """InfuseNet's call inside the pipeline: text = projector(ArcFace embedding), zero text positions,
+    guidance = infinityou_guidance; its residuals equal diffusers' FluxControlNetModel on the same inputs."""
+    from diffusers import FluxControlNetModel
+    calls = []
     net = iy_pipe.controlnet[0]
     original = type(net).forward
-    monkeypatch.setattr(type(net), "forward", lambda self, img, img_ids, txt, txt_ids, timestep, pooled, guidance=None,
-                        **kw: seen.append((txt, txt_ids, guidance)) or original(
-                            self, img, img_ids, txt, txt_ids, timestep, pooled, guidance, **kw))
+
+    def spy(self, *args, **kw):
+        out = original(self, *args, **kw)
+        calls.append((args, kw, out))
+        return out
+    monkeypatch.setattr(type(net), "forward", spy)
     iy_pipe(prompt="a man", height=64, width=64, num_inference_steps=1, seed=1, output_type="latent",
             controlnet_inputs=[ControlNetInput(image=black(), processor_id="None")],
             infinityou_id_image=face_image(), infinityou_guidance=2.5)
-    txt, txt_ids, guidance = seen[0]
-    assert txt.shape == (1, 8, 32) and not txt_ids.any() and guidance.tolist() == [2.5]
+    (img, img_ids, txt, txt_ids, timestep, pooled, guidance), kw, out = calls[0]
+    with torch.no_grad():
+        tokens = iy_pipe.image_proj_model(face_id.FaceEmbedder(face_id.face_folder(str(iy_root / PROJECTOR_FILE)),
+                                                               torch.device("cpu"), torch.float32)(face_image())[None, None])
+    torch.testing.assert_close(txt, tokens)
+    assert txt.shape == (1, 8, 32) and txt_ids.shape == (1, 8, 3) and not txt_ids.any() and guidance.tolist() == [2.5]
+    ref = FluxControlNetModel.from_pretrained(str(iy_root / INFUSENET_FOLDER)).eval()
+    with torch.no_grad():
+        double, single = ref(hidden_states=img, controlnet_cond=kw["cond"], encoder_hidden_states=txt,
+                             pooled_projections=pooled, timestep=timestep, img_ids=img_ids[0], txt_ids=txt_ids[0],
+                             guidance=guidance, return_dict=False)
+    for a, b in zip(out.double + out.single, [*double, *single], strict=True):
+        assert (a - b).abs().max() / b.abs().max() < 1e-5
 
 
 def test_identity_errors(tiny_pipe, iy_pipe):
@@ -157,3 +174,20 @@ def test_identity_errors(tiny_pipe, iy_pipe):
     with pytest.raises(ValueError, match="no face found"):
         iy_pipe(prompt="a", height=64, width=64, num_inference_steps=1, infinityou_id_image=black(),
                 controlnet_inputs=[ControlNetInput(image=black(), processor_id="None")])
+
+
+def test_arcface_config_of_ir_se50_layout():
+    """facexlib's IR-SE50 (64/128/256/512 wide, 3/4/14/3 units, the first of each stage of stride 2) is read
+    back from its key shapes alone."""
+    widths, counts = (64, 128, 256, 512), (3, 4, 14, 3)
+    units, previous = [], 64
+    for width, count in zip(widths, counts):
+        units += [(previous, width, 2)] + [(width, width, 1)] * (count - 1)
+        previous = width
+    config = face_id.ArcFaceConfig(tuple(units))
+    with torch.device("meta"):
+        model = face_id.ArcFaceIRSE(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert "body.0.res_layer.5.fc1.weight" in shapes and "body.3.shortcut_layer.0.weight" in shapes
+    assert face_id.infer_arcface_config(shapes) == config
+    assert sum(v.numel() for v in model.parameters()) == 43_797_696
