@@ -171,9 +171,16 @@ def test_identity_errors(tiny_pipe, iy_pipe):
         tiny_pipe(prompt="a", height=64, width=64, num_inference_steps=1, infinityou_id_image=face_image())
     with pytest.raises(ValueError, match="controlnet_inputs"):
         iy_pipe(prompt="a", height=64, width=64, num_inference_steps=1, infinityou_id_image=face_image())
+    control = [ControlNetInput(image=black(), processor_id="None")]
     with pytest.raises(ValueError, match="no face found"):
         iy_pipe(prompt="a", height=64, width=64, num_inference_steps=1, infinityou_id_image=black(),
-                controlnet_inputs=[ControlNetInput(image=black(), processor_id="None")])
+                controlnet_inputs=control)
+    with pytest.raises(TypeError, match="infinityou_id_image must be a PIL image"):
+        iy_pipe(prompt="a", height=64, width=64, num_inference_steps=1, infinityou_id_image="man.jpg",
+                controlnet_inputs=control)
+    with pytest.raises(TypeError, match="infinityou_guidance must be a number"):
+        iy_pipe(prompt="a", height=64, width=64, num_inference_steps=1, infinityou_id_image=face_image(),
+                infinityou_guidance="strong", controlnet_inputs=control)
 
 
 def test_arcface_config_of_ir_se50_layout():

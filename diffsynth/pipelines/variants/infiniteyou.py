@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from ...models.face_id import FaceEmbedder, face_folder
+from ..checks import _need_real
 from ..units import unit
+from ._images import check_image
 
 
 @dataclass
@@ -47,10 +49,20 @@ def face_embedder(pipe) -> FaceEmbedder:
     return cached[1]
 
 
+def _number(value):
+    """Dataset columns arrive as text: "1.0" -> 1.0; anything else is left for the check to name."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
 @unit(models=("image_proj_model",), outputs=("identity_context",), model_inputs=("identity_context",))
 def encode_identity(pipe, infinityou_id_image=None, infinityou_guidance=1.0, controlnet_inputs=None):
     if infinityou_id_image is None:
         return {}
+    check_image(infinityou_id_image, "infinityou_id_image")
+    _need_real("infinityou_guidance", _number(infinityou_guidance))
     if pipe.image_proj_model is None:
         raise RuntimeError("infinityou_id_image needs InfiniteYou's projector: add image_proj_model.bin (and "
                            "InfuseNetModel/*.safetensors as the ControlNet) to model_configs")
@@ -63,7 +75,7 @@ def encode_identity(pipe, infinityou_id_image=None, infinityou_guidance=1.0, con
     embedding = face_embedder(pipe)(infinityou_id_image)  # (512,)
     device = pipe.compute_device_of("image_proj_model")
     tokens = pipe.image_proj_model(embedding.reshape(1, -1, embedding.shape[-1]).to(device, pipe.torch_dtype))
-    guidance = torch.tensor([float(infinityou_guidance)], device=device, dtype=pipe.torch_dtype)
+    guidance = torch.tensor([_number(infinityou_guidance)], device=device, dtype=pipe.torch_dtype)
     return {"identity_context": IdentityContext(tokens, guidance)}
 
 
