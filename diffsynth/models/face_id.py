@@ -227,7 +227,7 @@ def load_arcface(path: str) -> ArcFaceIRSE:
 def face_folder(projector_source: str = "") -> Path:
     """antelopev2's folder: inside the InfiniteYou repo holding the projector file (any parent folder of it),
     else under ./models/ByteDance/InfiniteYou."""
-    for parent in Path(projector_source or ".").resolve().parents:
+    for parent in Path(projector_source).resolve().parents if projector_source else ():
         if (parent / FACE_FOLDER).is_dir():
             return parent / FACE_FOLDER
     return Path(DEFAULT_ROOT) / FACE_FOLDER
@@ -236,7 +236,9 @@ def face_folder(projector_source: str = "") -> Path:
 def recognition_file(folder: Path) -> Path:
     """facexlib's ArcFace weights: beside the detector, in the repo's supports/facexlib folder, or where
     facexlib downloads them (<site-packages>/facexlib/weights)."""
-    candidates = [folder / RECOGNITION_FILE, folder.parents[2] / "facexlib" / RECOGNITION_FILE]
+    candidates = [folder / RECOGNITION_FILE]
+    if folder.as_posix().endswith(Path(FACE_FOLDER).as_posix()):  # <repo>/supports/insightface/models/antelopev2
+        candidates.append(folder.parents[2] / "facexlib" / RECOGNITION_FILE)
     spec = importlib.util.find_spec("facexlib")
     if spec is not None and spec.origin:
         candidates.append(Path(spec.origin).parent / "weights" / RECOGNITION_FILE)
