@@ -110,6 +110,18 @@ def test_face_embedding(iy_root):
         faces(black(256))
 
 
+def test_detector_with_fixed_input_size(tmp_path):
+    """A detector exported at a fixed size runs at that size for every requested size; a non-square one
+    letterboxes by its own aspect ratio."""
+    from diffsynth.testing.tiny_infiniteyou import write_face_models
+    folder = write_face_models(tmp_path, detector_size=(320, 256))
+    detector = face_id.FaceDetector(str(folder / face_id.DETECTOR_FILE), ["CPUExecutionProvider"])
+    assert detector.fixed_size == (320, 256)
+    rgb = np.asarray(face_image(256, (96, 96, 160, 160)))
+    boxes = [[f.box.tolist() for f in detector.detect(rgb, size)] for size in (640, 160)]
+    assert boxes[0] == boxes[1] and boxes[0]
+
+
 def test_missing_face_models_and_extra(tmp_path, iy_root, monkeypatch):
     with pytest.raises(FileNotFoundError, match="scrfd_10g_bnkps.onnx.*antelopev2"):
         face_id.FaceEmbedder(tmp_path / "antelopev2", torch.device("cpu"), torch.float32)

@@ -89,7 +89,11 @@ class FaceDetector:
     def __init__(self, path: str, providers: list[str]):
         onnxruntime, self.cv2 = _extra()
         self.session = onnxruntime.InferenceSession(path, providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        # a detector exported with a fixed input size runs at that size whatever size is asked (as insightface)
+        h, w = inp.shape[2:4]
+        self.fixed_size = (w, h) if isinstance(h, int) and isinstance(w, int) else None
         self.output_names = [o.name for o in self.session.get_outputs()]
         if len(self.output_names) != 3 * len(STRIDES):
             raise ValueError(f"{path}: a SCRFD detector with keypoints has {3 * len(STRIDES)} outputs (scores, boxes, "
@@ -97,16 +101,17 @@ class FaceDetector:
 
     def detect(self, rgb: np.ndarray, size: int) -> list[Face]:
         """Faces of an (H, W, 3) uint8 RGB image, letterboxed top-left into a size x size input."""
+        width, height = self.fixed_size or (size, size)
         h, w = rgb.shape[:2]
-        new_h, new_w = (size, int(size / (h / w))) if h / w > 1 else (int(size * (h / w)), size)
+        new_h, new_w = (height, int(height / (h / w))) if h / w > height / width else (int(width * (h / w)), width)
         scale = new_h / h
-        canvas = np.zeros((size, size, 3), np.uint8)
+        canvas = np.zeros((height, width, 3), np.uint8)
         canvas[:new_h, :new_w] = self.cv2.resize(rgb, (new_w, new_h))
-        blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]  # (1, 3, size, size) RGB
+        blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]  # (1, 3, height, width) RGB
         outs = [o[0] if o.ndim == 3 else o for o in self.session.run(self.output_names, {self.input_name: blob})]
         scores, boxes, kps = [], [], []
         for i, stride in enumerate(STRIDES):
-            centers = anchor_centers(size // stride, size // stride, stride)
+            centers = anchor_centers(height // stride, width // stride, stride)
             keep = np.where(outs[i][:, 0] >= SCORE_THRESHOLD)[0]
             dist, offsets = outs[i + 3][keep] * stride, outs[i + 6][keep].reshape(-1, 5, 2) * stride
             c = centers[keep]

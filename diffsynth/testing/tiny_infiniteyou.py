@@ -66,9 +66,9 @@ def tiny_arcface(seed: int = 0) -> ArcFaceIRSE:
     return _seeded(ArcFaceIRSE(ArcFaceConfig(units, stem=16, embedding=512)), seed)
 
 
-def _detector_graph():
-    """SCRFD's interface: input `input.1` (1, 3, H, W); outputs scores (N, 1) x 3 strides, then boxes (N, 4),
-    then keypoints (N, 10), N = (H / s) (W / s) 2 anchors."""
+def _detector_graph(input_size: tuple[int, int] | None = None):
+    """SCRFD's interface: input `input.1` (1, 3, H, W) (any size, or fixed `input_size` (W, H)); outputs scores
+    (N, 1) x 3 strides, then boxes (N, 4), then keypoints (N, 10), N = (H / s) (W / s) 2 anchors."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -101,7 +101,8 @@ def _detector_graph():
         head("box", s, 4, np.zeros((4, 3), np.float32), np.full(4, BOX_DISTANCE, np.float32))
         head("kps", s, 10, np.zeros((10, 3), np.float32), kps)
     graph = helper.make_graph(nodes, "tiny_scrfd",
-                              [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("input.1", TensorProto.FLOAT,
+                                                             [1, 3, *(input_size[::-1] if input_size else ("h", "w"))])],
                               outputs["score"] + outputs["box"] + outputs["kps"], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -118,13 +119,14 @@ def face_image(size: int = 256, box: tuple[int, int, int, int] = (96, 96, 160, 1
     return Image.fromarray(pixels)
 
 
-def write_face_models(root: str | Path, seed: int = 0) -> Path:
-    """The detector and the ArcFace weights under `root` (the InfiniteYou repo folder); returns the detector's folder."""
+def write_face_models(root: str | Path, seed: int = 0, detector_size: tuple[int, int] | None = None) -> Path:
+    """The detector (input size free, or fixed `detector_size` (W, H)) and the ArcFace weights under `root` (the
+    InfiniteYou repo folder); returns the detector's folder."""
     import onnx
     root = Path(root)
     folder = root / FACE_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(_detector_graph(), str(folder / DETECTOR_FILE))
+    onnx.save(_detector_graph(detector_size), str(folder / DETECTOR_FILE))
     (root / ARCFACE_FILE).parent.mkdir(parents=True, exist_ok=True)
     torch.save(tiny_arcface(seed).state_dict(), root / ARCFACE_FILE)
     return folder
