@@ -89,3 +89,53 @@ def test_training_scripts_train_and_validate(kind, tiny_root, iy_root, tmp_path,
         shutil.copy(saved, out / "epoch-4.safetensors")  # the validate script reads the 5-epoch file
     run_example(f"model_training/validate_{kind}/{ROW}.py", tmp_path, monkeypatch, models(tiny_root, iy_root))
     assert (tmp_path / f"image_{ROW}_{kind}.jpg").is_file()
+
+
+# DiffSynth-Studio 2.0's way of writing the InfiniteYou script: `flux_image` import path (ControlNetInput
+# included), the four-stage vram_config, T5 shards picked with a glob, vram_limit, the face models fetched with
+# modelscope's snapshot_download into models/ByteDance/InfiniteYou.
+STUDIO2_SCRIPT = '''
+import numpy as np
+import torch
+from PIL import Image
+from modelscope import snapshot_download
+from diffsynth.pipelines.flux_image import FluxImagePipeline, ModelConfig, ControlNetInput
+
+snapshot_download("ByteDance/InfiniteYou", allow_file_pattern="supports/insightface/models/antelopev2/*",
+                  local_dir="models/ByteDance/InfiniteYou")
+stages = dict(offload_dtype=torch.float8_e4m3fn, offload_device="cpu", onload_dtype=torch.float8_e4m3fn,
+              onload_device="cpu", preparing_dtype=torch.float8_e4m3fn, preparing_device="cuda",
+              computation_dtype=torch.bfloat16, computation_device="cuda")
+dev, iy = "black-forest-labs/FLUX.1-dev", "ByteDance/InfiniteYou"
+pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device="cuda", model_configs=[
+    ModelConfig(model_id=dev, origin_file_pattern="flux1-dev.safetensors", **stages),
+    ModelConfig(model_id=dev, origin_file_pattern="text_encoder/model.safetensors", **stages),
+    ModelConfig(model_id=dev, origin_file_pattern="text_encoder_2/*.safetensors", **stages),
+    ModelConfig(model_id=dev, origin_file_pattern="ae.safetensors", **stages),
+    ModelConfig(model_id=iy, origin_file_pattern="infu_flux_v1.0/aes_stage2/image_proj_model.bin", **stages),
+    ModelConfig(model_id=iy, origin_file_pattern="infu_flux_v1.0/aes_stage2/InfuseNetModel/*.safetensors", **stages),
+], vram_limit=0.001)
+control = [ControlNetInput(image=Image.fromarray(np.zeros([1024, 1024, 3]).astype(np.uint8)), scale=1.0,
+                           processor_id="None")]
+image = pipe(prompt="A man, portrait, cinematic", seed=1, infinityou_id_image=Image.open("man.jpg").convert("RGB"),
+             infinityou_guidance=1.0, controlnet_inputs=control, num_inference_steps=50, embedded_guidance=3.5,
+             height=1024, width=1024)
+image.save("studio2_man.jpg")
+'''
+
+
+def test_studio2_style_script(tiny_root, iy_root, tmp_path, monkeypatch):
+    import sys
+    import types
+    fetched = []
+
+    def snapshot_download(model_id, allow_file_pattern, local_dir):
+        assert (Path(local_dir) / allow_file_pattern.rstrip("*") / "scrfd_10g_bnkps.onnx").is_file()  # linked
+        fetched.append(model_id)
+    monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(snapshot_download=snapshot_download))
+    face_image().save(tmp_path / "man.jpg")
+    script = tmp_path / "studio2.py"
+    # CPU and fp32 compute (the harness loads every pipeline so); storage stays fp8 with VRAM management
+    script.write_text(STUDIO2_SCRIPT.replace('"cuda"', '"cpu"').replace("torch.bfloat16", "torch.float32"))
+    run_example(script, tmp_path, monkeypatch, models(tiny_root, iy_root))
+    assert fetched == ["ByteDance/InfiniteYou"] and (tmp_path / "studio2_man.jpg").is_file()
