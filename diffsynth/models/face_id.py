@@ -100,7 +100,8 @@ class FaceDetector:
                              f"keypoints at strides {STRIDES}), this one has {len(self.output_names)}")
 
     def detect(self, rgb: np.ndarray, size: int) -> list[Face]:
-        """Faces of an (H, W, 3) uint8 RGB image, letterboxed top-left into a size x size input."""
+        """Faces of an (H, W, 3) uint8 RGB image, letterboxed top-left into a size x size input (or into the
+        detector's fixed input size), best first after NMS."""
         width, height = self.fixed_size or (size, size)
         h, w = rgb.shape[:2]
         new_h, new_w = (height, int(height / (h / w))) if h / w > height / width else (int(width * (h / w)), width)
