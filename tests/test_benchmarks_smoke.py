@@ -61,3 +61,12 @@ def test_step1x_step_smoke(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "Step1X-Edit denoiser step" in out
     assert float(out.strip().splitlines()[-1].split("|")[-2]) < 1e-4  # parity with diffusers' transformer
+
+
+def test_infiniteyou_step_smoke(monkeypatch, capsys):
+    monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
+    _import("infiniteyou_step").main()
+    out = capsys.readouterr().out
+    step = next(line for line in out.splitlines() if line.startswith("| step"))
+    assert float(step.rsplit("|", 2)[-2]) < 1e-5  # InfuseNet with identity tokens + DiT: same as diffusers
+    assert "once per call" in out

@@ -268,12 +268,13 @@ def test_learned_annotators_say_what_to_install_or_download(monkeypatch, tmp_pat
 
 
 def test_infiniteyou_projector_is_recognised_not_misread(tmp_path):
-    """InfiniteYou is not implemented: its projector file is named as what it is, with a clear error."""
+    """InfiniteYou's projector file is named as what it is; an incomplete one fails naming what is missing
+    (the complete file loads: tests/test_infiniteyou.py)."""
     from diffsynth.ops.files import CheckpointError
     sd = {"image_proj": {"latents": torch.zeros(1, 8, 32), "proj_in.weight": torch.zeros(32, 16),
                          "proj_in.bias": torch.zeros(32), "layers.0.0.to_kv.weight": torch.zeros(64, 32)}}
     torch.save(sd, tmp_path / "image_proj_model.bin")
     (det,) = detect(str(tmp_path / "image_proj_model.bin"))
     assert det.family == "infiniteyou-projector"
-    with pytest.raises(CheckpointError, match="InfiniteYou image projector.*cannot load it yet"):
+    with pytest.raises(CheckpointError, match="InfiniteYou projector: missing.*to_q"):
         build(det, torch.float32, "cpu", compute_dtype=torch.float32)

@@ -396,6 +396,8 @@ def test_example_scripts_parse(tmp_path):
         args = check_args(build_parser().parse_args(words[words.index("examples/flux/model_training/train.py") + 1:]))
         trained = args.lora_base_model or args.trainable_models[0]
         prefix = "pipe.controlnet.0." if trained == "controlnet" else f"pipe.{trained}."  # full ControlNet
+        if not args.lora_base_model and len(args.trainable_models) > 1:  # InfiniteYou: InfuseNet + projector
+            prefix = "pipe."
         assert args.remove_prefix_in_ckpt == prefix
         assert (args.lora_format == "kohya") == ("lora" in script.parts)
         if "--config_file" in words:

@@ -252,3 +252,12 @@ def build_step1x(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     sd = plain_tensors(conn, options)
     connector = assign(Step1XConnector, infer_connector_config(sd), sd, f"Step1X connector from {det.source}")
     return {**build_dit(replace(det, family="flux-dit", refs=dit_refs), options), "step1x_connector": connector}
+
+
+def build_infiniteyou_projector(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_infiniteyou import InfiniteYouProjector, infer_projector_config, projector_from_file
+    sd = projector_from_file(plain_tensors(det, options))
+    config = infer_projector_config({k: tuple(v.shape) for k, v in sd.items()})
+    model = assign(InfiniteYouProjector, config, sd, f"InfiniteYou projector from {det.source}")
+    model.source = det.source
+    return {"image_proj_model": model}

@@ -233,6 +233,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component("ipadapter", "denoise", in_loop=True),
     Component("image_encoder", "image_encoder", activation="text", aliases=("siglip",)),
     Component("redux", "image_encoder", activation="text"),
+    Component("image_proj_model", "image_encoder"),                 # InfiniteYou: face embedding -> id tokens
     Component("lora_encoder", "prompt_tokens"),
     Component("value_controller", "prompt_tokens", many=True),
     Component("lora_patcher", "denoise", in_loop=True),
@@ -270,7 +271,7 @@ FAMILIES: tuple[Family, ...] = (
            _lazy("build_lora_patcher")),
     Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux"), _lazy("build_redux")),
     Family("infiniteyou-projector", "InfiniteYou image projector", detect_infiniteyou_projector,
-           fills("image_proj_model")),
+           fills("image_proj_model"), _lazy("build_infiniteyou_projector")),
     Family("siglip", "SigLIP vision encoder", detect_siglip, fills("image_encoder"), _lazy("build_siglip")),
     Family("clip-vision", "CLIP vision encoder", detect_clip_vision, fills("image_encoder"),
            _lazy("build_clip_vision")),

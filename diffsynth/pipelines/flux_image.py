@@ -28,6 +28,7 @@ from .denoise import batch_cfg_inputs, model_fn
 from .images import VAE_FACTOR, image_to_tensor, tensor_to_images, vae_encode
 from .units import StepUnit, Unit, active_units, run_units, unit
 from .variants import UNITS as VARIANT_UNITS
+from .variants.controlnet import ControlNetInput  # noqa: F401  (DiffSynth-Studio 2.0 imports it from here)
 
 LATENT_CHANNELS = 16
 SIZE_MULTIPLE = 16  # VAE 8x, then 2x2 patches

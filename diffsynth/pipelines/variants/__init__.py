@@ -6,13 +6,14 @@ Every unit is a no-op (returns {}) when its inputs are absent, so all of them ar
 """
 from __future__ import annotations
 
-from . import controlnet, eligen, fill_control, flex, ipadapter, kontext, nexus_gen, prompt_tokens, redux, step1x
+from . import (controlnet, eligen, fill_control, flex, infiniteyou, ipadapter, kontext, nexus_gen, prompt_tokens, redux,
+               step1x)
 
 # prompt_tokens appends tokens before eligen prepends its entity prompts (whose mask counts them as global)
 UNITS: list = [*step1x.UNITS, *nexus_gen.UNITS, *redux.UNITS, *kontext.UNITS, *flex.UNITS, *fill_control.UNITS,
-               *controlnet.UNITS, *ipadapter.UNITS, *prompt_tokens.UNITS, *eligen.UNITS]
+               *controlnet.UNITS, *infiniteyou.UNITS, *ipadapter.UNITS, *prompt_tokens.UNITS, *eligen.UNITS]
 
 # Unit inputs that are images: training reads these dataset columns as image files.
 IMAGE_INPUTS = ("kontext_images", "flex_inpaint_image", "flex_inpaint_mask", "flex_control_image",
                 "flux_fill_image", "flux_fill_mask", "flux_control_image", "flux_redux_image",
-                "step1x_reference_image", "nexus_gen_reference_image")
+                "step1x_reference_image", "nexus_gen_reference_image", "infinityou_id_image")

@@ -178,7 +178,9 @@ def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @step_unit(models=("controlnet",))
-def apply_controlnets(models, call, step_index, controlnet_conditions=None):
+def apply_controlnets(models, call, step_index, controlnet_conditions=None, identity_context=None):
+    """`identity_context` (InfiniteYou): the ControlNets read the identity tokens (at text positions 0) and
+    their guidance instead of the prompt and the embedded guidance."""
     if controlnet_conditions is None:
         return
     active = controlnet_conditions.active(step_index)
@@ -186,11 +188,15 @@ def apply_controlnets(models, call, step_index, controlnet_conditions=None):
         return
     batch = call.latents.shape[0]
     img = patchify(call.latents)  # the ControlNets see the 16 latent channels of the target only
+    txt, txt_ids, guidance = call.prompt_emb, call.text_ids, call.guidance
+    if identity_context is not None:
+        identity = identity_context.rows(batch)
+        txt, txt_ids, guidance = identity.tokens, identity.text_ids(), identity.guidance
     outputs = []
     for c in active:
         net = models.controlnet[c.controlnet_id]
-        out = net(img, call.image_ids, call.prompt_emb, call.text_ids, call.timestep, call.pooled_prompt_emb,
-                  call.guidance, cond=_rows(c.cond, batch), mode=None if c.mode is None else _rows(c.mode, batch))
+        out = net(img, call.image_ids, txt, txt_ids, call.timestep, call.pooled_prompt_emb, guidance,
+                  cond=_rows(c.cond, batch), mode=None if c.mode is None else _rows(c.mode, batch))
         outputs.append((out, c.scale))
     counts = {"double": len(models.dit.blocks), "single": len(models.dit.single_blocks)}
 
