@@ -8,7 +8,8 @@ every block) and XLabs layout (4 tokens, double blocks; the diffusers column run
 `_load_ip_adapter_weights`). EliGen: 4 entity prompts of 512 tokens + the global one, regional mask in every
 block. Memory (a fresh process each): RSS growth during one step at 1024x1024 (4096 image tokens), same mid
 DiT, fp32: the base step, EliGen with 4 and with 1 entity prompt, and the same text tokens without the mask
-(the mask's own cost; the extra text tokens alone make the 4-entity step 1.4x the base one).
+(the mask's own cost: EliGen's step unit without the mask; the extra text tokens alone make the 4-entity
+step 1.4x the base one).
 
     python benchmarks/adapters_step.py [latency] [memory]     (DIFFSYNTH_BENCH_SMOKE=1: tiny sizes, one rep)
 """
@@ -74,10 +75,12 @@ def inputs(tokens: int, text: int):
                 image_ids=image_ids(side, side), guidance=torch.tensor([3.5]))
 
 
-def our_step(dit, base: dict, ipadapter=None, eligen: dict | None = None):
-    """One evaluation through model_fn with the variants' real step units."""
+def our_step(dit, base: dict, ipadapter=None, eligen: dict | None = None, masked: bool = True):
+    """One evaluation through model_fn with the variants' real step units (`masked=False`: EliGen's text
+    tokens without its mask)."""
     from types import SimpleNamespace
     from diffsynth.pipelines.denoise import model_fn
+    from diffsynth.pipelines.units import step_unit
     from diffsynth.pipelines.variants.eligen import eligen_attention
     from diffsynth.pipelines.variants.ipadapter import ipadapter_attention
     ns = SimpleNamespace(dit=dit, ipadapter=ipadapter)
@@ -85,8 +88,13 @@ def our_step(dit, base: dict, ipadapter=None, eligen: dict | None = None):
     if ipadapter is not None:
         import torch
         extra.update(ipadapter_emb=torch.randn(1, 1, ipadapter.config.image_dim), ipadapter_scale=0.7)
-    units = [ipadapter_attention, eligen_attention]
+    units = [ipadapter_attention, eligen_attention] + ([] if masked else [step_unit()(drop_mask)])
     return lambda: model_fn(ns, **base, step_units=units, **extra)
+
+
+def drop_mask(models, call, step_index):
+    """After EliGen's step unit: the same text tokens, unmasked (isolates the mask's own cost)."""
+    call.mask = None
 
 
 def eligen_inputs(tokens: int, text: int, entities: int) -> dict:
@@ -126,9 +134,8 @@ def worker(kind: str, variant: str = "") -> None:
         else:
             _, dit = models()
             entities = int(variant.split("-")[-1]) if "-" in variant else 0
-            masked = variant.startswith("eligen")
-            base = inputs(MEMORY_TOKENS, TEXT if masked else TEXT * (entities + 1))
-            fn = our_step(dit, base, eligen=eligen_inputs(MEMORY_TOKENS, TEXT, entities) if masked else None)
+            eligen = eligen_inputs(MEMORY_TOKENS, TEXT, entities) if entities else None
+            fn = our_step(dit, inputs(MEMORY_TOKENS, TEXT), eligen=eligen, masked=variant.startswith("eligen"))
             fn()
             reset_peak_rss()
             before = rss_mb()

@@ -75,7 +75,7 @@ def chunked_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: tor
     step = max(1, (block_elements or BLOCK_ELEMENTS) // (max(b, mask.inside.shape[0]) * length))
     if step >= n:
         return attend(q, k, v, mask.rows(offset, length))
-    out = q.new_empty(b, heads, n, v.shape[-1])
+    out = q.new_empty(b, n, heads, v.shape[-1]).transpose(1, 2)  # SDPA's own layout: merging heads is a view
     for i in range(0, n, step):
         j = min(i + step, n)
         out[:, :, i:j] = attend(q[:, :, i:j], k, v, mask.rows(offset + i, offset + j))
