@@ -6,8 +6,10 @@ with diffusers' FluxTransformer2DModel. Latency: 512x512 image (1024 tokens) + 5
 all variants timed in rotating order (median of per-pair ratios). IP-Adapters: InstantX layout (128 tokens,
 every block) and XLabs layout (4 tokens, double blocks; the diffusers column runs the same weights through
 `_load_ip_adapter_weights`). EliGen: 4 entity prompts of 512 tokens + the global one, regional mask in every
-block. Memory (a fresh process each): RSS growth during one step at 1024x1024 (4096 image tokens), base vs
-EliGen vs the same 5 x 512 text tokens without the mask (the mask's own cost).
+block. Memory (a fresh process each): RSS growth during one step at 1024x1024 (4096 image tokens), same mid
+DiT, fp32: the base step, EliGen with 4 and with 1 entity prompt, and the same text tokens without the mask
+(the mask's own cost: EliGen's step unit without the mask; the extra text tokens alone make the 4-entity
+step 1.4x the base one).
 
     python benchmarks/adapters_step.py [latency] [memory]     (DIFFSYNTH_BENCH_SMOKE=1: tiny sizes, one rep)
 """
@@ -73,10 +75,12 @@ def inputs(tokens: int, text: int):
                 image_ids=image_ids(side, side), guidance=torch.tensor([3.5]))
 
 
-def our_step(dit, base: dict, ipadapter=None, eligen: dict | None = None):
-    """One evaluation through model_fn with the variants' real step units."""
+def our_step(dit, base: dict, ipadapter=None, eligen: dict | None = None, masked: bool = True):
+    """One evaluation through model_fn with the variants' real step units (`masked=False`: EliGen's text
+    tokens without its mask)."""
     from types import SimpleNamespace
     from diffsynth.pipelines.denoise import model_fn
+    from diffsynth.pipelines.units import step_unit
     from diffsynth.pipelines.variants.eligen import eligen_attention
     from diffsynth.pipelines.variants.ipadapter import ipadapter_attention
     ns = SimpleNamespace(dit=dit, ipadapter=ipadapter)
@@ -84,8 +88,13 @@ def our_step(dit, base: dict, ipadapter=None, eligen: dict | None = None):
     if ipadapter is not None:
         import torch
         extra.update(ipadapter_emb=torch.randn(1, 1, ipadapter.config.image_dim), ipadapter_scale=0.7)
-    units = [ipadapter_attention, eligen_attention]
+    units = [ipadapter_attention, eligen_attention] + ([] if masked else [step_unit()(drop_mask)])
     return lambda: model_fn(ns, **base, step_units=units, **extra)
+
+
+def drop_mask(models, call, step_index):
+    """After EliGen's step unit: the same text tokens, unmasked (isolates the mask's own cost)."""
+    call.mask = None
 
 
 def eligen_inputs(tokens: int, text: int, entities: int) -> dict:
@@ -124,10 +133,9 @@ def worker(kind: str, variant: str = "") -> None:
             emit({"times": interleaved(fns, REPS)})
         else:
             _, dit = models()
-            text = TEXT * (ENTITIES + 1) if variant == "long-text" else TEXT
-            base = inputs(MEMORY_TOKENS, text)
-            eligen = eligen_inputs(MEMORY_TOKENS, TEXT, ENTITIES) if variant == "eligen" else None
-            fn = our_step(dit, base, eligen=eligen)
+            entities = int(variant.split("-")[-1]) if "-" in variant else 0
+            eligen = eligen_inputs(MEMORY_TOKENS, TEXT, entities) if entities else None
+            fn = our_step(dit, inputs(MEMORY_TOKENS, TEXT), eligen=eligen, masked=variant.startswith("eligen"))
             fn()
             reset_peak_rss()
             before = rss_mb()
@@ -154,11 +162,17 @@ def latency_table() -> None:
     print(table(rows, ["variant", "ms", "ratio to our base step"]))
 
 
+MEMORY_VARIANTS = ["base", f"unmasked-{ENTITIES}", f"eligen-{ENTITIES}"] + ([] if SMOKE else ["unmasked-1", "eligen-1"])
+
+
 def memory_table() -> None:
-    mem = {v: run_worker(__file__, "memory", v, env=MEMORY_ENV)["peak_mb"] for v in ("base", "long-text", "eligen")}
-    print(f"\nStep memory (RSS growth), {MEMORY_TOKENS} image tokens:")
-    print(table([[v, f"{m:.0f}", f"{m / mem['base']:.2f}", f"{m / mem['long-text']:.2f}"] for v, m in mem.items()],
-                ["variant", "peak MB", "/ base step", f"/ same {TEXT * (ENTITIES + 1)} text tokens unmasked"]))
+    mem = {v: run_worker(__file__, "memory", v, env=MEMORY_ENV)["peak_mb"] for v in MEMORY_VARIANTS}
+    rows = [[v, f"{m:.0f}", f"{m / mem['base']:.2f}",
+             f"{m / mem['unmasked-' + v.split('-')[1]]:.2f}" if v.startswith("eligen") else ""]
+            for v, m in mem.items()]
+    print(f"\nStep memory (RSS growth), {MEMORY_TOKENS} image tokens + {TEXT} text tokens per prompt "
+          "(unmasked-N: the text of N entity prompts + the global one, no mask):")
+    print(table(rows, ["variant", "peak MB", "/ base step", "/ same tokens unmasked"]))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_adapters_step_smoke(monkeypatch, capsys):
     monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
     _import("adapters_step").main()
     out = capsys.readouterr().out
-    for row in ("instantx", "xlabs", "eligen", "diffusers-xlabs", "/ base step"):
+    for row in ("instantx", "xlabs", "eligen", "diffusers-xlabs", "/ base step", "eligen-2", "/ same tokens unmasked"):
         assert row in out
 
 

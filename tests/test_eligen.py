@@ -43,7 +43,7 @@ def naive_mask(regions, entity_len, global_len, n_image):
 def test_mask_matches_the_pairwise_rules():
     g = torch.Generator().manual_seed(0)
     regions = torch.rand(3, 10, generator=g) > 0.5
-    got = entity_attention_mask(regions[None], entity_len=2, global_len=3, n_image=12)
+    got = entity_attention_mask(regions[None], entity_len=2, global_len=3, n_image=12).dense()
     assert got.shape == (1, 1, 21, 21) and got.dtype == torch.bool
     assert torch.equal(got[0, 0], naive_mask(regions, 2, 3, 12))
 
@@ -57,8 +57,11 @@ def test_masks_are_resized_binarised_and_patched():
     assert regions.shape == (2, 16) and regions[1].sum() == 4
 
 
-def test_masked_blocks_match_dense_attention():
+@pytest.mark.parametrize("block_elements", [None, 50])  # the whole mask at once; 2 query rows per block
+def test_masked_blocks_match_dense_attention(monkeypatch, block_elements):
     """Every block with the EliGen mask through SDPA equals plain softmax attention with an additive mask."""
+    if block_elements:
+        monkeypatch.setattr("diffsynth.ops.attention_mask.BLOCK_ELEMENTS", block_elements)
     torch.manual_seed(0)
     dit = FluxDiT(FluxDiTConfig(hidden_size=32, num_heads=2, num_double_blocks=2, num_single_blocks=2,
                                 context_dim=16, pooled_dim=8, axes_dim=(4, 6, 6))).eval()
@@ -72,7 +75,8 @@ def test_masked_blocks_match_dense_attention():
         set_attention_backend("sdpa")
         sdpa = dit(*args, ext=Extensions(mask=mask))
         set_attention_backend("math")
-        additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        dense_mask = mask.dense()
+        additive = torch.zeros(dense_mask.shape).masked_fill(~dense_mask, float("-inf"))
         dense = dit(*args, ext=Extensions(mask=additive))
     finally:
         set_attention_backend(previous)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.attention import attention
+from ..ops.attention_mask import GroupMask, query_tail, select_batch
 from ..ops.linear import Linear
 from ..ops.files import strip_first_prefix
 
@@ -254,9 +255,7 @@ class SingleBlock(nn.Module):
         """Attention of the last `n` tokens over all of them."""
         q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         q, k = apply_rope(self.norm_q_a(q[:, :, -n:]), rope[-n:]), apply_rope(self.norm_k_a(k), rope)
-        if mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1:
-            mask = mask[..., -n:, :]
-        out = attention(q, k, v, mask)
+        out = attention(q, k, v, query_tail(mask, n))
         return merge_heads(out if extra is None else out + extra(q))
 
 
@@ -387,11 +386,12 @@ class Extensions:
     attention: callables (kind, index, q, rows) -> (b, heads, n, head_dim) or None, summed into the image
         tokens' attention output (double blocks: the image queries before RoPE; single blocks: the queries
         after RoPE), e.g. IP-Adapter keys/values. `rows` (None = all) are the batch rows `q` holds.
-    mask: additive or boolean attention mask over [text, image] tokens (B|1, heads|1, L, L), e.g. EliGen.
+    mask: attention mask over [text, image] tokens: additive or boolean (B|1, heads|1, L, L), or a GroupMask
+        (EliGen's regional mask in factored form, applied a block of query rows at a time).
     """
     residual: Callable | None = None
     attention: tuple[Callable, ...] = ()
-    mask: torch.Tensor | None = None
+    mask: torch.Tensor | GroupMask | None = None
     n_target: int | None = None
     batch_rows: torch.Tensor | None = None  # set by `rows`: a step cache runs a subset of the batch
 
@@ -400,10 +400,7 @@ class Extensions:
 
     def rows(self, rows: torch.Tensor) -> "Extensions":
         """The same extensions for the batch rows `rows` only."""
-        mask = self.mask
-        if mask is not None and mask.shape[0] > 1:
-            mask = mask[rows]
-        return replace(self, mask=mask, batch_rows=rows)
+        return replace(self, mask=select_batch(self.mask, rows), batch_rows=rows)
 
     def add_residual(self, kind: str, index: int, img: torch.Tensor) -> torch.Tensor:
         r = None if self.residual is None else self.residual(kind, index)

@@ -8,6 +8,9 @@
   no mask.
 * "math": plain softmax(QK^T/sqrt(d))V in the input dtype with fp32 softmax (reference, any device).
 
+A `GroupMask` (ops/attention_mask.py, EliGen's regional mask) runs the selected backend on blocks of query
+rows with their dense mask rows, so no (L x L) mask is ever built.
+
 `set_attention_backend(name)` raises a clear error when the backend is not installed.
 """
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .attention_mask import GroupMask, chunked_attention
 
 BACKENDS = ("auto", "sdpa", "flash", "sage", "math")
 _state = {"backend": "auto"}
@@ -107,8 +112,16 @@ def _math(q, k, v, mask):
     return scores.softmax(-1).to(v.dtype) @ v
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q, k, v: (B, heads, L, D). `mask` is additive (0 / -inf) or boolean (True = attend)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | GroupMask | None = None) -> torch.Tensor:
+    """q, k, v: (B, heads, L, D). `mask` is additive (0 / -inf) or boolean (True = attend), or a GroupMask
+    (then q may hold only the last queries of its tokens)."""
+    if isinstance(mask, GroupMask):
+        return chunked_attention(_dense_attention, q, k, v, mask)
+    return _dense_attention(q, k, v, mask)
+
+
+def _dense_attention(q, k, v, mask):
     backend = _state["backend"]
     if backend == "auto":
         if _half_cuda(q, mask) and _flash_fn() is not None:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ...models import flux_text_encoders as te
+from ...ops.attention_mask import GroupMask
 from ..units import step_unit, unit
 
 VAE_FACTOR = 8
@@ -42,8 +43,8 @@ def token_regions(masks: torch.Tensor) -> torch.Tensor:
     return masks.view(n, h // 2, 2, w // 2, 2).any(4).any(2).reshape(n, -1)
 
 
-def entity_attention_mask(regions: torch.Tensor, entity_len: int, global_len: int, n_image: int) -> torch.Tensor:
-    """Boolean mask (B, 1, L, L) (True = may attend) over [entity_1..entity_N, global, image] tokens.
+def entity_attention_mask(regions: torch.Tensor, entity_len: int, global_len: int, n_image: int) -> GroupMask:
+    """The mask over [entity_1..entity_N, global, image] tokens, in factored form (`.dense()`: (B, 1, L, L)).
 
     regions (B, N, P) bool: image tokens inside each entity's mask; image tokens beyond P (reference tokens)
     are seen by the global prompt only.
@@ -54,11 +55,7 @@ def entity_attention_mask(regions: torch.Tensor, entity_len: int, global_len: in
     inside = torch.cat([inside, regions.new_ones(b, 1, n_image)], 1)                          # (B, N+1, n_image)
     lengths = torch.tensor([entity_len] * n + [global_len], device=device)
     group = torch.arange(n + 1, device=device).repeat_interleave(lengths)                    # (T,)
-    text_text = (group[:, None] == group[None, :]).expand(b, -1, -1)                         # (B, T, T)
-    text_image = inside[:, group]                                                            # (B, T, n_image)
-    top = torch.cat([text_text, text_image], 2)
-    bottom = torch.cat([text_image.transpose(1, 2), regions.new_ones(b, n_image, n_image)], 2)
-    return torch.cat([top, bottom], 1)[:, None]
+    return GroupMask(group=group, inside=inside)
 
 
 def _prompts(eligen_entity_prompts) -> list[str]:
