@@ -282,3 +282,34 @@ def test_a_tensor_of_the_wrong_width_is_named(tmp_path):
     det = detect(write(tmp_path, "bad.safetensors", sd))[0]
     with pytest.raises(CheckpointError, match=r"blocks\.1\.ff_a\.2\.weight: \(32, 100\) in the file, \(32, 128\) expected"):
         build(det)
+
+
+def _attributes_read(fn, names: set[str], seen: set) -> set[str]:
+    """Model attributes `pipe.<name>` that fn or the functions of its module it calls read (vae_encode reads
+    the VAE encoder)."""
+    import inspect
+    import re
+    import sys
+    source = inspect.getsource(fn)
+    read = set(re.findall(r"pipe\.(\w+)", source)) & names
+    if "vae_encode(" in source:
+        read.add("vae_encoder")
+    module = sys.modules[fn.__module__]
+    for called in set(re.findall(r"\b(\w+)\(", source)):
+        helper = getattr(module, called, None)
+        if inspect.isfunction(helper) and helper.__module__ == fn.__module__ and helper not in seen:
+            seen.add(helper)
+            read |= _attributes_read(helper, names, seen)
+    return read
+
+
+def test_units_declare_every_model_they_read():
+    """The trainer frees, after caching, every model no running unit reads; a unit that reads an undeclared
+    model would then find it gone (Kontext training with --cache_dir once lost its VAE encoder that way)."""
+    from diffsynth.loading.components import COMPONENTS
+    from diffsynth.pipelines.flux_image import BASE_UNITS
+    from diffsynth.pipelines.units import Unit
+    names = {c.name for c in COMPONENTS}
+    undeclared = {u.name: sorted(_attributes_read(u.fn, names, {u.fn}) - set(u.reads))
+                  for u in BASE_UNITS if isinstance(u, Unit)}
+    assert not {k: v for k, v in undeclared.items() if v}

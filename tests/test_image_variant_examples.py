@@ -143,3 +143,19 @@ def test_flex_training_with_condition_columns(models, tmp_path, monkeypatch, kin
     monkeypatch.undo()
     run_example(f"model_training/validate_{kind}/FLEX.2-preview.py", tmp_path, monkeypatch, models)
     assert (tmp_path / f"image_FLEX.2-preview_{kind}.jpg").is_file()
+
+
+def test_kontext_training_with_a_cache_keeps_only_the_models_it_still_reads(models, tmp_path, monkeypatch):
+    """With --cache_dir the prompt and target latents come from the cache, so the text encoders and the VAE
+    decoder are freed; the reference images are not cached, so the VAE encoder must stay."""
+    from diffsynth.pipelines.flux_image import FluxImagePipeline
+    released = []
+    monkeypatch.setattr(FluxImagePipeline, "release_model",
+                        lambda pipe, name, original=FluxImagePipeline.release_model: (released.append(name),
+                                                                                        original(pipe, name)))
+    data = dataset(tmp_path / "data/example_image_dataset")
+    out = tmp_path / "models/train/FLUX.1-Kontext-dev_lora"
+    argv = script_args("FLUX.1-Kontext-dev", "lora", models, data, out, "--cache_dir", str(tmp_path / "cache"))
+    result = train(build_parser().parse_args(argv))
+    assert result["steps"] == 1 and np.isfinite(result["losses"]).all()
+    assert released == ["text_encoder_1", "text_encoder_2", "vae_decoder"]

@@ -434,3 +434,17 @@ def test_output_header_records_only_what_was_trained():
     assert full == {"trainable_models": ["dit"], "learning_rate": 1e-4, "guidance": 1.0, "full_format": "bfl"}
     lora = training_info(Namespace(**{**run_args, "lora_base_model": "dit"}))
     assert lora["lora_rank"] == 32 and lora["lora_target_modules"] == ["a_to_qkv"] and "full_format" not in lora
+
+
+@pytest.mark.parametrize("extra_inputs, freed", [
+    ((), ["text_encoder_1", "text_encoder_2", "vae_decoder", "vae_encoder"]),
+    (("kontext_images",), ["text_encoder_1", "text_encoder_2", "vae_decoder"]),
+    # controlnet_image -> controlnet_inputs (one unit) -> control latents (the next): the chain keeps the encoder
+    (("controlnet_image",), ["text_encoder_1", "text_encoder_2", "vae_decoder"]),
+    (("eligen_entity_prompts", "eligen_entity_masks"), ["text_encoder_1", "vae_decoder", "vae_encoder"]),
+])
+def test_models_freed_after_caching_are_those_no_running_unit_reads(tiny_configs, extra_inputs, freed):
+    from diffsynth.training.module import FluxTrainingModule
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=tiny_configs())
+    module = FluxTrainingModule(pipe, trainable_models=["dit"], extra_inputs=extra_inputs)
+    assert module.models_unused_with_cache() == freed

@@ -83,7 +83,7 @@ def encode_prompt(pipe, prompt, t5_sequence_length=512, num_images=1):
             "text_ids": torch.zeros(num_images, emb.shape[1], 3, device=pipe.device)}
 
 
-@unit(outputs=("latents", "input_latents"), cacheable=("input_latents",))
+@unit(uses=("vae_encoder",), outputs=("latents", "input_latents"), cacheable=("input_latents",))
 def encode_input_image(pipe, noise, sigmas, height, width, input_image=None, denoising_strength=1.0,
                        tiled=False, tile_size=128, tile_stride=64):
     """Inference starts from noise (txt2img) or the noised input latents (img2img); training keeps x0."""
@@ -203,6 +203,13 @@ class FluxImagePipeline(nn.Module):
             elif value is not None:
                 out[c.name] = value
         return out
+
+    def release_model(self, name: str) -> None:
+        """Drop the model(s) of component `name` (and their VRAM management) so their memory can be freed."""
+        component = next(c for c in table.COMPONENTS if c.name == name)
+        setattr(self, name, ModelList() if component.many else None)
+        for key in [k for k in self.vram_models if k == name or k.startswith(name + ".")]:
+            del self.vram_models[key]
 
     def in_loop_models(self) -> SimpleNamespace:
         """The models `model_fn` receives: every in-loop component of the table, by attribute."""

@@ -38,6 +38,9 @@ class Unit:
     per_branch: bool = False
     both_branches: bool = False
     models: tuple[str, ...] = ()       # pipeline attributes this unit needs on the compute device
+    # attributes it reads only for some inputs, moving them itself (e.g. the VAE encoder for an image input):
+    # not moved up front, so a text-to-image call never moves them
+    uses: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     model_inputs: tuple[str, ...] = ()
     batched: tuple[str, ...] = ()
@@ -52,6 +55,11 @@ class Unit:
     @cached_property  # read at every call; the signature never changes
     def params(self) -> list[str]:
         return _params(self.fn, 2 if self.both_branches else 1)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Every pipeline attribute the unit may read."""
+        return self.models + self.uses
 
     def inputs(self, values: dict) -> dict:
         return {p: values[p] for p in self.params if p in values}
@@ -78,15 +86,15 @@ class StepUnit:
 
 
 def unit(per_branch: bool = False, both_branches: bool = False, models: tuple[str, ...] = (),
-         outputs: tuple[str, ...] = (), model_inputs: tuple[str, ...] = (), batched: tuple[str, ...] = (),
+         uses: tuple[str, ...] = (), outputs: tuple[str, ...] = (), model_inputs: tuple[str, ...] = (), batched: tuple[str, ...] = (),
          cacheable: tuple[str, ...] = (), replaces: tuple[str, ...] = (),
          active: Callable | None = None) -> Callable[[Callable], Unit]:
     def wrap(fn: Callable) -> Unit:
         undeclared = set(model_inputs) | set(batched) | set(cacheable)
         if not undeclared <= set(outputs):
             raise ValueError(f"unit {fn.__name__}: {sorted(undeclared - set(outputs))} are not among its outputs")
-        return Unit(fn, per_branch, both_branches, models, outputs, model_inputs, batched, cacheable, replaces,
-                    active)
+        return Unit(fn, per_branch, both_branches, models, uses, outputs, model_inputs, batched, cacheable,
+                    replaces, active)
     return wrap
 
 

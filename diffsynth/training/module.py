@@ -154,14 +154,29 @@ class FluxTrainingModule(nn.Module):
             raise ValueError(f"--extra_inputs {unused} are not inputs of any unit of this pipeline; "
                              f"units accept: {', '.join(sorted(accepted))}")
 
-    def preprocessing_is_trained(self) -> bool:
-        """True when a model the units run (text encoders, VAE encoder) has trainable weights."""
-        names = {m for u in self.units() for m in u.models}
+    def preprocessing_is_trained(self, cached_only: bool = False) -> bool:
+        """True when a model the units read (text encoders, VAE encoder, projectors) has trainable weights;
+        `cached_only`: only the units whose outputs a training cache would store."""
+        names = {m for u in self.units() if u.cacheable or not cached_only for m in u.reads}
         return any(p.requires_grad for n, m in self.pipe.loaded_models().items() if n.split(".")[0] in names
                    for p in m.parameters())
 
     def units(self) -> list[Unit]:
         return active_units(self.pipe, self.pipe.units)
+
+    def models_unused_with_cache(self) -> list[str]:
+        """Loaded models that neither the loop, the training, nor a unit still running over cached rows reads:
+        they can be freed. The cache replaces the units with `cacheable` outputs; of the others, a unit acts
+        only when it replaces core units (`active`) or takes one of the dataset's extra inputs or the output
+        of a unit that acts (e.g. controlnet_image -> controlnet_inputs -> latents): the rest are no-ops."""
+        in_loop = {c.name for c in table.COMPONENTS if c.in_loop}
+        present, read = set(self.extra_inputs), set()
+        for u in self.units():
+            if not u.cacheable and (u.active is not None or present & set(u.params)):
+                read |= set(u.reads)
+                present |= set(u.outputs)
+        keep = in_loop | read | set(self.trained_models())
+        return sorted({n.split(".")[0] for n in self.pipe.loaded_models()} - keep)
 
     # -- inputs ------------------------------------------------------------------------------------
     def prepare_sample(self, item: dict, seed: int) -> dict:

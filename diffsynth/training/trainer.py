@@ -255,16 +255,17 @@ class Trainer:
                                                args.width, args.max_pixels, paths)
         if not args.cache_dir:
             return make()
-        if self.module.preprocessing_is_trained():
+        if self.module.preprocessing_is_trained(cached_only=True):
             raise ValueError("--cache_dir cannot be used while a text encoder or the VAE encoder is trained")
         tag = f"{args.model_paths}|{args.model_id_with_origin_paths}|{self.dtype}"
         paths = cache_paths(self.samples, self.sizes, args.cache_dir, args.t5_sequence_length, tag)
         built = build_cache(self.module, make(), paths, self.rank, self.world, show_progress=self.main)
         acc.wait_for_everyone()
         acc.print(f"latent/text cache: {len(paths)} rows in {args.cache_dir} ({built} new on rank 0)")
-        if not args.validation_prompts:  # the encoders are no longer needed
+        if not args.validation_prompts:  # the cached units' encoders (and the VAE decoder) are no longer needed
             pipe = self.module.pipe
-            pipe.text_encoder_1 = pipe.text_encoder_2 = pipe.vae_encoder = pipe.vae_decoder = None
+            for name in self.module.models_unused_with_cache():
+                pipe.release_model(name)
             if acc.device.type == "cuda":
                 torch.cuda.empty_cache()
         return make(paths)

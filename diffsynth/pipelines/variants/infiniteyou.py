@@ -57,7 +57,7 @@ def _number(value):
         return value
 
 
-@unit(models=("image_proj_model",), outputs=("identity_context",), model_inputs=("identity_context",))
+@unit(models=("image_proj_model",), uses=("controlnet",), outputs=("identity_context",), model_inputs=("identity_context",))
 def encode_identity(pipe, infinityou_id_image=None, infinityou_guidance=1.0, controlnet_inputs=None):
     if infinityou_id_image is None:
         return {}

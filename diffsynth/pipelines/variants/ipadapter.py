@@ -25,7 +25,7 @@ def reference_images(ipadapter_images) -> list[Image.Image]:
     return list(images)
 
 
-@unit(both_branches=True, models=("image_encoder",), outputs=("ipadapter_emb", "ipadapter_scale"),
+@unit(both_branches=True, models=("image_encoder",), uses=("dit", "ipadapter"), outputs=("ipadapter_emb", "ipadapter_scale"),
       model_inputs=("ipadapter_emb", "ipadapter_scale"))
 def encode_ipadapter_images(pipe, branches, ipadapter_images=None, ipadapter_scale=1.0, num_images=1):
     """Image embeddings (B, n_images, dim): the images' on the positive side, zeros on the negative one."""

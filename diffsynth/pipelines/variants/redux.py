@@ -26,7 +26,7 @@ def redux_tokens(pipe, images) -> torch.Tensor:
     return tokens.reshape(1, -1, tokens.shape[-1]).to(pipe.device, pipe.torch_dtype)
 
 
-@unit(both_branches=True, outputs=("prompt_emb", "text_ids"))
+@unit(both_branches=True, uses=("image_encoder", "redux"), outputs=("prompt_emb", "text_ids"))
 def append_redux_tokens(pipe, branches, flux_redux_image=None):
     if flux_redux_image is None:
         return [{} for _ in branches]

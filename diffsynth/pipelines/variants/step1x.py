@@ -39,7 +39,7 @@ def _reference(pipe, image) -> Image.Image:
     return image.convert("RGB")
 
 
-@unit(both_branches=True, models=("qwenvl",), outputs=(*LLM_OUTPUTS, *DIT_TEXT),
+@unit(both_branches=True, models=("qwenvl",), uses=("step1x_connector",), outputs=(*LLM_OUTPUTS, *DIT_TEXT),
       model_inputs=(*LLM_OUTPUTS, *DIT_TEXT), replaces=("encode_prompt",), active=_is_step1x)
 def encode_step1x_prompt(pipe, branches, step1x_reference_image=None, num_images=1):
     """Qwen2.5-VL embeddings of the positive (and negative) prompt with the reference image, one batch."""
@@ -58,7 +58,7 @@ def encode_step1x_prompt(pipe, branches, step1x_reference_image=None, num_images
             for i in range(len(prompts))]
 
 
-@unit(outputs=("step1x_reference_latents",), model_inputs=("step1x_reference_latents",),
+@unit(uses=("qwenvl", "vae_encoder"), outputs=("step1x_reference_latents",), model_inputs=("step1x_reference_latents",),
       batched=("step1x_reference_latents",))  # not cacheable: the cache expects every unit's cacheable outputs
 def encode_step1x_reference(pipe, noise, height, width, step1x_reference_image=None, tiled=False, tile_size=128,
                             tile_stride=64):
