@@ -369,3 +369,15 @@ def test_train_entry_point_prints_the_message_not_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("error: invalid arguments")
     assert "--learning_rate must be a finite number, got inf" in err and "--guidance must be a finite number" in err
+
+
+def test_written_files_get_the_umask_mode_not_0600(tmp_path):
+    """safetensors' writer creates its files 0600; a LoRA or checkpoint others in a shared folder cannot read
+    is a surprise, so atomic writes give the mode a plain open() would."""
+    import stat
+    from diffsynth.ops.files import FILE_MODE, save_safetensors
+    path = tmp_path / "lora.safetensors"
+    save_safetensors({"w": torch.ones(2)}, path)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == FILE_MODE == 0o666 & ~mask

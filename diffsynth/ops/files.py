@@ -422,6 +422,17 @@ def publish(tmp: str, path: str, overwrite: bool = True) -> None:
     os.remove(tmp)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: os.umask can only be read by setting it. Files get the mode a plain open() gives
+# (safetensors' writer creates its files 0600, which other users of a shared model folder cannot read).
+FILE_MODE = 0o666 & ~_umask()
+
+
 def _write_atomic(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool) -> None:
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -430,6 +441,7 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[str], None], overwri
     tmp = temp_path(path)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         publish(tmp, path, overwrite)
     finally:
         if os.path.exists(tmp):
