@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -24,9 +25,10 @@ from . import evaluate, model, shapes, vae
 # The recipe (each value is recorded in BUILD.json).
 RECIPE = {
     "seed": 0,
-    "vae_steps": 200, "vae_batch_size": 8, "vae_learning_rate": 2e-3, "vae_kl_weight": 1e-5, "vae_crop": 64,
+    "vae_steps": 2000, "vae_batch_size": 8, "vae_learning_rate": 2e-3, "vae_kl_weight": 1e-5,
+    "vae_foreground_weight": 4.0, "vae_posterior_noise": 0.3,
     "images_per_triple": 8,
-    "dit_steps": 1000, "dit_batch_size": 16, "dit_learning_rate": 1e-3, "dit_warmup_steps": 50, "guidance": 3.5,
+    "dit_steps": 3250, "dit_batch_size": 16, "dit_learning_rate": 1e-3, "dit_warmup_steps": 50, "guidance": 3.5,
     "dit_ema_decay": 0.995, "dit_max_grad_norm": 1.0,
 }
 
@@ -48,8 +50,9 @@ def trainer_argv(work: Path, root: Path, r: dict) -> list[str]:
 
 
 def train_autoencoder(root: Path, r: dict) -> dict:
-    encoder, decoder, summary = vae.train_vae(r["vae_steps"], r["vae_batch_size"], r["vae_learning_rate"],
-                                              r["vae_kl_weight"], r["seed"], r["vae_crop"])
+    recipe = vae.VAETraining(seed=r["seed"], **{f.name: r[f"vae_{f.name}"] for f in fields(vae.VAETraining)
+                                                if f.name != "seed"})
+    encoder, decoder, summary = vae.train_vae(recipe)
     vae.save_ae(encoder, decoder, root / "ae.safetensors")
     return {**summary, **vae.latent_stats(encoder, decoder, next(vae.random_batches(64, r["seed"] + 1)))}
 
