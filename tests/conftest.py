@@ -40,3 +40,14 @@ def fresh_accelerate(one_thread):
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def cpu_noise(monkeypatch, fresh_accelerate):
+    """The example scripts draw noise with rand_device="cuda"; on a CPU-only machine draw it on the CPU (the
+    example harness wraps this call in turn)."""
+    from diffsynth import FluxImagePipeline
+    original = FluxImagePipeline.__call__
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(FluxImagePipeline, "__call__", lambda self, *a, **kw: original(
+            self, *a, **{**kw, "rand_device": "cpu"}))

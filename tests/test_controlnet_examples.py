@@ -23,15 +23,7 @@ ROWS = {  # row -> (model id, tiny kind)
 }
 
 
-@pytest.fixture(autouse=True)
-def cpu_noise(monkeypatch, fresh_accelerate):
-    """SPEC's scripts draw noise with rand_device="cuda"; on a CPU-only machine draw it on the CPU (the
-    harness wraps this call in turn)."""
-    from diffsynth import FluxImagePipeline
-    original = FluxImagePipeline.__call__
-    if not torch.cuda.is_available():
-        monkeypatch.setattr(FluxImagePipeline, "__call__", lambda self, *a, **kw: original(
-            self, *a, **{**kw, "rand_device": "cpu"}))
+pytestmark = pytest.mark.usefixtures("cpu_noise")
 
 
 @pytest.fixture(scope="module")

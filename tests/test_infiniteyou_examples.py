@@ -18,14 +18,7 @@ ROW = "FLUX.1-dev-InfiniteYou"
 DATASET = Path("data") / "diffsynth_example_dataset" / "flux" / ROW
 
 
-@pytest.fixture(autouse=True)
-def cpu_noise(monkeypatch, fresh_accelerate):
-    """The scripts draw noise with rand_device="cuda"; on a CPU-only machine draw it on the CPU."""
-    from diffsynth import FluxImagePipeline
-    original = FluxImagePipeline.__call__
-    if not torch.cuda.is_available():
-        monkeypatch.setattr(FluxImagePipeline, "__call__", lambda self, *a, **kw: original(
-            self, *a, **{**kw, "rand_device": "cpu"}))
+pytestmark = pytest.mark.usefixtures("cpu_noise")
 
 
 @pytest.fixture(scope="module")
