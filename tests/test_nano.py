@@ -85,6 +85,15 @@ def test_demo_default_writes_image_and_grid(tmp_path, capsys):
     assert grid.width == demo.COLUMNS * demo.CELL and "grid.png" in capsys.readouterr().out
 
 
+def test_grid_captions_fit_their_cell():
+    from PIL import ImageDraw
+    pen = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    for prompt in demo.GRID_PROMPTS:
+        lines = demo.wrap(pen, prompt.removeprefix("a "), demo.CELL - 4)
+        assert len(lines) <= 2 and " ".join(lines) == prompt.removeprefix("a ")
+        assert all(pen.textlength(line) <= demo.CELL - 4 for line in lines)
+
+
 def test_generate_on_the_folder_takes_its_64_pixel_default(tmp_path):
     out = tmp_path / "t.png"
     assert main(["generate", "--model-dir", str(SHIPPED), "--prompt", "a blue triangle on the left", "--seed", "0",
