@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import shutil
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -103,7 +104,7 @@ torch {report['torch']}):
 ```shell
 {report['command']}
 ```
-
+{f"{chr(10)}{report['note']}.{chr(10)}" if report.get('note') else ''}
 | recipe | value |
 |---|---|
 {recipe}
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     # recorded because it matters: on the shared 2-core CPU, OMP_NUM_THREADS=1 trained ~7x faster than two
     # threads, whose OpenMP barriers wait for a descheduled sibling (measured while other jobs ran)
     threads = os.environ.get("OMP_NUM_THREADS")
+    given = sys.argv[1:] if argv is None else argv
     report["command"] = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python -m diffsynth.nano.build" + \
-        "".join(f" {a}" for a in (argv or []))
+        "".join(f" {shlex.quote(a)}" for a in given)
     from ..testing.tiny import write_bytes, write_json
     write_json(root / "BUILD.json", report)
     write_bytes(root / "BUILD.md", build_markdown(report).encode())
