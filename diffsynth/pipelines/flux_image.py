@@ -206,8 +206,7 @@ class FluxImagePipeline(nn.Module):
 
     def release_model(self, name: str) -> None:
         """Drop the model(s) of component `name` (and their VRAM management) so their memory can be freed."""
-        component = next(c for c in table.COMPONENTS if c.name == name)
-        setattr(self, name, ModelList() if component.many else None)
+        setattr(self, name, ModelList() if table.component(name).many else None)
         for key in [k for k in self.vram_models if k == name or k.startswith(name + ".")]:
             del self.vram_models[key]
 

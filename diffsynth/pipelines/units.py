@@ -86,15 +86,16 @@ class StepUnit:
 
 
 def unit(per_branch: bool = False, both_branches: bool = False, models: tuple[str, ...] = (),
-         uses: tuple[str, ...] = (), outputs: tuple[str, ...] = (), model_inputs: tuple[str, ...] = (), batched: tuple[str, ...] = (),
-         cacheable: tuple[str, ...] = (), replaces: tuple[str, ...] = (),
+         uses: tuple[str, ...] = (), outputs: tuple[str, ...] = (), model_inputs: tuple[str, ...] = (),
+         batched: tuple[str, ...] = (), cacheable: tuple[str, ...] = (), replaces: tuple[str, ...] = (),
          active: Callable | None = None) -> Callable[[Callable], Unit]:
     def wrap(fn: Callable) -> Unit:
         undeclared = set(model_inputs) | set(batched) | set(cacheable)
         if not undeclared <= set(outputs):
             raise ValueError(f"unit {fn.__name__}: {sorted(undeclared - set(outputs))} are not among its outputs")
-        return Unit(fn, per_branch, both_branches, models, uses, outputs, model_inputs, batched, cacheable,
-                    replaces, active)
+        return Unit(fn, per_branch=per_branch, both_branches=both_branches, models=models, uses=uses,
+                    outputs=outputs, model_inputs=model_inputs, batched=batched, cacheable=cacheable,
+                    replaces=replaces, active=active)
     return wrap
 
 
