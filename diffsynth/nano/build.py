@@ -15,7 +15,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -24,10 +24,10 @@ from ..ops.files import load_state_dict, save_safetensors
 from . import evaluate, model, shapes, vae
 
 # The recipe (each value is recorded in BUILD.json).
+# The autoencoder's part is vae.VAETraining's defaults (one source for this build and `python -m ...vae`).
 RECIPE = {
     "seed": 0,
-    "vae_steps": 2000, "vae_batch_size": 8, "vae_learning_rate": 2e-3, "vae_kl_weight": 1e-5,
-    "vae_foreground_weight": 4.0, "vae_posterior_noise": 0.3,
+    **{f"vae_{k}": v for k, v in asdict(vae.VAETraining()).items() if k != "seed"},
     "images_per_triple": 8,
     "dit_steps": 3250, "dit_batch_size": 16, "dit_learning_rate": 1e-3, "dit_warmup_steps": 50, "guidance": 3.5,
     "dit_ema_decay": 0.995, "dit_max_grad_norm": 1.0,
@@ -96,6 +96,7 @@ def build_markdown(report: dict) -> str:
     """BUILD.md: how this folder was made and how well it does, for people (BUILD.json has everything)."""
     e, t, a, d = report["evaluation"], report["train_set_check"], report["autoencoder"], report["dit"]
     recipe = "\n".join(f"| `{k}` | {v} |" for k, v in report["recipe"].items())
+    note = f"\n{report['note']}.\n" if report.get("note") else ""
     return f"""# flux-nano build record
 
 Rebuild (fixed seeds, from nothing; {report['seconds'] / 60:.1f} min wall time on the 2-core development CPU,
@@ -104,7 +105,7 @@ torch {report['torch']}):
 ```shell
 {report['command']}
 ```
-{f"{chr(10)}{report['note']}.{chr(10)}" if report.get('note') else ''}
+{note}
 | recipe | value |
 |---|---|
 {recipe}
