@@ -8,6 +8,7 @@ temporary working directory. The pipeline is made to run on the CPU in fp32 at m
 from __future__ import annotations
 
 import runpy
+import shlex
 from pathlib import Path
 
 import torch
@@ -53,3 +54,24 @@ def run_example(script: str | Path, tmp_path: Path, monkeypatch, models: dict[st
     monkeypatch.setattr(FluxImagePipeline, "from_pretrained", classmethod(load_on_cpu))
     monkeypatch.setattr(FluxImagePipeline, "__call__", small_call)
     return runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+
+
+# What a training script's one-step smoke run adds to the script's own arguments.
+ONE_STEP = ["--dataset_repeat", "1", "--num_epochs", "1", "--height", "64", "--width", "64",
+            "--t5_sequence_length", "32", "--seed", "0", "--report_to", "none"]
+
+
+def script_args(script: Path) -> list[str]:
+    """The train.py arguments of an examples/flux/model_training shell script."""
+    words = shlex.split(script.read_text().replace("\\\n", " "), comments=True)
+    return words[words.index("examples/flux/model_training/train.py") + 1:]
+
+
+def train_script_one_step(script: Path):
+    """Run a training script's command for one step (its own arguments + ONE_STEP), in the current folder.
+    Returns (the script's checked arguments, train()'s result, the saved epoch-0 file)."""
+    from diffsynth.training import build_parser, check_args, train
+    words = script_args(script)
+    args = check_args(build_parser().parse_args(words))
+    result = train(build_parser().parse_args(words + ONE_STEP))
+    return args, result, Path(args.output_path) / "epoch-0.safetensors"

@@ -1,7 +1,6 @@
 """The ControlNet rows' example scripts, run unchanged on tiny models: inference, low-VRAM inference, real 1-step
 training runs of the LoRA and full scripts (their own arguments, dataset and step count made tiny), and the
 validate scripts loading what those runs wrote."""
-import shlex
 import shutil
 import sys
 import types
@@ -13,8 +12,7 @@ import torch
 from PIL import Image
 
 from diffsynth.testing.tiny_controlnet import build_tiny_controlnet
-from diffsynth.training import build_parser, check_args, train
-from example_harness import EXAMPLES, link_model, run_example
+from example_harness import EXAMPLES, train_script_one_step, link_model, run_example
 
 ROWS = {  # row -> (model id, tiny kind)
     "FLUX.1-dev-Controlnet-Union-alpha": ("InstantX/FLUX.1-dev-Controlnet-Union-alpha", "union"),
@@ -82,11 +80,6 @@ def write_dataset(root: Path) -> None:
         "image,prompt,controlnet_image\nimage_1.jpg,a dog,upscale/image_1.jpg\n")
 
 
-def script_args(script: Path) -> list[str]:
-    words = shlex.split(script.read_text().replace("\\\n", " "), comments=True)
-    return words[words.index("examples/flux/model_training/train.py") + 1:]
-
-
 @pytest.mark.parametrize("kind", ["full", "lora"])
 @pytest.mark.parametrize("row", list(ROWS))
 def test_training_scripts_train_and_validate(row, kind, tiny_root, tiny_nets, tmp_path, monkeypatch):
@@ -94,14 +87,9 @@ def test_training_scripts_train_and_validate(row, kind, tiny_root, tiny_nets, tm
     for model_id, folder in models_for(row, tiny_root, tiny_nets).items():
         link_model(tmp_path, model_id, folder)
     write_dataset(tmp_path / "data" / "example_image_dataset")
-    words = script_args(EXAMPLES / "model_training" / kind / f"{row}.sh")
-    args = check_args(build_parser().parse_args(words))
+    args, result, saved = train_script_one_step(EXAMPLES / "model_training" / kind / f"{row}.sh")
     assert args.remove_prefix_in_ckpt == ("pipe.controlnet.0." if kind == "full" else "pipe.dit.")
-    tiny = ["--dataset_repeat", "1", "--num_epochs", "1", "--height", "64", "--width", "64",
-            "--t5_sequence_length", "32", "--seed", "0", "--report_to", "none"]
-    result = train(build_parser().parse_args(words + tiny))
-    out = Path(args.output_path)
-    saved = out / "epoch-0.safetensors"
+    out = saved.parent
     assert result["steps"] == 1 and saved.is_file()
     pipe = result["module"].pipe
     if kind == "full":  # the ControlNet trained (its own names, updated), the DiT untouched

@@ -1,7 +1,6 @@
 """The InfiniteYou row's example scripts, run unchanged on tiny models in the release's layout (tiny SCRFD-shaped
 detector and facexlib-layout ArcFace included): inference, low-VRAM inference, real 1-step training runs of the
 full (InfuseNet + projector) and LoRA scripts, and the validate scripts loading what those runs wrote."""
-import shlex
 import shutil
 from pathlib import Path
 
@@ -11,8 +10,7 @@ import torch
 from PIL import Image
 
 from diffsynth.testing.tiny_infiniteyou import PROJECTOR_FILE, build_tiny_infiniteyou, face_image
-from diffsynth.training import build_parser, check_args, train
-from example_harness import EXAMPLES, link_model, run_example
+from example_harness import EXAMPLES, train_script_one_step, link_model, run_example
 
 ROW = "FLUX.1-dev-InfiniteYou"
 DATASET = Path("data") / "diffsynth_example_dataset" / "flux" / ROW
@@ -49,24 +47,14 @@ def write_dataset(root: Path) -> None:
                                        "image_1.jpg,a man,black.jpg,id_1.png,1.0\n")
 
 
-def script_args(script: Path) -> list[str]:
-    words = shlex.split(script.read_text().replace("\\\n", " "), comments=True)
-    return words[words.index("examples/flux/model_training/train.py") + 1:]
-
-
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_training_scripts_train_and_validate(kind, tiny_root, iy_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for model_id, folder in models(tiny_root, iy_root).items():
         link_model(tmp_path, model_id, folder)
     write_dataset(tmp_path / DATASET)
-    words = script_args(EXAMPLES / "model_training" / kind / f"{ROW}.sh")
-    args = check_args(build_parser().parse_args(words))
-    tiny = ["--dataset_repeat", "1", "--num_epochs", "1", "--height", "64", "--width", "64",
-            "--t5_sequence_length", "32", "--seed", "0", "--report_to", "none"]
-    result = train(build_parser().parse_args(words + tiny))
-    out = Path(args.output_path)
-    saved = out / "epoch-0.safetensors"
+    args, result, saved = train_script_one_step(EXAMPLES / "model_training" / kind / f"{ROW}.sh")
+    out = saved.parent
     assert result["steps"] == 1 and saved.is_file()
     pipe = result["module"].pipe
     if kind == "full":  # InfuseNet and the projector trained under their own names, the DiT untouched
