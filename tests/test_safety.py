@@ -1,6 +1,7 @@
 """Bad input fails early and clearly; nothing is silently wrong: corrupt files, absurd or non-finite
 arguments, forged metadata, overwrites. Every case asserts the exact outcome."""
 import json
+import math
 import os
 import shutil
 import struct
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 
 from diffsynth.cli import escape_line, main, png_metadata
 from diffsynth.loading.lora import convert_lora, describe_lora
-from diffsynth.ops.files import (CheckpointError, load_state_dict, publish, remove_stale_temps, save_image,
+from diffsynth.ops.files import (CheckpointError, all_finite, load_state_dict, publish, remove_stale_temps, save_image,
                                  save_safetensors, scan, scan_file, temp_path)
 from diffsynth.pipelines.checks import MAX_PIXELS, check_call_args
 from diffsynth.training.data import image_size
@@ -233,18 +234,54 @@ def test_truncated_input_image_is_named(tmp_path):
 
 
 def test_nan_in_dit_weights_raises_naming_the_weight_instead_of_a_black_image(tiny_pipe):
-    weight = tiny_pipe.dit.blocks[0].attn.a_to_qkv.weight
+    """A weight made NaN after loading (the load check cannot see it): the output check names it. The weight
+    feeds the residual stream, so the NaN reaches the latents whatever the attention kernel does with it."""
+    weight = tiny_pipe.dit.blocks[0].ff_a[0].weight
     saved = weight.detach().clone()
     with torch.no_grad():
         weight[0, 0] = float("nan")
     try:
         with pytest.raises(FloatingPointError, match=r"latents hold NaN/Inf: caused by the DiT weight "
-                                                     r"blocks.0.attn.a_to_qkv.weight"):
+                                                     r"blocks.0.ff_a.0.weight"):
             tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, t5_sequence_length=8, seed=0,
                       progress_bar_cmd=lambda x: x)
     finally:
         with torch.no_grad():
             weight.copy_(saved)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e5m2])
+def test_non_finite_weight_is_refused_at_load_naming_file_and_tensor(tmp_path, dtype, bad):
+    """Not left to the kernels: a NaN in an attention query can come out of CPU SDPA finite."""
+    weights = torch.ones(4, 8)
+    weights[2, 5] = bad
+    path = tmp_path / "damaged.safetensors"
+    save_file({"ok": torch.ones(3), "blocks.0.attn.a_to_qkv.weight": weights.to(dtype)}, path)
+    with pytest.raises(CheckpointError, match=r"damaged.safetensors: tensor 'blocks.0.attn.a_to_qkv.weight' "
+                                              r"holds NaN/Inf values"):
+        load_state_dict(str(path))
+
+
+def test_all_finite_is_exact_for_every_stored_dtype():
+    """The fast path (a sum) must neither miss a NaN nor refuse a finite tensor whose sum overflows; fp8 is
+    read from its byte codes (NaN of both signs; e5m2's Inf)."""
+    big = torch.full((100_000,), 60000.0, dtype=torch.float16)
+    assert torch.isinf(big.sum()) and all_finite(big)
+    assert all_finite(torch.zeros(0)) and all_finite(torch.arange(5))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2):
+        finite = torch.linspace(-400, 400, 1001).to(dtype)
+        assert all_finite(finite), dtype
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            t = finite.clone()
+            t[-7] = bad
+            saturated = dtype == torch.float8_e4m3fn and math.isinf(bad)
+            assert all_finite(t) == saturated, (dtype, bad)  # e4m3fn has no Inf: torch stores its largest value
+    codes = torch.arange(256, dtype=torch.uint8)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        for code in codes:
+            one = code.reshape(1).view(dtype)
+            assert all_finite(one) == bool(torch.isfinite(one.float())), (dtype, int(code))
 
 
 # ----------------------------------------------------------------------------- LoRA files
@@ -265,7 +302,11 @@ def kohya(rank=2, alpha=1.0, value=0.1):
 def test_unusable_lora_layers_are_reported_not_applied(tmp_path, sd, reason):
     assert convert_lora(sd).unknown == {KOHYA: reason}
     save_file(sd, tmp_path / "l.safetensors")
-    assert describe_lora(str(tmp_path / "l.safetensors"))["unknown"] == {KOHYA: reason}
+    if "rank 0" in reason:
+        assert describe_lora(str(tmp_path / "l.safetensors"))["unknown"] == {KOHYA: reason}
+    else:  # a file holding NaN/Inf is refused as it is read, naming the tensor
+        with pytest.raises(CheckpointError, match=rf"l.safetensors: tensor '{KOHYA}\.\w+(\.weight)?' holds NaN/Inf"):
+            describe_lora(str(tmp_path / "l.safetensors"))
 
 
 def test_non_finite_lora_strength_is_refused(tiny_pipe):

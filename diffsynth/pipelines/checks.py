@@ -12,6 +12,8 @@ from numbers import Real
 import torch
 from PIL import Image
 
+from ..ops.files import all_finite
+
 # FLUX's T5 context (diffusers refuses more, too); each token costs memory in every DiT block.
 MAX_T5_SEQUENCE_LENGTH = 512
 # Largest image side and area accepted: 4 megapixels is FLUX's native range, 64 MP leaves room for
@@ -92,7 +94,7 @@ def check_call_args(args: dict) -> None:
 
 
 def _first_nonfinite(named) -> str | None:
-    return next((n for n, t in named if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    return next((n for n, t in named if not all_finite(t)), None)
 
 
 def explain_nonfinite(pipe, values: dict) -> str:
@@ -100,7 +102,7 @@ def explain_nonfinite(pipe, values: dict) -> str:
     for key, what in (("prompt_emb", "the text encoders' output (NaN/Inf in their weights?)"),
                       ("pooled_prompt_emb", "the CLIP text encoder's output (NaN/Inf in its weights?)"),
                       ("input_latents", "the VAE encoding of input_image (NaN/Inf in the VAE weights?)")):
-        if key in values and not torch.isfinite(values[key]).all():
+        if key in values and not all_finite(values[key]):
             return what
     if pipe.dit is not None:
         tensors = [*pipe.dit.named_parameters(), *pipe.dit.named_buffers()]
@@ -116,7 +118,7 @@ def explain_nonfinite(pipe, values: dict) -> str:
 def check_finite(pipe, tensor: torch.Tensor, what: str, values: dict) -> None:
     """Raise when `tensor` (the denoised latents or the decoded image) holds NaN/Inf, naming the cause:
     such output would be an all-black image with no other sign of failure. One reduction per call."""
-    if torch.isfinite(tensor).all():
+    if all_finite(tensor):
         return
     cause = explain_nonfinite(pipe, values) if what == "latents" else "the VAE decoder (NaN/Inf in its weights?)"
     raise FloatingPointError(f"the {what} hold NaN/Inf: caused by {cause}")

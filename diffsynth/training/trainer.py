@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..ops.files import DTYPE_NAMES, save_image
+from ..ops.files import DTYPE_NAMES, all_finite, save_image
 from .args import build_parser, check_args, parse_model_sources
 from .cache import build_cache, cache_paths
 from .checkpoint import SavedState, load_checkpoint, read_newest_readable, resume_candidates, save_checkpoint
@@ -393,7 +393,7 @@ class Trainer:
         raise self._nonfinite_loss(value, where)
 
     def _nonfinite_loss(self, value: float, where: str) -> NonFiniteLoss:
-        bad = [n for n, p in self.trainable.items() if not torch.isfinite(p).all()]
+        bad = [n for n, p in self.trainable.items() if not all_finite(p)]
         cause = (f"the trained weights are already non-finite ({bad[:3]}): NaN/Inf in the model or "
                  "--lora_checkpoint files, or an earlier update diverged") if bad else \
             ("likely causes: --learning_rate too high, NaN/Inf in the model weights or the image, "

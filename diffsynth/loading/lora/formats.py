@@ -14,6 +14,7 @@ import torch
 
 from ...models.flux_dit import (_BFL_DOUBLE, _BFL_SINGLE, _BFL_TOP, _DIFFUSERS_DOUBLE, _DIFFUSERS_FUSED,
                                 _DIFFUSERS_SINGLE, _DIFFUSERS_TOP, _swap_halves, bfl_key_to_internal)
+from ...ops.files import all_finite
 
 
 # ----------------------------------------------------------------------------- canonical form
@@ -423,7 +424,7 @@ def _unusable(down: torch.Tensor, alpha: float | None, parts: dict[str, torch.Te
         return "rank 0 (no LoRA weights)"
     if alpha is not None and not math.isfinite(alpha):
         return f"alpha is {alpha}"
-    bad = [role for role, t in parts.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [role for role, t in parts.items() if not all_finite(t)]
     return f"NaN/Inf in its {', '.join(sorted(bad))} weights" if bad else None
 
 
