@@ -19,11 +19,16 @@ demo: $(STAMP)  # flux-nano, shipped in diffsynth/nano/flux-nano: no training, n
 nano: $(STAMP)  # rebuild flux-nano from scratch (fixed seeds; see diffsynth/nano/flux-nano/BUILD.md)
 	OMP_NUM_THREADS=1 $(BIN)/python -m diffsynth.nano.build
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  # everything but the tests marked slow (each over ~15 s); CI runs both targets
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: test test-slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check diffsynth tests benchmarks examples
 	$(BIN)/python -m pytest -q tests/test_layering.py
 
-.PHONY: install demo nano test lint
+.PHONY: install demo nano test test-slow test-all lint

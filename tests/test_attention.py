@@ -103,6 +103,7 @@ def test_compile_matches_eager_and_follows_hotloaded_lora(tiny_root):
     _compile_and_hotload(tiny_root, "aot_eager")
 
 
+@pytest.mark.slow
 def test_compile_inductor(tiny_root):
     """Inductor's generated kernels match eager, follow a hot-loaded LoRA and drop it again. CFG's batch-2
     graph is covered by the aot_eager test above: under inductor it costs another minute on CPU."""

@@ -3,6 +3,8 @@ import importlib
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -47,6 +49,7 @@ def test_image_variants_smoke(monkeypatch, capsys):
     assert len(diffs) == 5 and max(diffs) < 1e-4  # both steps compute the same velocity
 
 
+@pytest.mark.slow  # four subprocesses, each importing torch and diffusers
 def test_adapters_step_smoke(monkeypatch, capsys):
     monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
     _import("adapters_step").main()
