@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from diffsynth import ModelConfig
 from diffsynth.cli import escape_line, main, png_metadata
+from diffsynth.loading import download
 from diffsynth.loading.lora import convert_lora, describe_lora
 from diffsynth.ops.files import (CheckpointError, all_finite, load_state_dict, publish, remove_stale_temps, save_image,
                                  save_safetensors, scan, scan_file, temp_path)
@@ -115,6 +117,43 @@ def test_an_index_naming_files_outside_its_folder_is_refused(tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../../../etc/passwd"}}))
     with pytest.raises(CheckpointError, match=r"names shards outside its folder: \['../../../etc/passwd'\]"):
         scan(str(folder))
+
+
+@pytest.mark.parametrize("kw", [dict(model_id="../../../etc", origin_file_pattern="passwd"),
+                                dict(model_id="a/b", origin_file_pattern="../../../etc/passwd"),
+                                dict(model_id="/etc", origin_file_pattern="passwd"),
+                                dict(model_id="a/b", origin_file_pattern="/etc/passwd")])
+def test_model_ids_and_patterns_cannot_leave_the_models_folder(tmp_path, kw):
+    with pytest.raises(ValueError, match=r"must be a relative path inside the models folder"):
+        ModelConfig(local_model_path=str(tmp_path / "models"), skip_download=True, **kw)
+
+
+def test_a_symlinked_folder_leading_out_of_the_models_folder_is_refused(tmp_path):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.safetensors").write_bytes(b"x")
+    (tmp_path / "models" / "me").mkdir(parents=True)
+    os.symlink(tmp_path / "outside", tmp_path / "models" / "me" / "evil")
+    for model_id, pattern in (("me/evil", "secret.safetensors"), ("me", "evil/*.safetensors")):
+        config = ModelConfig(model_id=model_id, origin_file_pattern=pattern, local_model_path=str(tmp_path / "models"),
+                             skip_download=True)
+        with pytest.raises(ValueError, match=r"outside local_model_path .* \(through a symlink\): refused"):
+            config.resolve()
+
+
+def test_download_customized_models_never_moves_a_file_from_outside_local_dir(tmp_path, monkeypatch):
+    """The hub returns nothing: the file the path names must not be moved in (nor its folder removed)."""
+    monkeypatch.setitem(download.SOURCES, "modelscope", lambda *a: None)
+    victim = tmp_path / "victim" / "precious.bin"
+    victim.parent.mkdir()
+    victim.write_bytes(b"mine")
+    local = tmp_path / "local"
+    with pytest.raises(ValueError, match=r"origin_file_path '../victim/precious.bin' must be a relative path"):
+        download.download_customized_models("me/x", "../victim/precious.bin", str(local), ["ModelScope"])
+    local.mkdir()
+    os.symlink(tmp_path / "victim", local / "sub")
+    with pytest.raises(ValueError, match=r"outside .*local \(through a symlink\): not moved"):
+        download.download_customized_models("me/x", "sub/precious.bin", str(local), ["ModelScope"])
+    assert victim.read_bytes() == b"mine" and os.listdir(local) == ["sub"]
 
 
 def test_invalid_json_config_names_the_file(tiny_root, tmp_path):

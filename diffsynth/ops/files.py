@@ -283,9 +283,19 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     return value
 
 
-def _inside(folder: str, name: str) -> bool:
+def is_inside(folder: str | os.PathLike, name: str | os.PathLike) -> bool:
+    """`name` (relative to `folder`, or a path) is `folder` or under it once symlinks are resolved."""
     real = os.path.realpath(folder)
     return os.path.commonpath([real, os.path.realpath(os.path.join(real, name))]) == real
+
+
+def check_relative(name: str, what: str) -> None:
+    """A path built from a name (a model id, a file pattern) must stay inside the folder it is joined to:
+    an absolute path, a drive or a `..` part would read, write or move files anywhere."""
+    parts = re.split(r"[\\/]", name)
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts \
+            or "\0" in name:
+        raise ValueError(f"{what} {name!r} must be a relative path inside the models folder (no '..', not absolute)")
 
 
 def _index_shards(index_path: str) -> list[str]:
@@ -294,7 +304,7 @@ def _index_shards(index_path: str) -> list[str]:
         raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
     folder = os.path.dirname(index_path)
     shards = sorted(set(weight_map.values()))
-    outside = [s for s in shards if not _inside(folder, s)]
+    outside = [s for s in shards if not is_inside(folder, s)]
     if outside:  # an index must not make us open /etc/passwd or another model's files
         raise CheckpointError(f"{index_path} names shards outside its folder: {outside[:5]}")
     missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
