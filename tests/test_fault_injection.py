@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffsynth.ops.files import temp_path
 from diffsynth.training import build_parser, train
 from diffsynth.training import trainer as trainer_module
 from diffsynth.training.checkpoint import (read_checkpoint, read_newest_readable, recover, resolve_resume,
@@ -132,7 +133,8 @@ def test_sigkill_at_a_random_moment_costs_at_most_the_steps_since_the_last_save(
 
 def test_a_new_run_never_takes_over_another_runs_folder(tmp_path):
     (tmp_path / "epoch-0.safetensors").write_bytes(b"weights")
-    (tmp_path / "epoch-1.safetensors.tmp-999-0").write_bytes(b"half")  # the other run was killed
+    half = temp_path(str(tmp_path / "epoch-1.safetensors"), 999)  # the other run was killed
+    open(half, "wb").write(b"half")
     save(tmp_path / "checkpoints", 4, 0)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     with pytest.raises(ValueError, match=r"already holds another run \(epoch-0.safetensors, checkpoints/latest, "
@@ -141,7 +143,7 @@ def test_a_new_run_never_takes_over_another_runs_folder(tmp_path):
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
     lock, notes = claim_output(tmp_path, resuming=True)
     lock.close()
-    assert notes == ["removed temp file epoch-1.safetensors.tmp-999-0"]
+    assert notes == [f"removed temp file {os.path.basename(half)}"]
 
 
 def test_a_second_run_in_a_locked_folder_stops_at_once(tmp_path):
@@ -165,12 +167,13 @@ def test_claim_repairs_an_interrupted_replacement_and_removes_temp_files(tmp_pat
     os.rename(root / "step-2", root / ".old-step-2-999")  # killed between the two renames, temp not complete
     (root / ".tmp-step-2").mkdir()
     (root / ".tmp-step-3").mkdir()
-    (root / f"latest.tmp-{os.getpid()}-3").write_text("step-3")
-    (tmp_path / "epoch-0.safetensors.tmp-999-0").write_bytes(b"half")
+    pointer, half = temp_path(str(root / "latest")), temp_path(str(tmp_path / "epoch-0.safetensors"), 999)
+    open(pointer, "w").write("step-3")
+    open(half, "wb").write(b"half")
     lock, notes = claim_output(tmp_path, resuming=True)
     lock.close()
     assert notes == ["restored step-2 from .old-step-2-999 (a save was interrupted)",
-                     f"removed temp file latest.tmp-{os.getpid()}-3", "removed temp file epoch-0.safetensors.tmp-999-0"]
+                     f"removed temp file {os.path.basename(pointer)}", f"removed temp file {os.path.basename(half)}"]
     assert sorted(os.listdir(root)) == ["latest", "step-2"] and os.listdir(tmp_path) == ["checkpoints"]
 
 

@@ -201,16 +201,41 @@ def test_publish_without_overwrite_never_replaces_a_concurrent_file(tmp_path):
     assert target.read_bytes() == b"theirs"
 
 
-def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)
-    stale = [tmp_path / f"epoch-0.safetensors.tmp-{pid}-0", tmp_path / f".latest.tmp-{pid}",
-             tmp_path / f"a.png.tmp-{pid}.png"]  # the last two: names of earlier versions
-    live = tmp_path / f"epoch-1.safetensors.tmp-{os.getpid()}-7"
+@pytest.fixture(scope="module")
+def dead_pid() -> int:
+    """The PID of a process that has exited."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path, dead_pid):
+    stale = [temp_path(str(tmp_path / "epoch-0.safetensors"), dead_pid), temp_path(str(tmp_path / "a.png"), dead_pid)]
+    live = temp_path(str(tmp_path / "epoch-1.safetensors"))
     for p in (*stale, live):
-        p.write_bytes(b"x")
-    assert sorted(remove_stale_temps(tmp_path)) == sorted(map(str, stale))
-    assert sorted(os.listdir(tmp_path)) == [live.name]
+        open(p, "wb").write(b"x")
+    assert sorted(remove_stale_temps(tmp_path)) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(live)]
+
+
+@pytest.mark.parametrize("any_pid", [False, True])
+def test_user_files_that_look_like_temp_files_are_never_removed(tmp_path, dead_pid, any_pid):
+    """Only names carrying our marker are temp files: a photo named like one stays, even in a locked folder."""
+    ours = os.path.basename(temp_path("x.png", dead_pid))
+    forged = ours[:-1] + ("1" if ours.endswith("0") else "0")  # our pattern, a wrong marker
+    names = ["holiday.tmp-2019.png", f"a.png.tmp-{dead_pid}.png", f"x.safetensors.tmp-{dead_pid}-0",
+             f".latest.tmp-{dead_pid}", forged]
+    for name in names:
+        (tmp_path / name).write_bytes(b"user data")
+    assert remove_stale_temps(tmp_path, any_pid=any_pid) == []
+    assert sorted(os.listdir(tmp_path)) == sorted(names)
+
+
+def test_generate_keeps_user_files_named_like_temp_files(tiny_root, tmp_path, dead_pid):
+    photos = [tmp_path / f"holiday.tmp-{dead_pid}.png", tmp_path / f"holiday.png.tmp-{dead_pid}-0"]
+    for photo in photos:
+        photo.write_bytes(b"a photo")
+    assert main(quick_generate(tiny_root, tmp_path / "out.png")) == 0
+    assert [p.read_bytes() for p in photos] == [b"a photo"] * 2
 
 
 @pytest.mark.parametrize("name, magic", [("a.jpg", b"\xff\xd8"), ("a.jpeg", b"\xff\xd8"), ("a.png", b"\x89PNG"),

@@ -7,6 +7,7 @@ weights in the requested dtype plus one tensor.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -383,15 +384,29 @@ def load_state_dict(paths, dtype: torch.dtype | None = None, device="cpu") -> di
 
 # ----------------------------------------------------------------------------- atomic writes
 
-# `<target>.tmp-<pid>-<n>`: the writer's PID tells a leftover of a killed process from a live write. Also
-# matches the names earlier versions used (`<target>.tmp-<pid>`, `<image>.tmp-<pid>.png`).
-TEMP_NAME = re.compile(r"\.tmp-(\d+)(?:-\d+|\.png)?$")
+# `<target>.tmp-<pid>-<n>-<tag>`: the writer's PID tells a leftover of a killed process from a live write, and
+# the tag (a keyed hash of the rest of the name) is our marker: only names this project wrote carry it, so a
+# user's `holiday.tmp-2019.png` or `notes.tmp-12-3` in the same folder is never taken for a temp file.
+TEMP_NAME = re.compile(r"(.+)\.tmp-(\d+)-(\d+)-([0-9a-f]{8})")
 _temp_counter = itertools.count()
 
 
-def temp_path(path: str) -> str:
-    """A temporary name beside `path`, unique per process and call."""
-    return f"{path}.tmp-{os.getpid()}-{next(_temp_counter)}"
+def _temp_tag(target_name: str, pid: int, n: int) -> str:
+    return hashlib.blake2b(f"{target_name}|{pid}|{n}".encode(), digest_size=4, person=b"diffsynth.tmp").hexdigest()
+
+
+def temp_path(path: str, pid: int | None = None) -> str:
+    """A temporary name beside `path`, unique per process and call (`pid`: another writer's, for tests)."""
+    pid, n = os.getpid() if pid is None else pid, next(_temp_counter)
+    return f"{path}.tmp-{pid}-{n}-{_temp_tag(os.path.basename(path), pid, n)}"
+
+
+def temp_writer(name: str) -> int | None:
+    """The PID of the process that wrote temp file `name`, None when `name` is not one of our temp names."""
+    m = TEMP_NAME.fullmatch(name)
+    if m is None or m.group(4) != _temp_tag(m.group(1), int(m.group(2)), int(m.group(3))):
+        return None
+    return int(m.group(2))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -407,14 +422,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: str | os.PathLike, any_pid: bool = False) -> list[str]:
-    """Delete temp files in `folder` left by killed writers (their PID is gone; `any_pid`: every temp file,
-    for a folder locked by the caller, where no other writer can be at work). Returns what was removed."""
+    """Delete temp files in `folder` left by killed writers of this project (their PID is gone; `any_pid`: every
+    one of our temp files, for a folder locked by the caller, where no other writer can be at work). Files that
+    only look like temp files (no marker, see TEMP_NAME) are never touched. Returns what was removed."""
     removed = []
     if not os.path.isdir(folder):
         return removed
     for entry in os.scandir(folder):
-        m = TEMP_NAME.search(entry.name)
-        if m and entry.is_file(follow_symlinks=False) and (any_pid or not _pid_alive(int(m.group(1)))):
+        pid = temp_writer(entry.name)
+        if pid is not None and entry.is_file(follow_symlinks=False) and (any_pid or not _pid_alive(pid)):
             os.remove(entry.path)
             removed.append(entry.path)
     return removed
