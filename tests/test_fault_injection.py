@@ -273,11 +273,16 @@ def test_resume_with_another_lora_rank_is_refused_before_loading(tiny_root, data
         train(args(tiny_root, data, tmp_path, "--resume_from_checkpoint", "latest"))
 
 
-def test_resuming_a_finished_run_says_there_is_nothing_to_train(tiny_root, data, tmp_path):
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tiny_root, data, tmp_path, capsys):
+    """A re-run of the same command (a requeued job) succeeds and changes nothing."""
     cache = ("--cache_dir", str(tmp_path / "cache"))
     train(args(tiny_root, data, tmp_path, *cache))
-    with pytest.raises(ValueError, match=r"is at step 2, already the end of this run \(2 steps"):
-        train(args(tiny_root, data, tmp_path, *cache, "--resume_from_checkpoint", "latest"))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    result = train(args(tiny_root, data, tmp_path, *cache, "--resume_from_checkpoint", "latest"))
+    assert result["steps"] == 2 and result["files"] == []
+    assert "is at step 2, the end of this run (2 steps: --num_epochs 1 x 2 steps/epoch, --max_steps), and every " \
+           "file of it is written: nothing to train" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 def test_a_nan_loss_stops_training_and_saves_nothing(tiny_root, data, tmp_path, monkeypatch):
@@ -287,3 +292,71 @@ def test_a_nan_loss_stops_training_and_saves_nothing(tiny_root, data, tmp_path, 
                                                            r".*not updated with it; no checkpoint was saved"):
         train(args(tiny_root, data, tmp_path / "out"))
     assert os.listdir(tmp_path / "out") == []
+
+
+# ----------------------------------------------------------------------------- a kill after every file swap of a run
+
+# The files a 2-step, 1-epoch run swaps into place (rename/replace), in order, with --checkpointing_steps 1 and its
+# cache already built: the checkpoints of steps 1 and 2, the epoch's export, step-2 saved again at the epoch end.
+RUN_SWAPS = ["state.json", "step-1", "latest", "state.json", "step-2", "latest", "epoch-0.safetensors",
+             "state.json", ".old-step-2-PID", "step-2", "latest"]
+
+
+def swaps_then_kill(monkeypatch, n: int | None) -> list[str]:
+    """Let the n-th (0-based) rename/replace happen, then raise Killed; returns the names swapped in."""
+    swapped = []
+    for name in ("rename", "replace"):
+        def fake(src, dst, _real=getattr(os, name)):
+            _real(src, dst)
+            swapped.append(os.path.basename(dst).replace(str(os.getpid()), "PID"))
+            if len(swapped) - 1 == n:
+                raise Killed()
+        monkeypatch.setattr(os, name, fake)
+    return swapped
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_root, data, tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted run (its cache kept for the others): (cache folder, its epoch-0 export)."""
+    from diffsynth.ops.files import load_state_dict
+    out, cache = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("cache")
+    train(args(tiny_root, data, out, "--cache_dir", str(cache)))
+    reset_accelerate()
+    return cache, load_state_dict(str(out / "epoch-0.safetensors"))
+
+
+def test_the_run_swaps_are_the_ones_the_kill_tests_cover(tiny_root, data, tmp_path, monkeypatch, finished_run):
+    swapped = swaps_then_kill(monkeypatch, None)
+    train(args(tiny_root, data, tmp_path, "--cache_dir", str(finished_run[0])))
+    assert swapped == RUN_SWAPS
+
+
+@pytest.mark.parametrize("n", range(len(RUN_SWAPS)))
+def test_a_kill_after_any_swap_then_resume_finishes_the_run(tiny_root, data, tmp_path, monkeypatch, capsys,
+                                                            finished_run, n):
+    """Killed after the n-th swap (including after the last step's checkpoint, before the export): resuming
+    writes what the run owes and ends normally, with the weights of an uninterrupted run."""
+    from diffsynth.ops.files import load_state_dict
+    cache, reference = finished_run
+    swaps_then_kill(monkeypatch, n)
+    with pytest.raises(Killed):
+        train(args(tiny_root, data, tmp_path, "--cache_dir", str(cache)))
+    monkeypatch.undo()
+    reset_accelerate()
+    train(args(tiny_root, data, tmp_path, "--cache_dir", str(cache), "--resume_from_checkpoint", "latest"))
+    if n in (5, 6):  # killed after step 2's checkpoint (latest names it), before the epoch-end checkpoint
+        assert "is the last step of this run, which stopped before its end-of-run files were written: writing " \
+               f"epoch-0.safetensors, the final checkpoint in {tmp_path}" in capsys.readouterr().out
+    exported = load_state_dict(str(tmp_path / "epoch-0.safetensors"))
+    assert exported.keys() == reference.keys()
+    assert all(torch.equal(exported[k], reference[k]) for k in reference)
+    root = tmp_path / "checkpoints"
+    assert sorted(os.listdir(root)) == ["latest", "step-2"]
+    assert read_checkpoint(root / "step-2").state["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "epoch-0.safetensors"]

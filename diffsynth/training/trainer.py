@@ -295,10 +295,30 @@ class Trainer:
             self.accelerator.print(f"warning: the data changed since the checkpoint ({what}): epoch {state['epoch']} "
                                    "restarts from its first batch")
             state["batch"] = 0
-        if state["step"] >= self.total_steps:
-            raise ValueError(f"{self.resume} is at step {state['step']}, already the end of this run "
-                             f"({self.total_steps} steps: --num_epochs {args.num_epochs} x {self.steps_per_epoch} "
-                             "steps/epoch, --max_steps): nothing to train; raise --num_epochs or --max_steps")
+        if state["step"] < self.total_steps:
+            return
+        # at the end already: a re-run of the same command (a requeued job) succeeds, finishing what is owed
+        owed = self.owed_at_end()
+        if owed:
+            self.accelerator.print(f"note: {self.resume} is the last step of this run, which stopped before its "
+                                   f"end-of-run files were written: writing {', '.join(owed)} in {self.output}")
+        else:
+            self.accelerator.print(f"note: {self.resume} is at step {state['step']}, the end of this run "
+                                   f"({self.total_steps} steps: --num_epochs {args.num_epochs} x {self.steps_per_epoch} "
+                                   "steps/epoch, --max_steps), and every file of it is written: nothing to train "
+                                   "(raise --num_epochs or --max_steps to train further)")
+
+    def owed_at_end(self) -> list[str]:
+        """What a run whose last step is done still has to write (it was stopped before): the epoch-end export
+        and final checkpoint, or the export of a run that --max_steps ended inside an epoch."""
+        state = self.state
+        if state["epoch"] >= self.args.num_epochs or state["batch"] == 0:
+            return []  # the epoch-end checkpoint is saved last, after the export
+        suffixes = ("", "-ema") if self.ema is not None else ("",)
+        if state["batch"] >= len(self.rank_batches(state["epoch"])):
+            return [f"epoch-{state['epoch']}{s}.safetensors" for s in suffixes] + ["the final checkpoint"]
+        names = [f"step-{state['step']}{s}.safetensors" for s in suffixes]
+        return [n for n in names if not (self.output / n).is_file()]
 
     def _warn_if_layout_changed(self) -> None:
         now = {"world_size": self.world, "batch_size": self.args.batch_size,
@@ -421,6 +441,20 @@ class Trainer:
         if self.step_callback is not None:
             self.step_callback(step, loss)
 
+    def train_epoch(self, epoch: int, batches: list[list[int]], start: int, progress: tqdm) -> None:
+        """Batches `start:` of `epoch`, until the epoch or the run ends."""
+        state = self.state
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[start:], collate_fn=list,
+                                             num_workers=self.args.dataset_num_workers, generator=torch.Generator())
+        for i, batch in enumerate(loader, start=start):
+            loss = self.optimizer_step(batch)
+            if loss is None:
+                continue
+            state.update(step=state["step"] + 1, epoch=epoch, batch=i + 1)
+            self.after_step(state["step"], loss, progress)
+            if state["step"] >= self.total_steps:
+                break
+
     def run(self) -> dict:
         args, acc, state = self.args, self.accelerator, self.state
         if self.tensorboard:
@@ -436,20 +470,12 @@ class Trainer:
         self.state_saved_at = state["step"] if self.resume is not None else -1
         self.model.train()
         for epoch in range(state["epoch"], args.num_epochs):
-            if state["step"] >= self.total_steps:
-                break
             batches = self.rank_batches(epoch)
             start = state["batch"] if epoch == state["epoch"] else 0
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[start:], collate_fn=list,
-                                                 num_workers=args.dataset_num_workers, generator=torch.Generator())
-            for i, batch in enumerate(loader, start=start):
-                loss = self.optimizer_step(batch)
-                if loss is None:
-                    continue
-                state.update(step=state["step"] + 1, epoch=epoch, batch=i + 1)
-                self.after_step(state["step"], loss, progress)
-                if state["step"] >= self.total_steps:
-                    break
+            if state["step"] >= self.total_steps and start == 0:
+                break
+            if state["step"] < self.total_steps:  # else: a resumed run only writes what its end owes (below)
+                self.train_epoch(epoch, batches, start, progress)
             if state["batch"] < len(batches):  # --max_steps ended training inside the epoch
                 if not (args.save_steps and state["step"] % args.save_steps == 0):
                     self.save_weights(f"step-{state['step']}")
