@@ -1,5 +1,6 @@
 """Bad input fails early and clearly; nothing is silently wrong: corrupt files, absurd or non-finite
 arguments, forged metadata, overwrites. Every case asserts the exact outcome."""
+import ast
 import json
 import math
 import os
@@ -7,7 +8,9 @@ import shutil
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,8 +22,10 @@ from diffsynth.loading import download
 from diffsynth.loading.lora import convert_lora, describe_lora
 from diffsynth.ops.files import (CheckpointError, all_finite, load_state_dict, publish, remove_stale_temps, save_image,
                                  save_safetensors, scan, scan_file, temp_path)
+from diffsynth.ops.images import convert_image
+from diffsynth.pipelines.images import image_to_tensor
 from diffsynth.pipelines.checks import MAX_PIXELS, check_call_args
-from diffsynth.training.data import image_size
+from diffsynth.training.data import ImageDataset, image_size
 
 ARGS = ["--height", "64", "--width", "96", "--steps", "2", "--t5-sequence-length", "16", "--device", "cpu",
         "--dtype", "fp32"]
@@ -384,6 +389,44 @@ def test_truncated_jpeg_fails_the_dataset_check(tmp_path):
     truncated_jpeg(tmp_path / "a.jpg")
     with pytest.raises(ValueError, match=r"a.jpg cannot be read as an image \(OSError: image file is truncated"):
         image_size(str(tmp_path / "a.jpg"))
+
+
+# ----------------------------------------------------------------------------- wide images (16-bit, float)
+
+GRADIENT = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every 8-bit value once
+
+
+@pytest.mark.parametrize("wide", [
+    Image.fromarray(GRADIENT.astype(np.uint16) * 257),                      # I;16, the full 16-bit range
+    Image.fromarray(GRADIENT.astype(np.int32) * 257, "I"),                  # a 16-bit PNG as some readers give it
+    Image.fromarray(GRADIENT.astype(np.float32) / 255, "F"),               # floats in 0..1
+    Image.fromarray(GRADIENT.astype(np.float32) / 25.5 + 0.5, "F"),        # a depth map in metres: its min..max
+], ids=["I;16", "I", "F 0..1", "F metres"])
+def test_wide_images_are_converted_by_their_range_not_clipped(wide):
+    assert np.array_equal(np.asarray(convert_image(wide, "L")), GRADIENT)
+    assert np.array_equal(np.asarray(convert_image(wide)), np.repeat(GRADIENT[..., None], 3, -1))
+
+
+def test_a_16_bit_png_is_read_as_its_8_bit_counterpart_by_the_pipeline_and_training(tmp_path):
+    Image.fromarray(GRADIENT.astype(np.uint16) * 257).save(tmp_path / "depth16.png")
+    Image.fromarray(GRADIENT).save(tmp_path / "depth8.png")
+    with Image.open(tmp_path / "depth16.png") as wide, Image.open(tmp_path / "depth8.png") as narrow:
+        assert wide.mode == "I;16"
+        assert torch.equal(image_to_tensor(wide, 16, 16), image_to_tensor(narrow, 16, 16))
+    dataset = ImageDataset([], [], [], 16, 16, 256)
+    for mode in ("RGB", "L"):
+        assert np.array_equal(np.asarray(dataset._image(str(tmp_path / "depth16.png"), (16, 16), mode)),
+                              np.asarray(dataset._image(str(tmp_path / "depth8.png"), (16, 16), mode)))
+
+
+def test_images_are_converted_in_one_place():
+    """Every reader goes through ops.images.convert_image: a direct PIL .convert() would clip wide images."""
+    package = Path(__file__).resolve().parents[1] / "diffsynth"
+    direct = [f"{path.relative_to(package)}:{node.lineno}" for path in package.rglob("*.py")
+              if path.name != "images.py" or path.parent.name != "ops"
+              for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "convert"]
+    assert direct == []
 
 
 # ----------------------------------------------------------------------------- generate command line

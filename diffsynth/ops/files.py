@@ -538,6 +538,7 @@ def save_image(image, path: str | os.PathLike, text: dict[str, str] | None = Non
         for k, v in text.items():
             kwargs["pnginfo"].add_text(k, v)
     if fmt == "JPEG":
+        from .images import convert_image
         kwargs.update(quality=95, comment=(text or {}).get("parameters", ""))
-        image = image.convert("RGB")
+        image = convert_image(image)
     _write_atomic(path, lambda tmp: image.save(tmp, format=fmt, **kwargs), overwrite)

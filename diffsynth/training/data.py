@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..pipelines.flux_image import SIZE_MULTIPLE
+from ..ops.images import convert_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
@@ -224,7 +225,7 @@ def target_size(size: tuple[int, int], height: int | None, width: int | None, ma
 
 def crop_resize(image: Image.Image, width: int, height: int) -> Image.Image:
     """Scale to cover (width, height), keeping the aspect, then centre-crop (masks stay grayscale)."""
-    image = image if image.mode == "L" else image.convert("RGB")
+    image = image if image.mode == "L" else convert_image(image)
     scale = max(width / image.width, height / image.height)
     new = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     if new != image.size:
@@ -249,7 +250,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _image(self, path: str, size: tuple[int, int] | None, mode: str = "RGB") -> Image.Image:
         with Image.open(path) as im:
-            im = im.convert(mode)
+            im = convert_image(im, mode)
         w, h = size or target_size(im.size, self.height, self.width, self.max_pixels, None)
         return crop_resize(im, w, h)
 

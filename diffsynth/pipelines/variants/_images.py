@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from ..images import VAE_FACTOR, image_to_tensor, vae_encode  # noqa: F401  (the variants' image helpers)
+from ...ops.images import convert_image
 
 PATCH = 2
 
@@ -51,7 +52,7 @@ def mask_tensor(mask, name: str, size: tuple[int, int], modes: tuple[str, ...], 
                          f"(white = the region to paint), got mode {mask.mode!r}: use .convert('L')")
     if mask.size != size:
         raise ValueError(f"{name} is {mask.size[0]}x{mask.size[1]} but the image it masks is {size[0]}x{size[1]}")
-    mask = mask.convert("RGB").getchannel(0) if mask.mode == "RGB" else mask.convert("L")
+    mask = convert_image(mask).getchannel(0) if mask.mode == "RGB" else convert_image(mask, "L")
     if resize_to is not None and mask.size != resize_to:
         mask = mask.resize(resize_to, Image.BILINEAR)
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
