@@ -1,7 +1,9 @@
 """Kills at every step of a checkpoint save, kills at random moments, concurrent runs, corrupt checkpoints and
 changed arguments on resume: a kill costs at most the steps since the last save, and nothing is silent."""
+import errno
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -216,13 +218,16 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def args(tiny_root, data, out, *extra):
+def argv(tiny_root, data, out, *extra) -> list[str]:
     files = [str(tiny_root / f) for f in ("flux1-dev.safetensors", "text_encoder/model.safetensors",
                                           "text_encoder_2/", "ae.safetensors")]
-    return build_parser().parse_args([
-        "--dataset_base_path", str(data), "--height", "32", "--width", "32", "--model_paths", json.dumps(files),
-        "--output_path", str(out), "--t5_sequence_length", "8", "--seed", "0", "--report_to", "none",
-        "--lora_base_model", "dit", "--lora_rank", "2", "--checkpointing_steps", "1", *extra])
+    return ["--dataset_base_path", str(data), "--height", "32", "--width", "32", "--model_paths", json.dumps(files),
+            "--output_path", str(out), "--t5_sequence_length", "8", "--seed", "0", "--report_to", "none",
+            "--lora_base_model", "dit", "--lora_rank", "2", "--checkpointing_steps", "1", *extra]
+
+
+def args(tiny_root, data, out, *extra):
+    return build_parser().parse_args(argv(tiny_root, data, out, *extra))
 
 
 def test_kill_between_the_renames_at_an_epoch_end_then_resume_latest(tiny_root, data, tmp_path, monkeypatch, capsys):
@@ -360,3 +365,63 @@ def test_a_kill_after_any_swap_then_resume_finishes_the_run(tiny_root, data, tmp
     assert sorted(os.listdir(root)) == ["latest", "step-2"]
     assert read_checkpoint(root / "step-2").state["epoch"] == 1
     assert sorted(os.listdir(tmp_path)) == ["checkpoints", "epoch-0.safetensors"]
+
+
+# ----------------------------------------------------------------------------- Ctrl-C, a full disk
+
+def test_ctrl_c_during_training_is_one_line_naming_the_newest_checkpoint(tiny_root, data, tmp_path, monkeypatch,
+                                                                         capsys, finished_run):
+    real = trainer_module.Trainer.after_step
+
+    def after_step(self, step, loss, progress):
+        real(self, step, loss, progress)
+        if step == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(trainer_module.Trainer, "after_step", after_step)
+    command = argv(tiny_root, data, tmp_path, "--cache_dir", str(finished_run[0]), "--num_epochs", "2")
+    assert trainer_module.main(command) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == ("stopped: interrupted at step 3: the newest checkpoint is step-3 (resume with "
+                                    "--resume_from_checkpoint latest)")
+    monkeypatch.undo()
+    reset_accelerate()
+    assert trainer_module.main(command + ["--resume_from_checkpoint", "latest"]) == 0
+    assert read_checkpoint(tmp_path / "checkpoints" / "step-4").state["epoch"] == 2
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_so(tiny_root, data, tmp_path,
+                                                                           monkeypatch, capsys, finished_run):
+    from diffsynth.training import checkpoint
+    real, calls = checkpoint.save_file, []
+
+    def save_file(*args, **kwargs):  # step-1's checkpoint is written, step-2's finds the disk full
+        calls.append(1)
+        return (enospc if len(calls) == 2 else real)(*args, **kwargs)
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    assert trainer_module.main(argv(tiny_root, data, tmp_path, "--cache_dir", str(finished_run[0]))) == 1
+    root = tmp_path / "checkpoints"
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.fullmatch(rf"error: checkpoint step-2 not written: the disk of {re.escape(str(root))} is full "
+                        r"\([\d,.]+ MiB free\); the newest checkpoint is step-1 \(resume with "
+                        r"--resume_from_checkpoint latest\)", err.splitlines()[-1])
+    assert sorted(os.listdir(root)) == ["latest", "step-1"]
+    assert read_checkpoint(root / "step-1").state["step"] == 1
+
+
+def test_a_full_disk_during_an_export_leaves_no_temp_file(tiny_root, data, tmp_path, monkeypatch, capsys,
+                                                          finished_run):
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_file", enospc)  # the exports' writer (checkpoints keep theirs)
+    assert trainer_module.main(argv(tiny_root, data, tmp_path, "--cache_dir", str(finished_run[0]))) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.fullmatch(rf"error: {re.escape(str(tmp_path / 'epoch-0.safetensors'))} not written: the disk of "
+                        rf"{re.escape(str(tmp_path))} is full \([\d,.]+ MiB free\); the newest checkpoint is step-2 "
+                        r"\(resume with --resume_from_checkpoint latest\)", err.splitlines()[-1])
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]

@@ -7,11 +7,13 @@ weights in the requested dtype plus one tensor.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
 import os
 import re
+import shutil
 import stat
 import struct
 import zipfile
@@ -485,6 +487,29 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()
 
 
+class DiskFull(OSError):
+    """A write failed because the disk (or the user's quota) is full; the message names the folder."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """`e` says the disk is full: an OSError's errno, or the text writers that wrap it put in their message
+    (safetensors' Rust writer: "StorageFull"; others: "No space left on device")."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(s in str(e) for s in ("No space left", "StorageFull", "Disk quota exceeded"))
+
+
+def disk_full(folder: str | os.PathLike, what: str) -> DiskFull:
+    """The one-line error for `what` not written into `folder` because its disk is full."""
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    error = DiskFull(f"{what} not written: the disk of {folder} is full ({free})")
+    error.errno = errno.ENOSPC  # set apart: given to the constructor, it would prefix the message
+    return error
+
+
 def _write_atomic(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool) -> None:
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -495,9 +520,18 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[str], None], overwri
         write(tmp)
         os.chmod(tmp, FILE_MODE)
         publish(tmp, path, overwrite)
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full(os.path.dirname(os.path.abspath(path)), path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_text(text: str, path: str | os.PathLike, overwrite: bool = True) -> None:
+    """Write a UTF-8 text file atomically."""
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite)
 
 
 def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:

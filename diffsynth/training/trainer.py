@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..ops.files import DTYPE_NAMES, all_finite, save_image
+from ..ops.files import DTYPE_NAMES, DiskFull, all_finite, save_image
 from .args import build_parser, check_args, parse_model_sources
 from .cache import build_cache, cache_paths
-from .checkpoint import SavedState, load_checkpoint, read_newest_readable, resume_candidates, save_checkpoint
+from .checkpoint import SavedState, complete_checkpoints, load_checkpoint, read_newest_readable, resume_candidates, save_checkpoint
 from .data import ImageDataset, bucket_sizes, epoch_batches, load_samples, shard_batches, target_size
 from .export import save_output, training_info
 from .module import FluxTrainingModule
@@ -455,20 +455,9 @@ class Trainer:
             if state["step"] >= self.total_steps:
                 break
 
-    def run(self) -> dict:
-        args, acc, state = self.args, self.accelerator, self.state
-        if self.tensorboard:
-            acc.init_trackers("logs", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                              for k, v in vars(args).items()})
-        acc.print(f"training {sum(p.numel() for p in self.params):,} parameters of "
-                  f"{', '.join(self.module.trained_models())}: {len(self.samples)} rows x {args.dataset_repeat}, "
-                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {self.world} process(es), "
-                  f"seed {self.seed}")
-        progress = tqdm(total=self.total_steps, initial=state["step"], disable=not self.main, desc="train",
-                        dynamic_ncols=True)
-        started, self._micro_losses = time.time(), []
-        self.state_saved_at = state["step"] if self.resume is not None else -1
-        self.model.train()
+    def run_epochs(self, progress: tqdm) -> None:
+        """From the current position to the end of the run, with the end-of-epoch and end-of-run saves."""
+        args, state = self.args, self.state
         for epoch in range(state["epoch"], args.num_epochs):
             batches = self.rank_batches(epoch)
             start = state["batch"] if epoch == state["epoch"] else 0
@@ -485,7 +474,25 @@ class Trainer:
             self.save_weights(f"epoch-{epoch}")
             state.update(epoch=epoch + 1, batch=0)
             self.save_state()
-        progress.close()
+
+    def run(self) -> dict:
+        args, acc, state = self.args, self.accelerator, self.state
+        if self.tensorboard:
+            acc.init_trackers("logs", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                              for k, v in vars(args).items()})
+        acc.print(f"training {sum(p.numel() for p in self.params):,} parameters of "
+                  f"{', '.join(self.module.trained_models())}: {len(self.samples)} rows x {args.dataset_repeat}, "
+                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {self.world} process(es), "
+                  f"seed {self.seed}")
+        progress = tqdm(total=self.total_steps, initial=state["step"], disable=not self.main, desc="train",
+                        dynamic_ncols=True)
+        started, self._micro_losses = time.time(), []
+        self.state_saved_at = state["step"] if self.resume is not None else -1
+        self.model.train()
+        try:  # the bar is closed before any error is printed: the message stays the last line
+            self.run_epochs(progress)
+        finally:
+            progress.close()
         acc.end_training()
         elapsed = time.time() - started
         acc.print(f"done: {state['step']} steps in {elapsed:.1f}s")
@@ -493,23 +500,53 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "seconds": elapsed, "module": self.unwrapped}
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped early (Ctrl-C, a full disk); the message says where the newest checkpoint is."""
+
+    def __init__(self, message: str, interrupted: bool):
+        super().__init__(message)
+        self.interrupted = interrupted
+
+
+def newest_checkpoint(root: Path) -> str:
+    """Where a resume would start, in words."""
+    found = complete_checkpoints(root)
+    if not found:
+        return "no checkpoint was saved"
+    return f"the newest checkpoint is {found[-1].name} (resume with --resume_from_checkpoint latest)"
+
+
 def train(args: argparse.Namespace, step_callback: StepCallback | None = None) -> dict:
     """Train as described by `args` (from `build_parser().parse_args`). Returns a summary: steps, per-step
-    losses, files written, seed, and the trained module (`module.pipe` is the pipeline)."""
+    losses, files written, seed, and the trained module (`module.pipe` is the pipeline). Ctrl-C and a full
+    disk raise TrainingStopped naming the newest checkpoint (a save in progress is not finished: a
+    checkpoint made of a half-done step would not be one)."""
     trainer = Trainer(args, step_callback)
     try:
         return trainer.run()
+    except KeyboardInterrupt:
+        raise TrainingStopped(f"interrupted at step {trainer.state['step']}: "
+                              f"{newest_checkpoint(trainer.ckpt_root)}", interrupted=True) from None
+    except DiskFull as e:
+        raise TrainingStopped(f"{e}; {newest_checkpoint(trainer.ckpt_root)}", interrupted=False) from None
     finally:
         trainer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """train.py's entry point: a user error prints its message (no traceback) and exits with 1."""
+    """train.py's entry point: a user error, Ctrl-C or a full disk prints one line (no traceback) and exits
+    with 1 (130 for Ctrl-C, as shells do)."""
     import sys
     args = build_parser().parse_args(argv)
     try:
         train(args)
-    except (ValueError, FileNotFoundError, ImportError, OutputLocked) as e:
+    except TrainingStopped as e:
+        print(f"{'stopped' if e.interrupted else 'error'}: {e}", file=sys.stderr)
+        return 130 if e.interrupted else 1
+    except KeyboardInterrupt:
+        print("stopped: interrupted before training started", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, ImportError, OutputLocked, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
