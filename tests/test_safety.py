@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from diffsynth import ModelConfig
+from diffsynth import FluxImagePipeline, ModelConfig
 from diffsynth.cli import escape_line, main, png_metadata
 from diffsynth.loading import download
 from diffsynth.loading.lora import convert_lora, describe_lora
@@ -367,11 +367,13 @@ def kohya(rank=2, alpha=1.0, value=0.1):
     (kohya(rank=0), "rank 0 (no LoRA weights)"),
     (kohya(alpha=float("nan")), "alpha is nan"),
     (kohya(value=float("inf")), "NaN/Inf in its down weights"),
+    ({k: v.to(torch.int8) for k, v in kohya(value=3).items()}, "integer weights (int8); a LoRA's weights are "
+                                                               "floating point"),
 ])
 def test_unusable_lora_layers_are_reported_not_applied(tmp_path, sd, reason):
     assert convert_lora(sd).unknown == {KOHYA: reason}
     save_file(sd, tmp_path / "l.safetensors")
-    if "rank 0" in reason:
+    if reason.startswith(("rank 0", "integer")):
         assert describe_lora(str(tmp_path / "l.safetensors"))["unknown"] == {KOHYA: reason}
     else:  # a file holding NaN/Inf is refused as it is read, naming the tensor
         with pytest.raises(CheckpointError, match=rf"l.safetensors: tensor '{KOHYA}\.\w+(\.weight)?' holds NaN/Inf"):
@@ -381,6 +383,74 @@ def test_unusable_lora_layers_are_reported_not_applied(tmp_path, sd, reason):
 def test_non_finite_lora_strength_is_refused(tiny_pipe):
     with pytest.raises(ValueError, match="LoRA alpha \\(strength\\) must be a finite number, got nan"):
         tiny_pipe.load_lora(tiny_pipe.dit, kohya(), alpha=float("nan"))
+
+
+def test_a_lora_with_integer_weights_is_refused_not_applied(tiny_pipe):
+    with pytest.raises(ValueError, match=r"(?s)1 LoRA entries match no layer.*integer weights \(int8\)"):
+        tiny_pipe.load_lora(tiny_pipe.dit, {k: v.to(torch.int8) for k, v in kohya(value=3).items()})
+
+
+def test_an_empty_lora_file_is_refused_naming_it(tiny_pipe, tmp_path):
+    save_file({}, tmp_path / "empty.safetensors")
+    with pytest.raises(ValueError, match=r"empty.safetensors holds no LoRA tensors"):
+        tiny_pipe.load_lora(tiny_pipe.dit, str(tmp_path / "empty.safetensors"))
+
+
+def test_an_fp8_lora_loads_as_its_exact_upcast(tiny_pipe, tmp_path):
+    """fp8 LoRA files (e4m3fn and e5m2) are read and applied as their exact bf16 values, merged or hot-loaded."""
+    layer = tiny_pipe.dit.blocks[0].attn.a_to_qkv
+    g = torch.Generator().manual_seed(0)
+    sd = {"blocks.0.attn.a_to_qkv.lora_A.default.weight": torch.randn(2, layer.in_features, generator=g),
+          "blocks.0.attn.a_to_qkv.lora_B.default.weight": torch.randn(layer.out_features, 2, generator=g) / 4}
+    saved = {k: v.detach().clone() for k, v in tiny_pipe.dit.state_dict().items()}
+    kw = dict(height=32, width=32, num_inference_steps=1, t5_sequence_length=8, seed=0, output_type="latent",
+              progress_bar_cmd=lambda x: x)
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        save_file({k: v.to(fp8) for k, v in sd.items()}, tmp_path / "fp8.safetensors")
+        save_file({k: v.to(fp8).to(torch.bfloat16) for k, v in sd.items()}, tmp_path / "bf16.safetensors")
+        for hotload in (True, False):
+            outs = []
+            for name in ("fp8", "bf16"):
+                tiny_pipe.load_lora(tiny_pipe.dit, str(tmp_path / f"{name}.safetensors"), hotload=hotload)
+                outs.append(tiny_pipe("a cat", **kw))
+                tiny_pipe.clear_lora()
+                tiny_pipe.dit.load_state_dict(saved)
+            assert torch.equal(*outs), (fp8, hotload)
+
+
+def test_scaled_fp8_marker_without_scales_is_refused(tiny_root, tmp_path):
+    from diffsynth.loading.registry import build, detect
+    from safetensors.torch import load_file
+    sd = {f"model.diffusion_model.{k}": v.to(torch.float8_e4m3fn) if v.ndim == 2 else v
+          for k, v in load_file(tiny_root / "flux1-dev.safetensors").items()}
+    sd["model.diffusion_model.scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(sd, tmp_path / "fp8-scaled.safetensors")
+    with pytest.raises(CheckpointError, match=r"fp8-scaled.safetensors: marked as ComfyUI scaled fp8 "
+                                              r"\('scaled_fp8'\) but holds no scale tensors"):
+        for det in detect(str(tmp_path / "fp8-scaled.safetensors")):
+            build(det, torch.float32, "cpu")
+
+
+def test_ipadapter_scale_without_images_is_refused(tiny_pipe):
+    with pytest.raises(ValueError, match=r"ipadapter_scale=0.5 is given without ipadapter_images"):
+        tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, t5_sequence_length=8, ipadapter_scale=0.5,
+                  progress_bar_cmd=lambda x: x)
+
+
+@pytest.mark.parametrize("value", [-3, float("nan"), float("inf")])
+def test_negative_or_non_finite_vram_limit_is_refused(tiny_pipe, value):
+    with pytest.raises(ValueError, match=r"vram_limit must be a number of GB >= 0"):
+        tiny_pipe.enable_vram_management(vram_limit=value)
+    with pytest.raises(ValueError, match=r"vram_limit must be a number of GB >= 0"):
+        FluxImagePipeline.from_pretrained(device="cpu", vram_limit=value, model_configs=[
+            ModelConfig(path="never-read.safetensors")])
+
+
+def test_generate_refuses_a_negative_vram_limit_at_once(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "a cat", "--model-dir", str(tmp_path), "--vram-limit", "-3"])
+    assert e.value.code == 2
+    assert "argument --vram-limit: must be a number of GB >= 0, got '-3'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -30,6 +30,9 @@ def reference_images(ipadapter_images) -> list[Image.Image]:
 def encode_ipadapter_images(pipe, branches, ipadapter_images=None, ipadapter_scale=1.0, num_images=1):
     """Image embeddings (B, n_images, dim): the images' on the positive side, zeros on the negative one."""
     if ipadapter_images is None:
+        if ipadapter_scale != 1.0:  # the default: any other value was meant to do something
+            raise ValueError(f"ipadapter_scale={ipadapter_scale!r} is given without ipadapter_images: there is "
+                             "nothing to scale (pass the reference images, or drop ipadapter_scale)")
         return [{} for _ in branches]
     if pipe.ipadapter is None:
         raise RuntimeError("ipadapter_images needs an IP-Adapter: add e.g. ModelConfig(model_id="
