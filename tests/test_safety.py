@@ -4,6 +4,7 @@ import ast
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -300,6 +301,49 @@ def test_truncated_input_image_is_named(tmp_path):
     truncated_jpeg(tmp_path / "cut.jpg")
     with pytest.raises(ValueError, match="input_image cannot be decoded"):
         check_call_args({**CALL, "input_image": Image.open(tmp_path / "cut.jpg")})
+
+
+def condition_calls(image):
+    """Each image-conditioned variant's first look at its image argument, on a stand-in pipeline that has the
+    variant's models (the image is checked before any of them is used): (argument name, call)."""
+    from types import SimpleNamespace
+
+    from diffsynth.pipelines.variants import controlnet, kontext, nexus_gen, redux, step1x
+    pipe = SimpleNamespace(controlnet=[None], qwenvl=object(), image_encoder=object(), redux=object(),
+                           nexus_gen=object())
+    return [
+        ("controlnet_inputs[0].image", lambda: controlnet._checked(pipe, controlnet.ControlNetInput(image=image), 0)),
+        ("controlnet_inputs[0].inpaint_mask", lambda: controlnet._checked(
+            pipe, controlnet.ControlNetInput(image=Image.new("RGB", (8, 8)), inpaint_mask=image), 0)),
+        ("kontext_images[0]", lambda: kontext.encode_kontext_images.fn(pipe, None, kontext_images=[image])),
+        ("step1x_reference_image", lambda: step1x._reference(pipe, image)),
+        ("nexus_gen_reference_image", lambda: nexus_gen.encode_nexus_gen_prompt.fn(
+            pipe, [{}], None, nexus_gen_reference_image=image)),
+        ("flux_redux_image", lambda: redux.redux_tokens(pipe, image)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_truncated_condition_images_are_named(tmp_path, index):
+    name, call = condition_calls(Image.open(truncated_jpeg(tmp_path / "cut.jpg")))[index]
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)} cannot be decoded \(OSError: image file is truncated"):
+        call()
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_a_path_given_as_a_condition_image_is_refused_with_the_hint(index):
+    name, call = condition_calls("mask.png")[index]
+    with pytest.raises(TypeError, match=rf"^{re.escape(name)} must be a PIL image \(open it first: "
+                                        r"PIL.Image.open\(path\)\), got str"):
+        call()
+
+
+def test_an_empty_redux_image_list_is_a_clear_error():
+    from types import SimpleNamespace
+
+    from diffsynth.pipelines.variants.redux import redux_tokens
+    with pytest.raises(ValueError, match=r"flux_redux_image is an empty list: give a PIL image or a non-empty list"):
+        redux_tokens(SimpleNamespace(image_encoder=object(), redux=object()), [])
 
 
 def test_nan_in_dit_weights_raises_naming_the_weight_instead_of_a_black_image(tiny_pipe):

@@ -7,6 +7,8 @@ vision encoders) sees what the file shows.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -40,3 +42,25 @@ def convert_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
     if image.mode in WIDE_MODES:
         image = to_8bit(image)
     return image.convert(mode)  # a new image even in the same mode: callers may close the original
+
+
+def check_image(value, name: str) -> Image.Image:
+    """`value` is a PIL image whose pixels decode: a path gets the hint to open it, a truncated or damaged
+    file fails here naming the argument (decoding is lazy: it would otherwise fail deep inside a model)."""
+    if not isinstance(value, Image.Image):
+        hint = " (open it first: PIL.Image.open(path))" if isinstance(value, (str, os.PathLike)) else ""
+        raise TypeError(f"{name} must be a PIL image{hint}, got {type(value).__name__}")
+    try:
+        value.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{name} cannot be decoded ({type(e).__name__}: {e})") from None
+    return value
+
+
+def image_list(value, name: str) -> list[Image.Image]:
+    """A PIL image or a non-empty list/tuple of them, each checked by `check_image`."""
+    images = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not images:
+        raise ValueError(f"{name} is an empty list: give a PIL image or a non-empty list of PIL images")
+    return [check_image(im, f"{name}[{i}]" if isinstance(value, (list, tuple)) else name)
+            for i, im in enumerate(images)]

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from ..images import VAE_FACTOR, image_to_tensor, vae_encode  # noqa: F401  (the variants' image helpers)
-from ...ops.images import convert_image
+from ...ops.images import check_image, convert_image, image_list  # noqa: F401  (re-exported)
 
 PATCH = 2
 
@@ -35,12 +35,6 @@ def require_dit(pipe, channels: int, argument: str, model: str) -> None:
     if dit_channels(pipe) != channels:
         raise ValueError(f"{argument} needs the {model} DiT ({channels} input channels); the loaded DiT is "
                          f"{dit_kind(pipe)} ({dit_channels(pipe)} input channels)")
-
-
-def check_image(value, name: str) -> Image.Image:
-    if not isinstance(value, Image.Image):
-        raise TypeError(f"{name} must be a PIL image, got {type(value).__name__}")
-    return value
 
 
 def mask_tensor(mask, name: str, size: tuple[int, int], modes: tuple[str, ...], resize_to=None) -> torch.Tensor:

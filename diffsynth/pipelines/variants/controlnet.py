@@ -19,7 +19,7 @@ from ...models.flux_controlnet import UNION_MODES
 from ...models.flux_dit import patchify
 from ..images import image_to_tensor, vae_encode
 from ..units import step_unit, unit
-from ...ops.images import convert_image
+from ...ops.images import check_image, convert_image
 
 # processor_id values that mean "no annotator" (the image is the condition as is)
 PLAIN_PROCESSORS = (None, "None", "none", "tile", "inpaint")
@@ -85,8 +85,9 @@ def _checked(pipe, inp, i: int) -> None:
     if not isinstance(inp.controlnet_id, int) or not 0 <= inp.controlnet_id < n:
         raise ValueError(f"{name}.controlnet_id={inp.controlnet_id!r}: {n} ControlNet(s) loaded "
                          f"(ids 0..{n - 1}, in the order of model_configs)")
-    if not isinstance(inp.image, Image.Image):
-        raise TypeError(f"{name}.image must be a PIL image, got {type(inp.image).__name__}")
+    check_image(inp.image, f"{name}.image")
+    if inp.inpaint_mask is not None:
+        check_image(inp.inpaint_mask, f"{name}.inpaint_mask")
     if not inp.start >= inp.end:
         raise ValueError(f"{name}: start ({inp.start}) must be >= end ({inp.end}); progress runs from 1 "
                          "(first step) to 0 (last step)")

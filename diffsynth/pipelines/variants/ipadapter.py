@@ -14,15 +14,11 @@ from PIL import Image
 from ...models.flux_ipadapter import check_fits, ip_attention
 from ...models.flux_dit import merge_heads
 from ..units import step_unit, unit
+from ._images import image_list
 
 
 def reference_images(ipadapter_images) -> list[Image.Image]:
-    images = [ipadapter_images] if isinstance(ipadapter_images, Image.Image) else ipadapter_images
-    if not isinstance(images, (list, tuple)) or not images or \
-            not all(isinstance(im, Image.Image) for im in images):
-        raise TypeError("ipadapter_images must be a PIL image or a non-empty list of PIL images, got "
-                        f"{type(ipadapter_images).__name__}")
-    return list(images)
+    return image_list(ipadapter_images, "ipadapter_images")
 
 
 @unit(both_branches=True, models=("image_encoder",), uses=("dit", "ipadapter"), outputs=("ipadapter_emb", "ipadapter_scale"),
