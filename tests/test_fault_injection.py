@@ -425,3 +425,29 @@ def test_a_full_disk_during_an_export_leaves_no_temp_file(tiny_root, data, tmp_p
                         rf"{re.escape(str(tmp_path))} is full \([\d,.]+ MiB free\); the newest checkpoint is step-2 "
                         r"\(resume with --resume_from_checkpoint latest\)", err.splitlines()[-1])
     assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
+
+
+# ----------------------------------------------------------------------------- the latent/text cache
+
+def test_a_model_file_replaced_at_the_same_path_does_not_reuse_the_cache(tiny_root, data, tmp_path, capsys):
+    """The replacement keeps the path, size, header layout and mtime (a `cp -p` of another checkpoint)."""
+    import shutil
+    import struct
+    models = tmp_path / "models"
+    shutil.copytree(tiny_root, models)
+    cache = ("--cache_dir", str(tmp_path / "cache"))
+    train(args(models, data, tmp_path / "one", *cache))
+    reset_accelerate()
+    vae = models / "ae.safetensors"
+    before = os.stat(vae)
+    with open(vae, "r+b") as f:  # the lowest mantissa bits of the first weight in the data section
+        (header,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + header)
+        low = f.read(1)[0]
+        f.seek(8 + header)
+        f.write(bytes([low ^ 1]))
+    os.utime(vae, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.path.getsize(vae) == before.st_size and os.stat(vae).st_mtime_ns == before.st_mtime_ns
+    train(args(models, data, tmp_path / "two", *cache))
+    out = capsys.readouterr().out
+    assert "latent/text cache: 2 rows" in out and out.count("(2 new on rank 0)") == 2

@@ -274,6 +274,19 @@ def expand_paths(paths: str | os.PathLike | Iterable) -> list[str]:
     return files
 
 
+IDENTITY_BYTES = 1 << 20  # the header and the first weights: what differs between two files of one layout
+
+
+def file_identity(path: str | os.PathLike) -> list:
+    """What tells one file's content from another's without reading it whole: size, mtime and a hash of its
+    first MiB (a safetensors header and the start of the data: another checkpoint of the same model differs
+    there even when it was copied with its size and mtime kept). Independent of the path it is reached by."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(IDENTITY_BYTES)).hexdigest()
+    return [st.st_size, st.st_mtime_ns, head]
+
+
 def read_json(path: str | os.PathLike, what: str) -> dict:
     """A JSON object from `path`; CheckpointError naming the file when it is not one."""
     try:

@@ -17,9 +17,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..ops.files import DTYPE_NAMES, DiskFull, all_finite, save_image
+from ..ops.files import DTYPE_NAMES, DiskFull, all_finite, expand_paths, save_image
 from .args import build_parser, check_args, parse_model_sources
-from .cache import build_cache, cache_paths
+from .cache import build_cache, cache_paths, models_tag
 from .checkpoint import SavedState, complete_checkpoints, load_checkpoint, read_newest_readable, resume_candidates, save_checkpoint
 from .data import ImageDataset, bucket_sizes, epoch_batches, load_samples, shard_batches, target_size
 from .export import save_output, training_info
@@ -257,7 +257,8 @@ class Trainer:
             return make()
         if self.module.preprocessing_is_trained(cached_only=True):
             raise ValueError("--cache_dir cannot be used while a text encoder or the VAE encoder is trained")
-        tag = f"{args.model_paths}|{args.model_id_with_origin_paths}|{self.dtype}"
+        configs = parse_model_sources(args.model_paths, args.model_id_with_origin_paths)
+        tag = models_tag([f for c in configs for f in expand_paths(c.resolve())], self.dtype)  # resolved: on disk
         paths = cache_paths(self.samples, self.sizes, args.cache_dir, args.t5_sequence_length, tag)
         built = build_cache(self.module, make(), paths, self.rank, self.world, show_progress=self.main)
         acc.wait_for_everyone()
