@@ -26,7 +26,7 @@ from diffsynth.ops.files import (CheckpointError, all_finite, load_state_dict, p
 from diffsynth.ops.images import convert_image
 from diffsynth.pipelines.images import image_to_tensor
 from diffsynth.pipelines.checks import MAX_PIXELS, check_call_args
-from diffsynth.training.data import ImageDataset, image_size
+from diffsynth.training.data import DatasetError, ImageDataset, image_size, load_samples
 
 ARGS = ["--height", "64", "--width", "96", "--steps", "2", "--t5-sequence-length", "16", "--device", "cpu",
         "--dtype", "fp32"]
@@ -498,6 +498,25 @@ def test_generate_refuses_a_negative_vram_limit_at_once(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- datasets
+
+@pytest.mark.parametrize("name", ["metadata.csv", "metadata.json", "metadata.jsonl", "a.txt"])
+def test_text_in_another_encoding_names_the_file_and_suggests_utf8(tmp_path, name):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    rows = {"metadata.csv": "image,prompt\na.png,caf\xe9 au lait\n",
+            "metadata.json": '[{"image": "a.png", "prompt": "caf\xe9"}]',
+            "metadata.jsonl": '{"image": "a.png", "prompt": "caf\xe9"}\n', "a.txt": "caf\xe9 au lait"}
+    (tmp_path / name).write_bytes(rows[name].encode("cp1252"))
+    what = "caption file" if name.endswith(".txt") else "metadata file"
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(tmp_path / name))}: this {what} is not UTF-8 text "
+                                           r"\(byte \d+: b'\\xe9'\); save it as UTF-8"):
+        load_samples(str(tmp_path), None, ["image"])
+
+
+def test_utf8_metadata_with_a_byte_order_mark_is_read(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.json").write_bytes('[{"image": "a.png", "prompt": "caf\xe9"}]'.encode("utf-8-sig"))
+    assert load_samples(str(tmp_path), None, ["image"])[0].prompt == "caf\xe9"
+
 
 def test_truncated_jpeg_fails_the_dataset_check(tmp_path):
     truncated_jpeg(tmp_path / "a.jpg")
