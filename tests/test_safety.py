@@ -518,6 +518,21 @@ def test_utf8_metadata_with_a_byte_order_mark_is_read(tmp_path):
     assert load_samples(str(tmp_path), None, ["image"])[0].prompt == "caf\xe9"
 
 
+def test_training_applies_the_exif_orientation(tmp_path):
+    """A phone's portrait photo: landscape pixels (48x32) tagged "rotate 90 clockwise" (orientation 6)."""
+    stored = Image.new("RGB", (48, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 8, 8))  # a red corner at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.png", exif=exif)
+    (tmp_path / "metadata.csv").write_text("image,prompt\nphone.png,a portrait\n")
+    (sample,) = load_samples(str(tmp_path), None, ["image"])
+    assert sample.size == (32, 48)  # portrait, for the target size and the buckets too
+    image = ImageDataset([sample], [(32, 48)], [], 48, 32, 32 * 48)[0]["image"]
+    assert image.size == (32, 48)
+    assert image.getpixel((28, 4)) == (255, 0, 0) and image.getpixel((4, 4)) == (0, 0, 255)  # now top-right
+
+
 def test_truncated_jpeg_fails_the_dataset_check(tmp_path):
     truncated_jpeg(tmp_path / "a.jpg")
     with pytest.raises(ValueError, match=r"a.jpg cannot be read as an image \(OSError: image file is truncated"):

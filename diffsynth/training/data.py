@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..pipelines.flux_image import SIZE_MULTIPLE
 from ..ops.images import convert_image
@@ -123,12 +123,17 @@ def image_size(path: str) -> tuple[int, int]:
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist")
     try:
-        with Image.open(path) as im:
-            size = im.size
-            im.load()  # a full decode: verify() passes truncated JPEGs, which would crash training mid-run
+        return open_image(path).size  # a full decode: verify() passes truncated JPEGs, which would crash training
     except Exception as e:  # PIL raises many types for damaged files
         raise ValueError(f"{path} cannot be read as an image ({type(e).__name__}: {e})") from None
-    return size
+
+
+def open_image(path: str) -> Image.Image:
+    """The decoded image the way it is meant to be seen: its EXIF orientation applied (phone cameras store a
+    portrait photo as landscape pixels plus an orientation tag; trained as stored, it would lie on its side)."""
+    with Image.open(path) as im:
+        im.load()
+        return ImageOps.exif_transpose(im)  # a new image either way: usable after the file is closed
 
 
 def check_row(row: dict, base: str, file_keys: list[str]) -> Sample:
@@ -258,8 +263,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _image(self, path: str, size: tuple[int, int] | None, mode: str = "RGB") -> Image.Image:
-        with Image.open(path) as im:
-            im = convert_image(im, mode)
+        im = convert_image(open_image(path), mode)
         w, h = size or target_size(im.size, self.height, self.width, self.max_pixels, None)
         return crop_resize(im, w, h)
 
