@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -62,6 +63,17 @@ GENERATION_KEYS = ("prompt", "negative_prompt", "cfg_scale", "embedded_guidance"
 STORAGE_DTYPES = {**DTYPE_NAMES, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
+def gigabytes(text: str) -> float:
+    """--vram-limit / --vram-buffer: a finite number >= 0, refused by argparse before anything loads."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of GB >= 0, got {text!r}")
+    return value
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     from .ops.attention import BACKENDS
     g = p.add_argument_group("fitting and speed")
@@ -70,9 +82,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "stream per call (enable_vram_management)")
     g.add_argument("--offload-dtype", choices=STORAGE_DTYPES,
                    help="storage dtype of the DiT and T5 files (e.g. fp8_e4m3fn); implies --offload")
-    g.add_argument("--vram-limit", type=float, metavar="GB",
+    g.add_argument("--vram-limit", type=gigabytes, metavar="GB",
                    help="GB the models may keep on the device (default: its free memory); implies --offload")
-    g.add_argument("--vram-buffer", type=float, default=0.5, metavar="GB", help="GB kept free under --vram-limit")
+    g.add_argument("--vram-buffer", type=gigabytes, default=0.5, metavar="GB", help="GB kept free under --vram-limit")
     g.add_argument("--lora", action="append", default=[], metavar="FILE", help="a LoRA file (repeatable)")
     g.add_argument("--lora-alpha", action="append", type=float, default=[], metavar="A",
                    help="strength of each --lora, in order (default 1.0 each)")

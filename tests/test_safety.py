@@ -1,24 +1,32 @@
 """Bad input fails early and clearly; nothing is silently wrong: corrupt files, absurd or non-finite
 arguments, forged metadata, overwrites. Every case asserts the exact outcome."""
+import ast
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from diffsynth import FluxImagePipeline, ModelConfig
 from diffsynth.cli import escape_line, main, png_metadata
+from diffsynth.loading import download
 from diffsynth.loading.lora import convert_lora, describe_lora
 from diffsynth.ops.files import (CheckpointError, all_finite, load_state_dict, publish, remove_stale_temps, save_image,
                                  save_safetensors, scan, scan_file, temp_path)
+from diffsynth.ops.images import convert_image
+from diffsynth.pipelines.images import image_to_tensor
 from diffsynth.pipelines.checks import MAX_PIXELS, check_call_args
-from diffsynth.training.data import image_size
+from diffsynth.training.data import DatasetError, ImageDataset, image_size, load_samples
 
 ARGS = ["--height", "64", "--width", "96", "--steps", "2", "--t5-sequence-length", "16", "--device", "cpu",
         "--dtype", "fp32"]
@@ -117,6 +125,43 @@ def test_an_index_naming_files_outside_its_folder_is_refused(tmp_path):
         scan(str(folder))
 
 
+@pytest.mark.parametrize("kw", [dict(model_id="../../../etc", origin_file_pattern="passwd"),
+                                dict(model_id="a/b", origin_file_pattern="../../../etc/passwd"),
+                                dict(model_id="/etc", origin_file_pattern="passwd"),
+                                dict(model_id="a/b", origin_file_pattern="/etc/passwd")])
+def test_model_ids_and_patterns_cannot_leave_the_models_folder(tmp_path, kw):
+    with pytest.raises(ValueError, match=r"must be a relative path inside the models folder"):
+        ModelConfig(local_model_path=str(tmp_path / "models"), skip_download=True, **kw)
+
+
+def test_a_symlinked_folder_leading_out_of_the_models_folder_is_refused(tmp_path):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.safetensors").write_bytes(b"x")
+    (tmp_path / "models" / "me").mkdir(parents=True)
+    os.symlink(tmp_path / "outside", tmp_path / "models" / "me" / "evil")
+    for model_id, pattern in (("me/evil", "secret.safetensors"), ("me", "evil/*.safetensors")):
+        config = ModelConfig(model_id=model_id, origin_file_pattern=pattern, local_model_path=str(tmp_path / "models"),
+                             skip_download=True)
+        with pytest.raises(ValueError, match=r"outside local_model_path .* \(through a symlink\): refused"):
+            config.resolve()
+
+
+def test_download_customized_models_never_moves_a_file_from_outside_local_dir(tmp_path, monkeypatch):
+    """The hub returns nothing: the file the path names must not be moved in (nor its folder removed)."""
+    monkeypatch.setitem(download.SOURCES, "modelscope", lambda *a: None)
+    victim = tmp_path / "victim" / "precious.bin"
+    victim.parent.mkdir()
+    victim.write_bytes(b"mine")
+    local = tmp_path / "local"
+    with pytest.raises(ValueError, match=r"origin_file_path '../victim/precious.bin' must be a relative path"):
+        download.download_customized_models("me/x", "../victim/precious.bin", str(local), ["ModelScope"])
+    local.mkdir()
+    os.symlink(tmp_path / "victim", local / "sub")
+    with pytest.raises(ValueError, match=r"outside .*local \(through a symlink\): not moved"):
+        download.download_customized_models("me/x", "sub/precious.bin", str(local), ["ModelScope"])
+    assert victim.read_bytes() == b"mine" and os.listdir(local) == ["sub"]
+
+
 def test_invalid_json_config_names_the_file(tiny_root, tmp_path):
     from diffsynth.loading.registry import detect
     folder = tmp_path / "text_encoder"
@@ -162,16 +207,41 @@ def test_publish_without_overwrite_never_replaces_a_concurrent_file(tmp_path):
     assert target.read_bytes() == b"theirs"
 
 
-def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)
-    stale = [tmp_path / f"epoch-0.safetensors.tmp-{pid}-0", tmp_path / f".latest.tmp-{pid}",
-             tmp_path / f"a.png.tmp-{pid}.png"]  # the last two: names of earlier versions
-    live = tmp_path / f"epoch-1.safetensors.tmp-{os.getpid()}-7"
+@pytest.fixture(scope="module")
+def dead_pid() -> int:
+    """The PID of a process that has exited."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path, dead_pid):
+    stale = [temp_path(str(tmp_path / "epoch-0.safetensors"), dead_pid), temp_path(str(tmp_path / "a.png"), dead_pid)]
+    live = temp_path(str(tmp_path / "epoch-1.safetensors"))
     for p in (*stale, live):
-        p.write_bytes(b"x")
-    assert sorted(remove_stale_temps(tmp_path)) == sorted(map(str, stale))
-    assert sorted(os.listdir(tmp_path)) == [live.name]
+        open(p, "wb").write(b"x")
+    assert sorted(remove_stale_temps(tmp_path)) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(live)]
+
+
+@pytest.mark.parametrize("any_pid", [False, True])
+def test_user_files_that_look_like_temp_files_are_never_removed(tmp_path, dead_pid, any_pid):
+    """Only names carrying our marker are temp files: a photo named like one stays, even in a locked folder."""
+    ours = os.path.basename(temp_path("x.png", dead_pid))
+    forged = ours[:-1] + ("1" if ours.endswith("0") else "0")  # our pattern, a wrong marker
+    names = ["holiday.tmp-2019.png", f"a.png.tmp-{dead_pid}.png", f"x.safetensors.tmp-{dead_pid}-0",
+             f".latest.tmp-{dead_pid}", forged]
+    for name in names:
+        (tmp_path / name).write_bytes(b"user data")
+    assert remove_stale_temps(tmp_path, any_pid=any_pid) == []
+    assert sorted(os.listdir(tmp_path)) == sorted(names)
+
+
+def test_generate_keeps_user_files_named_like_temp_files(tiny_root, tmp_path, dead_pid):
+    photos = [tmp_path / f"holiday.tmp-{dead_pid}.png", tmp_path / f"holiday.png.tmp-{dead_pid}-0"]
+    for photo in photos:
+        photo.write_bytes(b"a photo")
+    assert main(quick_generate(tiny_root, tmp_path / "out.png")) == 0
+    assert [p.read_bytes() for p in photos] == [b"a photo"] * 2
 
 
 @pytest.mark.parametrize("name, magic", [("a.jpg", b"\xff\xd8"), ("a.jpeg", b"\xff\xd8"), ("a.png", b"\x89PNG"),
@@ -231,6 +301,49 @@ def test_truncated_input_image_is_named(tmp_path):
     truncated_jpeg(tmp_path / "cut.jpg")
     with pytest.raises(ValueError, match="input_image cannot be decoded"):
         check_call_args({**CALL, "input_image": Image.open(tmp_path / "cut.jpg")})
+
+
+def condition_calls(image):
+    """Each image-conditioned variant's first look at its image argument, on a stand-in pipeline that has the
+    variant's models (the image is checked before any of them is used): (argument name, call)."""
+    from types import SimpleNamespace
+
+    from diffsynth.pipelines.variants import controlnet, kontext, nexus_gen, redux, step1x
+    pipe = SimpleNamespace(controlnet=[None], qwenvl=object(), image_encoder=object(), redux=object(),
+                           nexus_gen=object())
+    return [
+        ("controlnet_inputs[0].image", lambda: controlnet._checked(pipe, controlnet.ControlNetInput(image=image), 0)),
+        ("controlnet_inputs[0].inpaint_mask", lambda: controlnet._checked(
+            pipe, controlnet.ControlNetInput(image=Image.new("RGB", (8, 8)), inpaint_mask=image), 0)),
+        ("kontext_images[0]", lambda: kontext.encode_kontext_images.fn(pipe, None, kontext_images=[image])),
+        ("step1x_reference_image", lambda: step1x._reference(pipe, image)),
+        ("nexus_gen_reference_image", lambda: nexus_gen.encode_nexus_gen_prompt.fn(
+            pipe, [{}], None, nexus_gen_reference_image=image)),
+        ("flux_redux_image", lambda: redux.redux_tokens(pipe, image)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_truncated_condition_images_are_named(tmp_path, index):
+    name, call = condition_calls(Image.open(truncated_jpeg(tmp_path / "cut.jpg")))[index]
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)} cannot be decoded \(OSError: image file is truncated"):
+        call()
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_a_path_given_as_a_condition_image_is_refused_with_the_hint(index):
+    name, call = condition_calls("mask.png")[index]
+    with pytest.raises(TypeError, match=rf"^{re.escape(name)} must be a PIL image \(open it first: "
+                                        r"PIL.Image.open\(path\)\), got str"):
+        call()
+
+
+def test_an_empty_redux_image_list_is_a_clear_error():
+    from types import SimpleNamespace
+
+    from diffsynth.pipelines.variants.redux import redux_tokens
+    with pytest.raises(ValueError, match=r"flux_redux_image is an empty list: give a PIL image or a non-empty list"):
+        redux_tokens(SimpleNamespace(image_encoder=object(), redux=object()), [])
 
 
 def test_nan_in_dit_weights_raises_naming_the_weight_instead_of_a_black_image(tiny_pipe):
@@ -298,11 +411,13 @@ def kohya(rank=2, alpha=1.0, value=0.1):
     (kohya(rank=0), "rank 0 (no LoRA weights)"),
     (kohya(alpha=float("nan")), "alpha is nan"),
     (kohya(value=float("inf")), "NaN/Inf in its down weights"),
+    ({k: v.to(torch.int8) for k, v in kohya(value=3).items()}, "integer weights (int8); a LoRA's weights are "
+                                                               "floating point"),
 ])
 def test_unusable_lora_layers_are_reported_not_applied(tmp_path, sd, reason):
     assert convert_lora(sd).unknown == {KOHYA: reason}
     save_file(sd, tmp_path / "l.safetensors")
-    if "rank 0" in reason:
+    if reason.startswith(("rank 0", "integer")):
         assert describe_lora(str(tmp_path / "l.safetensors"))["unknown"] == {KOHYA: reason}
     else:  # a file holding NaN/Inf is refused as it is read, naming the tensor
         with pytest.raises(CheckpointError, match=rf"l.safetensors: tensor '{KOHYA}\.\w+(\.weight)?' holds NaN/Inf"):
@@ -314,12 +429,152 @@ def test_non_finite_lora_strength_is_refused(tiny_pipe):
         tiny_pipe.load_lora(tiny_pipe.dit, kohya(), alpha=float("nan"))
 
 
+def test_a_lora_with_integer_weights_is_refused_not_applied(tiny_pipe):
+    with pytest.raises(ValueError, match=r"(?s)1 LoRA entries match no layer.*integer weights \(int8\)"):
+        tiny_pipe.load_lora(tiny_pipe.dit, {k: v.to(torch.int8) for k, v in kohya(value=3).items()})
+
+
+def test_an_empty_lora_file_is_refused_naming_it(tiny_pipe, tmp_path):
+    save_file({}, tmp_path / "empty.safetensors")
+    with pytest.raises(ValueError, match=r"empty.safetensors holds no LoRA tensors"):
+        tiny_pipe.load_lora(tiny_pipe.dit, str(tmp_path / "empty.safetensors"))
+
+
+def test_an_fp8_lora_loads_as_its_exact_upcast(tiny_pipe, tmp_path):
+    """fp8 LoRA files (e4m3fn and e5m2) are read and applied as their exact bf16 values, merged or hot-loaded."""
+    layer = tiny_pipe.dit.blocks[0].attn.a_to_qkv
+    g = torch.Generator().manual_seed(0)
+    sd = {"blocks.0.attn.a_to_qkv.lora_A.default.weight": torch.randn(2, layer.in_features, generator=g),
+          "blocks.0.attn.a_to_qkv.lora_B.default.weight": torch.randn(layer.out_features, 2, generator=g) / 4}
+    saved = {k: v.detach().clone() for k, v in tiny_pipe.dit.state_dict().items()}
+    kw = dict(height=32, width=32, num_inference_steps=1, t5_sequence_length=8, seed=0, output_type="latent",
+              progress_bar_cmd=lambda x: x)
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        save_file({k: v.to(fp8) for k, v in sd.items()}, tmp_path / "fp8.safetensors")
+        save_file({k: v.to(fp8).to(torch.bfloat16) for k, v in sd.items()}, tmp_path / "bf16.safetensors")
+        for hotload in (True, False):
+            outs = []
+            for name in ("fp8", "bf16"):
+                tiny_pipe.load_lora(tiny_pipe.dit, str(tmp_path / f"{name}.safetensors"), hotload=hotload)
+                outs.append(tiny_pipe("a cat", **kw))
+                tiny_pipe.clear_lora()
+                tiny_pipe.dit.load_state_dict(saved)
+            assert torch.equal(*outs), (fp8, hotload)
+
+
+def test_scaled_fp8_marker_without_scales_is_refused(tiny_root, tmp_path):
+    from diffsynth.loading.registry import build, detect
+    from safetensors.torch import load_file
+    sd = {f"model.diffusion_model.{k}": v.to(torch.float8_e4m3fn) if v.ndim == 2 else v
+          for k, v in load_file(tiny_root / "flux1-dev.safetensors").items()}
+    sd["model.diffusion_model.scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(sd, tmp_path / "fp8-scaled.safetensors")
+    with pytest.raises(CheckpointError, match=r"fp8-scaled.safetensors: marked as ComfyUI scaled fp8 "
+                                              r"\('scaled_fp8'\) but holds no scale tensors"):
+        for det in detect(str(tmp_path / "fp8-scaled.safetensors")):
+            build(det, torch.float32, "cpu")
+
+
+def test_ipadapter_scale_without_images_is_refused(tiny_pipe):
+    with pytest.raises(ValueError, match=r"ipadapter_scale=0.5 is given without ipadapter_images"):
+        tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, t5_sequence_length=8, ipadapter_scale=0.5,
+                  progress_bar_cmd=lambda x: x)
+
+
+@pytest.mark.parametrize("value", [-3, float("nan"), float("inf")])
+def test_negative_or_non_finite_vram_limit_is_refused(tiny_pipe, value):
+    with pytest.raises(ValueError, match=r"vram_limit must be a number of GB >= 0"):
+        tiny_pipe.enable_vram_management(vram_limit=value)
+    with pytest.raises(ValueError, match=r"vram_limit must be a number of GB >= 0"):
+        FluxImagePipeline.from_pretrained(device="cpu", vram_limit=value, model_configs=[
+            ModelConfig(path="never-read.safetensors")])
+
+
+def test_generate_refuses_a_negative_vram_limit_at_once(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "a cat", "--model-dir", str(tmp_path), "--vram-limit", "-3"])
+    assert e.value.code == 2
+    assert "argument --vram-limit: must be a number of GB >= 0, got '-3'" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- datasets
+
+@pytest.mark.parametrize("name", ["metadata.csv", "metadata.json", "metadata.jsonl", "a.txt"])
+def test_text_in_another_encoding_names_the_file_and_suggests_utf8(tmp_path, name):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    rows = {"metadata.csv": "image,prompt\na.png,caf\xe9 au lait\n",
+            "metadata.json": '[{"image": "a.png", "prompt": "caf\xe9"}]',
+            "metadata.jsonl": '{"image": "a.png", "prompt": "caf\xe9"}\n', "a.txt": "caf\xe9 au lait"}
+    (tmp_path / name).write_bytes(rows[name].encode("cp1252"))
+    what = "caption file" if name.endswith(".txt") else "metadata file"
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(tmp_path / name))}: this {what} is not UTF-8 text "
+                                           r"\(byte \d+: b'\\xe9'\); save it as UTF-8"):
+        load_samples(str(tmp_path), None, ["image"])
+
+
+def test_utf8_metadata_with_a_byte_order_mark_is_read(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.json").write_bytes('[{"image": "a.png", "prompt": "caf\xe9"}]'.encode("utf-8-sig"))
+    assert load_samples(str(tmp_path), None, ["image"])[0].prompt == "caf\xe9"
+
+
+def test_training_applies_the_exif_orientation(tmp_path):
+    """A phone's portrait photo: landscape pixels (48x32) tagged "rotate 90 clockwise" (orientation 6)."""
+    stored = Image.new("RGB", (48, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 8, 8))  # a red corner at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.png", exif=exif)
+    (tmp_path / "metadata.csv").write_text("image,prompt\nphone.png,a portrait\n")
+    (sample,) = load_samples(str(tmp_path), None, ["image"])
+    assert sample.size == (32, 48)  # portrait, for the target size and the buckets too
+    image = ImageDataset([sample], [(32, 48)], [], 48, 32, 32 * 48)[0]["image"]
+    assert image.size == (32, 48)
+    assert image.getpixel((28, 4)) == (255, 0, 0) and image.getpixel((4, 4)) == (0, 0, 255)  # now top-right
+
 
 def test_truncated_jpeg_fails_the_dataset_check(tmp_path):
     truncated_jpeg(tmp_path / "a.jpg")
     with pytest.raises(ValueError, match=r"a.jpg cannot be read as an image \(OSError: image file is truncated"):
         image_size(str(tmp_path / "a.jpg"))
+
+
+# ----------------------------------------------------------------------------- wide images (16-bit, float)
+
+GRADIENT = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every 8-bit value once
+
+
+@pytest.mark.parametrize("wide", [
+    Image.fromarray(GRADIENT.astype(np.uint16) * 257),                      # I;16, the full 16-bit range
+    Image.fromarray(GRADIENT.astype(np.int32) * 257, "I"),                  # a 16-bit PNG as some readers give it
+    Image.fromarray(GRADIENT.astype(np.float32) / 255, "F"),               # floats in 0..1
+    Image.fromarray(GRADIENT.astype(np.float32) / 25.5 + 0.5, "F"),        # a depth map in metres: its min..max
+], ids=["I;16", "I", "F 0..1", "F metres"])
+def test_wide_images_are_converted_by_their_range_not_clipped(wide):
+    assert np.array_equal(np.asarray(convert_image(wide, "L")), GRADIENT)
+    assert np.array_equal(np.asarray(convert_image(wide)), np.repeat(GRADIENT[..., None], 3, -1))
+
+
+def test_a_16_bit_png_is_read_as_its_8_bit_counterpart_by_the_pipeline_and_training(tmp_path):
+    Image.fromarray(GRADIENT.astype(np.uint16) * 257).save(tmp_path / "depth16.png")
+    Image.fromarray(GRADIENT).save(tmp_path / "depth8.png")
+    with Image.open(tmp_path / "depth16.png") as wide, Image.open(tmp_path / "depth8.png") as narrow:
+        assert wide.mode == "I;16"
+        assert torch.equal(image_to_tensor(wide, 16, 16), image_to_tensor(narrow, 16, 16))
+    dataset = ImageDataset([], [], [], 16, 16, 256)
+    for mode in ("RGB", "L"):
+        assert np.array_equal(np.asarray(dataset._image(str(tmp_path / "depth16.png"), (16, 16), mode)),
+                              np.asarray(dataset._image(str(tmp_path / "depth8.png"), (16, 16), mode)))
+
+
+def test_images_are_converted_in_one_place():
+    """Every reader goes through ops.images.convert_image: a direct PIL .convert() would clip wide images."""
+    package = Path(__file__).resolve().parents[1] / "diffsynth"
+    direct = [f"{path.relative_to(package)}:{node.lineno}" for path in package.rglob("*.py")
+              if path.name != "images.py" or path.parent.name != "ops"
+              for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "convert"]
+    assert direct == []
 
 
 # ----------------------------------------------------------------------------- generate command line

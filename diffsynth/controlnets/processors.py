@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..ops.images import convert_image
+
 
 @dataclass(frozen=True)
 class _Learned:
@@ -43,7 +45,7 @@ def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 20
     except ImportError:
         raise ImportError("the canny annotator needs OpenCV: pip install 'diffsynth[controlnet]' "
                           "(or opencv-python-headless)") from None
-    edges = cv2.Canny(np.asarray(image.convert("RGB")), low_threshold, high_threshold)
+    edges = cv2.Canny(np.asarray(convert_image(image)), low_threshold, high_threshold)
     return Image.fromarray(np.repeat(edges[..., None], 3, -1))
 
 

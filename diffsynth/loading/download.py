@@ -10,6 +10,8 @@ import os
 import shutil
 from typing import Callable, Sequence
 
+from ..ops.files import check_relative, is_inside
+
 # 1.x scripts name the hubs "ModelScope" / "HuggingFace"; ModelConfig lower-cases them.
 SOURCE_NAMES = ("modelscope", "huggingface")
 
@@ -136,10 +138,20 @@ def download_models(model_id_list: Sequence[str] = (), downloading_priority: Seq
     return paths
 
 
+def _remove_empty_folders(folder: str, stop: str) -> None:
+    """Remove `folder` and its parents while they are empty, up to (not including) `stop`."""
+    stop = os.path.abspath(stop)
+    folder = os.path.abspath(folder)
+    while folder != stop and is_inside(stop, folder) and not os.listdir(folder):
+        os.rmdir(folder)
+        folder = os.path.dirname(folder)
+
+
 def download_customized_models(model_id: str, origin_file_path: str, local_dir: str,
                                downloading_priority: Sequence[str] = ("ModelScope", "HuggingFace")) -> list[str]:
     """One file of any repository, saved as `local_dir/<file name>` (1.x's result); returns [that path].
     Nothing is downloaded when the file is already there."""
+    check_relative(origin_file_path, "origin_file_path")  # what lands is moved: it must be a file of local_dir
     target = os.path.join(local_dir, os.path.basename(origin_file_path))
     if os.path.isfile(target):
         return [target]
@@ -147,10 +159,13 @@ def download_customized_models(model_id: str, origin_file_path: str, local_dir: 
     def attempt(source):
         fetch(model_id, origin_file_path, local_dir, source)
         landed = os.path.join(local_dir, origin_file_path)
+        if not is_inside(local_dir, landed):
+            raise ValueError(f"{landed} resolves to {os.path.realpath(landed)}, outside {local_dir} (through a "
+                             "symlink): not moved")
         if not os.path.isfile(landed):
             raise DownloadError(f"{model_id} has no file {origin_file_path!r} on {source}")
         if os.path.abspath(landed) != os.path.abspath(target):  # the hub kept the repository's sub-folders
             os.replace(landed, target)
-            os.removedirs(os.path.dirname(landed))  # only the sub-folders left empty
+            _remove_empty_folders(os.path.dirname(landed), local_dir)
     _first_source(_priority(downloading_priority), attempt)
     return [target]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..ops.files import check_relative, is_inside
 from .download import SOURCE_NAMES as DOWNLOAD_RESOURCES
 from .download import fetch
 
@@ -45,6 +46,9 @@ class ModelConfig:
     def __post_init__(self):
         if self.path is None and self.model_id is None:
             raise ValueError("ModelConfig needs `path` (local files) or `model_id` (+ `origin_file_pattern`)")
+        if self.path is None:  # model_id and the pattern name places inside local_model_path, nowhere else
+            check_relative(self.model_id, "ModelConfig model_id")
+            check_relative(self.origin_file_pattern or "", "ModelConfig origin_file_pattern")
         if self.download_source is not None:  # 2.0's name; download_resource at its default defers to it
             if self.download_resource.lower() not in ("modelscope", self.download_source.lower()):
                 raise ValueError(f"download_source={self.download_source!r} and download_resource="
@@ -72,8 +76,20 @@ class ModelConfig:
         pattern = self.origin_file_pattern or ""
         if pattern == "" or pattern.endswith("/"):
             folder = os.path.normpath(os.path.join(self.local_dir, pattern))
-            return [folder] if os.path.isdir(folder) and os.listdir(folder) else []
-        return sorted(glob.glob(os.path.join(self.local_dir, pattern)))
+            matches = [folder] if os.path.isdir(folder) and os.listdir(folder) else []
+        else:
+            matches = sorted(glob.glob(os.path.join(self.local_dir, pattern)))
+        for match in [self.local_dir, *matches]:
+            self._check_inside(match if os.path.isdir(match) else os.path.dirname(match))
+        return matches
+
+    def _check_inside(self, folder: str) -> None:
+        """A symlinked folder on the way must not lead out of local_model_path (files themselves may be links,
+        as Hugging Face's older local folders link into its cache)."""
+        if not is_inside(self.local_model_path, folder):
+            raise ValueError(f"{self!r}: {folder} resolves to {os.path.realpath(folder)}, outside "
+                             f"local_model_path {self.local_model_path} (through a symlink): refused. To read files "
+                             "elsewhere, name them with ModelConfig(path=...)")
 
     def resolve(self) -> str | list[str]:
         """Local path(s) of the files; downloads only what is not on disk yet."""

@@ -18,6 +18,7 @@ meta-device models, so the plan for the full 12B FLUX.1-dev can be inspected wit
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -465,9 +466,19 @@ def _set_onloaded(pipe, name: str, mm: ManagedModel, on: bool) -> None:
     mm.onloaded = on
 
 
+def check_gigabytes(name: str, value: float | None) -> None:
+    """A memory size in GB: None or a finite number >= 0 (a negative limit would silently mean 0)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a number of GB >= 0 (0 keeps nothing resident), got {value!r}")
+
+
 def enable_vram_management(pipe, vram_limit: float | None = None, vram_buffer: float = 0.5,
                            num_persistent_param_in_dit: int | None = None) -> dict[tuple[str, ...], VramPlan]:
     """DiffSynth-Studio's semantics; returns the plans (also kept in `pipe.vram_plans`)."""
+    check_gigabytes("vram_limit", vram_limit)
+    check_gigabytes("vram_buffer", vram_buffer)
     loaded = pipe.loaded_models()
     for name, model in loaded.items():
         if name not in pipe.vram_models:

@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from .siglip import adopt_hf_model
+from ..ops.images import convert_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -47,7 +48,7 @@ class ClipImageEncoder(nn.Module):
         size = self.model.config.image_size
         out = []
         for im in images:
-            im = im.convert("RGB")
+            im = convert_image(im)
             s = size / min(im.size)
             im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
             left, top = (im.width - size) // 2, (im.height - size) // 2

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from ..ops.images import convert_image
 
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 RECOGNITION_FILE = "recognition_arcface_ir_se50.pth"
@@ -274,7 +275,7 @@ class FaceEmbedder:
         self.device, self.dtype = device, dtype
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        rgb = np.asarray(image.convert("RGB"))
+        rgb = np.asarray(convert_image(image))
         face = self.detector.largest_face(rgb)
         if face is None:
             raise ValueError("infinityou_id_image: no face found (detection at 640, 320 and 160 px); give a photo "

@@ -22,6 +22,7 @@ from torch import nn
 
 from .flux_dit import RMSNorm
 from .qwen_vl import QwenVLProcessor, load_qwen_vl
+from ..ops.images import convert_image
 
 NUM_IMAGE_TOKENS = 81            # the 9x9 merged grid of the placeholder image
 PLACEHOLDER_SIZE = 252           # 252 = 9 merged tokens x 28 pixels
@@ -81,7 +82,7 @@ def nexus_gen_embeddings(llm: NexusGenLLM, processor: QwenVLProcessor, prompt: s
         instruction = prompt if IMAGE_MARK in prompt else f"{IMAGE_MARK} {prompt}"
         messages = [{"role": "user", "content": instruction},
                     {"role": "assistant", "content": f"Here is the image: {IMAGE_MARK}"}]
-        images = [bound_image(reference.convert("RGB"), processor), placeholder]
+        images = [bound_image(convert_image(reference), processor), placeholder]
     text = processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False,
                                                    add_generation_prompt=False).replace(IMAGE_MARK, VISION)
     vision = processor.images(images)

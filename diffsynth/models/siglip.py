@@ -19,6 +19,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 from ..ops.files import CheckpointError
 from .flux_text_encoders import layer_count, rebuild_position_ids
 from ..ops.linear import adopt_linears
+from ..ops.images import convert_image
 
 VISION_PREFIX = "vision_model."
 HEADS_BY_WIDTH = {1152: 16}  # so400m: head_dim 72
@@ -88,7 +89,7 @@ def siglip_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
     """PIL images -> (B, 3, size, size): bicubic resize, then [0, 1] mapped to [-1, 1] (SigLIP's mean = std = 0.5)."""
     arrays = []
     for image in images:
-        image = image.convert("RGB")
+        image = convert_image(image)
         if image.size != (size, size):
             image = image.resize((size, size), Image.BICUBIC)
         arrays.append(np.asarray(image, dtype=np.float32) / 255.0)

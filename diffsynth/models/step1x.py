@@ -22,6 +22,7 @@ from torch import nn
 
 from .flux_dit import timestep_embedding
 from .qwen_vl import VISION_END, QwenVLProcessor, hidden_states, right_pad
+from ..ops.images import convert_image
 
 PREFIX = (
     'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for '
@@ -108,7 +109,7 @@ def encode_step1x_prompts(model, processor: QwenVLProcessor, prompts: list[str],
     Returns (embeddings (B, 640, hidden), mask (B, 640) long). Prompts beyond the 640-token budget are
     truncated, with a warning.
     """
-    inputs = [step1x_inputs(processor, p, image.convert("RGB")) for p in prompts]
+    inputs = [step1x_inputs(processor, p, convert_image(image)) for p in prompts]
     pad = processor.tokenizer.pad_token_id
     ids, real = right_pad([x.ids for x in inputs], MASKED_TOKEN_ID if pad is None else pad)
     attention = real * (ids != MASKED_TOKEN_ID)

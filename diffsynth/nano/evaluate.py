@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .shapes import BACKGROUND, COLORS, POSITIONS
+from ..ops.images import convert_image
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background above which a pixel belongs to the shape
 # Halfway between the ideal profiles: square (1, 1), circle (0.8, 0.8), triangle (0.2, 0.8), top/bottom 0.25.
@@ -76,7 +77,7 @@ def shape_from_widths(top: float, bottom: float) -> str:
 
 def read_image(image: Image.Image, colors: dict[str, tuple[int, int, int]] = COLORS) -> Reading:
     """What the image shows, or None fields when no shape is found."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    rgb = np.asarray(convert_image(image), dtype=np.float64)
     distance = np.sqrt(((rgb - np.asarray(BACKGROUND, dtype=np.float64)) ** 2).sum(-1))
     mask = largest_component(distance > FOREGROUND_DISTANCE)
     if mask.sum() < 8:

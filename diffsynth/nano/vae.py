@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ..models.flux_vae import FluxVAEConfig, FluxVAEDecoder, FluxVAEEncoder
 from ..ops.files import save_safetensors
 from .shapes import BACKGROUND, random_image
+from ..ops.images import convert_image
 
 NANO_VAE = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=16)
 
@@ -53,7 +54,7 @@ def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Ten
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL images -> (B, 3, H, W) in [-1, 1], the range the FLUX VAE works in."""
-    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    arrays = np.stack([np.asarray(convert_image(im), dtype=np.float32) for im in images])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1
 
 

@@ -7,10 +7,13 @@ weights in the requested dtype plus one tensor.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import itertools
 import json
 import os
 import re
+import shutil
 import stat
 import struct
 import zipfile
@@ -271,6 +274,19 @@ def expand_paths(paths: str | os.PathLike | Iterable) -> list[str]:
     return files
 
 
+IDENTITY_BYTES = 1 << 20  # the header and the first weights: what differs between two files of one layout
+
+
+def file_identity(path: str | os.PathLike) -> list:
+    """What tells one file's content from another's without reading it whole: size, mtime and a hash of its
+    first MiB (a safetensors header and the start of the data: another checkpoint of the same model differs
+    there even when it was copied with its size and mtime kept). Independent of the path it is reached by."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(IDENTITY_BYTES)).hexdigest()
+    return [st.st_size, st.st_mtime_ns, head]
+
+
 def read_json(path: str | os.PathLike, what: str) -> dict:
     """A JSON object from `path`; CheckpointError naming the file when it is not one."""
     try:
@@ -283,9 +299,19 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     return value
 
 
-def _inside(folder: str, name: str) -> bool:
+def is_inside(folder: str | os.PathLike, name: str | os.PathLike) -> bool:
+    """`name` (relative to `folder`, or a path) is `folder` or under it once symlinks are resolved."""
     real = os.path.realpath(folder)
     return os.path.commonpath([real, os.path.realpath(os.path.join(real, name))]) == real
+
+
+def check_relative(name: str, what: str) -> None:
+    """A path built from a name (a model id, a file pattern) must stay inside the folder it is joined to:
+    an absolute path, a drive or a `..` part would read, write or move files anywhere."""
+    parts = re.split(r"[\\/]", name)
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts \
+            or "\0" in name:
+        raise ValueError(f"{what} {name!r} must be a relative path inside the models folder (no '..', not absolute)")
 
 
 def _index_shards(index_path: str) -> list[str]:
@@ -294,7 +320,7 @@ def _index_shards(index_path: str) -> list[str]:
         raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
     folder = os.path.dirname(index_path)
     shards = sorted(set(weight_map.values()))
-    outside = [s for s in shards if not _inside(folder, s)]
+    outside = [s for s in shards if not is_inside(folder, s)]
     if outside:  # an index must not make us open /etc/passwd or another model's files
         raise CheckpointError(f"{index_path} names shards outside its folder: {outside[:5]}")
     missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
@@ -373,15 +399,29 @@ def load_state_dict(paths, dtype: torch.dtype | None = None, device="cpu") -> di
 
 # ----------------------------------------------------------------------------- atomic writes
 
-# `<target>.tmp-<pid>-<n>`: the writer's PID tells a leftover of a killed process from a live write. Also
-# matches the names earlier versions used (`<target>.tmp-<pid>`, `<image>.tmp-<pid>.png`).
-TEMP_NAME = re.compile(r"\.tmp-(\d+)(?:-\d+|\.png)?$")
+# `<target>.tmp-<pid>-<n>-<tag>`: the writer's PID tells a leftover of a killed process from a live write, and
+# the tag (a keyed hash of the rest of the name) is our marker: only names this project wrote carry it, so a
+# user's `holiday.tmp-2019.png` or `notes.tmp-12-3` in the same folder is never taken for a temp file.
+TEMP_NAME = re.compile(r"(.+)\.tmp-(\d+)-(\d+)-([0-9a-f]{8})")
 _temp_counter = itertools.count()
 
 
-def temp_path(path: str) -> str:
-    """A temporary name beside `path`, unique per process and call."""
-    return f"{path}.tmp-{os.getpid()}-{next(_temp_counter)}"
+def _temp_tag(target_name: str, pid: int, n: int) -> str:
+    return hashlib.blake2b(f"{target_name}|{pid}|{n}".encode(), digest_size=4, person=b"diffsynth.tmp").hexdigest()
+
+
+def temp_path(path: str, pid: int | None = None) -> str:
+    """A temporary name beside `path`, unique per process and call (`pid`: another writer's, for tests)."""
+    pid, n = os.getpid() if pid is None else pid, next(_temp_counter)
+    return f"{path}.tmp-{pid}-{n}-{_temp_tag(os.path.basename(path), pid, n)}"
+
+
+def temp_writer(name: str) -> int | None:
+    """The PID of the process that wrote temp file `name`, None when `name` is not one of our temp names."""
+    m = TEMP_NAME.fullmatch(name)
+    if m is None or m.group(4) != _temp_tag(m.group(1), int(m.group(2)), int(m.group(3))):
+        return None
+    return int(m.group(2))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -397,14 +437,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: str | os.PathLike, any_pid: bool = False) -> list[str]:
-    """Delete temp files in `folder` left by killed writers (their PID is gone; `any_pid`: every temp file,
-    for a folder locked by the caller, where no other writer can be at work). Returns what was removed."""
+    """Delete temp files in `folder` left by killed writers of this project (their PID is gone; `any_pid`: every
+    one of our temp files, for a folder locked by the caller, where no other writer can be at work). Files that
+    only look like temp files (no marker, see TEMP_NAME) are never touched. Returns what was removed."""
     removed = []
     if not os.path.isdir(folder):
         return removed
     for entry in os.scandir(folder):
-        m = TEMP_NAME.search(entry.name)
-        if m and entry.is_file(follow_symlinks=False) and (any_pid or not _pid_alive(int(m.group(1)))):
+        pid = temp_writer(entry.name)
+        if pid is not None and entry.is_file(follow_symlinks=False) and (any_pid or not _pid_alive(pid)):
             os.remove(entry.path)
             removed.append(entry.path)
     return removed
@@ -459,6 +500,29 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()
 
 
+class DiskFull(OSError):
+    """A write failed because the disk (or the user's quota) is full; the message names the folder."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """`e` says the disk is full: an OSError's errno, or the text writers that wrap it put in their message
+    (safetensors' Rust writer: "StorageFull"; others: "No space left on device")."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(s in str(e) for s in ("No space left", "StorageFull", "Disk quota exceeded"))
+
+
+def disk_full(folder: str | os.PathLike, what: str) -> DiskFull:
+    """The one-line error for `what` not written into `folder` because its disk is full."""
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    error = DiskFull(f"{what} not written: the disk of {folder} is full ({free})")
+    error.errno = errno.ENOSPC  # set apart: given to the constructor, it would prefix the message
+    return error
+
+
 def _write_atomic(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool) -> None:
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -469,9 +533,18 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[str], None], overwri
         write(tmp)
         os.chmod(tmp, FILE_MODE)
         publish(tmp, path, overwrite)
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full(os.path.dirname(os.path.abspath(path)), path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_text(text: str, path: str | os.PathLike, overwrite: bool = True) -> None:
+    """Write a UTF-8 text file atomically."""
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite)
 
 
 def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -512,6 +585,7 @@ def save_image(image, path: str | os.PathLike, text: dict[str, str] | None = Non
         for k, v in text.items():
             kwargs["pnginfo"].add_text(k, v)
     if fmt == "JPEG":
+        from .images import convert_image
         kwargs.update(quality=95, comment=(text or {}).get("parameters", ""))
-        image = image.convert("RGB")
+        image = convert_image(image)
     _write_atomic(path, lambda tmp: image.save(tmp, format=fmt, **kwargs), overwrite)

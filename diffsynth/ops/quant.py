@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .files import CheckpointError
 from .gguf import dequantize, is_quantized
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -122,6 +123,11 @@ def split_scales(refs: dict) -> tuple[dict, dict]:
     scale_of, drop = split_scale_keys(refs.keys())
     scale_keys = set(scale_of.values())
     weights = {k: r for k, r in refs.items() if k not in scale_keys and k not in drop}
+    markers = [k for k in drop if k.rsplit(".", 1)[-1] in IGNORED_KEYS]
+    if markers and not scale_of and any(is_fp8(r.dtype) for r in weights.values()):
+        raise CheckpointError(f"{refs[markers[0]].path}: marked as ComfyUI scaled fp8 ({markers[0]!r}) but holds no "
+                              f"scale tensors (*{SCALE_SUFFIXES[0]}): its fp8 weights would be used unscaled, "
+                              "giving wrong images. The file is incomplete: download or export it again")
     return weights, {w: refs[s] for w, s in scale_of.items() if w in weights}
 
 

@@ -10,9 +10,9 @@ import math
 from numbers import Real
 
 import torch
-from PIL import Image
 
 from ..ops.files import all_finite
+from ..ops.images import check_image
 
 # FLUX's T5 context (diffusers refuses more, too); each token costs memory in every DiT block.
 MAX_T5_SEQUENCE_LENGTH = 512
@@ -48,15 +48,8 @@ def _need_real(name: str, value, low: float = -math.inf, high: float = math.inf,
 
 
 def _check_image(value) -> None:
-    if value is None:
-        return
-    if not isinstance(value, Image.Image):
-        hint = " (open it first: PIL.Image.open(path))" if isinstance(value, str) else ""
-        raise TypeError(f"input_image must be a PIL image{hint}, got {type(value).__name__}")
-    try:
-        value.load()  # a truncated or damaged file fails here, not inside the VAE
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"input_image cannot be decoded ({type(e).__name__}: {e})") from None
+    if value is not None:
+        check_image(value, "input_image")  # a truncated or damaged file fails here, not inside the VAE
 
 
 def _check_size(height, width) -> None:

@@ -157,6 +157,7 @@ class FluxImagePipeline(nn.Module):
         that limit and no further buffer (2.0's scripts subtract their own margin), see enable_vram_management.
         `tokenizer_N_config` is 2.0's name for `tokenizer_N_path`.
         """
+        vram.check_gigabytes("vram_limit", vram_limit)  # before any model loads
         pipe = cls(device=device, torch_dtype=torch_dtype)
         encoder_sources = {}
         for config in model_configs:

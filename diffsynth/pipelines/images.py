@@ -9,12 +9,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..ops.images import convert_image
+
 VAE_FACTOR = 8
 
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
     """PIL image -> (1, 3, H, W) in [-1, 1], resized (Lanczos) when its size differs."""
-    image = image.convert("RGB")
+    image = convert_image(image)
     if image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0

@@ -1,7 +1,7 @@
 """Disk cache of what the frozen encoders produce: VAE latents (x0) and text embeddings, one file per row.
 
 The file name is a hash of everything the tensors depend on (image file identity, target size, prompt,
-T5 length, model sources, dtype), so a changed image, caption or model never reuses a stale entry.
+T5 length, the model files' identity, dtype), so a changed image, caption or model never reuses a stale entry.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from ..ops.files import remove_stale_temps, save_safetensors
+from ..ops.files import file_identity, remove_stale_temps, save_safetensors
 from .data import ImageDataset, Sample
 from .module import FluxTrainingModule, cached_keys
 
@@ -22,6 +22,12 @@ def cache_key(sample: Sample, size: tuple[int, int], t5_sequence_length: int, mo
     st = os.stat(path)
     ident = [path, st.st_mtime_ns, st.st_size, list(size), sample.prompt, t5_sequence_length, model_tag]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+
+
+def models_tag(files: list[str], dtype: torch.dtype) -> str:
+    """The models part of a cache key: the identity of every model file (not the path strings: a model file
+    replaced at the same path must not reuse the old model's latents) and the compute dtype."""
+    return json.dumps([[file_identity(f) for f in files], str(dtype)])
 
 
 def cache_paths(samples: list[Sample], sizes: list[tuple[int, int]], cache_dir: str, t5_sequence_length: int,

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..ops.files import (CheckpointError, fsync_path, load_state_dict, nonfinite_keys, publish,
-                         remove_stale_temps, temp_path)
+from ..ops.files import (CheckpointError, disk_full, fsync_path, is_disk_full, load_state_dict, nonfinite_keys,
+                         remove_stale_temps, save_text)
 
 STATE_FILE = "state.json"
 LATEST = "latest"
@@ -55,14 +55,8 @@ def restore_rng(state: dict) -> None:
 
 # ----------------------------------------------------------------------------- files
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = Path(temp_path(str(path)))
-    tmp.write_text(text)
-    publish(str(tmp), str(path))
-
-
 def write_pointer(root: Path, name: str) -> None:
-    write_text_atomic(root / LATEST, name + "\n")
+    save_text(name + "\n", root / LATEST)
 
 
 def is_complete(path: Path) -> bool:
@@ -162,6 +156,27 @@ def _replace_folder(root: Path, tmp: Path, name: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_files(accelerator, tmp: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+                 ema: dict[str, torch.Tensor] | None) -> None:
+    """Every file of a checkpoint but state.json, fsynced (each process writes its own)."""
+    deepspeed = accelerator.distributed_type == "DEEPSPEED"
+    if deepspeed:  # the engine writes its own sharded model/optimizer files on every rank
+        accelerator.save_state(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
+    torch.save(capture_rng(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        if not deepspeed:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if ema is not None:
+            save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+
+
 def save_checkpoint(accelerator, root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer,
                     scheduler, ema: dict[str, torch.Tensor] | None, state: dict, keep: int | None) -> Path:
     """Write the training state atomically (call on every process). Returns the checkpoint folder."""
@@ -175,24 +190,17 @@ def save_checkpoint(accelerator, root: Path, step: int, trainable: dict[str, tor
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    deepspeed = accelerator.distributed_type == "DEEPSPEED"
-    if deepspeed:  # the engine writes its own sharded model/optimizer files on every rank
-        accelerator.save_state(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
-    torch.save(capture_rng(), tmp / f"rng-{accelerator.process_index}.pt")
+    try:
+        _write_files(accelerator, tmp, trainable, optimizer, scheduler, ema)
+        if main:
+            save_text(json.dumps(state, indent=2), tmp / STATE_FILE)  # last: its presence means complete
+            fsync_path(tmp)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # half a checkpoint: useless, and it holds the space
+        raise disk_full(root, f"checkpoint {name}") from None
     if main:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-        if not deepspeed:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if ema is not None:
-            save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-    accelerator.wait_for_everyone()
-    if main:
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                fsync_path(f)
-        write_text_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))  # last: its presence means complete
-        fsync_path(tmp)
         _replace_folder(root, tmp, name)
         prune(root, keep, protect=name)
     accelerator.wait_for_everyone()

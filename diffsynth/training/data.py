@@ -8,6 +8,7 @@ problems are reported together in one `DatasetError`; every image is decoded onc
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..pipelines.flux_image import SIZE_MULTIPLE
+from ..ops.images import convert_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
@@ -42,25 +44,33 @@ class Sample:
 
 # ----------------------------------------------------------------------------- metadata files
 
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file (a byte-order mark is allowed); DatasetError naming it when it is in another encoding."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: this {what} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                           "save it as UTF-8 (e.g. `iconv -f cp1252 -t utf-8`)") from None
+
+
 def read_metadata(path: str | os.PathLike) -> list[dict]:
     """Rows of a .csv (header row), .json (list of objects) or .jsonl (one object per line) file."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"metadata file not found: {path}")
     ext = path.suffix.lower()
+    if ext not in (".csv", ".json", ".jsonl"):
+        raise DatasetError(f"{path}: metadata must be .csv, .json or .jsonl, got {ext or 'no extension'!r}")
+    text = read_text(path, "metadata file")
     try:
         if ext == ".csv":
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                rows = list(csv.DictReader(f))
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
         elif ext == ".json":
-            with open(path, encoding="utf-8") as f:
-                rows = json.load(f)
-        elif ext == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows = json.loads(text)
         else:
-            raise DatasetError(f"{path}: metadata must be .csv, .json or .jsonl, got {ext or 'no extension'!r}")
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (json.JSONDecodeError, csv.Error) as e:
         raise DatasetError(f"{path}: cannot be parsed ({type(e).__name__}: {e})") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DatasetError(f"{path}: expected a list of objects (one per image)")
@@ -76,7 +86,7 @@ def caption_rows(base: Path) -> list[dict]:
         if p.suffix.lower() in IMAGE_EXTENSIONS:
             txt = p.with_suffix(".txt")
             rows.append({"image": str(p.relative_to(base)),
-                         "prompt": txt.read_text(encoding="utf-8").strip() if txt.is_file() else None})
+                         "prompt": read_text(txt, "caption file").strip() if txt.is_file() else None})
     if not rows:
         raise DatasetError(f"{base}: no metadata file ({', '.join(METADATA_NAMES)}) and no images")
     return rows
@@ -113,12 +123,17 @@ def image_size(path: str) -> tuple[int, int]:
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist")
     try:
-        with Image.open(path) as im:
-            size = im.size
-            im.load()  # a full decode: verify() passes truncated JPEGs, which would crash training mid-run
+        return open_image(path).size  # a full decode: verify() passes truncated JPEGs, which would crash training
     except Exception as e:  # PIL raises many types for damaged files
         raise ValueError(f"{path} cannot be read as an image ({type(e).__name__}: {e})") from None
-    return size
+
+
+def open_image(path: str) -> Image.Image:
+    """The decoded image the way it is meant to be seen: its EXIF orientation applied (phone cameras store a
+    portrait photo as landscape pixels plus an orientation tag; trained as stored, it would lie on its side)."""
+    with Image.open(path) as im:
+        im.load()
+        return ImageOps.exif_transpose(im)  # a new image either way: usable after the file is closed
 
 
 def check_row(row: dict, base: str, file_keys: list[str]) -> Sample:
@@ -224,7 +239,7 @@ def target_size(size: tuple[int, int], height: int | None, width: int | None, ma
 
 def crop_resize(image: Image.Image, width: int, height: int) -> Image.Image:
     """Scale to cover (width, height), keeping the aspect, then centre-crop (masks stay grayscale)."""
-    image = image if image.mode == "L" else image.convert("RGB")
+    image = image if image.mode == "L" else convert_image(image)
     scale = max(width / image.width, height / image.height)
     new = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     if new != image.size:
@@ -248,8 +263,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _image(self, path: str, size: tuple[int, int] | None, mode: str = "RGB") -> Image.Image:
-        with Image.open(path) as im:
-            im = im.convert(mode)
+        im = convert_image(open_image(path), mode)
         w, h = size or target_size(im.size, self.height, self.width, self.max_pixels, None)
         return crop_resize(im, w, h)
 

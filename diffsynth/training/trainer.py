@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..ops.files import DTYPE_NAMES, all_finite, save_image
+from ..ops.files import DTYPE_NAMES, DiskFull, all_finite, expand_paths, save_image
 from .args import build_parser, check_args, parse_model_sources
-from .cache import build_cache, cache_paths
-from .checkpoint import SavedState, load_checkpoint, read_newest_readable, resume_candidates, save_checkpoint
+from .cache import build_cache, cache_paths, models_tag
+from .checkpoint import SavedState, complete_checkpoints, load_checkpoint, read_newest_readable, resume_candidates, save_checkpoint
 from .data import ImageDataset, bucket_sizes, epoch_batches, load_samples, shard_batches, target_size
 from .export import save_output, training_info
 from .module import FluxTrainingModule
@@ -257,7 +257,8 @@ class Trainer:
             return make()
         if self.module.preprocessing_is_trained(cached_only=True):
             raise ValueError("--cache_dir cannot be used while a text encoder or the VAE encoder is trained")
-        tag = f"{args.model_paths}|{args.model_id_with_origin_paths}|{self.dtype}"
+        configs = parse_model_sources(args.model_paths, args.model_id_with_origin_paths)
+        tag = models_tag([f for c in configs for f in expand_paths(c.resolve())], self.dtype)  # resolved: on disk
         paths = cache_paths(self.samples, self.sizes, args.cache_dir, args.t5_sequence_length, tag)
         built = build_cache(self.module, make(), paths, self.rank, self.world, show_progress=self.main)
         acc.wait_for_everyone()
@@ -295,10 +296,30 @@ class Trainer:
             self.accelerator.print(f"warning: the data changed since the checkpoint ({what}): epoch {state['epoch']} "
                                    "restarts from its first batch")
             state["batch"] = 0
-        if state["step"] >= self.total_steps:
-            raise ValueError(f"{self.resume} is at step {state['step']}, already the end of this run "
-                             f"({self.total_steps} steps: --num_epochs {args.num_epochs} x {self.steps_per_epoch} "
-                             "steps/epoch, --max_steps): nothing to train; raise --num_epochs or --max_steps")
+        if state["step"] < self.total_steps:
+            return
+        # at the end already: a re-run of the same command (a requeued job) succeeds, finishing what is owed
+        owed = self.owed_at_end()
+        if owed:
+            self.accelerator.print(f"note: {self.resume} is the last step of this run, which stopped before its "
+                                   f"end-of-run files were written: writing {', '.join(owed)} in {self.output}")
+        else:
+            self.accelerator.print(f"note: {self.resume} is at step {state['step']}, the end of this run "
+                                   f"({self.total_steps} steps: --num_epochs {args.num_epochs} x {self.steps_per_epoch} "
+                                   "steps/epoch, --max_steps), and every file of it is written: nothing to train "
+                                   "(raise --num_epochs or --max_steps to train further)")
+
+    def owed_at_end(self) -> list[str]:
+        """What a run whose last step is done still has to write (it was stopped before): the epoch-end export
+        and final checkpoint, or the export of a run that --max_steps ended inside an epoch."""
+        state = self.state
+        if state["epoch"] >= self.args.num_epochs or state["batch"] == 0:
+            return []  # the epoch-end checkpoint is saved last, after the export
+        suffixes = ("", "-ema") if self.ema is not None else ("",)
+        if state["batch"] >= len(self.rank_batches(state["epoch"])):
+            return [f"epoch-{state['epoch']}{s}.safetensors" for s in suffixes] + ["the final checkpoint"]
+        names = [f"step-{state['step']}{s}.safetensors" for s in suffixes]
+        return [n for n in names if not (self.output / n).is_file()]
 
     def _warn_if_layout_changed(self) -> None:
         now = {"world_size": self.world, "batch_size": self.args.batch_size,
@@ -421,6 +442,40 @@ class Trainer:
         if self.step_callback is not None:
             self.step_callback(step, loss)
 
+    def train_epoch(self, epoch: int, batches: list[list[int]], start: int, progress: tqdm) -> None:
+        """Batches `start:` of `epoch`, until the epoch or the run ends."""
+        state = self.state
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[start:], collate_fn=list,
+                                             num_workers=self.args.dataset_num_workers, generator=torch.Generator())
+        for i, batch in enumerate(loader, start=start):
+            loss = self.optimizer_step(batch)
+            if loss is None:
+                continue
+            state.update(step=state["step"] + 1, epoch=epoch, batch=i + 1)
+            self.after_step(state["step"], loss, progress)
+            if state["step"] >= self.total_steps:
+                break
+
+    def run_epochs(self, progress: tqdm) -> None:
+        """From the current position to the end of the run, with the end-of-epoch and end-of-run saves."""
+        args, state = self.args, self.state
+        for epoch in range(state["epoch"], args.num_epochs):
+            batches = self.rank_batches(epoch)
+            start = state["batch"] if epoch == state["epoch"] else 0
+            if state["step"] >= self.total_steps and start == 0:
+                break
+            if state["step"] < self.total_steps:  # else: a resumed run only writes what its end owes (below)
+                self.train_epoch(epoch, batches, start, progress)
+            if state["batch"] < len(batches):  # --max_steps ended training inside the epoch
+                if not (args.save_steps and state["step"] % args.save_steps == 0):
+                    self.save_weights(f"step-{state['step']}")
+                if self.state_saved_at != state["step"]:
+                    self.save_state()
+                break
+            self.save_weights(f"epoch-{epoch}")
+            state.update(epoch=epoch + 1, batch=0)
+            self.save_state()
+
     def run(self) -> dict:
         args, acc, state = self.args, self.accelerator, self.state
         if self.tensorboard:
@@ -435,31 +490,10 @@ class Trainer:
         started, self._micro_losses = time.time(), []
         self.state_saved_at = state["step"] if self.resume is not None else -1
         self.model.train()
-        for epoch in range(state["epoch"], args.num_epochs):
-            if state["step"] >= self.total_steps:
-                break
-            batches = self.rank_batches(epoch)
-            start = state["batch"] if epoch == state["epoch"] else 0
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[start:], collate_fn=list,
-                                                 num_workers=args.dataset_num_workers, generator=torch.Generator())
-            for i, batch in enumerate(loader, start=start):
-                loss = self.optimizer_step(batch)
-                if loss is None:
-                    continue
-                state.update(step=state["step"] + 1, epoch=epoch, batch=i + 1)
-                self.after_step(state["step"], loss, progress)
-                if state["step"] >= self.total_steps:
-                    break
-            if state["batch"] < len(batches):  # --max_steps ended training inside the epoch
-                if not (args.save_steps and state["step"] % args.save_steps == 0):
-                    self.save_weights(f"step-{state['step']}")
-                if self.state_saved_at != state["step"]:
-                    self.save_state()
-                break
-            self.save_weights(f"epoch-{epoch}")
-            state.update(epoch=epoch + 1, batch=0)
-            self.save_state()
-        progress.close()
+        try:  # the bar is closed before any error is printed: the message stays the last line
+            self.run_epochs(progress)
+        finally:
+            progress.close()
         acc.end_training()
         elapsed = time.time() - started
         acc.print(f"done: {state['step']} steps in {elapsed:.1f}s")
@@ -467,23 +501,53 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "seconds": elapsed, "module": self.unwrapped}
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped early (Ctrl-C, a full disk); the message says where the newest checkpoint is."""
+
+    def __init__(self, message: str, interrupted: bool):
+        super().__init__(message)
+        self.interrupted = interrupted
+
+
+def newest_checkpoint(root: Path) -> str:
+    """Where a resume would start, in words."""
+    found = complete_checkpoints(root)
+    if not found:
+        return "no checkpoint was saved"
+    return f"the newest checkpoint is {found[-1].name} (resume with --resume_from_checkpoint latest)"
+
+
 def train(args: argparse.Namespace, step_callback: StepCallback | None = None) -> dict:
     """Train as described by `args` (from `build_parser().parse_args`). Returns a summary: steps, per-step
-    losses, files written, seed, and the trained module (`module.pipe` is the pipeline)."""
+    losses, files written, seed, and the trained module (`module.pipe` is the pipeline). Ctrl-C and a full
+    disk raise TrainingStopped naming the newest checkpoint (a save in progress is not finished: a
+    checkpoint made of a half-done step would not be one)."""
     trainer = Trainer(args, step_callback)
     try:
         return trainer.run()
+    except KeyboardInterrupt:
+        raise TrainingStopped(f"interrupted at step {trainer.state['step']}: "
+                              f"{newest_checkpoint(trainer.ckpt_root)}", interrupted=True) from None
+    except DiskFull as e:
+        raise TrainingStopped(f"{e}; {newest_checkpoint(trainer.ckpt_root)}", interrupted=False) from None
     finally:
         trainer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """train.py's entry point: a user error prints its message (no traceback) and exits with 1."""
+    """train.py's entry point: a user error, Ctrl-C or a full disk prints one line (no traceback) and exits
+    with 1 (130 for Ctrl-C, as shells do)."""
     import sys
     args = build_parser().parse_args(argv)
     try:
         train(args)
-    except (ValueError, FileNotFoundError, ImportError, OutputLocked) as e:
+    except TrainingStopped as e:
+        print(f"{'stopped' if e.interrupted else 'error'}: {e}", file=sys.stderr)
+        return 130 if e.interrupted else 1
+    except KeyboardInterrupt:
+        print("stopped: interrupted before training started", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, ImportError, OutputLocked, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

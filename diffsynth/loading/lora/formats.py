@@ -422,6 +422,9 @@ def _unusable(down: torch.Tensor, alpha: float | None, parts: dict[str, torch.Te
     """Why a LoRA pair cannot be applied (rank 0 divides by zero; NaN/Inf would poison every output)."""
     if down.shape[0] == 0:
         return "rank 0 (no LoRA weights)"
+    ints = sorted({str(t.dtype).replace("torch.", "") for t in parts.values() if not t.is_floating_point()})
+    if ints:  # quantized integers without their scales would be applied as if they were the weights
+        return f"integer weights ({', '.join(ints)}); a LoRA's weights are floating point"
     if alpha is not None and not math.isfinite(alpha):
         return f"alpha is {alpha}"
     bad = [role for role, t in parts.items() if not all_finite(t)]
@@ -457,10 +460,17 @@ def _as_canonical(lora, mlp_ratio: float = 4.0) -> CanonicalLoRA:
     lora = _resolve_config(lora)
     if isinstance(lora, (str, os.PathLike)):
         sd, metadata = read_lora_file(lora)
-        return convert_lora(sd, metadata, mlp_ratio)
+        return _not_empty(convert_lora(sd, metadata, mlp_ratio), str(lora))
     if isinstance(lora, Mapping):
-        return convert_lora(lora, mlp_ratio=mlp_ratio)
+        return _not_empty(convert_lora(lora, mlp_ratio=mlp_ratio), "the LoRA state dict")
     raise TypeError(f"expected a LoRA path, ModelConfig, state dict or CanonicalLoRA, got {type(lora).__name__}")
+
+
+def _not_empty(lora: CanonicalLoRA, source: str) -> CanonicalLoRA:
+    """A LoRA with nothing in it would be "applied" without changing anything: refuse it."""
+    if not (lora.layers or lora.te_layers or lora.norm_weights or lora.unknown):
+        raise ValueError(f"{source} holds no LoRA tensors (an empty or unfinished file?)")
+    return lora
 
 
 def _resolve_config(lora):

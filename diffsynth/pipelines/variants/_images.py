@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from ..images import VAE_FACTOR, image_to_tensor, vae_encode  # noqa: F401  (the variants' image helpers)
+from ...ops.images import check_image, convert_image, image_list  # noqa: F401  (re-exported)
 
 PATCH = 2
 
@@ -36,12 +37,6 @@ def require_dit(pipe, channels: int, argument: str, model: str) -> None:
                          f"{dit_kind(pipe)} ({dit_channels(pipe)} input channels)")
 
 
-def check_image(value, name: str) -> Image.Image:
-    if not isinstance(value, Image.Image):
-        raise TypeError(f"{name} must be a PIL image, got {type(value).__name__}")
-    return value
-
-
 def mask_tensor(mask, name: str, size: tuple[int, int], modes: tuple[str, ...], resize_to=None) -> torch.Tensor:
     """A mask image -> (1, 1, h, w) in [0, 1] (white = 1). It must have the size of the image it masks
     (`size`, (width, height)) and one of `modes`; `resize_to` (width, height) resamples it (bilinear)."""
@@ -51,7 +46,7 @@ def mask_tensor(mask, name: str, size: tuple[int, int], modes: tuple[str, ...], 
                          f"(white = the region to paint), got mode {mask.mode!r}: use .convert('L')")
     if mask.size != size:
         raise ValueError(f"{name} is {mask.size[0]}x{mask.size[1]} but the image it masks is {size[0]}x{size[1]}")
-    mask = mask.convert("RGB").getchannel(0) if mask.mode == "RGB" else mask.convert("L")
+    mask = convert_image(mask).getchannel(0) if mask.mode == "RGB" else convert_image(mask, "L")
     if resize_to is not None and mask.size != resize_to:
         mask = mask.resize(resize_to, Image.BILINEAR)
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]

@@ -19,6 +19,7 @@ from ...models.flux_controlnet import UNION_MODES
 from ...models.flux_dit import patchify
 from ..images import image_to_tensor, vae_encode
 from ..units import step_unit, unit
+from ...ops.images import check_image, convert_image
 
 # processor_id values that mean "no annotator" (the image is the condition as is)
 PLAIN_PROCESSORS = (None, "None", "none", "tile", "inpaint")
@@ -73,7 +74,7 @@ class ControlNetConditions:
 
 def _mask_array(mask: Image.Image, width: int, height: int) -> np.ndarray:
     """(H, W) float in [0, 1]: the mask's mean over RGB, resized to the generated size (white = repaint)."""
-    return np.asarray(mask.convert("RGB").resize((width, height)), dtype=np.float32).mean(-1) / 255.0
+    return np.asarray(convert_image(mask).resize((width, height)), dtype=np.float32).mean(-1) / 255.0
 
 
 def _checked(pipe, inp, i: int) -> None:
@@ -84,8 +85,9 @@ def _checked(pipe, inp, i: int) -> None:
     if not isinstance(inp.controlnet_id, int) or not 0 <= inp.controlnet_id < n:
         raise ValueError(f"{name}.controlnet_id={inp.controlnet_id!r}: {n} ControlNet(s) loaded "
                          f"(ids 0..{n - 1}, in the order of model_configs)")
-    if not isinstance(inp.image, Image.Image):
-        raise TypeError(f"{name}.image must be a PIL image, got {type(inp.image).__name__}")
+    check_image(inp.image, f"{name}.image")
+    if inp.inpaint_mask is not None:
+        check_image(inp.inpaint_mask, f"{name}.inpaint_mask")
     if not inp.start >= inp.end:
         raise ValueError(f"{name}: start ({inp.start}) must be >= end ({inp.end}); progress runs from 1 "
                          "(first step) to 0 (last step)")
@@ -113,7 +115,7 @@ def encode_condition(pipe, inp: ControlNetInput, height: int, width: int, tiled:
     Pixel-condition (XLabs) ControlNets take the image itself, (1, 3, H, W) in [-1, 1]."""
     if pipe.controlnet[inp.controlnet_id].config.pixel_condition:
         return image_to_tensor(inp.image, width, height).to(pipe.device, pipe.torch_dtype)
-    image = inp.image.convert("RGB")
+    image = convert_image(inp.image)
     if inp.inpaint_mask is not None:
         pixels = np.array(image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image)
         pixels[_mask_array(inp.inpaint_mask, width, height) > 0.5] = 0

@@ -20,6 +20,7 @@ from PIL import Image
 from ...models import flux_text_encoders as te
 from ...ops.attention_mask import GroupMask
 from ..units import step_unit, unit
+from ...ops.images import convert_image
 
 VAE_FACTOR = 8
 
@@ -32,7 +33,7 @@ def entity_masks(masks, count: int, height: int, width: int) -> torch.Tensor:
         raise ValueError(f"eligen_entity_masks has {len(masks)} masks for {count} eligen_entity_prompts: "
                          "give exactly one mask per entity prompt")
     size = (width // VAE_FACTOR, height // VAE_FACTOR)
-    grids = [np.asarray(m.convert("RGB").resize(size, Image.NEAREST), dtype=np.float32).mean(-1) > 127.5
+    grids = [np.asarray(convert_image(m).resize(size, Image.NEAREST), dtype=np.float32).mean(-1) > 127.5
              for m in masks]
     return torch.from_numpy(np.stack(grids))
 

@@ -14,15 +14,11 @@ from PIL import Image
 from ...models.flux_ipadapter import check_fits, ip_attention
 from ...models.flux_dit import merge_heads
 from ..units import step_unit, unit
+from ._images import image_list
 
 
 def reference_images(ipadapter_images) -> list[Image.Image]:
-    images = [ipadapter_images] if isinstance(ipadapter_images, Image.Image) else ipadapter_images
-    if not isinstance(images, (list, tuple)) or not images or \
-            not all(isinstance(im, Image.Image) for im in images):
-        raise TypeError("ipadapter_images must be a PIL image or a non-empty list of PIL images, got "
-                        f"{type(ipadapter_images).__name__}")
-    return list(images)
+    return image_list(ipadapter_images, "ipadapter_images")
 
 
 @unit(both_branches=True, models=("image_encoder",), uses=("dit", "ipadapter"), outputs=("ipadapter_emb", "ipadapter_scale"),
@@ -30,6 +26,9 @@ def reference_images(ipadapter_images) -> list[Image.Image]:
 def encode_ipadapter_images(pipe, branches, ipadapter_images=None, ipadapter_scale=1.0, num_images=1):
     """Image embeddings (B, n_images, dim): the images' on the positive side, zeros on the negative one."""
     if ipadapter_images is None:
+        if ipadapter_scale != 1.0:  # the default: any other value was meant to do something
+            raise ValueError(f"ipadapter_scale={ipadapter_scale!r} is given without ipadapter_images: there is "
+                             "nothing to scale (pass the reference images, or drop ipadapter_scale)")
         return [{} for _ in branches]
     if pipe.ipadapter is None:
         raise RuntimeError("ipadapter_images needs an IP-Adapter: add e.g. ModelConfig(model_id="

@@ -18,7 +18,7 @@ from PIL import Image
 
 from ...models.flux_dit import image_ids, patchify
 from ..units import step_unit, unit
-from ._images import BASE_CHANNELS, VAE_FACTOR, check_image, image_to_tensor, require_dit, vae_encode
+from ._images import BASE_CHANNELS, VAE_FACTOR, image_list, image_to_tensor, require_dit, vae_encode
 
 MULTIPLE = VAE_FACTOR * 2  # VAE 8x, then 2x2 patches
 
@@ -58,10 +58,6 @@ class Canvas:
         return offset
 
 
-def as_list(images) -> list:
-    return list(images) if isinstance(images, (list, tuple)) else [images]
-
-
 @unit(uses=("vae_encoder",), outputs=("kontext_latents", "kontext_image_ids"), model_inputs=("kontext_latents", "kontext_image_ids"),
       batched=("kontext_latents", "kontext_image_ids"))
 def encode_kontext_images(pipe, noise, kontext_images=None, kontext_auto_resize=False, tiled=False,
@@ -69,9 +65,7 @@ def encode_kontext_images(pipe, noise, kontext_images=None, kontext_auto_resize=
     """kontext_images (a PIL image or a list) -> packed tokens (B, M, 64) and ids (B, M, 3)."""
     if kontext_images is None:
         return {}
-    images = [check_image(im, "kontext_images") for im in as_list(kontext_images)]
-    if not images:
-        return {}
+    images = image_list(kontext_images, "kontext_images")
     require_dit(pipe, BASE_CHANNELS, "kontext_images", "FLUX.1-Kontext (or another 16-channel)")
     canvas, tokens, ids = Canvas(), [], []
     for image in images:

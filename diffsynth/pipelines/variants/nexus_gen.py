@@ -7,9 +7,9 @@ gives the pooled vector, and the negative branch keeps the CLIP/T5 encoding of t
 """
 from __future__ import annotations
 
-from PIL import Image
 
 from ...models.nexus_gen import editing_text_ids, nexus_gen_embeddings
+from ...ops.images import check_image
 from ..units import unit
 
 OUTPUTS = ("prompt_emb", "text_ids")
@@ -26,8 +26,8 @@ def encode_nexus_gen_prompt(pipe, branches, noise, nexus_gen_reference_image=Non
     if not _is_nexus_gen(pipe):  # run outside `active_units` (a no-op for other pipelines)
         return [{} for _ in branches]
     reference = nexus_gen_reference_image
-    if reference is not None and not isinstance(reference, Image.Image):
-        raise TypeError(f"nexus_gen_reference_image must be a PIL image, got {type(reference).__name__}")
+    if reference is not None:
+        check_image(reference, "nexus_gen_reference_image")
     adapter = pipe.nexus_gen_generation_adapter if reference is None else pipe.nexus_gen_editing_adapter
     if adapter is None:
         needed = "generation_decoder.bin" if reference is None else "edit_decoder.bin"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..units import unit
-from ._images import check_image
+from ._images import image_list
 
 
 def redux_tokens(pipe, images) -> torch.Tensor:
@@ -19,7 +19,7 @@ def redux_tokens(pipe, images) -> torch.Tensor:
     if missing:
         raise RuntimeError(f"flux_redux_image needs the SigLIP image encoder (FLUX.1-Redux-dev image_encoder/) and "
                            f"the Redux embedder (flux1-redux-dev.safetensors); not loaded: {', '.join(missing)}")
-    images = [check_image(im, "flux_redux_image") for im in (images if isinstance(images, (list, tuple)) else [images])]
+    images = image_list(images, "flux_redux_image")
     pipe.load_models_to_device(("image_encoder", "redux"))
     features = pipe.image_encoder.patch_features(images, pipe.compute_device_of("image_encoder"), pipe.torch_dtype)
     tokens = pipe.redux(features.to(pipe.compute_device_of("redux"), pipe.torch_dtype))

@@ -18,6 +18,7 @@ from ...models.flux_dit import image_ids, patchify
 from ...models.step1x import encode_step1x_prompts
 from ..images import image_to_tensor, vae_encode
 from ..units import step_unit, unit
+from ...ops.images import check_image, convert_image
 
 LLM_OUTPUTS = ("step1x_llm_embedding", "step1x_mask")
 # Filled at every step by the connector (step1x_step); None until then.
@@ -34,9 +35,7 @@ def _reference(pipe, image) -> Image.Image:
                            "(the whole HF folder) to model_configs")
     if image is None:
         raise ValueError("Step1X-Edit edits an image: pass step1x_reference_image= (a PIL image)")
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"step1x_reference_image must be a PIL image, got {type(image).__name__}")
-    return image.convert("RGB")
+    return convert_image(check_image(image, "step1x_reference_image"))
 
 
 @unit(both_branches=True, models=("qwenvl",), uses=("step1x_connector",), outputs=(*LLM_OUTPUTS, *DIT_TEXT),
