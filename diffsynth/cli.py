@@ -1,4 +1,7 @@
-"""Command line: `diffsynth generate | inspect | demo`."""
+"""Command line: `diffsynth COMMAND` (the commands are listed by `diffsynth --help`).
+
+torch and the models are imported only once a command runs: help and argument errors answer at once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from .ops.files import DTYPE_NAMES
+from .ops.names import ATTENTION_BACKENDS, COMPUTE_DTYPES, FP8_DTYPES
 
 
 def model_files_in(folder: str) -> list[str]:
@@ -25,7 +26,8 @@ def model_files_in(folder: str) -> list[str]:
     return found
 
 
-def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True) -> None:
+def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True, seed: int | None = None) -> None:
+    """The generation options; `seed`: the default seed (None: a random one, printed)."""
     p.add_argument("--prompt", required=require_prompt, help="what to generate")
     p.add_argument("--negative-prompt", default="", help="what to avoid (used when --cfg-scale > 1)")
     p.add_argument("--cfg-scale", type=float, default=1.0,
@@ -39,7 +41,10 @@ def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True)
                    help="pixels, rounded up to a multiple of 16 (default: the input image's, else 1024)")
     p.add_argument("--width", type=int,
                    help="pixels, rounded up to a multiple of 16 (default: the input image's, else 1024)")
-    p.add_argument("--seed", type=int, help="image i of a batch uses seed + i (default: random, printed)")
+    random_seed = "a random seed" if seed is None else str(seed)
+    p.add_argument("--seed", type=int, default=seed,
+                   help=f"image i of a batch uses seed + i (default: {random_seed}; the seed used is printed with "
+                        "each saved file and stored in its PNG parameters)")
     p.add_argument("--rand-device", default="cpu",
                    help="where the noise is drawn: cpu (same noise on every machine) or cuda")
     p.add_argument("--sigma-shift", type=float, help="timestep shift of the schedule (default 3)")
@@ -59,11 +64,16 @@ GENERATION_KEYS = ("prompt", "negative_prompt", "cfg_scale", "embedded_guidance"
                    "denoising_strength", "height", "width", "seed", "rand_device", "sigma_shift",
                    "num_inference_steps", "tiled", "tile_size", "tile_stride", "num_images",
                    "tea_cache_l1_thresh", "fbcache_thresh")
-STORAGE_DTYPES = {**DTYPE_NAMES, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+STORAGE_DTYPES = (*COMPUTE_DTYPES, *FP8_DTYPES)
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a --dtype / --offload-dtype name."""
+    import torch
+    return getattr(torch, {**COMPUTE_DTYPES, **FP8_DTYPES}[name])
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    from .ops.attention import BACKENDS
     g = p.add_argument_group("fitting and speed")
     g.add_argument("--offload", action="store_true",
                    help="store weights in CPU RAM; layers stay on the device while under --vram-limit, the rest "
@@ -76,7 +86,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", action="append", default=[], metavar="FILE", help="a LoRA file (repeatable)")
     g.add_argument("--lora-alpha", action="append", type=float, default=[], metavar="A",
                    help="strength of each --lora, in order (default 1.0 each)")
-    g.add_argument("--attention", choices=BACKENDS, default="auto", help="attention backend (process-wide)")
+    g.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="attention backend (process-wide)")
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (regional)")
 
 
@@ -98,7 +108,7 @@ def _model_config(path: str, args):
         families = {d.family for d in detect(config.resolve())}
         precise = sorted(f for f in families if not FAMILY_BY_NAME[f].low_precision_storage)
         if not precise:
-            dtype = STORAGE_DTYPES[args.offload_dtype]
+            dtype = torch_dtype(args.offload_dtype)
         else:
             print(f"note: {path} also holds {', '.join(precise)}; "
                   f"it is stored as is, not in {args.offload_dtype}", file=sys.stderr)
@@ -127,8 +137,9 @@ def build_pipeline(args, models: list[str]):
     from . import FluxImagePipeline
     from .ops.quant import quant_type
     lora_files = loras(args)
+    device, dtype = compute_target(args)
     pipe = FluxImagePipeline.from_pretrained(
-        torch_dtype=DTYPE_NAMES[args.dtype], device=args.device,
+        torch_dtype=torch_dtype(dtype), device=device,
         model_configs=[_model_config(m, args) for m in models],
         tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2)
     if lora_files and pipe.dit is None:
@@ -196,8 +207,16 @@ def open_input_image(path: str | None):
         raise ValueError(f"--input-image {path}: cannot be read as an image ({type(e).__name__}: {e})") from None
 
 
+def compute_target(args) -> tuple[str, str]:
+    """(--device, --dtype), their defaults resolved: cuda and bf16 when this machine has CUDA, else cpu and fp32."""
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+
+
 def check_device(name: str) -> None:
     """A device this machine has: otherwise torch fails deep inside model loading."""
+    import torch
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -235,7 +254,7 @@ def check_generation(args) -> tuple[list[str], object]:
     check_call_args({**params, "input_image": input_image})
     paths = output_paths(args.output, args.num_images)
     check_outputs(paths, getattr(args, "overwrite", True))  # `demo` has no --overwrite: it rewrites its image
-    check_device(args.device)
+    check_device(compute_target(args)[0])
     return paths, input_image
 
 
@@ -247,9 +266,10 @@ def write_images(args, pipe, models: list[str], paths: list[str], input_image) -
     images = pipe(**params, input_image=input_image)
     images = images if isinstance(images, list) else [images]
     for i, (image, path) in enumerate(zip(images, paths)):
+        seed = pipe.last_seed + i
         save_image(image, path, png_metadata({**params, "input_image": args.input_image, "loras": loras(args)},
-                                             pipe.last_seed + i, image.size, models), overwrite=overwrite)
-        print(f"saved {path}")
+                                             seed, image.size, models), overwrite=overwrite)
+        print(f"saved {path} (seed {seed})")
     return paths
 
 
@@ -315,18 +335,29 @@ def cmd_train(args) -> None:
     train(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffsynth", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, unless the help already states it or there is none."""
 
-    gen = sub.add_parser("generate", help="text-to-image / image-to-image from checkpoint files")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, "", [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffsynth", formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="text-to-image / image-to-image from checkpoint files",
+                         formatter_class=HelpFormatter)
     gen.add_argument("--model", nargs="+", help="checkpoint files or folders (DiT, VAE, CLIP, T5, or all-in-one)")
     gen.add_argument("--model-dir", help="a model folder in the FLUX.1-dev layout")
     gen.add_argument("--tokenizer-1", help="CLIP tokenizer folder (default: tokenizer/ beside text_encoder/)")
     gen.add_argument("--tokenizer-2", help="T5 tokenizer folder (default: tokenizer_2/ beside text_encoder_2/)")
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
-    gen.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16" if torch.cuda.is_available() else "fp32",
-                     help="compute dtype")
+    gen.add_argument("--device", help="compute device: cuda, cuda:1, mps, cpu (default: cuda when this machine "
+                                      "has it, else cpu)")
+    gen.add_argument("--dtype", choices=COMPUTE_DTYPES, help="compute dtype (default: bf16 on cuda, else fp32)")
     gen.add_argument("--output", default="image.png", help="image file; .png (with the parameters), .jpg or .webp "
                      "(numbered when --num-images > 1)")
     gen.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
@@ -334,27 +365,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    ins = sub.add_parser("inspect", help="what a checkpoint file is recognised as")
+    ins = sub.add_parser("inspect", help="what a checkpoint file is recognised as", formatter_class=HelpFormatter)
     ins.add_argument("files", nargs="+", help="model or LoRA files / folders")
     ins.add_argument("--json", action="store_true", help="print the description as JSON")
     ins.add_argument("--dit", help="for LoRA files: a DiT checkpoint to list the LoRA keys that would not apply to")
     ins.set_defaults(func=cmd_inspect)
 
     from .nano import SHIPPED
-    demo = sub.add_parser("demo", help="generate with flux-nano, the small FLUX.1 model shipped with diffsynth")
-    demo.add_argument("--model-dir", default=str(SHIPPED))
-    demo.add_argument("--output", default="demo_output/image.png")
-    demo.add_argument("--device", default="cpu")
-    demo.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
-    add_generation_args(demo, require_prompt=False)
+    demo = sub.add_parser("demo", help="generate with flux-nano, the small FLUX.1 model shipped with diffsynth",
+                          formatter_class=HelpFormatter)
+    demo.add_argument("--model-dir", default=str(SHIPPED), help="the flux-nano folder")
+    demo.add_argument("--output", default="demo_output/image.png",
+                      help="image file; without --prompt, grid.png is also written beside it")
+    demo.add_argument("--device", default="cpu", help="compute device (flux-nano is fast on cpu)")
+    demo.add_argument("--dtype", choices=COMPUTE_DTYPES, default="fp32", help="compute dtype")
+    add_generation_args(demo, require_prompt=False, seed=0)
     add_runtime_args(demo)
-    demo.set_defaults(func=cmd_demo, prompt=None, num_inference_steps=20, seed=0)
+    demo.set_defaults(func=cmd_demo, prompt=None, num_inference_steps=20)
 
     from .training.args import add_training_args
     train = sub.add_parser("train", help="LoRA / full training of FLUX.1 (same arguments as "
-                                         "examples/flux/model_training/train.py; multi-GPU: accelerate launch)")
+                                         "examples/flux/model_training/train.py; multi-GPU: accelerate launch)",
+                           formatter_class=HelpFormatter)
     add_training_args(train)
     train.set_defaults(func=cmd_train)
+    parser.description = (f"FLUX image generation and training. Commands: {', '.join(sub.choices)} "
+                           "(`diffsynth COMMAND --help` lists each one's options).")
     return parser
 
 

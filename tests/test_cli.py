@@ -170,3 +170,41 @@ def test_generate_compile_flag_compiles(tiny_root, monkeypatch):
     args = _parse(["generate", "--model-dir", str(tiny_root), "--prompt", "x", "--compile"] + ARGS)
     pipe = build_pipeline(args, model_paths(args))
     assert compiled == [pipe]
+
+
+def _heavy_imports(*argv: str) -> tuple[int, set[str]]:
+    """(exit status, heavy top-level packages imported) of `python -m diffsynth.cli ARGV` in a fresh process."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffsynth.cli", *argv],
+                          capture_output=True, text=True, timeout=120)
+    modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return proc.returncode, modules & {"torch", "transformers", "numpy", "safetensors", "accelerate"}
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    """`diffsynth --help` took 17-39 s on a busy machine: torch is imported only once a command runs."""
+    for argv, status in ((["--help"], 0), (["generate", "--help"], 0), (["train", "--help"], 0),
+                         (["demo", "--help"], 0), (["generate", "--model", "x"], 2), (["nonsense"], 2)):
+        assert _heavy_imports(*argv) == (status, set()), argv
+
+
+def test_help_describes_every_option_and_names_every_command():
+    from diffsynth.cli import build_parser
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert all(name in parser.format_help().split("options:")[0] for name in commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+    demo_help = commands["demo"].format_help()
+    assert "(default: demo_output/image.png)" in demo_help and "(default: fp32)" in demo_help
+    assert "(default: 30)" in commands["generate"].format_help()  # --steps
+    assert "printed" in commands["generate"]._option_string_actions["--seed"].help
+
+
+def test_generate_prints_and_stores_the_random_seed(tiny_root, tmp_path, capsys):
+    out = tmp_path / "r.png"
+    assert main(["generate", "--model-dir", str(tiny_root), "--prompt", "a cat", "--output", str(out)] + ARGS) == 0
+    seed = json.loads(Image.open(out).text["diffsynth"])["seed"]
+    assert f"saved {out} (seed {seed})" in capsys.readouterr().out
