@@ -241,19 +241,21 @@ def apply_folder_defaults(args) -> None:
 def cmd_generate(args) -> list[str]:
     apply_folder_defaults(args)
     paths, input_image = check_generation(args)
+    print(f"will write {', '.join(paths)}")
     models = model_paths(args)
     return write_images(args, build_pipeline(args, models), models, paths, input_image)
 
 
-def check_generation(args) -> tuple[list[str], object]:
+def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str], object]:
     """Everything about a generation that can be wrong, checked before any model loads: the pipeline's
-    argument checks, the input image, the output paths and the device. Returns (output paths, input image)."""
+    argument checks, the input image, the output paths (with `more_outputs`, files written besides the
+    images) and the device. Returns (image paths, input image)."""
     from .pipelines.checks import check_call_args
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
     input_image = open_input_image(args.input_image)
     check_call_args({**params, "input_image": input_image})
     paths = output_paths(args.output, args.num_images)
-    check_outputs(paths, getattr(args, "overwrite", True))  # `demo` has no --overwrite: it rewrites its image
+    check_outputs([*paths, *more_outputs], args.overwrite)
     check_device(compute_target(args)[0])
     return paths, input_image
 
@@ -262,13 +264,12 @@ def write_images(args, pipe, models: list[str], paths: list[str], input_image) -
     """Run the pipeline with the generation arguments and save the image(s) to `paths`."""
     from .ops.files import save_image
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
-    overwrite = getattr(args, "overwrite", True)
     images = pipe(**params, input_image=input_image)
     images = images if isinstance(images, list) else [images]
     for i, (image, path) in enumerate(zip(images, paths)):
         seed = pipe.last_seed + i
         save_image(image, path, png_metadata({**params, "input_image": args.input_image, "loras": loras(args)},
-                                             seed, image.size, models), overwrite=overwrite)
+                                             seed, image.size, models), overwrite=args.overwrite)
         print(f"saved {path} (seed {seed})")
     return paths
 
@@ -307,27 +308,40 @@ def _pretty(report: dict) -> str:
     return "\n".join(lines)
 
 
+def grid_path(output: str) -> str:
+    """Where `demo` puts its grid: beside --output and named after it (image.png -> image-grid.png)."""
+    out = Path(output)
+    return str(out.with_name(f"{out.stem}-grid.png"))
+
+
 def cmd_demo(args) -> None:
     """flux-nano, shipped in the package: --prompt writes that image; without it, the default prompt's
-    image and a grid of several prompts (grid.png beside --output)."""
+    image and a grid of several prompts (<output>-grid.png beside --output)."""
     from .nano import demo
-    from .ops.files import save_image
     args.model, args.tokenizer_1, args.tokenizer_2 = None, None, None
     apply_folder_defaults(args)
-    grid = args.prompt is None
+    grid = grid_path(args.output) if args.prompt is None else None
     args.prompt = args.prompt or demo.DEFAULT_PROMPT
-    paths, input_image = check_generation(args)
+    paths, input_image = check_generation(args, more_outputs=(grid,) if grid else ())
+    print(f"will write {', '.join([*paths, *([grid] if grid else [])])}")
     models = model_paths(args)
     pipe = build_pipeline(args, models)
     write_images(args, pipe, models, paths, input_image)
     if grid:
-        seed = 0 if args.seed is None else args.seed
-        images = [pipe(p, seed=seed, height=args.height, width=args.width, t5_sequence_length=args.t5_sequence_length,
-                       num_inference_steps=args.num_inference_steps, progress_bar_cmd=lambda x: x)
-                  for p in demo.GRID_PROMPTS]
-        path = Path(args.output).with_name("grid.png")
-        save_image(demo.make_grid(images, list(demo.GRID_PROMPTS)), path)
-        print(f"saved {path} ({', '.join(demo.GRID_PROMPTS)})")
+        write_grid(args, pipe, models, grid, input_image)
+
+
+def write_grid(args, pipe, models: list[str], path: str, input_image) -> None:
+    """The demo's grid: every generation argument applies to each cell (one image per prompt)."""
+    from .nano import demo
+    from .ops.files import save_image
+    params = {**{k: getattr(args, k) for k in GENERATION_KEYS}, "num_images": 1}
+    images = [pipe(**{**params, "prompt": p}, input_image=input_image, progress_bar_cmd=lambda x: x)
+              for p in demo.GRID_PROMPTS]
+    text = png_metadata({**params, "prompt": " | ".join(demo.GRID_PROMPTS), "grid": list(demo.GRID_PROMPTS),
+                         "input_image": args.input_image, "loras": loras(args)}, pipe.last_seed, images[0].size, models)
+    save_image(demo.make_grid(images, list(demo.GRID_PROMPTS)), path, text, overwrite=args.overwrite)
+    print(f"saved {path} ({', '.join(demo.GRID_PROMPTS)})")
 
 
 def cmd_train(args) -> None:
@@ -376,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=HelpFormatter)
     demo.add_argument("--model-dir", default=str(SHIPPED), help="the flux-nano folder")
     demo.add_argument("--output", default="demo_output/image.png",
-                      help="image file; without --prompt, grid.png is also written beside it")
+                      help="image file; without --prompt, <name>-grid.png is also written beside it")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the files it writes if they exist (default: refuse)")
     demo.add_argument("--device", default="cpu", help="compute device (flux-nano is fast on cpu)")
     demo.add_argument("--dtype", choices=COMPUTE_DTYPES, default="fp32", help="compute dtype")
     add_generation_args(demo, require_prompt=False, seed=0)

@@ -73,7 +73,7 @@ def test_demo_prompt_seed_output_writes_that_image(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffsynth.cli", "demo", "--prompt", "a red circle on the top",
                            "--seed", "3", "--output", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert f"saved {out}" in proc.stdout and not (tmp_path / "grid.png").exists()
+    assert f"saved {out}" in proc.stdout and not (tmp_path / "x-grid.png").exists()
     image = Image.open(out)
     assert image.size == (shapes.SIZE, shapes.SIZE) and "a red circle on the top" in image.text["parameters"]
 
@@ -81,8 +81,26 @@ def test_demo_prompt_seed_output_writes_that_image(tmp_path):
 def test_demo_default_writes_image_and_grid(tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path / "image.png")]) == 0
     assert Image.open(tmp_path / "image.png").size == (shapes.SIZE, shapes.SIZE)
-    grid = Image.open(tmp_path / "grid.png")
-    assert grid.width == demo.COLUMNS * demo.CELL and "grid.png" in capsys.readouterr().out
+    grid = Image.open(tmp_path / "image-grid.png")
+    assert grid.width == demo.COLUMNS * demo.CELL
+    out = capsys.readouterr().out
+    assert out.startswith(f"will write {tmp_path / 'image.png'}, {tmp_path / 'image-grid.png'}\n")
+    assert json.loads(grid.text["diffsynth"])["grid"] == list(demo.GRID_PROMPTS)
+    assert "Seed: 0" in grid.text["parameters"]
+
+
+def test_demo_never_replaces_a_file_it_was_not_told_to(tmp_path, capsys):
+    """`demo --output x.png` replaced x.png and wrote grid.png beside it: like `generate`, it refuses without
+    --overwrite, for the image and for the grid, before any model loads."""
+    image, grid = tmp_path / "x.png", tmp_path / "x-grid.png"
+    for existing in (image, grid):
+        existing.write_bytes(b"precious")
+        assert main(["demo", "--output", str(image)]) == 1
+        err = capsys.readouterr().err
+        assert f"{existing} already exists: pass --overwrite" in err
+        assert existing.read_bytes() == b"precious"
+        existing.unlink()
+    assert not image.exists() and not grid.exists()
 
 
 def test_grid_captions_fit_their_cell():
