@@ -410,13 +410,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(e: Exception) -> str:
+    """The error in the command line's words (the library's speak of from_pretrained's arguments)."""
+    checks = sys.modules.get("diffsynth.pipelines.checks")  # not imported yet: the error cannot be one of its
+    if checks is not None and isinstance(e, checks.MissingModelError):
+        return f"{e.what()} not among the models given: add {'its file' if len(e.missing) == 1 else 'their files'} " \
+               "to --model (or give a complete --model-dir)"
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (FileNotFoundError, FileExistsError, PermissionError, ImportError, ValueError, RuntimeError,
             FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -12,6 +12,7 @@ from numbers import Real
 import torch
 from PIL import Image
 
+from ..loading.components import component
 from ..ops.files import all_finite
 from .limits import MAX_IMAGES, MAX_PIXELS, MAX_SEED, MAX_SIDE, MAX_STEPS, MAX_T5_SEQUENCE_LENGTH
 
@@ -82,6 +83,28 @@ def check_call_args(args: dict) -> None:
             _need_real(name, args[name], 0.0)
     _check_size(args["height"], args["width"])
     _check_image(args["input_image"])
+
+
+class MissingModelError(RuntimeError):
+    """A model the call needs is not loaded. `missing`: the pipeline attributes; `needed_for`: what needs them.
+    The message speaks of `model_configs`; the command line words it with its own options."""
+
+    def __init__(self, missing: tuple[str, ...], needed_for: str):
+        self.missing, self.needed_for = missing, needed_for
+        super().__init__(f"{self.what()} not loaded: add {'its file' if len(missing) == 1 else 'their files'} to "
+                         "from_pretrained's model_configs (ModelConfig(path=...))")
+
+    def what(self) -> str:
+        """"<needed_for> needs <models>, which is/are" (the part both wordings share)."""
+        models = " and ".join(component(m).describe() for m in self.missing)
+        return f"{self.needed_for} needs {models}, which {'is' if len(self.missing) == 1 else 'are'}"
+
+
+def require_models(pipe, names: tuple[str, ...], needed_for: str) -> None:
+    """Raise MissingModelError naming each of `names` (pipeline attributes) that is not loaded."""
+    missing = tuple(n for n in names if getattr(pipe, n) is None)
+    if missing:
+        raise MissingModelError(missing, needed_for)
 
 
 def _first_nonfinite(named) -> str | None:

@@ -23,7 +23,7 @@ from ..models.flux_dit import image_ids
 from ..models.flux_dit_cache import make_cache
 from ..ops.attention import set_attention_backend as _set_attention_backend
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
-from .checks import check_call_args, check_finite
+from .checks import check_call_args, check_finite, require_models
 from .denoise import batch_cfg_inputs, model_fn
 from .images import VAE_FACTOR, image_to_tensor, tensor_to_images, vae_encode
 from .units import StepUnit, Unit, active_units, run_units, unit
@@ -64,14 +64,13 @@ def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
 
 
 PROMPT_OUTPUTS = ("prompt_emb", "pooled_prompt_emb", "text_ids")
+TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2")
 
 
 @unit(per_branch=True, models=("text_encoder_1", "text_encoder_2"), outputs=PROMPT_OUTPUTS,
       model_inputs=PROMPT_OUTPUTS, cacheable=PROMPT_OUTPUTS)
 def encode_prompt(pipe, prompt, t5_sequence_length=512, num_images=1):
-    if pipe.text_encoder_1 is None or pipe.text_encoder_2 is None:
-        raise RuntimeError("this pipeline has no text encoders loaded: add CLIP (text_encoder/model.safetensors) "
-                           "and T5 (text_encoder_2/) ModelConfigs")
+    require_models(pipe, TEXT_ENCODERS, "the prompt")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     device = pipe.compute_device_of("text_encoder_1")
@@ -331,8 +330,8 @@ class FluxImagePipeline(nn.Module):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         if tiled and not 0 < tile_stride <= tile_size:
             raise ValueError(f"tile_stride ({tile_stride}) must be in (0, tile_size={tile_size}]")
-        if self.dit is None:
-            raise RuntimeError("no DiT loaded: add the FLUX transformer checkpoint to model_configs")
+        units = active_units(self, self.units)
+        self.require_call_models(units, input_image, output_type)
         sigmas = flux_sigmas(num_inference_steps, denoising_strength,
                              DEFAULT_SHIFT if sigma_shift is None else sigma_shift)
         shared = dict(
@@ -349,7 +348,6 @@ class FluxImagePipeline(nn.Module):
             raise TypeError(f"unknown argument(s) {unknown}; variant inputs this pipeline reads: {sorted(variants)}")
         shared.update(variant_inputs)
         use_cfg = cfg_scale != 1.0
-        units = active_units(self, self.units)
         run_units(self, units, shared, posi, nega, use_cfg)
         cache = make_cache(tea_cache_l1_thresh, fbcache_thresh, num_inference_steps, use_cfg)
         latents = self.denoise(units, shared, posi, nega, cfg_scale, batch_cfg, cache, progress_bar_cmd)
@@ -358,8 +356,6 @@ class FluxImagePipeline(nn.Module):
         self.last_seed = shared["seed"]
         if output_type == "latent":
             return latents
-        if self.vae_decoder is None:
-            raise RuntimeError("decoding needs the VAE decoder: load ae.safetensors (or use output_type='latent')")
         self.load_models_to_device(("vae_decoder",))
         image = self.vae_decoder(latents.to(self.compute_device_of("vae_decoder"), self.torch_dtype),
                                  tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
@@ -368,6 +364,16 @@ class FluxImagePipeline(nn.Module):
             return ((image.float().clamp(-1, 1) + 1) / 2).cpu()
         images = tensor_to_images(image)
         return images[0] if num_images == 1 else images
+
+    def require_call_models(self, units: list[Unit], input_image, output_type: str) -> None:
+        """The models a call will need, checked before any work (a missing VAE was found after all steps)."""
+        require_models(self, ("dit",), "generation")
+        if encode_prompt in units:  # (Step1X and Nexus-Gen replace it with their own encoders)
+            require_models(self, TEXT_ENCODERS, "the prompt")
+        if input_image is not None:
+            require_models(self, ("vae_encoder",), "input_image")
+        if output_type != "latent":
+            require_models(self, ("vae_decoder",), "decoding the image")
 
     def model_inputs(self, units: list[Unit], values: dict) -> dict:
         """The values the units declared as denoiser inputs."""
