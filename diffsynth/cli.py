@@ -125,10 +125,13 @@ def model_paths(args) -> list[str]:
 
 
 def loras(args) -> list[tuple[str, float]]:
-    """(file, alpha) of every --lora."""
+    """(file, alpha) of every --lora, the strengths checked."""
+    from .loading.lora.apply import check_strength
     if args.lora_alpha and len(args.lora_alpha) != len(args.lora):
         raise ValueError(f"{len(args.lora_alpha)} --lora-alpha values for {len(args.lora)} --lora files: "
                          "give one per file, or none for 1.0")
+    for alpha in args.lora_alpha:
+        check_strength(alpha, "--lora-alpha")
     return list(zip(args.lora, args.lora_alpha or [1.0] * len(args.lora)))
 
 
@@ -254,6 +257,7 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
     input_image = open_input_image(args.input_image)
     check_call_args({**params, "input_image": input_image})
+    loras(args)
     paths = output_paths(args.output, args.num_images)
     check_outputs([*paths, *more_outputs], args.overwrite)
     check_device(compute_target(args)[0])

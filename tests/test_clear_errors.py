@@ -54,3 +54,51 @@ def test_cli_names_the_missing_model_in_its_own_words(tiny_root, tmp_path, capsy
     assert err == ("error: the prompt needs the CLIP text encoder (text_encoder/model.safetensors), which is not "
                    "among the models given: add its file to --model (or give a complete --model-dir)")
     assert not (tmp_path / "x.png").exists()
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sigma_shift=1e-300), r"sigma_shift must be in \[0.001, 1000.0\], got 1e-300"),
+    (dict(sigma_shift=INF), "sigma_shift must be finite"),
+    (dict(ipadapter_scale=NAN), "ipadapter_scale must be finite, got nan"),
+    (dict(lora_encoder_scale=1e30), r"lora_encoder_scale must be in \[-100.0, 100.0\]"),
+])
+def test_nonfinite_or_absurd_strengths_are_refused_up_front(tiny_pipe, monkeypatch, kwargs, message):
+    """Like cfg_scale: these were a FloatingPointError after denoising (blaming fp16 in an fp32 run)."""
+    calls = counting_dit(tiny_pipe, monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        tiny_pipe("x", height=64, width=64, num_inference_steps=1, t5_sequence_length=16, **kwargs)
+    assert calls == []
+
+
+def test_controlnet_input_scale_is_checked_before_work(tiny_pipe, monkeypatch):
+    from diffsynth import ControlNetInput
+    calls = counting_dit(tiny_pipe, monkeypatch)
+    image = Image.new("RGB", (64, 64))
+    for field, value in (("scale", NAN), ("scale", 1e30), ("start", INF), ("end", NAN)):
+        with pytest.raises(ValueError, match=rf"controlnet_inputs\[1\].{field} must be"):
+            tiny_pipe("x", height=64, width=64, num_inference_steps=1, t5_sequence_length=16,
+                      controlnet_inputs=[ControlNetInput(image=image), ControlNetInput(image=image, **{field: value})])
+    assert calls == []
+
+
+def test_lora_strength_1e30_is_refused_before_loading(tiny_root, tmp_path, capsys):
+    from test_cli import write_tiny_lora
+    lora = write_tiny_lora(tiny_root / "flux1-dev.safetensors", tmp_path / "lora.safetensors")
+    pipe = pipe_without(tiny_root, "clip", "t5", "vae")
+    before = pipe.dit.blocks[0].attn.a_to_qkv.weight.clone()
+    with pytest.raises(ValueError, match=r"LoRA alpha \(strength\) must be in \[-100, 100\], got 1e\+30"):
+        pipe.load_lora(pipe.dit, str(lora), alpha=1e30)
+    assert torch.equal(pipe.dit.blocks[0].attn.a_to_qkv.weight, before)
+    # the command line checks it before any model loads (this model file does not even exist)
+    assert main(["generate", "--model", str(tmp_path / "absent.safetensors"), "--prompt", "x", "--lora", str(lora),
+                 "--lora-alpha", "1e30", "--output", str(tmp_path / "x.png")] + CLI) == 1
+    assert "--lora-alpha must be in [-100, 100], got 1e+30" in capsys.readouterr().err
+
+
+def test_nonfinite_output_of_an_fp32_run_does_not_blame_fp16(tiny_pipe, monkeypatch):
+    monkeypatch.setattr(tiny_pipe, "model_fn", lambda *a, latents, **kw: torch.full_like(latents, float("inf")))
+    with pytest.raises(FloatingPointError, match=r"the DiT's computation \(extreme inputs or strengths\?\)"):
+        tiny_pipe("x", height=64, width=64, num_inference_steps=1, t5_sequence_length=16)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from ..loading.components import component
 from ..ops.files import all_finite
-from .limits import MAX_IMAGES, MAX_PIXELS, MAX_SEED, MAX_SIDE, MAX_STEPS, MAX_T5_SEQUENCE_LENGTH
+from ..ops.limits import (MAX_IMAGES, MAX_PIXELS, MAX_SEED, MAX_SIDE, MAX_SIGMA_SHIFT, MAX_STEPS, MAX_STRENGTH,
+                          MAX_T5_SEQUENCE_LENGTH, MIN_SIGMA_SHIFT)
 
 
 def _is_int(value) -> bool:
@@ -70,7 +71,7 @@ def check_call_args(args: dict) -> None:
     _need_real("embedded_guidance", args["embedded_guidance"], 0.0)
     _need_real("denoising_strength", args["denoising_strength"], 0.0, 1.0, low_open=True)
     if args["sigma_shift"] is not None:
-        _need_real("sigma_shift", args["sigma_shift"], 0.0, low_open=True)
+        _need_real("sigma_shift", args["sigma_shift"], MIN_SIGMA_SHIFT, MAX_SIGMA_SHIFT)
     _need_int("t5_sequence_length", args["t5_sequence_length"], 1, MAX_T5_SEQUENCE_LENGTH)
     _need_int("num_inference_steps", args["num_inference_steps"], 1, MAX_STEPS)
     _need_int("num_images", args["num_images"], 1, MAX_IMAGES)
@@ -83,6 +84,21 @@ def check_call_args(args: dict) -> None:
             _need_real(name, args[name], 0.0)
     _check_size(args["height"], args["width"])
     _check_image(args["input_image"])
+    _check_strengths(args.get("variant_inputs") or {})
+
+
+def _check_strengths(variant_inputs: dict) -> None:
+    """The variants' strengths (`*_scale`, each ControlNetInput's scale and window), like cfg_scale: a NaN or
+    1e30 otherwise surfaced after denoising as non-finite latents."""
+    for name, value in variant_inputs.items():
+        if name.endswith("_scale") and value is not None:
+            _need_real(name, value, -MAX_STRENGTH, MAX_STRENGTH)
+    controls = variant_inputs.get("controlnet_inputs")
+    for i, control in enumerate(controls if isinstance(controls, (list, tuple)) else [controls] if controls else []):
+        if hasattr(control, "scale"):  # (the ControlNet unit names any other type)
+            _need_real(f"controlnet_inputs[{i}].scale", control.scale, -MAX_STRENGTH, MAX_STRENGTH)
+            _need_real(f"controlnet_inputs[{i}].start", control.start, 0.0, 1.0)
+            _need_real(f"controlnet_inputs[{i}].end", control.end, 0.0, 1.0)
 
 
 class MissingModelError(RuntimeError):
@@ -126,7 +142,9 @@ def explain_nonfinite(pipe, values: dict) -> str:
         bad = _first_nonfinite(tensors)
         if bad is not None:
             return f"the DiT weight {bad} (NaN/Inf in the checkpoint or a LoRA)"
-    return "the DiT's computation (an fp16 overflow? use bf16 or fp32)"
+    if pipe.torch_dtype == torch.float16:
+        return "the DiT's computation (an fp16 overflow? use bf16 or fp32)"
+    return "the DiT's computation (extreme inputs or strengths?)"
 
 
 def check_finite(pipe, tensor: torch.Tensor, what: str, values: dict) -> None:

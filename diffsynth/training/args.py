@@ -9,7 +9,7 @@ import os
 import re
 
 from ..ops.names import COMPUTE_DTYPES
-from ..pipelines.limits import MAX_PIXELS, MAX_SIDE, MAX_T5_SEQUENCE_LENGTH
+from ..ops.limits import MAX_PIXELS, MAX_SIDE, MAX_T5_SEQUENCE_LENGTH
 from .names import FULL_FORMATS, LORA_FORMATS, LR_SCHEDULERS, TIMESTEP_SAMPLINGS
 
 DEFAULT_LORA_TARGETS = ("a_to_qkv,b_to_qkv,ff_a.0,ff_a.2,ff_b.0,ff_b.2,a_to_out,b_to_out,proj_out,norm.linear,"

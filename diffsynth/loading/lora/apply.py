@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ops.limits import MAX_STRENGTH
 from ...ops.quant import add_to_weight, quant_type
 from ..vram import compute_spec
 from .formats import CanonicalLoRA, LoRAReport, LoRAWeights, _as_canonical, _listing
@@ -208,9 +209,12 @@ def _mlp_ratio(module: nn.Module) -> float:
     return float(getattr(getattr(module, "config", None), "mlp_ratio", 4.0))
 
 
-def _check_strength(alpha) -> None:
+def check_strength(alpha, name: str = "LoRA alpha (strength)") -> None:
+    """A finite LoRA strength within +-MAX_STRENGTH (1e30 merged into weights made the output non-finite)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"LoRA alpha (strength) must be a finite number, got {alpha!r}")
+        raise ValueError(f"{name} must be a finite number, got {alpha!r}")
+    if abs(alpha) > MAX_STRENGTH:
+        raise ValueError(f"{name} must be in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got {alpha!r}")
 
 
 def apply_lora(module: nn.Module, lora, alpha: float = 1.0, hotload: bool = False,
@@ -225,7 +229,7 @@ def apply_lora(module: nn.Module, lora, alpha: float = 1.0, hotload: bool = Fals
     Text-encoder layers are not applied here: use `load_lora_into_pipeline` or
     ``apply_lora(text_encoder, lora.text_encoder_part())``.
     """
-    _check_strength(alpha)
+    check_strength(alpha)
     lora = _as_canonical(lora, _mlp_ratio(module))
     report = LoRAReport("hotload" if hotload else "merge")
     plan = _plan(module, lora, merge=not hotload)
@@ -244,7 +248,7 @@ def load_lora_into_pipeline(pipe, module: nn.Module, lora, alpha: float = 1.0, h
     `lora` is a file path (safetensors / torch file), a `ModelConfig`, a state dict or a `CanonicalLoRA`. Everything is
     matched first; with `strict`, any unmatched entry raises ValueError and nothing is applied.
     """
-    _check_strength(alpha)
+    check_strength(alpha)
     lora = _as_canonical(lora, _mlp_ratio(module))
     report = LoRAReport("hotload" if hotload else "merge")
     dit_plan = _plan(module, lora, merge=not hotload)
