@@ -1,4 +1,6 @@
 """Issue 22's late or unclear errors: each user mistake gives one clear line, before any work starts."""
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -102,3 +104,20 @@ def test_nonfinite_output_of_an_fp32_run_does_not_blame_fp16(tiny_pipe, monkeypa
     monkeypatch.setattr(tiny_pipe, "model_fn", lambda *a, latents, **kw: torch.full_like(latents, float("inf")))
     with pytest.raises(FloatingPointError, match=r"the DiT's computation \(extreme inputs or strengths\?\)"):
         tiny_pipe("x", height=64, width=64, num_inference_steps=1, t5_sequence_length=16)
+
+
+@pytest.mark.parametrize("prompt", ["a \ud800 cat", "a \udcff cat"])  # a lone surrogate; invalid UTF-8 from argv
+def test_prompt_that_is_not_valid_text_is_refused_before_work(tiny_pipe, tmp_path, monkeypatch, capsys, prompt):
+    calls = counting_dit(tiny_pipe, monkeypatch)
+    message = f"is not valid text: character 2 is the lone surrogate U+{ord(prompt[2]):04X}"
+    with pytest.raises(ValueError, match=re.escape("prompt " + message)):
+        tiny_pipe(prompt, height=64, width=64, num_inference_steps=1, t5_sequence_length=16)
+    with pytest.raises(ValueError, match=re.escape("negative_prompt " + message)):
+        tiny_pipe("x", negative_prompt=prompt, cfg_scale=2.0, height=64, width=64, num_inference_steps=1)
+    with pytest.raises(TypeError, match=r"decode it first"):
+        tiny_pipe(b"a \xff cat", height=64, width=64)
+    assert calls == []
+    # the command line: before any model loads (this model file does not even exist)
+    assert main(["generate", "--model", str(tmp_path / "absent.safetensors"), "--prompt", prompt,
+                 "--output", str(tmp_path / "x.png")] + CLI) == 1
+    assert "prompt " + message in capsys.readouterr().err

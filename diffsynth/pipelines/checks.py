@@ -40,6 +40,20 @@ def _need_real(name: str, value, low: float = -math.inf, high: float = math.inf,
         raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
 
 
+def _check_text(name: str, value) -> None:
+    """A str that is valid Unicode: lone surrogates (what Python makes of bytes that are not UTF-8 on a
+    command line) failed inside the tokenizer, after the models had loaded."""
+    if not isinstance(value, str):
+        hint = " (decode it first: value.decode('utf-8'))" if isinstance(value, (bytes, bytearray)) else ""
+        raise TypeError(f"{name} must be a string{hint}, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid text: character {e.start} is the lone surrogate "
+                         f"U+{ord(value[e.start]):04X} (bytes that are not UTF-8, e.g. from a terminal or file in "
+                         "another encoding)") from None
+
+
 def _check_image(value) -> None:
     if value is None:
         return
@@ -65,8 +79,7 @@ def check_call_args(args: dict) -> None:
     """`args`: `FluxImagePipeline.__call__`'s arguments by name. Raises TypeError / ValueError naming the first
     bad one."""
     for name in ("prompt", "negative_prompt"):
-        if not isinstance(args[name], str):
-            raise TypeError(f"{name} must be a string, got {type(args[name]).__name__}")
+        _check_text(name, args[name])
     _need_real("cfg_scale", args["cfg_scale"], 0.0)
     _need_real("embedded_guidance", args["embedded_guidance"], 0.0)
     _need_real("denoising_strength", args["denoising_strength"], 0.0, 1.0, low_open=True)
