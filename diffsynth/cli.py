@@ -217,19 +217,6 @@ def compute_target(args) -> tuple[str, str]:
     return device, args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
 
 
-def check_device(name: str) -> None:
-    """A device this machine has: otherwise torch fails deep inside model loading."""
-    import torch
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if device.type in available and not available[device.type]():
-        raise ValueError(f"--device {name}: this machine/torch build has no {device.type.upper()} device "
-                         "(use --device cpu)")
-
-
 def apply_folder_defaults(args) -> None:
     """Sizes a model folder declares in generation_defaults.json (flux-nano: 64 px) replace the 1024 px
     default when --height/--width are not given."""
@@ -260,7 +247,8 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
     loras(args)
     paths = output_paths(args.output, args.num_images)
     check_outputs([*paths, *more_outputs], args.overwrite)
-    check_device(compute_target(args)[0])
+    from .ops.devices import check_device
+    check_device(compute_target(args)[0], "--device")
     return paths, input_image
 
 

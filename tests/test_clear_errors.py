@@ -121,3 +121,22 @@ def test_prompt_that_is_not_valid_text_is_refused_before_work(tiny_pipe, tmp_pat
     assert main(["generate", "--model", str(tmp_path / "absent.safetensors"), "--prompt", prompt,
                  "--output", str(tmp_path / "x.png")] + CLI) == 1
     assert "prompt " + message in capsys.readouterr().err
+
+
+def test_cuda_on_a_machine_without_it_is_named_by_the_api(tiny_root, monkeypatch, tmp_path, capsys):
+    """DiffSynth-Studio's example scripts say device="cuda": on a laptop that was an AssertionError from deep
+    inside loading; now the CLI's message, before any file is read."""
+    from diffsynth.ops import devices
+    monkeypatch.setattr(devices, "available_devices", lambda: ["cpu"])  # (a CUDA machine too plays one without)
+    configs = [ModelConfig(path=str(tiny_root / f)) for f in FILES.values()]
+    with pytest.raises(ValueError, match=re.escape("device='cuda': this machine/torch build has no CUDA device "
+                                                   "(use device='cpu')")):
+        FluxImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device="cuda", model_configs=configs)
+    with pytest.raises(ValueError, match=re.escape("offload_device='cuda:1': this machine/torch build has no CUDA")):
+        FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
+            ModelConfig(path=str(tiny_root / FILES["vae"]), offload_device="cuda:1")])
+    with pytest.raises(ValueError, match="device 'gpu' is not a device name"):
+        FluxImagePipeline.from_pretrained(device="gpu", model_configs=configs)
+    assert main(["generate", "--model", str(tmp_path / "absent.safetensors"), "--prompt", "x", "--device", "cuda",
+                 "--output", str(tmp_path / "x.png")]) == 1
+    assert "--device cuda: this machine/torch build has no CUDA device (use --device cpu)" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..loading import components as table
 from ..loading import vram
-from ..ops.devices import random_generator
+from ..ops.devices import check_device, random_generator
 from ..loading.model_config import ModelConfig
 from ..loading.registry import build, detect
 from ..models import flux_text_encoders as te
@@ -156,12 +156,15 @@ class FluxImagePipeline(nn.Module):
         that limit and no further buffer (2.0's scripts subtract their own margin), see enable_vram_management.
         `tokenizer_N_config` is 2.0's name for `tokenizer_N_path`.
         """
+        check_device(device)  # (the bare constructor allows any device: vram_plan for a card this machine lacks)
         pipe = cls(device=device, torch_dtype=torch_dtype)
         encoder_sources = {}
         for config in model_configs:
             if not isinstance(config, ModelConfig):
                 raise TypeError(f"model_configs must hold ModelConfig objects, got {type(config).__name__}")
             storage_device, storage_dtype = config.storage(device, torch_dtype)
+            if storage_device is not None:
+                check_device(storage_device, "offload_device")
             paths = config.resolve()
             for det in detect(paths):
                 models = build(det, storage_dtype or torch_dtype, storage_device or device, compute_dtype=torch_dtype)
