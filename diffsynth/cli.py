@@ -125,19 +125,30 @@ def model_paths(args) -> list[str]:
 
 
 def loras(args) -> list[tuple[str, float]]:
-    """(file, alpha) of every --lora, the strengths checked."""
-    from .loading.lora.apply import check_strength
+    """(file, alpha) of every --lora."""
     if args.lora_alpha and len(args.lora_alpha) != len(args.lora):
         raise ValueError(f"{len(args.lora_alpha)} --lora-alpha values for {len(args.lora)} --lora files: "
                          "give one per file, or none for 1.0")
+    return list(zip(args.lora, args.lora_alpha or [1.0] * len(args.lora)))
+
+
+def check_loras(args) -> None:
+    """Before any model loads: --lora-alpha counts and ranges, --lora files that exist and are no models."""
+    from .loading.lora.apply import check_strength
+    from .loading.lora.formats import refuse_model_checkpoint
+    loras(args)
     for alpha in args.lora_alpha:
         check_strength(alpha, "--lora-alpha")
-    return list(zip(args.lora, args.lora_alpha or [1.0] * len(args.lora)))
+    for path in args.lora:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--lora {path}: no such file")
+        refuse_model_checkpoint(path)
 
 
 def build_pipeline(args, models: list[str]):
     """The pipeline `generate` runs: files, storage, LoRAs, attention backend, compilation, VRAM management."""
     from . import FluxImagePipeline
+    from .loading.lora.apply import UnmatchedLoRAError
     from .ops.quant import quant_type
     lora_files = loras(args)
     device, dtype = compute_target(args)
@@ -150,7 +161,11 @@ def build_pipeline(args, models: list[str]):
     # GGUF blocks cannot absorb a merged delta: there the LoRA is applied at run time instead.
     gguf = lora_files and any(quant_type(m) for m in pipe.dit.modules())
     for path, alpha in lora_files:
-        pipe.load_lora(pipe.dit, path, alpha=alpha, hotload=gguf)
+        try:
+            pipe.load_lora(pipe.dit, path, alpha=alpha, hotload=gguf)
+        except UnmatchedLoRAError as e:  # one line, in the command line's words (the API's lists every entry)
+            raise ValueError(f"--lora {path}: {len(e.problems)} entries match no layer of these models (first: "
+                             f"{e.problems[0]}); `diffsynth inspect {path} --dit DIT_FILE` lists them") from None
     pipe.set_attention_backend(args.attention)
     if args.compile:
         pipe.compile()
@@ -244,7 +259,7 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
     input_image = open_input_image(args.input_image)
     check_call_args({**params, "input_image": input_image})
-    loras(args)
+    check_loras(args)
     paths = output_paths(args.output, args.num_images)
     check_outputs([*paths, *more_outputs], args.overwrite)
     from .ops.devices import check_device

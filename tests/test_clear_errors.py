@@ -140,3 +140,24 @@ def test_cuda_on_a_machine_without_it_is_named_by_the_api(tiny_root, monkeypatch
     assert main(["generate", "--model", str(tmp_path / "absent.safetensors"), "--prompt", "x", "--device", "cuda",
                  "--output", str(tmp_path / "x.png")]) == 1
     assert "--device cuda: this machine/torch build has no CUDA device (use --device cpu)" in capsys.readouterr().err
+
+
+def test_a_model_file_given_as_a_lora_is_named_in_one_line(tiny_root, tmp_path, capsys):
+    dit = tiny_root / FILES["dit"]
+    assert main(["generate", "--model", str(tmp_path / "absent.safetensors"), "--prompt", "x", "--lora", str(dit),
+                 "--output", str(tmp_path / "x.png")] + CLI) == 1  # refused before any model loads
+    assert capsys.readouterr().err == f"error: {dit} is a FLUX DiT checkpoint, not a LoRA (full weights, no low-rank pairs)\n"
+    pipe = pipe_without(tiny_root, "clip", "t5")
+    with pytest.raises(ValueError, match=re.escape(f"{tiny_root / FILES['vae']} is a FLUX VAE checkpoint, not a LoRA")):
+        pipe.load_lora(pipe.dit, str(tiny_root / FILES["vae"]))
+
+
+def test_cli_unmatched_lora_entries_are_one_line_without_api_flags(tiny_root, tmp_path, capsys):
+    from diffsynth.ops.files import save_safetensors
+    lora = tmp_path / "deep.safetensors"
+    save_safetensors({f"lora_unet_double_blocks_{i}_img_attn_qkv.lora_{d}.weight": torch.zeros(4, 4)
+                      for i in (30, 31) for d in ("down", "up")}, lora)
+    assert main(["generate", "--model-dir", str(tiny_root), "--prompt", "x", "--lora", str(lora),
+                 "--output", str(tmp_path / "x.png")] + CLI) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "strict" not in err and f"--lora {lora}: 2 entries match no layer" in err

@@ -195,13 +195,24 @@ def _execute(plan: _Plan, strength: float, hotload: bool, report: LoRAReport, pr
         report.norms.append(prefix + pname)
 
 
+class UnmatchedLoRAError(ValueError):
+    """LoRA entries that match no layer (`problems`, one line each); nothing was applied."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(_unmatched(problems) + "\n(pass strict=False to apply the rest)")
+
+
+def _unmatched(problems: list[str]) -> str:
+    return f"{len(problems)} LoRA entries match no layer of the model:" + _listing(problems)
+
+
 def _check(problems: list[str], strict: bool, report: LoRAReport) -> None:
     if not problems:
         return
-    msg = f"{len(problems)} LoRA entries match no layer of the model:" + _listing(problems)
     if strict:
-        raise ValueError(msg + "\n(pass strict=False to apply the rest)")
-    warnings.warn(msg + "\n(strict=False: applying the rest)", stacklevel=3)
+        raise UnmatchedLoRAError(problems)
+    warnings.warn(_unmatched(problems) + "\n(strict=False: applying the rest)", stacklevel=3)
     report.skipped.extend(problems)
 
 
