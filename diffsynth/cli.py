@@ -273,8 +273,8 @@ def write_images(args, pipe, models: list[str], paths: list[str], input_image) -
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
     images = pipe(**params, input_image=input_image)
     images = images if isinstance(images, list) else [images]
-    for i, (image, path) in enumerate(zip(images, paths)):
-        seed = pipe.last_seed + i
+    for image, path in zip(images, paths):
+        seed = image.info["seed"]
         save_image(image, path, png_metadata({**params, "input_image": args.input_image, "loras": loras(args)},
                                              seed, image.size, models), overwrite=args.overwrite)
         print(f"saved {path} (seed {seed})")
@@ -346,7 +346,8 @@ def write_grid(args, pipe, models: list[str], path: str, input_image) -> None:
     images = [pipe(**{**params, "prompt": p}, input_image=input_image, progress_bar_cmd=lambda x: x)
               for p in demo.GRID_PROMPTS]
     text = png_metadata({**params, "prompt": " | ".join(demo.GRID_PROMPTS), "grid": list(demo.GRID_PROMPTS),
-                         "input_image": args.input_image, "loras": loras(args)}, pipe.last_seed, images[0].size, models)
+                         "input_image": args.input_image, "loras": loras(args)}, images[0].info["seed"], images[0].size,
+                        models)
     save_image(demo.make_grid(images, list(demo.GRID_PROMPTS)), path, text, overwrite=args.overwrite)
     print(f"saved {path} ({', '.join(demo.GRID_PROMPTS)})")
 

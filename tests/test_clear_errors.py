@@ -161,3 +161,28 @@ def test_cli_unmatched_lora_entries_are_one_line_without_api_flags(tiny_root, tm
                  "--output", str(tmp_path / "x.png")] + CLI) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "strict" not in err and f"--lora {lora}: 2 entries match no layer" in err
+
+
+def test_seed_comes_with_each_image_and_last_seed_is_per_thread(tiny_pipe):
+    """Threads sharing a pipeline each read their own call's seed (a shared last_seed held the last finisher's)."""
+    import threading
+    small = dict(height=64, width=64, num_inference_steps=1, t5_sequence_length=16)
+    results, errors = {}, []
+    barrier = threading.Barrier(2)
+
+    def run(seed):
+        try:
+            barrier.wait()
+            image = tiny_pipe("x", seed=seed, **small)
+            barrier.wait()  # both calls have finished: one shared attribute would hold a single seed now
+            results[seed] = (image.info["seed"], tiny_pipe.last_seed)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(s,)) for s in (11, 22)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and results == {11: (11, 11), 22: (22, 22)}
+    batch = tiny_pipe("x", num_images=2, **small)
+    assert [im.info["seed"] for im in batch] == [tiny_pipe.last_seed, tiny_pipe.last_seed + 1]

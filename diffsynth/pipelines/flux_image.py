@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -122,9 +123,29 @@ class ModelList(nn.ModuleList):
             model.gradient_checkpointing = True
 
 
+class PerThread:
+    """An attribute each thread sees on its own: a pipeline shared by threads (a server) tells every caller
+    the seed and cache statistics of its own last call, not of whichever call finished last."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def _values(self, obj) -> threading.local:
+        return obj.__dict__.setdefault("_per_thread", threading.local())
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else getattr(self._values(obj), self.name, None)
+
+    def __set__(self, obj, value) -> None:
+        setattr(self._values(obj), self.name, value)
+
+
 class FluxImagePipeline(nn.Module):
     """DiffSynth-Studio's FLUX pipeline. Model attributes (dit, text_encoder_1, text_encoder_2, vae_encoder,
     vae_decoder, and the variants' models) come from the component table, `loading.components`."""
+
+    last_seed = PerThread()         # the seed of this thread's last call (also each returned image's info["seed"])
+    last_cache_stats = PerThread()  # what TeaCache / First-Block-Cache skipped in this thread's last call
 
     def __init__(self, device: str | torch.device = "cuda", torch_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -139,7 +160,6 @@ class FluxImagePipeline(nn.Module):
         self.vram_models: dict[str, vram.ManagedModel] = {}  # models whose storage differs from computation
         self.vram_plans: dict = {}
         self.vram_management_enabled = False
-        self.last_cache_stats: dict | None = None
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -320,6 +340,8 @@ class FluxImagePipeline(nn.Module):
                  tea_cache_l1_thresh: float | None = None, fbcache_thresh: float | None = None,
                  batch_cfg: bool = True, **variant_inputs):
         """Generate images. Returns one PIL image (a list when num_images > 1), or tensors, see output_type.
+        Each PIL image carries its seed in `image.info["seed"]` (image i of a batch: seed + i; a random seed when
+        `seed=None`); `pipe.last_seed` holds the calling thread's last seed.
 
         output_type: "pil"; "pt" -> (B, 3, H, W) float in [0, 1]; "latent" -> (B, 16, H/8, W/8).
         tea_cache_l1_thresh / fbcache_thresh: TeaCache or First-Block-Cache threshold (one per call; larger
@@ -366,6 +388,8 @@ class FluxImagePipeline(nn.Module):
         if output_type == "pt":
             return ((image.float().clamp(-1, 1) + 1) / 2).cpu()
         images = tensor_to_images(image)
+        for i, im in enumerate(images):
+            im.info["seed"] = shared["seed"] + i
         return images[0] if num_images == 1 else images
 
     def require_call_models(self, units: list[Unit], input_image, output_type: str) -> None:
