@@ -281,18 +281,53 @@ def write_images(args, pipe, models: list[str], paths: list[str], input_image) -
     return paths
 
 
-def cmd_inspect(args) -> None:
+def is_model_folder(path: str) -> bool:
+    """A folder of several checkpoints (what --model-dir takes), not one model's folder (config.json, shards)."""
+    root = Path(path)
+    one_model = (root / "config.json").is_file() or any(root.glob("*.index.json"))
+    return root.is_dir() and not one_model
+
+
+def describe_file(path: str, dit: str | None) -> dict:
+    """What `inspect` reports for one file (or one model's folder): the models it holds, or the LoRA it is."""
     from .ops.files import scan
     from .loading.lora import describe_lora
     from .loading.registry import describe, detect, dit_config, looks_like_lora
+    if looks_like_lora(scan(path)):
+        return {"file": path, "lora": describe_lora(path, dit_config(detect(dit)[0]) if dit else None)}
+    return {"file": path, "models": [describe(d) for d in detect(path)]}
+
+
+def cmd_inspect(args) -> None:
     for path in args.files:
-        if looks_like_lora(scan(path)):
-            model = dit_config(detect(args.dit)[0]) if args.dit else None
-            report = {"file": path, "lora": describe_lora(path, model)}
-            print(json.dumps(report, indent=2, default=str) if args.json else _pretty_lora(report))
+        if not is_model_folder(path):
+            report = describe_file(path, args.dit)
+            print(json.dumps(report, indent=2, default=str) if args.json else _pretty_any(report))
             continue
-        report = {"file": path, "models": [describe(d) for d in detect(path)]}
-        print(json.dumps(report, indent=2) if args.json else _pretty(report))
+        reports = []
+        for entry in model_files_in(path):  # each file as `generate --model-dir` reads it
+            try:
+                reports.append(describe_file(entry, args.dit))
+            except ValueError as e:  # (CheckpointError too) one unreadable file does not hide the others
+                reports.append({"file": entry, "error": str(e)})
+        others = sorted(p.name for p in Path(path).iterdir() if str(p) not in {r["file"] for r in reports})
+        folder = {"folder": path, "files": reports, "not_read_as_models": others}
+        print(json.dumps(folder, indent=2, default=str) if args.json else _pretty_folder(folder))
+
+
+def _pretty_any(report: dict) -> str:
+    if "error" in report:
+        return f"{report['file']}\n  not recognised: {report['error']}"
+    return _pretty_lora(report) if "lora" in report else _pretty(report)
+
+
+def _pretty_folder(folder: dict) -> str:
+    lines = [f"{folder['folder']}: {len(folder['files'])} model file(s), as `generate --model-dir` reads them"]
+    lines += [_pretty_any(r) for r in folder["files"]]
+    if folder["not_read_as_models"]:
+        lines.append(f"not read as models (tokenizers are read beside their encoder, generation_defaults.json "
+                     f"sets default sizes): {', '.join(folder['not_read_as_models'])}")
+    return "\n".join(lines)
 
 
 def _pretty_lora(report: dict) -> str:
@@ -388,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     ins = sub.add_parser("inspect", help="what a checkpoint file is recognised as", formatter_class=HelpFormatter)
-    ins.add_argument("files", nargs="+", help="model or LoRA files / folders")
+    ins.add_argument("files", nargs="+", help="model or LoRA files, one model's folder, or a model folder "
+                                              "(as --model-dir: each of its files is described)")
     ins.add_argument("--json", action="store_true", help="print the description as JSON")
     ins.add_argument("--dit", help="for LoRA files: a DiT checkpoint to list the LoRA keys that would not apply to")
     ins.set_defaults(func=cmd_inspect)

@@ -208,3 +208,23 @@ def test_generate_prints_and_stores_the_random_seed(tiny_root, tmp_path, capsys)
     assert main(["generate", "--model-dir", str(tiny_root), "--prompt", "a cat", "--output", str(out)] + ARGS) == 0
     seed = json.loads(Image.open(out).text["diffsynth"])["seed"]
     assert f"saved {out} (seed {seed})" in capsys.readouterr().out
+
+
+def test_inspect_a_model_folder_describes_each_file_as_generate_reads_it(tiny_root, tmp_path, capsys):
+    assert main(["inspect", str(tiny_root)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"{tiny_root}: 4 model file(s), as `generate --model-dir` reads them")
+    for entry, family in (("ae.safetensors", "flux-vae"), ("flux1-dev.safetensors", "flux-dit"),
+                          ("text_encoder", "clip"), ("text_encoder_2", "t5")):
+        assert f"{tiny_root / entry}\n  {family} (" in text
+    assert text.rstrip().endswith("tokenizer, tokenizer_2")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "ae.safetensors").symlink_to(tiny_root / "ae.safetensors")
+    (folder / "junk.safetensors").write_bytes(b"not a checkpoint")
+    assert main(["inspect", "--json", str(folder)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in report["files"]] == [str(folder / "ae.safetensors"), str(folder / "junk.safetensors")]
+    assert report["files"][0]["models"][0]["family"] == "flux-vae" and "junk.safetensors" in report["files"][1]["error"]
+    assert main(["inspect", str(tiny_root / "text_encoder_2")]) == 0  # one model's folder: one description
+    assert capsys.readouterr().out.startswith(f"{tiny_root / 'text_encoder_2'}\n  t5 (hf layout)")
