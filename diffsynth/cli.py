@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -233,14 +234,35 @@ def compute_target(args) -> tuple[str, str]:
 
 
 def apply_folder_defaults(args) -> None:
-    """Sizes a model folder declares in generation_defaults.json (flux-nano: 64 px) replace the 1024 px
-    default when --height/--width are not given."""
+    """What a model folder declares in generation_defaults.json: its sizes (flux-nano: 64 px) replace the
+    1024 px default when --height/--width are not given; a prompt outside its `prompt_grammar` is warned of."""
     path = Path(args.model_dir or "") / "generation_defaults.json"
     if args.model_dir and path.is_file():
         defaults = json.loads(path.read_text())
         for key in ("height", "width"):
             if getattr(args, key) is None and key in defaults:
                 setattr(args, key, int(defaults[key]))
+        warn_outside_grammar(args, defaults.get("prompt_grammar"))
+
+
+def in_grammar(prompt: str, grammar: list[str]) -> bool:
+    """Whether `prompt` is one of the grammar's patterns (`{a|b}`: one of the words; case and spacing free)."""
+    text = " ".join(prompt.lower().split())
+    for pattern in grammar:
+        parts = re.split(r"\{([^}]*)\}", pattern)  # literal, alternatives, literal, ...
+        regex = "".join(re.escape(p) if i % 2 == 0 else f"(?:{'|'.join(map(re.escape, p.split('|')))})"
+                        for i, p in enumerate(parts))
+        if re.fullmatch(regex, text):
+            return True
+    return False
+
+
+def warn_outside_grammar(args, grammar: list[str] | None) -> None:
+    """A model trained on a small grammar (flux-nano) draws nothing meaningful for other prompts: say so, with
+    the grammar. Not when LoRAs are given: they may teach it more words."""
+    if grammar and args.prompt is not None and not args.lora and not in_grammar(args.prompt, grammar):
+        print(f"warning: the model in {args.model_dir} draws only prompts of this grammar, and {args.prompt!r} is "
+              "not one of them:\n" + "\n".join(f"  {g}" for g in grammar), file=sys.stderr)
 
 
 def cmd_generate(args) -> list[str]:
@@ -363,7 +385,7 @@ def cmd_demo(args) -> None:
     args.model, args.tokenizer_1, args.tokenizer_2 = None, None, None
     apply_folder_defaults(args)
     grid = grid_path(args.output) if args.prompt is None else None
-    args.prompt = args.prompt or demo.DEFAULT_PROMPT
+    args.prompt = demo.DEFAULT_PROMPT if args.prompt is None else args.prompt
     paths, input_image = check_generation(args, more_outputs=(grid,) if grid else ())
     print(f"will write {', '.join([*paths, *([grid] if grid else [])])}")
     models = model_paths(args)

@@ -152,3 +152,23 @@ def test_lora_teaches_a_new_colour(tmp_path):
     print(f"\npurple before the LoRA {report['color_before']:.0%}, after {report['color_after']:.0%} "
           f"({report['train_seconds']:.0f} s)")
     assert report["color_before"] <= 0.25 and report["position_after"] >= 0.75 and report["color_after"] >= 0.75
+
+
+def test_prompts_outside_the_grammar_are_warned_of_with_the_grammar(tmp_path, capsys):
+    """flux-nano draws only its grammar: "a cat" (or an empty prompt) gets a warning listing it, on the demo
+    and on `generate --model-dir`; grammar prompts (any case or spacing) and runs with a LoRA do not."""
+    from diffsynth.cli import build_parser, warn_outside_grammar
+    assert json.loads((SHIPPED / "generation_defaults.json").read_text())["prompt_grammar"] == list(shapes.grammar())
+    for argv in (["demo", "--prompt", "a cat"], ["demo", "--prompt", ""],
+                 ["generate", "--model-dir", str(SHIPPED), "--prompt", "a cat"]):
+        assert main(argv + ["--output", str(tmp_path / "x.png"), "--steps", "1"]) == 0
+        err = capsys.readouterr().err
+        assert "draws only prompts of this grammar" in err and repr(argv[-1]) in err, argv
+        assert all(f"  {g}" in err for g in shapes.grammar())
+        (tmp_path / "x.png").unlink()
+    grammar = list(shapes.grammar())
+    for prompt, lora in (("A  Red circle on the LEFT", []), ("a white square in the center", []),
+                         ("a purple diamond on the left", ["p.safetensors"])):
+        args = build_parser().parse_args(["demo", "--prompt", prompt] + [x for f in lora for x in ("--lora", f)])
+        warn_outside_grammar(args, grammar)
+        assert capsys.readouterr().err == ""
