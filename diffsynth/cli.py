@@ -182,8 +182,10 @@ def escape_line(text: str) -> str:
 
 
 def png_metadata(params: dict, seed: int, size: tuple[int, int], models: list[str]) -> dict[str, str]:
-    """A1111-style `parameters` text (what ComfyUI/A1111 users read) plus the exact call as JSON."""
-    text = escape_line(params["prompt"])
+    """A1111-style `parameters` text (what ComfyUI/A1111 users read; LoRAs as the `<lora:name:strength>` tags
+    A1111 users write in prompts) plus the exact call as JSON."""
+    tags = "".join(f" <lora:{Path(path).stem}:{alpha:g}>" for path, alpha in params.get("loras") or ())
+    text = escape_line(params["prompt"] + tags)
     if params.get("negative_prompt"):
         text += f"\nNegative prompt: {escape_line(params['negative_prompt'])}"
     text += (f"\nSteps: {params['num_inference_steps']}, Sampler: Euler (flow matching), "
@@ -289,6 +291,14 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
     return paths, input_image
 
 
+def call_record(args, pipe, params: dict) -> dict:
+    """What the saved files record of a call besides its arguments: the input image's file, the LoRAs, and
+    the T5 length actually used (a tokenizer caps it: flux-nano's at 8)."""
+    from .models.flux_text_encoders import t5_length
+    used = t5_length(pipe.tokenizer_2, params["t5_sequence_length"]) if pipe.tokenizer_2 is not None else None
+    return {**params, "input_image": args.input_image, "loras": loras(args), "t5_sequence_length_used": used}
+
+
 def write_images(args, pipe, models: list[str], paths: list[str], input_image) -> list[str]:
     """Run the pipeline with the generation arguments and save the image(s) to `paths`."""
     from .ops.files import save_image
@@ -297,8 +307,8 @@ def write_images(args, pipe, models: list[str], paths: list[str], input_image) -
     images = images if isinstance(images, list) else [images]
     for image, path in zip(images, paths):
         seed = image.info["seed"]
-        save_image(image, path, png_metadata({**params, "input_image": args.input_image, "loras": loras(args)},
-                                             seed, image.size, models), overwrite=args.overwrite)
+        save_image(image, path, png_metadata(call_record(args, pipe, params), seed, image.size, models),
+                   overwrite=args.overwrite)
         print(f"saved {path} (seed {seed})")
     return paths
 
@@ -402,9 +412,8 @@ def write_grid(args, pipe, models: list[str], path: str, input_image) -> None:
     params = {**{k: getattr(args, k) for k in GENERATION_KEYS}, "num_images": 1}
     images = [pipe(**{**params, "prompt": p}, input_image=input_image, progress_bar_cmd=lambda x: x)
               for p in demo.GRID_PROMPTS]
-    text = png_metadata({**params, "prompt": " | ".join(demo.GRID_PROMPTS), "grid": list(demo.GRID_PROMPTS),
-                         "input_image": args.input_image, "loras": loras(args)}, images[0].info["seed"], images[0].size,
-                        models)
+    record = call_record(args, pipe, {**params, "prompt": " | ".join(demo.GRID_PROMPTS)})
+    text = png_metadata({**record, "grid": list(demo.GRID_PROMPTS)}, images[0].info["seed"], images[0].size, models)
     save_image(demo.make_grid(images, list(demo.GRID_PROMPTS)), path, text, overwrite=args.overwrite)
     print(f"saved {path} ({', '.join(demo.GRID_PROMPTS)})")
 

@@ -23,6 +23,7 @@ def test_generate_writes_png_with_parameters(tiny_root, tmp_path, capsys):
     assert "Seed: 42" in text and "CFG scale: 2.0" in text and "Size: 96x64" in text
     call = json.loads(image.text["diffsynth"])
     assert call["seed"] == 42 and call["num_inference_steps"] == 2
+    assert call["t5_sequence_length"] == 16 and call["t5_sequence_length_used"] == 16
 
 
 def test_generate_same_seed_reproduces_and_batch_numbers_files(tiny_root, tmp_path):
@@ -147,6 +148,7 @@ def test_generate_fit_and_speed_options(tiny_root, tmp_path, capsys):
     call = json.loads(Image.open(fp8).text["diffsynth"])
     assert call["tea_cache_l1_thresh"] == 0.3 and call["loras"] == []
     assert json.loads(Image.open(strong).text["diffsynth"])["loras"] == [[lora, 1.5]]
+    assert Image.open(strong).text["parameters"].startswith("a cat <lora:lora:1.5>\nSteps: 2")
 
 
 def test_generate_option_errors_are_reported(tiny_root, tmp_path, capsys):

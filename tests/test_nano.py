@@ -85,7 +85,9 @@ def test_demo_default_writes_image_and_grid(tmp_path, capsys):
     assert grid.width == demo.COLUMNS * demo.CELL
     out = capsys.readouterr().out
     assert out.startswith(f"will write {tmp_path / 'image.png'}, {tmp_path / 'image-grid.png'}\n")
-    assert json.loads(grid.text["diffsynth"])["grid"] == list(demo.GRID_PROMPTS)
+    call = json.loads(grid.text["diffsynth"])
+    assert call["grid"] == list(demo.GRID_PROMPTS)
+    assert call["t5_sequence_length"] == 512 and call["t5_sequence_length_used"] == 8  # the tokenizer's cap
     assert "Seed: 0" in grid.text["parameters"]
 
 
