@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)  # flux-nano, shipped in diffsynth/nano/flux-nano: no training, no download
-	$(BIN)/diffsynth demo
+	$(BIN)/diffsynth demo --output demo_output/image.png --overwrite  # its own folder: replaced on each run
 
 nano: $(STAMP)  # rebuild flux-nano from scratch (fixed seeds; see diffsynth/nano/flux-nano/BUILD.md)
 	OMP_NUM_THREADS=1 $(BIN)/python -m diffsynth.nano.build

@@ -1,10 +1,13 @@
 """diffsynth: FLUX image generation and training on the checkpoint files you already have."""
-from .ops.files import CheckpointError, load_state_dict
-from .loading.model_config import ModelConfig
-from .loading.download import download_customized_models, download_models
-from .pipelines.flux_image import FluxImagePipeline
-from .pipelines.variants.controlnet import ControlNetInput
+from .ops.lazy import lazy_exports
 
-__all__ = ["FluxImagePipeline", "ModelConfig", "ControlNetInput", "CheckpointError", "load_state_dict",
-           "download_models", "download_customized_models"]
+_EXPORTS = {
+    "CheckpointError": ".ops.files", "load_state_dict": ".ops.files",
+    "ModelConfig": ".loading.model_config",
+    "download_customized_models": ".loading.download", "download_models": ".loading.download",
+    "FluxImagePipeline": ".pipelines.flux_image",
+    "ControlNetInput": ".pipelines.variants.controlnet",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,16 +1,18 @@
-"""Command line: `diffsynth generate | inspect | demo`."""
+"""Command line: `diffsynth COMMAND` (the commands are listed by `diffsynth --help`).
+
+torch and the models are imported only once a command runs: help and argument errors answer at once.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
-import torch
-
-from .ops.files import DTYPE_NAMES
+from .ops.names import ATTENTION_BACKENDS, COMPUTE_DTYPES, FP8_DTYPES
 
 
 def model_files_in(folder: str) -> list[str]:
@@ -26,7 +28,8 @@ def model_files_in(folder: str) -> list[str]:
     return found
 
 
-def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True) -> None:
+def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True, seed: int | None = None) -> None:
+    """The generation options; `seed`: the default seed (None: a random one, printed)."""
     p.add_argument("--prompt", required=require_prompt, help="what to generate")
     p.add_argument("--negative-prompt", default="", help="what to avoid (used when --cfg-scale > 1)")
     p.add_argument("--cfg-scale", type=float, default=1.0,
@@ -40,7 +43,10 @@ def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True)
                    help="pixels, rounded up to a multiple of 16 (default: the input image's, else 1024)")
     p.add_argument("--width", type=int,
                    help="pixels, rounded up to a multiple of 16 (default: the input image's, else 1024)")
-    p.add_argument("--seed", type=int, help="image i of a batch uses seed + i (default: random, printed)")
+    random_seed = "a random seed" if seed is None else str(seed)
+    p.add_argument("--seed", type=int, default=seed,
+                   help=f"image i of a batch uses seed + i (default: {random_seed}; the seed used is printed with "
+                        "each saved file and stored in its PNG parameters)")
     p.add_argument("--rand-device", default="cpu",
                    help="where the noise is drawn: cpu (same noise on every machine) or cuda")
     p.add_argument("--sigma-shift", type=float, help="timestep shift of the schedule (default 3)")
@@ -60,7 +66,13 @@ GENERATION_KEYS = ("prompt", "negative_prompt", "cfg_scale", "embedded_guidance"
                    "denoising_strength", "height", "width", "seed", "rand_device", "sigma_shift",
                    "num_inference_steps", "tiled", "tile_size", "tile_stride", "num_images",
                    "tea_cache_l1_thresh", "fbcache_thresh")
-STORAGE_DTYPES = {**DTYPE_NAMES, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+STORAGE_DTYPES = (*COMPUTE_DTYPES, *FP8_DTYPES)
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a --dtype / --offload-dtype name."""
+    import torch
+    return getattr(torch, {**COMPUTE_DTYPES, **FP8_DTYPES}[name])
 
 
 def gigabytes(text: str) -> float:
@@ -75,7 +87,6 @@ def gigabytes(text: str) -> float:
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    from .ops.attention import BACKENDS
     g = p.add_argument_group("fitting and speed")
     g.add_argument("--offload", action="store_true",
                    help="store weights in CPU RAM; layers stay on the device while under --vram-limit, the rest "
@@ -88,7 +99,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", action="append", default=[], metavar="FILE", help="a LoRA file (repeatable)")
     g.add_argument("--lora-alpha", action="append", type=float, default=[], metavar="A",
                    help="strength of each --lora, in order (default 1.0 each)")
-    g.add_argument("--attention", choices=BACKENDS, default="auto", help="attention backend (process-wide)")
+    g.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="attention backend (process-wide)")
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (regional)")
 
 
@@ -110,7 +121,7 @@ def _model_config(path: str, args):
         families = {d.family for d in detect(config.resolve())}
         precise = sorted(f for f in families if not FAMILY_BY_NAME[f].low_precision_storage)
         if not precise:
-            dtype = STORAGE_DTYPES[args.offload_dtype]
+            dtype = torch_dtype(args.offload_dtype)
         else:
             print(f"note: {path} also holds {', '.join(precise)}; "
                   f"it is stored as is, not in {args.offload_dtype}", file=sys.stderr)
@@ -134,13 +145,28 @@ def loras(args) -> list[tuple[str, float]]:
     return list(zip(args.lora, args.lora_alpha or [1.0] * len(args.lora)))
 
 
+def check_loras(args) -> None:
+    """Before any model loads: --lora-alpha counts and ranges, --lora files that exist and are no models."""
+    from .loading.lora.apply import check_strength
+    from .loading.lora.formats import refuse_model_checkpoint
+    loras(args)
+    for alpha in args.lora_alpha:
+        check_strength(alpha, "--lora-alpha")
+    for path in args.lora:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--lora {path}: no such file")
+        refuse_model_checkpoint(path)
+
+
 def build_pipeline(args, models: list[str]):
     """The pipeline `generate` runs: files, storage, LoRAs, attention backend, compilation, VRAM management."""
     from . import FluxImagePipeline
+    from .loading.lora.apply import UnmatchedLoRAError
     from .ops.quant import quant_type
     lora_files = loras(args)
+    device, dtype = compute_target(args)
     pipe = FluxImagePipeline.from_pretrained(
-        torch_dtype=DTYPE_NAMES[args.dtype], device=args.device,
+        torch_dtype=torch_dtype(dtype), device=device,
         model_configs=[_model_config(m, args) for m in models],
         tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2)
     if lora_files and pipe.dit is None:
@@ -148,7 +174,11 @@ def build_pipeline(args, models: list[str]):
     # GGUF blocks cannot absorb a merged delta: there the LoRA is applied at run time instead.
     gguf = lora_files and any(quant_type(m) for m in pipe.dit.modules())
     for path, alpha in lora_files:
-        pipe.load_lora(pipe.dit, path, alpha=alpha, hotload=gguf)
+        try:
+            pipe.load_lora(pipe.dit, path, alpha=alpha, hotload=gguf)
+        except UnmatchedLoRAError as e:  # one line, in the command line's words (the API's lists every entry)
+            raise ValueError(f"--lora {path}: {len(e.problems)} entries match no layer of these models (first: "
+                             f"{e.problems[0]}); `diffsynth inspect {path} --dit DIT_FILE` lists them") from None
     pipe.set_attention_backend(args.attention)
     if args.compile:
         pipe.compile()
@@ -164,8 +194,10 @@ def escape_line(text: str) -> str:
 
 
 def png_metadata(params: dict, seed: int, size: tuple[int, int], models: list[str]) -> dict[str, str]:
-    """A1111-style `parameters` text (what ComfyUI/A1111 users read) plus the exact call as JSON."""
-    text = escape_line(params["prompt"])
+    """A1111-style `parameters` text (what ComfyUI/A1111 users read; LoRAs as the `<lora:name:strength>` tags
+    A1111 users write in prompts) plus the exact call as JSON."""
+    tags = "".join(f" <lora:{Path(path).stem}:{alpha:g}>" for path, alpha in params.get("loras") or ())
+    text = escape_line(params["prompt"] + tags)
     if params.get("negative_prompt"):
         text += f"\nNegative prompt: {escape_line(params['negative_prompt'])}"
     text += (f"\nSteps: {params['num_inference_steps']}, Sampler: Euler (flow matching), "
@@ -208,75 +240,138 @@ def open_input_image(path: str | None):
         raise ValueError(f"--input-image {path}: cannot be read as an image ({type(e).__name__}: {e})") from None
 
 
-def check_device(name: str) -> None:
-    """A device this machine has: otherwise torch fails deep inside model loading."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if device.type in available and not available[device.type]():
-        raise ValueError(f"--device {name}: this machine/torch build has no {device.type.upper()} device "
-                         "(use --device cpu)")
+def compute_target(args) -> tuple[str, str]:
+    """(--device, --dtype), their defaults resolved: cuda and bf16 when this machine has CUDA, else cpu and fp32."""
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
 
 
 def apply_folder_defaults(args) -> None:
-    """Sizes a model folder declares in generation_defaults.json (flux-nano: 64 px) replace the 1024 px
-    default when --height/--width are not given."""
+    """What a model folder declares in generation_defaults.json: its sizes (flux-nano: 64 px) replace the
+    1024 px default when --height/--width are not given; a prompt outside its `prompt_grammar` is warned of."""
     path = Path(args.model_dir or "") / "generation_defaults.json"
     if args.model_dir and path.is_file():
         defaults = json.loads(path.read_text())
         for key in ("height", "width"):
             if getattr(args, key) is None and key in defaults:
                 setattr(args, key, int(defaults[key]))
+        warn_outside_grammar(args, defaults.get("prompt_grammar"))
+
+
+def in_grammar(prompt: str, grammar: list[str]) -> bool:
+    """Whether `prompt` is one of the grammar's patterns (`{a|b}`: one of the words; case and spacing free)."""
+    text = " ".join(prompt.lower().split())
+    for pattern in grammar:
+        parts = re.split(r"\{([^}]*)\}", pattern)  # literal, alternatives, literal, ...
+        regex = "".join(re.escape(p) if i % 2 == 0 else f"(?:{'|'.join(map(re.escape, p.split('|')))})"
+                        for i, p in enumerate(parts))
+        if re.fullmatch(regex, text):
+            return True
+    return False
+
+
+def warn_outside_grammar(args, grammar: list[str] | None) -> None:
+    """A model trained on a small grammar (flux-nano) draws nothing meaningful for other prompts: say so, with
+    the grammar. Not when LoRAs are given: they may teach it more words."""
+    if grammar and args.prompt is not None and not args.lora and not in_grammar(args.prompt, grammar):
+        print(f"warning: the model in {args.model_dir} draws only prompts of this grammar, and {args.prompt!r} is "
+              "not one of them:\n" + "\n".join(f"  {g}" for g in grammar), file=sys.stderr)
 
 
 def cmd_generate(args) -> list[str]:
     apply_folder_defaults(args)
     paths, input_image = check_generation(args)
+    print(f"will write {', '.join(paths)}")
     models = model_paths(args)
     return write_images(args, build_pipeline(args, models), models, paths, input_image)
 
 
-def check_generation(args) -> tuple[list[str], object]:
+def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str], object]:
     """Everything about a generation that can be wrong, checked before any model loads: the pipeline's
-    argument checks, the input image, the output paths and the device. Returns (output paths, input image)."""
+    argument checks, the input image, the output paths (with `more_outputs`, files written besides the
+    images) and the device. Returns (image paths, input image)."""
     from .pipelines.checks import check_call_args
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
     input_image = open_input_image(args.input_image)
     check_call_args({**params, "input_image": input_image})
+    check_loras(args)
     paths = output_paths(args.output, args.num_images)
-    check_outputs(paths, getattr(args, "overwrite", True))  # `demo` has no --overwrite: it rewrites its image
-    check_device(args.device)
+    check_outputs([*paths, *more_outputs], args.overwrite)
+    from .ops.devices import check_device
+    check_device(compute_target(args)[0], "--device")
     return paths, input_image
+
+
+def call_record(args, pipe, params: dict) -> dict:
+    """What the saved files record of a call besides its arguments: the input image's file, the LoRAs, and
+    the T5 length actually used (a tokenizer caps it: flux-nano's at 8)."""
+    from .models.flux_text_encoders import t5_length
+    used = t5_length(pipe.tokenizer_2, params["t5_sequence_length"]) if pipe.tokenizer_2 is not None else None
+    return {**params, "input_image": args.input_image, "loras": loras(args), "t5_sequence_length_used": used}
 
 
 def write_images(args, pipe, models: list[str], paths: list[str], input_image) -> list[str]:
     """Run the pipeline with the generation arguments and save the image(s) to `paths`."""
     from .ops.files import save_image
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
-    overwrite = getattr(args, "overwrite", True)
     images = pipe(**params, input_image=input_image)
     images = images if isinstance(images, list) else [images]
-    for i, (image, path) in enumerate(zip(images, paths)):
-        save_image(image, path, png_metadata({**params, "input_image": args.input_image, "loras": loras(args)},
-                                             pipe.last_seed + i, image.size, models), overwrite=overwrite)
-        print(f"saved {path}")
+    for image, path in zip(images, paths):
+        seed = image.info["seed"]
+        save_image(image, path, png_metadata(call_record(args, pipe, params), seed, image.size, models),
+                   overwrite=args.overwrite)
+        print(f"saved {path} (seed {seed})")
     return paths
 
 
-def cmd_inspect(args) -> None:
+def is_model_folder(path: str) -> bool:
+    """A folder of several checkpoints (what --model-dir takes), not one model's folder (config.json, shards)."""
+    root = Path(path)
+    one_model = (root / "config.json").is_file() or any(root.glob("*.index.json"))
+    return root.is_dir() and not one_model
+
+
+def describe_file(path: str, dit: str | None) -> dict:
+    """What `inspect` reports for one file (or one model's folder): the models it holds, or the LoRA it is."""
     from .ops.files import scan
     from .loading.lora import describe_lora
     from .loading.registry import describe, detect, dit_config, looks_like_lora
+    if looks_like_lora(scan(path)):
+        return {"file": path, "lora": describe_lora(path, dit_config(detect(dit)[0]) if dit else None)}
+    return {"file": path, "models": [describe(d) for d in detect(path)]}
+
+
+def cmd_inspect(args) -> None:
     for path in args.files:
-        if looks_like_lora(scan(path)):
-            model = dit_config(detect(args.dit)[0]) if args.dit else None
-            report = {"file": path, "lora": describe_lora(path, model)}
-            print(json.dumps(report, indent=2, default=str) if args.json else _pretty_lora(report))
+        if not is_model_folder(path):
+            report = describe_file(path, args.dit)
+            print(json.dumps(report, indent=2, default=str) if args.json else _pretty_any(report))
             continue
-        report = {"file": path, "models": [describe(d) for d in detect(path)]}
-        print(json.dumps(report, indent=2) if args.json else _pretty(report))
+        reports = []
+        for entry in model_files_in(path):  # each file as `generate --model-dir` reads it
+            try:
+                reports.append(describe_file(entry, args.dit))
+            except ValueError as e:  # (CheckpointError too) one unreadable file does not hide the others
+                reports.append({"file": entry, "error": str(e)})
+        others = sorted(p.name for p in Path(path).iterdir() if str(p) not in {r["file"] for r in reports})
+        folder = {"folder": path, "files": reports, "not_read_as_models": others}
+        print(json.dumps(folder, indent=2, default=str) if args.json else _pretty_folder(folder))
+
+
+def _pretty_any(report: dict) -> str:
+    if "error" in report:
+        return f"{report['file']}\n  not recognised: {report['error']}"
+    return _pretty_lora(report) if "lora" in report else _pretty(report)
+
+
+def _pretty_folder(folder: dict) -> str:
+    lines = [f"{folder['folder']}: {len(folder['files'])} model file(s), as `generate --model-dir` reads them"]
+    lines += [_pretty_any(r) for r in folder["files"]]
+    if folder["not_read_as_models"]:
+        lines.append(f"not read as models (tokenizers are read beside their encoder, generation_defaults.json "
+                     f"sets default sizes): {', '.join(folder['not_read_as_models'])}")
+    return "\n".join(lines)
 
 
 def _pretty_lora(report: dict) -> str:
@@ -299,27 +394,40 @@ def _pretty(report: dict) -> str:
     return "\n".join(lines)
 
 
+def grid_path(output: str) -> str:
+    """Where `demo` puts its grid: beside --output and named after it (image.png -> image-grid.png)."""
+    out = Path(output)
+    return str(out.with_name(f"{out.stem}-grid.png"))
+
+
 def cmd_demo(args) -> None:
     """flux-nano, shipped in the package: --prompt writes that image; without it, the default prompt's
-    image and a grid of several prompts (grid.png beside --output)."""
+    image and a grid of several prompts (<output>-grid.png beside --output)."""
     from .nano import demo
-    from .ops.files import save_image
     args.model, args.tokenizer_1, args.tokenizer_2 = None, None, None
     apply_folder_defaults(args)
-    grid = args.prompt is None
-    args.prompt = args.prompt or demo.DEFAULT_PROMPT
-    paths, input_image = check_generation(args)
+    grid = grid_path(args.output) if args.prompt is None else None
+    args.prompt = demo.DEFAULT_PROMPT if args.prompt is None else args.prompt
+    paths, input_image = check_generation(args, more_outputs=(grid,) if grid else ())
+    print(f"will write {', '.join([*paths, *([grid] if grid else [])])}")
     models = model_paths(args)
     pipe = build_pipeline(args, models)
     write_images(args, pipe, models, paths, input_image)
     if grid:
-        seed = 0 if args.seed is None else args.seed
-        images = [pipe(p, seed=seed, height=args.height, width=args.width, t5_sequence_length=args.t5_sequence_length,
-                       num_inference_steps=args.num_inference_steps, progress_bar_cmd=lambda x: x)
-                  for p in demo.GRID_PROMPTS]
-        path = Path(args.output).with_name("grid.png")
-        save_image(demo.make_grid(images, list(demo.GRID_PROMPTS)), path)
-        print(f"saved {path} ({', '.join(demo.GRID_PROMPTS)})")
+        write_grid(args, pipe, models, grid, input_image)
+
+
+def write_grid(args, pipe, models: list[str], path: str, input_image) -> None:
+    """The demo's grid: every generation argument applies to each cell (one image per prompt)."""
+    from .nano import demo
+    from .ops.files import save_image
+    params = {**{k: getattr(args, k) for k in GENERATION_KEYS}, "num_images": 1}
+    images = [pipe(**{**params, "prompt": p}, input_image=input_image, progress_bar_cmd=lambda x: x)
+              for p in demo.GRID_PROMPTS]
+    record = call_record(args, pipe, {**params, "prompt": " | ".join(demo.GRID_PROMPTS)})
+    text = png_metadata({**record, "grid": list(demo.GRID_PROMPTS)}, images[0].info["seed"], images[0].size, models)
+    save_image(demo.make_grid(images, list(demo.GRID_PROMPTS)), path, text, overwrite=args.overwrite)
+    print(f"saved {path} ({', '.join(demo.GRID_PROMPTS)})")
 
 
 def cmd_train(args) -> None:
@@ -327,18 +435,29 @@ def cmd_train(args) -> None:
     train(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffsynth", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, unless the help already states it or there is none."""
 
-    gen = sub.add_parser("generate", help="text-to-image / image-to-image from checkpoint files")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, "", [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffsynth", formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="text-to-image / image-to-image from checkpoint files",
+                         formatter_class=HelpFormatter)
     gen.add_argument("--model", nargs="+", help="checkpoint files or folders (DiT, VAE, CLIP, T5, or all-in-one)")
     gen.add_argument("--model-dir", help="a model folder in the FLUX.1-dev layout")
     gen.add_argument("--tokenizer-1", help="CLIP tokenizer folder (default: tokenizer/ beside text_encoder/)")
     gen.add_argument("--tokenizer-2", help="T5 tokenizer folder (default: tokenizer_2/ beside text_encoder_2/)")
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
-    gen.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16" if torch.cuda.is_available() else "fp32",
-                     help="compute dtype")
+    gen.add_argument("--device", help="compute device: cuda, cuda:1, mps, cpu (default: cuda when this machine "
+                                      "has it, else cpu)")
+    gen.add_argument("--dtype", choices=COMPUTE_DTYPES, help="compute dtype (default: bf16 on cuda, else fp32)")
     gen.add_argument("--output", default="image.png", help="image file; .png (with the parameters), .jpg or .webp "
                      "(numbered when --num-images > 1)")
     gen.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
@@ -346,28 +465,45 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    ins = sub.add_parser("inspect", help="what a checkpoint file is recognised as")
-    ins.add_argument("files", nargs="+", help="model or LoRA files / folders")
+    ins = sub.add_parser("inspect", help="what a checkpoint file is recognised as", formatter_class=HelpFormatter)
+    ins.add_argument("files", nargs="+", help="model or LoRA files, one model's folder, or a model folder "
+                                              "(as --model-dir: each of its files is described)")
     ins.add_argument("--json", action="store_true", help="print the description as JSON")
     ins.add_argument("--dit", help="for LoRA files: a DiT checkpoint to list the LoRA keys that would not apply to")
     ins.set_defaults(func=cmd_inspect)
 
     from .nano import SHIPPED
-    demo = sub.add_parser("demo", help="generate with flux-nano, the small FLUX.1 model shipped with diffsynth")
-    demo.add_argument("--model-dir", default=str(SHIPPED))
-    demo.add_argument("--output", default="demo_output/image.png")
-    demo.add_argument("--device", default="cpu")
-    demo.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
-    add_generation_args(demo, require_prompt=False)
+    demo = sub.add_parser("demo", help="generate with flux-nano, the small FLUX.1 model shipped with diffsynth",
+                          formatter_class=HelpFormatter)
+    demo.add_argument("--model-dir", default=str(SHIPPED), help="the flux-nano folder")
+    demo.add_argument("--output", default="demo_output/image.png",
+                      help="image file; without --prompt, <name>-grid.png is also written beside it")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the files it writes if they exist (default: refuse)")
+    demo.add_argument("--device", default="cpu", help="compute device (flux-nano is fast on cpu)")
+    demo.add_argument("--dtype", choices=COMPUTE_DTYPES, default="fp32", help="compute dtype")
+    add_generation_args(demo, require_prompt=False, seed=0)
     add_runtime_args(demo)
-    demo.set_defaults(func=cmd_demo, prompt=None, num_inference_steps=20, seed=0)
+    demo.set_defaults(func=cmd_demo, prompt=None, num_inference_steps=20)
 
     from .training.args import add_training_args
     train = sub.add_parser("train", help="LoRA / full training of FLUX.1 (same arguments as "
-                                         "examples/flux/model_training/train.py; multi-GPU: accelerate launch)")
+                                         "examples/flux/model_training/train.py; multi-GPU: accelerate launch)",
+                           formatter_class=HelpFormatter)
     add_training_args(train)
     train.set_defaults(func=cmd_train)
+    parser.description = (f"FLUX image generation and training. Commands: {', '.join(sub.choices)} "
+                           "(`diffsynth COMMAND --help` lists each one's options).")
     return parser
+
+
+def error_line(e: Exception) -> str:
+    """The error in the command line's words (the library's speak of from_pretrained's arguments)."""
+    checks = sys.modules.get("diffsynth.pipelines.checks")  # not imported yet: the error cannot be one of its
+    if checks is not None and isinstance(e, checks.MissingModelError):
+        return f"{e.what()} not among the models given: add {'its file' if len(e.missing) == 1 else 'their files'} " \
+               "to --model (or give a complete --model-dir)"
+    return str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (FileNotFoundError, FileExistsError, PermissionError, ImportError, ValueError, RuntimeError,
             FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 1
     return 0
 

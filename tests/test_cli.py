@@ -23,6 +23,7 @@ def test_generate_writes_png_with_parameters(tiny_root, tmp_path, capsys):
     assert "Seed: 42" in text and "CFG scale: 2.0" in text and "Size: 96x64" in text
     call = json.loads(image.text["diffsynth"])
     assert call["seed"] == 42 and call["num_inference_steps"] == 2
+    assert call["t5_sequence_length"] == 16 and call["t5_sequence_length_used"] == 16
 
 
 def test_generate_same_seed_reproduces_and_batch_numbers_files(tiny_root, tmp_path):
@@ -147,6 +148,7 @@ def test_generate_fit_and_speed_options(tiny_root, tmp_path, capsys):
     call = json.loads(Image.open(fp8).text["diffsynth"])
     assert call["tea_cache_l1_thresh"] == 0.3 and call["loras"] == []
     assert json.loads(Image.open(strong).text["diffsynth"])["loras"] == [[lora, 1.5]]
+    assert Image.open(strong).text["parameters"].startswith("a cat <lora:lora:1.5>\nSteps: 2")
 
 
 def test_generate_option_errors_are_reported(tiny_root, tmp_path, capsys):
@@ -170,3 +172,61 @@ def test_generate_compile_flag_compiles(tiny_root, monkeypatch):
     args = _parse(["generate", "--model-dir", str(tiny_root), "--prompt", "x", "--compile"] + ARGS)
     pipe = build_pipeline(args, model_paths(args))
     assert compiled == [pipe]
+
+
+def _heavy_imports(*argv: str) -> tuple[int, set[str]]:
+    """(exit status, heavy top-level packages imported) of `python -m diffsynth.cli ARGV` in a fresh process."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffsynth.cli", *argv],
+                          capture_output=True, text=True, timeout=120)
+    modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return proc.returncode, modules & {"torch", "transformers", "numpy", "safetensors", "accelerate"}
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    """`diffsynth --help` took 17-39 s on a busy machine: torch is imported only once a command runs."""
+    for argv, status in ((["--help"], 0), (["generate", "--help"], 0), (["train", "--help"], 0),
+                         (["demo", "--help"], 0), (["generate", "--model", "x"], 2), (["nonsense"], 2)):
+        assert _heavy_imports(*argv) == (status, set()), argv
+
+
+def test_help_describes_every_option_and_names_every_command():
+    from diffsynth.cli import build_parser
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert all(name in parser.format_help().split("options:")[0] for name in commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+    demo_help = commands["demo"].format_help()
+    assert "(default: demo_output/image.png)" in demo_help and "(default: fp32)" in demo_help
+    assert "(default: 30)" in commands["generate"].format_help()  # --steps
+    assert "printed" in commands["generate"]._option_string_actions["--seed"].help
+
+
+def test_generate_prints_and_stores_the_random_seed(tiny_root, tmp_path, capsys):
+    out = tmp_path / "r.png"
+    assert main(["generate", "--model-dir", str(tiny_root), "--prompt", "a cat", "--output", str(out)] + ARGS) == 0
+    seed = json.loads(Image.open(out).text["diffsynth"])["seed"]
+    assert f"saved {out} (seed {seed})" in capsys.readouterr().out
+
+
+def test_inspect_a_model_folder_describes_each_file_as_generate_reads_it(tiny_root, tmp_path, capsys):
+    assert main(["inspect", str(tiny_root)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"{tiny_root}: 4 model file(s), as `generate --model-dir` reads them")
+    for entry, family in (("ae.safetensors", "flux-vae"), ("flux1-dev.safetensors", "flux-dit"),
+                          ("text_encoder", "clip"), ("text_encoder_2", "t5")):
+        assert f"{tiny_root / entry}\n  {family} (" in text
+    assert text.rstrip().endswith("tokenizer, tokenizer_2")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "ae.safetensors").symlink_to(tiny_root / "ae.safetensors")
+    (folder / "junk.safetensors").write_bytes(b"not a checkpoint")
+    assert main(["inspect", "--json", str(folder)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in report["files"]] == [str(folder / "ae.safetensors"), str(folder / "junk.safetensors")]
+    assert report["files"][0]["models"][0]["family"] == "flux-vae" and "junk.safetensors" in report["files"][1]["error"]
+    assert main(["inspect", str(tiny_root / "text_encoder_2")]) == 0  # one model's folder: one description
+    assert capsys.readouterr().out.startswith(f"{tiny_root / 'text_encoder_2'}\n  t5 (hf layout)")

@@ -267,6 +267,23 @@ def test_learned_annotators_say_what_to_install_or_download(monkeypatch, tmp_pat
         Annotator("openpose", model_path=str(tmp_path))
 
 
+def test_annotator_names_the_module_that_failed_to_import(monkeypatch, tmp_path):
+    """controlnet_aux installed, torchvision (which it imports) missing: that module is named, not "install
+    controlnet_aux"."""
+    import sys
+    from diffsynth.controlnets.processors import Annotator
+    fake = tmp_path / "site" / "controlnet_aux"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import torchvision_absent_for_this_test\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "controlnet_aux", raising=False)
+    with pytest.raises(ImportError, match="Annotator\\('depth'\\) needs controlnet_aux, which is installed but cannot "
+                                          "be imported: the module 'torchvision_absent_for_this_test' it imports is "
+                                          "missing") as e:
+        Annotator("depth", model_path=str(tmp_path))
+    assert "pip install" not in str(e.value)
+
+
 def test_infiniteyou_projector_is_recognised_not_misread(tmp_path):
     """InfiniteYou's projector file is named as what it is; an incomplete one fails naming what is missing
     (the complete file loads: tests/test_infiniteyou.py)."""

@@ -73,7 +73,7 @@ def test_demo_prompt_seed_output_writes_that_image(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffsynth.cli", "demo", "--prompt", "a red circle on the top",
                            "--seed", "3", "--output", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert f"saved {out}" in proc.stdout and not (tmp_path / "grid.png").exists()
+    assert f"saved {out}" in proc.stdout and not (tmp_path / "x-grid.png").exists()
     image = Image.open(out)
     assert image.size == (shapes.SIZE, shapes.SIZE) and "a red circle on the top" in image.text["parameters"]
 
@@ -81,8 +81,28 @@ def test_demo_prompt_seed_output_writes_that_image(tmp_path):
 def test_demo_default_writes_image_and_grid(tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path / "image.png")]) == 0
     assert Image.open(tmp_path / "image.png").size == (shapes.SIZE, shapes.SIZE)
-    grid = Image.open(tmp_path / "grid.png")
-    assert grid.width == demo.COLUMNS * demo.CELL and "grid.png" in capsys.readouterr().out
+    grid = Image.open(tmp_path / "image-grid.png")
+    assert grid.width == demo.COLUMNS * demo.CELL
+    out = capsys.readouterr().out
+    assert out.startswith(f"will write {tmp_path / 'image.png'}, {tmp_path / 'image-grid.png'}\n")
+    call = json.loads(grid.text["diffsynth"])
+    assert call["grid"] == list(demo.GRID_PROMPTS)
+    assert call["t5_sequence_length"] == 512 and call["t5_sequence_length_used"] == 8  # the tokenizer's cap
+    assert "Seed: 0" in grid.text["parameters"]
+
+
+def test_demo_never_replaces_a_file_it_was_not_told_to(tmp_path, capsys):
+    """`demo --output x.png` replaced x.png and wrote grid.png beside it: like `generate`, it refuses without
+    --overwrite, for the image and for the grid, before any model loads."""
+    image, grid = tmp_path / "x.png", tmp_path / "x-grid.png"
+    for existing in (image, grid):
+        existing.write_bytes(b"precious")
+        assert main(["demo", "--output", str(image)]) == 1
+        err = capsys.readouterr().err
+        assert f"{existing} already exists: pass --overwrite" in err
+        assert existing.read_bytes() == b"precious"
+        existing.unlink()
+    assert not image.exists() and not grid.exists()
 
 
 def test_grid_captions_fit_their_cell():
@@ -134,3 +154,23 @@ def test_lora_teaches_a_new_colour(tmp_path):
     print(f"\npurple before the LoRA {report['color_before']:.0%}, after {report['color_after']:.0%} "
           f"({report['train_seconds']:.0f} s)")
     assert report["color_before"] <= 0.25 and report["position_after"] >= 0.75 and report["color_after"] >= 0.75
+
+
+def test_prompts_outside_the_grammar_are_warned_of_with_the_grammar(tmp_path, capsys):
+    """flux-nano draws only its grammar: "a cat" (or an empty prompt) gets a warning listing it, on the demo
+    and on `generate --model-dir`; grammar prompts (any case or spacing) and runs with a LoRA do not."""
+    from diffsynth.cli import build_parser, warn_outside_grammar
+    assert json.loads((SHIPPED / "generation_defaults.json").read_text())["prompt_grammar"] == list(shapes.grammar())
+    for argv in (["demo", "--prompt", "a cat"], ["demo", "--prompt", ""],
+                 ["generate", "--model-dir", str(SHIPPED), "--prompt", "a cat"]):
+        assert main(argv + ["--output", str(tmp_path / "x.png"), "--steps", "1"]) == 0
+        err = capsys.readouterr().err
+        assert "draws only prompts of this grammar" in err and repr(argv[-1]) in err, argv
+        assert all(f"  {g}" in err for g in shapes.grammar())
+        (tmp_path / "x.png").unlink()
+    grammar = list(shapes.grammar())
+    for prompt, lora in (("A  Red circle on the LEFT", []), ("a white square in the center", []),
+                         ("a purple diamond on the left", ["p.safetensors"])):
+        args = build_parser().parse_args(["demo", "--prompt", prompt] + [x for f in lora for x in ("--lora", f)])
+        warn_outside_grammar(args, grammar)
+        assert capsys.readouterr().err == ""

@@ -271,7 +271,7 @@ CALL = dict(prompt="a cat", negative_prompt="", cfg_scale=1.0, embedded_guidance
     (dict(cfg_scale="2"), TypeError, "cfg_scale must be a number, got '2'"),
     (dict(cfg_scale=float("nan")), ValueError, "cfg_scale must be finite, got nan"),
     (dict(embedded_guidance=float("inf")), ValueError, "embedded_guidance must be finite, got inf"),
-    (dict(sigma_shift=0.0), ValueError, r"sigma_shift must be in \(0.0, inf\], got 0.0"),
+    (dict(sigma_shift=0.0), ValueError, r"sigma_shift must be in \[0.001, 1000.0\], got 0.0"),
     (dict(sigma_shift=float("nan")), ValueError, "sigma_shift must be finite"),
     (dict(seed=2**64), ValueError, "seed must be an integer >= 0 and at most 18446744073709551615"),
     (dict(seed=2**64 - 1, num_images=2), ValueError, "seed must be an integer >= 0 and at most 18446744073709551614"),

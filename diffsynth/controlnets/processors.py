@@ -38,13 +38,24 @@ PASS_THROUGH = ("tile", "none", "inpaint")
 PROCESSOR_IDS = ("canny", *LEARNED, *PASS_THROUGH)
 
 
+def import_failure(e: ImportError, package: str, needed_by: str, install: str) -> ImportError:
+    """The error for a failed `import package`: when the package is absent, what to install; when it is there
+    but something it imports is not (controlnet_aux without torchvision), that module, which
+    "needs the package" would hide."""
+    if e.name == package:
+        return ImportError(f"{needed_by} needs the {package} package: {install}")
+    cause = f"the module {e.name!r} it imports is missing" if e.name else "its import failed"
+    return ImportError(f"{needed_by} needs {package}, which is installed but cannot be imported: {cause} "
+                       f"({type(e).__name__}: {e})")
+
+
 def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:
     """Canny edges (white on black, RGB) of an RGB image, at its own size."""
     try:
         import cv2
-    except ImportError:
-        raise ImportError("the canny annotator needs OpenCV: pip install 'diffsynth[controlnet]' "
-                          "(or opencv-python-headless)") from None
+    except ImportError as e:
+        raise import_failure(e, "cv2", "the canny annotator",
+                             "pip install 'diffsynth[controlnet]' (or opencv-python-headless)") from e
     edges = cv2.Canny(np.asarray(convert_image(image)), low_threshold, high_threshold)
     return Image.fromarray(np.repeat(edges[..., None], 3, -1))
 
@@ -55,10 +66,9 @@ def _load_learned(processor_id: str, model_path: str, device: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import controlnet_aux
-    except ImportError:
-        raise ImportError(f"Annotator({processor_id!r}) needs the controlnet_aux package: "
-                          "pip install 'diffsynth[annotators]' (canny, tile, none and inpaint work without it)"
-                          ) from None
+    except ImportError as e:
+        raise import_failure(e, "controlnet_aux", f"Annotator({processor_id!r})", "pip install 'diffsynth[annotators]' "
+                             "(canny, tile, none and inpaint work without it)") from e
     missing = [f for f in spec.files if not os.path.isfile(os.path.join(model_path, f))]
     if missing:
         raise FileNotFoundError(

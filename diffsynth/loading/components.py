@@ -31,6 +31,10 @@ class Component:
     many: bool = False          # holds several models (a list in load order), e.g. ControlNets
     activation: str = ""        # activation estimate kind for the VRAM planner ("dit", "vae", "text")
     aliases: tuple[str, ...] = ()
+    label: str = ""             # how errors name it when it is missing, with the file that usually holds it
+
+    def describe(self) -> str:
+        return self.label or f"the {self.name} model"
 
 
 @dataclass(frozen=True)
@@ -223,11 +227,12 @@ def detect_qwen_vl(refs: Refs) -> str | None:
 # ----------------------------------------------------------------------------- the tables
 
 COMPONENTS: tuple[Component, ...] = (
-    Component("dit", "denoise", in_loop=True, activation="dit"),
-    Component("text_encoder_1", "text", activation="text", aliases=("text_encoder",)),
-    Component("text_encoder_2", "text", activation="text"),
-    Component("vae_encoder", "vae_encoder", activation="vae"),
-    Component("vae_decoder", "vae_decoder", activation="vae"),
+    Component("dit", "denoise", in_loop=True, activation="dit", label="the FLUX DiT (flux1-dev.safetensors)"),
+    Component("text_encoder_1", "text", activation="text", aliases=("text_encoder",),
+              label="the CLIP text encoder (text_encoder/model.safetensors)"),
+    Component("text_encoder_2", "text", activation="text", label="the T5 text encoder (text_encoder_2/)"),
+    Component("vae_encoder", "vae_encoder", activation="vae", label="the VAE encoder (ae.safetensors)"),
+    Component("vae_decoder", "vae_decoder", activation="vae", label="the VAE decoder (ae.safetensors)"),
     # ControlNets run with the DiT at every step: on the device together, offloaded after denoising.
     Component("controlnet", "denoise", in_loop=True, many=True, activation="dit"),
     Component("ipadapter", "denoise", in_loop=True),

@@ -324,13 +324,18 @@ def encode_prompt_clip(
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]
 
 
+def t5_length(tokenizer, max_length: int) -> int:
+    """The T5 tokens a prompt gets: `t5_sequence_length`, capped by what the tokenizer declares."""
+    return min(max_length, tokenizer.model_max_length)
+
+
 def encode_prompt_t5(
     tokenizer, model: T5EncoderModel, prompts: list[str], max_length: int, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """T5 token embeddings ``(B, L, d_model)``, ``L = min(max_length, tokenizer.model_max_length)``, padded,
     no attention mask (as BFL's reference code and diffusers' FluxPipeline do). The cap is the one CLIP gets:
     a model trained on short prompts (flux-nano: 16 tokens) declares it, and real T5 tokenizers say 512."""
-    max_length = min(max_length, tokenizer.model_max_length)
+    max_length = t5_length(tokenizer, max_length)
     ids = tokenizer(
         list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(_model_device(model, device))

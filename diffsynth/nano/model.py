@@ -12,7 +12,7 @@ import torch
 from ..models.flux_dit import FluxDiT, FluxDiTConfig, dit_to_bfl
 from ..ops.files import save_safetensors
 from ..testing import tiny
-from .shapes import SIZE, all_triples, prompt, vocabulary
+from .shapes import SIZE, all_triples, grammar, prompt, vocabulary
 
 from . import SHIPPED
 T5_LENGTH = 8  # longest prompt: "a yellow triangle in the center" + </s> = 7 tokens
@@ -21,7 +21,8 @@ T5 = dict(tiny.TINY["t5"])
 DIT = FluxDiTConfig(hidden_size=128, num_heads=2, num_double_blocks=2, num_single_blocks=2,
                     context_dim=T5["d_model"], pooled_dim=CLIP["hidden_size"], mlp_ratio=4.0,
                     guidance_embed=True, axes_dim=(8, 28, 28))
-DEFAULTS = {"height": SIZE, "width": SIZE}  # generation_defaults.json: what `diffsynth generate` assumes
+# generation_defaults.json: what `diffsynth generate` assumes, and the prompts it warns outside of
+DEFAULTS = {"height": SIZE, "width": SIZE, "prompt_grammar": list(grammar())}
 
 
 def t5_corpus() -> tuple[str, ...]:

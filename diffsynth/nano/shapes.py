@@ -52,6 +52,13 @@ def prompt(color: str, shape: str, position: str) -> str:
     return f"a {color} {shape} {where}"
 
 
+def grammar() -> tuple[str, ...]:
+    """The prompts flux-nano draws, as patterns (`{a|b}`: one of the words)."""
+    colors, shapes = "|".join(COLORS), "|".join(SHAPES)
+    sides = "|".join(p for p in POSITIONS if p != "center")
+    return f"a {{{colors}}} {{{shapes}}} on the {{{sides}}}", f"a {{{colors}}} {{{shapes}}} in the center"
+
+
 def all_triples() -> list[tuple[str, str, str]]:
     return list(itertools.product(COLORS, SHAPES, POSITIONS))
 

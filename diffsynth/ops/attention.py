@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_mask import GroupMask, chunked_attention
-
-BACKENDS = ("auto", "sdpa", "flash", "sage", "math")
+from .names import ATTENTION_BACKENDS as BACKENDS
 _state = {"backend": "auto"}
 
 

@@ -22,3 +22,18 @@ def random_generator(device: str | torch.device, seed: int, argument: str = "ran
     except (RuntimeError, ValueError) as e:  # torch's own message stays in the chained traceback
         raise ValueError(f"{argument}={str(device)!r}: this device is not available here; use one of "
                          f"{available_devices()} ('cpu', the default, gives the same noise on every machine)") from e
+
+
+def check_device(device: str | torch.device, argument: str = "device") -> torch.device:
+    """`device` as a torch.device, when this machine has it; otherwise ValueError naming `argument` (a
+    missing CUDA surfaced as an AssertionError from deep inside model loading)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{argument} {str(device)!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    if resolved.type not in ("cpu", "meta", *available_devices()):
+        cli = argument.startswith("--")  # --device cuda, device='cuda'
+        shown, fix = (f"{argument} {device}", f"{argument} cpu") if cli else (f"{argument}={str(device)!r}",
+                                                                              f"{argument}='cpu'")
+        raise ValueError(f"{shown}: this machine/torch build has no {resolved.type.upper()} device (use {fix})")
+    return resolved

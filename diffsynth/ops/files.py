@@ -24,6 +24,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .names import COMPUTE_DTYPES
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or not what it claims to be."""
@@ -36,7 +38,7 @@ SAFETENSORS_DTYPES = {
 }
 SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 # Short names of compute/save dtypes on command lines (generate --dtype, train --torch_dtype/--save_dtype).
-DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {name: getattr(torch, attr) for name, attr in COMPUTE_DTYPES.items()}
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 

@@ -11,18 +11,11 @@ from numbers import Real
 
 import torch
 
+from ..loading.components import component
 from ..ops.files import all_finite
 from ..ops.images import check_image
-
-# FLUX's T5 context (diffusers refuses more, too); each token costs memory in every DiT block.
-MAX_T5_SEQUENCE_LENGTH = 512
-# Largest image side and area accepted: 4 megapixels is FLUX's native range, 64 MP leaves room for
-# tiled upscaling passes while keeping a typo (100000x100000) from allocating tens of GB first.
-MAX_SIDE = 16384
-MAX_PIXELS = 8192 * 8192
-MAX_STEPS = 10_000
-MAX_IMAGES = 256
-MAX_SEED = 2**64 - 1  # torch generators take unsigned 64-bit seeds
+from ..ops.limits import (MAX_IMAGES, MAX_PIXELS, MAX_SEED, MAX_SIDE, MAX_SIGMA_SHIFT, MAX_STEPS, MAX_STRENGTH,
+                          MAX_T5_SEQUENCE_LENGTH, MIN_SIGMA_SHIFT)
 
 
 def _is_int(value) -> bool:
@@ -47,6 +40,20 @@ def _need_real(name: str, value, low: float = -math.inf, high: float = math.inf,
         raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
 
 
+def _check_text(name: str, value) -> None:
+    """A str that is valid Unicode: lone surrogates (what Python makes of bytes that are not UTF-8 on a
+    command line) failed inside the tokenizer, after the models had loaded."""
+    if not isinstance(value, str):
+        hint = " (decode it first: value.decode('utf-8'))" if isinstance(value, (bytes, bytearray)) else ""
+        raise TypeError(f"{name} must be a string{hint}, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid text: character {e.start} is the lone surrogate "
+                         f"U+{ord(value[e.start]):04X} (bytes that are not UTF-8, e.g. from a terminal or file in "
+                         "another encoding)") from None
+
+
 def _check_image(value) -> None:
     if value is not None:
         check_image(value, "input_image")  # a truncated or damaged file fails here, not inside the VAE
@@ -65,13 +72,12 @@ def check_call_args(args: dict) -> None:
     """`args`: `FluxImagePipeline.__call__`'s arguments by name. Raises TypeError / ValueError naming the first
     bad one."""
     for name in ("prompt", "negative_prompt"):
-        if not isinstance(args[name], str):
-            raise TypeError(f"{name} must be a string, got {type(args[name]).__name__}")
+        _check_text(name, args[name])
     _need_real("cfg_scale", args["cfg_scale"], 0.0)
     _need_real("embedded_guidance", args["embedded_guidance"], 0.0)
     _need_real("denoising_strength", args["denoising_strength"], 0.0, 1.0, low_open=True)
     if args["sigma_shift"] is not None:
-        _need_real("sigma_shift", args["sigma_shift"], 0.0, low_open=True)
+        _need_real("sigma_shift", args["sigma_shift"], MIN_SIGMA_SHIFT, MAX_SIGMA_SHIFT)
     _need_int("t5_sequence_length", args["t5_sequence_length"], 1, MAX_T5_SEQUENCE_LENGTH)
     _need_int("num_inference_steps", args["num_inference_steps"], 1, MAX_STEPS)
     _need_int("num_images", args["num_images"], 1, MAX_IMAGES)
@@ -84,6 +90,43 @@ def check_call_args(args: dict) -> None:
             _need_real(name, args[name], 0.0)
     _check_size(args["height"], args["width"])
     _check_image(args["input_image"])
+    _check_strengths(args.get("variant_inputs") or {})
+
+
+def _check_strengths(variant_inputs: dict) -> None:
+    """The variants' strengths (`*_scale`, each ControlNetInput's scale and window), like cfg_scale: a NaN or
+    1e30 otherwise surfaced after denoising as non-finite latents."""
+    for name, value in variant_inputs.items():
+        if name.endswith("_scale") and value is not None:
+            _need_real(name, value, -MAX_STRENGTH, MAX_STRENGTH)
+    controls = variant_inputs.get("controlnet_inputs")
+    for i, control in enumerate(controls if isinstance(controls, (list, tuple)) else [controls] if controls else []):
+        if hasattr(control, "scale"):  # (the ControlNet unit names any other type)
+            _need_real(f"controlnet_inputs[{i}].scale", control.scale, -MAX_STRENGTH, MAX_STRENGTH)
+            _need_real(f"controlnet_inputs[{i}].start", control.start, 0.0, 1.0)
+            _need_real(f"controlnet_inputs[{i}].end", control.end, 0.0, 1.0)
+
+
+class MissingModelError(RuntimeError):
+    """A model the call needs is not loaded. `missing`: the pipeline attributes; `needed_for`: what needs them.
+    The message speaks of `model_configs`; the command line words it with its own options."""
+
+    def __init__(self, missing: tuple[str, ...], needed_for: str):
+        self.missing, self.needed_for = missing, needed_for
+        super().__init__(f"{self.what()} not loaded: add {'its file' if len(missing) == 1 else 'their files'} to "
+                         "from_pretrained's model_configs (ModelConfig(path=...))")
+
+    def what(self) -> str:
+        """"<needed_for> needs <models>, which is/are" (the part both wordings share)."""
+        models = " and ".join(component(m).describe() for m in self.missing)
+        return f"{self.needed_for} needs {models}, which {'is' if len(self.missing) == 1 else 'are'}"
+
+
+def require_models(pipe, names: tuple[str, ...], needed_for: str) -> None:
+    """Raise MissingModelError naming each of `names` (pipeline attributes) that is not loaded."""
+    missing = tuple(n for n in names if getattr(pipe, n) is None)
+    if missing:
+        raise MissingModelError(missing, needed_for)
 
 
 def _first_nonfinite(named) -> str | None:
@@ -105,7 +148,9 @@ def explain_nonfinite(pipe, values: dict) -> str:
         bad = _first_nonfinite(tensors)
         if bad is not None:
             return f"the DiT weight {bad} (NaN/Inf in the checkpoint or a LoRA)"
-    return "the DiT's computation (an fp16 overflow? use bf16 or fp32)"
+    if pipe.torch_dtype == torch.float16:
+        return "the DiT's computation (an fp16 overflow? use bf16 or fp32)"
+    return "the DiT's computation (extreme inputs or strengths?)"
 
 
 def check_finite(pipe, tensor: torch.Tensor, what: str, values: dict) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from ..loading import components as table
 from ..loading import vram
-from ..ops.devices import random_generator
+from ..ops.devices import check_device, random_generator
 from ..loading.model_config import ModelConfig
 from ..loading.registry import build, detect
 from ..models import flux_text_encoders as te
@@ -23,7 +24,7 @@ from ..models.flux_dit import image_ids
 from ..models.flux_dit_cache import make_cache
 from ..ops.attention import set_attention_backend as _set_attention_backend
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
-from .checks import check_call_args, check_finite
+from .checks import check_call_args, check_finite, require_models
 from .denoise import batch_cfg_inputs, model_fn
 from .images import VAE_FACTOR, image_to_tensor, tensor_to_images, vae_encode
 from .units import StepUnit, Unit, active_units, run_units, unit
@@ -64,14 +65,13 @@ def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
 
 
 PROMPT_OUTPUTS = ("prompt_emb", "pooled_prompt_emb", "text_ids")
+TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2")
 
 
 @unit(per_branch=True, models=("text_encoder_1", "text_encoder_2"), outputs=PROMPT_OUTPUTS,
       model_inputs=PROMPT_OUTPUTS, cacheable=PROMPT_OUTPUTS)
 def encode_prompt(pipe, prompt, t5_sequence_length=512, num_images=1):
-    if pipe.text_encoder_1 is None or pipe.text_encoder_2 is None:
-        raise RuntimeError("this pipeline has no text encoders loaded: add CLIP (text_encoder/model.safetensors) "
-                           "and T5 (text_encoder_2/) ModelConfigs")
+    require_models(pipe, TEXT_ENCODERS, "the prompt")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     device = pipe.compute_device_of("text_encoder_1")
@@ -123,9 +123,29 @@ class ModelList(nn.ModuleList):
             model.gradient_checkpointing = True
 
 
+class PerThread:
+    """An attribute each thread sees on its own: a pipeline shared by threads (a server) tells every caller
+    the seed and cache statistics of its own last call, not of whichever call finished last."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def _values(self, obj) -> threading.local:
+        return obj.__dict__.setdefault("_per_thread", threading.local())
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else getattr(self._values(obj), self.name, None)
+
+    def __set__(self, obj, value) -> None:
+        setattr(self._values(obj), self.name, value)
+
+
 class FluxImagePipeline(nn.Module):
     """DiffSynth-Studio's FLUX pipeline. Model attributes (dit, text_encoder_1, text_encoder_2, vae_encoder,
     vae_decoder, and the variants' models) come from the component table, `loading.components`."""
+
+    last_seed = PerThread()         # the seed of this thread's last call (also each returned image's info["seed"])
+    last_cache_stats = PerThread()  # what TeaCache / First-Block-Cache skipped in this thread's last call
 
     def __init__(self, device: str | torch.device = "cuda", torch_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -140,7 +160,6 @@ class FluxImagePipeline(nn.Module):
         self.vram_models: dict[str, vram.ManagedModel] = {}  # models whose storage differs from computation
         self.vram_plans: dict = {}
         self.vram_management_enabled = False
-        self.last_cache_stats: dict | None = None
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -157,6 +176,7 @@ class FluxImagePipeline(nn.Module):
         that limit and no further buffer (2.0's scripts subtract their own margin), see enable_vram_management.
         `tokenizer_N_config` is 2.0's name for `tokenizer_N_path`.
         """
+        check_device(device)  # (the bare constructor allows any device: vram_plan for a card this machine lacks)
         vram.check_gigabytes("vram_limit", vram_limit)  # before any model loads
         pipe = cls(device=device, torch_dtype=torch_dtype)
         encoder_sources = {}
@@ -164,6 +184,8 @@ class FluxImagePipeline(nn.Module):
             if not isinstance(config, ModelConfig):
                 raise TypeError(f"model_configs must hold ModelConfig objects, got {type(config).__name__}")
             storage_device, storage_dtype = config.storage(device, torch_dtype)
+            if storage_device is not None:
+                check_device(storage_device, "offload_device")
             paths = config.resolve()
             for det in detect(paths):
                 models = build(det, storage_dtype or torch_dtype, storage_device or device, compute_dtype=torch_dtype)
@@ -319,6 +341,8 @@ class FluxImagePipeline(nn.Module):
                  tea_cache_l1_thresh: float | None = None, fbcache_thresh: float | None = None,
                  batch_cfg: bool = True, **variant_inputs):
         """Generate images. Returns one PIL image (a list when num_images > 1), or tensors, see output_type.
+        Each PIL image carries its seed in `image.info["seed"]` (image i of a batch: seed + i; a random seed when
+        `seed=None`); `pipe.last_seed` holds the calling thread's last seed.
 
         output_type: "pil"; "pt" -> (B, 3, H, W) float in [0, 1]; "latent" -> (B, 16, H/8, W/8).
         tea_cache_l1_thresh / fbcache_thresh: TeaCache or First-Block-Cache threshold (one per call; larger
@@ -332,8 +356,8 @@ class FluxImagePipeline(nn.Module):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         if tiled and not 0 < tile_stride <= tile_size:
             raise ValueError(f"tile_stride ({tile_stride}) must be in (0, tile_size={tile_size}]")
-        if self.dit is None:
-            raise RuntimeError("no DiT loaded: add the FLUX transformer checkpoint to model_configs")
+        units = active_units(self, self.units)
+        self.require_call_models(units, input_image, output_type)
         sigmas = flux_sigmas(num_inference_steps, denoising_strength,
                              DEFAULT_SHIFT if sigma_shift is None else sigma_shift)
         shared = dict(
@@ -350,7 +374,6 @@ class FluxImagePipeline(nn.Module):
             raise TypeError(f"unknown argument(s) {unknown}; variant inputs this pipeline reads: {sorted(variants)}")
         shared.update(variant_inputs)
         use_cfg = cfg_scale != 1.0
-        units = active_units(self, self.units)
         run_units(self, units, shared, posi, nega, use_cfg)
         cache = make_cache(tea_cache_l1_thresh, fbcache_thresh, num_inference_steps, use_cfg)
         latents = self.denoise(units, shared, posi, nega, cfg_scale, batch_cfg, cache, progress_bar_cmd)
@@ -359,8 +382,6 @@ class FluxImagePipeline(nn.Module):
         self.last_seed = shared["seed"]
         if output_type == "latent":
             return latents
-        if self.vae_decoder is None:
-            raise RuntimeError("decoding needs the VAE decoder: load ae.safetensors (or use output_type='latent')")
         self.load_models_to_device(("vae_decoder",))
         image = self.vae_decoder(latents.to(self.compute_device_of("vae_decoder"), self.torch_dtype),
                                  tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
@@ -368,7 +389,19 @@ class FluxImagePipeline(nn.Module):
         if output_type == "pt":
             return ((image.float().clamp(-1, 1) + 1) / 2).cpu()
         images = tensor_to_images(image)
+        for i, im in enumerate(images):
+            im.info["seed"] = shared["seed"] + i
         return images[0] if num_images == 1 else images
+
+    def require_call_models(self, units: list[Unit], input_image, output_type: str) -> None:
+        """The models a call will need, checked before any work (a missing VAE was found after all steps)."""
+        require_models(self, ("dit",), "generation")
+        if encode_prompt in units:  # (Step1X and Nexus-Gen replace it with their own encoders)
+            require_models(self, TEXT_ENCODERS, "the prompt")
+        if input_image is not None:
+            require_models(self, ("vae_encoder",), "input_image")
+        if output_type != "latent":
+            require_models(self, ("vae_decoder",), "decoding the image")
 
     def model_inputs(self, units: list[Unit], values: dict) -> dict:
         """The values the units declared as denoiser inputs."""

@@ -1,7 +1,7 @@
 """FLUX.1 training: LoRA and full fine-tuning with accelerate (see `diffsynth train --help`)."""
-from .args import build_parser, check_args
-from .data import DatasetError
-from .module import FluxTrainingModule
-from .trainer import main, train
+from ..ops.lazy import lazy_exports
 
-__all__ = ["DatasetError", "FluxTrainingModule", "build_parser", "check_args", "main", "train"]
+_EXPORTS = {"build_parser": ".args", "check_args": ".args", "DatasetError": ".data",
+            "FluxTrainingModule": ".module", "main": ".trainer", "train": ".trainer"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -8,10 +8,9 @@ import math
 import os
 import re
 
-from ..ops.files import DTYPE_NAMES
-from ..pipelines.checks import MAX_PIXELS, MAX_SIDE, MAX_T5_SEQUENCE_LENGTH
-from .export import FULL_FORMATS, LORA_FORMATS
-from .schedule import LR_SCHEDULERS, TIMESTEP_SAMPLINGS
+from ..ops.names import COMPUTE_DTYPES
+from ..ops.limits import MAX_PIXELS, MAX_SIDE, MAX_T5_SEQUENCE_LENGTH
+from .names import FULL_FORMATS, LORA_FORMATS, LR_SCHEDULERS, TIMESTEP_SAMPLINGS
 
 DEFAULT_LORA_TARGETS = ("a_to_qkv,b_to_qkv,ff_a.0,ff_a.2,ff_b.0,ff_b.2,a_to_out,b_to_out,proj_out,norm.linear,"
                         "norm1_a.linear,norm1_b.linear,to_qkv_mlp")
@@ -46,7 +45,7 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help='"model_id:origin_pattern,..." e.g. black-forest-labs/FLUX.1-dev:flux1-dev.safetensors')
     m.add_argument("--tokenizer_1_path", help="CLIP tokenizer folder (default: tokenizer/ beside text_encoder/)")
     m.add_argument("--tokenizer_2_path", help="T5 tokenizer folder (default: tokenizer_2/ beside text_encoder_2/)")
-    m.add_argument("--torch_dtype", choices=DTYPE_NAMES, help="model dtype (default bf16 on GPU, fp32 on CPU)")
+    m.add_argument("--torch_dtype", choices=COMPUTE_DTYPES, help="model dtype (default bf16 on GPU, fp32 on CPU)")
 
     t = p.add_argument_group("training")
     t.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate")
@@ -57,7 +56,7 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--remove_prefix_in_ckpt", help="prefix stripped from saved keys (default: pipe.<model>. "
                                                    "when one model is trained, e.g. pipe.dit.)")
     t.add_argument("--save_steps", type=int, help="also save step-N.safetensors every N optimizer steps")
-    t.add_argument("--save_dtype", choices=DTYPE_NAMES, help="dtype of saved weights (default: the model dtype)")
+    t.add_argument("--save_dtype", choices=COMPUTE_DTYPES, help="dtype of saved weights (default: the model dtype)")
     t.add_argument("--seed", type=int, help="seed for data order, noise and timesteps (default: random, logged)")
     t.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev distilled guidance during training")
     t.add_argument("--t5_sequence_length", type=int, default=512, help="T5 tokens the prompts are padded/truncated to")

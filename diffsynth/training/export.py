@@ -13,9 +13,6 @@ import torch
 
 from ..ops.files import save_safetensors
 
-LORA_FORMATS = ("diffsynth", "kohya", "diffusers")
-FULL_FORMATS = ("diffsynth", "bfl")
-
 
 def remove_prefix(sd: dict[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
     if not prefix:

@@ -7,9 +7,7 @@ from typing import Callable
 import torch
 
 from ..schedulers.flow_match import DEFAULT_SHIFT, training_weights
-
-TIMESTEP_SAMPLINGS = ("shifted_uniform", "logit_normal", "flux_shift")
-LR_SCHEDULERS = ("constant", "cosine", "linear")
+from .names import LR_SCHEDULERS, TIMESTEP_SAMPLINGS
 
 # (sigma, weight) per sample, given batch size, image tokens per sample, and a torch.Generator (or None)
 SigmaSampler = Callable[[int, int, "torch.Generator | None"], tuple[torch.Tensor, torch.Tensor]]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ops.limits import MAX_STRENGTH
 from ...ops.quant import add_to_weight, quant_type
 from ..vram import compute_spec
 from .formats import CanonicalLoRA, LoRAReport, LoRAWeights, _as_canonical, _listing
@@ -194,13 +195,24 @@ def _execute(plan: _Plan, strength: float, hotload: bool, report: LoRAReport, pr
         report.norms.append(prefix + pname)
 
 
+class UnmatchedLoRAError(ValueError):
+    """LoRA entries that match no layer (`problems`, one line each); nothing was applied."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(_unmatched(problems) + "\n(pass strict=False to apply the rest)")
+
+
+def _unmatched(problems: list[str]) -> str:
+    return f"{len(problems)} LoRA entries match no layer of the model:" + _listing(problems)
+
+
 def _check(problems: list[str], strict: bool, report: LoRAReport) -> None:
     if not problems:
         return
-    msg = f"{len(problems)} LoRA entries match no layer of the model:" + _listing(problems)
     if strict:
-        raise ValueError(msg + "\n(pass strict=False to apply the rest)")
-    warnings.warn(msg + "\n(strict=False: applying the rest)", stacklevel=3)
+        raise UnmatchedLoRAError(problems)
+    warnings.warn(_unmatched(problems) + "\n(strict=False: applying the rest)", stacklevel=3)
     report.skipped.extend(problems)
 
 
@@ -208,9 +220,12 @@ def _mlp_ratio(module: nn.Module) -> float:
     return float(getattr(getattr(module, "config", None), "mlp_ratio", 4.0))
 
 
-def _check_strength(alpha) -> None:
+def check_strength(alpha, name: str = "LoRA alpha (strength)") -> None:
+    """A finite LoRA strength within +-MAX_STRENGTH (1e30 merged into weights made the output non-finite)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"LoRA alpha (strength) must be a finite number, got {alpha!r}")
+        raise ValueError(f"{name} must be a finite number, got {alpha!r}")
+    if abs(alpha) > MAX_STRENGTH:
+        raise ValueError(f"{name} must be in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got {alpha!r}")
 
 
 def apply_lora(module: nn.Module, lora, alpha: float = 1.0, hotload: bool = False,
@@ -225,7 +240,7 @@ def apply_lora(module: nn.Module, lora, alpha: float = 1.0, hotload: bool = Fals
     Text-encoder layers are not applied here: use `load_lora_into_pipeline` or
     ``apply_lora(text_encoder, lora.text_encoder_part())``.
     """
-    _check_strength(alpha)
+    check_strength(alpha)
     lora = _as_canonical(lora, _mlp_ratio(module))
     report = LoRAReport("hotload" if hotload else "merge")
     plan = _plan(module, lora, merge=not hotload)
@@ -244,7 +259,7 @@ def load_lora_into_pipeline(pipe, module: nn.Module, lora, alpha: float = 1.0, h
     `lora` is a file path (safetensors / torch file), a `ModelConfig`, a state dict or a `CanonicalLoRA`. Everything is
     matched first; with `strict`, any unmatched entry raises ValueError and nothing is applied.
     """
-    _check_strength(alpha)
+    check_strength(alpha)
     lora = _as_canonical(lora, _mlp_ratio(module))
     report = LoRAReport("hotload" if hotload else "merge")
     dit_plan = _plan(module, lora, merge=not hotload)

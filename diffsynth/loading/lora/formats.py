@@ -14,7 +14,7 @@ import torch
 
 from ...models.flux_dit import (_BFL_DOUBLE, _BFL_SINGLE, _BFL_TOP, _DIFFUSERS_DOUBLE, _DIFFUSERS_FUSED,
                                 _DIFFUSERS_SINGLE, _DIFFUSERS_TOP, _swap_halves, bfl_key_to_internal)
-from ...ops.files import all_finite
+from ...ops.files import CheckpointError, all_finite
 
 
 # ----------------------------------------------------------------------------- canonical form
@@ -450,8 +450,25 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     """A LoRA file's tensors and (safetensors) header metadata."""
     from ...ops.files import load_state_dict, scan_file
     path = str(path)
+    refuse_model_checkpoint(path)
     metadata = scan_file(path)[1] if os.path.isfile(path) else {}
     return load_state_dict(path), metadata
+
+
+def refuse_model_checkpoint(path: str) -> None:
+    """A model checkpoint given as a LoRA: one line saying what it is (its every key was listed as unmatched)."""
+    from ...ops.files import scan
+    from .. import components
+    from ..registry import detect, looks_like_lora
+    if looks_like_lora(scan(path)):
+        return
+    try:
+        found = detect(path)
+    except (CheckpointError, ValueError):  # not a model either: the key-by-key report says what it holds
+        return
+    if found:
+        kinds = " + ".join(components.FAMILY_BY_NAME[d.family].description for d in found)
+        raise CheckpointError(f"{path} is a {kinds} checkpoint, not a LoRA (full weights, no low-rank pairs)")
 
 
 def _as_canonical(lora, mlp_ratio: float = 4.0) -> CanonicalLoRA:
