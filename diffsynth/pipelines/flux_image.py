@@ -22,13 +22,17 @@ from ..models import flux_text_encoders as te
 from ..models.flux_dit import image_ids
 from ..models.flux_dit_cache import make_cache
 from ..ops.attention import set_attention_backend as _set_attention_backend
+from ..ops.files import load_state_dict
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
 from .checks import check_call_args, check_finite
 from .denoise import batch_cfg_inputs, model_fn
 from .images import VAE_FACTOR, image_to_tensor, tensor_to_images, vae_encode
 from .units import StepUnit, Unit, active_units, run_units, unit
 from .variants import UNITS as VARIANT_UNITS
-from .variants.controlnet import ControlNetInput  # noqa: F401  (DiffSynth-Studio 2.0 imports it from here)
+from .variants.controlnet import ControlNetInput
+
+# What DiffSynth-Studio's scripts import from this module (2.0; 1.x's `flux_image_new` re-exports them).
+__all__ = ["FluxImagePipeline", "ModelConfig", "ControlNetInput", "load_state_dict"]
 
 LATENT_CHANNELS = 16
 SIZE_MULTIPLE = 16  # VAE 8x, then 2x2 patches
