@@ -154,14 +154,21 @@ class FluxImagePipeline(nn.Module):
                         tokenizer_2_path: str | ModelConfig | None = None,
                         vram_limit: float | None = None,
                         tokenizer_1_config: ModelConfig | None = None,
-                        tokenizer_2_config: ModelConfig | None = None) -> "FluxImagePipeline":
+                        tokenizer_2_config: ModelConfig | None = None,
+                        nexus_gen_processor_config: str | ModelConfig | None = None,
+                        step1x_processor_config: str | ModelConfig | None = None) -> "FluxImagePipeline":
         """Build a pipeline from checkpoint files; each file is recognised from its keys and shapes.
 
         `vram_limit` (GB, DiffSynth-Studio 2.0): when given, VRAM management is enabled after loading with
         that limit and no further buffer (2.0's scripts subtract their own margin), see enable_vram_management.
-        `tokenizer_N_config` is 2.0's name for `tokenizer_N_path`.
+        `tokenizer_N_config` is 2.0's name for `tokenizer_N_path`. `nexus_gen_processor_config` /
+        `step1x_processor_config` (a folder or a `ModelConfig`): where the Nexus-Gen / Step1X-Edit Qwen2.5-VL
+        processor files are (default: beside the model's weights, or their `processor/` subfolder).
         """
         pipe = cls(device=device, torch_dtype=torch_dtype)
+        processor_dirs = {family: _folder(config) for family, config in (
+            ("nexus-gen-llm", nexus_gen_processor_config), ("qwen2.5-vl", step1x_processor_config))
+            if config is not None}
         encoder_sources = {}
         for config in model_configs:
             if not isinstance(config, ModelConfig):
@@ -169,7 +176,8 @@ class FluxImagePipeline(nn.Module):
             storage_device, storage_dtype = config.storage(device, torch_dtype)
             paths = config.resolve()
             for det in detect(paths):
-                models = build(det, storage_dtype or torch_dtype, storage_device or device, compute_dtype=torch_dtype)
+                models = build(det, storage_dtype or torch_dtype, storage_device or device, compute_dtype=torch_dtype,
+                               processor_dir=processor_dirs.get(det.family))
                 for name, model in models.items():
                     name = pipe._attach(name, model, det.source)
                     pipe.offload[name] = (storage_device, storage_dtype)
@@ -414,6 +422,20 @@ def _either(path, config, n: int):
     if path is not None and config is not None:
         raise TypeError(f"give tokenizer_{n}_path or tokenizer_{n}_config, not both")
     return path if path is not None else config
+
+
+def _folder(config: str | os.PathLike | ModelConfig) -> str:
+    """The folder a path or ModelConfig names (a folder pattern resolves to the folder, files to theirs)."""
+    if not isinstance(config, (str, os.PathLike, ModelConfig)):
+        raise TypeError(f"a processor config must be a folder or a ModelConfig, got {type(config).__name__}")
+    if isinstance(config, ModelConfig) and config.model_id is None and isinstance(config.path, str) \
+            and not os.path.exists(config.path):
+        # 2.0's scripts write ModelConfig("owner/name", origin_file_pattern=...): the repository id positionally
+        config = ModelConfig(model_id=config.path, origin_file_pattern=config.origin_file_pattern,
+                             local_model_path=config.local_model_path, download_resource=config.download_resource)
+    paths = config.resolve() if isinstance(config, ModelConfig) else config
+    first = Path(paths if isinstance(paths, (str, os.PathLike)) else paths[0])
+    return str(first if first.is_dir() else first.parent)
 
 
 def _tokenizer_dir(explicit, source, name: str) -> str:
