@@ -210,6 +210,27 @@ def test_download_models_presets_land_where_model_configs_look(tmp_path, fake_hu
         diffsynth.download_models(["FLUX.3"])
 
 
+def test_annotator_presets_land_where_annotator_reads(tmp_path, fake_hub, monkeypatch):
+    """1.x's `download_models(["Annotators:Depth"])`: the files controlnet_aux's detectors read, flat in
+    models/Annotators (Annotator's default model_path), from each hub's own repository; offline-first."""
+    import inspect
+    from diffsynth.controlnets.processors import LEARNED, Annotator
+    monkeypatch.chdir(tmp_path)
+    paths = diffsynth.download_models(["Annotators:Depth", "Annotators:Openpose"])
+    default = inspect.signature(Annotator).parameters["model_path"].default
+    want = [os.path.join("./models", "Annotators", f) for f in (*LEARNED["depth"].files, *LEARNED["openpose"].files)]
+    assert paths == want and all(os.path.samefile(p, Path(default) / Path(p).name) for p in paths)
+    assert fake_hub[:2] == [("modelscope", "sd_lora/Annotators", "dpt_hybrid-midas-501f0c75.pt"),
+                            ("huggingface", "lllyasviel/Annotators", "dpt_hybrid-midas-501f0c75.pt")]
+    assert len(fake_hub) == 8  # 4 files, each refused by ModelScope first
+    assert diffsynth.download_models(["Annotators:Lineart", "Annotators:Depth"], ["HuggingFace"]) == [
+        os.path.join("./models", "Annotators", f) for f in ("sk_model.pth", "sk_model2.pth",
+                                                           "dpt_hybrid-midas-501f0c75.pt")]
+    assert len(fake_hub) == 10  # only Lineart's two files were missing
+    with pytest.raises(ValueError, match="Annotators:Depth.*Annotators:Softedge"):
+        diffsynth.download_models(["Annotators:Sketch"])
+
+
 # ----------------------------------------------------------------------------- failing downloads
 
 def test_failed_download_names_model_pattern_folder_and_leaves_no_folder(tmp_path, fake_hub):
