@@ -161,6 +161,13 @@ def build_siglip(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     return {"image_encoder": SiglipImageEncoder(load_siglip_vision(sd, det.config)).to(options.device)}
 
 
+def build_timestep_lora(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_timestep_lora import FluxTimestepLoRA, from_file, infer_timestep_lora_config
+    sd = plain_tensors(det, options)
+    config = infer_timestep_lora_config({k: tuple(v.shape) for k, v in sd.items()})
+    return {"timestep_lora": assign(FluxTimestepLoRA, config, from_file(sd), f"timestep LoRA from {det.source}")}
+
+
 def build_redux(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     from ..models.flux_redux import ReduxImageEncoder, infer_redux_config
     sd = plain_tensors(det, options)

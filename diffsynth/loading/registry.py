@@ -68,7 +68,8 @@ def detect(paths) -> list[Detected]:
     """Recognise every model inside a file, a list of shards, or a folder."""
     refs = scan(paths)
     source = str(paths if isinstance(paths, str) else list(map(str, paths)))
-    if looks_like_lora(refs) and table.detect_lora_patcher(refs) is None:  # the patcher's names say "lora" too
+    # the LoRA-Fusion patcher's and the timestep LoRA's names say "lora" too; both are models
+    if looks_like_lora(refs) and table.detect_lora_patcher(refs) is None and table.detect_timestep_lora(refs) is None:
         from .lora import detect_dialect
         raise CheckpointError(f"{source} is a LoRA ({detect_dialect(refs)} dialect), not a model: apply it with "
                               f"pipe.load_lora(pipe.dit, path); `diffsynth inspect` describes it")

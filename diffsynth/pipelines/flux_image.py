@@ -1,6 +1,7 @@
 """FluxImagePipeline: FLUX.1 text-to-image and image-to-image, built from the user's checkpoint files."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import warnings
@@ -242,6 +243,24 @@ class FluxImagePipeline(nn.Module):
         if isinstance(lora, ModelConfig):
             lora = lora.resolve()
         return load_lora_into_pipeline(self, module, lora, alpha=alpha, hotload=hotload, strict=strict)
+
+    def load_timestep_lora(self, lora_config: ModelConfig | str, alpha: float = 2.0) -> None:
+        """DiffSynth-Studio 2.0's timestep LoRA (e.g. DiffSynth-Studio/MultiAlign-FLUX.1-dev): a DiT LoRA whose
+        features are modulated by the timestep, applied at every DiT evaluation (never merged) with weight
+        `alpha`. Replaces a timestep LoRA loaded before; `pipe.timestep_lora = None` removes it."""
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        if self.dit is None:
+            raise RuntimeError("load_timestep_lora needs the DiT: load it first")
+        paths = lora_config.resolve() if isinstance(lora_config, ModelConfig) else lora_config
+        found = detect(paths)
+        if [d.family for d in found] != ["flux-timestep-lora"]:
+            raise ValueError(f"{paths} is not a timestep LoRA (found {', '.join(d.family for d in found)}); "
+                             "a plain LoRA goes to pipe.load_lora(pipe.dit, ...)")
+        lora = build(found[0], self.torch_dtype, self.device, compute_dtype=self.torch_dtype)["timestep_lora"]
+        lora.check(self.dit)
+        lora.alpha = float(alpha)
+        self.timestep_lora = lora
 
     def enable_lora_magic(self) -> None:
         """With a LoRA-Fusion patcher loaded, hot-loaded DiT LoRAs are blended by its learned gates instead of

@@ -7,11 +7,12 @@ Every unit is a no-op (returns {}) when its inputs are absent, so all of them ar
 from __future__ import annotations
 
 from . import (controlnet, eligen, fill_control, flex, infiniteyou, ipadapter, kontext, nexus_gen, prompt_tokens, redux,
-               step1x)
+               step1x, timestep_lora)
 
 # prompt_tokens appends tokens before eligen prepends its entity prompts (whose mask counts them as global)
 UNITS: list = [*step1x.UNITS, *nexus_gen.UNITS, *redux.UNITS, *kontext.UNITS, *flex.UNITS, *fill_control.UNITS,
-               *controlnet.UNITS, *infiniteyou.UNITS, *ipadapter.UNITS, *prompt_tokens.UNITS, *eligen.UNITS]
+               *controlnet.UNITS, *infiniteyou.UNITS, *ipadapter.UNITS, *prompt_tokens.UNITS, *eligen.UNITS,
+               *timestep_lora.UNITS]
 
 # Unit inputs that are images: training reads these dataset columns as image files.
 IMAGE_INPUTS = ("kontext_images", "flex_inpaint_image", "flex_inpaint_mask", "flex_control_image",
