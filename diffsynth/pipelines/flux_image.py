@@ -29,6 +29,7 @@ from .checks import check_call_args, check_finite
 from .denoise import batch_cfg_inputs, model_fn
 from .images import VAE_FACTOR, image_to_tensor, tensor_to_images, vae_encode
 from .units import StepUnit, Unit, active_units, run_units, unit
+from .variants import FIRST_UNITS
 from .variants import UNITS as VARIANT_UNITS
 from .variants.controlnet import ControlNetInput
 
@@ -110,7 +111,7 @@ def prepare_ids_and_guidance(pipe, noise, embedded_guidance=3.5):
 
 
 CORE_UNITS: list[Unit] = [check_shape, init_noise, encode_prompt, encode_input_image, prepare_ids_and_guidance]
-BASE_UNITS: list[Unit | StepUnit] = [*CORE_UNITS, *VARIANT_UNITS]
+BASE_UNITS: list[Unit | StepUnit] = [*FIRST_UNITS, *CORE_UNITS, *VARIANT_UNITS]
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -398,6 +399,8 @@ class FluxImagePipeline(nn.Module):
         if output_type == "pt":
             return ((image.float().clamp(-1, 1) + 1) / 2).cpu()
         images = tensor_to_images(image)
+        if shared.get("image_edit") is not None:  # a variant's last step on the picture (Insert-Anything's paste)
+            images = [shared["image_edit"](im) for im in images]
         return images[0] if num_images == 1 else images
 
     def model_inputs(self, units: list[Unit], values: dict) -> dict:
