@@ -263,7 +263,8 @@ def test_learned_annotators_say_what_to_install_or_download(monkeypatch, tmp_pat
     with pytest.raises(ImportError, match=r"diffsynth\[annotators\]"):
         Annotator("depth", model_path=str(tmp_path))
     monkeypatch.setitem(sys.modules, "controlnet_aux", types.SimpleNamespace())  # installed, weights missing
-    with pytest.raises(FileNotFoundError, match="body_pose_model.pth.*lllyasviel/Annotators"):
+    with pytest.raises(FileNotFoundError, match=r"body_pose_model.pth.*download_models\(\['Annotators:Openpose'\]\)"
+                       ".*lllyasviel/Annotators"):
         Annotator("openpose", model_path=str(tmp_path))
 
 

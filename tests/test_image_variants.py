@@ -163,13 +163,19 @@ def test_kontext_reference_changes_output_and_batches_with_cfg(pipes):
 
 # ----------------------------------------------------------------------------- FLEX.2
 
+def studio_mask(mask, size=(W // 8, H // 8)):
+    """DiffSynth-Studio's FLEX.2 mask: the RGB mask resized to the latent grid with PIL's default filter
+    (bicubic), channel 0 mapped from [-1, 1] back to [0, 1]."""
+    x = np.asarray(mask.convert("RGB").resize(size), dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy((x[..., 0] + 1) / 2)[None, None]
+
+
 def expected_flex(pipe, inpaint, mask, control, strength):
     """The 33-channel condition, computed here independently of the pipeline's units."""
     def encode(image):
         x = torch.from_numpy(np.asarray(image.convert("RGB").resize((W, H)), dtype=np.float32) / 127.5 - 1)
         return pipe.vae_encoder(x.permute(2, 0, 1)[None])
-    m = torch.from_numpy(np.asarray(mask.convert("L").resize((W // 8, H // 8), Image.BILINEAR), dtype=np.float32) / 255)
-    m = m[None, None]
+    m = studio_mask(mask)
     return torch.cat([encode(inpaint) * (1 - m), m, encode(control) * strength], 1)
 
 
@@ -187,6 +193,21 @@ def test_flex_condition_and_control_stop(pipes, monkeypatch, stop, steps, contro
         assert channels.shape == (1, 33, H // 8, W // 8)
         want = expected if i < control_steps else torch.cat([expected[:, :17], torch.zeros_like(expected[:, 17:])], 1)
         torch.testing.assert_close(channels, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_size, mode", [((W, H), "RGB"), ((W, H), "L"), ((40, 40), "RGB"), ((128, 128), "L")])
+def test_flex_mask_is_resampled_like_diffsynth_studio(pipes, monkeypatch, mask_size, mode):
+    """Bicubic on the RGB mask, any mask size (the scripts pass 1024x1024 with any image); the masks of
+    the box's edge cells differ from a bilinear resize by several hundredths, far above the tolerance."""
+    seen = record_dit_calls(monkeypatch)
+    mask = box_mask(mode=mode).resize(mask_size, Image.NEAREST)
+    pipes["flex"]("a", flex_inpaint_image=picture(seed=4), flex_inpaint_mask=mask, output_type="latent",
+                  **same_noise(1)[1])
+    got, want = seen[0].channels[0][:, 16:17], studio_mask(mask)
+    bilinear = torch.from_numpy(np.asarray(mask.convert("L").resize((W // 8, H // 8), Image.BILINEAR),
+                                           dtype=np.float32) / 255)
+    assert (want - bilinear).abs().max() > 0.02  # the check below tells the two filters apart
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 def test_flex_defaults_without_inputs(pipes, monkeypatch):
@@ -256,7 +277,7 @@ def test_vram_management_plans_variant_dit(tiny_root, variant_root):
     ("fill", dict(flux_fill_image=picture()), "flux_fill_mask is missing"),
     ("fill", dict(flux_fill_image=picture(), flux_fill_mask=box_mask(mode="RGB")), "mode 'L'"),
     ("fill", dict(flux_fill_image=picture(), flux_fill_mask=box_mask(48, 32)), "48x32 but the image it masks is 96x64"),
-    ("flex", dict(flex_inpaint_image=picture(), flex_inpaint_mask=box_mask(32, 32)), "flex_inpaint_mask is 32x32"),
+    ("flex", dict(flex_inpaint_mask=box_mask(mode="P")), "flex_inpaint_mask must be a mask image of mode"),
     ("flex", dict(flex_control_stop=1.5), r"flex_control_stop must be in \[0, 1\]"),
     ("canny", dict(), "needs flux_control_image"),
 ])

@@ -65,7 +65,7 @@ def test_training_scripts_train_and_validate(kind, tiny_root, iy_root, tmp_path,
         before = torch.load(iy_root / PROJECTOR_FILE, weights_only=True)["image_proj"]
         # the projector got a gradient through the identity tokens InfuseNet read
         assert not torch.equal(after["image_proj_model.proj_out.weight"], before["proj_out.weight"])
-        assert "controlnet.0.controlnet_x_embedder.weight" in after
+        assert "controlnet.models.0.controlnet_x_embedder.weight" in after  # DiffSynth-Studio's name
     else:
         shutil.copy(saved, out / "epoch-4.safetensors")  # the validate script reads the 5-epoch file
     run_example(f"model_training/validate_{kind}/{ROW}.py", tmp_path, monkeypatch, models(tiny_root, iy_root))
@@ -105,7 +105,14 @@ image.save("studio2_man.jpg")
 '''
 
 
-def test_studio2_style_script(tiny_root, iy_root, tmp_path, monkeypatch):
+STUDIO1_SCRIPT = (STUDIO2_SCRIPT.replace("diffsynth.pipelines.flux_image ", "diffsynth.pipelines.flux_image_new ")
+                  .replace(", **stages", "").replace("vram_limit=0.001", "").replace('text_encoder_2/*.safetensors"', 'text_encoder_2/"'))
+
+
+@pytest.mark.parametrize("script_text", [STUDIO2_SCRIPT, STUDIO1_SCRIPT], ids=["2.0", "1.x"])
+def test_studio_style_scripts(script_text, tiny_root, iy_root, tmp_path, monkeypatch):
+    """DiffSynth-Studio's InfiniteYou script in 2.0's and in 1.x's form (1.x: flux_image_new, no stages, T5 as
+    the `text_encoder_2/` folder; both: the infu_flux_v1.0/aes_stage2/... file patterns)."""
     import sys
     import types
     fetched = []
@@ -117,6 +124,6 @@ def test_studio2_style_script(tiny_root, iy_root, tmp_path, monkeypatch):
     face_image().save(tmp_path / "man.jpg")
     script = tmp_path / "studio2.py"
     # CPU and fp32 compute (the harness loads every pipeline so); storage stays fp8 with VRAM management
-    script.write_text(STUDIO2_SCRIPT.replace('"cuda"', '"cpu"').replace("torch.bfloat16", "torch.float32"))
+    script.write_text(script_text.replace('"cuda"', '"cpu"').replace("torch.bfloat16", "torch.float32"))
     run_example(script, tmp_path, monkeypatch, models(tiny_root, iy_root))
     assert fetched == ["ByteDance/InfiniteYou"] and (tmp_path / "studio2_man.jpg").is_file()

@@ -172,6 +172,33 @@ def test_pipeline_generation_and_editing(nexus_dir, flux_dir):
         edit(**kw)
 
 
+def test_processor_location(nexus_dir, tmp_path, monkeypatch):
+    """Beside the weights, else their processor/ subfolder, else where nexus_gen_processor_config says
+    (2.0's scripts pass the repository id positionally: ModelConfig("owner/name", origin_file_pattern=...))."""
+    from pathlib import Path
+    from diffsynth.models.qwen_vl import QwenVLProcessor
+    seen = []
+    original = QwenVLProcessor.from_folder.__func__
+    monkeypatch.setattr(QwenVLProcessor, "from_folder", classmethod(lambda cls, f: seen.append(Path(f)) or original(cls, f)))
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    for p in nexus_dir.iterdir():
+        if p.name.startswith("model") or p.name in ("config.json", "processor"):
+            (weights_only / p.name).symlink_to(p)
+    load = lambda folder, **kw: FluxImagePipeline.from_pretrained(  # noqa: E731
+        torch_dtype=torch.float32, device="cpu", model_configs=[ModelConfig(path=_shards(folder))], **kw)
+    assert load(weights_only).nexus_gen.processor is not None and seen[-1] == weights_only / "processor"
+    load(weights_only, nexus_gen_processor_config=str(nexus_dir))
+    assert seen[-1] == nexus_dir
+    (tmp_path / "models/DiffSynth-Studio").mkdir(parents=True)
+    (tmp_path / "models/DiffSynth-Studio/Nexus-GenV2").symlink_to(nexus_dir)
+    monkeypatch.chdir(tmp_path)
+    load(nexus_dir, nexus_gen_processor_config=ModelConfig("DiffSynth-Studio/Nexus-GenV2", origin_file_pattern="processor"))
+    assert seen[-1].resolve() == (nexus_dir / "processor").resolve()
+    with pytest.raises(FileNotFoundError, match="lacks its processor files"):
+        load(nexus_dir, nexus_gen_processor_config=str(tmp_path))
+
+
 # ----------------------------------------------------------------------------- examples and training
 
 @pytest.fixture
@@ -185,7 +212,9 @@ def example_models(nexus_dir, flux_dir, monkeypatch, tmp_path):
 @pytest.mark.parametrize("script, output", [("model_inference/Nexus-Gen-Editing.py", "NexusGen-Edit.jpg"),
                                             ("model_inference/Nexus-Gen-Generation.py", "NexusGen-Generation.jpg"),
                                             ("model_inference_low_vram/Nexus-Gen-Editing.py",
-                                             "NexusGen-Edit_low_vram.jpg")])
+                                             "NexusGen-Edit_low_vram.jpg"),
+                                            ("model_inference_low_vram/Nexus-Gen-Generation.py",
+                                             "NexusGen-Generation_low_vram.jpg")])
 def test_inference_examples(script, output, tmp_path, monkeypatch, example_models):
     from example_harness import run_example
     run_example(script, tmp_path, monkeypatch, example_models)

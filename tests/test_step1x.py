@@ -346,3 +346,15 @@ def test_validate_examples(kind, tmp_path, monkeypatch, example_models):
                          out / "epoch-4.safetensors")
     run_example(f"model_training/validate_{kind}/Step1X-Edit.py", tmp_path, monkeypatch, example_models)
     assert (tmp_path / f"image_Step1X-Edit_{kind}.jpg").is_file()
+
+
+def test_step1x_processor_config(qwen_dir, tmp_path):
+    """`step1x_processor_config` (2.0's argument) names the Qwen2.5-VL processor's folder."""
+    load = lambda where: FluxImagePipeline.from_pretrained(  # noqa: E731
+        torch_dtype=torch.float32, device="cpu", model_configs=[ModelConfig(path=str(qwen_dir))],
+        step1x_processor_config=where)
+    assert load(ModelConfig(path=str(qwen_dir))).qwenvl.processor is not None
+    with pytest.raises(FileNotFoundError, match="lacks its processor files"):
+        load(str(tmp_path))
+    with pytest.raises(TypeError, match="a folder or a ModelConfig"):
+        load(3)

@@ -9,6 +9,7 @@ import os
 import runpy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -209,6 +210,27 @@ def test_download_models_presets_land_where_model_configs_look(tmp_path, fake_hu
         diffsynth.download_models(["FLUX.3"])
 
 
+def test_annotator_presets_land_where_annotator_reads(tmp_path, fake_hub, monkeypatch):
+    """1.x's `download_models(["Annotators:Depth"])`: the files controlnet_aux's detectors read, flat in
+    models/Annotators (Annotator's default model_path), from each hub's own repository; offline-first."""
+    import inspect
+    from diffsynth.controlnets.processors import LEARNED, Annotator
+    monkeypatch.chdir(tmp_path)
+    paths = diffsynth.download_models(["Annotators:Depth", "Annotators:Openpose"])
+    default = inspect.signature(Annotator).parameters["model_path"].default
+    want = [os.path.join("./models", "Annotators", f) for f in (*LEARNED["depth"].files, *LEARNED["openpose"].files)]
+    assert paths == want and all(os.path.samefile(p, Path(default) / Path(p).name) for p in paths)
+    assert fake_hub[:2] == [("modelscope", "sd_lora/Annotators", "dpt_hybrid-midas-501f0c75.pt"),
+                            ("huggingface", "lllyasviel/Annotators", "dpt_hybrid-midas-501f0c75.pt")]
+    assert len(fake_hub) == 8  # 4 files, each refused by ModelScope first
+    assert diffsynth.download_models(["Annotators:Lineart", "Annotators:Depth"], ["HuggingFace"]) == [
+        os.path.join("./models", "Annotators", f) for f in ("sk_model.pth", "sk_model2.pth",
+                                                           "dpt_hybrid-midas-501f0c75.pt")]
+    assert len(fake_hub) == 10  # only Lineart's two files were missing
+    with pytest.raises(ValueError, match="Annotators:Depth.*Annotators:Softedge"):
+        diffsynth.download_models(["Annotators:Sketch"])
+
+
 # ----------------------------------------------------------------------------- failing downloads
 
 def test_failed_download_names_model_pattern_folder_and_leaves_no_folder(tmp_path, fake_hub):
@@ -230,3 +252,15 @@ def test_failed_download_into_an_existing_folder_keeps_it(tmp_path, fake_hub):
         ModelConfig(model_id="a/b", origin_file_pattern="x.safetensors",
                     local_model_path=str(tmp_path / "models")).resolve()
     assert os.listdir(tmp_path / "models") == ["mine.txt"]
+
+
+def test_images_are_rounded_where_diffsynth_studio_truncates(tiny_pipe):
+    """Kept on purpose (diffusers rounds too): against DiffSynth-Studio's truncation every pixel differs by
+    0 or 1/255, about half of them by 1 (measured: 0.489 at 64x64, 0.489 at 128x128, 0.493 at 256x256)."""
+    kw = dict(seed=0, height=64, width=64, num_inference_steps=2, progress_bar_cmd=lambda x: x)
+    decoded = tiny_pipe.vae_decoder(tiny_pipe("a cat", output_type="latent", **kw))
+    truncated = ((decoded + 1) * 127.5).clip(0, 255).to(torch.uint8)[0].permute(1, 2, 0).int()
+    ours = torch.from_numpy(np.asarray(tiny_pipe("a cat", **kw))).int()
+    diff = ours - truncated
+    assert torch.equal(ours, ((decoded.clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0).int())
+    assert diff.min() == 0 and diff.max() == 1 and 0.4 < diff.float().mean() < 0.6

@@ -448,3 +448,16 @@ def test_models_freed_after_caching_are_those_no_running_unit_reads(tiny_configs
     pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=tiny_configs())
     module = FluxTrainingModule(pipe, trainable_models=["dit"], extra_inputs=extra_inputs)
     assert module.models_unused_with_cache() == freed
+
+
+@pytest.mark.parametrize("prefix, want", [
+    ("pipe.", {"controlnet.models.0.controlnet_blocks.0.weight", "controlnet.models.1.x", "image_proj_model.proj.weight"}),
+    ("pipe.controlnet.0.", {"controlnet_blocks.0.weight", "pipe.controlnet.1.x", "pipe.image_proj_model.proj.weight"}),
+])
+def test_saved_list_entries_have_diffsynth_studio_names(tmp_path, prefix, want):
+    """What DiffSynth-Studio's validate scripts read: `controlnet.models.0.*` (its MultiControlNet path)."""
+    from diffsynth.training.export import save_output
+    sd = {k: torch.ones(1) for k in ("pipe.controlnet.0.controlnet_blocks.0.weight", "pipe.controlnet.1.x",
+                                     "pipe.image_proj_model.proj.weight")}
+    save_output(sd, str(tmp_path / "out.safetensors"), prefix, "diffsynth", "diffsynth", None)
+    assert set(load_file(tmp_path / "out.safetensors")) == want

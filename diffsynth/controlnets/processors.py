@@ -60,6 +60,14 @@ def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 20
     return Image.fromarray(np.repeat(edges[..., None], 3, -1))
 
 
+def _preset_hint(processor_id: str) -> str:
+    """DiffSynth-Studio 1.x's download preset for the annotator, when there is one (loading.download)."""
+    if processor_id == "lineart_anime":
+        return ""
+    return (f"`diffsynth.download_models(['Annotators:{processor_id.capitalize()}'])` fetches them into "
+            "models/Annotators. ")
+
+
 def _load_learned(processor_id: str, model_path: str, device: str):
     spec = LEARNED[processor_id]
     try:
@@ -73,9 +81,9 @@ def _load_learned(processor_id: str, model_path: str, device: str):
     if missing:
         raise FileNotFoundError(
             f"Annotator({processor_id!r}) reads {', '.join(spec.files)} from {model_path!r}; missing: "
-            f"{', '.join(missing)}. Download them from the lllyasviel/Annotators repository, e.g. "
-            f"`modelscope download --model lllyasviel/Annotators {' '.join(missing)} --local_dir {model_path}` "
-            f"or `huggingface-cli download lllyasviel/Annotators {' '.join(missing)} --local-dir {model_path}`")
+            f"{', '.join(missing)}. {_preset_hint(processor_id)}Download them from the lllyasviel/Annotators "
+            f"repository (ModelScope: sd_lora/Annotators), e.g. "
+            f"`huggingface-cli download lllyasviel/Annotators {' '.join(missing)} --local-dir {model_path}`")
     detector = getattr(controlnet_aux, spec.detector).from_pretrained(model_path)
     return detector.to(device) if hasattr(detector, "to") else detector
 

@@ -20,6 +20,7 @@ class BuildOptions:
     dtype: torch.dtype | None = None
     device: str | torch.device = "cpu"
     compute_dtype: torch.dtype | None = None
+    processor_dir: str | None = None  # a Qwen2.5-VL model's processor files, when not beside its weights
 
 
 def assign(model_cls, config, state_dict: dict[str, torch.Tensor], name: str,
@@ -160,6 +161,13 @@ def build_siglip(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     return {"image_encoder": SiglipImageEncoder(load_siglip_vision(sd, det.config)).to(options.device)}
 
 
+def build_timestep_lora(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux_timestep_lora import FluxTimestepLoRA, from_file, infer_timestep_lora_config
+    sd = plain_tensors(det, options)
+    config = infer_timestep_lora_config({k: tuple(v.shape) for k, v in sd.items()})
+    return {"timestep_lora": assign(FluxTimestepLoRA, config, from_file(sd), f"timestep LoRA from {det.source}")}
+
+
 def build_redux(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     from ..models.flux_redux import ReduxImageEncoder, infer_redux_config
     sd = plain_tensors(det, options)
@@ -203,10 +211,15 @@ def build_lora_patcher(det: Detected, options: BuildOptions) -> dict[str, nn.Mod
 
 def _qwen(det: Detected, options: BuildOptions, load, name: str) -> dict[str, nn.Module]:
     """A Qwen2.5-VL-based model from its HF folder; the processor (tokenizer, image processor, chat template)
-    from the same folder rides along as `<model>.processor`."""
+    rides along as `<model>.processor`: from `options.processor_dir`, else from the weights' folder, else from
+    its `processor/` subfolder (Nexus-GenV2's layout)."""
     from pathlib import Path
     from ..models.qwen_vl import QwenVLProcessor
     folder = Path(next(iter(det.refs.values())).path).parent
+    if options.processor_dir is not None:
+        folder = Path(options.processor_dir)
+    elif not (folder / "preprocessor_config.json").is_file() and (folder / "processor").is_dir():
+        folder = folder / "processor"
     processor = QwenVLProcessor.from_folder(folder)  # first: a folder without it fails before any weight is read
     probe = options.compute_dtype if options.dtype in FP8_DTYPES else None
     model = load(plain_tensors(det, options), det.config, f"{det.family} from {det.source}", probe)

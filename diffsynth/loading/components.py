@@ -167,6 +167,11 @@ def detect_lora_patcher(refs: Refs) -> str | None:
     return "diffsynth" if any(k.startswith("model_dict.") and k.endswith(".weight_cross") for k in keys) else None
 
 
+def detect_timestep_lora(refs: Refs) -> str | None:
+    """DiffSynth-Studio's timestep LoRA: PEFT names with per-layer timestep modulation (`lora_time_gamma`)."""
+    return "peft" if any(k.startswith("base_model.model.") and ".lora_time_gamma." in k for k in refs.keys()) else None
+
+
 def detect_redux(refs: Refs) -> str | None:
     return "bfl" if has_key(refs.keys(), "redux_up.weight") and has_key(refs.keys(), "redux_down.weight") else None
 
@@ -242,6 +247,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component("lora_encoder", "prompt_tokens"),
     Component("value_controller", "prompt_tokens", many=True),
     Component("lora_patcher", "denoise", in_loop=True),
+    Component("timestep_lora", "denoise", in_loop=True, trainable=False),  # hooks DiT layers per evaluation
     Component("qwenvl", "text", activation="text"),                 # Qwen2.5-VL prompt encoder (Step1X, Nexus-Gen)
     Component("step1x_connector", "denoise", in_loop=True),         # per-step: conditioned on the timestep
     Component("nexus_gen", "text", activation="text"),              # Nexus-Gen's autoregressive Qwen2.5-VL
@@ -274,6 +280,8 @@ FAMILIES: tuple[Family, ...] = (
            fills("value_controller"), _lazy("build_value_controller")),
     Family("flux-lora-patcher", "FLUX LoRA-Fusion patcher", detect_lora_patcher, fills("lora_patcher"),
            _lazy("build_lora_patcher")),
+    Family("flux-timestep-lora", "FLUX timestep LoRA", detect_timestep_lora, fills("timestep_lora"),
+           _lazy("build_timestep_lora")),
     Family("flux-redux", "FLUX.1-Redux image embedder", detect_redux, fills("redux"), _lazy("build_redux")),
     Family("infiniteyou-projector", "InfiniteYou image projector", detect_infiniteyou_projector,
            fills("image_proj_model"), _lazy("build_infiniteyou_projector")),

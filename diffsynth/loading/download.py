@@ -98,6 +98,34 @@ FLUX_PRESETS: dict[str, list[tuple[str, str]]] = {
 }
 
 
+# DiffSynth-Studio 1.x's annotator presets: the weight files controlnet_aux's detectors read (see
+# controlnets.processors), saved flat into `<local_model_path>/Annotators/`, Annotator's default model_path.
+# The files live in a different repository on each hub.
+ANNOTATOR_REPOS = {"modelscope": "sd_lora/Annotators", "huggingface": "lllyasviel/Annotators"}
+ANNOTATOR_PRESETS = {f"Annotators:{name.capitalize()}": name
+                     for name in ("depth", "softedge", "lineart", "normal", "openpose")}
+
+
+def _annotator_files(preset: str) -> tuple[str, ...]:
+    from ..controlnets.processors import LEARNED
+    return LEARNED[ANNOTATOR_PRESETS[preset]].files
+
+
+def _download_annotators(preset: str, sources: list[str], local_model_path: str) -> list[str]:
+    """The preset's files under `local_model_path/Annotators/`; only the missing ones are downloaded."""
+    folder = os.path.join(local_model_path, "Annotators")
+    paths = []
+    for name in _annotator_files(preset):
+        def attempt(source, name=name):
+            fetch(ANNOTATOR_REPOS[source], name, folder, source)
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise DownloadError(f"{ANNOTATOR_REPOS[source]} has no file {name!r} on {source}")
+        if not os.path.isfile(os.path.join(folder, name)):
+            _first_source(sources, attempt)
+        paths.append(os.path.join(folder, name))
+    return paths
+
+
 def _priority(downloading_priority: Sequence[str]) -> list[str]:
     sources = [s.lower() for s in downloading_priority]
     unknown = [s for s in sources if s not in SOURCE_NAMES]
@@ -120,15 +148,21 @@ def _first_source(sources: list[str], attempt: Callable[[str], None]) -> None:
 def download_models(model_id_list: Sequence[str] = (), downloading_priority: Sequence[str] = ("ModelScope",
                     "HuggingFace"), local_model_path: str = "./models") -> list[str]:
     """Fetch preset models (names in FLUX_PRESETS) into the folders `ModelConfig(model_id=...)` reads
-    (`local_model_path/<model_id>/`), so that later model_id configs find them offline.
+    (`local_model_path/<model_id>/`), so that later model_id configs find them offline; the annotator presets
+    (`Annotators:Depth`, ... in ANNOTATOR_PRESETS) into `local_model_path/Annotators/`, where
+    `Annotator(...)` reads them. Files already there are not downloaded again.
     Returns the local paths (a folder for `text_encoder_2/`)."""
     from .model_config import ModelConfig
-    unknown = [m for m in model_id_list if m not in FLUX_PRESETS]
+    known = sorted(FLUX_PRESETS) + sorted(ANNOTATOR_PRESETS)
+    unknown = [m for m in model_id_list if m not in known]
     if unknown:
-        raise ValueError(f"unknown preset model(s) {unknown}; known: {sorted(FLUX_PRESETS)}. Other files: "
+        raise ValueError(f"unknown preset model(s) {unknown}; known: {known}. Other files: "
                          f"download_customized_models(model_id, origin_file_path, local_dir)")
     sources, paths = _priority(downloading_priority), []
     for preset in model_id_list:
+        if preset in ANNOTATOR_PRESETS:
+            paths += _download_annotators(preset, sources, local_model_path)
+            continue
         for model_id, pattern in FLUX_PRESETS[preset]:
             def attempt(source, model_id=model_id, pattern=pattern):
                 resolved = ModelConfig(model_id=model_id, origin_file_pattern=pattern, download_resource=source,

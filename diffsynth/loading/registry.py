@@ -68,7 +68,8 @@ def detect(paths) -> list[Detected]:
     """Recognise every model inside a file, a list of shards, or a folder."""
     refs = scan(paths)
     source = str(paths if isinstance(paths, str) else list(map(str, paths)))
-    if looks_like_lora(refs) and table.detect_lora_patcher(refs) is None:  # the patcher's names say "lora" too
+    # the LoRA-Fusion patcher's and the timestep LoRA's names say "lora" too; both are models
+    if looks_like_lora(refs) and table.detect_lora_patcher(refs) is None and table.detect_timestep_lora(refs) is None:
         from .lora import detect_dialect
         raise CheckpointError(f"{source} is a LoRA ({detect_dialect(refs)} dialect), not a model: apply it with "
                               f"pipe.load_lora(pipe.dit, path); `diffsynth inspect` describes it")
@@ -94,18 +95,19 @@ def detect(paths) -> list[Detected]:
 
 
 def build(det: Detected, dtype: torch.dtype | None = None, device="cpu",
-          compute_dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
+          compute_dtype: torch.dtype | None = None, processor_dir: str | None = None) -> dict[str, nn.Module]:
     """Build the detected model(s): {pipeline attribute: module}.
 
     `dtype`/`device` are the storage ones; `compute_dtype` (the pipeline's) keeps small tensors precise
     under fp8 storage. Scaled-fp8 scales are kept for the DiT and folded into the weights elsewhere.
+    `processor_dir`: where a Qwen2.5-VL model's processor files are (default: beside its weights).
     """
     from .builders import BuildOptions
     family = table.FAMILY_BY_NAME[det.family]
     if family.build is None:
         raise CheckpointError(f"{det.source} is a {family.description} ({det.format} layout); "
                               "this version of diffsynth recognises it but cannot load it yet")
-    return family.build(det, BuildOptions(dtype, device, compute_dtype))
+    return family.build(det, BuildOptions(dtype, device, compute_dtype, processor_dir))
 
 
 def dit_config(det: Detected):

@@ -1,6 +1,7 @@
 """FluxImagePipeline: FLUX.1 text-to-image and image-to-image, built from the user's checkpoint files."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import threading
@@ -23,13 +24,18 @@ from ..models import flux_text_encoders as te
 from ..models.flux_dit import image_ids
 from ..models.flux_dit_cache import make_cache
 from ..ops.attention import set_attention_backend as _set_attention_backend
+from ..ops.files import load_state_dict
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
 from .checks import check_call_args, check_finite, require_models
 from .denoise import batch_cfg_inputs, model_fn
 from .images import VAE_FACTOR, image_to_tensor, tensor_to_images, vae_encode
 from .units import StepUnit, Unit, active_units, run_units, unit
+from .variants import FIRST_UNITS
 from .variants import UNITS as VARIANT_UNITS
-from .variants.controlnet import ControlNetInput  # noqa: F401  (DiffSynth-Studio 2.0 imports it from here)
+from .variants.controlnet import ControlNetInput
+
+# What DiffSynth-Studio's scripts import from this module (2.0; 1.x's `flux_image_new` re-exports them).
+__all__ = ["FluxImagePipeline", "ModelConfig", "ControlNetInput", "load_state_dict"]
 
 LATENT_CHANNELS = 16
 SIZE_MULTIPLE = 16  # VAE 8x, then 2x2 patches
@@ -105,7 +111,7 @@ def prepare_ids_and_guidance(pipe, noise, embedded_guidance=3.5):
 
 
 CORE_UNITS: list[Unit] = [check_shape, init_noise, encode_prompt, encode_input_image, prepare_ids_and_guidance]
-BASE_UNITS: list[Unit | StepUnit] = [*CORE_UNITS, *VARIANT_UNITS]
+BASE_UNITS: list[Unit | StepUnit] = [*FIRST_UNITS, *CORE_UNITS, *VARIANT_UNITS]
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -169,16 +175,23 @@ class FluxImagePipeline(nn.Module):
                         tokenizer_2_path: str | ModelConfig | None = None,
                         vram_limit: float | None = None,
                         tokenizer_1_config: ModelConfig | None = None,
-                        tokenizer_2_config: ModelConfig | None = None) -> "FluxImagePipeline":
+                        tokenizer_2_config: ModelConfig | None = None,
+                        nexus_gen_processor_config: str | ModelConfig | None = None,
+                        step1x_processor_config: str | ModelConfig | None = None) -> "FluxImagePipeline":
         """Build a pipeline from checkpoint files; each file is recognised from its keys and shapes.
 
         `vram_limit` (GB, DiffSynth-Studio 2.0): when given, VRAM management is enabled after loading with
         that limit and no further buffer (2.0's scripts subtract their own margin), see enable_vram_management.
-        `tokenizer_N_config` is 2.0's name for `tokenizer_N_path`.
+        `tokenizer_N_config` is 2.0's name for `tokenizer_N_path`. `nexus_gen_processor_config` /
+        `step1x_processor_config` (a folder or a `ModelConfig`): where the Nexus-Gen / Step1X-Edit Qwen2.5-VL
+        processor files are (default: beside the model's weights, or their `processor/` subfolder).
         """
         check_device(device)  # (the bare constructor allows any device: vram_plan for a card this machine lacks)
         vram.check_gigabytes("vram_limit", vram_limit)  # before any model loads
         pipe = cls(device=device, torch_dtype=torch_dtype)
+        processor_dirs = {family: _folder(config) for family, config in (
+            ("nexus-gen-llm", nexus_gen_processor_config), ("qwen2.5-vl", step1x_processor_config))
+            if config is not None}
         encoder_sources = {}
         for config in model_configs:
             if not isinstance(config, ModelConfig):
@@ -188,7 +201,8 @@ class FluxImagePipeline(nn.Module):
                 check_device(storage_device, "offload_device")
             paths = config.resolve()
             for det in detect(paths):
-                models = build(det, storage_dtype or torch_dtype, storage_device or device, compute_dtype=torch_dtype)
+                models = build(det, storage_dtype or torch_dtype, storage_device or device, compute_dtype=torch_dtype,
+                               processor_dir=processor_dirs.get(det.family))
                 for name, model in models.items():
                     name = pipe._attach(name, model, det.source)
                     pipe.offload[name] = (storage_device, storage_dtype)
@@ -253,6 +267,24 @@ class FluxImagePipeline(nn.Module):
         if isinstance(lora, ModelConfig):
             lora = lora.resolve()
         return load_lora_into_pipeline(self, module, lora, alpha=alpha, hotload=hotload, strict=strict)
+
+    def load_timestep_lora(self, lora_config: ModelConfig | str, alpha: float = 2.0) -> None:
+        """DiffSynth-Studio 2.0's timestep LoRA (e.g. DiffSynth-Studio/MultiAlign-FLUX.1-dev): a DiT LoRA whose
+        features are modulated by the timestep, applied at every DiT evaluation (never merged) with weight
+        `alpha`. Replaces a timestep LoRA loaded before; `pipe.timestep_lora = None` removes it."""
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        if self.dit is None:
+            raise RuntimeError("load_timestep_lora needs the DiT: load it first")
+        paths = lora_config.resolve() if isinstance(lora_config, ModelConfig) else lora_config
+        found = detect(paths)
+        if [d.family for d in found] != ["flux-timestep-lora"]:
+            raise ValueError(f"{paths} is not a timestep LoRA (found {', '.join(d.family for d in found)}); "
+                             "a plain LoRA goes to pipe.load_lora(pipe.dit, ...)")
+        lora = build(found[0], self.torch_dtype, self.device, compute_dtype=self.torch_dtype)["timestep_lora"]
+        lora.check(self.dit)
+        lora.alpha = float(alpha)
+        self.timestep_lora = lora
 
     def enable_lora_magic(self) -> None:
         """With a LoRA-Fusion patcher loaded, hot-loaded DiT LoRAs are blended by its learned gates instead of
@@ -389,6 +421,8 @@ class FluxImagePipeline(nn.Module):
         if output_type == "pt":
             return ((image.float().clamp(-1, 1) + 1) / 2).cpu()
         images = tensor_to_images(image)
+        if shared.get("image_edit") is not None:  # a variant's last step on the picture (Insert-Anything's paste)
+            images = [shared["image_edit"](im) for im in images]
         for i, im in enumerate(images):
             im.info["seed"] = shared["seed"] + i
         return images[0] if num_images == 1 else images
@@ -444,6 +478,20 @@ def _either(path, config, n: int):
     if path is not None and config is not None:
         raise TypeError(f"give tokenizer_{n}_path or tokenizer_{n}_config, not both")
     return path if path is not None else config
+
+
+def _folder(config: str | os.PathLike | ModelConfig) -> str:
+    """The folder a path or ModelConfig names (a folder pattern resolves to the folder, files to theirs)."""
+    if not isinstance(config, (str, os.PathLike, ModelConfig)):
+        raise TypeError(f"a processor config must be a folder or a ModelConfig, got {type(config).__name__}")
+    if isinstance(config, ModelConfig) and config.model_id is None and isinstance(config.path, str) \
+            and not os.path.exists(config.path):
+        # 2.0's scripts write ModelConfig("owner/name", origin_file_pattern=...): the repository id positionally
+        config = ModelConfig(model_id=config.path, origin_file_pattern=config.origin_file_pattern,
+                             local_model_path=config.local_model_path, download_resource=config.download_resource)
+    paths = config.resolve() if isinstance(config, ModelConfig) else config
+    first = Path(paths if isinstance(paths, (str, os.PathLike)) else paths[0])
+    return str(first if first.is_dir() else first.parent)
 
 
 def _tokenizer_dir(explicit, source, name: str) -> str:

@@ -232,10 +232,15 @@ def _merger_spec(hidden: int, out: int, expand: int = 4) -> list:
 
 
 def build_tiny_nexus_gen(folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Nexus-GenV2's layout: the autoregressive model (`model-*.safetensors` + processor files) and the
-    `generation_decoder.bin` / `edit_decoder.bin` torch files (DiT as `pipe.dit.*` in our layout + adapter)."""
+    """Nexus-GenV2's layout: the autoregressive model (`model-*.safetensors` + processor files, also under
+    `processor/`, where DiffSynth-Studio's scripts read them) and the `generation_decoder.bin` /
+    `edit_decoder.bin` torch files (DiT as `pipe.dit.*` in our layout + adapter)."""
+    import shutil
     from ..models.flux_dit import dit_from_bfl
     folder = build_tiny_qwen_vl(folder, seed, dtype, nexus_gen=True)
+    (folder / "processor").mkdir(exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json"):
+        shutil.copyfile(folder / name, folder / "processor" / name)
     dit = {"pipe.dit." + k: v for k, v in dit_from_bfl(tiny_dit_state_dict(seed, dtype=dtype)).items()}
     h, ctx = TINY_QWEN["hidden_size"], TINY["dit"]["context_dim"]
     adapter = _fill(_linear("adapter.0", ctx, h) + _norm("adapter.1", ctx) + _linear("adapter.3", ctx, ctx)

@@ -4,20 +4,32 @@ LoRA formats: "diffsynth" (PEFT names as trained: `blocks.0.attn.a_to_qkv.lora_A
 `pipe.load_lora`), "kohya" (`lora_unet_*` + `.alpha`, ComfyUI / diffusers; what DiffSynth-Studio's
 `--align_to_opensource_format` asks for) and "diffusers" (`transformer.*.lora_A.weight` + adapter metadata).
 Full fine-tunes: "diffsynth" (internal names, `pipe.dit.load_state_dict`) or "bfl" (original FLUX names).
+A model of a list component that is saved under its list name (prefix `pipe.`) is named as in DiffSynth-Studio,
+`controlnet.models.0.*`, which their validate scripts read (`pipe.controlnet.models[0]`).
 """
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
+from ..loading import components as table
 from ..ops.files import save_safetensors
+
+# `controlnet.0.` (our module path) -> `controlnet.models.0.` (DiffSynth-Studio's MultiControlNet path)
+_LIST_ENTRY = re.compile(r"^(%s)\.(\d+)\." % "|".join(re.escape(c.name) for c in table.COMPONENTS if c.many))
 
 
 def remove_prefix(sd: dict[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
     if not prefix:
         return dict(sd)
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def studio_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys that start with a list component's entry (`controlnet.0.`) get DiffSynth-Studio's `.models.`."""
+    return {_LIST_ENTRY.sub(r"\1.models.\2.", k): v for k, v in sd.items()}
 
 
 def is_lora_key(key: str) -> bool:
@@ -61,7 +73,7 @@ def training_info(args) -> dict:
 def save_output(sd: dict[str, torch.Tensor], path: str, prefix: str | None, lora_format: str, full_format: str,
                 dtype: torch.dtype | None, info: dict | None = None) -> None:
     """Remove the prefix, convert, cast floating tensors to `dtype`, and write `path` atomically."""
-    tensors, metadata = convert_output(remove_prefix(sd, prefix), lora_format, full_format)
+    tensors, metadata = convert_output(studio_names(remove_prefix(sd, prefix)), lora_format, full_format)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     metadata = {"format": "pt", **metadata}

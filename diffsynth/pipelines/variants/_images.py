@@ -37,18 +37,21 @@ def require_dit(pipe, channels: int, argument: str, model: str) -> None:
                          f"{dit_kind(pipe)} ({dit_channels(pipe)} input channels)")
 
 
-def mask_tensor(mask, name: str, size: tuple[int, int], modes: tuple[str, ...], resize_to=None) -> torch.Tensor:
+def mask_tensor(mask, name: str, size: tuple[int, int] | None, modes: tuple[str, ...], resize_to=None,
+                resample: int = Image.BILINEAR) -> torch.Tensor:
     """A mask image -> (1, 1, h, w) in [0, 1] (white = 1). It must have the size of the image it masks
-    (`size`, (width, height)) and one of `modes`; `resize_to` (width, height) resamples it (bilinear)."""
+    (`size`, (width, height); None: any size) and one of `modes`; `resize_to` (width, height) resamples
+    it with `resample` (an RGB mask: its first channel)."""
     check_image(mask, name)
     if mask.mode not in modes:
         raise ValueError(f"{name} must be a mask image of mode {' or '.join(map(repr, modes))} "
                          f"(white = the region to paint), got mode {mask.mode!r}: use .convert('L')")
-    if mask.size != size:
+    if size is not None and mask.size != size:
         raise ValueError(f"{name} is {mask.size[0]}x{mask.size[1]} but the image it masks is {size[0]}x{size[1]}")
+    # PIL resamples each channel on its own: channel 0 then resize == resize the RGB image then channel 0
     mask = convert_image(mask).getchannel(0) if mask.mode == "RGB" else convert_image(mask, "L")
     if resize_to is not None and mask.size != resize_to:
-        mask = mask.resize(resize_to, Image.BILINEAR)
+        mask = mask.resize(resize_to, resample)
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
 
 

@@ -2,7 +2,8 @@
 
 The condition, concatenated after the 16 latent channels (DiT input (16 + 33) x 4 = 196):
   1. in-paint latents x (1 - mask), 16 channels (zeros without `flex_inpaint_image`);
-  2. the mask at latent resolution in [0, 1], white = repaint (all ones without `flex_inpaint_mask`);
+  2. the mask in [0, 1], white = repaint, of any size, resized (bicubic) to latent resolution (all ones
+     without `flex_inpaint_mask`);
   3. control latents x `flex_control_strength` (zeros without `flex_control_image`).
 The control channels are used while sigma >= sigmas[int(flex_control_stop * (N - 1))] and zeroed after
 (1: throughout, 0.5: first half, 0: only the first step). Training has no schedule: the stop is then
@@ -11,6 +12,7 @@ taken on the 1000-step training schedule.
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
 from ...schedulers.flow_match import flux_sigmas
 from ..units import step_unit, unit
@@ -41,8 +43,10 @@ def flex_condition(pipe, noise, inpaint_image, inpaint_mask, control_image, stre
                              "flex_inpaint_image", **tiling)
     mask = torch.ones(1, 1, h, w, device=pipe.device, dtype=pipe.torch_dtype)
     if inpaint_mask is not None:
-        size = inpaint_image.size if inpaint_image is not None else (width, height)
-        mask = mask_tensor(inpaint_mask, "flex_inpaint_mask", size, ("L", "1", "RGB"), resize_to=(w, h))
+        # any size (DiffSynth-Studio's scripts pass a 1024x1024 mask with any image), resampled straight to
+        # the latent grid with PIL's bicubic filter, as DiffSynth-Studio does
+        mask = mask_tensor(inpaint_mask, "flex_inpaint_mask", None, ("L", "1", "RGB"), resize_to=(w, h),
+                           resample=Image.BICUBIC)
         mask = mask.to(pipe.device, pipe.torch_dtype)
     control = zeros
     if control_image is not None:

@@ -15,6 +15,8 @@ pipe = FluxImagePipeline.from_pretrained(
         ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern="text_encoder_2/"),
         ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern="ae.safetensors"),
     ],
+    # the processor files (tokenizer, image processor, chat template); without it: beside the weights
+    nexus_gen_processor_config=ModelConfig(model_id="DiffSynth-Studio/Nexus-GenV2", origin_file_pattern="processor/"),
 )
 
 ref_image = Image.open("data/example_image_dataset/nexus_gen/image_1.png").convert("RGB")

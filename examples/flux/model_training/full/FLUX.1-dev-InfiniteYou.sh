@@ -3,7 +3,7 @@
 # antelopev2 detector and facexlib's ArcFace weights under models/ByteDance/InfiniteYou/supports).
 # Dataset: modelscope download --dataset DiffSynth-Studio/diffsynth_example_dataset --include "flux/FLUX.1-dev-InfiniteYou/*" --local_dir ./data/diffsynth_example_dataset
 # (metadata.csv: image, prompt, controlnet_image (black), infinityou_id_image, infinityou_guidance). Run from the
-# repository root. Saved keys: `controlnet.0.*` (InfuseNet) and `image_proj_model.*` (the projector).
+# repository root. Saved keys (DiffSynth-Studio's): `controlnet.models.0.*` (InfuseNet) and `image_proj_model.*` (the projector).
 # Validate with examples/flux/model_training/validate_full/FLUX.1-dev-InfiniteYou.py
 accelerate launch --config_file examples/flux/model_training/full/accelerate_config.yaml examples/flux/model_training/train.py \
   --dataset_base_path data/diffsynth_example_dataset/flux/FLUX.1-dev-InfiniteYou \

@@ -20,7 +20,7 @@ pipe = FluxImagePipeline.from_pretrained(
     ],
 )
 state_dict = load_state_dict("models/train/FLUX.1-dev-InfiniteYou_full/epoch-0.safetensors")
-for prefix, model in (("image_proj_model.", pipe.image_proj_model), ("controlnet.0.", pipe.controlnet[0])):
+for prefix, model in (("image_proj_model.", pipe.image_proj_model), ("controlnet.models.0.", pipe.controlnet.models[0])):
     model.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
 
 # the first training sample's prompt and identity photo
