@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..units import unit
-from ._images import FILL_CHANNELS, check_image, require_dit
+from ._images import FILL_CHANNELS, check_image, convert_image, require_dit
 
 SIDE = 768
 INPUTS = ("insert_anything_source_image", "insert_anything_source_mask", "insert_anything_ref_image",
@@ -38,7 +38,7 @@ def _cv2():
 
 
 def binary(mask: Image.Image) -> np.ndarray:
-    return (np.asarray(mask.convert("L")) > 128).astype(np.uint8)
+    return (np.asarray(convert_image(mask, "L")) > 128).astype(np.uint8)
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -100,7 +100,7 @@ class Diptych:
     def paste(self, image: Image.Image) -> Image.Image:
         """The generated diptych's right half, back in the source photo."""
         w, h = image.size
-        right = np.asarray(image.crop((w // 2, 0, w, h)).convert("RGB"))
+        right = np.asarray(convert_image(image.crop((w // 2, 0, w, h))))
         y1, y2, x1, x2 = self.box
         crop_h, crop_w = y2 - y1, x2 - x1
         pred = _cv2().resize(right, (self.padded, self.padded))
@@ -115,7 +115,7 @@ class Diptych:
 def make_diptych(source: Image.Image, source_mask: Image.Image, ref: Image.Image, ref_mask: Image.Image,
                  side: int = SIDE) -> Diptych:
     cv2 = _cv2()
-    ref_rgb, src = np.asarray(ref.convert("RGB")), np.asarray(source.convert("RGB"))
+    ref_rgb, src = np.asarray(convert_image(ref)), np.asarray(convert_image(source))
     ref_m = binary(ref_mask)
     if ref_m.shape != ref_rgb.shape[:2]:
         raise ValueError(f"insert_anything_ref_mask is {ref_mask.size[0]}x{ref_mask.size[1]} but "
