@@ -130,7 +130,7 @@ def build_pipeline(args, models: list[str]):
     pipe = FluxImagePipeline.from_pretrained(
         torch_dtype=DTYPE_NAMES[args.dtype], device=args.device,
         model_configs=[_model_config(m, args) for m in models],
-        tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2)
+        tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2, parallel=args.parallel)
     if lora_files and pipe.dit is None:
         raise ValueError("--lora needs a DiT among the models")
     # GGUF blocks cannot absorb a merged delta: there the LoRA is applied at run time instead.
@@ -220,10 +220,15 @@ def apply_folder_defaults(args) -> None:
 
 
 def cmd_generate(args) -> list[str]:
+    from .ops import parallel
     apply_folder_defaults(args)
     paths, input_image = check_generation(args)
     models = model_paths(args)
-    return write_images(args, build_pipeline(args, models), models, paths, input_image)
+    try:
+        return write_images(args, build_pipeline(args, models), models, paths, input_image)
+    finally:
+        if args.parallel:
+            parallel.shutdown()
 
 
 def check_generation(args) -> tuple[list[str], object]:
@@ -236,15 +241,22 @@ def check_generation(args) -> tuple[list[str], object]:
     paths = output_paths(args.output, args.num_images)
     check_outputs(paths, getattr(args, "overwrite", True))  # `demo` has no --overwrite: it rewrites its image
     check_device(args.device)
+    if args.parallel:
+        from .ops.parallel import check_mode
+        check_mode(args.parallel)
     return paths, input_image
 
 
 def write_images(args, pipe, models: list[str], paths: list[str], input_image) -> list[str]:
-    """Run the pipeline with the generation arguments and save the image(s) to `paths`."""
+    """Run the pipeline with the generation arguments and save the image(s) to `paths` (in a parallel run,
+    every process generates and rank 0 writes)."""
     from .ops.files import save_image
+    from .ops.parallel import is_main_process
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
     overwrite = getattr(args, "overwrite", True)
     images = pipe(**params, input_image=input_image)
+    if not is_main_process():
+        return paths
     images = images if isinstance(images, list) else [images]
     for i, (image, path) in enumerate(zip(images, paths)):
         save_image(image, path, png_metadata({**params, "input_image": args.input_image, "loras": loras(args)},
@@ -330,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", default="image.png", help="image file; .png (with the parameters), .jpg or .webp "
                      "(numbered when --num-images > 1)")
     gen.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
+    gen.add_argument("--parallel", choices=("context", "tensor"),
+                     help="multi-device inference, under `torchrun --nproc-per-node N --no-python diffsynth "
+                     "generate ...`: 'context' splits the DiT's tokens over the processes ('tensor': not yet)")
     add_generation_args(gen)
     add_runtime_args(gen)
     gen.set_defaults(func=cmd_generate)
@@ -348,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     add_generation_args(demo, require_prompt=False)
     add_runtime_args(demo)
-    demo.set_defaults(func=cmd_demo, prompt=None, num_inference_steps=20, seed=0)
+    demo.set_defaults(func=cmd_demo, prompt=None, num_inference_steps=20, seed=0, parallel=None)
 
     from .training.args import add_training_args
     train = sub.add_parser("train", help="LoRA / full training of FLUX.1 (same arguments as "

@@ -18,6 +18,7 @@ from torch import nn
 from ..ops.attention import attention
 from ..ops.attention_mask import GroupMask, query_tail, select_batch
 from ..ops.linear import Linear
+from ..ops.parallel import context_parallel_enabled, run_split_blocks
 from ..ops.files import strip_first_prefix
 
 
@@ -319,9 +320,15 @@ class FluxDiT(nn.Module):
     def run_blocks(self, img, txt, vec, rope, ext: "Extensions" = None, start: int = 0):
         """Double then single blocks over image tokens `img` (target first, then any reference tokens).
 
-        `start` skips the first double blocks (First-Block-Cache runs block 0 on its own).
+        `start` skips the first double blocks (First-Block-Cache runs block 0 on its own). Under context
+        parallelism (ops/parallel.py) each process runs the blocks on its share of the tokens.
         """
         ext = ext or Extensions()
+        if context_parallel_enabled():
+            _check_splittable(ext)
+        return run_split_blocks(lambda t, i, r: self._blocks(i, t, vec, r, ext, start), txt, img, rope)
+
+    def _blocks(self, img, txt, vec, rope, ext: "Extensions", start: int):
         for i, block in enumerate(self.blocks):
             if i < start:
                 continue
@@ -375,6 +382,16 @@ class FluxDiT(nn.Module):
         img, txt, vec, rope = self.embed(img, img_ids, txt, txt_ids, timestep, pooled, guidance)
         out = self.run_blocks(img, txt, vec, rope, ext) if cache is None else cache.run(self, img, txt, vec, rope, ext)
         return self.final(out[:, :n], vec)
+
+
+def _check_splittable(ext: "Extensions") -> None:
+    """What context parallelism cannot split yet: full-sequence masks, residuals and attention additions."""
+    used = [name for name, on in (("an attention mask (EliGen)", ext.mask is not None),
+                                  ("per-block residuals (ControlNet)", ext.residual is not None),
+                                  ("attention additions (IP-Adapter)", bool(ext.attention))) if on]
+    if used:
+        raise NotImplementedError(f"context parallelism does not support {', '.join(used)} yet: "
+                                  "run this call without --parallel / parallel=")
 
 
 @dataclass

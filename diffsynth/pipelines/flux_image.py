@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import random
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ from ..loading.registry import build, detect
 from ..models import flux_text_encoders as te
 from ..models.flux_dit import image_ids
 from ..models.flux_dit_cache import make_cache
+from ..ops import parallel as _parallel
 from ..ops.attention import set_attention_backend as _set_attention_backend
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
 from .checks import check_call_args, check_finite
@@ -54,9 +54,10 @@ def check_shape(pipe, height=None, width=None, input_image=None):
 
 @unit(outputs=("noise", "seed"))
 def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
-    """fp32 Gaussian noise drawn on `rand_device`; image i of a batch uses seed + i."""
+    """fp32 Gaussian noise drawn on `rand_device`; image i of a batch uses seed + i. A random seed is the
+    same on every process of a parallel run."""
     if seed is None:
-        seed = random.SystemRandom().randrange(2**31)
+        seed = _parallel.shared_random_seed()
     shape = (1, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR)
     noise = torch.cat([torch.randn(shape, generator=random_generator(rand_device, seed + i), device=rand_device,
                                    dtype=torch.float32) for i in range(num_images)])
@@ -150,13 +151,19 @@ class FluxImagePipeline(nn.Module):
                         tokenizer_2_path: str | ModelConfig | None = None,
                         vram_limit: float | None = None,
                         tokenizer_1_config: ModelConfig | None = None,
-                        tokenizer_2_config: ModelConfig | None = None) -> "FluxImagePipeline":
+                        tokenizer_2_config: ModelConfig | None = None,
+                        parallel: str | None = None) -> "FluxImagePipeline":
         """Build a pipeline from checkpoint files; each file is recognised from its keys and shapes.
 
         `vram_limit` (GB, DiffSynth-Studio 2.0): when given, VRAM management is enabled after loading with
         that limit and no further buffer (2.0's scripts subtract their own margin), see enable_vram_management.
         `tokenizer_N_config` is 2.0's name for `tokenizer_N_path`.
+        `parallel="context"`: multi-device inference, one process per device started by torchrun; each
+        process's DiT attends over its share of the tokens (ops/parallel.py), a bare "cuda" device becomes
+        cuda:LOCAL_RANK. Every process returns the same images.
         """
+        if parallel is not None:
+            device = _parallel.setup(parallel, device)
         pipe = cls(device=device, torch_dtype=torch_dtype)
         encoder_sources = {}
         for config in model_configs:
