@@ -244,6 +244,8 @@ def check_generation(args) -> tuple[list[str], object]:
     if args.parallel:
         from .ops.parallel import check_mode
         check_mode(args.parallel)
+        if args.parallel == "tensor" and (args.lora or args.compile or offloading(args)):
+            raise ValueError("--parallel tensor does not combine with --lora, --compile or offloading yet")
     return paths, input_image
 
 
@@ -344,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
     gen.add_argument("--parallel", choices=("context", "tensor"),
                      help="multi-device inference, under `torchrun --nproc-per-node N --no-python diffsynth "
-                     "generate ...`: 'context' splits the DiT's tokens over the processes ('tensor': not yet)")
+                     "generate ...`: 'context' splits the DiT's tokens over the processes, 'tensor' its heads "
+                     "and MLP channels")
     add_generation_args(gen)
     add_runtime_args(gen)
     gen.set_defaults(func=cmd_generate)

@@ -1,4 +1,5 @@
-"""Multi-device inference (ops/parallel.py): context-parallel DiT on torch.distributed, here on CPU with gloo.
+"""Multi-device inference (ops/parallel.py): context- and tensor-parallel DiT on torch.distributed, here on
+CPU with gloo.
 
 The two-process tests start real ranks on 127.0.0.1 (torchrun's environment, see diffsynth/testing/
 distributed.py) and compare the image to the one-process image: equal within 1/255.
@@ -26,12 +27,17 @@ ODD = ["--height", "48", "--width", "80", "--steps", "3", "--t5-sequence-length"
 
 
 @pytest.fixture
-def world_of_one():
-    """A one-process gloo group in this process, context parallelism on; both undone afterwards."""
+def gloo_of_one():
+    """A one-process gloo group in this process, left (and any parallel mode undone) afterwards."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    parallel.enable_context_parallel()
     yield
     parallel.shutdown()
+
+
+@pytest.fixture
+def world_of_one(gloo_of_one):
+    """Context parallelism on, over a one-process group."""
+    parallel.enable_context_parallel()
 
 
 def test_split_sizes_follow_tensor_split():
@@ -40,11 +46,37 @@ def test_split_sizes_follow_tensor_split():
         assert sizes == [len(c) for c in torch.arange(length).tensor_split(world)] and sum(sizes) == length
 
 
-def test_generate_refuses_tensor_parallel_before_loading(tmp_path, capsys):
+def test_interleave_shards_gives_each_rank_its_slice_of_every_part():
+    fused = torch.arange(4 + 4 + 2 + 6.0)  # q, k, v, mlp of widths 4, 4, 2, 6 over 2 ranks
+    out = parallel.interleave_shards(fused, (4, 4, 2, 6), 2)
+    assert out.chunk(2)[0].tolist() == [0, 1, 4, 5, 8, 10, 11, 12] and sorted(out.tolist()) == fused.tolist()
+    with pytest.raises(ValueError, match="over 4 ranks"):
+        parallel.interleave_shards(fused, (4, 4, 2, 6), 4)
+
+
+def test_generate_refuses_tensor_parallel_with_lora_before_loading(tmp_path, capsys):
     code = main(["generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x", "--parallel", "tensor",
-                 "--output", str(tmp_path / "x.png")] + ODD)
+                 "--lora", "x.safetensors", "--output", str(tmp_path / "x.png")] + ODD)
     err = capsys.readouterr().err
-    assert code == 1 and "'tensor'" in err and "not implemented yet" in err and "missing" not in err
+    assert code == 1 and "--parallel tensor does not combine with --lora" in err and "missing" not in err
+
+
+def test_tensor_parallel_dit_over_one_rank_matches(gloo_of_one, one_thread):
+    """The reordered fused projections and the DTensor column/row layers compute the same velocity."""
+    from diffsynth.models.flux_dit import FluxDiT, dit_from_bfl, infer_dit_config
+    from diffsynth.testing.tiny import tiny_dit_state_dict
+    sd = dit_from_bfl(tiny_dit_state_dict())
+    dit = FluxDiT(infer_dit_config(sd)).eval()
+    dit.load_state_dict(sd)
+    c = dit.config
+    inputs = (torch.randn(1, 15, c.in_channels), torch.rand(1, 15, 3) * 4, torch.randn(1, 7, c.context_dim),
+              torch.zeros(1, 7, 3), torch.full((1,), 0.7), torch.randn(1, c.pooled_dim), torch.full((1,), 3.5))
+    with torch.no_grad():
+        plain = dit(*inputs)
+        dit.shard_tensor_parallel()
+        split = dit(*inputs)
+    assert type(dit.blocks[0].attn.a_to_qkv.weight).__name__ == "DTensor"
+    torch.testing.assert_close(split, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_parallel_outside_torchrun_names_torchrun(monkeypatch, tiny_configs):
@@ -92,12 +124,13 @@ def _pixels(path) -> np.ndarray:
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch: ~20-45 s on the shared 2-core machine
-def test_generate_two_processes_equals_one_flux_nano(tmp_path):
-    """`torchrun --nproc-per-node 2 --no-python diffsynth generate ... --parallel context` as torchrun runs it,
-    without --seed: rank 0's random seed must reach rank 1 (else the ranks' tokens come from different noise)."""
+@pytest.mark.parametrize("mode", ["context", "tensor"])
+def test_generate_two_processes_equals_one_flux_nano(tmp_path, mode):
+    """`torchrun --nproc-per-node 2 --no-python diffsynth generate ... --parallel MODE` as torchrun runs it,
+    without --seed: rank 0's random seed must reach rank 1 (else the ranks would start from different noise)."""
     args = ["generate", "--model-dir", str(SHIPPED), "--prompt", "a red circle on a blue background"] + ODD
-    ranks = launch_local([sys.executable, "-m", "diffsynth.cli", *args, "--parallel", "context",
-                          "--output", str(tmp_path / "split.png")], nprocs=2, timeout=120)
+    ranks = launch_local([sys.executable, "-m", "diffsynth.cli", *args, "--parallel", mode,
+                          "--output", str(tmp_path / "split.png")], nprocs=2, timeout=300)
     assert [r.returncode for r in ranks] == [0, 0], "\n".join(r.output for r in ranks)
     assert "saved" in ranks[0].output and "saved" not in ranks[1].output  # rank 0 writes
     seed = json.loads(Image.open(tmp_path / "split.png").text["diffsynth"])["seed"]

@@ -11,6 +11,11 @@ image output is all-gathered too: every rank then holds bit-identical latents an
 with no other communication. Lengths that N does not divide are padded for the collective and the
 padding is cut off again (`torch.tensor_split` sizes).
 
+Tensor parallelism (`shard_linears`) instead splits weights: column-parallel projections (each rank
+computes its share of the heads / MLP channels) followed by row-parallel ones (partial products summed
+by an all-reduce), with torch's DTensor styles (ColwiseParallel / RowwiseParallel). Which layers, and
+how fused projections are reordered first (`interleave_shards`), is model knowledge: the model's method.
+
 Not split (yet): attention masks (EliGen regions), per-block residuals (ControlNets) and attention
 additions (IP-Adapter) are refused by the models under context parallelism. Inference only: the
 collectives carry no gradients.
@@ -39,14 +44,11 @@ def check_mode(mode: str) -> None:
     """A supported parallel mode, checked before any work starts."""
     if mode not in MODES:
         raise ValueError(f"unknown parallel mode {mode!r}; choose from {MODES}")
-    if mode == "tensor":
-        raise NotImplementedError("parallel mode 'tensor' (tensor-parallel linear layers) is not implemented yet; "
-                                  "use 'context' (sequence-parallel attention), which splits the DiT's work "
-                                  "over the processes as well")
 
 
 def setup(mode: str, device: str | torch.device) -> torch.device:
-    """Join the torchrun process group (started here when not yet) and enable `mode` process-wide.
+    """Join the torchrun process group (started here when not yet); "context" is enabled process-wide here,
+    "tensor" is applied to a loaded model by its own method (FluxDiT.shard_tensor_parallel).
 
     Returns this rank's device: a bare "cuda" becomes cuda:LOCAL_RANK (one GPU per process).
     """
@@ -63,7 +65,8 @@ def setup(mode: str, device: str | torch.device) -> torch.device:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    enable_context_parallel()
+    if mode == "context":
+        enable_context_parallel()
     return device
 
 
@@ -176,3 +179,33 @@ def gather_keys_values(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, 
         raise RuntimeError("context parallel attention is inference-only (its all-gather carries no gradients)")
     both = _gather(torch.stack([k, v]), _state["key_lengths"], 3, _state["group"])
     return both[0], both[1]
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+
+def interleave_shards(t: torch.Tensor, parts: Sequence[int], world: int, dim: int = 0) -> torch.Tensor:
+    """Reorder `t`, made of consecutive parts of sizes `parts` along `dim` (a fused q/k/v(/mlp) projection),
+    so that its r-th of `world` equal chunks holds the r-th slice of every part: split column-wise, each
+    rank then gets its own heads' q, k and v (and MLP channels) instead of a run of q rows."""
+    if sum(parts) != t.shape[dim] or any(p % world for p in parts):
+        raise ValueError(f"cannot split parts {list(parts)} of a {t.shape[dim]}-wide dimension over {world} ranks")
+    pieces = [part.chunk(world, dim) for part in t.split(list(parts), dim)]
+    return torch.cat([piece[r] for r in range(world) for piece in pieces], dim)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def shard_linears(model: torch.nn.Module, colwise: Sequence[str], rowwise: Sequence[str]) -> None:
+    """Split the named linear layers of `model` over the process group (names may hold `*` for a block
+    index): `colwise` ones by output features (their outputs stay local), `rowwise` ones by input features
+    (their outputs are all-reduced, so every rank continues with the full activation)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    if not dist.is_initialized():
+        raise RuntimeError("tensor parallelism needs torch.distributed: run under `torchrun --nproc-per-node N`")
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    plan = {**{name: ColwiseParallel() for name in colwise}, **{name: RowwiseParallel() for name in rowwise}}
+    parallelize_module(model, mesh, plan)

@@ -158,9 +158,10 @@ class FluxImagePipeline(nn.Module):
         `vram_limit` (GB, DiffSynth-Studio 2.0): when given, VRAM management is enabled after loading with
         that limit and no further buffer (2.0's scripts subtract their own margin), see enable_vram_management.
         `tokenizer_N_config` is 2.0's name for `tokenizer_N_path`.
-        `parallel="context"`: multi-device inference, one process per device started by torchrun; each
-        process's DiT attends over its share of the tokens (ops/parallel.py), a bare "cuda" device becomes
-        cuda:LOCAL_RANK. Every process returns the same images.
+        `parallel`: multi-device inference, one process per device started by torchrun (a bare "cuda" device
+        becomes cuda:LOCAL_RANK); every process returns the same images. "context": each process runs the
+        DiT on its share of the tokens; "tensor": each process holds 1/N of the DiT blocks' heads and MLP
+        channels (no VRAM management, LoRAs or compilation with it yet). See ops/parallel.py.
         """
         if parallel is not None:
             device = _parallel.setup(parallel, device)
@@ -186,9 +187,19 @@ class FluxImagePipeline(nn.Module):
             pipe.tokenizer_2 = te.load_t5_tokenizer(
                 _tokenizer_dir(_either(tokenizer_2_path, tokenizer_2_config, 2),
                                encoder_sources["text_encoder_2"], "tokenizer_2"))
+        if parallel == "tensor":
+            pipe._shard_dit()
         if vram_limit is not None:
             pipe.enable_vram_management(vram_limit=vram_limit, vram_buffer=0)
         return pipe
+
+    def _shard_dit(self) -> None:
+        if self.dit is None:
+            raise ValueError('parallel="tensor" splits the DiT: add its checkpoint to model_configs')
+        if "dit" in self.vram_models:
+            raise NotImplementedError('parallel="tensor" does not combine with offloaded or fp8/GGUF DiT '
+                                      'storage yet: load the DiT in the compute dtype on the device')
+        self.dit.shard_tensor_parallel()
 
     def _attach(self, name: str, model: nn.Module, source: str) -> str:
         """Set a loaded model; returns its name (`controlnet.1` for the second of a `many` component)."""
