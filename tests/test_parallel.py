@@ -77,6 +77,13 @@ def test_tensor_parallel_dit_over_one_rank_matches(gloo_of_one, one_thread):
         split = dit(*inputs)
     assert type(dit.blocks[0].attn.a_to_qkv.weight).__name__ == "DTensor"
     torch.testing.assert_close(split, plain, rtol=1e-5, atol=1e-5)
+    from diffsynth import FluxImagePipeline
+    pipe = FluxImagePipeline(device="cpu", torch_dtype=torch.float32)
+    pipe.dit = dit
+    for what, call in (("load_lora", lambda: pipe.load_lora(dit, {})), ("compile", pipe.compile),
+                       ("enable_vram_management", pipe.enable_vram_management)):
+        with pytest.raises(NotImplementedError, match=f'{what} does not work on a DiT split by parallel="tensor"'):
+            call()
 
 
 def test_parallel_outside_torchrun_names_torchrun(monkeypatch, tiny_configs):
@@ -87,6 +94,9 @@ def test_parallel_outside_torchrun_names_torchrun(monkeypatch, tiny_configs):
         FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=tiny_configs(),
                                           parallel="context")
     assert not parallel.context_parallel_enabled()
+    with pytest.raises(NotImplementedError, match="vram_limit"):
+        FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=tiny_configs(),
+                                          parallel="tensor", vram_limit=4)
 
 
 def test_world_of_one_matches_plain_run(tiny_pipe, world_of_one, one_thread):

@@ -163,6 +163,8 @@ class FluxImagePipeline(nn.Module):
         DiT on its share of the tokens; "tensor": each process holds 1/N of the DiT blocks' heads and MLP
         channels (no VRAM management, LoRAs or compilation with it yet). See ops/parallel.py.
         """
+        if parallel == "tensor" and vram_limit is not None:
+            raise NotImplementedError('parallel="tensor" does not combine with vram_limit (VRAM management) yet')
         if parallel is not None:
             device = _parallel.setup(parallel, device)
         pipe = cls(device=device, torch_dtype=torch_dtype)
@@ -200,6 +202,11 @@ class FluxImagePipeline(nn.Module):
             raise NotImplementedError('parallel="tensor" does not combine with offloaded or fp8/GGUF DiT '
                                       'storage yet: load the DiT in the compute dtype on the device')
         self.dit.shard_tensor_parallel()
+
+    def _check_not_tensor_parallel(self, what: str) -> None:
+        """Split (DTensor) weights cannot take merged LoRAs, per-layer casting or compiled blocks yet."""
+        if self.dit is not None and getattr(self.dit, "tensor_parallel", False):
+            raise NotImplementedError(f'{what} does not work on a DiT split by parallel="tensor" yet')
 
     def _attach(self, name: str, model: nn.Module, source: str) -> str:
         """Set a loaded model; returns its name (`controlnet.1` for the second of a `many` component)."""
@@ -245,6 +252,7 @@ class FluxImagePipeline(nn.Module):
         `text_encoder_1`. Keys that match no layer raise, listing them (`strict=False`: warn instead).
         """
         from ..loading.lora import load_lora_into_pipeline
+        self._check_not_tensor_parallel("load_lora")
         if isinstance(lora, ModelConfig):
             lora = lora.resolve()
         return load_lora_into_pipeline(self, module, lora, alpha=alpha, hotload=hotload, strict=strict)
@@ -278,6 +286,7 @@ class FluxImagePipeline(nn.Module):
         step are moved off the device. The plan reserves the largest layer's transient copy and activations
         estimated for 1024x1024 with one image per DiT call (batched CFG doubles those: on a tight card raise
         `vram_buffer` or pass `batch_cfg=False`). Returns the plans, {group of models: VramPlan}."""
+        self._check_not_tensor_parallel("enable_vram_management")
         return vram.enable_vram_management(self, vram_limit, vram_buffer, num_persistent_param_in_dit)
 
     def vram_plan(self, vram_limit_gb: float, vram_buffer: float = 0.5, height: int = 1024, width: int = 1024,
@@ -314,6 +323,7 @@ class FluxImagePipeline(nn.Module):
         `compile_kwargs` go to torch.compile (mode, backend, dynamic, ...)."""
         if self.dit is None:
             raise RuntimeError("no DiT loaded")
+        self._check_not_tensor_parallel("compile")
         import torch._dynamo
         from ..ops import attention
         attention._flash_fn(), attention._sage_fn()  # import optional kernels before tracing
