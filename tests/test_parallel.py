@@ -120,6 +120,12 @@ def test_unsplittable_extensions_are_refused(tiny_pipe, world_of_one, ext, named
             torch.full((1,), 3.5), ext=ext)
 
 
+def test_fewer_image_tokens_than_processes_is_refused(world_of_one, monkeypatch):
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda group=None: 4)
+    with pytest.raises(ValueError, match="3 image tokens cannot be split over 4 processes"):
+        parallel.run_split_blocks(lambda t, i, r: i, torch.zeros(1, 8, 2), torch.zeros(1, 3, 2), torch.zeros(11, 1))
+
+
 def test_attention_refuses_masks_inside_split_blocks(world_of_one):
     from diffsynth.ops.attention import attention
     q = torch.randn(1, 2, 4, 8)

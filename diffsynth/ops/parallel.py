@@ -152,6 +152,9 @@ def run_split_blocks(blocks: Callable, txt: torch.Tensor, img: torch.Tensor, rop
         return blocks(txt, img, rope)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     n_txt, n_img = txt.shape[1], img.shape[1]
+    if n_img < world:  # a rank without image tokens would have nothing to compute its output from
+        raise ValueError(f"{n_img} image tokens cannot be split over {world} processes: use a larger image "
+                         "or fewer processes")
     local_rope = _split_rope(rope, n_txt, n_img, rope_dim, world, rank)
     with _attending(list(map(sum, zip(split_sizes(n_txt, world), split_sizes(n_img, world))))):
         out = blocks(_local(txt, n_txt, 1, world, rank), _local(img, n_img, 1, world, rank), local_rope)
