@@ -1,4 +1,4 @@
-"""Multi-device inference on torch.distributed: context (sequence) parallel attention.
+"""Multi-device inference on torch.distributed: context (sequence) parallel attention, tensor-parallel linears.
 
 Every process (one per device, started by `torchrun`) runs the whole pipeline on the same inputs: text
 encoders, VAE and the sampling loop are replicated. Only a DiT's block stack is split: `run_split_blocks`
@@ -9,7 +9,9 @@ parallelism; heads are not redistributed, so any head count and any N work). Att
 the order of its keys, so the ranks' [text, image] pieces are simply concatenated. The block stack's
 image output is all-gathered too: every rank then holds bit-identical latents and the loop stays in step
 with no other communication. Lengths that N does not divide are padded for the collective and the
-padding is cut off again (`torch.tensor_split` sizes).
+padding is cut off again (`torch.tensor_split` sizes). A DiT takes part by calling its block stack through
+`run_split_blocks` (text and image streams, rotary tables over [text, image]) and its joint attention
+through ops/attention.py; nothing else in the model knows about the split.
 
 Tensor parallelism (`shard_linears`) instead splits weights: column-parallel projections (each rank
 computes its share of the heads / MLP channels) followed by row-parallel ones (partial products summed
@@ -17,8 +19,8 @@ by an all-reduce), with torch's DTensor styles (ColwiseParallel / RowwiseParalle
 how fused projections are reordered first (`interleave_shards`), is model knowledge: the model's method.
 
 Not split (yet): attention masks (EliGen regions), per-block residuals (ControlNets) and attention
-additions (IP-Adapter) are refused by the models under context parallelism. Inference only: the
-collectives carry no gradients.
+additions (IP-Adapter) are refused by the models under either mode. Inference only: the collectives
+carry no gradients.
 
 `setup(mode, device)` starts the process group from torchrun's environment (NCCL for CUDA devices,
 gloo otherwise) and returns the rank's device; the state is process-wide, like the attention backend.
