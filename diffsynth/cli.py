@@ -168,7 +168,7 @@ def build_pipeline(args, models: list[str]):
     pipe = FluxImagePipeline.from_pretrained(
         torch_dtype=torch_dtype(dtype), device=device,
         model_configs=[_model_config(m, args) for m in models],
-        tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2)
+        tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2, parallel=args.parallel)
     if lora_files and pipe.dit is None:
         raise ValueError("--lora needs a DiT among the models")
     # GGUF blocks cannot absorb a merged delta: there the LoRA is applied at run time instead.
@@ -280,11 +280,16 @@ def warn_outside_grammar(args, grammar: list[str] | None) -> None:
 
 
 def cmd_generate(args) -> list[str]:
+    from .ops import parallel
     apply_folder_defaults(args)
     paths, input_image = check_generation(args)
     print(f"will write {', '.join(paths)}")
     models = model_paths(args)
-    return write_images(args, build_pipeline(args, models), models, paths, input_image)
+    try:
+        return write_images(args, build_pipeline(args, models), models, paths, input_image)
+    finally:
+        if args.parallel:
+            parallel.shutdown()
 
 
 def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str], object]:
@@ -300,6 +305,11 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
     check_outputs([*paths, *more_outputs], args.overwrite)
     from .ops.devices import check_device
     check_device(compute_target(args)[0], "--device")
+    if args.parallel:
+        from .ops.parallel import check_mode
+        check_mode(args.parallel)
+        if args.parallel == "tensor" and (args.lora or args.compile or offloading(args)):
+            raise ValueError("--parallel tensor does not combine with --lora, --compile or offloading yet")
     return paths, input_image
 
 
@@ -312,10 +322,14 @@ def call_record(args, pipe, params: dict) -> dict:
 
 
 def write_images(args, pipe, models: list[str], paths: list[str], input_image) -> list[str]:
-    """Run the pipeline with the generation arguments and save the image(s) to `paths`."""
+    """Run the pipeline with the generation arguments and save the image(s) to `paths` (in a parallel run,
+    every process generates and rank 0 writes)."""
     from .ops.files import save_image
+    from .ops.parallel import is_main_process
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
     images = pipe(**params, input_image=input_image)
+    if not is_main_process():
+        return paths
     images = images if isinstance(images, list) else [images]
     for image, path in zip(images, paths):
         seed = image.info["seed"]
@@ -461,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", default="image.png", help="image file; .png (with the parameters), .jpg or .webp "
                      "(numbered when --num-images > 1)")
     gen.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
+    gen.add_argument("--parallel", choices=("context", "tensor"),
+                     help="multi-device inference, under `torchrun --nproc-per-node N --no-python diffsynth "
+                     "generate ...`: 'context' splits the DiT's tokens over the processes, 'tensor' its heads "
+                     "and MLP channels")
     add_generation_args(gen)
     add_runtime_args(gen)
     gen.set_defaults(func=cmd_generate)
@@ -484,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", choices=COMPUTE_DTYPES, default="fp32", help="compute dtype")
     add_generation_args(demo, require_prompt=False, seed=0)
     add_runtime_args(demo)
-    demo.set_defaults(func=cmd_demo, prompt=None, num_inference_steps=20)
+    demo.set_defaults(func=cmd_demo, prompt=None, num_inference_steps=20, parallel=None)
 
     from .training.args import add_training_args
     train = sub.add_parser("train", help="LoRA / full training of FLUX.1 (same arguments as "

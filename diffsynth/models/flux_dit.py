@@ -18,6 +18,7 @@ from torch import nn
 from ..ops.attention import attention
 from ..ops.attention_mask import GroupMask, query_tail, select_batch
 from ..ops.linear import Linear
+from ..ops.parallel import context_parallel_enabled, interleave_shards, run_split_blocks, shard_linears, world_size
 from ..ops.files import strip_first_prefix
 
 
@@ -291,6 +292,7 @@ class FluxDiT(nn.Module):
         self.final_norm_out = FinalNorm(h)
         self.final_proj_out = Linear(h, config.out_channels)
         self.gradient_checkpointing = False
+        self.tensor_parallel = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -319,9 +321,15 @@ class FluxDiT(nn.Module):
     def run_blocks(self, img, txt, vec, rope, ext: "Extensions" = None, start: int = 0):
         """Double then single blocks over image tokens `img` (target first, then any reference tokens).
 
-        `start` skips the first double blocks (First-Block-Cache runs block 0 on its own).
+        `start` skips the first double blocks (First-Block-Cache runs block 0 on its own). Under context
+        parallelism (ops/parallel.py) each process runs the blocks on its share of the tokens.
         """
         ext = ext or Extensions()
+        if context_parallel_enabled() or self.tensor_parallel:
+            _check_splittable(ext)
+        return run_split_blocks(lambda t, i, r: self._blocks(i, t, vec, r, ext, start), txt, img, rope)
+
+    def _blocks(self, img, txt, vec, rope, ext: "Extensions", start: int):
         for i, block in enumerate(self.blocks):
             if i < start:
                 continue
@@ -338,6 +346,32 @@ class FluxDiT(nn.Module):
                 x = self._call(block, x, vec, rope, ext.mask, None, extra)
             x = torch.cat([x[:, :-n_img], ext.add_residual("single", i, x[:, -n_img:])], dim=1)
         return x[:, -n_img:]
+
+    @torch.no_grad()
+    def shard_tensor_parallel(self) -> None:
+        """Tensor parallelism over the process group (inference): each rank keeps 1/N of the heads and MLP
+        channels of every block. The fused q/k/v(/mlp) projections are reordered so that a column split
+        gives each rank whole heads; attention outputs, MLP outputs and the single blocks' fused output
+        projection are row-parallel (one all-reduce each). Embedders, modulations and the final layer stay
+        whole on every rank."""
+        world, c = world_size(), self.config
+        if c.num_heads % world or c.mlp_hidden % world:
+            raise ValueError(f"tensor parallelism over {world} processes needs the head count ({c.num_heads}) and "
+                             f"the MLP width ({c.mlp_hidden}) to be multiples of {world}")
+        h, m = c.hidden_size, c.mlp_hidden
+        for block in self.blocks:
+            for proj in (block.attn.a_to_qkv, block.attn.b_to_qkv):
+                _interleave(proj, (h, h, h), world)
+            block.attn.heads //= world
+        for block in self.single_blocks:
+            _interleave(block.to_qkv_mlp, (h, h, h, m), world)
+            block.proj_out.weight.copy_(interleave_shards(block.proj_out.weight, (h, m), world, dim=1))
+            block.heads, block.hidden, block.mlp_hidden = block.heads // world, h // world, m // world
+        stream = ("attn.a_to_qkv", "attn.b_to_qkv", "ff_a.0", "ff_b.0")
+        shard_linears(self, colwise=[f"blocks.*.{n}" for n in stream] + ["single_blocks.*.to_qkv_mlp"],
+                      rowwise=[f"blocks.*.{n}" for n in ("attn.a_to_out", "attn.b_to_out", "ff_a.2", "ff_b.2")]
+                      + ["single_blocks.*.proj_out"])
+        self.tensor_parallel = True
 
     def _call(self, block, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -375,6 +409,22 @@ class FluxDiT(nn.Module):
         img, txt, vec, rope = self.embed(img, img_ids, txt, txt_ids, timestep, pooled, guidance)
         out = self.run_blocks(img, txt, vec, rope, ext) if cache is None else cache.run(self, img, txt, vec, rope, ext)
         return self.final(out[:, :n], vec)
+
+
+def _interleave(proj: nn.Linear, parts: tuple[int, ...], world: int) -> None:
+    proj.weight.copy_(interleave_shards(proj.weight, parts, world))
+    if proj.bias is not None:
+        proj.bias.copy_(interleave_shards(proj.bias, parts, world))
+
+
+def _check_splittable(ext: "Extensions") -> None:
+    """What the parallel modes cannot split yet: full-sequence masks, residuals and attention additions."""
+    used = [name for name, on in (("an attention mask (EliGen)", ext.mask is not None),
+                                  ("per-block residuals (ControlNet)", ext.residual is not None),
+                                  ("attention additions (IP-Adapter)", bool(ext.attention))) if on]
+    if used:
+        raise NotImplementedError(f"parallel inference does not support {', '.join(used)} yet: "
+                                  "run this call without --parallel / parallel=")
 
 
 @dataclass

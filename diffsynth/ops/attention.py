@@ -11,6 +11,9 @@
 A `GroupMask` (ops/attention_mask.py, EliGen's regional mask) runs the selected backend on blocks of query
 rows with their dense mask rows, so no (L x L) mask is ever built.
 
+Inside a DiT block stack split over processes (ops/parallel.py, context parallelism) the keys and values
+of every rank are all-gathered first, so the local queries attend over the whole sequence.
+
 `set_attention_backend(name)` raises a clear error when the backend is not installed.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 from .attention_mask import GroupMask, chunked_attention
 from .names import ATTENTION_BACKENDS as BACKENDS
+from .parallel import gather_keys_values, splitting_attention
 _state = {"backend": "auto"}
 
 
@@ -115,6 +119,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | GroupMask | None = None) -> torch.Tensor:
     """q, k, v: (B, heads, L, D). `mask` is additive (0 / -inf) or boolean (True = attend), or a GroupMask
     (then q may hold only the last queries of its tokens)."""
+    if splitting_attention():
+        if mask is not None:
+            raise NotImplementedError("attention masks (EliGen regions) are not supported under context "
+                                      "parallelism yet: run without --parallel / parallel=")
+        k, v = gather_keys_values(k, v)
     if isinstance(mask, GroupMask):
         return chunked_attention(_dense_attention, q, k, v, mask)
     return _dense_attention(q, k, v, mask)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import threading
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..loading.registry import build, detect
 from ..models import flux_text_encoders as te
 from ..models.flux_dit import image_ids
 from ..models.flux_dit_cache import make_cache
+from ..ops import parallel as _parallel
 from ..ops.attention import set_attention_backend as _set_attention_backend
 from ..ops.files import load_state_dict
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
@@ -61,9 +61,10 @@ def check_shape(pipe, height=None, width=None, input_image=None):
 
 @unit(outputs=("noise", "seed"))
 def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
-    """fp32 Gaussian noise drawn on `rand_device`; image i of a batch uses seed + i."""
+    """fp32 Gaussian noise drawn on `rand_device`; image i of a batch uses seed + i. A random seed is the
+    same on every process of a parallel run."""
     if seed is None:
-        seed = random.SystemRandom().randrange(2**31)
+        seed = _parallel.shared_random_seed()
     shape = (1, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR)
     noise = torch.cat([torch.randn(shape, generator=random_generator(rand_device, seed + i), device=rand_device,
                                    dtype=torch.float32) for i in range(num_images)])
@@ -177,7 +178,8 @@ class FluxImagePipeline(nn.Module):
                         tokenizer_1_config: ModelConfig | None = None,
                         tokenizer_2_config: ModelConfig | None = None,
                         nexus_gen_processor_config: str | ModelConfig | None = None,
-                        step1x_processor_config: str | ModelConfig | None = None) -> "FluxImagePipeline":
+                        step1x_processor_config: str | ModelConfig | None = None,
+                        parallel: str | None = None) -> "FluxImagePipeline":
         """Build a pipeline from checkpoint files; each file is recognised from its keys and shapes.
 
         `vram_limit` (GB, DiffSynth-Studio 2.0): when given, VRAM management is enabled after loading with
@@ -185,9 +187,17 @@ class FluxImagePipeline(nn.Module):
         `tokenizer_N_config` is 2.0's name for `tokenizer_N_path`. `nexus_gen_processor_config` /
         `step1x_processor_config` (a folder or a `ModelConfig`): where the Nexus-Gen / Step1X-Edit Qwen2.5-VL
         processor files are (default: beside the model's weights, or their `processor/` subfolder).
+        `parallel`: multi-device inference, one process per device started by torchrun (a bare "cuda" device
+        becomes cuda:LOCAL_RANK); every process returns the same images. "context": each process runs the
+        DiT on its share of the tokens; "tensor": each process holds 1/N of the DiT blocks' heads and MLP
+        channels (no VRAM management, LoRAs or compilation with it yet). See ops/parallel.py.
         """
         check_device(device)  # (the bare constructor allows any device: vram_plan for a card this machine lacks)
         vram.check_gigabytes("vram_limit", vram_limit)  # before any model loads
+        if parallel == "tensor" and vram_limit is not None:
+            raise NotImplementedError('parallel="tensor" does not combine with vram_limit (VRAM management) yet')
+        if parallel is not None:
+            device = _parallel.setup(parallel, device)
         pipe = cls(device=device, torch_dtype=torch_dtype)
         processor_dirs = {family: _folder(config) for family, config in (
             ("nexus-gen-llm", nexus_gen_processor_config), ("qwen2.5-vl", step1x_processor_config))
@@ -216,9 +226,24 @@ class FluxImagePipeline(nn.Module):
             pipe.tokenizer_2 = te.load_t5_tokenizer(
                 _tokenizer_dir(_either(tokenizer_2_path, tokenizer_2_config, 2),
                                encoder_sources["text_encoder_2"], "tokenizer_2"))
+        if parallel == "tensor":
+            pipe._shard_dit()
         if vram_limit is not None:
             pipe.enable_vram_management(vram_limit=vram_limit, vram_buffer=0)
         return pipe
+
+    def _shard_dit(self) -> None:
+        if self.dit is None:
+            raise ValueError('parallel="tensor" splits the DiT: add its checkpoint to model_configs')
+        if "dit" in self.vram_models:
+            raise NotImplementedError('parallel="tensor" does not combine with offloaded or fp8/GGUF DiT '
+                                      'storage yet: load the DiT in the compute dtype on the device')
+        self.dit.shard_tensor_parallel()
+
+    def _check_not_tensor_parallel(self, what: str) -> None:
+        """Split (DTensor) weights cannot take merged LoRAs, per-layer casting or compiled blocks yet."""
+        if self.dit is not None and getattr(self.dit, "tensor_parallel", False):
+            raise NotImplementedError(f'{what} does not work on a DiT split by parallel="tensor" yet')
 
     def _attach(self, name: str, model: nn.Module, source: str) -> str:
         """Set a loaded model; returns its name (`controlnet.1` for the second of a `many` component)."""
@@ -264,6 +289,7 @@ class FluxImagePipeline(nn.Module):
         `text_encoder_1`. Keys that match no layer raise, listing them (`strict=False`: warn instead).
         """
         from ..loading.lora import load_lora_into_pipeline
+        self._check_not_tensor_parallel("load_lora")
         if isinstance(lora, ModelConfig):
             lora = lora.resolve()
         return load_lora_into_pipeline(self, module, lora, alpha=alpha, hotload=hotload, strict=strict)
@@ -315,6 +341,7 @@ class FluxImagePipeline(nn.Module):
         step are moved off the device. The plan reserves the largest layer's transient copy and activations
         estimated for 1024x1024 with one image per DiT call (batched CFG doubles those: on a tight card raise
         `vram_buffer` or pass `batch_cfg=False`). Returns the plans, {group of models: VramPlan}."""
+        self._check_not_tensor_parallel("enable_vram_management")
         return vram.enable_vram_management(self, vram_limit, vram_buffer, num_persistent_param_in_dit)
 
     def vram_plan(self, vram_limit_gb: float, vram_buffer: float = 0.5, height: int = 1024, width: int = 1024,
@@ -351,6 +378,7 @@ class FluxImagePipeline(nn.Module):
         `compile_kwargs` go to torch.compile (mode, backend, dynamic, ...)."""
         if self.dit is None:
             raise RuntimeError("no DiT loaded")
+        self._check_not_tensor_parallel("compile")
         import torch._dynamo
         from ..ops import attention
         attention._flash_fn(), attention._sage_fn()  # import optional kernels before tracing
