@@ -1,4 +1,4 @@
-"""Command line: `diffsynth generate | inspect | demo`."""
+"""Command line: `diffsynth generate | inspect | demo | train | ui`."""
 from __future__ import annotations
 
 import argparse
@@ -315,6 +315,11 @@ def cmd_train(args) -> None:
     train(args)
 
 
+def cmd_ui(args) -> None:
+    from .ui.launch import serve
+    serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsynth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -355,6 +360,20 @@ def build_parser() -> argparse.ArgumentParser:
                                          "examples/flux/model_training/train.py; multi-GPU: accelerate launch)")
     add_training_args(train)
     train.set_defaults(func=cmd_train)
+
+    ui = sub.add_parser("ui", help="the web UI (generation, editing, LoRA training) in the browser; "
+                                   "pip install 'diffsynth[ui]'; flux-nano without model options")
+    ui.add_argument("--model", nargs="+", help="checkpoint files or folders, as for generate")
+    ui.add_argument("--model-dir", help="a model folder in the FLUX.1-dev layout (default: flux-nano)")
+    ui.add_argument("--tokenizer-1", help="CLIP tokenizer folder (default: tokenizer/ beside text_encoder/)")
+    ui.add_argument("--tokenizer-2", help="T5 tokenizer folder (default: tokenizer_2/ beside text_encoder_2/)")
+    ui.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
+    ui.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16" if torch.cuda.is_available() else "fp32",
+                    help="compute dtype")
+    from .ui.launch import add_ui_args
+    add_ui_args(ui)
+    add_runtime_args(ui)
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 
