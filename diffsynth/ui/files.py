@@ -56,13 +56,13 @@ class Sandbox:
 
     def lora_files(self) -> dict[str, Path]:
         """{label: file} of every LoRA the UI offers: uploaded ones, trained ones (each checkpoint), and those
-        in the readable folders. Labels are paths relative to their root."""
+        in the readable folders. Labels are paths from the folder above their root (loras/x.safetensors)."""
         found: dict[str, Path] = {}
         for root in (self.output / "loras", self.output / "train", *self.readable):
             for path in sorted(root.rglob(f"*{LORA_SUFFIX}")):
                 if "cache" in path.relative_to(root).parts:  # the trainer's cached inputs, not LoRAs
                     continue
-                found[str(path.relative_to(root.parent if root.parent == self.output else root))] = path
+                found[str(path.relative_to(root.parent))] = path
         return found
 
     def new_image_path(self, seed: int) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def serve(args) -> None:
     app.launch(server_name=host, server_port=args.port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
                allowed_paths=[str(output)], show_error=False, footer_links=[])
     print(f"diffsynth ui: http://{LOCAL if not args.listen else host}:{args.port}/ (Ctrl+C to stop)", flush=True)
+    # SIGTERM ends the process like Ctrl+C does, so a running training subprocess is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         app.block_thread()
     finally:
