@@ -291,7 +291,7 @@ def test_browser_generates_what_the_prompt_says(page):
     half = rgb.shape[1] // 2
     assert red[:, :half].sum() > 50 and red[:, half:].sum() < red[:, :half].sum() / 10
     assert "Seed: 1" in image.text["parameters"]  # the PNG the page serves carries the metadata
-    assert page.get_by_label("This session's images").locator("img").count() >= 1
+    assert page.locator("#gallery img").count() >= 1
 
 
 @browser_test
@@ -300,22 +300,29 @@ def test_browser_shows_errors_as_messages(page):
     page.get_by_role("button", name="Generate").click()
     from playwright.sync_api import expect
     expect(page.get_by_text(re.compile("does not know the word"))).to_be_visible(timeout=20_000)
-    page.get_by_label("Width", exact=True).fill("7")
+    page.get_by_label("Width", exact=True).fill("0")
     page.get_by_label("Prompt", exact=True).fill("a red circle on the left")
     page.get_by_role("button", name="Generate").click()
-    expect(page.get_by_text(re.compile("width"))).to_be_visible(timeout=20_000)
+    expect(page.get_by_text(re.compile("width must be a positive integer"))).to_be_visible(timeout=20_000)
     assert "Traceback" not in page.content()
 
 
 @browser_test
-def test_browser_stop_stops(page):
+def test_browser_stop_stops(page, server):
     from playwright.sync_api import expect
-    page.get_by_label("Steps", exact=True).fill("200")
+    page.get_by_label("number input for Steps").fill("100")
+    for side in ("Width", "Height"):  # 1024 image tokens: steps slow enough to watch
+        page.get_by_label(side, exact=True).fill("512")
     page.get_by_label("Prompt", exact=True).fill("a red circle on the left")
+    images = len(list((server[1] / "images").iterdir()))
     page.get_by_role("button", name="Generate").click()
-    expect(page.get_by_text(re.compile(r"denoising|\d+/200"))).to_be_visible(timeout=20_000)
+    progress = page.locator("#result").get_by_text(re.compile(r"\d+/100"))
+    expect(progress).to_be_visible(timeout=20_000)
+    first = int(re.search(r"(\d+)/100", progress.inner_text()).group(1))
+    expect(progress).not_to_contain_text(f"{first}/100", timeout=20_000)  # the bar moves with the steps
     page.get_by_role("button", name="Stop").click()
     expect(page.get_by_text(re.compile("Stopped: stopped after"))).to_be_visible(timeout=20_000)
+    assert len(list((server[1] / "images").iterdir())) == images  # no image was written
 
 
 @browser_test
@@ -347,3 +354,15 @@ def test_browser_trains_a_lora_and_uses_it(page, server):
     page.get_by_role("option", name="train/purple/step-4.safetensors").click()
     image = generate(page, "a purple circle on the left", seed=1)
     assert json.loads(image.text["diffsynth"])["loras"] == [["step-4.safetensors", 1.0]]
+
+
+def test_ui_command_checks_its_options_before_loading(tmp_path, capsys, monkeypatch):
+    from diffsynth.cli import build_parser, main
+    for name in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED"):  # `diffsynth ui` sets them: restored after
+        monkeypatch.setenv(name, "")
+    args = build_parser().parse_args(["ui"])
+    assert (args.port, args.listen, args.model, args.model_dir, args.folder) == (7860, False, None, None, [])
+    assert main(["ui", "--folder", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 1
+    assert "--folder" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(["ui", "--port", "70000", "--output", str(tmp_path / "out")]) == 1
+    assert "--port must be in 1..65535" in capsys.readouterr().err

@@ -62,11 +62,11 @@ def generate_tab(state: AppState) -> dict:
                                      placeholder="a red circle on the left" if state.nano else "a cat on a sofa")
             c["negative"] = gr.Textbox(label="Negative prompt", placeholder="used when CFG scale > 1")
             with gr.Row():
-                c["width"] = gr.Number(label="Width", value=state.width, precision=0, minimum=16)
-                c["height"] = gr.Number(label="Height", value=state.height, precision=0, minimum=16)
+                c["width"] = gr.Number(label="Width", value=state.width, precision=0)
+                c["height"] = gr.Number(label="Height", value=state.height, precision=0)
                 c["steps"] = gr.Slider(1, 100, value=state.steps, step=1, label="Steps")
             with gr.Row():
-                c["seed"] = gr.Number(label="Seed", value=0, precision=0, minimum=0)
+                c["seed"] = gr.Number(label="Seed", value=0, precision=0)
                 c["random"] = gr.Checkbox(label="Random seed", value=True)
                 c["used_seed"] = gr.Textbox(label="Used seed", interactive=False)
             with gr.Row():
@@ -92,7 +92,7 @@ def generate_tab(state: AppState) -> dict:
             c["result"] = gr.Image(label="Result", type="filepath", elem_id="result", interactive=False,
                                    height=320)
             c["file"] = gr.File(label="PNG with parameters", interactive=False)
-            c["gallery"] = gr.Gallery(label="This session's images", columns=4, height=240,
+            c["gallery"] = gr.Gallery(label="This session's images", columns=4, height=240, elem_id="gallery",
                                       object_fit="contain")
             c["history"] = gr.State([])
     c["seed"].input(lambda: False, outputs=c["random"], queue=False)  # typing a seed means "use this seed"
@@ -237,7 +237,7 @@ def train_tab(state: AppState, lora_dropdowns: list) -> None:
                 halt = gr.Button("Stop training")
         with gr.Column():
             status = gr.Textbox(label="Training status", interactive=False, lines=3)
-            plot = gr.LinePlot(label="Loss", x="step", y="loss", height=260)
+            plot = gr.LinePlot(label="Loss (mean of the last 20 steps)", x="step", y="loss", height=260)
             checkpoints = gr.Textbox(label="Checkpoints", interactive=False, lines=3)
     example.click(lambda: draw_example(state), outputs=folder, concurrency_limit=None)
     start.click(lambda *v: start_training(state, *v), inputs=[folder, uploads, captions, name, rank, steps, lr, batch],
@@ -289,13 +289,14 @@ def poll_training(state: AppState, lora_lists: int) -> list:
     refresh = refreshed_loras(state, lora_lists)
     if run is None:
         return [gr.update(), gr.update(), gr.update(), *refresh]
-    steps = int(run.settings.steps)
     if run.running:
         done = run.losses[-1][0] if run.losses else 0
-        text = f"{run.settings.output.name}: training, step {done} / {steps}"
+        text = f"{run.settings.output.name}: training, step {done} / {int(run.settings.steps)}"
     else:
         error = run.error()
         text = f"{run.settings.output.name}: failed: {error}" if error else f"{run.settings.output.name}: done"
-    frame = pd.DataFrame(run.losses, columns=["step", "loss"])
+    steps_done, losses = zip(*run.losses) if run.losses else ((), ())
+    # typed columns: an empty object column would make the plot's axes categorical for good
+    frame = pd.DataFrame({"step": pd.Series(steps_done, dtype="int64"), "loss": pd.Series(losses, dtype="float64")})
     files = "\n".join(str(Path(p).relative_to(state.sandbox.output)) for p in run.checkpoints())
     return [text, frame, files or "(none yet)", *refresh]

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 LOCAL, EVERYWHERE = "127.0.0.1", "0.0.0.0"
+# small images (flux-nano draws 64 px) fill the Result box, their pixels kept sharp
+CSS = "#result img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
 def add_ui_args(p: argparse.ArgumentParser) -> None:
@@ -74,8 +76,11 @@ def serve(args) -> None:
               "can reach this machine can generate and train with it (there is no login)", file=sys.stderr)
     app = build_app(state)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=host, server_port=args.port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
-               allowed_paths=[str(output)], show_error=False, footer_links=[])
+    try:
+        app.launch(server_name=host, server_port=args.port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
+                   allowed_paths=[str(output)], show_error=False, css=CSS)
+    except OSError as e:  # the port is taken
+        raise RuntimeError(f"--port {args.port}: cannot serve on {host}:{args.port} ({e})") from None
     print(f"diffsynth ui: http://{LOCAL if not args.listen else host}:{args.port}/ (Ctrl+C to stop)", flush=True)
     # SIGTERM ends the process like Ctrl+C does, so a running training subprocess is stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
