@@ -449,6 +449,11 @@ def cmd_train(args) -> None:
     train(args)
 
 
+def cmd_ui(args) -> None:
+    from .ui.launch import serve
+    serve(args)
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Each option's default after its help, unless the help already states it or there is none."""
 
@@ -510,6 +515,21 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=HelpFormatter)
     add_training_args(train)
     train.set_defaults(func=cmd_train)
+
+    ui = sub.add_parser("ui", formatter_class=HelpFormatter,
+                        help="the web UI (generation, editing, LoRA training) in the browser; "
+                             "pip install 'diffsynth[ui]'; flux-nano without model options")
+    ui.add_argument("--model", nargs="+", help="checkpoint files or folders, as for generate")
+    ui.add_argument("--model-dir", help="a model folder in the FLUX.1-dev layout (default: flux-nano)")
+    ui.add_argument("--tokenizer-1", help="CLIP tokenizer folder (default: tokenizer/ beside text_encoder/)")
+    ui.add_argument("--tokenizer-2", help="T5 tokenizer folder (default: tokenizer_2/ beside text_encoder_2/)")
+    ui.add_argument("--device", help="compute device (default: cuda when this machine has it, else cpu)")
+    ui.add_argument("--dtype", choices=COMPUTE_DTYPES, help="compute dtype (default: bf16 on cuda, else fp32)")
+    from .ui.launch import add_ui_args
+    add_ui_args(ui)
+    add_runtime_args(ui)
+    ui.set_defaults(func=cmd_ui, parallel=None)
+
     parser.description = (f"FLUX image generation and training. Commands: {', '.join(sub.choices)} "
                            "(`diffsynth COMMAND --help` lists each one's options).")
     return parser

@@ -1,5 +1,5 @@
-"""Imports go one way: ops < models < loading < pipelines < training / cli (every import statement,
-including the ones inside functions). `diffsynth/testing` may use anything below cli."""
+"""Imports go one way: ops < models < loading < pipelines < training / cli / ui (every import statement,
+including the ones inside functions). `diffsynth/testing` may use anything below cli and ui."""
 from __future__ import annotations
 
 import ast
@@ -12,11 +12,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffsynth"
 
 # layer -> the packages/modules under diffsynth/ it must never import
 FORBIDDEN = {
-    "ops": ("models", "loading", "pipelines", "training", "cli"),
-    "models": ("loading", "pipelines", "training", "cli"),
-    "loading": ("pipelines", "training", "cli"),
-    "pipelines": ("training", "cli"),
-    "testing": ("cli",),
+    "ops": ("models", "loading", "pipelines", "training", "cli", "ui"),
+    "models": ("loading", "pipelines", "training", "cli", "ui"),
+    "loading": ("pipelines", "training", "cli", "ui"),
+    "pipelines": ("training", "cli", "ui"),
+    "training": ("ui",),
+    "testing": ("cli", "ui"),
 }
 
 
