@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .ui.launch import add_ui_args
     add_ui_args(ui)
     add_runtime_args(ui)
-    ui.set_defaults(func=cmd_ui, parallel=None)
+    ui.set_defaults(func=cmd_ui, parallel=None, prompt=None)  # the page checks its prompts itself
 
     parser.description = (f"FLUX image generation and training. Commands: {', '.join(sub.choices)} "
                            "(`diffsynth COMMAND --help` lists each one's options).")
