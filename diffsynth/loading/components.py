@@ -71,9 +71,12 @@ def _no_control(keys) -> bool:
     return not any(k.startswith(_CONTROL_MARKERS) or ".controlnet_" in k for k in keys)
 
 
+_FLUX2_MODULATION = ("double_stream_modulation_img.", "single_stream_modulation.")
+
+
 def detect_flux_dit(refs: Refs) -> str | None:
     keys = refs.keys()
-    if not _no_control(keys) or has_prefix(keys, "ip_adapter", "redux_"):
+    if not _no_control(keys) or has_prefix(keys, "ip_adapter", "redux_", *_FLUX2_MODULATION):
         return None
     if has_prefix(keys, "double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"):
         return None if has_prefix(keys, "double_blocks.0.processor.") else "bfl"
@@ -81,6 +84,19 @@ def detect_flux_dit(refs: Refs) -> str | None:
         return "diffusers"
     if "x_embedder.weight" in keys and has_prefix(keys, "blocks.0.attn.a_to_qkv", "single_blocks.0.to_qkv_mlp"):
         return "diffsynth"
+    return None
+
+
+def detect_flux2_dit(refs: Refs) -> str | None:
+    """FLUX.2's DiT: modulation shared by all blocks (FLUX.1 modulates inside each block), in BFL's names
+    (`*.lin`, `double_blocks.N.img_attn.qkv`) or diffusers' (`*.linear`, `transformer_blocks.N.attn.to_q`)."""
+    keys = refs.keys()
+    if has_key(keys, "double_stream_modulation_img.lin.weight", "single_stream_modulation.lin.weight") and \
+            has_prefix(keys, "double_blocks.", "single_blocks."):
+        return "bfl"
+    if has_key(keys, "double_stream_modulation_img.linear.weight", "single_stream_modulation.linear.weight") and \
+            has_prefix(keys, "transformer_blocks.", "single_transformer_blocks."):
+        return "diffusers"
     return None
 
 
@@ -282,6 +298,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl"), _lazy("build_qwenvl")),
     Family("step1x", "Step1X-Edit DiT + connector", detect_step1x, fills("dit", "step1x_connector"),
            _lazy("build_step1x")),
+    Family("flux2-dit", "FLUX.2 DiT", detect_flux2_dit, fills("dit"), _lazy("build_flux2_dit"),
+           bundle_prefixes=("model.diffusion_model.",), low_precision_storage=True),
     Family("flux-dit", "FLUX DiT", detect_flux_dit, fills("dit"), _lazy("build_dit"),
            bundle_prefixes=("model.diffusion_model.",), low_precision_storage=True),
     Family("flux-vae", "FLUX VAE", detect_flux_vae, vae_parts, _lazy("build_vae"),
