@@ -268,6 +268,22 @@ def build_infiniteyou_projector(det: Detected, options: BuildOptions) -> dict[st
     return {"image_proj_model": model}
 
 
+def build_flux2_vae(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux2_vae import BATCH_NORM_EPS, Flux2VAEDecoder, Flux2VAEEncoder, flux2_vae_parts, vae_config
+    eps = float((det.config or {}).get("batch_norm_eps", BATCH_NORM_EPS))
+    enc, dec = flux2_vae_parts(plain_tensors(det, options), det.format)
+    return {"vae_encoder": assign(lambda c: Flux2VAEEncoder(c, eps), vae_config(enc), enc,
+                                  f"FLUX.2 VAE encoder from {det.source}"),
+            "vae_decoder": assign(lambda c: Flux2VAEDecoder(c, eps), vae_config(dec), dec,
+                                  f"FLUX.2 VAE decoder from {det.source}")}
+
+
+def build_qwen3(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux2_text_encoder import load_qwen3
+    model = load_qwen3(plain_tensors(det, options), det.config, f"Qwen3 from {det.source}")
+    return {"text_encoder_qwen3": model.to(options.device)}
+
+
 def _flux2_converter(fmt: str):
     from ..models.flux2_dit import dit_from_bfl, dit_from_diffusers
     return {"bfl": dit_from_bfl, "diffusers": dit_from_diffusers}[fmt]

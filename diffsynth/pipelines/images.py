@@ -35,7 +35,7 @@ def vae_encode(pipe, pixels: torch.Tensor, name: str, tiled: bool = False, tile_
     moved onto the device only here, when there is an image: txt2img never moves it. tile_size/tile_stride are
     latent units for both VAE halves (the encoder works in pixels)."""
     if pipe.vae_encoder is None:
-        raise RuntimeError(f"{name} needs the VAE encoder: load ae.safetensors")
+        raise RuntimeError(f"{name} needs the VAE encoder: add the VAE (ae.safetensors, vae/) to model_configs")
     pipe.load_models_to_device(("vae_encoder",))
     x = pixels.to(pipe.compute_device_of("vae_encoder"), pipe.torch_dtype)
     z = pipe.vae_encoder(x, tiled=tiled, tile_size=tile_size * VAE_FACTOR, tile_stride=tile_stride * VAE_FACTOR)
