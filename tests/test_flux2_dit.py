@@ -202,3 +202,60 @@ def test_gradient_checkpointing_same_gradients(one_thread):
         model(**inputs(False)).square().mean().backward()
         grads.append(model.transformer_blocks[0].attn.to_q.weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+def test_gguf_file_stays_quantized(tmp_path, one_thread):
+    """A city96-style GGUF (BFL names, Q8_0 matrices): loads with its blocks kept, except BFL's fused q/k/v,
+    which are split (dequantized once); the output equals the gguf package's dequantized weights."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from diffsynth.ops.quant import quant_type
+    sd = dit_to_bfl(tiny_flux2_dit_state_dict())
+    path, dequantized = tmp_path / "flux2-Q8_0.gguf", {}
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    for key, t in sd.items():
+        arr = t.float().numpy()
+        if arr.ndim == 2:
+            raw = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(key, raw, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            arr = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(key, arr)
+        dequantized[key] = torch.from_numpy(np.array(arr, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = load(path)
+    assert quant_type(model.transformer_blocks[0].ff.linear_in) == "Q8_0"
+    assert quant_type(model.transformer_blocks[0].attn.to_q) is None  # split from the fused qkv
+    install_cast(model, "cpu", torch.float32)
+    expected = Flux2DiT(model.config).eval()
+    expected.load_state_dict(dit_from_bfl(dequantized))
+    x = inputs(False)
+    with torch.no_grad():
+        assert rel(model(**x), expected(**x)) <= 1e-5
+
+
+def test_scaled_fp8_comfyui_file(tmp_path, one_thread):
+    """ComfyUI's scaled fp8 (e4m3fn matrices with a per-tensor `.scale_weight`): scales kept beside the weights,
+    folded into BFL's fused q/k/v when they are split."""
+    from safetensors.torch import save_file
+    prefix = "model.diffusion_model."
+    out = {prefix + "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}  # ComfyUI's marker
+    for k, v in dit_to_bfl(tiny_flux2_dit_state_dict()).items():
+        if v.ndim == 2:
+            scale = v.abs().max() / 448
+            out[prefix + k] = (v / scale).to(torch.float8_e4m3fn)
+            out[prefix + k.removesuffix(".weight") + ".scale_weight"] = scale.reshape(())
+        else:
+            out[prefix + k] = v
+    save_file(out, tmp_path / "scaled.safetensors")
+    (det,) = detect(str(tmp_path / "scaled.safetensors"))
+    model = build(det, dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)["dit"]
+    linear_in = model.transformer_blocks[0].ff.linear_in
+    assert linear_in.weight.dtype == torch.float8_e4m3fn and linear_in.scale_weight.numel() == 1
+    install_cast(model, "cpu", torch.float32)
+    x = inputs(False)
+    with torch.no_grad():
+        assert 0 < rel(model(**x), reference(reference_model(False), x)) < 0.05
