@@ -197,3 +197,28 @@ def test_naming_follows_the_model_and_describe(peft_lora):
     info = describe_lora(peft_lora[0], model.config)
     assert info["family"] == "flux2" and info["num_layers"] == 28 and info["not_applied"] == []
     assert info["alphas"] == {ALPHA: 28}
+
+
+@torch.no_grad()
+def test_pipeline_load_lora_matches_diffusers_pipeline(peft_lora, tmp_path, one_thread):
+    """`pipe.load_lora(pipe.dit, kohya file)` on a tiny klein folder = diffusers' Flux2KleinPipeline with
+    `load_lora_weights` of the same file (<= 2/255); clear_lora restores the plain images bit for bit."""
+    from diffsynth.pipelines.flux2_image import Flux2ImagePipeline, ModelConfig
+    from diffsynth.testing.tiny_flux2 import build_tiny_flux2
+    root = build_tiny_flux2(tmp_path / "klein")
+    path = tmp_path / "kohya.safetensors"
+    save_lora(path, export_kohya(canonical(peft_lora)))
+    pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
+        ModelConfig(path=str(root / p)) for p in ("text_encoder", "transformer", "vae/diffusion_pytorch_model.safetensors")])
+    kw = dict(height=48, width=64, seed=7, num_inference_steps=2, output_type="pt")
+    plain = pipe("a red cat", **kw)
+    pipe.load_lora(pipe.dit, str(path), hotload=True)
+    got = pipe("a red cat", **kw)
+    ref = diffusers.Flux2KleinPipeline.from_pretrained(str(root), dtype=torch.float32)
+    ref.load_lora_weights(str(path))
+    noise = torch.randn(1, 128, 3, 4, generator=torch.Generator("cpu").manual_seed(7))
+    expected = ref(prompt="a red cat", height=48, width=64, num_inference_steps=2, guidance_scale=1.0,
+                   latents=noise, output_type="pt").images
+    assert (got - expected).abs().max() <= 2 / 255 and (got - plain).abs().max() > 4 / 255
+    pipe.clear_lora()
+    assert torch.equal(pipe("a red cat", **kw), plain)
