@@ -132,7 +132,7 @@ def test_schedule_matches_diffusers_scheduler():
     assert torch.all(sigmas[1:] < sigmas[:-1])
 
 
-def test_noise_is_drawn_as_diffsynth_studio_draws_it(klein_pipe):
+def test_noise_is_drawn_as_diffsynth_studio_draws_it(klein_pipe, one_thread):
     from diffsynth.pipelines.units import run_units
     latents = klein_pipe("a cat", height=32, width=64, seed=11, num_inference_steps=1, output_type="latent")
     assert latents.shape == (1, 128, 2, 4)
@@ -149,7 +149,7 @@ def test_auto_resize_targets_a_megapixel_in_multiples_of_32():
     assert auto_resize(Image.new("RGB", (1024, 1024))).size == (1024, 1024)
 
 
-def test_argument_errors(klein_pipe):
+def test_argument_errors(klein_pipe, one_thread):
     pipe = klein_pipe
     with pytest.raises(TypeError, match="edit_image must be a PIL image or a non-empty list"):
         pipe("a cat", edit_image=[])
@@ -176,7 +176,44 @@ def test_each_family_loads_in_its_own_pipeline(klein, tiny_root):
             ModelConfig(path=str(tiny_root / "flux1-dev.safetensors"))])
 
 
-def test_top_level_import_and_num_images(klein_pipe):
+def test_top_level_import_and_num_images(klein_pipe, one_thread):
     assert TopLevel is Flux2ImagePipeline
     images = klein_pipe("a cat", height=32, width=32, seed=0, num_inference_steps=1, num_images=2)
     assert len(images) == 2 and images[0].size == (32, 32) and images[0].tobytes() != images[1].tobytes()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_generate_from_klein_folder(klein, klein_pipe, tmp_path, one_thread):
+    from diffsynth.cli import main
+    out = tmp_path / "klein.png"
+    assert main(["generate", "--model-dir", str(klein), "--prompt", "a cat", "--height", "32", "--width", "48",
+                 "--steps", "2", "--seed", "4", "--device", "cpu", "--dtype", "fp32", "--output", str(out)]) == 0
+    expected = klein_pipe("a cat", height=32, width=48, num_inference_steps=2, seed=4)
+    with Image.open(out) as image:
+        assert image.size == (48, 32) and image.convert("RGB").tobytes() == expected.tobytes()
+
+
+def test_cli_edit_image_and_option_errors(klein, tmp_path, capsys, one_thread):
+    from diffsynth.cli import main
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(ref)
+    edited = tmp_path / "edited.png"
+    assert main(["generate", "--model-dir", str(klein), "--prompt", "make it red", "--edit-image", str(ref),
+                 "--no-edit-image-auto-resize", "--steps", "1", "--seed", "1", "--device", "cpu", "--dtype", "fp32", "--output", str(edited)]) == 0
+    with Image.open(edited) as image:  # the size of the reference image by default
+        assert image.size == (48, 32) and "edit_image" in image.info["diffsynth"]
+    assert main(["generate", "--model-dir", str(klein), "--prompt", "x", "--tea-cache", "0.3", "--device", "cpu",
+                 "--output", str(tmp_path / "no.png")]) == 1
+    assert "Flux2ImagePipeline has no --tea-cache-l1-thresh" in capsys.readouterr().err
+
+
+def test_cli_inspect_names_the_vae_and_the_text_encoder(klein, capsys):
+    import json
+    from diffsynth.cli import main
+    assert main(["inspect", "--json", str(klein / "vae"), str(klein / "text_encoder")]) == 0
+    reports = [json.loads(r) for r in capsys.readouterr().out.replace("}\n{", "}\n\x00{").split("\x00")]
+    assert [m["family"] for r in reports for m in r["models"]] == ["flux2-vae", "qwen3"]
+    assert reports[0]["models"][0]["components"] == ["vae_encoder", "vae_decoder"]
+    assert main(["inspect", str(klein / "text_encoder")]) == 0
+    assert "qwen3 (hf layout) -> text_encoder_qwen3" in capsys.readouterr().out
