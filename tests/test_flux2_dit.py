@@ -161,8 +161,8 @@ def test_inspect_names_it(files):
     assert info["architecture"]["variant"] == "FLUX.2 DiT, 2+2 blocks of width 32"
     assert info["architecture"]["guidance_embedder"] is True
     from diffsynth.loading.registry import _flux2_variant
-    assert _flux2_variant(infer_dit_config_like(3072, 5, 20, False)) == "FLUX.2 [klein] 4B-like"
-    assert _flux2_variant(infer_dit_config_like(4096, 8, 24, False)) == "FLUX.2 [klein] 9B-like"
+    assert _flux2_variant(infer_dit_config_like(3072, 5, 20, False)) == "FLUX.2 DiT, [klein] 4B-like"
+    assert _flux2_variant(infer_dit_config_like(4096, 8, 24, False)) == "FLUX.2 DiT, [klein] 9B-like"
 
 
 def infer_dit_config_like(hidden, double, single, guidance):

@@ -138,10 +138,10 @@ def describe(det: Detected) -> dict:
 
 def _flux2_variant(c) -> str:
     """The release a FLUX.2 DiT's shape matches (klein and klein-base share theirs: the base is undistilled)."""
-    known = {(3072, 5, 20, False): "FLUX.2 [klein] 4B-like", (4096, 8, 24, False): "FLUX.2 [klein] 9B-like",
-             (6144, 8, 48, True): "FLUX.2 [dev]-like"}
+    known = {(3072, 5, 20, False): "[klein] 4B-like", (4096, 8, 24, False): "[klein] 9B-like",
+             (6144, 8, 48, True): "[dev]-like"}
     key = (c.hidden_size, c.num_double_blocks, c.num_single_blocks, c.guidance_embed)
-    return known.get(key, f"FLUX.2 DiT, {c.num_double_blocks}+{c.num_single_blocks} blocks of width {c.hidden_size}")
+    return "FLUX.2 DiT, " + known.get(key, f"{c.num_double_blocks}+{c.num_single_blocks} blocks of width {c.hidden_size}")
 
 
 def _dit_variant(c) -> str:
