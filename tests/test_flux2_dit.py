@@ -102,6 +102,8 @@ def test_parity_with_reference_tokens(files, one_thread, guidance):
 def test_guidance_required_by_guidance_embedder(files):
     with pytest.raises(ValueError, match="guidance"):
         load(files[True]["bfl"])(**{**inputs(True), "guidance": None})
+    with pytest.raises(ValueError, match="ref_ids"):
+        load(files[False]["bfl"])(**inputs(False), ref=torch.zeros(2, 3, 128))
 
 
 def test_bfl_round_trip_and_config_from_shapes():
