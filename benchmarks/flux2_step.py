@@ -7,7 +7,7 @@ models in one process, called in alternating order (the ratio of each pair, so l
 both alike). Peak memory: a fresh process per model and dtype; the growth of RSS during one step over the RSS
 with the model loaded (activations and temporaries; the weights are the same for both).
 
-    python benchmarks/flux2_step.py          (DIFFSYNTH_BENCH_SMOKE=1: tiny sizes, for the test suite)
+    python benchmarks/flux2_step.py [fp32] [bf16]   (DIFFSYNTH_BENCH_SMOKE=1: tiny sizes, for the test suite)
 """
 from __future__ import annotations
 
@@ -91,9 +91,9 @@ def worker(kind: str, dtype_name: str, refs: str, impl: str = "") -> None:
             emit({"peak_mb": peak_rss_mb() - before})
 
 
-def main() -> None:
+def main(dtypes: tuple[str, ...] = ("fp32", "bf16")) -> None:
     rows = []
-    cases = [("1", "fp32")] if SMOKE else [(r, d) for r in ("0", "1") for d in ("fp32", "bf16")]
+    cases = [("1", "fp32")] if SMOKE else [(r, d) for r in ("0", "1") for d in dtypes]
     for refs, dtype in cases:
         lat = run_worker(__file__, "latency", dtype, refs)
         d, o = lat["times"]["diffusers"], lat["times"]["ours"]
@@ -112,4 +112,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(*sys.argv[2:])
     else:
-        main()
+        main(tuple(sys.argv[1:]) or ("fp32", "bf16"))
