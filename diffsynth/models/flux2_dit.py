@@ -136,11 +136,15 @@ class JointAttention(nn.Module):
         self.to_out = nn.Sequential(linear(hidden, hidden))  # `to_out.0`, the name LoRA targets use
         self.to_add_out = linear(hidden, hidden)
 
+    def heads_of(self, x: torch.Tensor, proj: nn.Module, norm: nn.Module | None = None) -> torch.Tensor:
+        """(B, L, hidden) -> projected (B, heads, L, head_dim), RMS-normed when `norm` is given."""
+        t = split_heads(proj(x), self.heads)
+        return t if norm is None else norm(t)
+
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.heads
-        q = torch.cat([self.norm_added_q(split_heads(self.add_q_proj(txt), h)), self.norm_q(split_heads(self.to_q(img), h))], 2)
-        k = torch.cat([self.norm_added_k(split_heads(self.add_k_proj(txt), h)), self.norm_k(split_heads(self.to_k(img), h))], 2)
-        v = torch.cat([split_heads(self.add_v_proj(txt), h), split_heads(self.to_v(img), h)], 2)
+        q = torch.cat([self.heads_of(txt, self.add_q_proj, self.norm_added_q), self.heads_of(img, self.to_q, self.norm_q)], 2)
+        k = torch.cat([self.heads_of(txt, self.add_k_proj, self.norm_added_k), self.heads_of(img, self.to_k, self.norm_k)], 2)
+        v = torch.cat([self.heads_of(txt, self.add_v_proj), self.heads_of(img, self.to_v)], 2)
         out = merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
         n_txt = txt.shape[1]
         return self.to_out(out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
