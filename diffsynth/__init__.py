@@ -5,7 +5,7 @@ _EXPORTS = {
     "CheckpointError": ".ops.files", "load_state_dict": ".ops.files",
     "ModelConfig": ".loading.model_config",
     "download_customized_models": ".loading.download", "download_models": ".loading.download",
-    "FluxImagePipeline": ".pipelines.flux_image",
+    "FluxImagePipeline": ".pipelines.flux_image", "Flux2ImagePipeline": ".pipelines.flux2_image",
     "ControlNetInput": ".pipelines.variants.controlnet",
 }
 __all__ = sorted(_EXPORTS)

@@ -16,7 +16,8 @@ from .ops.names import ATTENTION_BACKENDS, COMPUTE_DTYPES, FP8_DTYPES
 
 
 def model_files_in(folder: str) -> list[str]:
-    """The checkpoint files of a model folder (FLUX.1-dev repo layout, diffusers layout, or loose files)."""
+    """The checkpoint files of a model folder (FLUX.1-dev repo layout, diffusers layout (FLUX.2 [klein] too), or
+    loose files)."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
@@ -37,6 +38,11 @@ def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True,
     p.add_argument("--embedded-guidance", type=float, default=3.5, help="FLUX.1-dev's distilled guidance strength")
     p.add_argument("--t5-sequence-length", type=int, default=512, help="T5 tokens the prompt is padded/truncated to")
     p.add_argument("--input-image", help="image for image-to-image")
+    p.add_argument("--edit-image", action="append", metavar="FILE",
+                   help="FLUX.2: a reference image to edit or combine (repeatable, in order)")
+    p.add_argument("--edit-image-auto-resize", action=argparse.BooleanOptionalAction, default=True,
+                   help="FLUX.2: scale each --edit-image to about 1024x1024 (--no-edit-image-auto-resize: keep "
+                        "its size, cropped to multiples of 16)")
     p.add_argument("--denoising-strength", type=float, default=1.0,
                    help="image-to-image: 1 = ignore the input image, lower keeps more of it")
     p.add_argument("--height", type=int,
@@ -65,7 +71,7 @@ def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True,
 GENERATION_KEYS = ("prompt", "negative_prompt", "cfg_scale", "embedded_guidance", "t5_sequence_length",
                    "denoising_strength", "height", "width", "seed", "rand_device", "sigma_shift",
                    "num_inference_steps", "tiled", "tile_size", "tile_stride", "num_images",
-                   "tea_cache_l1_thresh", "fbcache_thresh")
+                   "tea_cache_l1_thresh", "fbcache_thresh", "edit_image_auto_resize")
 STORAGE_DTYPES = (*COMPUTE_DTYPES, *FP8_DTYPES)
 
 
@@ -158,17 +164,44 @@ def check_loras(args) -> None:
         refuse_model_checkpoint(path)
 
 
+def pipeline_family(models: list[str]) -> str:
+    """"flux" or "flux2": which pipeline the files belong to (read from their keys, see Family.pipeline)."""
+    from . import ModelConfig
+    from .loading.components import FAMILY_BY_NAME
+    from .loading.registry import detect
+    kinds = {FAMILY_BY_NAME[d.family].pipeline: m for m in models for d in detect(ModelConfig(path=m).resolve())}
+    if len(kinds) > 1:
+        raise ValueError(f"the models mix FLUX.1 and FLUX.2 files ({kinds['flux']} and {kinds['flux2']}): "
+                         "give the files of one model")
+    return next(iter(kinds), "flux")
+
+
+def pipeline_class(models: list[str]) -> type:
+    from . import Flux2ImagePipeline, FluxImagePipeline
+    return Flux2ImagePipeline if pipeline_family(models) == "flux2" else FluxImagePipeline
+
+
 def build_pipeline(args, models: list[str]):
     """The pipeline `generate` runs: files, storage, LoRAs, attention backend, compilation, VRAM management."""
-    from . import FluxImagePipeline
+    from . import Flux2ImagePipeline
     from .loading.lora.apply import UnmatchedLoRAError
     from .ops.quant import quant_type
     lora_files = loras(args)
     device, dtype = compute_target(args)
-    pipe = FluxImagePipeline.from_pretrained(
-        torch_dtype=torch_dtype(dtype), device=device,
-        model_configs=[_model_config(m, args) for m in models],
-        tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2, parallel=args.parallel)
+    configs = [_model_config(m, args) for m in models]
+    cls = pipeline_class(models)
+    call_params(cls, {k: getattr(args, k) for k in GENERATION_KEYS})  # options it lacks fail before loading
+    if cls is Flux2ImagePipeline:
+        if args.tokenizer_2:
+            raise ValueError("--tokenizer-2 is FLUX.1's T5 tokenizer; FLUX.2 has one tokenizer (--tokenizer-1)")
+        if args.parallel:
+            raise ValueError("--parallel runs FLUX.1 models so far, not FLUX.2")
+        pipe = cls.from_pretrained(torch_dtype=torch_dtype(dtype), device=device, model_configs=configs,
+                                   tokenizer_config=args.tokenizer_1)
+    else:
+        pipe = cls.from_pretrained(torch_dtype=torch_dtype(dtype), device=device, model_configs=configs,
+                                   tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2,
+                                   parallel=args.parallel)
     if lora_files and pipe.dit is None:
         raise ValueError("--lora needs a DiT among the models")
     # GGUF blocks cannot absorb a merged delta: there the LoRA is applied at run time instead.
@@ -227,8 +260,8 @@ def check_outputs(paths: list[str], overwrite: bool) -> None:
     remove_stale_temps(folder)  # half-written images of killed runs (only those whose process is gone)
 
 
-def open_input_image(path: str | None):
-    """The decoded --input-image (decoded now: a damaged file fails before the models load)."""
+def open_input_image(path: str | None, option: str = "--input-image"):
+    """The decoded image of `option` (decoded now: a damaged file fails before the models load)."""
     if path is None:
         return None
     from PIL import Image
@@ -237,7 +270,7 @@ def open_input_image(path: str | None):
             im.load()
             return im.copy()
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"--input-image {path}: cannot be read as an image ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{option} {path}: cannot be read as an image ({type(e).__name__}: {e})") from None
 
 
 def compute_target(args) -> tuple[str, str]:
@@ -282,24 +315,27 @@ def warn_outside_grammar(args, grammar: list[str] | None) -> None:
 def cmd_generate(args) -> list[str]:
     from .ops import parallel
     apply_folder_defaults(args)
-    paths, input_image = check_generation(args)
+    paths, images = check_generation(args)
     print(f"will write {', '.join(paths)}")
     models = model_paths(args)
     try:
-        return write_images(args, build_pipeline(args, models), models, paths, input_image)
+        return write_images(args, build_pipeline(args, models), models, paths, images)
     finally:
         if args.parallel:
             parallel.shutdown()
 
 
-def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str], object]:
+def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str], dict]:
     """Everything about a generation that can be wrong, checked before any model loads: the pipeline's
-    argument checks, the input image, the output paths (with `more_outputs`, files written besides the
-    images) and the device. Returns (image paths, input image)."""
+    argument checks, the input images, the output paths (with `more_outputs`, files written besides the
+    images) and the device. Returns (image paths, the image arguments: input_image and, when given,
+    edit_image)."""
     from .pipelines.checks import check_call_args
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
-    input_image = open_input_image(args.input_image)
-    check_call_args({**params, "input_image": input_image})
+    images = {"input_image": open_input_image(args.input_image, "--input-image")}
+    if getattr(args, "edit_image", None):
+        images["edit_image"] = [open_input_image(p, "--edit-image") for p in args.edit_image]
+    check_call_args({**params, **images})
     check_loras(args)
     paths = output_paths(args.output, args.num_images)
     check_outputs([*paths, *more_outputs], args.overwrite)
@@ -310,24 +346,42 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
         check_mode(args.parallel)
         if args.parallel == "tensor" and (args.lora or args.compile or offloading(args)):
             raise ValueError("--parallel tensor does not combine with --lora, --compile or offloading yet")
-    return paths, input_image
+    return paths, images
+
+
+# Options one of the pipelines does not take, with the value that means "not used".
+_UNUSED = {"t5_sequence_length": 512, "sigma_shift": None, "tea_cache_l1_thresh": None, "fbcache_thresh": None,
+           "edit_image_auto_resize": True}
+
+
+def call_params(pipeline_cls: type, params: dict) -> dict:
+    """The generation arguments the pipeline class takes; an option it does not have, set by the user, is an
+    error."""
+    import inspect
+    accepted = inspect.signature(pipeline_cls.__call__).parameters
+    unusable = sorted(k for k in params if k not in accepted and params[k] != _UNUSED.get(k))
+    if unusable:
+        raise ValueError(f"{pipeline_cls.__name__} has no {', '.join('--' + k.replace('_', '-') for k in unusable)}")
+    return {k: v for k, v in params.items() if k in accepted}
 
 
 def call_record(args, pipe, params: dict) -> dict:
     """What the saved files record of a call besides its arguments: the input image's file, the LoRAs, and
     the T5 length actually used (a tokenizer caps it: flux-nano's at 8)."""
     from .models.flux_text_encoders import t5_length
-    used = t5_length(pipe.tokenizer_2, params["t5_sequence_length"]) if pipe.tokenizer_2 is not None else None
-    return {**params, "input_image": args.input_image, "loras": loras(args), "t5_sequence_length_used": used}
+    tokenizer = getattr(pipe, "tokenizer_2", None)  # (FLUX.2 has no T5)
+    used = t5_length(tokenizer, params["t5_sequence_length"]) if tokenizer is not None else None
+    return {**params, "input_image": args.input_image, "edit_image": getattr(args, "edit_image", None),
+            "loras": loras(args), "t5_sequence_length_used": used}
 
 
-def write_images(args, pipe, models: list[str], paths: list[str], input_image) -> list[str]:
+def write_images(args, pipe, models: list[str], paths: list[str], image_args: dict) -> list[str]:
     """Run the pipeline with the generation arguments and save the image(s) to `paths` (in a parallel run,
     every process generates and rank 0 writes)."""
     from .ops.files import save_image
     from .ops.parallel import is_main_process
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
-    images = pipe(**params, input_image=input_image)
+    images = pipe(**call_params(type(pipe), {**params, **image_args}))
     if not is_main_process():
         return paths
     images = images if isinstance(images, list) else [images]
@@ -422,21 +476,21 @@ def cmd_demo(args) -> None:
     apply_folder_defaults(args)
     grid = grid_path(args.output) if args.prompt is None else None
     args.prompt = demo.DEFAULT_PROMPT if args.prompt is None else args.prompt
-    paths, input_image = check_generation(args, more_outputs=(grid,) if grid else ())
+    paths, image_args = check_generation(args, more_outputs=(grid,) if grid else ())
     print(f"will write {', '.join([*paths, *([grid] if grid else [])])}")
     models = model_paths(args)
     pipe = build_pipeline(args, models)
-    write_images(args, pipe, models, paths, input_image)
+    write_images(args, pipe, models, paths, image_args)
     if grid:
-        write_grid(args, pipe, models, grid, input_image)
+        write_grid(args, pipe, models, grid, image_args)
 
 
-def write_grid(args, pipe, models: list[str], path: str, input_image) -> None:
+def write_grid(args, pipe, models: list[str], path: str, image_args: dict) -> None:
     """The demo's grid: every generation argument applies to each cell (one image per prompt)."""
     from .nano import demo
     from .ops.files import save_image
     params = {**{k: getattr(args, k) for k in GENERATION_KEYS}, "num_images": 1}
-    images = [pipe(**{**params, "prompt": p}, input_image=input_image, progress_bar_cmd=lambda x: x)
+    images = [pipe(**call_params(type(pipe), {**params, **image_args, "prompt": p}), progress_bar_cmd=lambda x: x)
               for p in demo.GRID_PROMPTS]
     record = call_record(args, pipe, {**params, "prompt": " | ".join(demo.GRID_PROMPTS)})
     text = png_metadata({**record, "grid": list(demo.GRID_PROMPTS)}, images[0].info["seed"], images[0].size, models)
@@ -471,8 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="text-to-image / image-to-image from checkpoint files",
                          formatter_class=HelpFormatter)
     gen.add_argument("--model", nargs="+", help="checkpoint files or folders (DiT, VAE, CLIP, T5, or all-in-one)")
-    gen.add_argument("--model-dir", help="a model folder in the FLUX.1-dev layout")
-    gen.add_argument("--tokenizer-1", help="CLIP tokenizer folder (default: tokenizer/ beside text_encoder/)")
+    gen.add_argument("--model-dir", help="a model folder in the FLUX.1-dev or a FLUX.2 [klein] (diffusers) layout")
+    gen.add_argument("--tokenizer-1", help="CLIP (FLUX.2: Qwen) tokenizer folder (default: tokenizer/ beside "
+                     "text_encoder/)")
     gen.add_argument("--tokenizer-2", help="T5 tokenizer folder (default: tokenizer_2/ beside text_encoder_2/)")
     gen.add_argument("--device", help="compute device: cuda, cuda:1, mps, cpu (default: cuda when this machine "
                                       "has it, else cpu)")

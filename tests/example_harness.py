@@ -7,6 +7,7 @@ temporary working directory. The pipeline is made to run on the CPU in fp32 at m
 """
 from __future__ import annotations
 
+import inspect
 import runpy
 import shlex
 from pathlib import Path
@@ -32,13 +33,16 @@ def _small(value, max_side: int):
 
 
 def run_example(script: str | Path, tmp_path: Path, monkeypatch, models: dict[str, Path],
-                max_side: int = 64, steps: int = 2) -> dict:
-    """Run `script` (relative to examples/flux/) with `models` {model_id: tiny folder}; returns its globals."""
+                max_side: int = 64, steps: int = 2, pipeline: type = FluxImagePipeline,
+                examples: Path = EXAMPLES) -> dict:
+    """Run `script` (relative to `examples`, examples/flux/ by default) with `models` {model_id: tiny folder}
+    and `pipeline` (the class the script uses) made small; returns the script's globals."""
     monkeypatch.chdir(tmp_path)
     for model_id, folder in models.items():
         link_model(tmp_path, model_id, Path(folder))
-    original_load = FluxImagePipeline.from_pretrained.__func__
-    original_call = FluxImagePipeline.__call__
+    original_load = pipeline.from_pretrained.__func__
+    original_call = pipeline.__call__
+    has_t5 = "t5_sequence_length" in inspect.signature(original_call).parameters
 
     def load_on_cpu(cls, *args, **kwargs):
         return original_load(cls, *args, **{**kwargs, "device": "cpu", "torch_dtype": torch.float32})
@@ -47,13 +51,14 @@ def run_example(script: str | Path, tmp_path: Path, monkeypatch, models: dict[st
         kwargs["height"] = _small(kwargs.get("height"), max_side) or max_side
         kwargs["width"] = _small(kwargs.get("width"), max_side) or max_side
         kwargs["num_inference_steps"] = min(kwargs.get("num_inference_steps", steps), steps)
-        kwargs.setdefault("t5_sequence_length", 32)
+        if has_t5:
+            kwargs.setdefault("t5_sequence_length", 32)
         kwargs["progress_bar_cmd"] = lambda x: x
         return original_call(self, *args, **kwargs)
 
-    monkeypatch.setattr(FluxImagePipeline, "from_pretrained", classmethod(load_on_cpu))
-    monkeypatch.setattr(FluxImagePipeline, "__call__", small_call)
-    return runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+    monkeypatch.setattr(pipeline, "from_pretrained", classmethod(load_on_cpu))
+    monkeypatch.setattr(pipeline, "__call__", small_call)
+    return runpy.run_path(str(examples / script), run_name="__main__")
 
 
 # What a training script's one-step smoke run adds to the script's own arguments.

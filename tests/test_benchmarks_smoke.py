@@ -73,3 +73,11 @@ def test_infiniteyou_step_smoke(monkeypatch, capsys):
     step = next(line for line in out.splitlines() if line.startswith("| step"))
     assert float(step.rsplit("|", 2)[-2]) < 1e-5  # InfuseNet with identity tokens + DiT: same as diffusers
     assert "once per call" in out
+
+
+def test_flux2_step_smoke(monkeypatch, capsys):
+    monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
+    _import("flux2_step").main()
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| 1 reference"))
+    assert float(row.rsplit("|", 2)[-2]) < 1e-5  # with a reference image: the same velocity as diffusers

@@ -86,10 +86,15 @@ def _dit_converter(fmt: str):
 
 
 def dit_config(det: Detected):
-    """A detected DiT's architecture from tensor shapes alone (meta tensors: no weight is read)."""
-    from ..models.flux_dit import infer_dit_config
+    """A detected DiT's (FLUX.1 or FLUX.2) architecture from tensor shapes alone (meta tensors: no weight is read)."""
     meta = {k: torch.empty(r.shape, device="meta") for k, r in split_scales(det.refs)[0].items()}
-    config = infer_dit_config(_dit_converter(det.format)(meta))
+    if det.family == "flux2-dit":
+        from ..models import flux2_dit
+        config = flux2_dit.infer_dit_config(_flux2_converter(det.format)(meta))
+        config.theta = int((det.config or {}).get("rope_theta", config.theta))
+    else:
+        from ..models.flux_dit import infer_dit_config
+        config = infer_dit_config(_dit_converter(det.format)(meta))
     if det.config and "axes_dims_rope" in det.config:
         config.axes_dim = tuple(det.config["axes_dims_rope"])
     return config
@@ -274,3 +279,44 @@ def build_infiniteyou_projector(det: Detected, options: BuildOptions) -> dict[st
     model = assign(InfiniteYouProjector, config, sd, f"InfiniteYou projector from {det.source}")
     model.source = det.source
     return {"image_proj_model": model}
+
+
+def build_flux2_vae(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux2_vae import BATCH_NORM_EPS, Flux2VAEDecoder, Flux2VAEEncoder, flux2_vae_parts, vae_config
+    eps = float((det.config or {}).get("batch_norm_eps", BATCH_NORM_EPS))
+    enc, dec = flux2_vae_parts(plain_tensors(det, options), det.format)
+    return {"vae_encoder": assign(lambda c: Flux2VAEEncoder(c, eps), vae_config(enc), enc,
+                                  f"FLUX.2 VAE encoder from {det.source}"),
+            "vae_decoder": assign(lambda c: Flux2VAEDecoder(c, eps), vae_config(dec), dec,
+                                  f"FLUX.2 VAE decoder from {det.source}")}
+
+
+def build_qwen3(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux2_text_encoder import load_qwen3
+    model = load_qwen3(plain_tensors(det, options), det.config, f"Qwen3 from {det.source}")
+    return {"text_encoder_qwen3": model.to(options.device)}
+
+
+def _flux2_converter(fmt: str):
+    from ..models.flux2_dit import dit_from_bfl, dit_from_diffusers
+    return {"bfl": dit_from_bfl, "diffusers": dit_from_diffusers}[fmt]
+
+
+def build_flux2_dit(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    """FLUX.2 DiT from diffusers' layout (our names) or BFL's; scaled-fp8 scales and GGUF blocks stay as
+    stored except on BFL's fused q/k/v, which are split (and so dequantized / folded once here)."""
+    from ..models.flux2_dit import Flux2DiT, bfl_key_to_internal
+    rename = bfl_key_to_internal if det.format == "bfl" else (lambda k: k)
+    config = dit_config(det)
+    refs, scale_refs, sd = load_tensors(det, options)
+    # per-tensor scales survive renaming; the BFL final layer's halves swap would reorder per-row ones
+    keep = lambda k, s: rename(k) is not None and (s.numel() == 1 or not k.startswith("final_layer.adaLN"))  # noqa: E731
+    scales = apply_scales(sd, scale_refs, options.dtype, keep)
+    quant = {k: r.extra for k, r in refs.items() if is_quantized(r.extra)}
+    for k in [k for k in quant if rename(k) is None]:
+        dtype = options.dtype if options.dtype is not None else torch.float32
+        sd[k] = dequantize(sd[k], quant.pop(k), dtype).reshape(refs[k].shape)
+    sd = _flux2_converter(det.format)(sd)
+    return {"dit": assign(Flux2DiT, config, sd, f"FLUX.2 DiT from {det.source}",
+                          quantized={rename(k): t for k, t in quant.items()},
+                          scales={rename(k): s for k, s in scales.items()})}

@@ -52,6 +52,8 @@ class Family:
     low_precision_storage: bool = False
     # Renames a detected file's keys into the one layout the builder reads (e.g. CLIP without `text_model.`).
     normalize: Callable[[Refs], Refs] | None = None
+    # The pipeline family that loads it: "flux" (FluxImagePipeline) or "flux2" (Flux2ImagePipeline).
+    pipeline: str = "flux"
 
 
 def has_prefix(keys, *prefixes: str) -> bool:
@@ -75,9 +77,12 @@ def _no_control(keys) -> bool:
     return not any(k.startswith(_CONTROL_MARKERS) or ".controlnet_" in k for k in keys)
 
 
+_FLUX2_MODULATION = ("double_stream_modulation_img.", "single_stream_modulation.")
+
+
 def detect_flux_dit(refs: Refs) -> str | None:
     keys = refs.keys()
-    if not _no_control(keys) or has_prefix(keys, "ip_adapter", "redux_"):
+    if not _no_control(keys) or has_prefix(keys, "ip_adapter", "redux_", *_FLUX2_MODULATION):
         return None
     if has_prefix(keys, "double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"):
         return None if has_prefix(keys, "double_blocks.0.processor.") else "bfl"
@@ -88,13 +93,36 @@ def detect_flux_dit(refs: Refs) -> str | None:
     return None
 
 
-def detect_flux_vae(refs: Refs) -> str | None:
-    keys = refs.keys()
+def _vae_layout(keys) -> str | None:
     if has_prefix(keys, "encoder.down.0.block.0.", "decoder.up.0.block.0."):
         return "bfl"
     if has_prefix(keys, "encoder.down_blocks.0.resnets.0.", "decoder.up_blocks.0.resnets.0."):
         return "diffusers"
     return None
+
+
+def detect_flux2_vae(refs: Refs) -> str | None:
+    """FLUX.2's VAE: FLUX.1's layout plus the batch-norm statistics of its patchified latents."""
+    keys = refs.keys()
+    return _vae_layout(keys) if "bn.running_mean" in keys and "bn.running_var" in keys else None
+
+
+def detect_flux2_dit(refs: Refs) -> str | None:
+    """FLUX.2's DiT: modulation shared by all blocks (FLUX.1 modulates inside each block), in BFL's names
+    (`*.lin`, `double_blocks.N.img_attn.qkv`) or diffusers' (`*.linear`, `transformer_blocks.N.attn.to_q`)."""
+    keys = refs.keys()
+    if has_key(keys, "double_stream_modulation_img.lin.weight", "single_stream_modulation.lin.weight") and \
+            has_prefix(keys, "double_blocks.", "single_blocks."):
+        return "bfl"
+    if has_key(keys, "double_stream_modulation_img.linear.weight", "single_stream_modulation.linear.weight") and \
+            has_prefix(keys, "transformer_blocks.", "single_transformer_blocks."):
+        return "diffusers"
+    return None
+
+
+def detect_flux_vae(refs: Refs) -> str | None:
+    keys = refs.keys()
+    return None if has_prefix(keys, "bn.running_") else _vae_layout(keys)  # with statistics: FLUX.2's
 
 
 def vae_parts(refs: Refs) -> tuple[str, ...]:
@@ -111,6 +139,12 @@ def detect_clip(refs: Refs) -> str | None:
 def canonical_clip(refs: Refs) -> Refs:
     from ..models.flux_text_encoders import canonical_clip_keys
     return canonical_clip_keys(refs)
+
+
+def detect_qwen3(refs: Refs) -> str | None:
+    """Qwen3 language model (FLUX.2 [klein]'s text encoder), keys without the `model.` level."""
+    from ..models.flux2_text_encoder import is_qwen3_state
+    return "hf" if is_qwen3_state(refs.keys()) else None
 
 
 def detect_t5(refs: Refs) -> str | None:
@@ -248,6 +282,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component("value_controller", "prompt_tokens", many=True),
     Component("lora_patcher", "denoise", in_loop=True),
     Component("timestep_lora", "denoise", in_loop=True, trainable=False),  # hooks DiT layers per evaluation
+    Component("text_encoder_qwen3", "text", activation="text"),     # FLUX.2 [klein]'s Qwen3 prompt encoder
     Component("qwenvl", "text", activation="text"),                 # Qwen2.5-VL prompt encoder (Step1X, Nexus-Gen)
     Component("step1x_connector", "denoise", in_loop=True),         # per-step: conditioned on the timestep
     Component("nexus_gen", "text", activation="text"),              # Nexus-Gen's autoregressive Qwen2.5-VL
@@ -295,12 +330,18 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen2.5-vl", "Qwen2.5-VL", detect_qwen_vl, fills("qwenvl"), _lazy("build_qwenvl")),
     Family("step1x", "Step1X-Edit DiT + connector", detect_step1x, fills("dit", "step1x_connector"),
            _lazy("build_step1x")),
+    Family("flux2-dit", "FLUX.2 DiT", detect_flux2_dit, fills("dit"), _lazy("build_flux2_dit"),
+           bundle_prefixes=("model.diffusion_model.",), low_precision_storage=True, pipeline="flux2"),
     Family("flux-dit", "FLUX DiT", detect_flux_dit, fills("dit"), _lazy("build_dit"),
            bundle_prefixes=("model.diffusion_model.",), low_precision_storage=True),
+    Family("flux2-vae", "FLUX.2 VAE", detect_flux2_vae, vae_parts, _lazy("build_flux2_vae"),
+           pipeline="flux2"),
     Family("flux-vae", "FLUX VAE", detect_flux_vae, vae_parts, _lazy("build_vae"),
            bundle_prefixes=("first_stage_model.", "vae.")),
     Family("clip", "CLIP-L text encoder", detect_clip, fills("text_encoder_1"), _lazy("build_clip"),
            bundle_prefixes=("text_encoders.clip_l.transformer.",), normalize=canonical_clip),
+    Family("qwen3", "Qwen3 text encoder (FLUX.2 [klein])", detect_qwen3, fills("text_encoder_qwen3"),
+           _lazy("build_qwen3"), low_precision_storage=True, pipeline="flux2"),
     Family("t5", "T5 text encoder", detect_t5, fills("text_encoder_2"), _lazy("build_t5"),
            bundle_prefixes=("text_encoders.t5xxl.transformer.",), low_precision_storage=True),
 )

@@ -25,6 +25,8 @@ class ModelConfig:
     `offload_device`/`offload_dtype`: where and in which dtype the weights are stored (e.g. "cpu",
     torch.float8_e4m3fn). DiffSynth-Studio 2.0's `onload_*`, `preparing_*` and `computation_*` fields are
     accepted with the same meaning; see `storage` for how they map onto this project's storage/compute split.
+    2.0's `offload_device="disk"`/`offload_dtype="disk"` (weights left in their file until onloaded) mean
+    here that the onload stage is the storage: the weights are read once into `onload_device`/`onload_dtype`.
     `download_source` is 2.0's name for `download_resource`.
     """
     path: str | list[str] | None = None
@@ -57,6 +59,12 @@ class ModelConfig:
         self.download_resource = self.download_resource.lower()
         if self.download_resource not in DOWNLOAD_RESOURCES:
             raise ValueError(f"download_resource must be one of {DOWNLOAD_RESOURCES}, got {self.download_resource!r}")
+        if "disk" in (self.offload_device, self.offload_dtype):
+            if self.onload_device is None and self.onload_dtype is None:
+                raise ValueError(f"{self!r}: offload 'disk' needs the onload_device/onload_dtype the weights are "
+                                 "read into")
+            self.offload_device = None if self.offload_device == "disk" else self.offload_device
+            self.offload_dtype = None if self.offload_dtype == "disk" else self.offload_dtype
         for name in _DTYPE_FIELDS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, torch.dtype):

@@ -129,7 +129,21 @@ def describe(det: Detected) -> dict:
             "single_blocks": c.num_single_blocks, "in_channels": c.in_channels,
             "guidance_embedder": c.guidance_embed,
             "variant": _dit_variant(c)}
+    if det.family == "flux2-dit":
+        c = dit_config(det)
+        info["architecture"] = {
+            "hidden_size": c.hidden_size, "heads": c.num_heads, "double_blocks": c.num_double_blocks,
+            "single_blocks": c.num_single_blocks, "context_dim": c.context_dim,
+            "guidance_embedder": c.guidance_embed, "variant": _flux2_variant(c)}
     return info
+
+
+def _flux2_variant(c) -> str:
+    """The release a FLUX.2 DiT's shape matches (klein and klein-base share theirs: the base is undistilled)."""
+    known = {(3072, 5, 20, False): "[klein] 4B-like", (4096, 8, 24, False): "[klein] 9B-like",
+             (6144, 8, 48, True): "[dev]-like"}
+    key = (c.hidden_size, c.num_double_blocks, c.num_single_blocks, c.guidance_embed)
+    return "FLUX.2 DiT, " + known.get(key, f"{c.num_double_blocks}+{c.num_single_blocks} blocks of width {c.hidden_size}")
 
 
 def _dit_variant(c) -> str:

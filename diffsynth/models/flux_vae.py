@@ -25,6 +25,7 @@ __all__ = [
     "tiled_apply",
     "vae_from_bfl",
     "vae_from_diffusers",
+    "diffusers_parts",
     "infer_vae_config",
 ]
 
@@ -40,6 +41,8 @@ class FluxVAEConfig:
     num_groups: int = 32
     scaling_factor: float = 0.3611
     shift_factor: float = 0.1159
+    # 1x1 convolutions on the moments (encoder) and on the latents (decoder): FLUX.1 has none, FLUX.2 has both.
+    quant_conv: bool = False
 
     @property
     def downscale(self) -> int:
@@ -235,6 +238,8 @@ class FluxVAEEncoder(nn.Module):
         self.norm_out = _norm(block_in, g)
         # 2*z: mean and log-variance; we only ever use the mean.
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)
+        if cfg.quant_conv:
+            self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
 
     def _encode(self, x: Tensor) -> Tensor:
         h = self.conv_in(_conv_layout(x))
@@ -245,6 +250,8 @@ class FluxVAEEncoder(nn.Module):
                 h = stage.downsample(h)
         h = self.mid(h)
         h = self.conv_out(F.silu(self.norm_out(h)))
+        if self.config.quant_conv:
+            h = self.quant_conv(h)
         mean = h[:, : self.config.z_channels]
         return ((mean - self.config.shift_factor) * self.config.scaling_factor).contiguous()
 
@@ -270,6 +277,8 @@ class FluxVAEDecoder(nn.Module):
         self.config = cfg = config or FluxVAEConfig()
         g = cfg.num_groups
         block_in = cfg.ch * cfg.ch_mult[-1]
+        if cfg.quant_conv:
+            self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
         self.mid = MidBlock(block_in, g)
         # Built deepest-first (execution order) but indexed by level, as in the checkpoint.
@@ -289,6 +298,8 @@ class FluxVAEDecoder(nn.Module):
 
     def _decode(self, z: Tensor) -> Tensor:
         z = z / self.config.scaling_factor + self.config.shift_factor
+        if self.config.quant_conv:
+            z = self.post_quant_conv(z)
         h = self.mid(self.conv_in(_conv_layout(z)))
         for stage in reversed(self.up):
             for block in stage.block:
@@ -372,6 +383,7 @@ def _infer_vae_config(sd: StateDict) -> FluxVAEConfig:
         ch_mult=tuple(int(w // ch) for w in widths),
         num_res_blocks=int(num_res_blocks),
         z_channels=int(z_channels),
+        quant_conv="quant_conv.weight" in sd or "post_quant_conv.weight" in sd,
     )
 
 
@@ -470,9 +482,19 @@ def vae_from_diffusers(state_dict: StateDict) -> tuple[dict[str, Tensor], dict[s
         raise ValueError(
             "state dict has quant_conv/post_quant_conv: not a FLUX VAE (FLUX uses none)"
         )
+    return diffusers_parts(state_dict)
+
+
+def diffusers_parts(state_dict: StateDict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(encoder_sd, decoder_sd) with BFL names from diffusers ``encoder.*``/``decoder.*`` keys; a
+    ``quant_conv`` goes with the encoder, a ``post_quant_conv`` with the decoder. Other keys are ignored."""
     num_levels = _count(state_dict, "decoder.up_blocks.{}.")
     enc, dec = {}, {}
     for key, v in state_dict.items():
+        if key.startswith("quant_conv."):
+            enc[key] = v
+        elif key.startswith("post_quant_conv."):
+            dec[key] = v
         for part, out in (("encoder.", enc), ("decoder.", dec)):
             if key.startswith(part):
                 out[_rename_diffusers(key[len(part) :], num_levels)] = v

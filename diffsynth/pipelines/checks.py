@@ -10,6 +10,7 @@ import math
 from numbers import Real
 
 import torch
+from PIL import Image
 
 from ..loading.components import component
 from ..ops.files import all_finite
@@ -54,9 +55,20 @@ def _check_text(name: str, value) -> None:
                          "another encoding)") from None
 
 
-def _check_image(value) -> None:
+def _check_image(value, name: str = "input_image") -> None:
     if value is not None:
-        check_image(value, "input_image")  # a truncated or damaged file fails here, not inside the VAE
+        check_image(value, name)  # a truncated or damaged file fails here, not inside the VAE
+
+
+def check_image_list(value, name: str) -> None:
+    """None, one PIL image, or a non-empty list/tuple of them (reference images)."""
+    if value is None or isinstance(value, Image.Image):
+        _check_image(value, name)
+        return
+    if not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(f"{name} must be a PIL image or a non-empty list of them, got {value!r:.80}")
+    for i, image in enumerate(value):
+        _check_image(image, f"{name}[{i}]")
 
 
 def _check_size(height, width) -> None:
@@ -69,16 +81,17 @@ def _check_size(height, width) -> None:
 
 
 def check_call_args(args: dict) -> None:
-    """`args`: `FluxImagePipeline.__call__`'s arguments by name. Raises TypeError / ValueError naming the first
-    bad one."""
+    """`args`: a pipeline `__call__`'s arguments by name (those a family lacks, e.g. FLUX.2's sigma_shift, are
+    skipped). Raises TypeError / ValueError naming the first bad one."""
     for name in ("prompt", "negative_prompt"):
         _check_text(name, args[name])
     _need_real("cfg_scale", args["cfg_scale"], 0.0)
     _need_real("embedded_guidance", args["embedded_guidance"], 0.0)
     _need_real("denoising_strength", args["denoising_strength"], 0.0, 1.0, low_open=True)
-    if args["sigma_shift"] is not None:
+    if args.get("sigma_shift") is not None:
         _need_real("sigma_shift", args["sigma_shift"], MIN_SIGMA_SHIFT, MAX_SIGMA_SHIFT)
-    _need_int("t5_sequence_length", args["t5_sequence_length"], 1, MAX_T5_SEQUENCE_LENGTH)
+    if "t5_sequence_length" in args:
+        _need_int("t5_sequence_length", args["t5_sequence_length"], 1, MAX_T5_SEQUENCE_LENGTH)
     _need_int("num_inference_steps", args["num_inference_steps"], 1, MAX_STEPS)
     _need_int("num_images", args["num_images"], 1, MAX_IMAGES)
     _need_int("tile_size", args["tile_size"], 1, MAX_SIDE)
@@ -86,10 +99,11 @@ def check_call_args(args: dict) -> None:
     if args["seed"] is not None:
         _need_int("seed", args["seed"], 0, MAX_SEED - (args["num_images"] - 1))
     for name in ("tea_cache_l1_thresh", "fbcache_thresh"):
-        if args[name] is not None:
+        if args.get(name) is not None:
             _need_real(name, args[name], 0.0)
     _check_size(args["height"], args["width"])
     _check_image(args["input_image"])
+    check_image_list(args.get("edit_image"), "edit_image")
     _check_strengths(args.get("variant_inputs") or {})
 
 

@@ -3,39 +3,32 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import torch
 from PIL import Image
-from torch import nn
 from tqdm import tqdm
 
-from ..loading import components as table
-from ..loading import vram
-from ..ops.devices import check_device, random_generator
 from ..loading.model_config import ModelConfig
 from ..loading.registry import build, detect
 from ..models import flux_text_encoders as te
 from ..models.flux_dit import image_ids
 from ..models.flux_dit_cache import make_cache
-from ..ops import parallel as _parallel
-from ..ops.attention import set_attention_backend as _set_attention_backend
 from ..ops.files import load_state_dict
-from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
-from .checks import check_call_args, check_finite, require_models
-from .denoise import batch_cfg_inputs, model_fn
-from .images import VAE_FACTOR, image_to_tensor, tensor_to_images, vae_encode
-from .units import StepUnit, Unit, active_units, run_units, unit
+from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, flux_sigmas
+from .base import BasePipeline, ModelList, check_output_args, draw_noise, either, tokenizer_dir
+from .checks import check_call_args, require_models
+from .denoise import model_fn
+from .images import VAE_FACTOR, image_to_tensor, vae_encode
+from .units import StepUnit, Unit, unit
 from .variants import FIRST_UNITS
 from .variants import UNITS as VARIANT_UNITS
 from .variants.controlnet import ControlNetInput
 
 # What DiffSynth-Studio's scripts import from this module (2.0; 1.x's `flux_image_new` re-exports them).
-__all__ = ["FluxImagePipeline", "ModelConfig", "ControlNetInput", "load_state_dict"]
+__all__ = ["FluxImagePipeline", "ModelConfig", "ModelList", "ControlNetInput", "load_state_dict"]
 
 LATENT_CHANNELS = 16
 SIZE_MULTIPLE = 16  # VAE 8x, then 2x2 patches
@@ -61,14 +54,9 @@ def check_shape(pipe, height=None, width=None, input_image=None):
 
 @unit(outputs=("noise", "seed"))
 def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
-    """fp32 Gaussian noise drawn on `rand_device`; image i of a batch uses seed + i. A random seed is the
-    same on every process of a parallel run."""
-    if seed is None:
-        seed = _parallel.shared_random_seed()
-    shape = (1, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR)
-    noise = torch.cat([torch.randn(shape, generator=random_generator(rand_device, seed + i), device=rand_device,
-                                   dtype=torch.float32) for i in range(num_images)])
-    return {"noise": noise.to(pipe.device, pipe.torch_dtype), "seed": seed}
+    """fp32 Gaussian noise drawn on `rand_device`; image i of a batch uses seed + i."""
+    return draw_noise(pipe, (1, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR), seed, rand_device,
+                      num_images)
 
 
 PROMPT_OUTPUTS = ("prompt_emb", "pooled_prompt_emb", "text_ids")
@@ -117,56 +105,17 @@ BASE_UNITS: list[Unit | StepUnit] = [*FIRST_UNITS, *CORE_UNITS, *VARIANT_UNITS]
 
 # ----------------------------------------------------------------------------- the pipeline
 
-class ModelList(nn.ModuleList):
-    """A `many` component (`pipe.controlnet`): models in load order. `.models` is the list itself, the name
-    DiffSynth-Studio scripts use (`pipe.controlnet.models[0]`)."""
-
-    @property
-    def models(self) -> "ModelList":
-        return self
-
-    def gradient_checkpointing_enable(self) -> None:
-        for model in self:
-            model.gradient_checkpointing = True
-
-
-class PerThread:
-    """An attribute each thread sees on its own: a pipeline shared by threads (a server) tells every caller
-    the seed and cache statistics of its own last call, not of whichever call finished last."""
-
-    def __set_name__(self, owner, name: str) -> None:
-        self.name = name
-
-    def _values(self, obj) -> threading.local:
-        return obj.__dict__.setdefault("_per_thread", threading.local())
-
-    def __get__(self, obj, objtype=None):
-        return self if obj is None else getattr(self._values(obj), self.name, None)
-
-    def __set__(self, obj, value) -> None:
-        setattr(self._values(obj), self.name, value)
-
-
-class FluxImagePipeline(nn.Module):
+class FluxImagePipeline(BasePipeline):
     """DiffSynth-Studio's FLUX pipeline. Model attributes (dit, text_encoder_1, text_encoder_2, vae_encoder,
     vae_decoder, and the variants' models) come from the component table, `loading.components`."""
 
-    last_seed = PerThread()         # the seed of this thread's last call (also each returned image's info["seed"])
-    last_cache_stats = PerThread()  # what TeaCache / First-Block-Cache skipped in this thread's last call
+    family = "flux"
+    compiled_blocks = ("blocks", "single_blocks")  # FLUX.1's 57 blocks share 2 compiled graphs
+    prompt_unit, text_encoders = encode_prompt, TEXT_ENCODERS
 
     def __init__(self, device: str | torch.device = "cuda", torch_dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.device = torch.device(device)
-        self.torch_dtype = torch_dtype
-        for c in table.COMPONENTS:
-            setattr(self, c.name, ModelList() if c.many else None)
+        super().__init__(device, torch_dtype, BASE_UNITS, model_fn)
         self.tokenizer_1 = self.tokenizer_2 = None
-        self.units: list[Unit | StepUnit] = list(BASE_UNITS)
-        self.model_fn: Callable = model_fn
-        self.offload = {}  # attribute -> (storage device, storage dtype) from ModelConfig
-        self.vram_models: dict[str, vram.ManagedModel] = {}  # models whose storage differs from computation
-        self.vram_plans: dict = {}
-        self.vram_management_enabled = False
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -192,107 +141,25 @@ class FluxImagePipeline(nn.Module):
         DiT on its share of the tokens; "tensor": each process holds 1/N of the DiT blocks' heads and MLP
         channels (no VRAM management, LoRAs or compilation with it yet). See ops/parallel.py.
         """
-        check_device(device)  # (the bare constructor allows any device: vram_plan for a card this machine lacks)
-        vram.check_gigabytes("vram_limit", vram_limit)  # before any model loads
-        if parallel == "tensor" and vram_limit is not None:
-            raise NotImplementedError('parallel="tensor" does not combine with vram_limit (VRAM management) yet')
-        if parallel is not None:
-            device = _parallel.setup(parallel, device)
+        device = cls._check_load_args(device, vram_limit, parallel)
         pipe = cls(device=device, torch_dtype=torch_dtype)
         processor_dirs = {family: _folder(config) for family, config in (
             ("nexus-gen-llm", nexus_gen_processor_config), ("qwen2.5-vl", step1x_processor_config))
             if config is not None}
-        encoder_sources = {}
-        for config in model_configs:
-            if not isinstance(config, ModelConfig):
-                raise TypeError(f"model_configs must hold ModelConfig objects, got {type(config).__name__}")
-            storage_device, storage_dtype = config.storage(device, torch_dtype)
-            if storage_device is not None:
-                check_device(storage_device, "offload_device")
-            paths = config.resolve()
-            for det in detect(paths):
-                models = build(det, storage_dtype or torch_dtype, storage_device or device, compute_dtype=torch_dtype,
-                               processor_dir=processor_dirs.get(det.family))
-                for name, model in models.items():
-                    name = pipe._attach(name, model, det.source)
-                    pipe.offload[name] = (storage_device, storage_dtype)
-                    vram.register_model(pipe, name, model, storage_device or device, device, torch_dtype)
-                    encoder_sources[name] = (paths, config)
+        encoder_sources = pipe._load_models(model_configs, processor_dirs)
         if pipe.text_encoder_1 is not None:
-            pipe.tokenizer_1 = te.load_clip_tokenizer(
-                _tokenizer_dir(_either(tokenizer_1_path, tokenizer_1_config, 1),
-                               encoder_sources["text_encoder_1"], "tokenizer"))
+            pipe.tokenizer_1 = te.load_clip_tokenizer(tokenizer_dir(
+                either(tokenizer_1_path, tokenizer_1_config, "tokenizer_1"), encoder_sources["text_encoder_1"],
+                "tokenizer", "tokenizer_1_path"))
         if pipe.text_encoder_2 is not None:
-            pipe.tokenizer_2 = te.load_t5_tokenizer(
-                _tokenizer_dir(_either(tokenizer_2_path, tokenizer_2_config, 2),
-                               encoder_sources["text_encoder_2"], "tokenizer_2"))
+            pipe.tokenizer_2 = te.load_t5_tokenizer(tokenizer_dir(
+                either(tokenizer_2_path, tokenizer_2_config, "tokenizer_2"), encoder_sources["text_encoder_2"],
+                "tokenizer_2", "tokenizer_2_path"))
         if parallel == "tensor":
             pipe._shard_dit()
         if vram_limit is not None:
             pipe.enable_vram_management(vram_limit=vram_limit, vram_buffer=0)
         return pipe
-
-    def _shard_dit(self) -> None:
-        if self.dit is None:
-            raise ValueError('parallel="tensor" splits the DiT: add its checkpoint to model_configs')
-        if "dit" in self.vram_models:
-            raise NotImplementedError('parallel="tensor" does not combine with offloaded or fp8/GGUF DiT '
-                                      'storage yet: load the DiT in the compute dtype on the device')
-        self.dit.shard_tensor_parallel()
-
-    def _check_not_tensor_parallel(self, what: str) -> None:
-        """Split (DTensor) weights cannot take merged LoRAs, per-layer casting or compiled blocks yet."""
-        if self.dit is not None and getattr(self.dit, "tensor_parallel", False):
-            raise NotImplementedError(f'{what} does not work on a DiT split by parallel="tensor" yet')
-
-    def _attach(self, name: str, model: nn.Module, source: str) -> str:
-        """Set a loaded model; returns its name (`controlnet.1` for the second of a `many` component)."""
-        if table.component(name).many:
-            getattr(self, name).append(model)
-            return f"{name}.{len(getattr(self, name)) - 1}"
-        if getattr(self, name) is not None:
-            warnings.warn(f"{name} loaded twice; keeping the one from {source}")
-        setattr(self, name, model)
-        return name
-
-    def loaded_models(self) -> dict[str, nn.Module]:
-        """{attribute: model} of every loaded model (`controlnet.0`, ... for `many` components)."""
-        out = {}
-        for c in table.COMPONENTS:
-            value = getattr(self, c.name, None)
-            if c.many:
-                out.update({f"{c.name}.{i}": m for i, m in enumerate(value or ())})
-            elif value is not None:
-                out[c.name] = value
-        return out
-
-    def release_model(self, name: str) -> None:
-        """Drop the model(s) of component `name` (and their VRAM management) so their memory can be freed."""
-        setattr(self, name, ModelList() if table.component(name).many else None)
-        for key in [k for k in self.vram_models if k == name or k.startswith(name + ".")]:
-            del self.vram_models[key]
-
-    def in_loop_models(self) -> SimpleNamespace:
-        """The models `model_fn` receives: every in-loop component of the table, by attribute."""
-        return SimpleNamespace(**{c.name: getattr(self, c.name) for c in table.COMPONENTS if c.in_loop})
-
-    def accepted_inputs(self) -> set[str]:
-        """Every `__call__`/training input some unit or step unit of this pipeline reads."""
-        return {p for u in self.units for p in u.params}
-
-    # -- LoRA --------------------------------------------------------------------------------------
-    def load_lora(self, module: nn.Module, lora, alpha: float = 1.0, hotload: bool = False, strict: bool = True):
-        """Apply a LoRA (file in any supported dialect, ModelConfig or state dict) to `module` (usually `pipe.dit`).
-
-        Merged into the weights by default; `hotload=True` keeps base weights untouched so that
-        `clear_lora()` restores them exactly. Text-encoder keys in the file (kohya `lora_te1_*`) go to
-        `text_encoder_1`. Keys that match no layer raise, listing them (`strict=False`: warn instead).
-        """
-        from ..loading.lora import load_lora_into_pipeline
-        self._check_not_tensor_parallel("load_lora")
-        if isinstance(lora, ModelConfig):
-            lora = lora.resolve()
-        return load_lora_into_pipeline(self, module, lora, alpha=alpha, hotload=hotload, strict=strict)
 
     def load_timestep_lora(self, lora_config: ModelConfig | str, alpha: float = 2.0) -> None:
         """DiffSynth-Studio 2.0's timestep LoRA (e.g. DiffSynth-Studio/MultiAlign-FLUX.1-dev): a DiT LoRA whose
@@ -325,70 +192,6 @@ class FluxImagePipeline(nn.Module):
 
     enable_lora_merger = enable_lora_magic  # DiffSynth-Studio 2.0's name
 
-    def clear_lora(self) -> None:
-        """Remove every hot-loaded LoRA from every model of the pipeline."""
-        from ..loading.lora import clear_lora
-        for model in self.loaded_models().values():
-            clear_lora(model)
-
-    # -- memory and speed ------------------------------------------------------------------------
-    def enable_vram_management(self, vram_limit: float | None = None, vram_buffer: float = 0.5,
-                               num_persistent_param_in_dit: int | None = None) -> dict:
-        """Keep layers resident on the device while under `vram_limit` GB (default: the device's free memory
-        now) minus `vram_buffer` GB; stream the rest from their storage device (ModelConfig.offload_device)
-        at every call. `vram_limit=0` keeps nothing resident (minimum VRAM). `num_persistent_param_in_dit`
-        instead keeps that many DiT parameters resident, in module order. Models not needed by the running
-        step are moved off the device. The plan reserves the largest layer's transient copy and activations
-        estimated for 1024x1024 with one image per DiT call (batched CFG doubles those: on a tight card raise
-        `vram_buffer` or pass `batch_cfg=False`). Returns the plans, {group of models: VramPlan}."""
-        self._check_not_tensor_parallel("enable_vram_management")
-        return vram.enable_vram_management(self, vram_limit, vram_buffer, num_persistent_param_in_dit)
-
-    def vram_plan(self, vram_limit_gb: float, vram_buffer: float = 0.5, height: int = 1024, width: int = 1024,
-                  batch: int = 1, storage_dtype: torch.dtype | None = None, gguf_type: str | None = None,
-                  num_persistent_param_in_dit: int | None = None) -> dict:
-        """What enable_vram_management would plan for a `vram_limit_gb` card, for every loaded model as if it
-        were offloadable (works on meta-device models). `storage_dtype`/`gguf_type` try another storage."""
-        budget = max(0, int((vram_limit_gb - vram_buffer) * vram.GB))
-        return vram.plan_pipeline(self, budget, num_persistent_param_in_dit, height, width, batch,
-                                  only_offloadable=False, storage_dtype=storage_dtype, gguf_type=gguf_type)
-
-    def load_models_to_device(self, names: Sequence[str]) -> None:
-        """Under VRAM management: residents of `names` onto the device, other models' residents off it."""
-        vram.load_models_to_device(self, names)
-
-    def compute_device_of(self, name: str) -> torch.device:
-        model = getattr(self, name)
-        if model is None or name in self.vram_models:
-            return self.device
-        return next(model.parameters()).device
-
-    def set_attention_backend(self, name: str) -> None:
-        """"auto" (default), "sdpa", "flash", "sage" or "math"; see diffsynth.ops.attention. Process-wide."""
-        _set_attention_backend(name)
-
-    def compile(self, **compile_kwargs) -> "FluxImagePipeline":
-        """Regional compilation: each DiT double/single block is compiled with torch.compile (the 57 blocks
-        of FLUX.1 share 2 compiled graphs). Hot-loaded LoRAs keep working: loading or clearing one changes
-        the layers' forward hooks, which the compiled blocks guard on (this sets the process-wide
-        `torch._dynamo.config.skip_nnmodule_hook_guards = False`), so each new LoRA set recompiles once
-        and returning to an earlier set reuses its graph. Merged LoRAs change weights in place and need no
-        recompilation. Compiled graphs are shared by all blocks of a kind; after about 8 different LoRA
-        sets torch's recompile limit makes them run eagerly (`torch._dynamo.config.cache_size_limit`).
-        `compile_kwargs` go to torch.compile (mode, backend, dynamic, ...)."""
-        if self.dit is None:
-            raise RuntimeError("no DiT loaded")
-        self._check_not_tensor_parallel("compile")
-        import torch._dynamo
-        from ..ops import attention
-        attention._flash_fn(), attention._sage_fn()  # import optional kernels before tracing
-        # Hot-loaded LoRAs are forward hooks: make compiled blocks guard on hooks (torch skips that by
-        # default), so adding/removing a LoRA recompiles instead of silently running the old graph.
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
-        for block in [*self.dit.blocks, *self.dit.single_blocks]:
-            block.compile(**compile_kwargs)
-        return self
-
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt: str = "", negative_prompt: str = "", cfg_scale: float = 1.0,
@@ -412,12 +215,7 @@ class FluxImagePipeline(nn.Module):
         no unit of this pipeline reads is an error.
         """
         check_call_args(locals())  # types, ranges, finiteness, sizes: before anything is allocated
-        if output_type not in ("pil", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        if tiled and not 0 < tile_stride <= tile_size:
-            raise ValueError(f"tile_stride ({tile_stride}) must be in (0, tile_size={tile_size}]")
-        units = active_units(self, self.units)
-        self.require_call_models(units, input_image, output_type)
+        check_output_args(output_type, tiled, tile_size, tile_stride)
         sigmas = flux_sigmas(num_inference_steps, denoising_strength,
                              DEFAULT_SHIFT if sigma_shift is None else sigma_shift)
         shared = dict(
@@ -433,79 +231,8 @@ class FluxImagePipeline(nn.Module):
         if unknown:
             raise TypeError(f"unknown argument(s) {unknown}; variant inputs this pipeline reads: {sorted(variants)}")
         shared.update(variant_inputs)
-        use_cfg = cfg_scale != 1.0
-        run_units(self, units, shared, posi, nega, use_cfg)
-        cache = make_cache(tea_cache_l1_thresh, fbcache_thresh, num_inference_steps, use_cfg)
-        latents = self.denoise(units, shared, posi, nega, cfg_scale, batch_cfg, cache, progress_bar_cmd)
-        check_finite(self, latents, "latents", {**shared, **posi})
-        self.last_cache_stats = cache.stats() if cache is not None else None
-        self.last_seed = shared["seed"]
-        if output_type == "latent":
-            return latents
-        self.load_models_to_device(("vae_decoder",))
-        image = self.vae_decoder(latents.to(self.compute_device_of("vae_decoder"), self.torch_dtype),
-                                 tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
-        check_finite(self, image, "decoded image", {})
-        if output_type == "pt":
-            return ((image.float().clamp(-1, 1) + 1) / 2).cpu()
-        images = tensor_to_images(image)
-        if shared.get("image_edit") is not None:  # a variant's last step on the picture (Insert-Anything's paste)
-            images = [shared["image_edit"](im) for im in images]
-        for i, im in enumerate(images):
-            im.info["seed"] = shared["seed"] + i
-        return images[0] if num_images == 1 else images
-
-    def require_call_models(self, units: list[Unit], input_image, output_type: str) -> None:
-        """The models a call will need, checked before any work (a missing VAE was found after all steps)."""
-        require_models(self, ("dit",), "generation")
-        if encode_prompt in units:  # (Step1X and Nexus-Gen replace it with their own encoders)
-            require_models(self, TEXT_ENCODERS, "the prompt")
-        if input_image is not None:
-            require_models(self, ("vae_encoder",), "input_image")
-        if output_type != "latent":
-            require_models(self, ("vae_decoder",), "decoding the image")
-
-    def model_inputs(self, units: list[Unit], values: dict) -> dict:
-        """The values the units declared as denoiser inputs."""
-        keys = {k for u in units for k in u.model_inputs}
-        return {k: v for k, v in values.items() if k in keys}
-
-    def denoise(self, units: list[Unit], shared: dict, posi: dict, nega: dict, cfg_scale: float,
-                batch_cfg: bool, cache, progress_bar_cmd: Callable = tqdm) -> torch.Tensor:
-        """The sampling loop: Euler steps over `shared["sigmas"]`, true CFG when cfg_scale != 1."""
-        use_cfg = cfg_scale != 1.0
-        self.load_models_to_device(table.in_loop_names())
-        models, step_units = self.in_loop_models(), [u for u in self.units if isinstance(u, StepUnit)]
-        states = (lambda *b: [cache.branches[x] for x in b]) if cache is not None else (lambda *b: None)
-        sigmas, latents = shared["sigmas"], shared["latents"]
-        steps = sigmas.tolist() + [0.0]
-        inputs = {b: self.model_inputs(units, {**shared, **d}) for b, d in (("posi", posi), ("nega", nega))}
-        batched_keys = [k for u in units for k in u.batched]
-        both = batch_cfg_inputs(self.model_inputs(units, shared), self.model_inputs(units, posi),
-                                self.model_inputs(units, nega), batched_keys) if use_cfg and batch_cfg else None
-
-        def evaluate(values: dict, x: torch.Tensor, sigma: float, branches: tuple[str, ...], i: int):
-            timestep = torch.full((x.shape[0],), sigma, device=self.device, dtype=self.torch_dtype)
-            return self.model_fn(models, **values, latents=x, timestep=timestep, step_units=step_units,
-                                 step_index=i, cache_states=states(*branches))
-
-        for i in progress_bar_cmd(range(len(sigmas))):
-            if both is not None:
-                velocity, negative = evaluate(both, latents.repeat(2, 1, 1, 1), steps[i], ("posi", "nega"), i).chunk(2)
-            else:
-                velocity = evaluate(inputs["posi"], latents, steps[i], ("posi",), i)
-                negative = evaluate(inputs["nega"], latents, steps[i], ("nega",), i) if use_cfg else None
-            if negative is not None:
-                velocity = negative + cfg_scale * (velocity - negative)
-            latents = euler_step(latents, velocity, steps[i], steps[i + 1])
-        return latents
-
-
-def _either(path, config, n: int):
-    """`tokenizer_{n}_path` (1.x) or `tokenizer_{n}_config` (2.0's name for the same argument)."""
-    if path is not None and config is not None:
-        raise TypeError(f"give tokenizer_{n}_path or tokenizer_{n}_config, not both")
-    return path if path is not None else config
+        cache = make_cache(tea_cache_l1_thresh, fbcache_thresh, num_inference_steps, cfg_scale != 1.0)
+        return self.generate(shared, posi, nega, cfg_scale, batch_cfg, cache, progress_bar_cmd, output_type)
 
 
 def _folder(config: str | os.PathLike | ModelConfig) -> str:
@@ -520,25 +247,3 @@ def _folder(config: str | os.PathLike | ModelConfig) -> str:
     paths = config.resolve() if isinstance(config, ModelConfig) else config
     first = Path(paths if isinstance(paths, (str, os.PathLike)) else paths[0])
     return str(first if first.is_dir() else first.parent)
-
-
-def _tokenizer_dir(explicit, source, name: str) -> str:
-    """Where a tokenizer is: given explicitly, else beside the text encoder (the FLUX.1-dev repo layout)."""
-    if isinstance(explicit, ModelConfig):
-        return str(explicit.resolve())
-    if explicit is not None:
-        return str(explicit)
-    paths, config = source
-    first = Path(paths if isinstance(paths, (str, os.PathLike)) else paths[0])
-    encoder_dir = first if first.is_dir() else first.parent
-    candidates = [encoder_dir.parent / name, encoder_dir]
-    for c in candidates:
-        if (c / "vocab.json").is_file() or (c / "spiece.model").is_file() or (c / "tokenizer.json").is_file():
-            return str(c)
-    if config.model_id is not None and not config.skip_download:  # the tokenizer from the same repository
-        cfg = ModelConfig(model_id=config.model_id, origin_file_pattern=f"{name}/",
-                          local_model_path=config.local_model_path, download_resource=config.download_resource)
-        return str(cfg.resolve())
-    raise FileNotFoundError(
-        f"no {name} found for the text encoder at {first}: looked in {[str(c) for c in candidates]}. "
-        f"Pass {'tokenizer_1_path' if name == 'tokenizer' else 'tokenizer_2_path'}= to from_pretrained")

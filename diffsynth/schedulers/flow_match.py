@@ -1,6 +1,8 @@
 """Rectified-flow (flow-matching) schedule for FLUX: shifted linear sigmas, Euler steps, training weights."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 SIGMA_MIN = 0.003 / 1.002
@@ -46,3 +48,30 @@ def training_weights(num_train_timesteps: int = 1000, shift: float = DEFAULT_SHI
     y = torch.exp(-2 * ((t - num_train_timesteps / 2) / num_train_timesteps) ** 2)
     y = y - y.min()
     return sigmas, (y * num_train_timesteps / y.sum()).float()
+
+
+def flux2_empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's time-shift exponent: fitted lines in the image token count at 10 and 200 steps,
+    interpolated linearly in the step count; beyond 4300 tokens the 200-step line alone."""
+    at_200 = 1.6927e-4 * image_seq_len + 0.45666666
+    if image_seq_len > 4300:
+        return float(at_200)
+    at_10 = 8.73809524e-5 * image_seq_len + 1.89833333
+    slope = (at_200 - at_10) / 190.0
+    return float(at_200 + slope * (num_steps - 200))
+
+
+def flux2_sigmas(num_steps: int, image_seq_len: int, denoising_strength: float = 1.0,
+                 mu: float | None = None) -> torch.Tensor:
+    """FLUX.2 [klein]'s `num_steps` sigmas: linear from sigma_start down to 1/num_steps, then shifted
+    exponentially, e^mu / (e^mu + 1/sigma - 1), with mu = flux2_empirical_mu(image_seq_len, num_steps)
+    unless given. The last step goes to 0. denoising_strength scales sigma_start within [1/N, 1] (img2img)."""
+    if num_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
+    if not 0.0 < denoising_strength <= 1.0:
+        raise ValueError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
+    low = 1.0 / num_steps
+    start = low + (1.0 - low) * denoising_strength
+    sigmas = torch.linspace(start, low, num_steps, dtype=torch.float64)
+    shift = math.exp(flux2_empirical_mu(image_seq_len, num_steps) if mu is None else mu)
+    return (shift / (shift + (1 / sigmas - 1))).float()

@@ -1,4 +1,6 @@
-"""LoRA for FLUX.1: read the common file dialects into one canonical form, apply it, export it.
+"""LoRA for the FLUX DiTs (FLUX.1, FLUX.2): read the common file dialects into one canonical form, apply it,
+export it. Key names are resolved with the target DiT's `DiTNaming` (`FLUX1`, `FLUX2`; `naming_for(dit)`),
+so one set of dialect rules serves both families.
 
 Canonical form (`CanonicalLoRA`):
 
@@ -28,7 +30,14 @@ diffsynth      internal names: ``blocks.0.attn.a_to_qkv.lora_A.default.weight`` 
                optionally prefixed ``pipe.dit.``
 =============  ==================================================================================
 
-Separate q/k/v (and single-block ``proj_mlp``) LoRAs are fused exactly into the fused internal layers:
+FLUX.2 (internal names are diffusers' ``Flux2Transformer2DModel`` names, so ``peft``/``diffusers``/``diffsynth``
+coincide): ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` (PEFT, also ``base_model.model.``),
+kohya ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` and ComfyUI / ai-toolkit
+``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` with BFL names. A LoRA of BFL's fused double-block
+``qkv`` becomes exact LoRAs of the separate ``to_q/to_k/to_v`` (shared down, row groups of up); kohya export fuses
+them back block-diagonally.
+
+Separate q/k/v (and single-block ``proj_mlp``) LoRAs are fused exactly into the fused internal layers (FLUX.1):
 the downs are stacked along the rank, the up is block-diagonal (absent parts are zero blocks) and each
 part's alpha/rank is folded into its block, so the fused layer has ``alpha=None``.
 """
@@ -36,11 +45,11 @@ from __future__ import annotations
 
 from .apply import apply_lora, clear_lora, load_lora_into_pipeline, widen_linear_input
 from .export import describe_lora, export_kohya, export_peft, save_lora
-from .formats import (CanonicalLoRA, LoRAReport, LoRAWeights, convert_lora, detect_dialect,
-                      lora_from_peft_model_state, read_lora_file)
+from .formats import (FLUX1, FLUX2, CanonicalLoRA, DiTNaming, LoRAReport, LoRAWeights, convert_lora, detect_dialect,
+                      lora_from_peft_model_state, naming_for, read_lora_file)
 
 __all__ = [
     "LoRAWeights", "CanonicalLoRA", "LoRAReport", "detect_dialect", "convert_lora", "apply_lora", "clear_lora",
     "load_lora_into_pipeline", "widen_linear_input", "export_kohya", "export_peft", "save_lora",
-    "read_lora_file", "lora_from_peft_model_state", "describe_lora",
+    "read_lora_file", "lora_from_peft_model_state", "describe_lora", "DiTNaming", "FLUX1", "FLUX2", "naming_for",
 ]

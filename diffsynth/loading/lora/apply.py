@@ -13,7 +13,7 @@ from torch import nn
 from ...ops.limits import MAX_STRENGTH
 from ...ops.quant import add_to_weight, quant_type
 from ..vram import compute_spec
-from .formats import CanonicalLoRA, LoRAReport, LoRAWeights, _as_canonical, _listing
+from .formats import CanonicalLoRA, LoRAReport, LoRAWeights, _as_canonical, _listing, naming_for
 
 
 # ----------------------------------------------------------------------------- application
@@ -241,7 +241,7 @@ def apply_lora(module: nn.Module, lora, alpha: float = 1.0, hotload: bool = Fals
     ``apply_lora(text_encoder, lora.text_encoder_part())``.
     """
     check_strength(alpha)
-    lora = _as_canonical(lora, _mlp_ratio(module))
+    lora = _as_canonical(lora, _mlp_ratio(module), naming_for(module))
     report = LoRAReport("hotload" if hotload else "merge")
     plan = _plan(module, lora, merge=not hotload)
     _check([f"{k}: {v}" for k, v in lora.unknown.items()] + plan.unmatched, strict, report)
@@ -260,7 +260,7 @@ def load_lora_into_pipeline(pipe, module: nn.Module, lora, alpha: float = 1.0, h
     matched first; with `strict`, any unmatched entry raises ValueError and nothing is applied.
     """
     check_strength(alpha)
-    lora = _as_canonical(lora, _mlp_ratio(module))
+    lora = _as_canonical(lora, _mlp_ratio(module), naming_for(module))
     report = LoRAReport("hotload" if hotload else "merge")
     dit_plan = _plan(module, lora, merge=not hotload)
     problems = [f"{k}: {v}" for k, v in lora.unknown.items()] + dit_plan.unmatched

@@ -12,10 +12,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ...models.flux_dit import (_DIFFUSERS_DOUBLE, _DIFFUSERS_FUSED, _DIFFUSERS_SINGLE, _DIFFUSERS_TOP,
-                                _swap_halves, internal_key_to_bfl)
+from ...models.flux_dit import _swap_halves
 from .apply import _mlp_ratio, _plan
-from .formats import CanonicalLoRA, LoRAWeights, _listing, convert_lora, read_lora_file
+from .formats import (NAMINGS, CanonicalLoRA, DiTNaming, LoRAWeights, _fuse, _listing, _Target, convert_lora,
+                      naming_for, read_lora_file)
 
 
 # ----------------------------------------------------------------------------- export
@@ -25,9 +25,11 @@ def export_kohya(lora: CanonicalLoRA, strict: bool = True) -> dict[str, torch.Te
 
     Weights are written unchanged with each layer's own ``.alpha`` (the rank when it had none), so
     reading the file back gives the same LoRA exactly. Final-layer LoRAs get their scale folded into
-    ``lora_up`` and alpha = rank, because diffusers ignores alpha there. LoRA biases and norm weights
+    ``lora_up`` and alpha = rank, because diffusers ignores alpha there. FLUX.2's separate q/k/v LoRAs
+    become one LoRA of BFL's fused ``qkv`` (block-diagonal, exact). LoRA biases and norm weights
     have no kohya form: ValueError (`strict=False`: warn and leave them out).
     """
+    naming = NAMINGS[lora.family]
     out: dict[str, torch.Tensor] = {}
     problems = [f"{n}: norm weights have no kohya form" for n in lora.norm_weights]
 
@@ -36,17 +38,16 @@ def export_kohya(lora: CanonicalLoRA, strict: bool = True) -> dict[str, torch.Te
         out[f"{key}.lora_up.weight"] = up
         out[f"{key}.alpha"] = torch.tensor(float(lw.rank if alpha is None else alpha))
 
-    for name, lw in lora.layers.items():
-        bfl = internal_key_to_bfl(name + ".weight")
+    for name, bfl, lw in _bfl_layers(lora.layers, naming, problems):
         if bfl is None or lw.bias_up is not None:
             problems.append(f"{name}: " + ("no BFL name" if bfl is None else "LoRA bias has no kohya form"))
             continue
         up, alpha = lw.up, lw.alpha
-        if name.startswith("final_") and lw.scale != 1.0:
+        if name in naming.final_layers and lw.scale != 1.0:
             up, alpha = (up.float() * lw.scale).to(up.dtype), None
-        if name == "final_norm_out.linear":
+        if name == naming.final_layers[0]:
             up = _swap_halves(up)
-        put("lora_unet_" + bfl[: -len(".weight")].replace(".", "_"), lw, up, alpha)
+        put("lora_unet_" + bfl.replace(".", "_"), lw, up, alpha)
     for name, lw in lora.te_layers.items():
         if lw.bias_up is not None:
             problems.append(f"{name}: LoRA bias has no kohya form")
@@ -60,34 +61,52 @@ def export_kohya(lora: CanonicalLoRA, strict: bool = True) -> dict[str, torch.Te
     return out
 
 
-_INTERNAL_TO_DIFFUSERS_TOP = {v: k for k, v in _DIFFUSERS_TOP.items()}
-_INTERNAL_TO_DIFFUSERS_BLOCK = {
-    "blocks": ("transformer_blocks", {v: k for k, v in _DIFFUSERS_DOUBLE.items()}),
-    "single_blocks": ("single_transformer_blocks", {v: k for k, v in _DIFFUSERS_SINGLE.items()}),
-}
+def _bfl_layers(layers: dict[str, LoRAWeights], naming: DiTNaming, problems: list[str]):
+    """(internal name, BFL module name or None, LoRA) of every layer, with the separate layers BFL fuses
+    (FLUX.2's q/k/v) joined into one block-diagonal LoRA (missing parts are zero blocks)."""
+    internal = naming.bfl_blocks["double_blocks"][0]
+    group_of = {(internal, part): (fused, i, len(parts))  # -> (BFL fused module, index, group size)
+                for fused, parts in naming.bfl_split.items() for i, part in enumerate(parts)}
+    groups: dict[str, list] = {}
+    for name, lw in layers.items():
+        m = re.fullmatch(r"(\w+)\.(\d+)\.(.+)", name)
+        hit = group_of.get((m.group(1), m.group(3))) if m else None
+        if hit is None:
+            bfl = naming.internal_key_to_bfl(name + ".weight")
+            yield name, None if bfl is None else bfl[: -len(".weight")], lw
+            continue
+        fused, i, n = hit
+        groups.setdefault(f"double_blocks.{m.group(2)}.{fused}", []).append((_Target("dit", name, (i, i + 1)), lw, n))
+    for bfl, group in groups.items():
+        unknown: dict[str, str] = {}
+        lw = _fuse(bfl, [(t, lw) for t, lw, _ in group], [group[0][1].up.shape[0]] * group[0][2], unknown)
+        if lw is None:
+            problems.extend(f"{k}: {v}" for k, v in unknown.items())
+        else:
+            yield bfl, bfl, lw
 
 
-def _to_diffusers_name(name: str) -> str | None:
+def _to_diffusers_name(name: str, naming: DiTNaming) -> str | None:
     """Internal module name -> diffusers module name (None for fused layers and unknown names)."""
-    m = re.fullmatch(r"(blocks|single_blocks)\.(\d+)\.(.+)", name)
-    if not m:
-        return _INTERNAL_TO_DIFFUSERS_TOP.get(name)
-    kind, table = _INTERNAL_TO_DIFFUSERS_BLOCK[m.group(1)]
-    rest = table.get(m.group(3))
-    return f"{kind}.{m.group(2)}.{rest}" if rest else None
+    m = re.fullmatch(r"(\w+)\.(\d+)\.(.+)", name)
+    for kind, (internal, table) in naming.diffusers_blocks.items():
+        if m and m.group(1) == internal:
+            rest = {v: k for k, v in table.items()}.get(m.group(3))
+            return f"{kind}.{m.group(2)}.{rest}" if rest else None
+    return {v: k for k, v in naming.diffusers_top.items()}.get(name)
 
 
-def _diffusers_pieces(name: str, lw: LoRAWeights):
+def _diffusers_pieces(name: str, lw: LoRAWeights, naming: DiTNaming):
     """(diffusers module, down, up, bias) for one internal layer; fused layers split exactly by rows.
 
     Each part keeps only the rank columns its rows use (a block-diagonal fused LoRA splits back into its
     original parts); a part whose rows are all zero is left out.
     """
-    m = re.fullmatch(r"(blocks|single_blocks)\.(\d+)\.(.+)", name)
-    kind = {"blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}[m.group(1)] if m else None
-    parts = _DIFFUSERS_FUSED.get((kind, m.group(3))) if m else None
+    m = re.fullmatch(r"(\w+)\.(\d+)\.(.+)", name)
+    kind = next((k for k, (internal, _) in naming.diffusers_blocks.items() if m and m.group(1) == internal), None)
+    parts = naming.diffusers_fused.get((kind, m.group(3))) if kind else None
     if parts is None:
-        path = _to_diffusers_name(name)
+        path = _to_diffusers_name(name, naming)
         if path is None:
             raise ValueError(f"cannot export {name!r} to diffusers names")
         yield path, lw.down, lw.up, lw.bias_up
@@ -127,13 +146,15 @@ def export_peft(lora: CanonicalLoRA) -> tuple[dict[str, torch.Tensor], dict[str,
     metadata ``{"lora_adapter_metadata": json}`` carries the LoraConfig (r, lora_alpha, rank/alpha
     patterns, target_modules) per component, as diffusers' ``save_lora_weights`` writes it.
     """
+    naming = NAMINGS[lora.family]
     sd: dict[str, torch.Tensor] = {}
     config: dict[str, object] = {}
     for comp, layers in (("transformer", lora.layers), ("text_encoder", lora.te_layers)):
         ranks: dict[str, int] = {}
         bias = False
         for name, lw in layers.items():
-            pieces = _diffusers_pieces(name, lw) if comp == "transformer" else [(name, lw.down, lw.up, lw.bias_up)]
+            pieces = _diffusers_pieces(name, lw, naming) if comp == "transformer" else \
+                [(name, lw.down, lw.up, lw.bias_up)]
             for path, down, up, b in pieces:
                 sd[f"{comp}.{path}.lora_A.weight"] = down
                 sd[f"{comp}.{path}.lora_B.weight"] = _bake(up, lw.scale)
@@ -144,7 +165,7 @@ def export_peft(lora: CanonicalLoRA) -> tuple[dict[str, torch.Tensor], dict[str,
         if ranks:
             config.update({f"{comp}.{k}": v for k, v in _peft_config(ranks, bias).items()})
     for pname, value in lora.norm_weights.items():
-        path = _to_diffusers_name(pname.rpartition(".")[0])
+        path = _to_diffusers_name(pname.rpartition(".")[0], naming)
         if path is None:
             raise ValueError(f"cannot export norm weight {pname!r} to diffusers names")
         sd[f"transformer.{path}.weight"] = value
@@ -163,8 +184,9 @@ def save_lora(path: str | os.PathLike, sd: Mapping[str, torch.Tensor],
 def describe_lora(path_or_sd, model: nn.Module | object | None = None) -> dict:
     """What a LoRA file is: dialect, ranks, alphas, targeted layers, and what would not apply.
 
-    `model` (a FluxDiT, any nn.Module, or a FluxDiTConfig) adds ``not_applied``: the entries that
-    `apply_lora` would reject for that model. A config is instantiated on the meta device (no memory).
+    `model` (a FluxDiT / Flux2DiT, any nn.Module, or their config) adds ``not_applied``: the entries that
+    `apply_lora` would reject for that model, whose family's names the file is read in (FLUX.1's without
+    a model). A config is instantiated on the meta device (no memory).
     """
     if isinstance(path_or_sd, Mapping):
         sd, metadata, name = dict(path_or_sd), {}, None
@@ -172,11 +194,13 @@ def describe_lora(path_or_sd, model: nn.Module | object | None = None) -> dict:
         sd, metadata = read_lora_file(path_or_sd)
         name = str(path_or_sd)
     ratio = _mlp_ratio(model) if isinstance(model, nn.Module) else float(getattr(model, "mlp_ratio", 4.0))
-    lora = convert_lora(sd, metadata, ratio)
+    naming = naming_for(model)
+    lora = convert_lora(sd, metadata, ratio, naming)
     every = {**lora.layers, **{f"text_encoder.{k}": v for k, v in lora.te_layers.items()}}
     info = {
         "file": name,
         "dialect": lora.dialect,
+        "family": lora.family,
         "tensors": len(sd),
         "num_layers": len(lora.layers),
         "num_te_layers": len(lora.te_layers),
@@ -190,9 +214,10 @@ def describe_lora(path_or_sd, model: nn.Module | object | None = None) -> dict:
     }
     if model is not None:
         if not isinstance(model, nn.Module):
+            from ...models.flux2_dit import Flux2DiT
             from ...models.flux_dit import FluxDiT
             with torch.device("meta"):
-                model = FluxDiT(model)
+                model = (Flux2DiT if naming.family == "flux2" else FluxDiT)(model)
         plan = _plan(model, lora, merge=False)
         info["not_applied"] = [f"{k}: {v}" for k, v in lora.unknown.items()] + plan.unmatched
     return info

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
+from torch import nn
 
-from ...models.flux_dit import (_BFL_DOUBLE, _BFL_SINGLE, _BFL_TOP, _DIFFUSERS_DOUBLE, _DIFFUSERS_FUSED,
-                                _DIFFUSERS_SINGLE, _DIFFUSERS_TOP, _swap_halves, bfl_key_to_internal)
+from ...models.flux_dit import _swap_halves
 from ...ops.files import CheckpointError, all_finite
 
 
@@ -48,6 +48,7 @@ class CanonicalLoRA:
     te_layers: dict[str, LoRAWeights] = field(default_factory=dict)
     dialect: str = "diffsynth"
     unknown: dict[str, str] = field(default_factory=dict)  # file key -> why it could not be converted
+    family: str = "flux"  # the DiT naming its layer names are in: "flux" (FLUX.1) or "flux2"
 
     def text_encoder_part(self) -> "CanonicalLoRA":
         """The CLIP part as a LoRA of its own, to pass to `apply_lora(text_encoder, ...)`."""
@@ -67,115 +68,207 @@ class LoRAReport:
 # ----------------------------------------------------------------------------- key names -> targets
 
 @dataclass(frozen=True)
+class DiTNaming:
+    """The key names of one DiT family (FLUX.1, FLUX.2) in every naming LoRA files use, as data.
+
+    Block tables are keyed by the BFL / diffusers block list (``double_blocks``, ``transformer_blocks``, ...)
+    and map module names inside a block (BFL tables map parameter keys, as in the model files).
+    """
+    family: str
+    bfl_key_to_internal: Callable[[str], str | None]
+    internal_key_to_bfl: Callable[[str], str | None]
+    bfl_top: Mapping[str, str]
+    bfl_blocks: Mapping[str, tuple[str, Mapping[str, str]]]  # BFL list -> (internal list, table)
+    diffusers_top: Mapping[str, str]
+    diffusers_blocks: Mapping[str, tuple[str, Mapping[str, str]]]  # diffusers list -> (internal list, table)
+    # internal fused layer inside a block -> the diffusers modules it concatenates (FLUX.1's q/k/v[/mlp])
+    diffusers_fused: Mapping[tuple[str, str], tuple[str, ...]]
+    # BFL fused module inside a block -> the internal layers it splits into, equal row groups (FLUX.2's q/k/v)
+    bfl_split: Mapping[str, tuple[str, ...]]
+    fused_rows: Callable[[str, int, float], list[int] | None]  # fused layer suffix, hidden, mlp ratio -> rows
+    norm_param: re.Pattern  # internal norm parameters (replaced whole, never LoRA targets)
+    final_layers: tuple[str, ...]  # internal final layers, the first one stored (shift, scale) by BFL
+    xlabs: Mapping[str, str] = field(default_factory=dict)  # XLabs processor name -> BFL module
+    comfy_partial: Mapping[str, tuple[str, tuple[int, int]]] = field(default_factory=dict)  # -> (fused, parts)
+
+    @property
+    def internal_blocks(self) -> dict[str, set[str]]:
+        """Internal block list -> the module names inside a block."""
+        out: dict[str, set[str]] = {}
+        for kind, (internal, table) in self.bfl_blocks.items():
+            names = {v for v in table.values()} | {p for parts in self.bfl_split.values() for p in parts}
+            out[internal] = names if kind == "double_blocks" else set(table.values())
+        return out
+
+    @property
+    def kohya_blocks(self) -> dict[str, dict[str, str]]:
+        """BFL module names with ``_`` for ``.``, as kohya writes them after ``lora_unet_<list>_<N>_``."""
+        out = {}
+        for kind, (_, table) in self.bfl_blocks.items():
+            names = [k for k in table if not k.endswith(".scale")] + (list(self.bfl_split) if kind == "double_blocks"
+                                                                      else [])
+            out[kind] = {k.replace(".", "_"): k for k in names} | {k: k for k in self.comfy_partial}
+        return out
+
+    @property
+    def diffusers_parts(self) -> dict[tuple[str, str], tuple[str, int]]:
+        return {(kind, part): (fused, i) for (kind, fused), parts in self.diffusers_fused.items()
+                for i, part in enumerate(parts)}
+
+
+def _flux1_rows(suffix: str, hidden: int, mlp_ratio: float) -> list[int] | None:
+    parts = {"attn.a_to_qkv": 3, "attn.b_to_qkv": 3, "to_qkv_mlp": 4}.get(suffix)
+    return None if parts is None else [hidden] * 3 + ([int(hidden * mlp_ratio)] if parts == 4 else [])
+
+
+def _identity(names) -> dict[str, str]:
+    return {n: n for n in names}
+
+
+def _flux1_naming() -> DiTNaming:
+    from ...models import flux_dit as m
+    return DiTNaming(
+        "flux", m.bfl_key_to_internal, m.internal_key_to_bfl, m._BFL_TOP,
+        {"double_blocks": ("blocks", m._BFL_DOUBLE), "single_blocks": ("single_blocks", m._BFL_SINGLE)},
+        m._DIFFUSERS_TOP,
+        {"transformer_blocks": ("blocks", m._DIFFUSERS_DOUBLE),
+         "single_transformer_blocks": ("single_blocks", m._DIFFUSERS_SINGLE)},
+        m._DIFFUSERS_FUSED, {}, _flux1_rows, re.compile(r"(.*\.)?norm_[qk]_[ab]\.weight"),
+        ("final_norm_out.linear", "final_proj_out"),
+        xlabs={"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv", "proj_lora1": "img_attn.proj",
+               "proj_lora2": "txt_attn.proj", "qkv_lora": "linear1_qkv", "proj_lora": "linear2"},
+        # ComfyUI's name for the first 3*hidden rows (q/k/v) of single-block linear1
+        comfy_partial={"linear1_qkv": ("to_qkv_mlp", (0, 3))})
+
+
+def _flux2_naming() -> DiTNaming:
+    """FLUX.2's internal names are diffusers' own: its diffusers tables are the identity."""
+    from ...models import flux2_dit as m
+    double = {v.removesuffix(".weight"): v.removesuffix(".weight") for v in m._BFL_DOUBLE.values()}
+    double |= _identity(p for parts in m._BFL_FUSED.values() for p in parts)
+    single = _identity(v.removesuffix(".weight") for v in m._BFL_SINGLE.values())
+    return DiTNaming(
+        "flux2", m.bfl_key_to_internal, m.internal_key_to_bfl, m._BFL_TOP,
+        {"double_blocks": ("transformer_blocks", m._BFL_DOUBLE),
+         "single_blocks": ("single_transformer_blocks", m._BFL_SINGLE)},
+        _identity(m._BFL_TOP.values()),
+        {"transformer_blocks": ("transformer_blocks", double),
+         "single_transformer_blocks": ("single_transformer_blocks", single)},
+        {}, m._BFL_FUSED, lambda suffix, hidden, ratio: None,
+        re.compile(r"(.*\.)?norm_(added_)?[qk]\.weight"), ("norm_out.linear", "proj_out"))
+
+
+FLUX1, FLUX2 = _flux1_naming(), _flux2_naming()
+NAMINGS = {n.family: n for n in (FLUX1, FLUX2)}
+
+
+def naming_for(model) -> DiTNaming:
+    """The naming of a DiT module or config: FLUX.2's for `Flux2DiT` / `Flux2DiTConfig`, FLUX.1's otherwise."""
+    from ...models.flux2_dit import Flux2DiT, Flux2DiTConfig
+    if isinstance(model, nn.Module):  # also a wrapper holding the DiT (a training module)
+        return FLUX2 if any(isinstance(m, Flux2DiT) for m in model.modules()) else FLUX1
+    return FLUX2 if isinstance(model, Flux2DiTConfig) else FLUX1
+
+
+@dataclass(frozen=True)
 class _Target:
     space: str  # "dit" or "te"
     name: str  # internal module name / CLIP module name
     parts: tuple[int, int] | None = None  # [first, last) part of a fused layer; None: the whole layer
     swap: bool = False  # BFL final modulation: (shift, scale) rows -> (scale, shift)
+    split: tuple[str, ...] = ()  # one fused LoRA for these internal layers, equal row groups in order
 
-
-# Fused internal layers: how many parts they hold (q, k, v [, mlp]); each q/k/v part is `hidden` rows.
-_FUSED_PARTS = {"attn.a_to_qkv": 3, "attn.b_to_qkv": 3, "to_qkv_mlp": 4}
-_NORM_PARAM = re.compile(r"(.*\.)?norm_[qk]_[ab]\.weight")
-
-_KOHYA_TOP = {k.replace(".", "_"): k for k in _BFL_TOP}
-_KOHYA_BLOCK = {kind: {k.replace(".", "_"): k for k in table if not k.endswith(".scale")}
-                for kind, table in (("double_blocks", _BFL_DOUBLE), ("single_blocks", _BFL_SINGLE))}
-_KOHYA_BLOCK["single_blocks"]["linear1_qkv"] = "linear1_qkv"  # ComfyUI: first 3*hidden rows of linear1
-
-_DIFFUSERS_PART = {(kind, part): (fused, i) for (kind, fused), parts in _DIFFUSERS_FUSED.items()
-                   for i, part in enumerate(parts)}
-_DIFFUSERS_BLOCK = {"transformer_blocks": _DIFFUSERS_DOUBLE, "single_transformer_blocks": _DIFFUSERS_SINGLE}
-_DIFFUSERS_US = {kind: {name.replace(".", "_"): name
-                        for name in [*table, *(p for (k, p) in _DIFFUSERS_PART if k == kind)]}
-                 for kind, table in _DIFFUSERS_BLOCK.items()}
-_DIFFUSERS_TOP_US = {k.replace(".", "_"): k for k in _DIFFUSERS_TOP}
-
-_INTERNAL_BLOCK = {"blocks": set(_BFL_DOUBLE.values()), "single_blocks": set(_BFL_SINGLE.values())}
-_INTERNAL_TOP = set(_BFL_TOP.values())
-
-_XLABS = {"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv", "proj_lora1": "img_attn.proj",
-          "proj_lora2": "txt_attn.proj", "qkv_lora": "linear1_qkv", "proj_lora": "linear2"}
 
 _CLIP_SUB = {"self_attn_q_proj": "self_attn.q_proj", "self_attn_k_proj": "self_attn.k_proj",
              "self_attn_v_proj": "self_attn.v_proj", "self_attn_out_proj": "self_attn.out_proj",
              "mlp_fc1": "mlp.fc1", "mlp_fc2": "mlp.fc2"}
 
 
-def _bfl_target(path: str) -> _Target | None:
+def _bfl_target(path: str, n: DiTNaming) -> _Target | None:
     """A BFL module name (``double_blocks.0.img_attn.qkv``) as a target."""
-    m = re.fullmatch(r"single_blocks\.(\d+)\.linear1_qkv", path)
-    if m:
-        return _Target("dit", f"single_blocks.{m.group(1)}.to_qkv_mlp", parts=(0, 3))
-    name = bfl_key_to_internal(path + ".weight")
-    if name is None or not name.endswith(".weight") or _NORM_PARAM.fullmatch(name):
+    m = re.fullmatch(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", path)
+    if m and m.group(1) in n.bfl_blocks:
+        kind, idx, rest = m.groups()
+        block = f"{n.bfl_blocks[kind][0]}.{idx}."
+        if rest in n.comfy_partial:
+            fused, parts = n.comfy_partial[rest]
+            return _Target("dit", block + fused, parts=parts)
+        if rest in n.bfl_split and kind == "double_blocks":
+            return _Target("dit", block + n.bfl_split[rest][0], split=tuple(block + p for p in n.bfl_split[rest]))
+    name = n.bfl_key_to_internal(path + ".weight")
+    if name is None or not name.endswith(".weight") or n.norm_param.fullmatch(name):
         return None
     name = name[: -len(".weight")]
-    return _Target("dit", name, swap=name == "final_norm_out.linear")
+    return _Target("dit", name, swap=name == n.final_layers[0])
 
 
-def _kohya_target(name: str) -> _Target | None:
+def _kohya_target(name: str, n: DiTNaming) -> _Target | None:
     m = re.fullmatch(r"(double_blocks|single_blocks)_(\d+)_(\w+)", name)
     if m:
         kind, idx, rest = m.groups()
-        bfl = _KOHYA_BLOCK[kind].get(rest)
-        return _bfl_target(f"{kind}.{idx}.{bfl}") if bfl else None
-    return _bfl_target(_KOHYA_TOP[name]) if name in _KOHYA_TOP else None
+        bfl = n.kohya_blocks[kind].get(rest)
+        return _bfl_target(f"{kind}.{idx}.{bfl}", n) if bfl else None
+    top = {k.replace(".", "_"): k for k in n.bfl_top}
+    return _bfl_target(top[name], n) if name in top else None
 
 
-def _diffusers_module(path: str) -> _Target | None:
+def _diffusers_module(path: str, n: DiTNaming) -> _Target | None:
     """A diffusers module name (linear or norm) as a target."""
     m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", path)
     if m:
         kind, idx, rest = m.groups()
-        block = f"{'blocks' if kind == 'transformer_blocks' else 'single_blocks'}.{idx}."
-        if (kind, rest) in _DIFFUSERS_PART:
-            fused, i = _DIFFUSERS_PART[kind, rest]
+        internal, table = n.diffusers_blocks[kind]
+        block = f"{internal}.{idx}."
+        if (kind, rest) in n.diffusers_parts:
+            fused, i = n.diffusers_parts[kind, rest]
             return _Target("dit", block + fused, parts=(i, i + 1))
-        name = _DIFFUSERS_BLOCK[kind].get(rest)
+        name = table.get(rest)
         return _Target("dit", block + name) if name else None
-    return _Target("dit", _DIFFUSERS_TOP[path]) if path in _DIFFUSERS_TOP else None
+    return _Target("dit", n.diffusers_top[path]) if path in n.diffusers_top else None
 
 
-def _diffusers_target(path: str) -> _Target | None:
-    t = _diffusers_module(path)
-    return None if t is None or _NORM_PARAM.fullmatch(t.name + ".weight") else t
+def _diffusers_target(path: str, n: DiTNaming) -> _Target | None:
+    t = _diffusers_module(path, n)
+    return None if t is None or n.norm_param.fullmatch(t.name + ".weight") else t
 
 
-def _onetrainer_target(name: str) -> _Target | None:
+def _onetrainer_target(name: str, n: DiTNaming) -> _Target | None:
     m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)_(\d+)_(\w+)", name)
     if m:
         kind, idx, rest = m.groups()
-        path = _DIFFUSERS_US[kind].get(rest)
-        return _diffusers_target(f"{kind}.{idx}.{path}") if path else None
-    return _diffusers_target(_DIFFUSERS_TOP_US[name]) if name in _DIFFUSERS_TOP_US else None
+        names = [*n.diffusers_blocks[kind][1], *(p for (k, p) in n.diffusers_parts if k == kind)]
+        path = {x.replace(".", "_"): x for x in names}.get(rest)
+        return _diffusers_target(f"{kind}.{idx}.{path}", n) if path else None
+    top = {k.replace(".", "_"): k for k in n.diffusers_top}
+    return _diffusers_target(top[name], n) if name in top else None
 
 
-def _internal_target(name: str) -> _Target | None:
-    m = re.fullmatch(r"(blocks|single_blocks)\.(\d+)\.(.+)", name)
-    ok = m.group(3) in _INTERNAL_BLOCK[m.group(1)] if m else name in _INTERNAL_TOP
+def _internal_target(name: str, n: DiTNaming) -> _Target | None:
+    blocks = n.internal_blocks
+    m = re.fullmatch(r"(\w+)\.(\d+)\.(.+)", name)
+    ok = m.group(3) in blocks[m.group(1)] if m and m.group(1) in blocks else name in set(n.bfl_top.values())
     return _Target("dit", name) if ok else None
 
 
-def _xlabs_target(path: str) -> _Target | None:
+def _xlabs_target(path: str, n: DiTNaming) -> _Target | None:
     m = re.fullmatch(r"(double_blocks|single_blocks)\.(\d+)\.processor\.(\w+)", path)
-    if not m or m.group(3) not in _XLABS:
+    if not m or m.group(3) not in n.xlabs:
         return None
-    return _bfl_target(f"{m.group(1)}.{m.group(2)}.{_XLABS[m.group(3)]}")
+    return _bfl_target(f"{m.group(1)}.{m.group(2)}.{n.xlabs[m.group(3)]}", n)
 
 
-def _clip_target(name: str) -> _Target | None:
+def _clip_target(name: str, n: DiTNaming) -> _Target | None:
     m = re.fullmatch(r"(?:text_model[._])?encoder[._]layers[._](\d+)[._](.+)", name)
     sub = _CLIP_SUB.get(m.group(2).replace(".", "_")) if m else None
     return _Target("te", f"text_model.encoder.layers.{m.group(1)}.{sub}") if sub else None
 
 
-def _dit_path_target(path: str) -> _Target | None:
-    return _xlabs_target(path) or _bfl_target(path) or _diffusers_target(path) or _internal_target(path)
+def _dit_path_target(path: str, n: DiTNaming) -> _Target | None:
+    return _xlabs_target(path, n) or _bfl_target(path, n) or _diffusers_target(path, n) or _internal_target(path, n)
 
 
 _DIT_PREFIXES = ("pipe.dit.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
-_PREFIXED: tuple[tuple[str, Callable[[str], _Target | None]], ...] = (
+_PREFIXED: tuple[tuple[str, Callable[[str, DiTNaming], _Target | None]], ...] = (
     ("lora_unet_", _kohya_target), ("lora_transformer_", _onetrainer_target),
     ("lora_te1_", _clip_target), ("lora_te_", _clip_target),
     ("text_encoders.clip_l.transformer.", _clip_target), ("text_encoder.", _clip_target),
@@ -183,25 +276,25 @@ _PREFIXED: tuple[tuple[str, Callable[[str], _Target | None]], ...] = (
 )
 
 
-def _resolve(stem: str) -> _Target | None:
+def _resolve(stem: str, n: DiTNaming) -> _Target | None:
     """Where the LoRA pair named `stem` (key without ``.lora_down.weight`` etc.) goes; None: unknown."""
     for prefix, fn in _PREFIXED:
         if stem.startswith(prefix):
-            return fn(stem[len(prefix):])
-    return _dit_path_target(stem)
+            return fn(stem[len(prefix):], n)
+    return _dit_path_target(stem, n)
 
 
-def _resolve_norm(key: str) -> str | None:
+def _resolve_norm(key: str, n: DiTNaming) -> str | None:
     """A full (non-LoRA) tensor: the internal norm parameter it replaces, or None."""
     for p in _DIT_PREFIXES:
         if key.startswith(p):
             key = key[len(p):]
             break
-    name = bfl_key_to_internal(key)
+    name = n.bfl_key_to_internal(key)
     if name is None and key.endswith(".weight"):
-        t = _diffusers_module(key[: -len(".weight")]) or _internal_target(key)
+        t = _diffusers_module(key[: -len(".weight")], n) or _internal_target(key, n)
         name = t and (t.name if t.name.endswith(".weight") else t.name + ".weight")
-    return name if name and _NORM_PARAM.fullmatch(name) else None
+    return name if name and n.norm_param.fullmatch(name) else None
 
 
 def _listing(items, limit: int = 40) -> str:
@@ -212,8 +305,10 @@ def _listing(items, limit: int = 40) -> str:
 
 # ----------------------------------------------------------------------------- dialect detection
 
-def detect_dialect(sd: Mapping[str, object]) -> str:
-    """Name of the LoRA file dialect of `sd` (see the module docstring); "unknown" if none fits."""
+def detect_dialect(sd: Mapping[str, object], naming: DiTNaming | None = None) -> str:
+    """Name of the LoRA file dialect of `sd` (see the module docstring); "unknown" if none fits.
+    `naming` (FLUX.1's by default) decides bare names."""
+    naming = naming or FLUX1
     keys = list(sd)
 
     def any_(pred) -> bool:
@@ -239,7 +334,7 @@ def detect_dialect(sd: Mapping[str, object]) -> str:
     votes = Counter()
     for stem in {_split_key(k)[0] for k in keys}:
         votes.update(name for name, fn in (("bfl", _bfl_target), ("diffusers", _diffusers_target),
-                                           ("diffsynth", _internal_target)) if fn(stem))
+                                           ("diffsynth", _internal_target)) if fn(stem, naming))
     return votes.most_common(1)[0][0] if votes else "unknown"
 
 
@@ -306,16 +401,14 @@ def _peft_alpha_lookup(metadata: Mapping[str, object] | None) -> Callable[[str],
     return lookup
 
 
-def _fuse(name: str, pieces: list[tuple[_Target, LoRAWeights]], mlp_ratio: float,
+def _fuse(name: str, pieces: list[tuple[_Target, LoRAWeights]], sizes: list[int] | None,
           unknown: dict[str, str]) -> LoRAWeights | None:
-    """Fuse LoRAs of parts of a fused layer (q, k, v [, mlp]) into one exact block LoRA."""
-    n_parts = _FUSED_PARTS.get(name.split(".", 2)[-1])
-    if n_parts is None:
+    """Fuse LoRAs of parts of a fused layer (q, k, v [, mlp]; row counts `sizes`) into one exact block LoRA."""
+    if sizes is None:
         for _, lw in pieces:
             unknown.update({s: f"{name} is not a fused layer" for s in lw.source})
         return None
-    hidden = pieces[0][1].down.shape[1]
-    sizes = [hidden] * 3 + ([int(hidden * mlp_ratio)] if n_parts == 4 else [])
+    n_parts, hidden = len(sizes), pieces[0][1].down.shape[1]
     offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     pieces = sorted(pieces, key=lambda p: p[0].parts or (0, n_parts))
     used: set[int] = set()
@@ -352,23 +445,24 @@ def _fuse(name: str, pieces: list[tuple[_Target, LoRAWeights]], mlp_ratio: float
 
 
 def convert_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, object] | None = None,
-                 mlp_ratio: float = 4.0) -> CanonicalLoRA:
+                 mlp_ratio: float = 4.0, naming: DiTNaming | None = None) -> CanonicalLoRA:
     """Read a LoRA state dict of any supported dialect into the canonical form.
 
     `metadata` is the safetensors header (diffusers stores ``lora_alpha`` there). `mlp_ratio` sizes the
-    MLP rows of single-block ``to_qkv_mlp`` when only its q/k/v part is given. Keys that cannot be
-    converted are kept in ``.unknown`` (key -> reason); `apply_lora` reports them. DoRA and LyCORIS
-    files raise ValueError.
+    MLP rows of single-block ``to_qkv_mlp`` when only its q/k/v part is given. `naming` is the target
+    DiT family's (`naming_for(dit)`; FLUX.1's by default). Keys that cannot be converted are kept in
+    ``.unknown`` (key -> reason); `apply_lora` reports them. DoRA and LyCORIS files raise ValueError.
     """
+    naming = naming or FLUX1
     keys = list(sd)
     _reject_unsupported(keys)
     alpha_of = _peft_alpha_lookup(metadata)
-    lora = CanonicalLoRA(dialect=detect_dialect(sd))
+    lora = CanonicalLoRA(dialect=detect_dialect(sd, naming), family=naming.family)
     stems: dict[str, dict[str, torch.Tensor]] = {}
     for k in keys:
         stem, role = _split_key(k)
         if role == "full":
-            name = _resolve_norm(k)
+            name = _resolve_norm(k, naming)
             if name is None:
                 lora.unknown[k] = "not a LoRA tensor and not a known norm weight"
             else:
@@ -381,9 +475,9 @@ def convert_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, object] 
         if "down" not in parts or "up" not in parts:
             lora.unknown[stem] = f"incomplete LoRA pair (has only {sorted(parts)})"
             continue
-        target = _resolve(stem)
+        target = _resolve(stem, naming)
         if target is None:
-            lora.unknown[stem] = "no matching FLUX DiT or CLIP layer name"
+            lora.unknown[stem] = f"no matching {naming.family.upper()} DiT or CLIP layer name"
             continue
         down, up = parts["down"], parts["up"]
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
@@ -400,8 +494,11 @@ def convert_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, object] 
         if target.swap:
             up = _swap_halves(up)
             bias = None if bias is None else _swap_halves(bias)
-        grouped.setdefault((target.space, target.name), []).append(
-            (target, LoRAWeights(down, up, alpha, bias, (stem,))))
+        if target.split and up.shape[0] % len(target.split):
+            lora.unknown[stem] = f"{up.shape[0]} rows do not split into {len(target.split)} equal layers"
+            continue
+        for t, lw in _split(target, LoRAWeights(down, up, alpha, bias, (stem,))):
+            grouped.setdefault((t.space, t.name), []).append((t, lw))
 
     for (space, name), pieces in grouped.items():
         whole = [p for p in pieces if p[0].parts is None]
@@ -411,11 +508,23 @@ def convert_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, object] 
             lora.unknown.update({s: f"several LoRAs for {name}" for _, lw in pieces for s in lw.source})
             continue
         else:
-            lw = _fuse(name, pieces, mlp_ratio, lora.unknown)
+            hidden = pieces[0][1].down.shape[1]
+            lw = _fuse(name, pieces, naming.fused_rows(name.split(".", 2)[-1], hidden, mlp_ratio), lora.unknown)
             if lw is None:
                 continue
         (lora.layers if space == "dit" else lora.te_layers)[name] = lw
     return lora
+
+
+def _split(target: _Target, lw: LoRAWeights) -> list[tuple[_Target, LoRAWeights]]:
+    """A LoRA of a fused BFL layer as exact LoRAs of the separate layers it feeds (shared down, row groups of up)."""
+    if not target.split:
+        return [(target, lw)]
+    n = len(target.split)
+    ups = lw.up.chunk(n, dim=0)
+    biases = (None,) * n if lw.bias_up is None else lw.bias_up.chunk(n, dim=0)
+    return [(_Target(target.space, name), LoRAWeights(lw.down, up.contiguous(), lw.alpha, bias, lw.source))
+            for name, up, bias in zip(target.split, ups, biases)]
 
 
 def _unusable(down: torch.Tensor, alpha: float | None, parts: dict[str, torch.Tensor]) -> str | None:
@@ -431,14 +540,16 @@ def _unusable(down: torch.Tensor, alpha: float | None, parts: dict[str, torch.Te
     return f"NaN/Inf in its {', '.join(sorted(bad))} weights" if bad else None
 
 
-def lora_from_peft_model_state(sd: Mapping[str, torch.Tensor], lora_alpha: float | None = None) -> CanonicalLoRA:
+def lora_from_peft_model_state(sd: Mapping[str, torch.Tensor], lora_alpha: float | None = None,
+                               naming: DiTNaming | None = None) -> CanonicalLoRA:
     """Our training output (internal names, ``lora_A.default.weight``) -> canonical; raises on stray keys.
 
-    `lora_alpha` is the PEFT ``LoraConfig.lora_alpha`` used in training (None: alpha = rank).
+    `lora_alpha` is the PEFT ``LoraConfig.lora_alpha`` used in training (None: alpha = rank); `naming` the
+    trained DiT's (`naming_for(dit)`; FLUX.1's by default).
     """
-    lora = convert_lora(sd)
+    lora = convert_lora(sd, naming=naming)
     if lora.unknown:
-        raise ValueError("not a FLUX DiT LoRA state dict: " + _listing(lora.unknown))
+        raise ValueError(f"not a {lora.family.upper()} DiT LoRA state dict: " + _listing(lora.unknown))
     if lora_alpha is not None:
         for lw in lora.layers.values():
             lw.alpha = float(lora_alpha)
@@ -471,15 +582,19 @@ def refuse_model_checkpoint(path: str) -> None:
         raise CheckpointError(f"{path} is a {kinds} checkpoint, not a LoRA (full weights, no low-rank pairs)")
 
 
-def _as_canonical(lora, mlp_ratio: float = 4.0) -> CanonicalLoRA:
+def _as_canonical(lora, mlp_ratio: float = 4.0, naming: DiTNaming | None = None) -> CanonicalLoRA:
+    naming = naming or FLUX1
     if isinstance(lora, CanonicalLoRA):
+        if lora.family != naming.family and lora.layers:
+            raise ValueError(f"this LoRA was read for a {lora.family} DiT, not a {naming.family} one: "
+                             "convert it with convert_lora(..., naming=naming_for(dit))")
         return lora
     lora = _resolve_config(lora)
     if isinstance(lora, (str, os.PathLike)):
         sd, metadata = read_lora_file(lora)
-        return _not_empty(convert_lora(sd, metadata, mlp_ratio), str(lora))
+        return _not_empty(convert_lora(sd, metadata, mlp_ratio, naming), str(lora))
     if isinstance(lora, Mapping):
-        return _not_empty(convert_lora(lora, mlp_ratio=mlp_ratio), "the LoRA state dict")
+        return _not_empty(convert_lora(lora, mlp_ratio=mlp_ratio, naming=naming), "the LoRA state dict")
     raise TypeError(f"expected a LoRA path, ModelConfig, state dict or CanonicalLoRA, got {type(lora).__name__}")
 
 

@@ -1,0 +1,25 @@
+import torch
+from diffsynth.pipelines.flux2_image import Flux2ImagePipeline, ModelConfig
+
+
+# FLUX.2-klein-base-9B is the undistilled base model: 50 steps with true classifier-free guidance (cfg_scale).
+# The base model ships only its transformer; text encoder, VAE and tokenizer come from FLUX.2-klein-9B.
+pipe = Flux2ImagePipeline.from_pretrained(
+    torch_dtype=torch.bfloat16,
+    device="cuda",
+    model_configs=[
+        ModelConfig(model_id="black-forest-labs/FLUX.2-klein-9B", origin_file_pattern="text_encoder/*.safetensors"),
+        ModelConfig(model_id="black-forest-labs/FLUX.2-klein-base-9B", origin_file_pattern="transformer/*.safetensors"),
+        ModelConfig(model_id="black-forest-labs/FLUX.2-klein-9B", origin_file_pattern="vae/diffusion_pytorch_model.safetensors"),
+    ],
+    tokenizer_config=ModelConfig(model_id="black-forest-labs/FLUX.2-klein-9B", origin_file_pattern="tokenizer/"),
+)
+
+prompt = "A watercolor fox curled up asleep in a field of lavender at dusk, soft light."
+image = pipe(prompt, seed=0, rand_device="cuda", num_inference_steps=50, cfg_scale=4)
+image.save("image_FLUX.2-klein-base-9B.jpg")
+
+# Editing: the image just made is the reference; the prompt says what to change.
+prompt = "Make it winter: snow on the ground and on the fox's fur"
+image = pipe(prompt, edit_image=[image], seed=1, rand_device="cuda", num_inference_steps=50, cfg_scale=4)
+image.save("image_edit_FLUX.2-klein-base-9B.jpg")

@@ -1,0 +1,76 @@
+"""FLUX.2 [klein]'s Qwen3 prompt encoder: parity with diffusers' Flux2KleinPipeline prompt embedding (transformers'
+Qwen3ForCausalLM, chat template without thinking, 512 tokens, layers 9/18/27), loading with and without config."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file as load_safetensors
+
+from diffsynth.loading.registry import build, detect
+from diffsynth.models.flux2_text_encoder import chat_text, encode_prompt_qwen3, infer_qwen3_config, load_qwen3_tokenizer
+from diffsynth.ops.files import CheckpointError, save_safetensors
+from diffsynth.testing.tiny_flux2 import tiny_qwen3_config, write_tiny_qwen3, write_tiny_qwen3_tokenizer
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("klein_te")
+    return write_tiny_qwen3(root), write_tiny_qwen3_tokenizer(root)
+
+
+def ours(path):
+    (det,) = detect(str(path))
+    assert (det.family, det.format, det.components) == ("qwen3", "hf", ("text_encoder_qwen3",))
+    return build(det, torch.float32, "cpu")["text_encoder_qwen3"]
+
+
+@torch.no_grad()
+def test_prompt_embedding_matches_diffusers(folders, one_thread):
+    pytest.importorskip("diffusers")
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3ForCausalLM
+    te_dir, tok_dir = folders
+    tokenizer = load_qwen3_tokenizer(tok_dir)
+    prompts = ["a red cat on the table", ""]
+    ref_model = Qwen3ForCausalLM.from_pretrained(str(te_dir), torch_dtype=torch.float32).eval()
+    expected = Flux2KleinPipeline._get_qwen3_prompt_embeds(ref_model, tokenizer, prompts, torch.float32, "cpu")
+    got = encode_prompt_qwen3(tokenizer, ours(te_dir), prompts, "cpu")
+    assert got.shape == expected.shape == (2, 512, 3 * tiny_qwen3_config()["hidden_size"])
+    err = ((got - expected).abs().max() / expected.abs().max()).item()
+    print(f"Qwen3 prompt embedding vs diffusers: rel err {err:.2e}")
+    assert err < 1e-5
+
+
+def test_chat_template_closes_thinking(folders):
+    text = chat_text(load_qwen3_tokenizer(folders[1]), "a cat")
+    assert text == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_config_inferred_without_config_json(folders, tmp_path):
+    """A single file (ComfyUI's text_encoders/qwen_3_4b.safetensors) carries no config: shapes give it."""
+    te_dir = folders[0]
+    sd = {}
+    for shard in sorted(te_dir.glob("model-*.safetensors")):
+        sd.update(load_safetensors(shard))
+    save_safetensors(sd, tmp_path / "qwen_3.safetensors")
+    inferred, saved = ours(tmp_path / "qwen_3.safetensors").config, ours(te_dir).config
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "intermediate_size", "vocab_size", "rope_parameters"):
+        assert getattr(inferred, field) == getattr(saved, field), field
+    assert infer_qwen3_config({k: v.shape for k, v in
+                               ((k[len("model."):], v) for k, v in sd.items())})["num_hidden_layers"] == 28
+
+
+def test_too_shallow_model_is_refused(folders, tmp_path):
+    sd = {}
+    for shard in sorted(folders[0].glob("model-*.safetensors")):
+        sd.update(load_safetensors(shard))
+    sd = {k: v for k, v in sd.items() if not any(k.startswith(f"model.layers.{i}.") for i in range(20, 28))}
+    save_safetensors(sd, tmp_path / "short.safetensors")
+    with pytest.raises(CheckpointError, match="after layer 27, this Qwen3 has 20 layers"):
+        ours(tmp_path / "short.safetensors")
+
+
+def test_tokenizer_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a Qwen tokenizer folder"):
+        load_qwen3_tokenizer(tmp_path)
