@@ -23,7 +23,7 @@ from ..models import flux_text_encoders as te
 from ..models.flux_dit import image_ids
 from ..models.flux_dit_cache import make_cache
 from ..ops.attention import set_attention_backend as _set_attention_backend
-from ..ops.files import load_state_dict
+from ..ops.files import load_state_dict, scan
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, euler_step, flux_sigmas
 from .checks import check_call_args, check_finite
 from .denoise import batch_cfg_inputs, model_fn
@@ -243,6 +243,9 @@ class FluxImagePipeline(nn.Module):
         from ..loading.lora import load_lora_into_pipeline
         if isinstance(lora, ModelConfig):
             lora = lora.resolve()
+        if isinstance(lora, (str, os.PathLike)) and table.detect_timestep_lora(scan(lora)):
+            raise ValueError(f"{lora} is a timestep LoRA (its features depend on the timestep, it cannot be merged): "
+                             "load it with pipe.load_timestep_lora(path)")
         return load_lora_into_pipeline(self, module, lora, alpha=alpha, hotload=hotload, strict=strict)
 
     def load_timestep_lora(self, lora_config: ModelConfig | str, alpha: float = 2.0) -> None:
