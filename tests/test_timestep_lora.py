@@ -82,6 +82,8 @@ def test_pipeline_applies_it_at_every_step(tiny_pipe, lora_dir):
 def test_bad_timestep_lora_inputs(tiny_pipe, tiny_root, lora_dir, tmp_path):
     with pytest.raises(ValueError, match="not a timestep LoRA"):
         tiny_pipe.load_timestep_lora(str(tiny_root / "ae.safetensors"))
+    with pytest.raises(ValueError, match=r"is a timestep LoRA .*pipe.load_timestep_lora"):
+        tiny_pipe.load_lora(tiny_pipe.dit, str(lora_dir / FILE))
     with pytest.raises(ValueError, match="alpha must be a finite number"):
         tiny_pipe.load_timestep_lora(str(lora_dir / FILE), alpha=float("nan"))
     sd = tiny_timestep_lora_state_dict()

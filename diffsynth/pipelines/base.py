@@ -25,7 +25,7 @@ from ..loading.registry import build, detect
 from ..ops.attention import set_attention_backend as _set_attention_backend
 from ..ops import parallel as _parallel
 from ..ops.devices import check_device, random_generator
-from ..ops.files import CheckpointError
+from ..ops.files import CheckpointError, scan
 from ..schedulers.flow_match import euler_step
 from .checks import check_finite, require_models
 from .denoise import batch_cfg_inputs
@@ -199,6 +199,9 @@ class BasePipeline(nn.Module):
         self._check_not_tensor_parallel("load_lora")
         if isinstance(lora, ModelConfig):
             lora = lora.resolve()
+        if isinstance(lora, (str, os.PathLike)) and table.detect_timestep_lora(scan(lora)):
+            raise ValueError(f"{lora} is a timestep LoRA (its features depend on the timestep, it cannot be merged): "
+                             "load it with pipe.load_timestep_lora(path)")
         return load_lora_into_pipeline(self, module, lora, alpha=alpha, hotload=hotload, strict=strict)
 
     def clear_lora(self) -> None:
