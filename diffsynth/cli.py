@@ -285,10 +285,14 @@ def apply_folder_defaults(args) -> None:
     1024 px default when --height/--width are not given; a prompt outside its `prompt_grammar` is warned of."""
     path = Path(args.model_dir or "") / "generation_defaults.json"
     if args.model_dir and path.is_file():
-        defaults = json.loads(path.read_text())
+        from .ops.files import read_json
+        defaults = read_json(path, "generation defaults file")  # names the file when it is not JSON
         for key in ("height", "width"):
+            value = defaults.get(key)
+            if key in defaults and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{path}: {key} must be a positive integer, got {value!r}")
             if getattr(args, key) is None and key in defaults:
-                setattr(args, key, int(defaults[key]))
+                setattr(args, key, value)
         warn_outside_grammar(args, defaults.get("prompt_grammar"))
 
 

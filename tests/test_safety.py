@@ -623,6 +623,22 @@ def test_generate_checks_generation_arguments_before_loading(tmp_path, capsys, e
     assert match in err and "missing.safetensors" not in err and os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("text, match", [
+    ("{not json", r"invalid JSON in this generation defaults file"),
+    ('["height", 64]', r"this generation defaults file must hold a JSON object, got a list"),
+    ('{"height": "64"}', r"height must be a positive integer, got '64'"),
+    ('{"width": -64}', r"width must be a positive integer, got -64"),
+])
+def test_a_corrupt_generation_defaults_file_is_named(tiny_root, tmp_path, capsys, text, match):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_root, folder)
+    (folder / "generation_defaults.json").write_text(text)
+    assert main(quick_generate(folder, tmp_path / "x.png")) == 1
+    err = capsys.readouterr().err
+    assert re.search(re.escape(str(folder / "generation_defaults.json")) + ": " + match, err), err
+    assert "Traceback" not in err and not (tmp_path / "x.png").exists()
+
+
 def test_generate_reads_the_input_image_first(tmp_path, capsys):
     (tmp_path / "in.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     assert main(["generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x",
