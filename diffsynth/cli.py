@@ -164,21 +164,12 @@ def check_loras(args) -> None:
         refuse_model_checkpoint(path)
 
 
-def pipeline_family(models: list[str]) -> str:
-    """"flux" or "flux2": which pipeline the files belong to (read from their keys, see Family.pipeline)."""
-    from . import ModelConfig
-    from .loading.components import FAMILY_BY_NAME
-    from .loading.registry import detect
-    kinds = {FAMILY_BY_NAME[d.family].pipeline: m for m in models for d in detect(ModelConfig(path=m).resolve())}
-    if len(kinds) > 1:
-        raise ValueError(f"the models mix FLUX.1 and FLUX.2 files ({kinds['flux']} and {kinds['flux2']}): "
-                         "give the files of one model")
-    return next(iter(kinds), "flux")
-
-
 def pipeline_class(models: list[str]) -> type:
-    from . import Flux2ImagePipeline, FluxImagePipeline
-    return Flux2ImagePipeline if pipeline_family(models) == "flux2" else FluxImagePipeline
+    """FluxImagePipeline or Flux2ImagePipeline, read from the files' families."""
+    from . import Flux2ImagePipeline, FluxImagePipeline, ModelConfig
+    from .loading.registry import pipeline_family
+    family = pipeline_family([ModelConfig(path=m).resolve() for m in models])
+    return Flux2ImagePipeline if family == "flux2" else FluxImagePipeline
 
 
 def build_pipeline(args, models: list[str]):

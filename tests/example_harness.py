@@ -69,7 +69,8 @@ ONE_STEP = ["--dataset_repeat", "1", "--num_epochs", "1", "--height", "64", "--w
 def script_args(script: Path) -> list[str]:
     """The train.py arguments of an examples/flux/model_training shell script."""
     words = shlex.split(script.read_text().replace("\\\n", " "), comments=True)
-    return words[words.index("examples/flux/model_training/train.py") + 1:]
+    start = next(i for i, w in enumerate(words) if w.endswith("/model_training/train.py"))  # flux or flux2
+    return words[start + 1:]
 
 
 def train_script_one_step(script: Path):

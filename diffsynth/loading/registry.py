@@ -94,6 +94,16 @@ def detect(paths) -> list[Detected]:
     return found
 
 
+def pipeline_family(sources) -> str:
+    """"flux" or "flux2": the pipeline family (`Family.pipeline`) of the models in `sources` (files, folders or
+    shard lists); a mix of both is an error naming one file of each."""
+    kinds = {table.FAMILY_BY_NAME[d.family].pipeline: str(src) for src in sources for d in detect(src)}
+    if len(kinds) > 1:
+        raise ValueError(f"the models mix FLUX.1 and FLUX.2 files ({kinds['flux']} and {kinds['flux2']}): "
+                         "give the files of one model")
+    return next(iter(kinds), "flux")
+
+
 def build(det: Detected, dtype: torch.dtype | None = None, device="cpu",
           compute_dtype: torch.dtype | None = None, processor_dir: str | None = None) -> dict[str, nn.Module]:
     """Build the detected model(s): {pipeline attribute: module}.

@@ -185,12 +185,17 @@ class ParallelAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, rows: slice) -> torch.Tensor:
         """Outputs of the tokens `rows` of x (B, L, hidden), attending over all L."""
         proj = self.to_qkv_mlp_proj(x)
-        q, k, v = (split_heads(t, self.heads) for t in proj[..., : 3 * self.hidden].chunk(3, dim=-1))
-        q = apply_rope(self.norm_q(q[:, :, rows]), rope[rows])
-        out = merge_heads(attention(q, apply_rope(self.norm_k(k), rope), v))
+        out = self.attend(proj[..., : 3 * self.hidden], rope, rows)
         mlp = swiglu(proj[:, rows, 3 * self.hidden:])
         del proj  # the fused projection, the block's largest buffer, is freed before the concatenation
         return self.to_out(torch.cat([out, mlp], dim=-1))
+
+    def attend(self, qkv: torch.Tensor, rope: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Attention of the tokens `rows` over all; its own method so that the q/k/v views of the fused
+        projection are gone when it returns."""
+        q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
+        q = apply_rope(self.norm_q(q[:, :, rows]), rope[rows])
+        return merge_heads(attention(q, apply_rope(self.norm_k(k), rope), v))
 
 
 class SingleBlock(nn.Module):

@@ -113,7 +113,7 @@ class BasePipeline(nn.Module):
         for config in model_configs:
             if not isinstance(config, ModelConfig):
                 raise TypeError(f"model_configs must hold ModelConfig objects, got {type(config).__name__}")
-            storage_device, storage_dtype = config.storage(self.device, self.torch_dtype)
+            storage_device, storage_dtype = config.storage(str(self.device), self.torch_dtype)
             if storage_device is not None:
                 check_device(storage_device, "offload_device")
             paths = config.resolve()

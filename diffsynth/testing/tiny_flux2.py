@@ -229,10 +229,12 @@ def write_flux2_index(root: str | Path, distilled: bool = True) -> None:
         "use_exponential_sigmas": False, "use_karras_sigmas": False})
 
 
-def build_tiny_flux2(root: str | Path, seed: int = 0, distilled: bool = True, dtype: torch.dtype = torch.float32) -> Path:
-    """A whole tiny FLUX.2 [klein] release folder (`distilled=False`: a klein-base one)."""
+def build_tiny_flux2(root: str | Path, seed: int = 0, distilled: bool = True, dtype: torch.dtype = torch.float32,
+                     **dit_overrides) -> Path:
+    """A whole tiny FLUX.2 [klein] release folder (`distilled=False`: a klein-base one); `dit_overrides` in
+    diffusers' config names (e.g. num_single_layers=20, as many single blocks as klein 4B)."""
     root = Path(root)
-    write_tiny_flux2_transformer(root, seed, dtype=dtype)
+    write_tiny_flux2_transformer(root, seed, dtype=dtype, **dit_overrides)
     write_tiny_flux2_vae(root, seed, dtype)
     write_tiny_qwen3(root, seed, dtype)
     write_tiny_qwen3_tokenizer(root)

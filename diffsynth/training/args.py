@@ -45,6 +45,8 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help='"model_id:origin_pattern,..." e.g. black-forest-labs/FLUX.1-dev:flux1-dev.safetensors')
     m.add_argument("--tokenizer_1_path", help="CLIP tokenizer folder (default: tokenizer/ beside text_encoder/)")
     m.add_argument("--tokenizer_2_path", help="T5 tokenizer folder (default: tokenizer_2/ beside text_encoder_2/)")
+    m.add_argument("--tokenizer_path", help="FLUX.2: the Qwen tokenizer, a folder or 'model_id:origin_pattern' "
+                                            "(default: tokenizer/ beside text_encoder/)")
     m.add_argument("--torch_dtype", choices=COMPUTE_DTYPES, help="model dtype (default bf16 on GPU, fp32 on CPU)")
 
     t = p.add_argument_group("training")
@@ -110,6 +112,17 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train FLUX.1 (LoRA or full) with accelerate.", add_help=add_help)
     return add_training_args(p)
+
+
+def parse_tokenizer(value: str | None):
+    """--tokenizer_path: None, a local folder, or 'model_id:origin_pattern' (a ModelConfig, resolved when loading)."""
+    from ..loading.model_config import ModelConfig
+    if value is None or os.path.exists(value):
+        return value
+    model_id, sep, pattern = value.partition(":")
+    if not sep or not model_id:
+        raise ValueError(f"--tokenizer_path {value!r} is neither a folder nor 'model_id:origin_file_pattern'")
+    return ModelConfig(model_id=model_id, origin_file_pattern=pattern)
 
 
 def parse_model_sources(model_paths: str | None, id_with_origin_paths: str | None) -> list:

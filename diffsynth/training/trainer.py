@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import math
 import os
 import random
@@ -18,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..ops.files import DTYPE_NAMES, DiskFull, all_finite, expand_paths, save_image
-from .args import build_parser, check_args, parse_model_sources
+from .args import build_parser, check_args, parse_model_sources, parse_tokenizer
 from .cache import build_cache, cache_paths, models_tag
 from .checkpoint import SavedState, complete_checkpoints, load_checkpoint, read_newest_readable, resume_candidates, save_checkpoint
 from .data import ImageDataset, bucket_sizes, epoch_batches, load_samples, shard_batches, target_size
@@ -41,8 +42,11 @@ class NonFiniteLoss(ValueError):
 # ----------------------------------------------------------------------------- setup helpers
 
 def load_pipeline(args: argparse.Namespace, device: torch.device | str, dtype: torch.dtype):
+    from ..loading.registry import pipeline_family
     from ..pipelines.flux_image import FluxImagePipeline
     configs = parse_model_sources(args.model_paths, args.model_id_with_origin_paths)
+    if pipeline_family([c.resolve() for c in configs]) == "flux2":
+        return load_flux2_pipeline(args, configs, device, dtype)
     pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=configs,
                                              tokenizer_1_path=args.tokenizer_1_path,
                                              tokenizer_2_path=args.tokenizer_2_path)
@@ -55,6 +59,18 @@ def load_pipeline(args: argparse.Namespace, device: torch.device | str, dtype: t
                                (clip_t5 and None in (pipe.text_encoder_1, pipe.text_encoder_2))):
         raise ValueError("training needs the VAE (ae.safetensors) and both text encoders "
                          "(text_encoder/model.safetensors, text_encoder_2/)")
+    return pipe
+
+
+def load_flux2_pipeline(args: argparse.Namespace, configs: list, device: torch.device | str, dtype: torch.dtype):
+    from ..pipelines.flux2_image import Flux2ImagePipeline
+    pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=configs,
+                                              tokenizer_config=parse_tokenizer(args.tokenizer_path))
+    if pipe.dit is None:
+        raise ValueError("no FLUX.2 DiT among the models: add transformer/*.safetensors")
+    if not args.cache_dir and (pipe.vae_encoder is None or pipe.text_encoder_qwen3 is None):
+        raise ValueError("training FLUX.2 needs the VAE (vae/diffusion_pytorch_model.safetensors) and the text "
+                         "encoder (text_encoder/*.safetensors)")
     return pipe
 
 
@@ -367,10 +383,12 @@ class Trainer:
         args, folder = self.args, self.output / "validation"
         width, height = validation_size(args)
         for i, prompt in enumerate(args.validation_prompts):  # every process runs it (ZeRO-3 gathers weights)
-            image = self.unwrapped.pipe(prompt, height=height, width=width, seed=self.seed + i,
-                                        num_inference_steps=args.validation_inference_steps,
-                                        embedded_guidance=args.validation_guidance,
-                                        t5_sequence_length=args.t5_sequence_length, progress_bar_cmd=lambda x: x)
+            pipe = self.unwrapped.pipe
+            takes_t5 = "t5_sequence_length" in inspect.signature(type(pipe).__call__).parameters  # FLUX.1's only
+            t5 = {"t5_sequence_length": args.t5_sequence_length} if takes_t5 else {}
+            image = pipe(prompt, height=height, width=width, seed=self.seed + i,
+                         num_inference_steps=args.validation_inference_steps,
+                         embedded_guidance=args.validation_guidance, progress_bar_cmd=lambda x: x, **t5)
             if self.main:
                 folder.mkdir(parents=True, exist_ok=True)
                 save_image(image, folder / f"step-{step}-{i}.png")
