@@ -367,3 +367,24 @@ def test_ui_command_checks_its_options_before_loading(tmp_path, capsys, monkeypa
     assert "--folder" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert main(["ui", "--port", "70000", "--output", str(tmp_path / "out")]) == 1
     assert "--port must be in 1..65535" in capsys.readouterr().err
+
+
+@browser_test
+def test_browser_second_tab_waits_for_the_first(browser, server):
+    from playwright.sync_api import expect
+    first, second = (browser.new_page(viewport={"width": 1280, "height": 900}) for _ in range(2))
+    for page in (first, second):
+        page.goto(server[0])
+        page.get_by_label("Prompt", exact=True).fill("a green square on the right")
+    first.get_by_label("number input for Steps").fill("100")
+    for side in ("Width", "Height"):
+        first.get_by_label(side, exact=True).fill("512")
+    first.get_by_role("button", name="Generate").click()
+    expect(first.locator("#result").get_by_text(re.compile(r"\d+/100"))).to_be_visible(timeout=20_000)
+    second.get_by_role("button", name="Generate").click()
+    expect(second.locator("#result").get_by_text(re.compile(r"queue: 1/1"))).to_be_visible(timeout=20_000)
+    first.get_by_role("button", name="Stop").click()  # the first tab's Stop does not wait in the queue
+    expect(second.get_by_label("Used seed")).to_have_value(re.compile(r"\d+"), timeout=WAIT_MS)
+    expect(first.get_by_label("Used seed")).to_have_value("")
+    first.close()
+    second.close()
