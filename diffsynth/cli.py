@@ -331,16 +331,16 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
     if getattr(args, "edit_image", None):
         images["edit_image"] = [open_input_image(p, "--edit-image") for p in args.edit_image]
     check_call_args({**params, **images})
-    check_loras(args)
-    paths = output_paths(args.output, args.num_images)
-    check_outputs([*paths, *more_outputs], args.overwrite)
-    from .ops.devices import check_device
-    check_device(compute_target(args)[0], "--device")
     if args.parallel:
         from .ops.parallel import check_mode
         check_mode(args.parallel)
         if args.parallel == "tensor" and (args.lora or args.compile or offloading(args)):
             raise ValueError("--parallel tensor does not combine with --lora, --compile or offloading yet")
+    check_loras(args)
+    paths = output_paths(args.output, args.num_images)
+    check_outputs([*paths, *more_outputs], args.overwrite)
+    from .ops.devices import check_device
+    check_device(compute_target(args)[0], "--device")
     return paths, images
 
 

@@ -26,6 +26,7 @@ from .checks import check_call_args
 from .flux_image import check_shape, encode_input_image
 from .images import image_to_tensor, vae_encode
 from .units import Unit, unit
+from ..ops.images import convert_image
 
 __all__ = ["Flux2ImagePipeline", "ModelConfig"]
 
@@ -74,7 +75,7 @@ def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
         return image
     scale = max(width / image.width, height / image.height)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.convert("RGB").resize(size, Image.BILINEAR)
+    image = convert_image(image).resize(size, Image.BILINEAR)
     left, top = round((size[0] - width) / 2), round((size[1] - height) / 2)
     return image.crop((left, top, left + width, top + height))
 

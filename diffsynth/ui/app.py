@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..ops.images import convert_image
 from . import conditions as cond
 from .files import Sandbox, add_lora, read_image, slug, write_upload_dataset
 from .jobs import Cancelled, Generator, Request
@@ -210,7 +211,7 @@ def make_request(state: AppState, v: dict) -> Request:
                    num_inference_steps=int(v["steps"]), seed=None if v["random"] else int(v["seed"]),
                    cfg_scale=float(v["cfg"]), embedded_guidance=float(v["guidance"]),
                    loras=[(state.sandbox.inside(files[name], "LoRA"), s) for name, s in chosen],
-                   input_image=image.convert("RGB") if image is not None else None,
+                   input_image=convert_image(image) if image is not None else None,
                    denoising_strength=float(v["strength"]) if image is not None else 1.0, conditions=extra)
 
 

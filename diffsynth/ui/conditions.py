@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from ..pipelines.variants._images import BASE_CHANNELS, CONTROL_CHANNELS, FILL_CHANNELS, dit_channels
+from ..ops.images import convert_image
 
 KONTEXT, FILL, CONTROL, CONTROLNET, IPADAPTER = "kontext", "fill", "control", "controlnet", "ipadapter"
 
@@ -39,17 +40,17 @@ def annotate(image: Image.Image | None, processor: str) -> Image.Image | None:
     if image is None:
         return None
     from ..controlnets.processors import Annotator
-    return Annotator(processor)(image.convert("RGB"))
+    return Annotator(processor)(convert_image(image))
 
 
 def editor_mask(value: dict | None) -> tuple[Image.Image, Image.Image] | None:
     """(image, mask) from an image editor's value: the mask is white wherever a layer was painted."""
     if not value or value.get("background") is None:
         return None
-    background = value["background"].convert("RGB")
+    background = convert_image(value["background"])
     painted = np.zeros((background.height, background.width), dtype=bool)
     for layer in value.get("layers") or []:
-        alpha = np.asarray(layer.convert("RGBA").resize(background.size))[..., 3]
+        alpha = np.asarray(convert_image(layer, "RGBA").resize(background.size))[..., 3]
         painted |= alpha > 0
     if not painted.any():
         raise ValueError("inpaint: paint the area to repaint on the image (the mask is empty)")
@@ -74,5 +75,5 @@ def conditions(kinds: set[str], kontext_images: list[Image.Image], fill: dict | 
         out["controlnet_inputs"] = [ControlNetInput(image=annotate(image, processor), scale=scale,
                                                     processor_id=processor)]
     if IPADAPTER in kinds and ipadapter[0] is not None:
-        out["ipadapter_images"], out["ipadapter_scale"] = ipadapter[0].convert("RGB"), ipadapter[1]
+        out["ipadapter_images"], out["ipadapter_scale"] = convert_image(ipadapter[0]), ipadapter[1]
     return out

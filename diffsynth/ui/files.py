@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..ops.files import publish, save_image, temp_path
+from ..ops.images import convert_image
 
 LORA_SUFFIX = ".safetensors"  # the only LoRA format the UI accepts: pickled .bin/.pt files can run code
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -113,7 +114,7 @@ def read_image(path: str, what: str):
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return convert_image(im)
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{what}: cannot be read as an image ({type(e).__name__})") from None
 
