@@ -285,6 +285,7 @@ def generate(page, prompt: str, seed: int) -> Image.Image:
 
 
 @browser_test
+@pytest.mark.slow  # a real browser against a started server: make test-slow (CI runs it)
 def test_browser_generates_what_the_prompt_says(page):
     image = generate(page, "a red circle on the left", seed=1)
     rgb = np.asarray(image.convert("RGB"), dtype=int)
@@ -296,6 +297,7 @@ def test_browser_generates_what_the_prompt_says(page):
 
 
 @browser_test
+@pytest.mark.slow  # a real browser against a started server: make test-slow (CI runs it)
 def test_browser_shows_errors_as_messages(page):
     page.get_by_label("Prompt", exact=True).fill("a cat on a sofa")
     page.get_by_role("button", name="Generate").click()
@@ -309,6 +311,7 @@ def test_browser_shows_errors_as_messages(page):
 
 
 @browser_test
+@pytest.mark.slow  # a real browser against a started server: make test-slow (CI runs it)
 def test_browser_stop_stops(page, server):
     from playwright.sync_api import expect
     page.get_by_label("number input for Steps").fill("100")
@@ -327,6 +330,7 @@ def test_browser_stop_stops(page, server):
 
 
 @browser_test
+@pytest.mark.slow  # a real browser against a started server: make test-slow (CI runs it)
 def test_browser_file_access_is_confined(server):
     import urllib.error
     import urllib.request
@@ -337,6 +341,7 @@ def test_browser_file_access_is_confined(server):
 
 
 @browser_test
+@pytest.mark.slow  # a real browser against a started server: make test-slow (CI runs it)
 def test_browser_trains_a_lora_and_uses_it(page, server):
     from playwright.sync_api import expect
     page.get_by_role("tab", name="Train").click()
@@ -370,6 +375,7 @@ def test_ui_command_checks_its_options_before_loading(tmp_path, capsys, monkeypa
 
 
 @browser_test
+@pytest.mark.slow  # a real browser against a started server: make test-slow (CI runs it)
 def test_browser_second_tab_waits_for_the_first(browser, server):
     from playwright.sync_api import expect
     first, second = (browser.new_page(viewport={"width": 1280, "height": 900}) for _ in range(2))
