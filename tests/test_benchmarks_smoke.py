@@ -75,6 +75,7 @@ def test_infiniteyou_step_smoke(monkeypatch, capsys):
     assert "once per call" in out
 
 
+@pytest.mark.slow  # subprocesses importing torch and diffusers
 def test_flux2_step_smoke(monkeypatch, capsys):
     monkeypatch.setenv("DIFFSYNTH_BENCH_SMOKE", "1")
     _import("flux2_step").main()
