@@ -1,4 +1,5 @@
-"""VRAM plans for the full-size FLUX.1-dev DiT (12B) on 8 / 12 / 24 GB cards, computed on the meta device.
+"""VRAM plans for the full-size FLUX.1-dev DiT (12B) on 8 / 12 / 24 GB cards, and for FLUX.2 [klein] 4B / 9B's
+DiTs on 8 / 12 GB cards, computed on the meta device.
 
 No weights are needed: the model is built on the meta device and only tensor shapes are read. Each row
 is what `pipe.enable_vram_management(vram_limit=card)` would plan for the DiT (1024x1024, batch 1,
@@ -20,6 +21,7 @@ import torch  # noqa: E402
 
 from _common import table  # noqa: E402
 from diffsynth.loading.vram import GB, estimate_activation_bytes, plan_model  # noqa: E402
+from diffsynth.models.flux2_dit import Flux2DiT, Flux2DiTConfig  # noqa: E402
 from diffsynth.models.flux_dit import FluxDiT, FluxDiTConfig  # noqa: E402
 
 CARDS = (8, 12, 24)
@@ -27,24 +29,37 @@ STORAGES = (("bf16", dict(storage_dtype=torch.bfloat16)), ("fp8 e4m3fn", dict(st
             ("GGUF Q8_0", dict(gguf_type="Q8_0")), ("GGUF Q4_K", dict(gguf_type="Q4_K")))
 
 
-def main() -> None:
-    with torch.device("meta"):
-        dit = FluxDiT(FluxDiTConfig())
+# FLUX.2 [klein] DiTs (diffusers' configs of the releases); their Qwen3 text encoders run before denoising.
+KLEIN = {"FLUX.2 [klein] 4B": Flux2DiTConfig(hidden_size=3072, num_heads=24, num_double_blocks=5, num_single_blocks=20,
+                                             context_dim=7680),
+         "FLUX.2 [klein] 9B": Flux2DiTConfig(hidden_size=4096, num_heads=32, num_double_blocks=8, num_single_blocks=24,
+                                             context_dim=12288)}
+
+
+def plans(name: str, dit, storages, cards) -> None:
     params = sum(p.numel() for p in dit.parameters())
     act = estimate_activation_bytes("dit", dit, 1024, 1024, 1, torch.bfloat16)
     rows = []
-    for label, storage in STORAGES:
-        for card in CARDS:
+    for label, storage in storages:
+        for card in cards:
             plan = plan_model(dit, int((card - 0.5) * GB), torch.bfloat16, activation_bytes=act, **storage)
             total = plan.resident_bytes + plan.streamed_bytes
             rows.append([label, f"{card} GB", f"{total / GB:.1f}", f"{plan.resident_bytes / GB:.1f}",
                          f"{len(plan.resident)}/{len(plan.resident) + len(plan.streamed)}",
                          f"{plan.streamed_bytes / GB:.1f}", f"{plan.peak_bytes / GB:.1f}",
                          "yes" if plan.fits else "no"])
-    print(f"FLUX.1-dev DiT ({params / 1e9:.2f}B parameters), 1024x1024, bf16 compute, "
+    print(f"{name} DiT ({params / 1e9:.2f}B parameters), 1024x1024, bf16 compute, "
           f"activation estimate {act / GB:.2f} GB, vram_buffer 0.5 GB (GB = GiB)")
     print(table(rows, ["storage", "card", "weights GB", "resident GB", "resident layers",
                        "streamed GB / step", "expected peak GB", "fits"]))
+
+
+def main() -> None:
+    with torch.device("meta"):
+        plans("FLUX.1-dev", FluxDiT(FluxDiTConfig()), STORAGES, CARDS)
+        for name, config in KLEIN.items():
+            print()
+            plans(name, Flux2DiT(config), STORAGES[:2], (8, 12))
 
 
 if __name__ == "__main__":
