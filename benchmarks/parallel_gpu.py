@@ -1,6 +1,7 @@
 """Parallel generation: 1 device vs N devices (torch.distributed), same image.
 
-On a machine with N GPUs and a FLUX.1-dev folder (diffusers or BFL layout with text encoders and VAE):
+On a machine with N GPUs and a FLUX.1-dev folder (diffusers or BFL layout with text encoders and VAE), or a
+FLUX.2 release folder with `--pipeline flux2`:
 
     torchrun --nproc-per-node 2 benchmarks/parallel_gpu.py --model-dir /models/FLUX.1-dev [--parallel tensor]
 
@@ -10,9 +11,10 @@ parallelism switched off (context) or on a freshly loaded unsplit pipeline (tens
 ranks wait. Rank 0 prints both times, the speed-up and the largest pixel difference between the two
 images (expected <= 1/255).
 
-CPU smoke run (2 gloo processes on 127.0.0.1, the tiny random FLUX.1-dev model, 48x80 px, 2 steps):
+CPU smoke run (2 gloo processes on 127.0.0.1, the tiny random FLUX.1-dev or FLUX.2 [klein] model, 48x80 px,
+2 steps):
 
-    python benchmarks/parallel_gpu.py --smoke [--parallel tensor]
+    python benchmarks/parallel_gpu.py --smoke [--parallel tensor] [--pipeline flux2]
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--t5-sequence-length", type=int, default=512)
     p.add_argument("--parallel", choices=("context", "tensor"), default="context")
+    p.add_argument("--pipeline", choices=("flux", "flux2"), default="flux",
+                   help="FLUX.1 (FluxImagePipeline) or FLUX.2 (Flux2ImagePipeline) folder")
     p.add_argument("--smoke", action="store_true", help="2 gloo processes, tiny model, CPU (no GPU needed)")
     args = p.parse_args(argv)
     if not args.smoke and not args.model_dir:
@@ -47,11 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load(args, parallel: str | None):
     import torch
-    from diffsynth import FluxImagePipeline
+    from diffsynth import Flux2ImagePipeline, FluxImagePipeline
     from diffsynth.cli import model_files_in
     from diffsynth.loading.model_config import ModelConfig
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    return FluxImagePipeline.from_pretrained(
+    cls = Flux2ImagePipeline if args.pipeline == "flux2" else FluxImagePipeline
+    return cls.from_pretrained(
         torch_dtype=dtype, device=args.device, parallel=parallel,
         model_configs=[ModelConfig(path=p) for p in model_files_in(args.model_dir)])
 
@@ -61,8 +66,9 @@ def timed_generation(pipe, args) -> tuple[float, object]:
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
     start = time.perf_counter()
+    text = {"t5_sequence_length": args.t5_sequence_length} if args.pipeline == "flux" else {}
     image = pipe(PROMPT, height=args.height, width=args.width, num_inference_steps=args.steps, seed=0,
-                 t5_sequence_length=args.t5_sequence_length, output_type="pt", progress_bar_cmd=lambda x: x)
+                 output_type="pt", progress_bar_cmd=lambda x: x, **text)
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
     return time.perf_counter() - start, image
@@ -93,14 +99,17 @@ def run_rank(args) -> None:
     parallel.shutdown()
 
 
-def smoke(mode: str = "context") -> int:
+def smoke(mode: str = "context", pipeline: str = "flux") -> int:
     """The tiny model in a temporary folder, run as 2 local gloo processes; returns the worst exit code."""
     from diffsynth.testing import build_tiny_flux
     from diffsynth.testing.distributed import launch_local
+    from diffsynth.testing.tiny_flux2 import build_tiny_flux2
     with tempfile.TemporaryDirectory() as tmp:
-        root = build_tiny_flux(Path(tmp) / "FLUX.1-dev")
+        root = build_tiny_flux2(Path(tmp) / "FLUX.2-klein") if pipeline == "flux2" else \
+            build_tiny_flux(Path(tmp) / "FLUX.1-dev")
         argv = [sys.executable, __file__, "--model-dir", str(root), "--device", "cpu", "--dtype", "fp32",
-                "--height", "48", "--width", "80", "--steps", "2", "--t5-sequence-length", "77", "--parallel", mode]
+                "--height", "48", "--width", "80", "--steps", "2", "--t5-sequence-length", "77", "--parallel", mode,
+                "--pipeline", pipeline]
         results = launch_local(argv, nprocs=2, timeout=300)
     for r in results:
         if r.returncode or r.rank == 0:
@@ -111,7 +120,7 @@ def smoke(mode: str = "context") -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
-        return smoke(args.parallel)
+        return smoke(args.parallel, args.pipeline)
     run_rank(args)
     return 0
 

@@ -185,10 +185,8 @@ def build_pipeline(args, models: list[str]):
     if cls is Flux2ImagePipeline:
         if args.tokenizer_2:
             raise ValueError("--tokenizer-2 is FLUX.1's T5 tokenizer; FLUX.2 has one tokenizer (--tokenizer-1)")
-        if args.parallel:
-            raise ValueError("--parallel runs FLUX.1 models so far, not FLUX.2")
         pipe = cls.from_pretrained(torch_dtype=torch_dtype(dtype), device=device, model_configs=configs,
-                                   tokenizer_config=args.tokenizer_1)
+                                   tokenizer_config=args.tokenizer_1, parallel=args.parallel)
     else:
         pipe = cls.from_pretrained(torch_dtype=torch_dtype(dtype), device=device, model_configs=configs,
                                    tokenizer_1_path=args.tokenizer_1, tokenizer_2_path=args.tokenizer_2,

@@ -32,6 +32,7 @@ from torch import nn
 from ..ops.attention import attention
 from ..ops.files import strip_first_prefix
 from ..ops.linear import Linear
+from ..ops.parallel import context_parallel_enabled, interleave_shards, run_split_blocks, shard_linears, world_size
 from .flux_dit import (RMSNorm, apply_rope, gated, layer_norm, merge_heads, modulate, rope_frequencies,
                        split_heads, timestep_embedding)
 
@@ -243,6 +244,7 @@ class Flux2DiT(nn.Module):
         self.norm_out = OutputNorm(h)
         self.proj_out = linear(h, config.out_channels)
         self.gradient_checkpointing = False
+        self.tensor_parallel = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -263,7 +265,13 @@ class Flux2DiT(nn.Module):
         return self.x_embedder(img.to(dtype)), self.context_embedder(txt.to(dtype)), vec, self.rope(txt_ids, img_ids)
 
     def run_blocks(self, img, txt, vec, rope, n_target: int | None = None) -> torch.Tensor:
-        """Double then single blocks; returns the first `n_target` image tokens (all by default)."""
+        """Double then single blocks; returns the first `n_target` image tokens (all by default). Under context
+        parallelism (ops/parallel.py) each process runs them on its share of the tokens."""
+        split = context_parallel_enabled()  # a rank's image rows mix target and reference tokens: keep them all
+        out = run_split_blocks(lambda t, i, r: self._blocks(i, t, vec, r, None if split else n_target), txt, img, rope)
+        return out[:, :n_target]
+
+    def _blocks(self, img, txt, vec, rope, n_target: int | None) -> torch.Tensor:
         mod_img, mod_txt = self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec)
         for block in self.transformer_blocks:
             img, txt = self._call(block, img, txt, mod_img, mod_txt, rope)
@@ -275,6 +283,36 @@ class Flux2DiT(nn.Module):
             # nothing reads the last block's text or reference outputs: they serve only as keys/values
             x = self._call(block, x, mod, rope, keep if i == last else slice(None))
         return x if last >= 0 else x[:, keep]
+
+    @torch.no_grad()
+    def shard_tensor_parallel(self) -> None:
+        """Tensor parallelism over the process group (inference): each rank keeps 1/N of the heads and MLP
+        channels of every block. q/k/v projections and SwiGLU inputs are column-parallel (the single blocks'
+        fused q/k/v/gate/value projection reordered so a column split gives each rank whole heads and
+        matching gate/value halves), output projections row-parallel (one all-reduce each)."""
+        world, c = world_size(), self.config
+        if c.num_heads % world or c.mlp_hidden % world:
+            raise ValueError(f"tensor parallelism over {world} processes needs the head count ({c.num_heads}) and "
+                             f"the MLP width ({c.mlp_hidden}) to be multiples of {world}")
+        h, m = c.hidden_size, c.mlp_hidden
+        for block in self.transformer_blocks:
+            block.attn.heads //= world
+            for ff in (block.ff, block.ff_context):
+                ff.linear_in.weight.copy_(interleave_shards(ff.linear_in.weight, (m, m), world))
+        for block in self.single_transformer_blocks:
+            attn = block.attn
+            attn.to_qkv_mlp_proj.weight.copy_(interleave_shards(attn.to_qkv_mlp_proj.weight, (h, h, h, m, m), world))
+            attn.to_out.weight.copy_(interleave_shards(attn.to_out.weight, (h, m), world, dim=1))
+            attn.heads, attn.hidden = attn.heads // world, h // world
+        double = "transformer_blocks.*."
+        shard_linears(self, colwise=[double + n for n in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj",
+                                                          "attn.add_k_proj", "attn.add_v_proj", "ff.linear_in",
+                                                          "ff_context.linear_in")]
+                      + ["single_transformer_blocks.*.attn.to_qkv_mlp_proj"],
+                      rowwise=[double + n for n in ("attn.to_out.0", "attn.to_add_out", "ff.linear_out",
+                                                    "ff_context.linear_out")]
+                      + ["single_transformer_blocks.*.attn.to_out"])
+        self.tensor_parallel = True
 
     def _call(self, block, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -193,19 +193,22 @@ class Flux2ImagePipeline(BasePipeline):
     @classmethod
     def from_pretrained(cls, torch_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
                         model_configs: Sequence[ModelConfig] = (), tokenizer_config: ModelConfig | str | None = None,
-                        vram_limit: float | None = None) -> "Flux2ImagePipeline":
+                        vram_limit: float | None = None, parallel: str | None = None) -> "Flux2ImagePipeline":
         """Build the pipeline from checkpoint files (each recognised from its keys and shapes).
 
         `tokenizer_config`: the `tokenizer/` folder (ModelConfig or path); by default the one beside the text
         encoder's folder (release layout) or from the text encoder's repository. `vram_limit` (GB): enable
-        VRAM management with that limit and no further buffer, as DiffSynth-Studio 2.0 does.
+        VRAM management with that limit and no further buffer, as DiffSynth-Studio 2.0 does. `parallel`:
+        "context" or "tensor" multi-device inference under torchrun, as FluxImagePipeline.from_pretrained.
         """
-        device = cls._check_load_args(device, vram_limit)
+        device = cls._check_load_args(device, vram_limit, parallel)
         pipe = cls(device=device, torch_dtype=torch_dtype)
         sources = pipe._load_models(model_configs)
         if pipe.text_encoder_qwen3 is not None:
             pipe.tokenizer = te.load_qwen3_tokenizer(tokenizer_dir(tokenizer_config, sources["text_encoder_qwen3"],
                                                                    "tokenizer", "tokenizer_config"))
+        if parallel == "tensor":
+            pipe._shard_dit()
         if vram_limit is not None:
             pipe.enable_vram_management(vram_limit=vram_limit, vram_buffer=0)
         return pipe

@@ -58,3 +58,28 @@ def launch_local(argv: list[str], nprocs: int = 2, timeout: float = 120.0) -> li
             outputs.append(log.read())
             log.close()
     return [RankResult(r, p.returncode, out) for r, (p, out) in enumerate(zip(procs, outputs))]
+
+
+def tiny_flux2_outputs() -> tuple:
+    """The tiny FLUX.2 DiT on fixed inputs (7 text, 15 target and 6 reference tokens), in this process's group:
+    (plain, context parallel, tensor parallel) outputs."""
+    import torch
+    from ..models.flux2_dit import Flux2DiT, infer_dit_config
+    from ..ops import parallel
+    from .tiny_flux2 import tiny_flux2_dit_state_dict
+    sd = tiny_flux2_dit_state_dict()
+    dit = Flux2DiT(infer_dit_config(sd)).eval()
+    dit.load_state_dict(sd)
+    c, g = dit.config, torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(0, 8, (1, n, 4), generator=g).float()  # noqa: E731
+    inputs = dict(img=torch.randn(1, 15, c.in_channels, generator=g), img_ids=ids(15),
+                  txt=torch.randn(1, 7, c.context_dim, generator=g), txt_ids=ids(7), timestep=torch.full((1,), 0.6),
+                  ref=torch.randn(1, 6, c.in_channels, generator=g), ref_ids=ids(6))
+    with torch.no_grad():
+        plain = dit(**inputs)
+        parallel.enable_context_parallel()
+        context = dit(**inputs)
+        parallel.disable_context_parallel()
+        dit.shard_tensor_parallel()
+        tensor = dit(**inputs)
+    return plain, context, tensor
