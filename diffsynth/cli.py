@@ -137,7 +137,7 @@ def check_loras(args) -> None:
     """Before any model loads: --lora-alpha counts and ranges, --lora files that exist and are no models."""
     from .loading.lora.apply import check_strength
     from .loading.lora.formats import refuse_model_checkpoint
-    loras(args)
+    loras(args)  # the count of --lora-alpha values
     for alpha in args.lora_alpha:
         check_strength(alpha, "--lora-alpha")
     for path in args.lora:
@@ -279,6 +279,7 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
     """Everything about a generation that can be wrong, checked before any model loads: the pipeline's
     argument checks, the input image, the output paths (with `more_outputs`, files written besides the
     images) and the device. Returns (image paths, input image)."""
+    from .ops.devices import check_device
     from .pipelines.checks import check_call_args
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
     input_image = open_input_image(args.input_image)
@@ -286,7 +287,6 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
     check_loras(args)
     paths = output_paths(args.output, args.num_images)
     check_outputs([*paths, *more_outputs], args.overwrite)
-    from .ops.devices import check_device
     check_device(compute_target(args)[0], "--device")
     return paths, input_image
 
