@@ -155,7 +155,7 @@ def check_loras(args) -> None:
     """Before any model loads: --lora-alpha counts and ranges, --lora files that exist and are no models."""
     from .loading.lora.apply import check_strength
     from .loading.lora.formats import refuse_model_checkpoint
-    loras(args)
+    loras(args)  # the count of --lora-alpha values
     for alpha in args.lora_alpha:
         check_strength(alpha, "--lora-alpha")
     for path in args.lora:
@@ -323,6 +323,7 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
     argument checks, the input images, the output paths (with `more_outputs`, files written besides the
     images) and the device. Returns (image paths, the image arguments: input_image and, when given,
     edit_image)."""
+    from .ops.devices import check_device
     from .pipelines.checks import check_call_args
     params = {k: getattr(args, k) for k in GENERATION_KEYS}
     images = {"input_image": open_input_image(args.input_image, "--input-image")}
@@ -337,7 +338,6 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
     check_loras(args)
     paths = output_paths(args.output, args.num_images)
     check_outputs([*paths, *more_outputs], args.overwrite)
-    from .ops.devices import check_device
     check_device(compute_target(args)[0], "--device")
     return paths, images
 
@@ -566,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", formatter_class=HelpFormatter,
                         help="the web UI (generation, editing, LoRA training) in the browser; "
-                             "pip install 'diffsynth[ui]'; flux-nano without model options")
+                             "pip install 'diffsynth-flux[ui]'; flux-nano without model options")
     ui.add_argument("--model", nargs="+", help="checkpoint files or folders, as for generate")
     ui.add_argument("--model-dir", help="a model folder in the FLUX.1-dev layout (default: flux-nano)")
     ui.add_argument("--tokenizer-1", help="CLIP tokenizer folder (default: tokenizer/ beside text_encoder/)")

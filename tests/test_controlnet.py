@@ -260,7 +260,7 @@ def test_learned_annotators_say_what_to_install_or_download(monkeypatch, tmp_pat
     with pytest.raises(ValueError, match="unknown processor_id 'sketch'"):
         Annotator("sketch")
     monkeypatch.setitem(sys.modules, "controlnet_aux", None)  # not installed
-    with pytest.raises(ImportError, match=r"diffsynth\[annotators\]"):
+    with pytest.raises(ImportError, match=r"diffsynth-flux\[annotators\]"):
         Annotator("depth", model_path=str(tmp_path))
     monkeypatch.setitem(sys.modules, "controlnet_aux", types.SimpleNamespace())  # installed, weights missing
     with pytest.raises(FileNotFoundError, match=r"body_pose_model.pth.*download_models\(\['Annotators:Openpose'\]\)"

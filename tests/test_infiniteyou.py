@@ -130,7 +130,7 @@ def test_missing_face_models_and_extra(tmp_path, iy_root, monkeypatch):
     with pytest.raises(FileNotFoundError, match="recognition_arcface_ir_se50.pth"):
         face_id.FaceEmbedder(face_id.face_folder(str(repo / PROJECTOR_FILE)), torch.device("cpu"), torch.float32)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(ImportError, match=r"diffsynth\[infiniteyou\]"):
+    with pytest.raises(ImportError, match=r"diffsynth-flux\[infiniteyou\]"):
         face_id.FaceEmbedder(face_id.face_folder(str(iy_root / PROJECTOR_FILE)), torch.device("cpu"), torch.float32)
 
 

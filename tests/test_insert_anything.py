@@ -15,7 +15,7 @@ from diffsynth.pipelines.variants import insert_anything as ia
 from diffsynth.testing.tiny_image import build_tiny_redux, build_tiny_variant
 from example_harness import EXAMPLES, link_model, run_example, train_script_one_step
 
-cv2 = pytest.importorskip("cv2", reason="Insert-Anything needs OpenCV (pip install 'diffsynth[insertanything]')")
+cv2 = pytest.importorskip("cv2", reason="Insert-Anything needs OpenCV (pip install 'diffsynth-flux[insertanything]')")
 pytestmark = pytest.mark.usefixtures("cpu_noise")
 SIDE = 32  # the diptych halves in these tests (768 in real use)
 

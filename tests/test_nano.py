@@ -147,10 +147,15 @@ def test_autoencoder_loss_weights_the_shape_pixels():
     assert (mask == drawn).all() and 0.05 < mask.mean() < 0.2
 
 
-def test_lora_teaches_a_new_colour(tmp_path):
-    """The README's "train your own", shortened: fewer images and steps."""
+def test_lora_teaches_a_new_colour(tmp_path, capsys):
+    """The README's "train your own", shortened: fewer images and steps. The train command is printed before
+    it runs; the images without and with the LoRA are written."""
     from diffsynth.nano.concept import teach_color
     report = teach_color("purple", tmp_path, images=4, steps=LORA_TEST_STEPS)
+    assert capsys.readouterr().out.index(report["command"]) >= 0
+    assert [Image.open(p).size for p in report["images"]] == [(4 * demo.CELL, demo.CELL + demo.CAPTION)] * 2
+    with pytest.raises(FileExistsError, match="without-lora.png"):  # nothing is drawn over
+        teach_color("purple", tmp_path, images=4, steps=LORA_TEST_STEPS)
     print(f"\npurple before the LoRA {report['color_before']:.0%}, after {report['color_after']:.0%} "
           f"({report['train_seconds']:.0f} s)")
     assert report["color_before"] <= 0.25 and report["position_after"] >= 0.75 and report["color_after"] >= 0.75

@@ -186,7 +186,7 @@ def test_edit_tab_offers_only_what_the_models_can_use(tiny_root, tmp_path):
                         (None, 1.0))
 
 
-@pytest.mark.skipif(not importlib.util.find_spec("cv2"), reason="canny needs OpenCV (diffsynth[controlnet])")
+@pytest.mark.skipif(not importlib.util.find_spec("cv2"), reason="canny needs OpenCV (diffsynth-flux[controlnet])")
 def test_annotator_preview_is_the_condition_image():
     picture = Image.new("RGB", (64, 64), (0, 0, 0))
     ImageDraw.Draw(picture).rectangle((16, 16, 47, 47), fill=(255, 255, 255))
@@ -216,7 +216,7 @@ BROWSER_MISSING = [name for name, ok in (("gradio", importlib.util.find_spec("gr
                                          ("playwright", importlib.util.find_spec("playwright")),
                                          ("chromium (apt-get install chromium)", CHROMIUM)) if not ok]
 browser_test = pytest.mark.skipif(bool(BROWSER_MISSING), reason=f"browser tests need {', '.join(BROWSER_MISSING)} "
-                                  "(pip install 'diffsynth[ui,test]')")
+                                  "(pip install 'diffsynth-flux[ui,test]')")
 STARTUP_S = 300  # importing torch and gradio on a busy 2-core machine took up to 165 s
 WAIT_MS = 240_000  # a generation or a 4-step training run, however busy the machine
 

@@ -1,8 +1,8 @@
 """Annotators: turn a photo into a ControlNet condition image (`Annotator("canny")(image)`).
 
-canny runs on OpenCV (`pip install 'diffsynth[controlnet]'`). The learned annotators (depth, softedge,
+canny runs on OpenCV (`pip install 'diffsynth-flux[controlnet]'`). The learned annotators (depth, softedge,
 lineart, lineart_anime, openpose, normal) come from the `controlnet_aux` package (`pip install
-'diffsynth[annotators]'`, optional) and read their weights from a local folder (default `models/Annotators`, the
+'diffsynth-flux[annotators]'`, optional) and read their weights from a local folder (default `models/Annotators`, the
 files of the lllyasviel/Annotators repository): nothing is downloaded here. tile, none and inpaint pass the
 image through unchanged.
 """
@@ -55,7 +55,7 @@ def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 20
         import cv2
     except ImportError as e:
         raise import_failure(e, "cv2", "the canny annotator",
-                             "pip install 'diffsynth[controlnet]' (or opencv-python-headless)") from e
+                             "pip install 'diffsynth-flux[controlnet]' (or opencv-python-headless)") from e
     edges = cv2.Canny(np.asarray(convert_image(image)), low_threshold, high_threshold)
     return Image.fromarray(np.repeat(edges[..., None], 3, -1))
 
@@ -75,7 +75,7 @@ def _load_learned(processor_id: str, model_path: str, device: str):
             warnings.simplefilter("ignore")
             import controlnet_aux
     except ImportError as e:
-        raise import_failure(e, "controlnet_aux", f"Annotator({processor_id!r})", "pip install 'diffsynth[annotators]' "
+        raise import_failure(e, "controlnet_aux", f"Annotator({processor_id!r})", "pip install 'diffsynth-flux[annotators]' "
                              "(canny, tile, none and inpaint work without it)") from e
     missing = [f for f in spec.files if not os.path.isfile(os.path.join(model_path, f))]
     if missing:

@@ -46,7 +46,7 @@ def _extra():
         import onnxruntime
     except ImportError as e:
         raise ImportError(f"InfiniteYou's face pipeline needs onnxruntime and OpenCV ({e.name} is missing): "
-                          "pip install 'diffsynth[infiniteyou]'") from None
+                          "pip install 'diffsynth-flux[infiniteyou]'") from None
     return onnxruntime, cv2
 
 

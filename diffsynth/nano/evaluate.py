@@ -111,11 +111,15 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = EVAL_STEPS
 
 
 def evaluate(pipe, triples: list[tuple[str, str, str]], seeds: tuple[int, ...] = EVAL_SEEDS,
-             steps: int = EVAL_STEPS, colors: dict[str, tuple[int, int, int]] = COLORS) -> dict:
-    """Generate every triple with every seed and score what comes out."""
+             steps: int = EVAL_STEPS, colors: dict[str, tuple[int, int, int]] = COLORS,
+             images_out: list[Image.Image] | None = None) -> dict:
+    """Generate every triple with every seed and score what comes out (the images are appended to
+    `images_out` when given)."""
     from .shapes import prompt
     cases = [(t, s) for t in triples for s in seeds]
     images = generate(pipe, [prompt(*t) for t, _ in cases], [s for _, s in cases], steps)
+    if images_out is not None:
+        images_out.extend(images)
     readings = [read_image(im, colors) for im in images]
     return {**score(readings, [t for t, _ in cases]), "images": len(cases), "seeds": list(seeds), "steps": steps,
             "misses": [f"{prompt(*t)} (seed {s}): read {r}" for (t, s), r in zip(cases, readings)

@@ -9,7 +9,7 @@ After decoding, the right half is resized back into the crop box of the source p
 box keeps the original), and the whole source photo is returned. The size is the diptych's: `height`/`width` are
 set here. An `input_image` (training: the dataset image) is replaced by the diptych, so training reconstructs it
 (the source photo then already shows the object). OpenCV does the resizing and dilation (`pip install
-'diffsynth[insertanything]'`).
+'diffsynth-flux[insertanything]'`).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _cv2():
     try:
         import cv2
     except ImportError:
-        raise ImportError("Insert-Anything needs OpenCV: pip install 'diffsynth[insertanything]' "
+        raise ImportError("Insert-Anything needs OpenCV: pip install 'diffsynth-flux[insertanything]' "
                           "(or opencv-python-headless)") from None
     return cv2
 

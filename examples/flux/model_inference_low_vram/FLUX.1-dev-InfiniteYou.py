@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 from diffsynth.pipelines.flux_image_new import FluxImagePipeline, ModelConfig, ControlNetInput
 
-# InfiniteYou's face pipeline needs `pip install 'diffsynth[infiniteyou]'` (onnxruntime, OpenCV), the antelopev2
+# InfiniteYou's face pipeline needs `pip install 'diffsynth-flux[infiniteyou]'` (onnxruntime, OpenCV), the antelopev2
 # face detector of the InfiniteYou repository (fetched below) and facexlib's ArcFace weights:
 #   wget -P models/ByteDance/InfiniteYou/supports/facexlib \
 #     https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth
