@@ -18,7 +18,8 @@ def _import(name: str):
 def test_vram_plan_table(capsys):
     _import("vram_plan").main()
     out = capsys.readouterr().out
-    assert "11.90B parameters" in out and out.count("| yes") == 12
+    assert "11.90B parameters" in out and out.count("| yes") == 12 + 8
+    assert "FLUX.2 [klein] 4B DiT (3.88B parameters)" in out and "FLUX.2 [klein] 9B DiT (9.08B parameters)" in out
 
 
 def test_gpu_full_smoke(monkeypatch, capsys):
