@@ -12,7 +12,7 @@ import torch
 from example_harness import ROOT, link_model, run_example, train_script_one_step
 from PIL import Image
 
-from diffsynth import Flux2ImagePipeline
+from diffsynth import Flux2ImagePipeline, ModelConfig
 from diffsynth.testing.tiny_flux2 import build_tiny_flux2
 
 EXAMPLES = ROOT / "examples" / "flux2"
@@ -98,3 +98,53 @@ def test_editing_data_trains(folders, tmp_path, one_thread):
             "edit_image": [pattern(64, 64, 90)], "edit_image_auto_resize": False}
     inputs = module.prepare_sample(item, seed=0)
     assert inputs["edit_latents"].shape == (1, 16, 128) and inputs["edit_ids"][0, :, 0].eq(10).all()
+
+
+def test_lora_exports_and_warm_start_use_flux2_names(folders, tmp_path, one_thread):
+    """--lora_format kohya / diffusers write FLUX.2's names (not FLUX.1's tables) and load back into the DiT
+    with the same effect as the run's own file; --lora_checkpoint reads a FLUX.2 LoRA in any of them."""
+    from diffsynth.training import build_parser, train
+    root = folders[(20, False)]
+    write_dataset(tmp_path / "data")
+
+    def run(out: str, *extra: str) -> dict:
+        words = ["--dataset_base_path", str(tmp_path / "data"), "--dataset_metadata_path",
+                 str(tmp_path / "data" / "metadata.csv"), "--height", "64", "--width", "64",
+                 "--model_paths", json.dumps([str(root / "text_encoder"), str(root / "transformer"), str(root / "vae")]),
+                 "--output_path", str(tmp_path / out), "--lora_base_model", "dit", "--lora_target_modules",
+                 "to_q,to_k,to_v,to_qkv_mlp_proj", "--lora_rank", "4", "--dataset_repeat", "1", "--seed", "0",
+                 "--learning_rate", "1e-2", "--remove_prefix_in_ckpt", "pipe.dit.", "--report_to", "none", *extra]
+        return train(build_parser().parse_args(words))
+
+    run("ours")
+    run("kohya", "--lora_format", "kohya")
+    run("peft", "--lora_format", "diffusers")
+    files = {f: tmp_path / f / "epoch-0.safetensors" for f in ("ours", "kohya", "peft")}
+    from safetensors.torch import load_file
+    assert any(k.startswith("lora_unet_single_blocks_0_linear1") for k in load_file(files["kohya"]))
+    assert any(k.startswith("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj")
+               for k in load_file(files["peft"]))
+    pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                              model_configs=[ModelConfig(path=str(root / "transformer"))])
+    x = torch.randn(1, 16, pipe.dit.config.in_channels, generator=torch.Generator().manual_seed(0))
+    ids = torch.zeros(1, 16, 4)
+    ids[0, :, 2] = torch.arange(16) // 4
+    ids[0, :, 3] = torch.arange(16) % 4
+    txt = torch.randn(1, 8, pipe.dit.config.context_dim, generator=torch.Generator().manual_seed(1))
+    txt_ids = torch.zeros(1, 8, 4)
+    txt_ids[0, :, 3] = torch.arange(8)
+
+    def velocity(lora=None) -> torch.Tensor:
+        if lora is not None:
+            pipe.load_lora(pipe.dit, str(lora), hotload=True)
+        try:
+            return pipe.dit(x, ids, txt, txt_ids, torch.tensor([0.5]))
+        finally:
+            pipe.clear_lora()
+
+    base, ours = velocity(), velocity(files["ours"])
+    assert (ours - base).abs().max() > 1e-4  # the trained LoRA changes the DiT
+    for name in ("kohya", "peft"):
+        torch.testing.assert_close(velocity(files[name]), ours, rtol=1e-4, atol=1e-5)
+    result = run("warm", "--lora_checkpoint", str(files["peft"]))  # (kohya fuses q/k/v: rank 3r, another --lora_rank)
+    assert result["steps"] == 1

@@ -37,22 +37,23 @@ def is_lora_key(key: str) -> bool:
 
 
 def convert_output(sd: dict[str, torch.Tensor], lora_format: str = "diffsynth", full_format: str = "diffsynth",
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, header metadata) of one output file. `sd` has the prefix already removed."""
+                   family: str = "flux") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of one output file. `sd` has the prefix already removed; `family` ("flux" or
+    "flux2", the trained DiT's) picks the key tables of the kohya / PEFT / BFL names."""
     metadata: dict[str, str] = {}
     lora = {k: v for k, v in sd.items() if is_lora_key(k)}
     full = {k: v for k, v in sd.items() if not is_lora_key(k)}
     out: dict[str, torch.Tensor] = {}
     if lora and lora_format != "diffsynth":
-        from ..loading.lora import export_kohya, export_peft, lora_from_peft_model_state
-        canonical = lora_from_peft_model_state(lora)
+        from ..loading.lora import NAMINGS, export_kohya, export_peft, lora_from_peft_model_state
+        canonical = lora_from_peft_model_state(lora, naming=NAMINGS[family])
         if lora_format == "kohya":
             lora = export_kohya(canonical)
         else:
             lora, metadata = export_peft(canonical)
     if full and full_format == "bfl":
-        from ..models.flux_dit import dit_to_bfl
-        full = dit_to_bfl(full)
+        from ..models import flux2_dit, flux_dit
+        full = (flux2_dit if family == "flux2" else flux_dit).dit_to_bfl(full)
     out.update(full)
     out.update(lora)
     return out, metadata
@@ -71,9 +72,9 @@ def training_info(args) -> dict:
 
 
 def save_output(sd: dict[str, torch.Tensor], path: str, prefix: str | None, lora_format: str, full_format: str,
-                dtype: torch.dtype | None, info: dict | None = None) -> None:
+                dtype: torch.dtype | None, info: dict | None = None, family: str = "flux") -> None:
     """Remove the prefix, convert, cast floating tensors to `dtype`, and write `path` atomically."""
-    tensors, metadata = convert_output(studio_names(remove_prefix(sd, prefix)), lora_format, full_format)
+    tensors, metadata = convert_output(studio_names(remove_prefix(sd, prefix)), lora_format, full_format, family)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     metadata = {"format": "pt", **metadata}

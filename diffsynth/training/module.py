@@ -69,11 +69,11 @@ def load_lora_checkpoint(model: nn.Module, path: str, rank: int, is_dit: bool) -
 
     Returns how many layers were loaded; raises when a layer is unknown, not targeted, or of another rank.
     """
-    from ..loading.lora import convert_lora, read_lora_file
+    from ..loading.lora import convert_lora, naming_for, read_lora_file
     sd, metadata = read_lora_file(path)
     state = {}
     if is_dit:
-        lora = convert_lora(sd, metadata, float(getattr(model.config, "mlp_ratio", 4.0)))
+        lora = convert_lora(sd, metadata, float(getattr(model.config, "mlp_ratio", 4.0)), naming_for(model))
         if lora.unknown or lora.norm_weights or lora.te_layers:
             raise ValueError(f"--lora_checkpoint {path}: entries that are not DiT LoRA layers: "
                              f"{sorted([*lora.unknown, *lora.norm_weights, *lora.te_layers])[:10]}")

@@ -365,7 +365,7 @@ class Trainer:
                 if tensors is not None:
                     path = str(self.output / f"{name}{suffix}.safetensors")
                     save_output(tensors, path, args.remove_prefix_in_ckpt, args.lora_format, args.full_format,
-                                dtype, info)
+                                dtype, info, self.module.pipe.family)
                     self.files.append(path)
                     tqdm.write(f"saved {path}")
         self.accelerator.wait_for_everyone()

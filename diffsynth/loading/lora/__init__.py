@@ -45,11 +45,11 @@ from __future__ import annotations
 
 from .apply import apply_lora, clear_lora, load_lora_into_pipeline, widen_linear_input
 from .export import describe_lora, export_kohya, export_peft, save_lora
-from .formats import (FLUX1, FLUX2, CanonicalLoRA, DiTNaming, LoRAReport, LoRAWeights, convert_lora, detect_dialect,
+from .formats import (FLUX1, FLUX2, NAMINGS, CanonicalLoRA, DiTNaming, LoRAReport, LoRAWeights, convert_lora, detect_dialect,
                       lora_from_peft_model_state, naming_for, read_lora_file)
 
 __all__ = [
     "LoRAWeights", "CanonicalLoRA", "LoRAReport", "detect_dialect", "convert_lora", "apply_lora", "clear_lora",
     "load_lora_into_pipeline", "widen_linear_input", "export_kohya", "export_peft", "save_lora",
-    "read_lora_file", "lora_from_peft_model_state", "describe_lora", "DiTNaming", "FLUX1", "FLUX2", "naming_for",
+    "read_lora_file", "lora_from_peft_model_state", "describe_lora", "DiTNaming", "FLUX1", "FLUX2", "NAMINGS", "naming_for",
 ]
