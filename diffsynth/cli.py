@@ -181,7 +181,8 @@ def build_pipeline(args, models: list[str]):
     device, dtype = compute_target(args)
     configs = [_model_config(m, args) for m in models]
     cls = pipeline_class(models)
-    call_params(cls, {k: getattr(args, k) for k in GENERATION_KEYS})  # options it lacks fail before loading
+    # options it lacks fail before loading (`ui` has none: its page checks each call)
+    call_params(cls, {k: getattr(args, k) for k in GENERATION_KEYS if hasattr(args, k)})
     if cls is Flux2ImagePipeline:
         if args.tokenizer_2:
             raise ValueError("--tokenizer-2 is FLUX.1's T5 tokenizer; FLUX.2 has one tokenizer (--tokenizer-1)")
