@@ -374,6 +374,16 @@ def test_ui_command_checks_its_options_before_loading(tmp_path, capsys, monkeypa
     assert "--port must be in 1..65535" in capsys.readouterr().err
 
 
+def test_ui_command_loads_flux_nano_without_a_browser(tmp_path):
+    """What `diffsynth ui` does before serving (the browser tests start it too, in make test-slow): parse,
+    load flux-nano through the CLI's pipeline builder, and describe the page."""
+    from diffsynth.cli import build_parser
+    from diffsynth.ui.launch import load_state
+    state = load_state(build_parser().parse_args(["ui", "--output", str(tmp_path / "out"), "--device", "cpu"]))
+    assert state.nano and state.steps == 20 and (state.height, state.width) == (64, 64)
+    assert state.generator is not None
+
+
 @browser_test
 @pytest.mark.slow  # a real browser against a started server: make test-slow (CI runs it)
 def test_browser_second_tab_waits_for_the_first(browser, server):
