@@ -173,7 +173,7 @@ def test_pipeline_is_fill_and_redux_on_the_diptych_then_the_paste(pipe, small_si
     got = pipe(**inputs(), height=512, width=512, **kw)  # the size is the diptych's
     d = ia.make_diptych(*inputs().values(), side=SIDE)
     plain = pipe(flux_fill_image=d.image, flux_fill_mask=d.mask, flux_redux_image=d.reference, height=SIDE,
-                 width=2 * SIDE, **kw)
+                 width=2 * SIDE, redux_replaces_prompt=True, **kw)
     assert got.size == (80, 64) and np.array_equal(np.asarray(got), np.asarray(d.paste(plain)))
     outside = np.ones((64, 80), bool)
     y1, y2, x1, x2 = d.box
@@ -229,3 +229,17 @@ def test_lora_training_and_validation(hub, tmp_path, monkeypatch, small_side, fr
     shutil.rmtree(tmp_path / "models/HuanJue")
     run_example("model_training/validate_lora/Insert-Anything.py", tmp_path, monkeypatch, hub)
     assert (tmp_path / "image_Insert-Anything_lora.jpg").is_file()
+
+
+def test_redux_conditioning_is_diffsynth_studios(pipe, small_side):
+    """DiffSynth-Studio's Redux unit, which its Insert-Anything runs through: on both CFG branches the T5
+    embedding is zeros of the prompt's length followed by the Redux tokens, the pooled embedding zeros."""
+    from diffsynth.pipelines.units import active_units, run_units
+    from diffsynth.pipelines.variants.redux import redux_tokens
+    shared = {**inputs(), "seed": 0, "t5_sequence_length": 16, "sigmas": torch.ones(1), "cfg_scale": 2.0}
+    posi, nega = {"prompt": "a cup"}, {"prompt": "blurry"}
+    run_units(pipe, active_units(pipe, pipe.units), shared, posi, nega, True)
+    tokens = redux_tokens(pipe, shared["flux_redux_image"])
+    for branch in (posi, nega):
+        assert torch.equal(branch["prompt_emb"], torch.cat([torch.zeros(1, 16, tokens.shape[-1]), tokens], 1))
+        assert not branch["pooled_prompt_emb"].any() and not branch["text_ids"].any()

@@ -139,8 +139,8 @@ def make_diptych(source: Image.Image, source_mask: Image.Image, ref: Image.Image
                    Image.fromarray(left), src, box, crop.shape[0])
 
 
-INSERT_OUTPUTS = ("flux_fill_image", "flux_fill_mask", "flux_redux_image", "height", "width", "input_image",
-                  "image_edit")
+INSERT_OUTPUTS = ("flux_fill_image", "flux_fill_mask", "flux_redux_image", "redux_replaces_prompt", "height",
+                  "width", "input_image", "image_edit")
 
 
 @unit(outputs=INSERT_OUTPUTS)
@@ -163,8 +163,9 @@ def prepare_insert_anything(pipe, insert_anything_source_image=None, insert_anyt
         check_image(value, name)
     require_dit(pipe, FILL_CHANNELS, "insert_anything_*", "FLUX.1-Fill")
     d = make_diptych(*values.values(), side=SIDE)
+    # Redux conditions as in DiffSynth-Studio, whose Insert-Anything this is: zeros for the prompt, then the tokens
     out = {"flux_fill_image": d.image, "flux_fill_mask": d.mask, "flux_redux_image": d.reference,
-           "height": d.image.height, "width": d.image.width, "image_edit": d.paste}
+           "redux_replaces_prompt": True, "height": d.image.height, "width": d.image.width, "image_edit": d.paste}
     if input_image is not None:
         out["input_image"] = d.image
     return out

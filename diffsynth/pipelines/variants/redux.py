@@ -4,6 +4,10 @@ SigLIP (`image_encoder`) patch features of each image go through the Redux embed
 space; those tokens are appended to the positive prompt's T5 embedding (text ids zero), as diffusers'
 FluxPriorReduxPipeline hands them to FluxPipeline. The pooled CLIP embedding stays the prompt's, and
 the negative side (true CFG) keeps its own prompt without image tokens. The prompt may be empty.
+
+`redux_replaces_prompt=True` is DiffSynth-Studio's Redux conditioning instead (Insert-Anything sets it): on
+both CFG branches the prompt's T5 embedding becomes zeros of its length followed by the image tokens, and the
+pooled CLIP embedding zeros.
 """
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ def redux_tokens(pipe, images) -> torch.Tensor:
     return tokens.reshape(1, -1, tokens.shape[-1]).to(pipe.device, pipe.torch_dtype)
 
 
-@unit(both_branches=True, uses=("image_encoder", "redux"), outputs=("prompt_emb", "text_ids"))
-def append_redux_tokens(pipe, branches, flux_redux_image=None):
+@unit(both_branches=True, uses=("image_encoder", "redux"), outputs=("prompt_emb", "pooled_prompt_emb", "text_ids"))
+def append_redux_tokens(pipe, branches, flux_redux_image=None, redux_replaces_prompt=False):
     if flux_redux_image is None:
         return [{} for _ in branches]
     posi = branches[0]
@@ -38,6 +42,11 @@ def append_redux_tokens(pipe, branches, flux_redux_image=None):
     b = posi["prompt_emb"].shape[0]
     tokens = tokens.repeat(b, 1, 1)
     ids = torch.zeros(b, tokens.shape[1], 3, device=posi["text_ids"].device, dtype=posi["text_ids"].dtype)
+    if redux_replaces_prompt:
+        emb = torch.cat([torch.zeros_like(posi["prompt_emb"]), tokens], 1)
+        replaced = {"prompt_emb": emb, "pooled_prompt_emb": torch.zeros_like(posi["pooled_prompt_emb"]),
+                    "text_ids": torch.zeros(b, emb.shape[1], 3, device=ids.device, dtype=ids.dtype)}
+        return [dict(replaced) for _ in branches]
     first = {"prompt_emb": torch.cat([posi["prompt_emb"], tokens], 1),
              "text_ids": torch.cat([posi["text_ids"], ids], 1)}
     return [first] + [{} for _ in branches[1:]]
