@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..ops.files import CheckpointError
+from .hf_adopt import adopt_weights
 
 HIDDEN_STATE_LAYERS = (9, 18, 27)
 MAX_SEQUENCE_LENGTH = 512
@@ -59,21 +60,7 @@ def load_qwen3(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | No
                               f"{config.num_hidden_layers} layers")
     with init_empty_weights(include_buffers=False):
         model = Qwen3Model(config)
-    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: the weights do not fit the Qwen3 config; missing {missing[:8]}, "
-                              f"unexpected {unexpected[:8]}")
-    bad = [f"{k} {shapes[k]} != {expected[k]}" for k in sd if shapes[k] != expected[k]]
-    if bad:
-        raise CheckpointError(f"{source}: shape mismatch (file != config): {bad[:8]}")
-    model.load_state_dict(sd, assign=True, strict=True)
-    device = next(iter(sd.values())).device
-    for module in model.modules():  # the rotary table was computed on the CPU
-        for name, b in module._buffers.items():
-            if b is not None and b.device != device:
-                module._buffers[name] = b.to(device)
-    return model.eval().requires_grad_(False)
+    return adopt_weights(model, sd, source, "the Qwen3 config")
 
 
 def load_qwen3_tokenizer(folder: str | Path):

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ..ops.files import CheckpointError
+from .hf_adopt import adopt_weights
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_END = "<|vision_end|>"
@@ -69,21 +70,7 @@ def load_qwen_vl(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | 
             sd[name] = t
     if probe_dtype is not None and _DTYPE_PROBE in sd:
         sd[_DTYPE_PROBE] = sd[_DTYPE_PROBE].to(probe_dtype)
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: the weights do not fit config.json; missing {missing[:8]}, "
-                              f"unexpected {unexpected[:8]}")
-    bad = [f"{k} {tuple(t.shape)} != {tuple(expected[k].shape)}" for k, t in sd.items() if t.shape != expected[k].shape]
-    if bad:
-        raise CheckpointError(f"{source}: shape mismatch (file != config.json): {bad[:8]}")
-    model.load_state_dict(sd, assign=True, strict=True)
-    device = next(iter(sd.values())).device
-    for module in model.modules():  # rotary tables were computed on the CPU
-        for name, b in module._buffers.items():
-            if b is not None and b.device != device:
-                module._buffers[name] = b.to(device)
-    return model.eval().requires_grad_(False)
+    return adopt_weights(model, sd, source, "config.json")
 
 
 # ----------------------------------------------------------------------------- processor
