@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from diffsynth.loading import components
-from diffsynth.loading.registry import build, describe, detect
+from diffsynth.loading.registry import build, classify, describe, detect
+from diffsynth.models import flux2_dit
 from diffsynth.loading.vram import install_cast
 from diffsynth.models.flux2_dit import Flux2DiT, dit_from_bfl, dit_to_bfl, infer_dit_config
 from diffsynth.testing import bfl_to_diffusers_dit, tiny_dit_state_dict
@@ -139,14 +140,17 @@ def test_config_json_rope_settings(tmp_path):
 
 
 def test_detection_does_not_mix_flux1_and_flux2(files, tiny_root):
+    """FLUX.2 files also match FLUX.1's looser layout test: the table tries FLUX.2's family first."""
+    families = [f.name for f in components.FAMILIES]
+    assert families.index("flux2-dit") < families.index("flux-dit")
     for layout in ("diffusers", "bfl", "comfyui"):
         refs = {k.removeprefix("model.diffusion_model.").removeprefix("transformer."): r
                 for k, r in _scan(files[False][layout]).items()}
-        assert components.detect_flux_dit(refs) is None  # FLUX.1's detector rejects FLUX.2 files
+        assert classify(refs)[0].name == "flux2-dit"
     flux1_bfl = tiny_dit_state_dict()
     for sd in (flux1_bfl, bfl_to_diffusers_dit(flux1_bfl)):
-        assert components.detect_flux2_dit(sd) is None  # and FLUX.2's rejects FLUX.1 files
-        assert components.detect_flux_dit(sd) in ("bfl", "diffusers")
+        assert flux2_dit.detect(sd) is None  # FLUX.2's detector rejects FLUX.1 files
+        assert classify(sd)[0].name == "flux-dit"
     assert detect(str(tiny_root / "flux1-dev.safetensors"))[0].family == "flux-dit"
     assert components.FAMILY_BY_NAME["flux2-dit"].low_precision_storage
 
@@ -162,9 +166,8 @@ def test_inspect_names_it(files):
     assert info["family"] == "flux2-dit" and info["format"] == "bfl" and info["components"] == ["dit"]
     assert info["architecture"]["variant"] == "FLUX.2 DiT, 2+2 blocks of width 32"
     assert info["architecture"]["guidance_embedder"] is True
-    from diffsynth.loading.registry import _flux2_variant
-    assert _flux2_variant(infer_dit_config_like(3072, 5, 20, False)) == "FLUX.2 DiT, [klein] 4B-like"
-    assert _flux2_variant(infer_dit_config_like(4096, 8, 24, False)) == "FLUX.2 DiT, [klein] 9B-like"
+    assert flux2_dit.variant_name(infer_dit_config_like(3072, 5, 20, False)) == "FLUX.2 DiT, [klein] 4B-like"
+    assert flux2_dit.variant_name(infer_dit_config_like(4096, 8, 24, False)) == "FLUX.2 DiT, [klein] 9B-like"
 
 
 def infer_dit_config_like(hidden, double, single, guidance):

@@ -8,38 +8,18 @@ file of a family this package cannot load yet is named as what it is.
 """
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
+from ..models.entry import BuildOptions, Detected
 from ..ops.files import CheckpointError, TensorRef, read_config, scan, strip_prefix
 from . import components as table
 
+__all__ = ["Detected", "MODEL_PREFIXES", "build", "classify", "describe", "detect", "dit_config", "looks_like_lora",
+           "pipeline_family"]
+
 # Prefixes stripped from a single model (trainers and UIs add them).
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "pipe.dit.", "transformer.", "model.")
-
-
-@dataclass
-class Detected:
-    family: str                 # a `components.FAMILIES` name: flux-dit | flux-vae | clip | t5 | ...
-    format: str                 # bfl | diffusers | diffsynth | hf | ...
-    refs: dict[str, TensorRef]  # keys relative to the model (outer prefixes removed)
-    source: str
-    config: dict | None = None  # config.json when the model came with one
-    components: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def num_params(self) -> int:
-        return sum(r.numel for r in self.refs.values())
-
-    @property
-    def dtypes(self) -> dict[str, int]:
-        return dict(Counter(str(r.dtype).replace("torch.", "") for r in self.refs.values()))
-
-    def quant_types(self) -> dict[str, int]:
-        return dict(Counter(str(r.extra) for r in self.refs.values() if isinstance(r.extra, str)))
 
 
 def classify(refs: dict[str, TensorRef]) -> tuple[table.Family, str, dict[str, TensorRef]] | None:
@@ -60,6 +40,11 @@ def looks_like_lora(keys) -> bool:
     return any(".lora_" in k or "_lora" in k or k.startswith("lora_") for k in keys)
 
 
+def _lora_named_model(refs) -> bool:
+    found = classify(refs)
+    return found is not None and found[0].lora_named
+
+
 def _bundle_prefixes() -> dict[str, table.Family]:
     return {p: f for f in table.FAMILIES for p in f.bundle_prefixes}
 
@@ -68,8 +53,7 @@ def detect(paths) -> list[Detected]:
     """Recognise every model inside a file, a list of shards, or a folder."""
     refs = scan(paths)
     source = str(paths if isinstance(paths, str) else list(map(str, paths)))
-    # the LoRA-Fusion patcher's and the timestep LoRA's names say "lora" too; both are models
-    if looks_like_lora(refs) and table.detect_lora_patcher(refs) is None and table.detect_timestep_lora(refs) is None:
+    if looks_like_lora(refs) and not _lora_named_model(refs):
         from .lora import detect_dialect
         raise CheckpointError(f"{source} is a LoRA ({detect_dialect(refs)} dialect), not a model: apply it with "
                               f"pipe.load_lora(pipe.dit, path); `diffsynth inspect` describes it")
@@ -112,7 +96,6 @@ def build(det: Detected, dtype: torch.dtype | None = None, device="cpu",
     under fp8 storage. Scaled-fp8 scales are kept for the DiT and folded into the weights elsewhere.
     `processor_dir`: where a Qwen2.5-VL model's processor files are (default: beside its weights).
     """
-    from .builders import BuildOptions
     family = table.FAMILY_BY_NAME[det.family]
     if family.build is None:
         raise CheckpointError(f"{det.source} is a {family.description} ({det.format} layout); "
@@ -121,8 +104,11 @@ def build(det: Detected, dtype: torch.dtype | None = None, device="cpu",
 
 
 def dit_config(det: Detected):
-    from .builders import dit_config as config
-    return config(det)
+    """A detected DiT's (FLUX.1 or FLUX.2) architecture, read from shapes alone."""
+    family = table.FAMILY_BY_NAME[det.family]
+    if family.config is None:
+        raise ValueError(f"{det.source} is a {family.description}, not a DiT")
+    return family.config(det)
 
 
 def describe(det: Detected) -> dict:
@@ -132,32 +118,7 @@ def describe(det: Detected) -> dict:
     quant = det.quant_types()
     if quant:
         info["quant_types"] = quant
-    if det.family == "flux-dit":
-        c = dit_config(det)
-        info["architecture"] = {
-            "hidden_size": c.hidden_size, "heads": c.num_heads, "double_blocks": c.num_double_blocks,
-            "single_blocks": c.num_single_blocks, "in_channels": c.in_channels,
-            "guidance_embedder": c.guidance_embed,
-            "variant": _dit_variant(c)}
-    if det.family == "flux2-dit":
-        c = dit_config(det)
-        info["architecture"] = {
-            "hidden_size": c.hidden_size, "heads": c.num_heads, "double_blocks": c.num_double_blocks,
-            "single_blocks": c.num_single_blocks, "context_dim": c.context_dim,
-            "guidance_embedder": c.guidance_embed, "variant": _flux2_variant(c)}
+    family = table.FAMILY_BY_NAME[det.family]
+    if family.describe is not None:
+        info["architecture"] = family.describe(det)
     return info
-
-
-def _flux2_variant(c) -> str:
-    """The release a FLUX.2 DiT's shape matches (klein and klein-base share theirs: the base is undistilled)."""
-    known = {(3072, 5, 20, False): "[klein] 4B-like", (4096, 8, 24, False): "[klein] 9B-like",
-             (6144, 8, 48, True): "[dev]-like"}
-    key = (c.hidden_size, c.num_double_blocks, c.num_single_blocks, c.guidance_embed)
-    return "FLUX.2 DiT, " + known.get(key, f"{c.num_double_blocks}+{c.num_single_blocks} blocks of width {c.hidden_size}")
-
-
-def _dit_variant(c) -> str:
-    if not c.guidance_embed:
-        return "FLUX.1-schnell-like (no guidance embedder)"
-    return {64: "FLUX.1-dev-like", 128: "FLUX.1-Canny/Depth-like (control channels)",
-            196: "FLEX.2-like (in-paint and control channels)", 384: "FLUX.1-Fill-like"}.get(c.in_channels, f"FLUX-like, {c.in_channels} input channels")

@@ -13,6 +13,7 @@ from torch import nn
 
 from .siglip import adopt_hf_model
 from ..ops.images import convert_image
+from .entry import BuildOptions, Detected, Family, fills, has_key, plain_tensors
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -66,3 +67,19 @@ def load_clip_vision(sd: dict[str, torch.Tensor], config: dict | None, device) -
     model = adopt_hf_model(CLIPVisionModelWithProjection, clip_vision_config(sd, config), sd,
                            "CLIP vision encoder").to(device)
     return ClipImageEncoder(model)
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    """CLIPVisionModelWithProjection weights (alone or inside a full CLIPModel file)."""
+    keys = refs.keys()
+    return "hf" if has_key(keys, "vision_model.embeddings.class_embedding") and \
+        has_key(keys, "visual_projection.weight") else None
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    return {"image_encoder": load_clip_vision(plain_tensors(det, options), det.config, options.device)}
+
+
+FAMILIES = (Family("clip-vision", "CLIP vision encoder", detect, fills("image_encoder"), build),)

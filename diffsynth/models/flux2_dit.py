@@ -31,7 +31,10 @@ from torch import nn
 
 from ..ops.attention import attention
 from ..ops.files import strip_first_prefix
+from ..ops.gguf import dequantize, is_quantized
 from ..ops.linear import Linear
+from ..ops.quant import apply_scales
+from .entry import BuildOptions, Detected, Family, assign, fills, has_key, has_prefix, load_tensors, meta_tensors
 from ..ops.parallel import context_parallel_enabled, interleave_shards, run_split_blocks, shard_linears, world_size
 from .flux_dit import (RMSNorm, apply_rope, gated, layer_norm, merge_heads, modulate, rope_frequencies,
                        split_heads, timestep_embedding)
@@ -488,3 +491,72 @@ def default_axes_dim(head_dim: int) -> tuple[int, int, int, int]:
     if head_dim % 8:
         raise ValueError(f"FLUX.2 head_dim must be a multiple of 8 (4 rotary axes of channel pairs), got {head_dim}")
     return (head_dim // 4,) * 4
+
+
+# ----------------------------------------------------------------------------- table entry
+
+# (hidden size, double blocks, single blocks, guidance embedder) of the releases; klein and klein-base share
+# theirs (the base is undistilled)
+RELEASES = {(3072, 5, 20, False): "[klein] 4B-like", (4096, 8, 24, False): "[klein] 9B-like",
+            (6144, 8, 48, True): "[dev]-like"}
+
+
+def variant_name(c: Flux2DiTConfig) -> str:
+    key = (c.hidden_size, c.num_double_blocks, c.num_single_blocks, c.guidance_embed)
+    return "FLUX.2 DiT, " + RELEASES.get(key, f"{c.num_double_blocks}+{c.num_single_blocks} blocks of width "
+                                              f"{c.hidden_size}")
+
+
+def detect(refs) -> str | None:
+    """Modulation shared by all blocks (FLUX.1 modulates inside each block), in BFL's names (`*.lin`,
+    `double_blocks.N.img_attn.qkv`) or diffusers' (`*.linear`, `transformer_blocks.N.attn.to_q`)."""
+    keys = refs.keys()
+    if has_key(keys, "double_stream_modulation_img.lin.weight", "single_stream_modulation.lin.weight") and \
+            has_prefix(keys, "double_blocks.", "single_blocks."):
+        return "bfl"
+    if has_key(keys, "double_stream_modulation_img.linear.weight", "single_stream_modulation.linear.weight") and \
+            has_prefix(keys, "transformer_blocks.", "single_transformer_blocks."):
+        return "diffusers"
+    return None
+
+
+_CONVERTERS = {"bfl": dit_from_bfl, "diffusers": dit_from_diffusers}
+
+
+def config_of(det: Detected) -> Flux2DiTConfig:
+    """A detected DiT's architecture from tensor shapes alone (no weight is read)."""
+    config = infer_dit_config(_CONVERTERS[det.format](meta_tensors(det)))
+    config.theta = int((det.config or {}).get("rope_theta", config.theta))
+    if det.config and "axes_dims_rope" in det.config:
+        config.axes_dim = tuple(det.config["axes_dims_rope"])
+    return config
+
+
+def describe(det: Detected) -> dict:
+    c = config_of(det)
+    return {"hidden_size": c.hidden_size, "heads": c.num_heads, "double_blocks": c.num_double_blocks,
+            "single_blocks": c.num_single_blocks, "context_dim": c.context_dim,
+            "guidance_embedder": c.guidance_embed, "variant": variant_name(c)}
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    """Scaled-fp8 scales and GGUF blocks stay as stored except on BFL's fused q/k/v, which are split (and so
+    dequantized / folded once here)."""
+    rename = bfl_key_to_internal if det.format == "bfl" else (lambda k: k)
+    config = config_of(det)
+    refs, scale_refs, sd = load_tensors(det, options)
+    # per-tensor scales survive renaming; the BFL final layer's halves swap would reorder per-row ones
+    keep = lambda k, s: rename(k) is not None and (s.numel() == 1 or not k.startswith("final_layer.adaLN"))  # noqa: E731
+    scales = apply_scales(sd, scale_refs, options.dtype, keep)
+    quant = {k: r.extra for k, r in refs.items() if is_quantized(r.extra)}
+    for k in [k for k in quant if rename(k) is None]:
+        dtype = options.dtype if options.dtype is not None else torch.float32
+        sd[k] = dequantize(sd[k], quant.pop(k), dtype).reshape(refs[k].shape)
+    sd = _CONVERTERS[det.format](sd)
+    return {"dit": assign(Flux2DiT, config, sd, f"FLUX.2 DiT from {det.source}",
+                          quantized={rename(k): t for k, t in quant.items()},
+                          scales={rename(k): s for k, s in scales.items()})}
+
+
+FAMILIES = (Family("flux2-dit", "FLUX.2 DiT", detect, fills("dit"), build, bundle_prefixes=("model.diffusion_model.",),
+                   low_precision_storage=True, pipeline="flux2", config=config_of, describe=describe),)

@@ -18,6 +18,7 @@ import torch
 
 from ..ops.files import CheckpointError
 from .hf_adopt import adopt_weights
+from .entry import BuildOptions, Component, Detected, Family, fills, plain_tensors
 
 HIDDEN_STATE_LAYERS = (9, 18, 27)
 MAX_SEQUENCE_LENGTH = 512
@@ -92,3 +93,20 @@ def encode_prompt_qwen3(tokenizer, model, prompts: Sequence[str], device: torch.
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                 output_hidden_states=True, use_cache=False)
     return torch.cat([out.hidden_states[k] for k in layers], dim=-1)
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    """Qwen3 language model (FLUX.2 [klein]'s text encoder), keys without the `model.` level."""
+    return "hf" if is_qwen3_state(refs.keys()) else None
+
+
+def build(det: Detected, options: BuildOptions) -> dict:
+    model = load_qwen3(plain_tensors(det, options), det.config, f"Qwen3 from {det.source}")
+    return {"text_encoder_qwen3": model.to(options.device)}
+
+
+COMPONENTS = (Component("text_encoder_qwen3", "text", activation="text"),)
+FAMILIES = (Family("qwen3", "Qwen3 text encoder (FLUX.2 [klein])", detect, fills("text_encoder_qwen3"), build,
+                   low_precision_storage=True, pipeline="flux2"),)

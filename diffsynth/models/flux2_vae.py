@@ -14,7 +14,9 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from .flux_vae import FluxVAEConfig, FluxVAEDecoder, FluxVAEEncoder, diffusers_parts, vae_from_bfl
+from .entry import BuildOptions, Detected, Family, assign, plain_tensors
+from .flux_vae import (FluxVAEConfig, FluxVAEDecoder, FluxVAEEncoder, diffusers_parts, infer_vae_config, layout, parts,
+                       vae_from_bfl)
 
 PATCH = 2
 BATCH_NORM_EPS = 1e-4  # AutoencoderKLFlux2's default `batch_norm_eps`
@@ -117,5 +119,24 @@ def flux2_vae_parts(state_dict: StateDict, fmt: str) -> tuple[dict[str, Tensor],
 
 def vae_config(part: StateDict) -> FluxVAEConfig:
     """The architecture of one half (statistics excluded), read from its shapes."""
-    from .flux_vae import infer_vae_config
     return infer_vae_config({k: v for k, v in part.items() if not k.startswith("bn.")})
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    """FLUX.1's layout plus the batch-norm statistics of the patchified latents."""
+    keys = refs.keys()
+    return layout(keys) if "bn.running_mean" in keys and "bn.running_var" in keys else None
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    eps = float((det.config or {}).get("batch_norm_eps", BATCH_NORM_EPS))
+    enc, dec = flux2_vae_parts(plain_tensors(det, options), det.format)
+    return {"vae_encoder": assign(lambda c: Flux2VAEEncoder(c, eps), vae_config(enc), enc,
+                                  f"FLUX.2 VAE encoder from {det.source}"),
+            "vae_decoder": assign(lambda c: Flux2VAEDecoder(c, eps), vae_config(dec), dec,
+                                  f"FLUX.2 VAE decoder from {det.source}")}
+
+
+FAMILIES = (Family("flux2-vae", "FLUX.2 VAE", detect, parts, build, pipeline="flux2"),)

@@ -26,6 +26,7 @@ from ..ops.files import strip_first_prefix
 from ..ops.linear import Linear
 from .flux_dit import (BFL_PREFIXES, DoubleBlock, FluxDiT, FluxDiTConfig, MLPEmbedder, SingleBlock,
                        TimestepEmbedder, bfl_key_to_internal, default_axes_dim, dit_from_diffusers, patchify)
+from .entry import BuildOptions, Component, Detected, Family, assign, fills, has_prefix, plain_tensors
 
 # Union-alpha's control modes: `ControlNetInput.processor_id` -> mode index.
 UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
@@ -202,3 +203,36 @@ def infer_controlnet_config(sd: dict[str, torch.Tensor]) -> FluxControlNetConfig
         mlp_ratio=mlp_hidden / hidden, guidance_embed="guidance_embedder.timestep_embedder.0.weight" in sd,
         num_modes=0 if modes is None else modes.shape[0], axes_dim=default_axes_dim(head_dim),
         pixel_condition="input_hint_block.0.weight" in sd)
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect_diffusers(refs) -> str | None:
+    """diffusers FluxControlNetModel (InstantX Union, alimama Inpainting, jasperai Upscaler, ...)."""
+    keys = refs.keys()
+    if "controlnet_x_embedder.weight" in keys or has_prefix(keys, "controlnet_blocks.0.", "controlnet_single_blocks."):
+        if has_prefix(keys, "transformer_blocks.", "single_transformer_blocks.", "x_embedder."):
+            return "diffusers"
+    return None
+
+
+def detect_xlabs(refs) -> str | None:
+    keys = refs.keys()
+    if has_prefix(keys, "input_hint_block.") and has_prefix(keys, "controlnet_blocks.", "double_blocks."):
+        return "xlabs"
+    return None
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    convert = controlnet_from_xlabs if det.format == "xlabs" else controlnet_from_diffusers
+    sd = convert(plain_tensors(det, options))
+    config = infer_controlnet_config(sd)
+    if det.config and "axes_dims_rope" in det.config:
+        config.axes_dim = tuple(det.config["axes_dims_rope"])
+    return {"controlnet": assign(FluxControlNet, config, sd, f"FLUX ControlNet from {det.source}")}
+
+
+# ControlNets run with the DiT at every step: on the device together, offloaded after denoising.
+COMPONENTS = (Component("controlnet", "denoise", in_loop=True, many=True, activation="dit"),)
+FAMILIES = (Family("flux-controlnet", "FLUX ControlNet (diffusers layout)", detect_diffusers, fills("controlnet"), build),
+            Family("xlabs-controlnet", "XLabs FLUX ControlNet", detect_xlabs, fills("controlnet"), build))

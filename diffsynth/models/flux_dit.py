@@ -20,6 +20,9 @@ from ..ops.attention_mask import GroupMask, query_tail, select_batch
 from ..ops.linear import Linear
 from ..ops.parallel import context_parallel_enabled, interleave_shards, run_split_blocks, shard_linears, world_size
 from ..ops.files import strip_first_prefix
+from ..ops.gguf import dequantize, is_quantized
+from ..ops.quant import apply_scales
+from .entry import BuildOptions, Component, Detected, Family, assign, fills, has_prefix, load_tensors, meta_tensors
 
 
 @dataclass
@@ -666,3 +669,79 @@ def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
     rest = (head_dim - first) // 2
     rest -= rest % 2
     return (head_dim - 2 * rest, rest, rest)
+
+
+# ----------------------------------------------------------------------------- table entry
+
+# DiT input channels (x_embedder width, packed 2x2) of each FLUX.1 variant: the DiT file says which it is.
+BASE_CHANNELS = 64      # FLUX.1-dev/schnell/Krea/Kontext: 16 latent channels
+CONTROL_CHANNELS = 128  # FLUX.1-Canny/Depth-dev: + 16 control latent channels
+FLEX_CHANNELS = 196     # FLEX.2: + 16 in-paint latents, 1 mask, 16 control latents
+FILL_CHANNELS = 384     # FLUX.1-Fill-dev: + 16 masked-image latents, 64 (8x8 pixel mask)
+VARIANT_BY_CHANNELS = {BASE_CHANNELS: "FLUX.1-dev-like", CONTROL_CHANNELS: "FLUX.1-Canny/Depth-like",
+                       FLEX_CHANNELS: "FLEX.2-like", FILL_CHANNELS: "FLUX.1-Fill-like"}
+
+
+def variant_name(config: FluxDiTConfig) -> str:
+    """Which release a DiT's shape matches, from its guidance embedder and input channels."""
+    if not config.guidance_embed:
+        return "FLUX.1-schnell-like (no guidance embedder)"
+    return VARIANT_BY_CHANNELS.get(config.in_channels, f"FLUX-like, {config.in_channels} input channels")
+
+
+def detect(refs) -> str | None:
+    """FLUX.1's DiT in BFL's, diffusers' or our names. Files that also carry DiT-like blocks (ControlNets,
+    FLUX.2, Step1X, ...) are told apart by coming earlier in the table."""
+    keys = refs.keys()
+    if has_prefix(keys, "double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"):
+        return "bfl"
+    if "x_embedder.weight" in keys and has_prefix(keys, "transformer_blocks.", "single_transformer_blocks."):
+        return "diffusers"
+    if "x_embedder.weight" in keys and has_prefix(keys, "blocks.0.attn.a_to_qkv", "single_blocks.0.to_qkv_mlp"):
+        return "diffsynth"
+    return None
+
+
+_CONVERTERS = {"bfl": dit_from_bfl, "diffusers": dit_from_diffusers, "diffsynth": dict}
+
+
+def config_of(det: Detected) -> FluxDiTConfig:
+    """A detected DiT's architecture from tensor shapes alone (no weight is read)."""
+    config = infer_dit_config(_CONVERTERS[det.format](meta_tensors(det)))
+    if det.config and "axes_dims_rope" in det.config:
+        config.axes_dim = tuple(det.config["axes_dims_rope"])
+    return config
+
+
+def describe(det: Detected) -> dict:
+    c = config_of(det)
+    return {"hidden_size": c.hidden_size, "heads": c.num_heads, "double_blocks": c.num_double_blocks,
+            "single_blocks": c.num_single_blocks, "in_channels": c.in_channels,
+            "guidance_embedder": c.guidance_embed, "variant": variant_name(c)}
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    """Scaled-fp8 scales and GGUF blocks stay as stored in per-key layouts (BFL, ours); diffusers' separate
+    q/k/v are fused here, so theirs are dequantized / folded once."""
+    rename = {"bfl": bfl_key_to_internal, "diffsynth": lambda k: k}.get(det.format)  # per-key formats
+    config = config_of(det)
+    refs, scale_refs, sd = load_tensors(det, options)
+    # per-tensor scales survive renaming; the BFL final layer's halves swap would reorder per-row ones
+    keep = lambda k, s: rename is not None and (s.numel() == 1 or not k.startswith("final_layer.adaLN"))  # noqa: E731
+    scales = apply_scales(sd, scale_refs, options.dtype, keep)
+    quant = {k: r.extra for k, r in refs.items() if is_quantized(r.extra)}
+    if quant and rename is None:  # fused diffusers projections: dequantize once at load
+        dtype = options.dtype if options.dtype is not None else torch.float32
+        for k, t in quant.items():
+            sd[k] = dequantize(sd[k], t, dtype).reshape(refs[k].shape)
+        quant = {}
+    sd = _CONVERTERS[det.format](sd)
+    return {"dit": assign(FluxDiT, config, sd, f"FLUX DiT from {det.source}",
+                          quantized={rename(k): t for k, t in quant.items()},
+                          scales={rename(k): s for k, s in scales.items()})}
+
+
+COMPONENTS = (Component("dit", "denoise", in_loop=True, activation="dit",
+                        label="the FLUX DiT (flux1-dev.safetensors)"),)
+FAMILIES = (Family("flux-dit", "FLUX DiT", detect, fills("dit"), build, bundle_prefixes=("model.diffusion_model.",),
+                   low_precision_storage=True, config=config_of, describe=describe),)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..ops.files import CheckpointError
+from .entry import BuildOptions, Component, Detected, Family, assign, fills, has_key, has_prefix, plain_tensors
 
 HEAD_DIM = 64  # the shapes give heads x head_dim only; InfiniteYou's resampler uses 64-d heads
 
@@ -100,3 +101,27 @@ def infer_projector_config(shapes: dict[str, tuple[int, ...]]) -> ProjectorConfi
     return ProjectorConfig(dim=dim, depth=depth, heads=inner // HEAD_DIM, num_queries=queries,
                            embedding_dim=shapes["proj_in.weight"][1], output_dim=shapes["proj_out.weight"][0],
                            ff_mult=shapes["layers.0.1.1.weight"][0] // dim)
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    """InfiniteYou's image_proj_model.bin: a Perceiver resampler under `image_proj.` (no IP-Adapter layers)."""
+    keys = refs.keys()
+    for prefix in ("image_proj.", ""):
+        if has_key(keys, prefix + "latents") and has_key(keys, prefix + "proj_in.weight") and \
+                has_prefix(keys, prefix + "layers.0.0.to_kv.") and not has_prefix(keys, "ip_adapter."):
+            return "infiniteyou"
+    return None
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    sd = projector_from_file(plain_tensors(det, options))
+    config = infer_projector_config({k: tuple(v.shape) for k, v in sd.items()})
+    model = assign(InfiniteYouProjector, config, sd, f"InfiniteYou projector from {det.source}")
+    model.source = det.source
+    return {"image_proj_model": model}
+
+
+COMPONENTS = (Component("image_proj_model", "image_encoder"),)  # face embedding -> identity tokens
+FAMILIES = (Family("infiniteyou-projector", "InfiniteYou image projector", detect, fills("image_proj_model"), build),)

@@ -25,6 +25,7 @@ from ..ops.linear import Linear
 
 from ..ops.attention import attention
 from ..ops.files import CheckpointError
+from .entry import BuildOptions, Component, Detected, Family, assign, fills, has_prefix, plain_tensors
 
 
 @dataclass
@@ -165,3 +166,26 @@ def check_fits(adapter: FluxIpAdapter, dit) -> None:
     if c.hidden_size != d.hidden_size or c.num_blocks != blocks:
         raise ValueError(f"this {c.kind} IP-Adapter has {c.num_blocks} blocks of width {c.hidden_size}, the DiT needs "
                          f"{blocks} of width {d.hidden_size}: it was made for another model")
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    keys = refs.keys()
+    if any(k.startswith("ip_adapter.") and ".to_k_ip." in k for k in keys):
+        return "instantx"  # ip-adapter.bin (nested ip_adapter/image_proj dicts) or its flat safetensors form
+    if has_prefix(keys, "ip_adapter_proj_model.") or any(".ip_adapter_double_stream_" in k for k in keys):
+        return "xlabs"
+    return None
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    sd = plain_tensors(det, options)
+    if det.format == "xlabs":
+        sd = ipadapter_from_xlabs(sd)
+    config = infer_ipadapter_config(det.format, {k: tuple(v.shape) for k, v in sd.items()})
+    return {"ipadapter": assign(FluxIpAdapter, config, sd, f"{det.format} IP-Adapter from {det.source}")}
+
+
+COMPONENTS = (Component("ipadapter", "denoise", in_loop=True),)
+FAMILIES = (Family("flux-ipadapter", "FLUX IP-Adapter (InstantX or XLabs)", detect, fills("ipadapter"), build),)

@@ -20,6 +20,7 @@ from torch import nn
 from ..ops.attention import attention
 from ..ops.files import CheckpointError
 from ..ops.linear import Linear
+from .entry import BuildOptions, Component, Detected, Family, assign, fills, has_key, has_prefix, plain_tensors, shapes
 
 # Internal layer-name suffixes the encoder may know, longest first (a name's kind is its matching suffix).
 LAYER_KINDS = ("attn.a_to_qkv", "attn.a_to_out", "attn.b_to_qkv", "attn.b_to_out", "norm1_a.linear",
@@ -137,3 +138,20 @@ def infer_lora_encoder_config(shapes: dict[str, tuple[int, ...]]) -> LoRAEncoder
     return LoRAEncoderConfig(tuple(layers), queries=queries.pop(), width=width,
         ff=shapes["encoders.0.fc1.weight"][0], heads=max(1, width // 128), num_layers=n,
         special=shapes["special_embeds"][1])
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    keys = refs.keys()
+    return "diffsynth" if has_key(keys, "special_embeds") and has_prefix(keys, "embedder.model_dict.") else None
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    config = infer_lora_encoder_config(shapes(det.refs))
+    return {"lora_encoder": assign(FluxLoRAEncoder, config, plain_tensors(det, options),
+                                   f"LoRA-Encoder from {det.source}")}
+
+
+COMPONENTS = (Component("lora_encoder", "prompt_tokens"),)
+FAMILIES = (Family("flux-lora-encoder", "FLUX LoRA-Encoder", detect, fills("lora_encoder"), build),)

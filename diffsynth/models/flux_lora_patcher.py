@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..ops.files import CheckpointError
+from .entry import BuildOptions, Component, Detected, Family, assign, fills, plain_tensors, shapes
 
 
 class LoraMerger(nn.Module):
@@ -47,3 +48,20 @@ def infer_patcher_layers(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     if not layers:
         raise CheckpointError("LoRA-Fusion patcher: no model_dict.*.weight_cross entries")
     return layers
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    keys = refs.keys()
+    return "diffsynth" if any(k.startswith("model_dict.") and k.endswith(".weight_cross") for k in keys) else None
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    layers = infer_patcher_layers(shapes(det.refs))
+    return {"lora_patcher": assign(FluxLoraPatcher, layers, plain_tensors(det, options),
+                                   f"LoRA-Fusion patcher from {det.source}")}
+
+
+COMPONENTS = (Component("lora_patcher", "denoise", in_loop=True),)
+FAMILIES = (Family("flux-lora-patcher", "FLUX LoRA-Fusion patcher", detect, fills("lora_patcher"), build, lora_named=True),)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.linear import Linear
+from .entry import BuildOptions, Component, Detected, Family, assign, fills, has_key, plain_tensors
 
 
 @dataclass
@@ -36,3 +37,18 @@ class ReduxImageEncoder(nn.Module):
 def infer_redux_config(sd: dict) -> ReduxConfig:
     hidden, vision = sd["redux_up.weight"].shape
     return ReduxConfig(vision_dim=vision, hidden_dim=hidden, text_dim=sd["redux_down.weight"].shape[0])
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    return "bfl" if has_key(refs.keys(), "redux_up.weight") and has_key(refs.keys(), "redux_down.weight") else None
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    sd = plain_tensors(det, options)
+    return {"redux": assign(ReduxImageEncoder, infer_redux_config(sd), sd, f"FLUX.1-Redux embedder from {det.source}")}
+
+
+COMPONENTS = (Component("redux", "image_encoder", activation="text"),)
+FAMILIES = (Family("flux-redux", "FLUX.1-Redux image embedder", detect, fills("redux"), build),)

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from ..ops.linear import adopt_linears
 from ..ops.files import strip_first_prefix, strip_prefix
+if TYPE_CHECKING:  # imported where used: the component table imports this file, transformers is slow to import
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast, T5Config, T5EncoderModel, T5TokenizerFast
 
-try:  # transformers 4.x: the tokenizers-backed classes are the *Fast ones; in 5.x they are aliases.
-    from transformers import CLIPTokenizerFast as _CLIPTokenizer
-    from transformers import T5TokenizerFast as _T5Tokenizer
-except ImportError:  # pragma: no cover
-    from transformers import CLIPTokenizer as _CLIPTokenizer
-    from transformers import T5Tokenizer as _T5Tokenizer
+from .entry import BuildOptions, Component, Detected, Family, fills, has_prefix, hf_model
 
 __all__ = [
     "CLIP_PREFIX",
@@ -107,6 +104,7 @@ def infer_clip_config(state_dict: StateDict) -> CLIPTextConfig:
     vocab, hidden = tok.shape
     heads = hidden // 64 if hidden >= 64 else max(1, hidden // 8)
     proj = state_dict.get("text_projection.weight")
+    from transformers import CLIPTextConfig
     return CLIPTextConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -125,6 +123,7 @@ def infer_clip_config(state_dict: StateDict) -> CLIPTextConfig:
 def _clip_config_from_dict(config_dict: Mapping) -> CLIPTextConfig:
     d = dict(config_dict.get("text_config", config_dict))  # a full CLIPConfig nests the text part
     d.pop("model_type", None)
+    from transformers import CLIPTextConfig
     return CLIPTextConfig.from_dict(d)
 
 
@@ -141,6 +140,7 @@ def load_clip_text_encoder(
     sd = {_clip_key(k): v for k, v in raw.items() if k not in _CLIP_IGNORED}
     _check_depth(config.num_hidden_layers, layer_count(sd, "text_model.encoder.layers."), "CLIP",
                  "num_hidden_layers")
+    from transformers import CLIPTextModel
     with torch.device("meta"):
         model = CLIPTextModel(config)
     # transformers 5 drops the ``text_model.`` level inside CLIPTextModel; 4.x keeps it.
@@ -171,6 +171,7 @@ def infer_t5_config(state_dict: StateDict) -> T5Config:
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
     wi = _require(sd, f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight", what)
     buckets, heads = rel.shape
+    from transformers import T5Config
     return T5Config(
         vocab_size=shared.shape[0],
         d_model=shared.shape[1],
@@ -198,6 +199,7 @@ def load_t5_encoder(
     embed = sd.pop(_T5_EMBED, None)
     if "shared.weight" not in sd and embed is not None:
         sd["shared.weight"] = embed
+    from transformers import T5Config, T5EncoderModel
     config = T5Config.from_dict(dict(config_dict)) if config_dict is not None else infer_t5_config(sd)
     _check_depth(config.num_layers, layer_count(sd, "encoder.block."), "T5", "num_layers")
     with torch.device("meta"):
@@ -281,19 +283,21 @@ def _check_folder(path: str | Path, alternatives: list[list[str]], what: str) ->
     raise FileNotFoundError(f"{what} folder {str(folder)!r} {state}: expected {expected}")
 
 
-def load_clip_tokenizer(path: str | Path) -> _CLIPTokenizer:
+def load_clip_tokenizer(path: str | Path) -> CLIPTokenizerFast:
     """CLIP BPE tokenizer from a folder with vocab.json + merges.txt (or tokenizer.json). Offline."""
     folder = _check_folder(path, [["vocab.json", "merges.txt"], ["tokenizer.json"]], "CLIP tokenizer")
-    return _CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    from transformers import CLIPTokenizerFast  # the tokenizers-backed class (transformers 5: an alias)
+    return CLIPTokenizerFast.from_pretrained(str(folder), local_files_only=True)
 
 
-def load_t5_tokenizer(path: str | Path) -> _T5Tokenizer:
+def load_t5_tokenizer(path: str | Path) -> T5TokenizerFast:
     """T5 sentencepiece tokenizer from a folder with spiece.model and/or tokenizer.json. Offline."""
     folder = _check_folder(path, [["spiece.model"], ["tokenizer.json"]], "T5 tokenizer")
-    return _T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
+    from transformers import T5TokenizerFast
+    return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
 
 
-def load_tokenizers(clip_dir: str | Path, t5_dir: str | Path) -> tuple[_CLIPTokenizer, _T5Tokenizer]:
+def load_tokenizers(clip_dir: str | Path, t5_dir: str | Path) -> tuple[CLIPTokenizerFast, T5TokenizerFast]:
     """Both FLUX tokenizers: (CLIP from ``clip_dir``, T5 from ``t5_dir``)."""
     return load_clip_tokenizer(clip_dir), load_t5_tokenizer(t5_dir)
 
@@ -340,3 +344,31 @@ def encode_prompt_t5(
         list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(_model_device(model, device))
     return model(input_ids=ids).last_hidden_state
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect_clip(refs) -> str | None:
+    """HF CLIPTextModel, with the `text_model.` level (transformers 4) or without it (transformers 5)."""
+    return "hf" if is_clip_text_state(refs.keys()) else None
+
+
+def detect_t5(refs) -> str | None:
+    return "hf" if has_prefix(refs.keys(), "encoder.block.0.layer.0.SelfAttention.q") else None
+
+
+def build_clip(det: Detected, options: BuildOptions) -> dict:
+    return {"text_encoder_1": hf_model(load_clip_text_encoder, det, options)}
+
+
+def build_t5(det: Detected, options: BuildOptions) -> dict:
+    return {"text_encoder_2": hf_model(load_t5_encoder, det, options)}
+
+
+COMPONENTS = (Component("text_encoder_1", "text", activation="text", aliases=("text_encoder",),
+                        label="the CLIP text encoder (text_encoder/model.safetensors)"),
+              Component("text_encoder_2", "text", activation="text", label="the T5 text encoder (text_encoder_2/)"))
+FAMILIES = (Family("clip", "CLIP-L text encoder", detect_clip, fills("text_encoder_1"), build_clip,
+                   bundle_prefixes=("text_encoders.clip_l.transformer.",), normalize=canonical_clip_keys),
+            Family("t5", "T5 text encoder", detect_t5, fills("text_encoder_2"), build_t5,
+                   bundle_prefixes=("text_encoders.t5xxl.transformer.",), low_precision_storage=True))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flux_dit import _DIFFUSERS_DOUBLE, _DIFFUSERS_FUSED, _DIFFUSERS_SINGLE, timestep_embedding
+from .entry import BuildOptions, Component, Detected, Family, assign, fills, plain_tensors
 
 PREFIX = "base_model.model."
 PARTS = ("lora_A.weight", "lora_B.weight", "lora_time_gamma.weight", "lora_time_gamma.bias",
@@ -143,3 +144,20 @@ class FluxTimestepLoRA(nn.Module):
                 output = output + F.pad(delta.to(output.dtype), (start, output.shape[-1] - start - delta.shape[-1]))
             return output
         return add
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    """DiffSynth-Studio's timestep LoRA: PEFT names with per-layer timestep modulation (`lora_time_gamma`)."""
+    return "peft" if any(k.startswith("base_model.model.") and ".lora_time_gamma." in k for k in refs.keys()) else None
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    sd = plain_tensors(det, options)
+    config = infer_timestep_lora_config({k: tuple(v.shape) for k, v in sd.items()})
+    return {"timestep_lora": assign(FluxTimestepLoRA, config, from_file(sd), f"timestep LoRA from {det.source}")}
+
+
+COMPONENTS = (Component("timestep_lora", "denoise", in_loop=True, trainable=False),)  # hooks DiT layers per evaluation
+FAMILIES = (Family("flux-timestep-lora", "FLUX timestep LoRA", detect, fills("timestep_lora"), build, lora_named=True),)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .entry import BuildOptions, Component, Detected, Family, assign, has_prefix, plain_tensors
+
 __all__ = [
     "FluxVAEConfig",
     "FluxVAEEncoder",
@@ -499,3 +501,41 @@ def diffusers_parts(state_dict: StateDict) -> tuple[dict[str, Tensor], dict[str,
             if key.startswith(part):
                 out[_rename_diffusers(key[len(part) :], num_levels)] = v
     return _split_and_check(enc, dec)
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def layout(keys) -> str | None:
+    """"bfl" or "diffusers" when the keys are a FLUX-style VAE's (either half)."""
+    if has_prefix(keys, "encoder.down.0.block.0.", "decoder.up.0.block.0."):
+        return "bfl"
+    if has_prefix(keys, "encoder.down_blocks.0.resnets.0.", "decoder.up_blocks.0.resnets.0."):
+        return "diffusers"
+    return None
+
+
+def parts(refs) -> tuple[str, ...]:
+    """The halves a VAE file holds (some files carry only the decoder)."""
+    keys = refs.keys()
+    return tuple(c for c, p in (("vae_encoder", "encoder."), ("vae_decoder", "decoder.")) if has_prefix(keys, p))
+
+
+def detect(refs) -> str | None:
+    """FLUX.1's VAE (FLUX.2's, with latent statistics, is tried first)."""
+    return layout(refs.keys())
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    sd = plain_tensors(det, options)
+    enc, dec = (vae_from_bfl if det.format == "bfl" else vae_from_diffusers)(sd)
+    out = {}
+    if enc:
+        out["vae_encoder"] = assign(FluxVAEEncoder, infer_vae_config(enc), enc, f"VAE encoder from {det.source}")
+    if dec:
+        out["vae_decoder"] = assign(FluxVAEDecoder, infer_vae_config(dec), dec, f"VAE decoder from {det.source}")
+    return out
+
+
+COMPONENTS = (Component("vae_encoder", "vae_encoder", activation="vae", label="the VAE encoder (ae.safetensors)"),
+              Component("vae_decoder", "vae_decoder", activation="vae", label="the VAE decoder (ae.safetensors)"))
+FAMILIES = (Family("flux-vae", "FLUX VAE", detect, parts, build, bundle_prefixes=("first_stage_model.", "vae.")),)

@@ -14,6 +14,7 @@ from torch import nn
 from ..ops.files import CheckpointError
 from ..ops.linear import Linear
 from .flux_dit import timestep_embedding
+from .entry import BuildOptions, Component, Detected, Family, assign, fills, plain_tensors, shapes
 
 
 @dataclass
@@ -45,3 +46,21 @@ def infer_value_controller_config(shapes: dict[str, tuple[int, ...]]) -> ValueCo
     except KeyError as e:
         raise CheckpointError(f"not a complete value controller: missing {e.args[0]!r}") from None
     return ValueControllerConfig(freq, width, tokens)
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    keys = refs.keys()
+    return "diffsynth" if "positional_embedding" in keys and "prefer_value_embedder.0.weight" in keys else None
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    config = infer_value_controller_config(shapes(det.refs))
+    return {"value_controller": assign(ValueController, config, plain_tensors(det, options),
+                                       f"value controller from {det.source}")}
+
+
+COMPONENTS = (Component("value_controller", "prompt_tokens", many=True),)
+FAMILIES = (Family("flux-value-controller", "FLUX AttriCtrl value controller", detect, fills("value_controller"),
+                   build),)

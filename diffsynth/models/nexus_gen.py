@@ -13,7 +13,7 @@ the text ids place each token on the latent grid (reference: channel 0 = 1).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,11 @@ from PIL import Image
 from torch import nn
 
 from .flux_dit import RMSNorm
-from .qwen_vl import QwenVLProcessor, load_qwen_vl
+from .flux_dit import build as build_flux_dit
+from .qwen_vl import QwenVLProcessor, build_with_processor, load_qwen_vl
+from .qwen_vl import detect as detect_qwen_vl
 from ..ops.images import convert_image
+from .entry import BuildOptions, Component, Detected, Family, assign, fills, has_key, has_prefix, plain_tensors
 
 NUM_IMAGE_TOKENS = 81            # the 9x9 merged grid of the placeholder image
 PLACEHOLDER_SIZE = 252           # 252 = 9 merged tokens x 28 pixels
@@ -257,3 +260,51 @@ def editing_text_ids(latent_h: int, latent_w: int, grid: torch.Tensor, ref_grid:
         out[..., 2] = torch.arange(w // 2)[None, :] * (latent_w / w)
         return out.reshape(1, -1, 3)
     return torch.cat([ids(grid, 0.0), ids(ref_grid, 1.0)], 1).repeat(batch, 1, 1).to(device)
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect_llm(refs) -> str | None:
+    """Nexus-Gen's autoregressive Qwen2.5-VL: Qwen keys plus `image_prefill_embeds` and `vision_head`."""
+    return "hf" if has_key(refs.keys(), "image_prefill_embeds.weight") and detect_qwen_vl(refs) else None
+
+
+def detect_decoder(refs) -> str | None:
+    """Nexus-Gen's generation_decoder.bin / edit_decoder.bin: a DiT (`pipe.dit.*`) and its adapter."""
+    keys = refs.keys()
+    if not has_prefix(keys, "pipe.dit."):
+        return None
+    return "generation" if has_prefix(keys, "adapter.") else "editing" if has_prefix(keys, "embedding_merger.") else None
+
+
+def decoder_parts(refs) -> tuple[str, ...]:
+    adapter = "nexus_gen_generation_adapter" if has_prefix(refs.keys(), "adapter.") else "nexus_gen_editing_adapter"
+    return ("dit", adapter)
+
+
+def build_llm(det: Detected, options: BuildOptions) -> dict:
+    return build_with_processor(det, options, load_nexus_llm, "nexus_gen")
+
+
+def build_decoder(det: Detected, options: BuildOptions) -> dict:
+    """The fine-tuned DiT (`pipe.dit.*`, our layout) and its adapter."""
+    dit = build_flux_dit(replace(det, family="flux-dit", format="diffsynth", refs={
+        k[len("pipe.dit."):]: r for k, r in det.refs.items() if k.startswith("pipe.dit.")}), options)
+    prefix = "adapter." if det.format == "generation" else "embedding_merger."
+    part = replace(det, refs={k[len(prefix):] if prefix != "adapter." else k: r
+                              for k, r in det.refs.items() if k.startswith(prefix)})
+    sd = plain_tensors(part, options)
+    if det.format == "generation":
+        w = sd["adapter.0.weight"]
+        return {**dit, "nexus_gen_generation_adapter": assign(
+            lambda _: NexusGenAdapter(w.shape[1], w.shape[0]), None, sd, f"Nexus-Gen adapter from {det.source}")}
+    return {**dit, "nexus_gen_editing_adapter": assign(NexusGenMerger, infer_merger_config(sd), sd,
+                                                       f"Nexus-Gen merger from {det.source}")}
+
+
+COMPONENTS = (Component("nexus_gen", "text", activation="text"),  # the autoregressive Qwen2.5-VL
+              Component("nexus_gen_generation_adapter", "text"),
+              Component("nexus_gen_editing_adapter", "text"))
+FAMILIES = (Family("nexus-gen-llm", "Nexus-Gen autoregressive Qwen2.5-VL", detect_llm, fills("nexus_gen"), build_llm),
+            Family("nexus-gen-decoder", "Nexus-Gen decoder (DiT + adapter)", detect_decoder, decoder_parts,
+                   build_decoder))

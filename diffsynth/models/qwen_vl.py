@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..ops.files import CheckpointError
 from .hf_adopt import adopt_weights
+from .entry import BuildOptions, Component, Detected, Family, fills, has_prefix, plain_tensors
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_END = "<|vision_end|>"
@@ -166,3 +167,37 @@ def hidden_states(model, ids: torch.Tensor, attention_mask: torch.Tensor, pixel_
     kwargs["mm_token_type_ids"] = (ids == image_token).int().to(device)  # transformers 5 builds mRoPE from these
     model.rope_deltas = None  # a cached offset from an earlier call would shift positions
     return model(**kwargs).last_hidden_state
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    keys = refs.keys()
+    vision = has_prefix(keys, "visual.patch_embed.", "model.visual.patch_embed.")
+    text = has_prefix(keys, "model.layers.0.self_attn.", "model.language_model.layers.0.self_attn.")
+    return "hf" if vision and text else None
+
+
+def build_with_processor(det: Detected, options: BuildOptions, load, name: str) -> dict:
+    """A Qwen2.5-VL-based model from its HF folder; the processor (tokenizer, image processor, chat template)
+    rides along as `<model>.processor`: from `options.processor_dir`, else from the weights' folder, else from
+    its `processor/` subfolder (Nexus-GenV2's layout)."""
+    from ..ops.quant import FP8_DTYPES
+    folder = Path(next(iter(det.refs.values())).path).parent
+    if options.processor_dir is not None:
+        folder = Path(options.processor_dir)
+    elif not (folder / "preprocessor_config.json").is_file() and (folder / "processor").is_dir():
+        folder = folder / "processor"
+    processor = QwenVLProcessor.from_folder(folder)  # first: a folder without it fails before any weight is read
+    probe = options.compute_dtype if options.dtype in FP8_DTYPES else None
+    model = load(plain_tensors(det, options), det.config, f"{det.family} from {det.source}", probe)
+    model.processor = processor
+    return {name: model}
+
+
+def build(det: Detected, options: BuildOptions) -> dict:
+    return build_with_processor(det, options, load_qwen_vl, "qwenvl")
+
+
+COMPONENTS = (Component("qwenvl", "text", activation="text"),)  # Qwen2.5-VL prompt encoder (Step1X, Nexus-Gen)
+FAMILIES = (Family("qwen2.5-vl", "Qwen2.5-VL", detect, fills("qwenvl"), build),)

@@ -9,17 +9,21 @@ read from the shapes (heads: 16 for the so400m width 1152, else head_dim 64).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import SiglipVisionConfig, SiglipVisionModel
+
+if TYPE_CHECKING:  # imported where used: the component table imports this file, transformers is slow to import
+    from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from ..ops.files import CheckpointError
 from .flux_text_encoders import layer_count, rebuild_position_ids
 from ..ops.linear import adopt_linears
 from ..ops.images import convert_image
+from .entry import BuildOptions, Component, Detected, Family, fills, has_key, has_prefix, plain_tensors
 
 VISION_PREFIX = "vision_model."
 HEADS_BY_WIDTH = {1152: 16}  # so400m: head_dim 72
@@ -43,6 +47,7 @@ def infer_siglip_config(sd: Mapping[str, torch.Tensor]) -> SiglipVisionConfig:
     hidden, channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[2]
     side = round(positions ** 0.5)
     heads = HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64) if hidden >= 64 else max(1, hidden // 8))
+    from transformers import SiglipVisionConfig
     return SiglipVisionConfig(hidden_size=hidden, intermediate_size=fc1.shape[0], num_channels=channels,
                               num_hidden_layers=layer_count(sd, "encoder.layers."), num_attention_heads=heads,
                               image_size=side * patch_size, patch_size=patch_size, layer_norm_eps=1e-6,
@@ -55,6 +60,7 @@ def siglip_config(config_dict: Mapping | None, sd: Mapping) -> SiglipVisionConfi
     d = dict(config_dict.get("vision_config", config_dict))
     d.pop("model_type", None)
     d.setdefault("vision_use_head", "head.probe" in sd)
+    from transformers import SiglipVisionConfig
     return SiglipVisionConfig.from_dict(d)
 
 
@@ -82,6 +88,7 @@ def load_siglip_vision(state_dict: Mapping[str, torch.Tensor], config_dict: Mapp
     sd = vision_keys(state_dict)
     config = siglip_config(config_dict, sd)
     sd = {VISION_PREFIX + k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
+    from transformers import SiglipVisionModel
     return adopt_hf_model(SiglipVisionModel, config, sd, "SigLIP vision encoder")
 
 
@@ -118,3 +125,26 @@ class SiglipImageEncoder(nn.Module):
     def patch_features(self, images: list[Image.Image], device, dtype) -> torch.Tensor:
         """(B, patches, hidden): the last hidden state (after the post-layernorm) of each image."""
         return self._run(images, device, dtype).last_hidden_state
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    """A SigLIP vision tower: alone (`vision_model.*`, or unnested as transformers 5 saves it) or inside a
+    whole SiglipModel (text tower beside it). CLIP's vision tower has a class token; SigLIP's has none."""
+    keys = refs.keys()
+    for p in ("vision_model.", ""):
+        if has_key(keys, f"{p}embeddings.patch_embedding.weight") and \
+                has_prefix(keys, f"{p}encoder.layers.0.self_attn.q_proj.") and \
+                not has_key(keys, f"{p}embeddings.class_embedding"):
+            return "hf"
+    return None
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    sd = plain_tensors(det, options)  # storage dtype already (small tensors precise under fp8)
+    return {"image_encoder": SiglipImageEncoder(load_siglip_vision(sd, det.config)).to(options.device)}
+
+
+COMPONENTS = (Component("image_encoder", "image_encoder", activation="text", aliases=("siglip",)),)
+FAMILIES = (Family("siglip", "SigLIP vision encoder", detect, fills("image_encoder"), build),)

@@ -13,16 +13,18 @@ scaled by (1 + a learned scale). Module names are the file's, so the checkpoint 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .flux_dit import build as build_flux_dit
 from .flux_dit import timestep_embedding
 from .qwen_vl import VISION_END, QwenVLProcessor, hidden_states, right_pad
 from ..ops.images import convert_image
+from .entry import BuildOptions, Component, Detected, Family, assign, fills, has_prefix, plain_tensors
 
 PREFIX = (
     'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for '
@@ -235,3 +237,25 @@ class Step1XConnector(nn.Module):
         mean = (x * m).sum(1) / m.sum(1)
         pooled = self.global_proj_out(mean * (1 + self.scale_factor.to(x.dtype)))
         return self.S(x, t, mask, mean), pooled
+
+
+# ----------------------------------------------------------------------------- table entry
+
+def detect(refs) -> str | None:
+    """Step1X-Edit's single file: a BFL-layout DiT and its Qwen connector (`connector.*`)."""
+    keys = refs.keys()
+    if has_prefix(keys, "connector.S.input_embedder.") and has_prefix(keys, "double_blocks.0.img_attn.qkv"):
+        return "bfl"
+    return None
+
+
+def build(det: Detected, options: BuildOptions) -> dict:
+    dit_refs = {k: r for k, r in det.refs.items() if not k.startswith("connector.")}
+    conn = replace(det, refs={k[len("connector."):]: r for k, r in det.refs.items() if k.startswith("connector.")})
+    sd = plain_tensors(conn, options)
+    connector = assign(Step1XConnector, infer_connector_config(sd), sd, f"Step1X connector from {det.source}")
+    return {**build_flux_dit(replace(det, family="flux-dit", refs=dit_refs), options), "step1x_connector": connector}
+
+
+COMPONENTS = (Component("step1x_connector", "denoise", in_loop=True),)  # per-step: conditioned on the timestep
+FAMILIES = (Family("step1x", "Step1X-Edit DiT + connector", detect, fills("dit", "step1x_connector"), build),)

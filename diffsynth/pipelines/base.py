@@ -22,6 +22,7 @@ from ..loading import components as table
 from ..loading import vram
 from ..loading.model_config import ModelConfig
 from ..loading.registry import build, detect
+from ..models import flux_timestep_lora as timestep_lora
 from ..ops.attention import set_attention_backend as _set_attention_backend
 from ..ops import parallel as _parallel
 from ..ops.devices import check_device, random_generator
@@ -199,7 +200,7 @@ class BasePipeline(nn.Module):
         self._check_not_tensor_parallel("load_lora")
         if isinstance(lora, ModelConfig):
             lora = lora.resolve()
-        if isinstance(lora, (str, os.PathLike)) and table.detect_timestep_lora(scan(lora)):
+        if isinstance(lora, (str, os.PathLike)) and timestep_lora.detect(scan(lora)):
             raise ValueError(f"{lora} is a timestep LoRA (its features depend on the timestep, it cannot be merged): "
                              "load it with pipe.load_timestep_lora(path)")
         return load_lora_into_pipeline(self, module, lora, alpha=alpha, hotload=hotload, strict=strict)

@@ -9,16 +9,10 @@ from PIL import Image
 from ..images import VAE_FACTOR, image_to_tensor, vae_encode  # noqa: F401  (the variants' image helpers)
 from ...ops.images import check_image, convert_image, image_list  # noqa: F401  (re-exported)
 
+from ...models.flux_dit import (BASE_CHANNELS, CONTROL_CHANNELS, FILL_CHANNELS, FLEX_CHANNELS,  # noqa: F401
+                                 VARIANT_BY_CHANNELS)
+
 PATCH = 2
-
-# DiT input channels (x_embedder width, packed 2x2) of each variant: the DiT file says which it is.
-BASE_CHANNELS = 64      # FLUX.1-dev/schnell/Krea/Kontext: 16 latent channels
-CONTROL_CHANNELS = 128  # FLUX.1-Canny/Depth-dev: + 16 control latent channels
-FLEX_CHANNELS = 196     # FLEX.2: + 16 in-paint latents, 1 mask, 16 control latents
-FILL_CHANNELS = 384     # FLUX.1-Fill-dev: + 16 masked-image latents, 64 (8x8 pixel mask)
-
-DIT_KIND = {BASE_CHANNELS: "a FLUX.1-dev-like DiT", CONTROL_CHANNELS: "a FLUX.1-Canny/Depth DiT",
-            FLEX_CHANNELS: "a FLEX.2 DiT", FILL_CHANNELS: "a FLUX.1-Fill DiT"}
 
 
 def dit_channels(pipe) -> int:
@@ -27,7 +21,7 @@ def dit_channels(pipe) -> int:
 
 def dit_kind(pipe) -> str:
     c = dit_channels(pipe)
-    return DIT_KIND.get(c, f"a DiT with {c} input channels")
+    return f"a {VARIANT_BY_CHANNELS[c]} DiT" if c in VARIANT_BY_CHANNELS else f"a DiT with {c} input channels"
 
 
 def require_dit(pipe, channels: int, argument: str, model: str) -> None:
