@@ -268,7 +268,8 @@ def test_vram_management_plans_variant_dit(tiny_root, variant_root):
 # ----------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("variant, kw, match", [
-    ("fill", dict(kontext_images=picture()), "kontext_images needs the FLUX.1-Kontext"),
+    ("fill", dict(kontext_images=picture(), flux_fill_image=picture(), flux_fill_mask=box_mask()),
+     "kontext_images needs the FLUX.1-Kontext"),
     ("kontext", dict(flex_control_image=picture()), "flex_control_image needs the FLEX.2 DiT"),
     ("kontext", dict(flex_control_strength=0.3), "flex_control_strength needs the FLEX.2 DiT"),
     ("kontext", dict(flux_fill_image=picture(), flux_fill_mask=box_mask()), "needs the FLUX.1-Fill DiT"),

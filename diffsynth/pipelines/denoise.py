@@ -19,6 +19,14 @@ from .units import StepUnit
 
 
 @dataclass
+class ControlNetContext:
+    """What the ControlNets read instead of the prompt (InfiniteYou's identity tokens)."""
+    prompt_emb: torch.Tensor                   # (B, L, 4096)
+    text_ids: torch.Tensor                     # (B, L, 3)
+    guidance: torch.Tensor                     # (B,)
+
+
+@dataclass
 class DiTCall:
     """Everything one DiT evaluation takes; step units add to it."""
     latents: torch.Tensor                      # (B, 16, h, w)
@@ -34,6 +42,7 @@ class DiTCall:
     attention: list[Callable] = field(default_factory=list)      # see models.flux_dit.Extensions
     mask: torch.Tensor | None = None
     output: list[Callable] = field(default_factory=list)         # velocity (B, 16, h, w) -> velocity (EliGen inpaint)
+    controlnet_context: ControlNetContext | None = None          # None: the ControlNets read the prompt
 
     def extensions(self) -> Extensions:
         residuals = tuple(self.residuals)

@@ -23,9 +23,9 @@ from ..models.flux2_dit import Flux2DiT
 from ..schedulers.flow_match import flux2_sigmas
 from .base import BasePipeline, check_output_args, draw_noise, tokenizer_dir
 from .checks import check_call_args
-from .flux_image import check_shape, encode_input_image
+from .common_units import check_shape, encode_input_image
 from .images import image_to_tensor, vae_encode
-from .units import Unit, unit
+from .units import Unit, order_units, unit
 from ..ops.images import convert_image
 
 __all__ = ["Flux2ImagePipeline", "ModelConfig"]
@@ -130,8 +130,8 @@ def encode_prompt(pipe, prompt, num_images=1):
 REFERENCE_OUTPUTS = ("edit_latents", "edit_ids")
 
 
-@unit(uses=("vae_encoder",), outputs=REFERENCE_OUTPUTS, model_inputs=REFERENCE_OUTPUTS, batched=("edit_latents",),
-      cacheable=REFERENCE_OUTPUTS)
+@unit(uses=("vae_encoder",), image_inputs=("edit_image",), outputs=REFERENCE_OUTPUTS, model_inputs=REFERENCE_OUTPUTS,
+      batched=("edit_latents",), cacheable=REFERENCE_OUTPUTS)
 def encode_edit_images(pipe, num_images=1, edit_image=None, edit_image_auto_resize=True, tiled=False,
                        tile_size=128, tile_stride=64):
     """Reference images -> tokens (B, M, 128) after the noise tokens, ids with their own time coordinate."""
@@ -160,8 +160,8 @@ def prepare_ids_and_guidance(pipe, noise, embedded_guidance=4.0):
             "guidance": torch.full((b,), float(embedded_guidance), device=pipe.device)}
 
 
-UNITS: list[Unit] = [check_size, set_sigmas, init_noise, encode_prompt, encode_input_image, encode_edit_images,
-                     prepare_ids_and_guidance]
+UNITS: list[Unit] = order_units([check_size, set_sigmas, init_noise, encode_prompt, encode_input_image,
+                                 encode_edit_images, prepare_ids_and_guidance])
 
 
 def flux2_model_fn(models, latents, timestep, prompt_emb, text_ids, image_ids, guidance=None, edit_latents=None,

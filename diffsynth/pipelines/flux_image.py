@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,13 +16,13 @@ from ..models import flux_text_encoders as te
 from ..models.flux_dit import image_ids
 from ..models.flux_dit_cache import make_cache
 from ..ops.files import load_state_dict
-from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, flux_sigmas
+from ..schedulers.flow_match import DEFAULT_SHIFT, flux_sigmas
 from .base import BasePipeline, ModelList, check_output_args, draw_noise, either, tokenizer_dir
 from .checks import check_call_args, require_models
 from .denoise import model_fn
-from .images import VAE_FACTOR, image_to_tensor, vae_encode
-from .units import StepUnit, Unit, unit
-from .variants import FIRST_UNITS
+from .images import VAE_FACTOR
+from .common_units import check_shape, encode_input_image
+from .units import StepUnit, Unit, order_units, unit
 from .variants import UNITS as VARIANT_UNITS
 from .variants.controlnet import ControlNetInput
 
@@ -31,26 +30,9 @@ from .variants.controlnet import ControlNetInput
 __all__ = ["FluxImagePipeline", "ModelConfig", "ModelList", "ControlNetInput", "load_state_dict"]
 
 LATENT_CHANNELS = 16
-SIZE_MULTIPLE = 16  # VAE 8x, then 2x2 patches
 
 
 # ----------------------------------------------------------------------------- units
-
-@unit(outputs=("height", "width"))
-def check_shape(pipe, height=None, width=None, input_image=None):
-    """Default size: the input image's, else 1024. Sizes are rounded up to a multiple of 16, with a warning."""
-    default_h, default_w = (input_image.height, input_image.width) if input_image is not None else (1024, 1024)
-    height = default_h if height is None else height
-    width = default_w if width is None else width
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    rounded = tuple(-(-v // SIZE_MULTIPLE) * SIZE_MULTIPLE for v in (height, width))
-    if rounded != (height, width):
-        warnings.warn(f"height/width must be multiples of {SIZE_MULTIPLE}: {height}x{width} "
-                      f"rounded up to {rounded[0]}x{rounded[1]}", stacklevel=4)
-    return {"height": rounded[0], "width": rounded[1]}
-
 
 @unit(outputs=("noise", "seed"))
 def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
@@ -78,20 +60,6 @@ def encode_prompt(pipe, prompt, t5_sequence_length=512, num_images=1):
             "text_ids": torch.zeros(num_images, emb.shape[1], 3, device=pipe.device)}
 
 
-@unit(uses=("vae_encoder",), outputs=("latents", "input_latents"), cacheable=("input_latents",))
-def encode_input_image(pipe, noise, sigmas, height, width, input_image=None, denoising_strength=1.0,
-                       tiled=False, tile_size=128, tile_stride=64):
-    """Inference starts from noise (txt2img) or the noised input latents (img2img); training keeps x0."""
-    if input_image is None:
-        if denoising_strength != 1.0:
-            raise ValueError(f"denoising_strength={denoising_strength} needs an input_image "
-                             "(it says how much of the input image to keep)")
-        return {"latents": noise}
-    x0 = vae_encode(pipe, image_to_tensor(input_image, width, height), "input_image", tiled, tile_size, tile_stride)
-    x0 = x0.repeat(noise.shape[0], 1, 1, 1)
-    return {"latents": add_noise(x0, noise, sigmas[0].item()), "input_latents": x0}
-
-
 @unit(outputs=("image_ids", "guidance"), model_inputs=("image_ids", "guidance"), batched=("image_ids", "guidance"))
 def prepare_ids_and_guidance(pipe, noise, embedded_guidance=3.5):
     b, _, h, w = noise.shape
@@ -100,7 +68,7 @@ def prepare_ids_and_guidance(pipe, noise, embedded_guidance=3.5):
 
 
 CORE_UNITS: list[Unit] = [check_shape, init_noise, encode_prompt, encode_input_image, prepare_ids_and_guidance]
-BASE_UNITS: list[Unit | StepUnit] = [*FIRST_UNITS, *CORE_UNITS, *VARIANT_UNITS]
+BASE_UNITS: list[Unit | StepUnit] = order_units([*CORE_UNITS, *VARIANT_UNITS])
 
 
 # ----------------------------------------------------------------------------- the pipeline

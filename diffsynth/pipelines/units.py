@@ -16,9 +16,16 @@ training cache may store (`cacheable`: the unit is skipped when all of them come
 with `active` runs only when that predicate holds, and then replaces the units named in `replaces`
 (e.g. another text encoder replacing CLIP+T5 `encode_prompt`).
 
-A `StepUnit` runs inside the denoising loop, at every DiT evaluation: `fn(pipe, call, step, **inputs)`
+A `StepUnit` runs inside the denoising loop, at every DiT evaluation: `fn(models, call, step, **inputs)`
 edits the `DiTCall` (extra channels, reference tokens, residuals, attention additions) from the model
-inputs its signature names.
+inputs its signature names; `models` are the pipeline's in-loop models by attribute (dit, controlnet, ...).
+
+Order is declared, not positional (`order_units`): a unit runs after the units that produce the inputs its
+signature names (for a value that several units write, those that only write it come before those that also
+read it, e.g. `check_shape` after a unit that sets a default size); `needs` adds values a unit reads through
+its branch dicts (an encoder's tokens that it extends); `after` names units that must run first, for what
+the data does not show (the order in which step units edit the same `DiTCall` field). Units that declare
+`image_inputs` take images there: training reads those dataset columns as image files.
 """
 from __future__ import annotations
 
@@ -47,6 +54,9 @@ class Unit:
     cacheable: tuple[str, ...] = ()
     replaces: tuple[str, ...] = ()
     active: Callable | None = None     # (pipe) -> bool
+    image_inputs: tuple[str, ...] = ()  # inputs that are images (dataset columns read as image files)
+    needs: tuple[str, ...] = ()        # values read through the branch dicts (not in the signature)
+    after: tuple[str, ...] = ()        # units (by name) that must run first when present
 
     @property
     def name(self) -> str:
@@ -73,8 +83,8 @@ class Unit:
 
 @dataclass(frozen=True)
 class StepUnit:
-    fn: Callable[..., None]            # (pipe, call: DiTCall, step: int, **inputs) -> None
-    models: tuple[str, ...] = ()
+    fn: Callable[..., None]            # (models, call: DiTCall, step: int, **inputs) -> None
+    after: tuple[str, ...] = ()        # step units (by name) that must edit the DiTCall first when present
 
     @property
     def name(self) -> str:
@@ -88,19 +98,57 @@ class StepUnit:
 def unit(per_branch: bool = False, both_branches: bool = False, models: tuple[str, ...] = (),
          uses: tuple[str, ...] = (), outputs: tuple[str, ...] = (), model_inputs: tuple[str, ...] = (),
          batched: tuple[str, ...] = (), cacheable: tuple[str, ...] = (), replaces: tuple[str, ...] = (),
-         active: Callable | None = None) -> Callable[[Callable], Unit]:
+         active: Callable | None = None, image_inputs: tuple[str, ...] = (), needs: tuple[str, ...] = (),
+         after: tuple[str, ...] = ()) -> Callable[[Callable], Unit]:
     def wrap(fn: Callable) -> Unit:
         undeclared = set(model_inputs) | set(batched) | set(cacheable)
         if not undeclared <= set(outputs):
             raise ValueError(f"unit {fn.__name__}: {sorted(undeclared - set(outputs))} are not among its outputs")
-        return Unit(fn, per_branch=per_branch, both_branches=both_branches, models=models, uses=uses,
-                    outputs=outputs, model_inputs=model_inputs, batched=batched, cacheable=cacheable,
-                    replaces=replaces, active=active)
+        u = Unit(fn, per_branch=per_branch, both_branches=both_branches, models=models, uses=uses,
+                 outputs=outputs, model_inputs=model_inputs, batched=batched, cacheable=cacheable,
+                 replaces=replaces, active=active, image_inputs=image_inputs, needs=needs, after=after)
+        if not set(image_inputs) <= set(u.params):
+            raise ValueError(f"unit {fn.__name__}: image inputs {sorted(set(image_inputs) - set(u.params))} "
+                             "are not among its parameters")
+        return u
     return wrap
 
 
-def step_unit(models: tuple[str, ...] = ()) -> Callable[[Callable], StepUnit]:
-    return lambda fn: StepUnit(fn, models)
+def step_unit(after: tuple[str, ...] = ()) -> Callable[[Callable], StepUnit]:
+    return lambda fn: StepUnit(fn, after)
+
+
+def image_inputs(units) -> tuple[str, ...]:
+    """The image inputs the units declare, in unit order."""
+    return tuple(dict.fromkeys(p for u in units if isinstance(u, Unit) for p in u.image_inputs))
+
+
+def _reads(u: Unit) -> set[str]:
+    return set(u.params) | set(u.needs)
+
+
+def order_units(units: list) -> list:
+    """`units` (Unit and StepUnit) in an order that satisfies what they declare (see the module docstring);
+    otherwise in the given order. Raises on a cycle, naming the units in it."""
+    units = list(units)
+    by_name = {u.name: i for i, u in enumerate(units)}
+    before: dict[int, set[int]] = {i: {by_name[n] for n in u.after if n in by_name} for i, u in enumerate(units)}
+    pre = [(i, u) for i, u in enumerate(units) if isinstance(u, Unit)]
+    for i, u in pre:
+        for value in _reads(u):
+            writers = [(j, w) for j, w in pre if j != i and value in w.outputs]
+            if value in u.outputs:  # u rewrites the value: after the units that only write it
+                writers = [(j, w) for j, w in writers if value not in _reads(w)]
+            before[i] |= {j for j, _ in writers}
+    order, done = [], set()
+    while len(order) < len(units):
+        ready = [i for i in range(len(units)) if i not in done and before[i] <= done]
+        if not ready:
+            stuck = sorted(units[i].name for i in range(len(units)) if i not in done)
+            raise ValueError(f"the units' declared order has a cycle among {stuck}")
+        order.append(ready[0])
+        done.add(ready[0])
+    return [units[i] for i in order]
 
 
 def active_units(pipe, units: list) -> list[Unit]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..pipelines.flux_image import SIZE_MULTIPLE
+from ..pipelines.common_units import SIZE_MULTIPLE
 from ..ops.images import convert_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

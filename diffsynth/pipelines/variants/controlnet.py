@@ -179,10 +179,9 @@ def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.repeat(batch // t.shape[0], *[1] * (t.ndim - 1))
 
 
-@step_unit(models=("controlnet",))
-def apply_controlnets(models, call, step_index, controlnet_conditions=None, identity_context=None):
-    """`identity_context` (InfiniteYou): the ControlNets read the identity tokens (at text positions 0) and
-    their guidance instead of the prompt and the embedded guidance."""
+@step_unit(after=("step1x_step", "use_identity"))  # the prompt they read: the connector's, or the identity
+def apply_controlnets(models, call, step_index, controlnet_conditions=None):
+    """The ControlNets read the prompt and embedded guidance, or `call.controlnet_context` when a unit set one."""
     if controlnet_conditions is None:
         return
     active = controlnet_conditions.active(step_index)
@@ -191,9 +190,9 @@ def apply_controlnets(models, call, step_index, controlnet_conditions=None, iden
     batch = call.latents.shape[0]
     img = patchify(call.latents)  # the ControlNets see the 16 latent channels of the target only
     txt, txt_ids, guidance = call.prompt_emb, call.text_ids, call.guidance
-    if identity_context is not None:
-        identity = identity_context.rows(batch)
-        txt, txt_ids, guidance = identity.tokens, identity.text_ids(), identity.guidance
+    if call.controlnet_context is not None:
+        context = call.controlnet_context
+        txt, txt_ids, guidance = context.prompt_emb, context.text_ids, context.guidance
     outputs = []
     for c in active:
         net = models.controlnet[c.controlnet_id]

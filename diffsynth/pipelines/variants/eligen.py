@@ -70,7 +70,7 @@ def _prompts(eligen_entity_prompts) -> list[str]:
 
 
 @unit(both_branches=True, models=("text_encoder_2",), outputs=("eligen_prompt_emb", "eligen_regions"),
-      model_inputs=("eligen_prompt_emb", "eligen_regions"))
+      model_inputs=("eligen_prompt_emb", "eligen_regions"), needs=("prompt_emb",))
 def encode_eligen_entities(pipe, branches, height, width, eligen_entity_prompts=None, eligen_entity_masks=None,
                            eligen_enable_on_negative=False, t5_sequence_length=512, num_images=1):
     """Entity prompt embeddings (B, N * L, 4096) and their token regions (B, N, P), per CFG branch.
@@ -99,7 +99,7 @@ def encode_eligen_entities(pipe, branches, height, width, eligen_entity_prompts=
     return out
 
 
-@step_unit()
+@step_unit(after=("apply_controlnets", "append_prompt_tokens"))  # entities go before the whole prompt
 def eligen_attention(models, call, step_index, eligen_prompt_emb=None, eligen_regions=None):
     """Entity prompts before the global prompt (text ids 0), and the regional mask for every block."""
     if eligen_prompt_emb is None:

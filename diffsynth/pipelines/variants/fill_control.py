@@ -26,7 +26,7 @@ def fold_mask(mask: torch.Tensor) -> torch.Tensor:
 FILL_OUTPUTS = ("fill_condition",)
 
 
-@unit(uses=("vae_encoder",), outputs=FILL_OUTPUTS, model_inputs=FILL_OUTPUTS, batched=FILL_OUTPUTS)
+@unit(uses=("vae_encoder",), image_inputs=("flux_fill_image", "flux_fill_mask"), outputs=FILL_OUTPUTS, model_inputs=FILL_OUTPUTS, batched=FILL_OUTPUTS)
 def prepare_fill_condition(pipe, noise, flux_fill_image=None, flux_fill_mask=None, tiled=False, tile_size=128,
                            tile_stride=64):
     """(B, 80, h, w): masked-image latents, then the folded mask."""
@@ -51,7 +51,7 @@ def prepare_fill_condition(pipe, noise, flux_fill_image=None, flux_fill_mask=Non
 CONTROL_OUTPUTS = ("control_latents",)
 
 
-@unit(uses=("vae_encoder",), outputs=CONTROL_OUTPUTS, model_inputs=CONTROL_OUTPUTS, batched=CONTROL_OUTPUTS)
+@unit(uses=("vae_encoder",), image_inputs=("flux_control_image",), outputs=CONTROL_OUTPUTS, model_inputs=CONTROL_OUTPUTS, batched=CONTROL_OUTPUTS)
 def prepare_control_latents(pipe, noise, flux_control_image=None, tiled=False, tile_size=128, tile_stride=64):
     if flux_control_image is None:
         if dit_channels(pipe) == CONTROL_CHANNELS:

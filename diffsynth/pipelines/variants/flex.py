@@ -59,7 +59,8 @@ def flex_condition(pipe, noise, inpaint_image, inpaint_mask, control_image, stre
 FLEX_OUTPUTS = ("flex_condition", "flex_uncondition", "flex_control_stop_sigma")
 
 
-@unit(uses=("vae_encoder",), outputs=FLEX_OUTPUTS, model_inputs=FLEX_OUTPUTS, batched=("flex_condition", "flex_uncondition"))
+@unit(uses=("vae_encoder",), image_inputs=("flex_inpaint_image", "flex_inpaint_mask", "flex_control_image"),
+      outputs=FLEX_OUTPUTS, model_inputs=FLEX_OUTPUTS, batched=("flex_condition", "flex_uncondition"))
 def prepare_flex_condition(pipe, noise, sigmas, flex_inpaint_image=None, flex_inpaint_mask=None,
                            flex_control_image=None, flex_control_strength=None, flex_control_stop=None,
                            tiled=False, tile_size=128, tile_stride=64):

@@ -3,7 +3,8 @@
 The face's ArcFace embedding (models.face_id) goes through the projector (`image_proj_model`) into 8 identity
 tokens; InfuseNet, loaded as a ControlNet and driven by `controlnet_inputs` (a black image, processor "None"),
 then reads those tokens as its text (with all-zero text positions) and `infinityou_guidance` as its guidance,
-on both CFG branches; its residuals enter the DiT like any ControlNet's (variants.controlnet).
+on both CFG branches (`use_identity` sets them as the call's `controlnet_context`); its residuals enter the
+DiT like any ControlNet's (variants.controlnet).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 
 from ...models.face_id import FaceEmbedder, face_folder
 from ..checks import _need_real
-from ..units import unit
+from ..denoise import ControlNetContext
+from ..units import step_unit, unit
 from ._images import check_image
 
 
@@ -57,7 +59,8 @@ def _number(value):
         return value
 
 
-@unit(models=("image_proj_model",), uses=("controlnet",), outputs=("identity_context",), model_inputs=("identity_context",))
+@unit(models=("image_proj_model",), uses=("controlnet",), image_inputs=("infinityou_id_image",), outputs=("identity_context",),
+      model_inputs=("identity_context",))
 def encode_identity(pipe, infinityou_id_image=None, infinityou_guidance=1.0, controlnet_inputs=None):
     if infinityou_id_image is None:
         return {}
@@ -79,4 +82,13 @@ def encode_identity(pipe, infinityou_id_image=None, infinityou_guidance=1.0, con
     return {"identity_context": IdentityContext(tokens, guidance)}
 
 
-UNITS = [encode_identity]
+@step_unit()
+def use_identity(models, call, step_index, identity_context=None):
+    """The ControlNets read the identity tokens (at text positions 0) and their guidance."""
+    if identity_context is None:
+        return
+    identity = identity_context.rows(call.latents.shape[0])
+    call.controlnet_context = ControlNetContext(identity.tokens, identity.text_ids(), identity.guidance)
+
+
+UNITS = [encode_identity, use_identity]

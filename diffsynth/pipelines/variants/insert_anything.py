@@ -143,7 +143,7 @@ INSERT_OUTPUTS = ("flux_fill_image", "flux_fill_mask", "flux_redux_image", "redu
                   "width", "input_image", "image_edit")
 
 
-@unit(outputs=INSERT_OUTPUTS)
+@unit(outputs=INSERT_OUTPUTS, image_inputs=INPUTS)
 def prepare_insert_anything(pipe, insert_anything_source_image=None, insert_anything_source_mask=None,
                             insert_anything_ref_image=None, insert_anything_ref_mask=None, input_image=None,
                             flux_fill_image=None, flux_fill_mask=None, flux_redux_image=None):

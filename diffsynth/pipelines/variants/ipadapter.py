@@ -55,7 +55,7 @@ def encode_ipadapter_images(pipe, branches, ipadapter_images=None, ipadapter_sca
     return out
 
 
-@step_unit(models=("ipadapter",))
+@step_unit()
 def ipadapter_attention(models, call, step_index, ipadapter_emb=None, ipadapter_scale=1.0):
     """InstantX: attention hooks on every block; XLabs: its output added after each double block."""
     if ipadapter_emb is None:

@@ -58,7 +58,7 @@ class Canvas:
         return offset
 
 
-@unit(uses=("vae_encoder",), outputs=("kontext_latents", "kontext_image_ids"), model_inputs=("kontext_latents", "kontext_image_ids"),
+@unit(uses=("vae_encoder",), image_inputs=("kontext_images",), outputs=("kontext_latents", "kontext_image_ids"), model_inputs=("kontext_latents", "kontext_image_ids"),
       batched=("kontext_latents", "kontext_image_ids"))
 def encode_kontext_images(pipe, noise, kontext_images=None, kontext_auto_resize=False, tiled=False,
                           tile_size=128, tile_stride=64):

@@ -20,7 +20,8 @@ def _is_nexus_gen(pipe) -> bool:
 
 
 @unit(both_branches=True, models=("nexus_gen", "nexus_gen_generation_adapter", "nexus_gen_editing_adapter"),
-      outputs=OUTPUTS, model_inputs=OUTPUTS, active=_is_nexus_gen)
+      outputs=OUTPUTS, model_inputs=OUTPUTS, active=_is_nexus_gen, image_inputs=("nexus_gen_reference_image",),
+      needs=OUTPUTS)  # replaces the positive branch's tokens: after the prompt encoder
 def encode_nexus_gen_prompt(pipe, branches, noise, nexus_gen_reference_image=None):
     """Positive branch: the Nexus-Gen tokens replace the T5 ones (the negative branch keeps its own)."""
     if not _is_nexus_gen(pipe):  # run outside `active_units` (a no-op for other pipelines)

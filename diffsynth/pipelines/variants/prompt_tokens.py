@@ -77,7 +77,7 @@ def encode_values(pipe, value_controller_inputs=None, num_images=1):
     return {"value_controller_emb": emb}
 
 
-@step_unit()
+@step_unit(after=("apply_controlnets",))  # ControlNets read the prompt without the appended tokens
 def append_prompt_tokens(models, call, step_index, lora_encoder_emb=None, value_controller_emb=None):
     extra = [t for t in (value_controller_emb, lora_encoder_emb) if t is not None]
     if not extra:

@@ -39,7 +39,8 @@ def _reference(pipe, image) -> Image.Image:
 
 
 @unit(both_branches=True, models=("qwenvl",), uses=("step1x_connector",), outputs=(*LLM_OUTPUTS, *DIT_TEXT),
-      model_inputs=(*LLM_OUTPUTS, *DIT_TEXT), replaces=("encode_prompt",), active=_is_step1x)
+      model_inputs=(*LLM_OUTPUTS, *DIT_TEXT), replaces=("encode_prompt",), active=_is_step1x,
+      image_inputs=("step1x_reference_image",))
 def encode_step1x_prompt(pipe, branches, step1x_reference_image=None, num_images=1):
     """Qwen2.5-VL embeddings of the positive (and negative) prompt with the reference image, one batch."""
     if not _is_step1x(pipe):  # run outside `active_units` (a no-op for other pipelines)
@@ -58,7 +59,7 @@ def encode_step1x_prompt(pipe, branches, step1x_reference_image=None, num_images
 
 
 @unit(uses=("qwenvl", "vae_encoder"), outputs=("step1x_reference_latents",), model_inputs=("step1x_reference_latents",),
-      batched=("step1x_reference_latents",))  # not cacheable: the cache expects every unit's cacheable outputs
+      batched=("step1x_reference_latents",), image_inputs=("step1x_reference_image",))  # not cacheable: the cache expects every unit's cacheable outputs
 def encode_step1x_reference(pipe, noise, height, width, step1x_reference_image=None, tiled=False, tile_size=128,
                             tile_stride=64):
     """The reference image's latents (B, 16, h, w), at the target size."""
@@ -74,7 +75,7 @@ def encode_step1x_reference(pipe, noise, height, width, step1x_reference_image=N
     return {"step1x_reference_latents": latents.repeat(noise.shape[0], 1, 1, 1)}
 
 
-@step_unit(models=("step1x_connector",))
+@step_unit()
 def step1x_step(models, call, step_index, step1x_llm_embedding=None, step1x_mask=None,
                 step1x_reference_latents=None):
     """Connector -> the DiT's text tokens (zero ids) and pooled vector; reference tokens on the target grid."""
