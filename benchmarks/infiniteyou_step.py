@@ -43,13 +43,14 @@ def ours_step(models, v, tokens):
     from diffsynth.models.flux_dit import patchify
     from diffsynth.pipelines.denoise import model_fn
     from diffsynth.pipelines.variants.controlnet import ControlCondition, ControlNetConditions, apply_controlnets
-    from diffsynth.pipelines.variants.infiniteyou import IdentityContext
+    from diffsynth.pipelines.variants.infiniteyou import IdentityContext, use_identity
     conditions = ControlNetConditions([ControlCondition(0, v["conds"][0], None, 1.0, 1.0, 0.0)], num_steps=1)
     identity = IdentityContext(tokens, torch.tensor([ID_GUIDANCE]))
 
     def step():
         out = model_fn(models, v["latents"], v["t"], v["txt"], v["pooled"], v["txt_ids"], v["img_ids"], v["guidance"],
-                       step_units=[apply_controlnets], controlnet_conditions=conditions, identity_context=identity)
+                       step_units=[use_identity, apply_controlnets], controlnet_conditions=conditions,
+                       identity_context=identity)
         return patchify(out)
     return step
 

@@ -4,7 +4,7 @@ from .ops.lazy import lazy_exports
 _EXPORTS = {
     "CheckpointError": ".ops.files", "load_state_dict": ".ops.files",
     "ModelConfig": ".loading.model_config",
-    "download_customized_models": ".loading.download", "download_models": ".loading.download",
+    "download_customized_models": ".loading.download", "download_models": ".loading.presets",
     "FluxImagePipeline": ".pipelines.flux_image", "Flux2ImagePipeline": ".pipelines.flux2_image",
     "ControlNetInput": ".pipelines.variants.controlnet",
 }

@@ -164,7 +164,8 @@ def test_lora_teaches_a_new_colour(tmp_path, capsys):
 def test_prompts_outside_the_grammar_are_warned_of_with_the_grammar(tmp_path, capsys):
     """flux-nano draws only its grammar: "a cat" (or an empty prompt) gets a warning listing it, on the demo
     and on `generate --model-dir`; grammar prompts (any case or spacing) and runs with a LoRA do not."""
-    from diffsynth.cli import build_parser, warn_outside_grammar
+    from diffsynth.cli import build_parser
+    from diffsynth.generation import warn_outside_grammar
     assert json.loads((SHIPPED / "generation_defaults.json").read_text())["prompt_grammar"] == list(shapes.grammar())
     for argv in (["demo", "--prompt", "a cat"], ["demo", "--prompt", ""],
                  ["generate", "--model-dir", str(SHIPPED), "--prompt", "a cat"]):

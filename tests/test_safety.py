@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from diffsynth import FluxImagePipeline, ModelConfig
-from diffsynth.cli import escape_line, main, png_metadata
+from diffsynth.cli import main
+from diffsynth.generation import escape_line, png_metadata
 from diffsynth.loading import download
 from diffsynth.loading.lora import convert_lora, describe_lora
 from diffsynth.ops.files import (CheckpointError, all_finite, load_state_dict, publish, remove_stale_temps, save_image,

@@ -16,6 +16,7 @@ import torch
 import diffsynth
 from diffsynth import FluxImagePipeline, ModelConfig
 from diffsynth.loading import download as dl
+from diffsynth.loading import presets
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(height=32, width=48, num_inference_steps=2, t5_sequence_length=16, progress_bar_cmd=lambda x: x)
@@ -184,7 +185,7 @@ def fake_hub(monkeypatch):
 
 
 def test_download_helpers_are_importable_from_the_package():
-    assert diffsynth.download_models is dl.download_models
+    assert diffsynth.download_models is presets.download_models
     assert diffsynth.download_customized_models is dl.download_customized_models
 
 

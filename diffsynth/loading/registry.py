@@ -54,9 +54,8 @@ def detect(paths) -> list[Detected]:
     refs = scan(paths)
     source = str(paths if isinstance(paths, str) else list(map(str, paths)))
     if looks_like_lora(refs) and not _lora_named_model(refs):
-        from .lora import detect_dialect
-        raise CheckpointError(f"{source} is a LoRA ({detect_dialect(refs)} dialect), not a model: apply it with "
-                              f"pipe.load_lora(pipe.dit, path); `diffsynth inspect` describes it")
+        raise CheckpointError(f"{source} is a LoRA (low-rank weight pairs), not a model: apply it with "
+                              f"pipe.load_lora(pipe.dit, path); `diffsynth inspect` names its dialect")
     config = read_config(paths)
     present = [p for p in _bundle_prefixes() if any(k.startswith(p) for k in refs)]
     bundle = len(present) >= 2

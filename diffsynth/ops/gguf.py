@@ -18,7 +18,7 @@ from typing import BinaryIO, Callable
 
 import torch
 
-from .files import CheckpointError, TensorRef
+from .tensor_ref import CheckpointError, TensorRef
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..cli import png_metadata
+from ..generation import png_metadata
 from .files import Sandbox
 
 Report = Callable[[int, int], None]  # (steps done, total steps)

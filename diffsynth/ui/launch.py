@@ -32,7 +32,7 @@ def serves_nano(args) -> bool:
 
 def load_state(args):
     """Everything the page needs: the pipeline (built as `generate` builds it), the folders, the defaults."""
-    from ..cli import apply_folder_defaults, build_pipeline, compute_target, model_paths
+    from ..generation import apply_folder_defaults, build_pipeline, compute_target, model_paths
     from ..ops.devices import check_device
     from ..nano import SHIPPED
     from . import conditions
