@@ -297,6 +297,12 @@ def build_qwen3(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     return {"text_encoder_qwen3": model.to(options.device)}
 
 
+def build_mistral(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    from ..models.flux2_text_encoder import load_mistral
+    model = load_mistral(plain_tensors(det, options), det.config, f"Mistral from {det.source}")
+    return {"text_encoder_mistral": model.to(options.device)}
+
+
 def _flux2_converter(fmt: str):
     from ..models.flux2_dit import dit_from_bfl, dit_from_diffusers
     return {"bfl": dit_from_bfl, "diffusers": dit_from_diffusers}[fmt]

@@ -147,6 +147,18 @@ def detect_qwen3(refs: Refs) -> str | None:
     return "hf" if is_qwen3_state(refs.keys()) else None
 
 
+def detect_mistral3(refs: Refs) -> str | None:
+    """Mistral3ForConditionalGeneration (FLUX.2 [dev]'s text encoder): a Mistral decoder under the language-model
+    prefix of transformers 4.x or 5, whatever else the file holds (vision tower, projector)."""
+    from ..models.flux2_text_encoder import mistral3_prefix
+    return "hf" if mistral3_prefix(refs.keys()) is not None else None
+
+
+def mistral3_language_model(refs: Refs) -> Refs:
+    from ..models.flux2_text_encoder import mistral3_language_model as language_model
+    return language_model(refs)
+
+
 def detect_t5(refs: Refs) -> str | None:
     return "hf" if has_prefix(refs.keys(), "encoder.block.0.layer.0.SelfAttention.q") else None
 
@@ -283,6 +295,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component("lora_patcher", "denoise", in_loop=True),
     Component("timestep_lora", "denoise", in_loop=True, trainable=False),  # hooks DiT layers per evaluation
     Component("text_encoder_qwen3", "text", activation="text"),     # FLUX.2 [klein]'s Qwen3 prompt encoder
+    Component("text_encoder_mistral", "text", activation="text"),   # FLUX.2 [dev]'s Mistral-Small-3 prompt encoder
     Component("qwenvl", "text", activation="text"),                 # Qwen2.5-VL prompt encoder (Step1X, Nexus-Gen)
     Component("step1x_connector", "denoise", in_loop=True),         # per-step: conditioned on the timestep
     Component("nexus_gen", "text", activation="text"),              # Nexus-Gen's autoregressive Qwen2.5-VL
@@ -342,6 +355,8 @@ FAMILIES: tuple[Family, ...] = (
            bundle_prefixes=("text_encoders.clip_l.transformer.",), normalize=canonical_clip),
     Family("qwen3", "Qwen3 text encoder (FLUX.2 [klein])", detect_qwen3, fills("text_encoder_qwen3"),
            _lazy("build_qwen3"), low_precision_storage=True, pipeline="flux2"),
+    Family("mistral3", "Mistral-Small-3 text encoder (FLUX.2 [dev])", detect_mistral3, fills("text_encoder_mistral"),
+           _lazy("build_mistral"), low_precision_storage=True, normalize=mistral3_language_model, pipeline="flux2"),
     Family("t5", "T5 text encoder", detect_t5, fills("text_encoder_2"), _lazy("build_t5"),
            bundle_prefixes=("text_encoders.t5xxl.transformer.",), low_precision_storage=True),
 )
