@@ -173,3 +173,16 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
     (folder / "chat_template.jinja").unlink()
     with pytest.raises(FileNotFoundError, match="has no chat template"):
         load_tokenizer(folder)
+
+
+def test_cli_generate_from_dev_folder(dev, dev_pipe, tmp_path, one_thread):
+    from PIL import Image
+
+    from diffsynth.cli import main
+    out = tmp_path / "dev.png"
+    assert main(["generate", "--model-dir", str(dev), "--prompt", "a cat", "--height", "32", "--width", "48",
+                 "--steps", "2", "--seed", "4", "--embedded-guidance", "2.5", "--device", "cpu", "--dtype", "fp32",
+                 "--output", str(out)]) == 0
+    expected = dev_pipe("a cat", height=32, width=48, num_inference_steps=2, seed=4, embedded_guidance=2.5)
+    with Image.open(out) as image:
+        assert image.convert("RGB").tobytes() == expected.tobytes()
