@@ -1,8 +1,10 @@
-"""VRAM plans for the full-size FLUX.1-dev DiT (12B) on 8 / 12 / 24 GB cards, and for FLUX.2 [klein] 4B / 9B's
-DiTs on 8 / 12 GB cards, computed on the meta device.
+"""VRAM plans for the full-size FLUX.1-dev DiT (12B) on 8 / 12 / 24 GB cards, for FLUX.2 [klein] 4B / 9B's
+DiTs on 8 / 12 GB cards, and for FLUX.2 [dev]'s 32B DiT and its Mistral-Small-3 text encoder (as loaded: 31 of
+its 40 layers) on 16 / 24 GB cards, computed on the meta device.
 
 No weights are needed: the model is built on the meta device and only tensor shapes are read. Each row
-is what `pipe.enable_vram_management(vram_limit=card)` would plan for the DiT (1024x1024, batch 1,
+is what `pipe.enable_vram_management(vram_limit=card)` would plan for the DiT (or the text encoder, which has
+the card to itself before denoising) (1024x1024, batch 1,
 bf16 compute, default vram_buffer 0.5 GB): how many bytes stay resident, how many are streamed from
 CPU RAM every denoising step (one DiT forward; twice that with sequential true CFG), and the expected
 peak (residents + largest per-layer transient + activation estimate).
@@ -36,9 +38,26 @@ KLEIN = {"FLUX.2 [klein] 4B": Flux2DiTConfig(hidden_size=3072, num_heads=24, num
                                              context_dim=12288)}
 
 
-def plans(name: str, dit, storages, cards) -> None:
+# FLUX.2 [dev]: diffusers' Flux2Transformer2DModel defaults (= the release), and Mistral-Small-3.1's text config
+# with the layers FLUX.2 loads (hidden state 30 read; see models/flux2_text_encoder.py).
+DEV = Flux2DiTConfig(hidden_size=6144, num_heads=48, num_double_blocks=8, num_single_blocks=48, context_dim=15360,
+                     guidance_embed=True)
+MISTRAL_SMALL_3 = dict(hidden_size=5120, intermediate_size=32768, num_attention_heads=32, num_key_value_heads=8,
+                       head_dim=128, vocab_size=131072, num_hidden_layers=31)
+DEV_CARDS = (16, 24)
+
+
+def mistral_encoder():
+    """FLUX.2 [dev]'s text encoder as Flux2ImagePipeline holds it (transformers' MistralModel), on the meta device."""
+    from transformers import MistralConfig, MistralModel
+    config = MistralConfig(**MISTRAL_SMALL_3, rope_theta=1e9, rms_norm_eps=1e-5, sliding_window=None)
+    return MistralModel(config)
+
+
+def plans(name: str, dit, storages, cards, kind: str = "dit") -> None:
     params = sum(p.numel() for p in dit.parameters())
-    act = estimate_activation_bytes("dit", dit, 1024, 1024, 1, torch.bfloat16)
+    act = estimate_activation_bytes("text_encoder_mistral" if kind == "text" else "dit", dit, 1024, 1024, 1,
+                                    torch.bfloat16)
     rows = []
     for label, storage in storages:
         for card in cards:
@@ -48,7 +67,8 @@ def plans(name: str, dit, storages, cards) -> None:
                          f"{len(plan.resident)}/{len(plan.resident) + len(plan.streamed)}",
                          f"{plan.streamed_bytes / GB:.1f}", f"{plan.peak_bytes / GB:.1f}",
                          "yes" if plan.fits else "no"])
-    print(f"{name} DiT ({params / 1e9:.2f}B parameters), 1024x1024, bf16 compute, "
+    what = "text encoder, one 512-token prompt" if kind == "text" else "DiT, 1024x1024"
+    print(f"{name} {what} ({params / 1e9:.2f}B parameters), bf16 compute, "
           f"activation estimate {act / GB:.2f} GB, vram_buffer 0.5 GB (GB = GiB)")
     print(table(rows, ["storage", "card", "weights GB", "resident GB", "resident layers",
                        "streamed GB / step", "expected peak GB", "fits"]))
@@ -60,6 +80,10 @@ def main() -> None:
         for name, config in KLEIN.items():
             print()
             plans(name, Flux2DiT(config), STORAGES[:2], (8, 12))
+        print()
+        plans("FLUX.2 [dev]", Flux2DiT(DEV), STORAGES, DEV_CARDS)
+        print()
+        plans("FLUX.2 [dev] Mistral-Small-3", mistral_encoder(), STORAGES[:2], DEV_CARDS, kind="text")
 
 
 if __name__ == "__main__":

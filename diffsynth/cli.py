@@ -22,7 +22,7 @@ def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True,
     p.add_argument("--negative-prompt", default="", help="what to avoid (used when --cfg-scale > 1)")
     p.add_argument("--cfg-scale", type=float, default=1.0,
                    help="real classifier-free guidance; 1 = off (FLUX.1-dev uses --embedded-guidance)")
-    p.add_argument("--embedded-guidance", type=float, default=3.5, help="FLUX.1-dev's distilled guidance strength")
+    p.add_argument("--embedded-guidance", type=float, default=3.5, help="distilled guidance strength (FLUX.1-dev, FLUX.2-dev)")
     p.add_argument("--t5-sequence-length", type=int, default=512, help="T5 tokens the prompt is padded/truncated to")
     p.add_argument("--input-image", help="image for image-to-image")
     p.add_argument("--edit-image", action="append", metavar="FILE",

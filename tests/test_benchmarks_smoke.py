@@ -20,8 +20,10 @@ def _import(name: str):
 def test_vram_plan_table(capsys):
     _import("vram_plan").main()
     out = capsys.readouterr().out
-    assert "11.90B parameters" in out and out.count("| yes") == 12 + 8
-    assert "FLUX.2 [klein] 4B DiT (3.88B parameters)" in out and "FLUX.2 [klein] 9B DiT (9.08B parameters)" in out
+    assert "11.90B parameters" in out and out.count("| yes") == 12 + 8 + 8 + 4
+    assert "FLUX.2 [klein] 4B DiT, 1024x1024 (3.88B parameters)" in out and "9B DiT, 1024x1024 (9.08B parameters)" in out
+    assert "FLUX.2 [dev] DiT, 1024x1024 (32.22B parameters)" in out
+    assert "Mistral-Small-3 text encoder, one 512-token prompt (17.90B parameters)" in out
 
 
 def test_gpu_full_smoke(monkeypatch, capsys):

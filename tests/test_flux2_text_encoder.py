@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from diffsynth.loading.registry import build, detect
-from diffsynth.models.flux2_text_encoder import chat_text, encode_prompt_qwen3, infer_qwen3_config, load_qwen3_tokenizer
+from diffsynth.models.flux2_text_encoder import QWEN3_FORMAT, chat_text, encode_prompt, infer_qwen3_config, load_tokenizer
 from diffsynth.ops.files import CheckpointError, save_safetensors
 from diffsynth.testing.tiny_flux2 import tiny_qwen3_config, write_tiny_qwen3, write_tiny_qwen3_tokenizer
 
@@ -30,11 +30,11 @@ def test_prompt_embedding_matches_diffusers(folders, one_thread):
     from diffusers import Flux2KleinPipeline
     from transformers import Qwen3ForCausalLM
     te_dir, tok_dir = folders
-    tokenizer = load_qwen3_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
     prompts = ["a red cat on the table", ""]
     ref_model = Qwen3ForCausalLM.from_pretrained(str(te_dir), torch_dtype=torch.float32).eval()
     expected = Flux2KleinPipeline._get_qwen3_prompt_embeds(ref_model, tokenizer, prompts, torch.float32, "cpu")
-    got = encode_prompt_qwen3(tokenizer, ours(te_dir), prompts, "cpu")
+    got = encode_prompt(tokenizer, ours(te_dir), prompts, "cpu", QWEN3_FORMAT)
     assert got.shape == expected.shape == (2, 512, 3 * tiny_qwen3_config()["hidden_size"])
     err = ((got - expected).abs().max() / expected.abs().max()).item()
     print(f"Qwen3 prompt embedding vs diffusers: rel err {err:.2e}")
@@ -42,7 +42,7 @@ def test_prompt_embedding_matches_diffusers(folders, one_thread):
 
 
 def test_chat_template_closes_thinking(folders):
-    text = chat_text(load_qwen3_tokenizer(folders[1]), "a cat")
+    text = chat_text(load_tokenizer(folders[1]), "a cat")
     assert text == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
@@ -72,5 +72,5 @@ def test_too_shallow_model_is_refused(folders, tmp_path):
 
 
 def test_tokenizer_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a Qwen tokenizer folder"):
-        load_qwen3_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a tokenizer folder"):
+        load_tokenizer(tmp_path)

@@ -1,5 +1,5 @@
-"""FLUX.2 [klein] training on the shared trainer: every example training script (LoRA and full, klein and
-klein-base) runs one real step on tiny models and its validate script loads the result; editing data
+"""FLUX.2 training on the shared trainer: every example training script (LoRA and full, klein and klein-base;
+FLUX.2-dev's LoRA) runs one real step on tiny models and its validate script loads the result; editing data
 (`edit_image` column) trains; the loss goes down on a tiny dataset."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from example_harness import ROOT, link_model, run_example, train_script_one_step
 from PIL import Image
 
 from diffsynth import Flux2ImagePipeline, ModelConfig
-from diffsynth.testing.tiny_flux2 import build_tiny_flux2
+from diffsynth.testing.tiny_flux2 import build_tiny_flux2, build_tiny_flux2_dev
 
 EXAMPLES = ROOT / "examples" / "flux2"
 # row -> single blocks its LoRA script names (klein 4B has 20, 9B 24)
@@ -77,6 +77,28 @@ def test_training_scripts_train_and_validate(row, kind, folders, tmp_path, monke
     run_example(f"model_training/validate_{kind}/{row}.py", tmp_path, monkeypatch, models_for(row, folders),
                 pipeline=Flux2ImagePipeline, examples=EXAMPLES)
     assert (tmp_path / f"image_{row}_{kind}.jpg").is_file()
+
+
+def test_dev_lora_script_trains_from_its_cache_and_validates(tmp_path_factory, tmp_path, monkeypatch):
+    """FLUX.2-dev's LoRA script: the Mistral encoder and the VAE fill the cache and are freed; the LoRA on the
+    48 single blocks trains one step; validate_lora (2.0's model-level offload stages) loads it."""
+    from test_flux2_examples import on_cpu
+    dev = build_tiny_flux2_dev(tmp_path_factory.mktemp("dev_train") / "dev", num_single_layers=48)
+    monkeypatch.chdir(tmp_path)
+    link_model(tmp_path, "black-forest-labs/FLUX.2-dev", dev)
+    write_dataset(tmp_path / "data" / "diffsynth_example_dataset" / "flux2" / "FLUX.2-dev")
+    args, result, saved = train_script_one_step(EXAMPLES / "model_training" / "lora" / "FLUX.2-dev.sh")
+    assert result["steps"] == 1 and saved.is_file() and args.cache_dir
+    pipe = result["module"].pipe
+    assert pipe.text_encoder_mistral is None and pipe.vae_decoder is None  # freed after caching
+    from safetensors.torch import load_file
+    assert any("single_transformer_blocks.47.attn.to_out" in k for k in load_file(saved))
+    shutil.copy(saved, saved.parent / "epoch-4.safetensors")
+    script = on_cpu(EXAMPLES / "model_training" / "validate_lora" / "FLUX.2-dev.py", tmp_path)
+    scope = run_example(script.relative_to(tmp_path / "scripts"), tmp_path, monkeypatch,
+                        {"black-forest-labs/FLUX.2-dev": dev}, pipeline=Flux2ImagePipeline,
+                        examples=tmp_path / "scripts")
+    assert (tmp_path / "image_FLUX.2-dev_lora.jpg").is_file() and scope["pipe"].text_encoder_mistral is not None
 
 
 def test_editing_data_trains(folders, tmp_path, one_thread):

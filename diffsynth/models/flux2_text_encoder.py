@@ -1,27 +1,129 @@
-"""FLUX.2 [klein]'s prompt encoder: transformers' Qwen3 language model, read as three of its hidden states.
+"""FLUX.2's prompt encoders: a transformers language model read as three of its hidden states.
 
-The release ships `text_encoder/` (Qwen3ForCausalLM shards, `model.*` keys, config.json) and `tokenizer/`.
-The prompt goes through the chat template as one user message with the assistant's turn opened and
-thinking switched off, is padded (right) to 512 tokens, and runs with the padding masked; the hidden
-states after layers 9, 18 and 27 are concatenated per token: (B, 512, 3 * hidden) = the DiT's context.
+Both run the same path: the prompt becomes a chat (`PromptFormat`), the chat template renders it, the
+text is padded (right) to 512 tokens and runs with the padding masked; the hidden states after three
+layers are concatenated per token: (B, 512, 3 * hidden) = the DiT's context (all 512 positions, unmasked).
 
-The weights are adopted without a copy (meta-device model, tensors assigned in their storage dtype);
-`lm_head` is not needed and dropped. Without a config.json (a ComfyUI `qwen_3_4b.safetensors`) the
-architecture is read from the tensor shapes.
+* [klein]: Qwen3 (`text_encoder/`: Qwen3ForCausalLM shards, `model.*` keys). One user message, the
+  assistant's turn opened, thinking switched off; layers 9, 18, 27.
+* [dev]: Mistral-Small-3.x (`text_encoder/`: Mistral3ForConditionalGeneration shards). BFL's system
+  message, then the user message as a text block; layers 10, 20, 30. Only the language model is read: the
+  Pixtral vision tower, its projector and the LM head are set aside by name, and layers 32-40 are not
+  loaded (their output is never read: 9 of Mistral-Small's 40 layers, ~5B parameters; layer 31 stays since
+  transformers reports the last layer's state after the final norm).
+  The tokenizer folder is a PixtralProcessor's; its text tokenizer alone is read (no torchvision).
+
+The weights are adopted without a copy (meta-device model, tensors assigned in their storage dtype).
+Without a config.json (a single file) the architecture is read from the tensor shapes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
 from ..ops.files import CheckpointError
-from .hf_adopt import adopt_weights
 from .entry import BuildOptions, Component, Detected, Family, fills, plain_tensors
+from .hf_adopt import adopt_weights
 
-HIDDEN_STATE_LAYERS = (9, 18, 27)
 MAX_SEQUENCE_LENGTH = 512
+
+# diffusers' Flux2Pipeline SYSTEM_MESSAGE (BFL's flux2 repository), newline included: DiffSynth-Studio 2.0 writes
+# a space there, which changes the prompt tokens and the image.
+MISTRAL_SYSTEM_MESSAGE = ("You are an AI that reasons about image descriptions. You give structured responses focusing "
+                          "on object relationships, object\nattribution and actions without speculation.")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one FLUX.2 text encoder reads a prompt."""
+    layers: tuple[int, ...]                 # hidden states concatenated per token (0 = the embeddings)
+    system_message: str | None = None       # a system turn before the prompt
+    content_blocks: bool = False            # message content as [{"type": "text", ...}] (multimodal templates)
+    template_args: tuple[tuple[str, object], ...] = ()  # extra chat-template variables
+    removed: tuple[str, ...] = ()           # strings taken out of the prompt (the image placeholder)
+
+    def messages(self, prompt: str) -> list[dict]:
+        for text in self.removed:
+            prompt = prompt.replace(text, "")
+        wrap = (lambda t: [{"type": "text", "text": t}]) if self.content_blocks else (lambda t: t)  # noqa: E731
+        system = [{"role": "system", "content": wrap(self.system_message)}] if self.system_message is not None else []
+        return system + [{"role": "user", "content": wrap(prompt)}]
+
+
+QWEN3_FORMAT = PromptFormat(layers=(9, 18, 27),
+                            template_args=(("add_generation_prompt", True), ("enable_thinking", False)))
+# (Pixtral's processor refuses a prompt whose [IMG] count changes under truncation: diffusers removes them)
+MISTRAL_FORMAT = PromptFormat(layers=(10, 20, 30), system_message=MISTRAL_SYSTEM_MESSAGE, content_blocks=True,
+                              template_args=(("add_generation_prompt", False),), removed=("[IMG]",))
+
+
+# ----------------------------------------------------------------------------- the shared path
+
+def load_tokenizer(folder: str | Path):
+    """The text tokenizer of a `tokenizer/` folder (tokenizer.json, or vocab.json + merges.txt), with its chat
+    template (tokenizer_config.json or chat_template.jinja/.json). A PixtralProcessor folder reads the same way:
+    its image processor (torchvision) is not loaded, FLUX.2 feeds the encoder text only."""
+    from transformers import AutoTokenizer
+    folder = Path(folder)
+    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+        raise FileNotFoundError(f"{str(folder)!r} is not a tokenizer folder: no tokenizer.json or vocab.json")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if not getattr(tokenizer, "chat_template", None):
+        raise FileNotFoundError(f"the tokenizer in {str(folder)!r} has no chat template (FLUX.2 formats its prompt "
+                                "as a chat): expected it in tokenizer_config.json or chat_template.jinja")
+    return tokenizer
+
+
+def chat_text(tokenizer, prompt: str, fmt: PromptFormat = QWEN3_FORMAT) -> str:
+    """The prompt rendered by the chat template as `fmt` formats it."""
+    return tokenizer.apply_chat_template(fmt.messages(prompt), tokenize=False, **dict(fmt.template_args))
+
+
+def tokenize_chat(tokenizer, prompts: Sequence[str], fmt: PromptFormat, max_length: int = MAX_SEQUENCE_LENGTH):
+    """input_ids and attention_mask (B, max_length), padded on the right. A template that writes the BOS itself
+    (Mistral's) gets no second one from the tokenizer, as transformers' processors decide."""
+    texts = [chat_text(tokenizer, p, fmt) for p in prompts]
+    bos = tokenizer.bos_token
+    return tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=max_length,
+                     add_special_tokens=not (bos and texts[0].startswith(bos)))
+
+
+def encode_prompt(tokenizer, model, prompts: Sequence[str], device: torch.device | str, fmt: PromptFormat,
+                  max_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
+    """(B, max_length, len(fmt.layers) * hidden): the hidden states after `fmt.layers`, side by side per token."""
+    batch = tokenize_chat(tokenizer, prompts, fmt, max_length)
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                output_hidden_states=True, use_cache=False)
+    return torch.cat([out.hidden_states[k] for k in fmt.layers], dim=-1)
+
+
+def _adopt(config_cls, model_cls, sd: Mapping[str, torch.Tensor], config: dict, fmt: PromptFormat, source: str,
+           name: str):
+    """transformers' `model_cls` built empty from `config` (its attention on SDPA), adopting `sd`."""
+    from accelerate import init_empty_weights
+    config = config_cls.from_dict(config)
+    config._attn_implementation = "sdpa"
+    needed = max(fmt.layers)
+    if config.num_hidden_layers < needed:
+        raise CheckpointError(f"{source}: FLUX.2 reads the hidden state after layer {needed}, this {name} has "
+                              f"{config.num_hidden_layers} layers")
+    with init_empty_weights(include_buffers=False):
+        model = model_cls(config)
+    return adopt_weights(model, sd, source, f"the {name} config")
+
+
+def _num_layers(shapes: Mapping[str, Sequence[int]]) -> int:
+    n = 0
+    while f"layers.{n}.self_attn.q_proj.weight" in shapes:
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- Qwen3 ([klein])
+
 # Qwen3's values for what the tensors do not show.
 _QWEN3_DEFAULTS = dict(rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=40960, hidden_act="silu",
                        attention_bias=False, tie_word_embeddings=True)
@@ -37,11 +139,8 @@ def infer_qwen3_config(shapes: Mapping[str, Sequence[int]]) -> dict:
     """A Qwen3 config.json's architecture fields from tensor shapes (keys without `model.`)."""
     vocab, hidden = shapes["embed_tokens.weight"]
     head_dim = shapes["layers.0.self_attn.q_norm.weight"][0]
-    layers = 0
-    while f"layers.{layers}.self_attn.q_proj.weight" in shapes:
-        layers += 1
     return {**_QWEN3_DEFAULTS, "model_type": "qwen3", "vocab_size": vocab, "hidden_size": hidden,
-            "head_dim": head_dim, "num_hidden_layers": layers,
+            "head_dim": head_dim, "num_hidden_layers": _num_layers(shapes),
             "num_attention_heads": shapes["layers.0.self_attn.q_proj.weight"][0] // head_dim,
             "num_key_value_heads": shapes["layers.0.self_attn.k_proj.weight"][0] // head_dim,
             "intermediate_size": shapes["layers.0.mlp.gate_proj.weight"][0]}
@@ -49,64 +148,102 @@ def infer_qwen3_config(shapes: Mapping[str, Sequence[int]]) -> dict:
 
 def load_qwen3(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None, source: str = "Qwen3"):
     """transformers' Qwen3Model adopting `state_dict` (keys without `model.`; `lm_head.*` ignored)."""
-    from accelerate import init_empty_weights
     from transformers import Qwen3Config, Qwen3Model
     sd = {k: t for k, t in state_dict.items() if not k.startswith("lm_head.")}
-    shapes = {k: tuple(t.shape) for k, t in sd.items()}
-    config = Qwen3Config.from_dict(dict(config_dict) if config_dict is not None else infer_qwen3_config(shapes))
-    config._attn_implementation = "sdpa"
-    needed = max(HIDDEN_STATE_LAYERS)
-    if config.num_hidden_layers < needed:
-        raise CheckpointError(f"{source}: FLUX.2 reads the hidden state after layer {needed}, this Qwen3 has "
-                              f"{config.num_hidden_layers} layers")
-    with init_empty_weights(include_buffers=False):
-        model = Qwen3Model(config)
-    return adopt_weights(model, sd, source, "the Qwen3 config")
+    config = dict(config_dict) if config_dict is not None else infer_qwen3_config({k: t.shape for k, t in sd.items()})
+    return _adopt(Qwen3Config, Qwen3Model, sd, config, QWEN3_FORMAT, source, "Qwen3")
 
 
-def load_qwen3_tokenizer(folder: str | Path):
-    """The Qwen tokenizer of a `tokenizer/` folder (tokenizer.json or vocab.json + merges.txt, with the chat
-    template in tokenizer_config.json or chat_template.jinja)."""
-    from transformers import AutoTokenizer
-    folder = Path(folder)
-    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
-        raise FileNotFoundError(f"{str(folder)!r} is not a Qwen tokenizer folder: no tokenizer.json or vocab.json")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    if not getattr(tokenizer, "chat_template", None):
-        raise FileNotFoundError(f"the tokenizer in {str(folder)!r} has no chat template (FLUX.2 formats its prompt "
-                                "as a chat message): expected it in tokenizer_config.json or chat_template.jinja")
-    return tokenizer
+# ----------------------------------------------------------------------------- Mistral-Small-3.x ([dev])
+
+# Where Mistral3ForConditionalGeneration keeps its language model: transformers 5 / 4.52+ save it under
+# `model.language_model.`, earlier versions (and the FLUX.2-dev release) under `language_model.model.`.
+MISTRAL3_LM_PREFIXES = ("model.language_model.", "language_model.model.")
+# What a Mistral3 file also holds and FLUX.2 does not use: the Pixtral vision tower, its projector, the LM head.
+MISTRAL3_UNUSED = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.",
+                   "lm_head.", "language_model.lm_head.")
+# Mistral-Small-3.1/3.2's values for what the tensors do not show (head_dim among them: no per-head norm).
+_MISTRAL_DEFAULTS = dict(model_type="mistral", head_dim=128, rope_theta=1_000_000_000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072, hidden_act="silu", sliding_window=None,
+                         tie_word_embeddings=False)
 
 
-def chat_text(tokenizer, prompt: str) -> str:
-    """The prompt as one user message, the assistant's turn opened, thinking off."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=False)
+def mistral3_prefix(keys) -> str | None:
+    """The language-model prefix of a Mistral3ForConditionalGeneration state dict (a Mistral decoder: no per-head
+    norms, no attention biases), or None."""
+    for p in MISTRAL3_LM_PREFIXES:
+        if f"{p}embed_tokens.weight" in keys and f"{p}layers.0.self_attn.q_proj.weight" in keys and \
+                f"{p}layers.0.self_attn.q_norm.weight" not in keys and f"{p}layers.0.self_attn.q_proj.bias" not in keys:
+            return p
+    return None
 
 
-def encode_prompt_qwen3(tokenizer, model, prompts: Sequence[str], device: torch.device | str,
-                        max_length: int = MAX_SEQUENCE_LENGTH,
-                        layers: Sequence[int] = HIDDEN_STATE_LAYERS) -> torch.Tensor:
-    """(B, max_length, len(layers) * hidden): the hidden states after `layers`, side by side per token."""
-    batch = tokenizer([chat_text(tokenizer, p) for p in prompts], return_tensors="pt", padding="max_length",
-                      truncation=True, max_length=max_length)
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                output_hidden_states=True, use_cache=False)
-    return torch.cat([out.hidden_states[k] for k in layers], dim=-1)
+def mistral3_language_model(refs: Mapping) -> dict:
+    """The language model's entries (prefix removed); the unused parts dropped by name, anything else kept as it
+    is so that loading refuses it."""
+    p = mistral3_prefix(refs.keys())
+    return {(k[len(p):] if k.startswith(p) else k): v for k, v in refs.items() if not k.startswith(MISTRAL3_UNUSED)}
+
+
+def infer_mistral_config(shapes: Mapping[str, Sequence[int]], source: str = "Mistral") -> dict:
+    """A Mistral text config from tensor shapes (language-model keys), Mistral-Small-3's head_dim assumed."""
+    vocab, hidden = shapes["embed_tokens.weight"]
+    head_dim = _MISTRAL_DEFAULTS["head_dim"]
+    widths = (shapes["layers.0.self_attn.q_proj.weight"][0], shapes["layers.0.self_attn.k_proj.weight"][0])
+    if any(w % head_dim for w in widths):
+        raise CheckpointError(f"{source}: no config.json, and the attention widths {widths} are not multiples of "
+                              f"Mistral-Small-3's head_dim {head_dim}: put the model's config.json beside the file")
+    return {**_MISTRAL_DEFAULTS, "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": _num_layers(shapes),
+            "num_attention_heads": shapes["layers.0.self_attn.q_proj.weight"][0] // head_dim,
+            "num_key_value_heads": shapes["layers.0.self_attn.k_proj.weight"][0] // head_dim,
+            "intermediate_size": shapes["layers.0.mlp.gate_proj.weight"][0]}
+
+
+def load_mistral(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None, source: str = "Mistral"):
+    """transformers' MistralModel adopting the language model of a Mistral3 checkpoint (keys without the prefix),
+    with only the layers FLUX.2 reads. `config_dict`: the Mistral3 config.json (its `text_config`) or a Mistral one."""
+    from transformers import MistralConfig, MistralModel
+    config = dict(config_dict.get("text_config", config_dict)) if config_dict is not None else \
+        infer_mistral_config({k: t.shape for k, t in state_dict.items()}, source)
+    config["model_type"] = "mistral"
+    # transformers hands out the last layer's state after the final norm: one layer past the last one read stays
+    keep = max(MISTRAL_FORMAT.layers) + 1
+    if config["num_hidden_layers"] > keep:  # (too few: refused by _adopt, naming the layer)
+        config["num_hidden_layers"] = keep
+        if config.get("layer_types"):
+            config["layer_types"] = config["layer_types"][:keep]
+    sd = {k: t for k, t in state_dict.items()
+          if not (k.startswith("layers.") and int(k.split(".", 2)[1]) >= config["num_hidden_layers"])}
+    return _adopt(MistralConfig, MistralModel, sd, config, MISTRAL_FORMAT, source, "Mistral")
 
 
 # ----------------------------------------------------------------------------- table entry
 
-def detect(refs) -> str | None:
+def detect_qwen3(refs) -> str | None:
     """Qwen3 language model (FLUX.2 [klein]'s text encoder), keys without the `model.` level."""
     return "hf" if is_qwen3_state(refs.keys()) else None
 
 
-def build(det: Detected, options: BuildOptions) -> dict:
+def detect_mistral3(refs) -> str | None:
+    """Mistral3ForConditionalGeneration (FLUX.2 [dev]'s text encoder): a Mistral decoder under the language-model
+    prefix of transformers 4.x or 5, whatever else the file holds (vision tower, projector)."""
+    return "hf" if mistral3_prefix(refs.keys()) is not None else None
+
+
+def build_qwen3(det: Detected, options: BuildOptions) -> dict:
     model = load_qwen3(plain_tensors(det, options), det.config, f"Qwen3 from {det.source}")
     return {"text_encoder_qwen3": model.to(options.device)}
 
 
-COMPONENTS = (Component("text_encoder_qwen3", "text", activation="text"),)
-FAMILIES = (Family("qwen3", "Qwen3 text encoder (FLUX.2 [klein])", detect, fills("text_encoder_qwen3"), build,
-                   low_precision_storage=True, pipeline="flux2"),)
+def build_mistral(det: Detected, options: BuildOptions) -> dict:
+    model = load_mistral(plain_tensors(det, options), det.config, f"Mistral from {det.source}")
+    return {"text_encoder_mistral": model.to(options.device)}
+
+
+COMPONENTS = (Component("text_encoder_qwen3", "text", activation="text"),     # FLUX.2 [klein]'s prompt encoder
+              Component("text_encoder_mistral", "text", activation="text"))   # FLUX.2 [dev]'s prompt encoder
+FAMILIES = (Family("qwen3", "Qwen3 text encoder (FLUX.2 [klein])", detect_qwen3, fills("text_encoder_qwen3"),
+                   build_qwen3, low_precision_storage=True, pipeline="flux2"),
+            Family("mistral3", "Mistral-Small-3 text encoder (FLUX.2 [dev])", detect_mistral3,
+                   fills("text_encoder_mistral"), build_mistral, low_precision_storage=True,
+                   normalize=mistral3_language_model, pipeline="flux2"))

@@ -1,8 +1,9 @@
-"""Flux2ImagePipeline: FLUX.2 [klein] text-to-image, image-to-image and multi-reference editing.
+"""Flux2ImagePipeline: FLUX.2 [klein] and [dev] text-to-image, image-to-image and multi-reference editing.
 
 The shared machinery (loading, units, sampling loop, VRAM, LoRA, output types) is `base.BasePipeline`'s;
-what is FLUX.2's is here as data: the units (Qwen3 prompt embedding, 128-channel noise at 1/16 of the
-image size, the dynamically shifted schedule, reference images as extra tokens) and `flux2_model_fn`.
+what is FLUX.2's is here as data: the units (the prompt embedding of the loaded text encoder, Qwen3 for
+[klein] or Mistral-Small-3 for [dev]; 128-channel noise at 1/16 of the image size, the dynamically shifted
+schedule, reference images as extra tokens, the embedded guidance) and `flux2_model_fn`.
 
 Latents are the VAE's normalised 2x2-patchified latents, (B, 128, H/16, W/16); the DiT sees them as
 H/16 * W/16 tokens with position ids (t, row, column, 0). Reference image i (`edit_image`) is encoded the
@@ -11,6 +12,7 @@ same way and appended after the noise tokens with time coordinate 10 * (i + 1); 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -114,17 +116,38 @@ def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
                       rand_device, num_images)
 
 
-@unit(per_branch=True, models=("text_encoder_qwen3",), outputs=("prompt_emb",), model_inputs=("prompt_emb",),
-      cacheable=("prompt_emb",))
-def encode_prompt(pipe, prompt, num_images=1):
-    if pipe.text_encoder_qwen3 is None or pipe.tokenizer is None:
-        raise RuntimeError("this pipeline has no text encoder loaded: add the Qwen3 text encoder "
-                           "(text_encoder/*.safetensors) ModelConfig")
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    emb = te.encode_prompt_qwen3(pipe.tokenizer, pipe.text_encoder_qwen3, [prompt],
-                                 pipe.compute_device_of("text_encoder_qwen3"))
-    return {"prompt_emb": emb.to(pipe.device, pipe.torch_dtype).repeat(num_images, 1, 1)}
+@dataclass(frozen=True)
+class TextEncoder:
+    """A FLUX.2 prompt encoder: the pipeline attribute holding it and how it reads a prompt."""
+    attribute: str
+    fmt: te.PromptFormat
+
+
+# Which text encoder is loaded decides the prompt unit: Qwen3 for [klein] (the default), Mistral for [dev].
+QWEN3 = TextEncoder("text_encoder_qwen3", te.QWEN3_FORMAT)
+MISTRAL = TextEncoder("text_encoder_mistral", te.MISTRAL_FORMAT)
+TEXT_ENCODERS = (MISTRAL, QWEN3)
+
+
+def prompt_unit(encoder: TextEncoder, name: str, **options) -> Unit:
+    """The unit that encodes each branch's prompt with `encoder` (`options`: `active`/`replaces`, see units)."""
+    def encode(pipe, prompt, num_images=1):
+        model = getattr(pipe, encoder.attribute)
+        if model is None or pipe.tokenizer is None:
+            raise RuntimeError("this pipeline has no text encoder loaded: add the text encoder "
+                               "(text_encoder/*.safetensors: Qwen3 for FLUX.2 [klein], Mistral for [dev]) ModelConfig")
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        emb = te.encode_prompt(pipe.tokenizer, model, [prompt], pipe.compute_device_of(encoder.attribute), encoder.fmt)
+        return {"prompt_emb": emb.to(pipe.device, pipe.torch_dtype).repeat(num_images, 1, 1)}
+    encode.__name__ = encode.__qualname__ = name
+    return unit(per_branch=True, models=(encoder.attribute,), outputs=("prompt_emb",), model_inputs=("prompt_emb",),
+                cacheable=("prompt_emb",), **options)(encode)
+
+
+encode_prompt = prompt_unit(QWEN3, "encode_prompt")
+encode_prompt_mistral = prompt_unit(MISTRAL, "encode_prompt_mistral", replaces=("encode_prompt",),
+                                    active=lambda pipe: pipe.text_encoder_mistral is not None)
 
 
 REFERENCE_OUTPUTS = ("edit_latents", "edit_ids")
@@ -160,8 +183,8 @@ def prepare_ids_and_guidance(pipe, noise, embedded_guidance=4.0):
             "guidance": torch.full((b,), float(embedded_guidance), device=pipe.device)}
 
 
-UNITS: list[Unit] = order_units([check_size, set_sigmas, init_noise, encode_prompt, encode_input_image,
-                                 encode_edit_images, prepare_ids_and_guidance])
+UNITS: list[Unit] = order_units([check_size, set_sigmas, init_noise, encode_prompt, encode_prompt_mistral,
+                                 encode_input_image, encode_edit_images, prepare_ids_and_guidance])
 
 
 def flux2_model_fn(models, latents, timestep, prompt_emb, text_ids, image_ids, guidance=None, edit_latents=None,
@@ -179,8 +202,9 @@ def flux2_model_fn(models, latents, timestep, prompt_emb, text_ids, image_ids, g
 # ----------------------------------------------------------------------------- the pipeline
 
 class Flux2ImagePipeline(BasePipeline):
-    """DiffSynth-Studio 2.0's FLUX.2 pipeline (klein 4B/9B, distilled and base). Models: `dit` (Flux2DiT),
-    `text_encoder_qwen3` (Qwen3), `vae_encoder`/`vae_decoder` (FLUX.2 VAE); `tokenizer` (Qwen)."""
+    """DiffSynth-Studio 2.0's FLUX.2 pipeline (klein 4B/9B, distilled and base; dev). Models: `dit` (Flux2DiT),
+    `text_encoder_qwen3` (Qwen3, klein) or `text_encoder_mistral` (Mistral-Small-3's language model, dev),
+    `vae_encoder`/`vae_decoder` (FLUX.2 VAE); `tokenizer` (the text encoder's)."""
 
     family = "flux2"
     compiled_blocks = ("transformer_blocks", "single_transformer_blocks")
@@ -204,9 +228,13 @@ class Flux2ImagePipeline(BasePipeline):
         device = cls._check_load_args(device, vram_limit, parallel)
         pipe = cls(device=device, torch_dtype=torch_dtype)
         sources = pipe._load_models(model_configs)
-        if pipe.text_encoder_qwen3 is not None:
-            pipe.tokenizer = te.load_qwen3_tokenizer(tokenizer_dir(tokenizer_config, sources["text_encoder_qwen3"],
-                                                                   "tokenizer", "tokenizer_config"))
+        loaded = [e.attribute for e in TEXT_ENCODERS if getattr(pipe, e.attribute) is not None]
+        if len(loaded) > 1:
+            raise ValueError(f"model_configs hold two FLUX.2 text encoders ({' and '.join(loaded)}): give the one of "
+                             "your DiT (Mistral for FLUX.2 [dev], Qwen3 for [klein])")
+        if loaded:
+            pipe.tokenizer = te.load_tokenizer(tokenizer_dir(tokenizer_config, sources[loaded[0]], "tokenizer",
+                                                             "tokenizer_config"))
         if parallel == "tensor":
             pipe._shard_dit()
         if vram_limit is not None:
@@ -225,7 +253,7 @@ class Flux2ImagePipeline(BasePipeline):
         """Generate images. Returns one PIL image (a list when num_images > 1), or tensors, see output_type.
 
         cfg_scale: true classifier-free guidance with `negative_prompt` (klein-base; distilled klein uses 1).
-        embedded_guidance: for DiTs with a guidance embedder (ignored by klein's).
+        embedded_guidance: to the DiT's guidance embedder (FLUX.2 [dev]; klein has none and ignores it).
         edit_image: reference image(s) to edit or combine; `edit_image_auto_resize` scales each to about 1024x1024
         (DiffSynth-Studio 2.0), otherwise it is only centre-cropped to multiples of 16 pixels.
         input_image + denoising_strength: image-to-image. height/width default to the input image's, else the first

@@ -213,13 +213,16 @@ def write_tiny_qwen3_tokenizer(folder: str | Path) -> Path:
     return out
 
 
-def write_flux2_index(root: str | Path, distilled: bool = True) -> None:
-    """model_index.json and scheduler/scheduler_config.json of a FLUX.2 [klein] release."""
+def write_flux2_index(root: str | Path, distilled: bool = True, dev: bool = False) -> None:
+    """model_index.json and scheduler/scheduler_config.json of a FLUX.2 [klein] release (`dev`: of FLUX.2 [dev])."""
     root = Path(root)
+    encoder = ["transformers", "Mistral3ForConditionalGeneration"] if dev else ["transformers", "Qwen3ForCausalLM"]
+    tokenizer = ["transformers", "PixtralProcessor"] if dev else ["transformers", "Qwen2TokenizerFast"]
+    pipeline = {"_class_name": "Flux2Pipeline"} if dev else {"_class_name": "Flux2KleinPipeline",
+                                                              "is_distilled": distilled}
     write_json(root / "model_index.json", {
-        "_class_name": "Flux2KleinPipeline", "_diffusers_version": "0.42.0", "is_distilled": distilled,
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3ForCausalLM"],
-        "tokenizer": ["transformers", "Qwen2TokenizerFast"], "transformer": ["diffusers", "Flux2Transformer2DModel"],
+        **pipeline, "_diffusers_version": "0.42.0", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": encoder, "tokenizer": tokenizer, "transformer": ["diffusers", "Flux2Transformer2DModel"],
         "vae": ["diffusers", "AutoencoderKLFlux2"]})
     write_json(root / "scheduler" / "scheduler_config.json", {
         "_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.42.0", "base_image_seq_len": 256,
@@ -239,4 +242,126 @@ def build_tiny_flux2(root: str | Path, seed: int = 0, distilled: bool = True, dt
     write_tiny_qwen3(root, seed, dtype)
     write_tiny_qwen3_tokenizer(root)
     write_flux2_index(root, distilled)
+    return root
+
+
+# ----------------------------------------------------------------------------- FLUX.2 [dev]: Mistral3 encoder, tokenizer
+#
+#   root/text_encoder/   Mistral3ForConditionalGeneration: 2 shards + index + config.json (text_config + vision_config);
+#                        a 32-layer Mistral (FLUX.2 reads 10/20/30), a one-layer Pixtral vision tower and projector.
+#                        `layout=4`: keys `language_model.model.*`, `vision_tower.*` (the release's, transformers 4.x);
+#                        `layout=5`: `model.language_model.*`, `model.vision_tower.*`, `lm_head.*` (transformers 5)
+#   root/tokenizer/      what a PixtralProcessor saves: tokenizer.json (byte-level BPE with Mistral's control tokens and
+#                        a BOS post-processor), tokenizer_config.json, chat_template.jinja, processor_config.json,
+#                        preprocessor_config.json
+#   root/transformer/    the tiny DiT with a guidance embedder (`build_tiny_flux2_dev` writes the whole folder)
+
+TINY_MISTRAL: dict = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=32, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16)
+TINY_PIXTRAL: dict = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                          patch_size=14, image_size=56)
+MISTRAL_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]",
+                          "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<pad>")
+
+# Mistral-Small-3's template, reduced to what prompt encoding uses: the BOS, the system prompt (string or text
+# block), user turns of text and image blocks, assistant turns.
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- if messages[0]['content'] is string %}"
+    "{%- set system_message = messages[0]['content'] %}{%- else %}"
+    "{%- set system_message = messages[0]['content'][0]['text'] %}{%- endif %}"
+    "{%- set loop_messages = messages[1:] %}{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}"
+    "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- for message in loop_messages %}{%- if message['role'] == 'user' %}{{- '[INST]' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for block in message['content'] %}{%- if block['type'] == 'text' %}{{- block['text'] }}"
+    "{%- elif block['type'] in ['image', 'image_url'] %}{{- '[IMG]' }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '[/INST]' }}{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}")
+
+
+def mistral_token_ids() -> dict[str, int]:
+    from .tiny_qwen import _qwen_bpe
+    vocab, _ = _qwen_bpe()
+    return {t: len(vocab) + i for i, t in enumerate(MISTRAL_SPECIAL_TOKENS)}
+
+
+def tiny_mistral3_config() -> dict:
+    """config.json of a Mistral3ForConditionalGeneration (FLUX.2-dev's text_encoder/), at toy size."""
+    ids = mistral_token_ids()
+    text = {"model_type": "mistral", **TINY_MISTRAL, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+            "rope_theta": 1_000_000_000.0, "max_position_embeddings": 131072, "sliding_window": None,
+            "attention_dropout": 0.0, "vocab_size": max(ids.values()) + 1, "use_cache": True}
+    vision = {"model_type": "pixtral", **TINY_PIXTRAL, "num_channels": 3, "hidden_act": "silu", "rope_theta": 10000.0,
+              "attention_dropout": 0.0}
+    return {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "text_config": text,
+            "vision_config": vision, "image_token_index": ids["[IMG]"], "multimodal_projector_bias": False,
+            "projector_hidden_act": "gelu", "spatial_merge_size": 2, "vision_feature_layer": -1,
+            "torch_dtype": "float32"}
+
+
+def write_tiny_mistral3(folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, layout: int = 4) -> Path:
+    """`folder/text_encoder/`: transformers' own Mistral3ForConditionalGeneration (seeded init, norms perturbed) in
+    the key layout of transformers `layout` (4: the release's); returns that folder."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    out = Path(folder) / "text_encoder"
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(Mistral3Config.from_dict(tiny_mistral3_config()))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    tensors = {}
+    for key, t in model.state_dict().items():
+        if layout == 4:
+            key = key.replace("model.language_model.", "language_model.model.", 1).replace(
+                "model.vision_tower.", "vision_tower.", 1).replace(
+                "model.multi_modal_projector.", "multi_modal_projector.", 1).replace(
+                "lm_head.", "language_model.lm_head.", 1)
+        tensors[key] = t.to(dtype).contiguous()
+    _write_sharded(out, "model", tensors)
+    write_json(out / "config.json", tiny_mistral3_config())
+    return out
+
+
+def write_tiny_mistral_tokenizer(folder: str | Path) -> Path:
+    """`folder/tokenizer/` as a PixtralProcessor saves it: the tiny byte-level BPE (see tiny_qwen) with Mistral's
+    control tokens, a post-processor that prepends the BOS, and Mistral-Small-3's chat template."""
+    from .tiny_qwen import _tokenizer_json
+    out = Path(folder) / "tokenizer"
+    tok, ids = _tokenizer_json(), mistral_token_ids()
+    tok["added_tokens"] = [{"id": ids[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True} for t in MISTRAL_SPECIAL_TOKENS]
+    tok["post_processor"] = {"type": "TemplateProcessing",
+                             "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                             "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                      {"Sequence": {"id": "B", "type_id": 1}}],
+                             "special_tokens": {"<s>": {"id": "<s>", "ids": [ids["<s>"]], "tokens": ["<s>"]}}}
+    write_json(out / "tokenizer.json", tok)
+    write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "processor_class": "PixtralProcessor", "model_max_length": 131072,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "padding_side": "right",
+        "clean_up_tokenization_spaces": False, "add_bos_token": True, "add_eos_token": False})
+    (out / "chat_template.jinja").write_text(_MISTRAL_CHAT_TEMPLATE)
+    write_json(out / "processor_config.json", {
+        "processor_class": "PixtralProcessor", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]",
+        "image_token": "[IMG]", "patch_size": TINY_PIXTRAL["patch_size"], "spatial_merge_size": 2})
+    write_json(out / "preprocessor_config.json", {
+        "image_processor_type": "PixtralImageProcessor", "processor_class": "PixtralProcessor", "do_resize": True,
+        "do_rescale": True, "do_normalize": True, "do_convert_rgb": True, "resample": 3, "rescale_factor": 1 / 255,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "patch_size": {"height": TINY_PIXTRAL["patch_size"], "width": TINY_PIXTRAL["patch_size"]},
+        "size": {"longest_edge": TINY_PIXTRAL["image_size"]}})
+    return out
+
+
+def build_tiny_flux2_dev(root: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, layout: int = 4,
+                         **dit_overrides) -> Path:
+    """A whole tiny FLUX.2 [dev] release folder: the DiT with a guidance embedder, the FLUX.2 VAE, the Mistral3
+    text encoder (`layout`: its key layout, see write_tiny_mistral3) and the Pixtral tokenizer folder."""
+    root = Path(root)
+    write_tiny_flux2_transformer(root, seed, guidance=True, dtype=dtype, **dit_overrides)
+    write_tiny_flux2_vae(root, seed, dtype)
+    write_tiny_mistral3(root, seed, dtype, layout)
+    write_tiny_mistral_tokenizer(root)
+    write_flux2_index(root, dev=True)
     return root

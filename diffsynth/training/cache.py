@@ -45,5 +45,7 @@ def build_cache(module: FluxTrainingModule, dataset: ImageDataset, paths: list[s
     todo = [i for i in range(rank, len(paths), world) if not os.path.isfile(paths[i])]
     for i in tqdm(todo, desc="caching latents and text embeddings", disable=not show_progress or not todo):
         inputs = module.prepare_sample(dataset[i], seed=0)
-        save_safetensors({k: inputs[k].detach() for k in cached_keys(module.units())}, paths[i])
+        # (a unit with nothing to encode for this row, e.g. FLUX.2's reference images, writes no output: it runs
+        # again over the cached row and again writes nothing)
+        save_safetensors({k: inputs[k].detach() for k in cached_keys(module.units()) if k in inputs}, paths[i])
     return len(todo)

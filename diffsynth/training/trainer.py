@@ -63,12 +63,13 @@ def load_pipeline(args: argparse.Namespace, device: torch.device | str, dtype: t
 
 
 def load_flux2_pipeline(args: argparse.Namespace, configs: list, device: torch.device | str, dtype: torch.dtype):
-    from ..pipelines.flux2_image import Flux2ImagePipeline
+    from ..pipelines.flux2_image import TEXT_ENCODERS, Flux2ImagePipeline
     pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=configs,
                                               tokenizer_config=parse_tokenizer(args.tokenizer_path))
     if pipe.dit is None:
         raise ValueError("no FLUX.2 DiT among the models: add transformer/*.safetensors")
-    if not args.cache_dir and (pipe.vae_encoder is None or pipe.text_encoder_qwen3 is None):
+    no_encoder = all(getattr(pipe, e.attribute) is None for e in TEXT_ENCODERS)
+    if not args.cache_dir and (pipe.vae_encoder is None or no_encoder):
         raise ValueError("training FLUX.2 needs the VAE (vae/diffusion_pytorch_model.safetensors) and the text "
                          "encoder (text_encoder/*.safetensors)")
     return pipe
