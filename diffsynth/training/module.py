@@ -16,7 +16,7 @@ from torch import nn
 from ..loading import components as table
 from ..pipelines.units import StepUnit, Unit, active_units, run_units
 from ..schedulers.flow_match import add_noise, training_target
-from .schedule import SigmaSampler, shifted_uniform
+from .schedule import SigmaSampler, grid_sampler
 
 
 def model_name(name: str) -> str:
@@ -106,14 +106,14 @@ class FluxTrainingModule(nn.Module):
                  lora_target_modules: Sequence[str] = (), lora_rank: int = 32, lora_checkpoint: str | None = None,
                  use_gradient_checkpointing: bool = False, use_gradient_checkpointing_offload: bool = False,
                  extra_inputs: Sequence[str] = (), guidance: float = 1.0, t5_sequence_length: int = 512,
-                 sigma_sampler: SigmaSampler = shifted_uniform):
+                 sigma_sampler: SigmaSampler | None = None):
         super().__init__()
         self.pipe = pipe
         self.trainable_models = [model_name(n) for n in trainable_models]
         self.lora_base_model = model_name(lora_base_model) if lora_base_model else None
         self.extra_inputs = list(extra_inputs)
         self.guidance, self.t5_sequence_length = guidance, t5_sequence_length
-        self.sigma_sampler = sigma_sampler
+        self.sigma_sampler = sigma_sampler or grid_sampler(pipe.training_sigmas())  # the family's grid
         self.offload_activations = use_gradient_checkpointing_offload
         self._check_extra_inputs()
 

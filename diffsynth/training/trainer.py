@@ -231,7 +231,8 @@ class Trainer:
             lora_checkpoint=args.lora_checkpoint, use_gradient_checkpointing=args.use_gradient_checkpointing,
             use_gradient_checkpointing_offload=args.use_gradient_checkpointing_offload,
             extra_inputs=args.extra_inputs, guidance=args.guidance, t5_sequence_length=args.t5_sequence_length,
-            sigma_sampler=make_sigma_sampler(args.timestep_sampling, args.logit_mean, args.logit_std))
+            sigma_sampler=make_sigma_sampler(args.timestep_sampling, args.logit_mean, args.logit_std,
+                                             pipe.training_sigmas()))
         names = list(self.module.trainable_state_dict())
         if not any(k.startswith(args.remove_prefix_in_ckpt) for k in names):
             raise ValueError(f"--remove_prefix_in_ckpt {args.remove_prefix_in_ckpt!r} matches no trainable "
