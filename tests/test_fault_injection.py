@@ -37,7 +37,7 @@ def save(root: Path, step: int, epoch: int, keep: int | None = 1) -> Path:
     opt = torch.optim.AdamW([p], lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     state = {"step": step, "epoch": epoch, "batch": 0, "seed": 0}
-    return save_checkpoint(FakeAccelerator(), root, step, {"w": p}, opt, sched, None, state, keep)
+    return save_checkpoint(FakeAccelerator(), root, step, {"w": p}, opt.state_dict(), sched, None, state, keep)
 
 
 def kill_at(monkeypatch, n: int | None) -> list[str]:

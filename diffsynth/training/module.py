@@ -198,9 +198,10 @@ class FluxTrainingModule(nn.Module):
             run_units(self.pipe, units, shared, posi, {}, False)
         return {**shared, **posi}
 
-    def prepare_batch(self, batch: list[dict]) -> dict:
-        """Prepare each item (noise seeds drawn from the global torch RNG) and stack per-sample tensors."""
-        seeds = torch.randint(0, 2**31 - 1, (len(batch),)).tolist()
+    def prepare_batch(self, batch: list[dict], generator: torch.Generator | None = None) -> dict:
+        """Prepare each item (noise seeds drawn from `generator`, else the global torch RNG) and stack
+        per-sample tensors."""
+        seeds = torch.randint(0, 2**31 - 1, (len(batch),), generator=generator).tolist()
         items = [self.prepare_sample(item, seed) for item, seed in zip(batch, seeds)]
         out = dict(items[0])
         for k, v in items[0].items():
@@ -212,11 +213,12 @@ class FluxTrainingModule(nn.Module):
         return out
 
     # -- loss --------------------------------------------------------------------------------------
-    def loss(self, inputs: dict) -> torch.Tensor:
-        """Flow matching: x_t = (1 - sigma) x0 + sigma noise, target noise - x0, weighted MSE."""
+    def loss(self, inputs: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Flow matching: x_t = (1 - sigma) x0 + sigma noise, target noise - x0, weighted MSE; sigmas drawn from
+        `generator` (else the global torch RNG)."""
         x0, noise = inputs["input_latents"].float(), inputs["noise"].float()
         b, _, h, w = x0.shape
-        sigma, weight = self.sigma_sampler(b, (h // 2) * (w // 2), None)
+        sigma, weight = self.sigma_sampler(b, (h // 2) * (w // 2), generator)
         sigma, weight = sigma.to(x0.device), weight.to(x0.device)
         latents = add_noise(x0, noise, sigma.view(-1, 1, 1, 1)).to(self.pipe.torch_dtype)
         offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) \
@@ -228,8 +230,8 @@ class FluxTrainingModule(nn.Module):
         per_sample = (pred.float() - training_target(x0, noise)).pow(2).mean(dim=(1, 2, 3))
         return (per_sample * weight).mean()
 
-    def forward(self, batch: list[dict]) -> torch.Tensor:
-        return self.loss(self.prepare_batch(batch))
+    def forward(self, batch: list[dict], generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.loss(self.prepare_batch(batch, generator), generator)
 
     # -- saving ------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
