@@ -255,6 +255,8 @@ def load_sharded_optimizer_state(model: torch.nn.Module, optimizer, saved: dict)
     full = {"state": {names[i]: s for i, s in saved["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):  # as saved (it makes tuples lists)
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
 
 
 # ----------------------------------------------------------------------------- loading
