@@ -292,7 +292,8 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(tiny_root, data,
 
 def test_a_nan_loss_stops_training_and_saves_nothing(tiny_root, data, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module.FluxTrainingModule, "forward",
-                        lambda self, batch: next(p for p in self.parameters() if p.requires_grad).sum() * float("nan"))
+                        lambda self, batch, generator=None: next(p for p in self.parameters() if p.requires_grad).sum()
+                        * float("nan"))
     with pytest.raises(trainer_module.NonFiniteLoss, match=r"the loss is nan at step 1 \(metadata rows \[\d\]\);"
                                                            r".*not updated with it; no checkpoint was saved"):
         train(args(tiny_root, data, tmp_path / "out"))

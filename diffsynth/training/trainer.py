@@ -305,7 +305,7 @@ class Trainer:
             raise ValueError("--cache_dir cannot be used while a text encoder or the VAE encoder is trained")
         configs = parse_model_sources(args.model_paths, args.model_id_with_origin_paths)
         tag = models_tag([f for c in configs for f in expand_paths(c.resolve())], self.dtype)  # resolved: on disk
-        paths = cache_paths(self.samples, self.sizes, args.cache_dir, args.t5_sequence_length, tag)
+        paths = cache_paths(self.samples, self.sizes, args.cache_dir, args.t5_sequence_length, tag, args.extra_inputs)
         built = build_cache(self.module, make(), paths, self.rank, self.world, show_progress=self.main)
         acc.wait_for_everyone()
         acc.print(f"latent/text cache: {len(paths)} rows in {args.cache_dir} ({built} new on rank 0)")
