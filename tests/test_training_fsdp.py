@@ -153,7 +153,7 @@ def optimizer_diff(a: Path, b: Path) -> float:
                for i in x["state"] for k in x["state"][i])
 
 
-@pytest.mark.slow  # two 2-process launches, ~50 s on 2 cores
+@pytest.mark.slow  # a 2-process launch each, ~15-20 s on 2 cores
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_fsdp2_two_processes_train_like_one_process(setup, tmp_path, kind):
     """LoRA: a fresh FSDP2 run. Full: an FSDP2 run resuming the one-process run's step-1 checkpoint (the file
