@@ -37,7 +37,7 @@ def save(root: Path, step: int, epoch: int, keep: int | None = 1) -> Path:
     opt = torch.optim.AdamW([p], lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     state = {"step": step, "epoch": epoch, "batch": 0, "seed": 0}
-    return save_checkpoint(FakeAccelerator(), root, step, {"w": p}, opt, sched, None, state, keep)
+    return save_checkpoint(FakeAccelerator(), root, step, {"w": p}, opt.state_dict(), sched, None, state, keep)
 
 
 def kill_at(monkeypatch, n: int | None) -> list[str]:
@@ -292,7 +292,8 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(tiny_root, data,
 
 def test_a_nan_loss_stops_training_and_saves_nothing(tiny_root, data, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module.FluxTrainingModule, "forward",
-                        lambda self, batch: next(p for p in self.parameters() if p.requires_grad).sum() * float("nan"))
+                        lambda self, batch, generator=None: next(p for p in self.parameters() if p.requires_grad).sum()
+                        * float("nan"))
     with pytest.raises(trainer_module.NonFiniteLoss, match=r"the loss is nan at step 1 \(metadata rows \[\d\]\);"
                                                            r".*not updated with it; no checkpoint was saved"):
         train(args(tiny_root, data, tmp_path / "out"))

@@ -348,7 +348,7 @@ def test_bad_arguments_give_one_clear_error(tiny_root, data, tmp_path, monkeypat
 def test_model_dependent_arguments_are_checked_before_training(tiny_root, data, tmp_path):
     with pytest.raises(ValueError, match=r"\['to_q'\] match no linear layer; valid names: .*a_to_qkv"):
         run(tiny_root, data, tmp_path / "out", "--lora_base_model", "dit", "--lora_target_modules", "a_to_qkv,to_q")
-    with pytest.raises(ValueError, match="'unet' is not a trainable model of the pipeline; loaded models: dit, text_encoder_1"):
+    with pytest.raises(ValueError, match="'unet' is not a trainable model of the pipeline; loaded models: dit, vae_encoder, vae_decoder, text_encoder_1"):
         run(tiny_root, data, tmp_path / "out", "--trainable_models", "unet")
     (tmp_path / "k.csv").write_text("image,prompt,style_image\ncat.png,a cat,dog.jpg\n")
     with pytest.raises(ValueError, match="style_image.*not inputs of any unit"):

@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from diffsynth.pipelines.flux2_image import Flux2ImagePipeline
+from diffsynth.pipelines.flux_image import FluxImagePipeline
 from diffsynth.schedulers.flow_match import training_weights
 from diffsynth.training.checkpoint import capture_rng, prune, resolve_resume, restore_rng, write_pointer
 from diffsynth.training.data import (DatasetError, bucket_sizes, crop_resize, dynamic_size, epoch_batches, find_rows,
                                      load_samples, nearest_bucket, read_metadata, shard_batches, target_size)
-from diffsynth.training.schedule import flux_shift, logit_normal, lr_factor, shifted_uniform
+from diffsynth.training.schedule import flux_shift, logit_normal, lr_factor, make_sigma_sampler, shifted_uniform
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -101,13 +103,41 @@ def test_shards_are_equal_disjoint_and_a_multiple_of_accumulation():
 
 # ----------------------------------------------------------------------------- schedules
 
-def test_shifted_uniform_draws_from_spec_grid():
-    sigmas, weights = training_weights()
-    torch.manual_seed(0)
-    s, w = shifted_uniform(4096, 16)
-    idx = torch.searchsorted(-sigmas, -s)  # sigmas decrease along the grid
-    assert torch.equal(sigmas[idx], s) and torch.equal(weights[idx], w)
+def studio_grid(family: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffSynth-Studio 2.0's training grid, computed as its FlowMatchScheduler does (fp32):
+    set_timesteps(1000, training=True) with the FLUX.1 or FLUX.2 template, then set_training_weight."""
+    if family == "flux":
+        sigma_min = 0.003 / 1.002
+        sigmas = torch.linspace(sigma_min + (1 - sigma_min), sigma_min, 1000)
+        sigmas = 3 * sigmas / (1 + 2 * sigmas)
+    else:  # set_timesteps_flux2 without dynamic_shift_len: sigma_min = 1/steps, mu = 0.8
+        sigmas = torch.linspace(1 / 1000 + (1 - 1 / 1000), 1 / 1000, 1000)
+        sigmas = math.exp(0.8) / (math.exp(0.8) + (1 / sigmas - 1))
+    x = sigmas * 1000
+    y = torch.exp(-2 * ((x - 500) / 1000) ** 2)
+    y = y - y.min()
+    return sigmas, y * (1000 / y.sum())
+
+
+@pytest.mark.parametrize("pipeline", [FluxImagePipeline, Flux2ImagePipeline])
+def test_shifted_uniform_draws_from_the_family_grid(pipeline):
+    sigmas, weights = studio_grid(pipeline.family)
+    ours = pipeline.training_sigmas()
+    torch.testing.assert_close(ours, sigmas, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(training_weights(ours), weights, rtol=1e-5, atol=1e-6)
+    sampler = make_sigma_sampler("shifted_uniform", grid=ours)
+    s, w = sampler(4096, 16, torch.Generator().manual_seed(0))
+    idx = torch.searchsorted(-ours, -s)  # sigmas decrease along the grid
+    assert torch.equal(ours[idx], s) and torch.equal(training_weights(ours)[idx], w)
+    assert len(set(idx.tolist())) > 900  # uniform over the 1000 indices
     assert abs(weights.mean().item() - 1) < 1e-4
+
+
+def test_the_two_families_train_on_different_grids():
+    flux, flux2 = FluxImagePipeline.training_sigmas(), Flux2ImagePipeline.training_sigmas()
+    assert (flux - flux2).abs().max() > 0.05
+    torch.manual_seed(0)
+    assert torch.isin(shifted_uniform(8, 16)[0], flux).all()  # the default sampler is FLUX.1's
 
 
 def test_logit_normal_and_flux_shift():

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..loading.model_config import ModelConfig
 from ..models import flux2_text_encoder as te
 from ..models.flux2_dit import Flux2DiT
-from ..schedulers.flow_match import flux2_sigmas
+from ..schedulers.flow_match import flux2_sigmas, flux2_training_sigmas
 from .base import BasePipeline, check_output_args, draw_noise, tokenizer_dir
 from .checks import check_call_args
 from .common_units import check_shape, encode_input_image
@@ -209,6 +209,7 @@ class Flux2ImagePipeline(BasePipeline):
     family = "flux2"
     compiled_blocks = ("transformer_blocks", "single_transformer_blocks")
     prompt_unit, text_encoders = encode_prompt, ("text_encoder_qwen3",)
+    training_sigmas = staticmethod(flux2_training_sigmas)
 
     def __init__(self, device: str | torch.device = "cuda", torch_dtype: torch.dtype = torch.bfloat16):
         super().__init__(device, torch_dtype, UNITS, flux2_model_fn)

@@ -16,7 +16,7 @@ from ..models import flux_text_encoders as te
 from ..models.flux_dit import image_ids
 from ..models.flux_dit_cache import make_cache
 from ..ops.files import load_state_dict
-from ..schedulers.flow_match import DEFAULT_SHIFT, flux_sigmas
+from ..schedulers.flow_match import DEFAULT_SHIFT, flux_sigmas, flux_training_sigmas
 from .base import BasePipeline, ModelList, check_output_args, draw_noise, either, tokenizer_dir
 from .checks import check_call_args, require_models
 from .denoise import model_fn
@@ -80,6 +80,7 @@ class FluxImagePipeline(BasePipeline):
     family = "flux"
     compiled_blocks = ("blocks", "single_blocks")  # FLUX.1's 57 blocks share 2 compiled graphs
     prompt_unit, text_encoders = encode_prompt, TEXT_ENCODERS
+    training_sigmas = staticmethod(flux_training_sigmas)
 
     def __init__(self, device: str | torch.device = "cuda", torch_dtype: torch.dtype = torch.bfloat16):
         super().__init__(device, torch_dtype, BASE_UNITS, model_fn)

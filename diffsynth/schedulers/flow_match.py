@@ -41,13 +41,18 @@ def training_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def training_weights(num_train_timesteps: int = 1000, shift: float = DEFAULT_SHIFT) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigmas, weights) of the 1000-step training grid; weights are a Gaussian bump around t=500, mean 1."""
-    sigmas = flux_sigmas(num_train_timesteps, 1.0, shift)
+def training_weights(sigmas: torch.Tensor) -> torch.Tensor:
+    """The weights of a training grid of sigmas (one per index, 1000 for a 1000-step grid): a Gaussian bump
+    around t = 500 on t = 1000 * sigma, shifted to 0 at its lowest point and scaled to mean 1."""
     t = sigmas.double() * 1000
-    y = torch.exp(-2 * ((t - num_train_timesteps / 2) / num_train_timesteps) ** 2)
+    y = torch.exp(-2 * ((t - 500) / 1000) ** 2)
     y = y - y.min()
-    return sigmas, (y * num_train_timesteps / y.sum()).float()
+    return (y * len(sigmas) / y.sum()).float()
+
+
+def flux_training_sigmas(num_train_timesteps: int = 1000) -> torch.Tensor:
+    """FLUX.1's training grid: the inference schedule over 1000 steps (shift 3)."""
+    return flux_sigmas(num_train_timesteps, 1.0, DEFAULT_SHIFT)
 
 
 def flux2_empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -75,3 +80,12 @@ def flux2_sigmas(num_steps: int, image_seq_len: int, denoising_strength: float =
     sigmas = torch.linspace(start, low, num_steps, dtype=torch.float64)
     shift = math.exp(flux2_empirical_mu(image_seq_len, num_steps) if mu is None else mu)
     return (shift / (shift + (1 / sigmas - 1))).float()
+
+
+FLUX2_TRAINING_MU = 0.8  # DiffSynth-Studio 2.0 trains FLUX.2 on a fixed shift, whatever the image size
+
+
+def flux2_training_sigmas(num_train_timesteps: int = 1000) -> torch.Tensor:
+    """FLUX.2's training grid: its inference schedule over 1000 steps (1 down to 1/1000, exponential shift)
+    with mu fixed at FLUX2_TRAINING_MU instead of the resolution-dependent one."""
+    return flux2_sigmas(num_train_timesteps, 0, mu=FLUX2_TRAINING_MU)

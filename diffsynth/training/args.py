@@ -63,7 +63,8 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev distilled guidance during training")
     t.add_argument("--t5_sequence_length", type=int, default=512, help="T5 tokens the prompts are padded/truncated to")
     t.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLINGS, default="shifted_uniform",
-                   help="shifted_uniform: DiffSynth-Studio's 1000-step shifted grid with its weights")
+                   help="shifted_uniform: DiffSynth-Studio's 1000-step training grid of the model's family "
+                        "(FLUX.1: shift 3; FLUX.2: exponential shift, mu 0.8) with its weights")
     t.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal / flux_shift mean")
     t.add_argument("--logit_std", type=float, default=1.0, help="logit_normal / flux_shift std")
     t.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant",

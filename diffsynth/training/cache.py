@@ -1,13 +1,15 @@
 """Disk cache of what the frozen encoders produce: VAE latents (x0) and text embeddings, one file per row.
 
-The file name is a hash of everything the tensors depend on (image file identity, target size, prompt,
-T5 length, the model files' identity, dtype), so a changed image, caption or model never reuses a stale entry.
+The file name is a hash of everything the tensors depend on (the identity of every image file of the row, e.g.
+reference images too, the row's --extra_inputs values, target size, prompt, T5 length, the model files' identity,
+dtype), so a changed image, caption, input or model never reuses a stale entry.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
@@ -17,11 +19,19 @@ from .data import ImageDataset, Sample
 from .module import FluxTrainingModule, cached_keys
 
 
-def cache_key(sample: Sample, size: tuple[int, int], t5_sequence_length: int, model_tag: str) -> str:
-    path = sample.files["image"]
+def file_stamp(path: str) -> list:
     st = os.stat(path)
-    ident = [path, st.st_mtime_ns, st.st_size, list(size), sample.prompt, t5_sequence_length, model_tag]
-    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+    return [path, st.st_mtime_ns, st.st_size]
+
+
+def cache_key(sample: Sample, size: tuple[int, int], t5_sequence_length: int, model_tag: str,
+              extra_inputs: Sequence[str] = ()) -> str:
+    files = {k: [file_stamp(p) for p in ([v] if isinstance(v, str) else v)] for k, v in sorted(sample.files.items())}
+    extras = {k: sample.extras.get(k) for k in sorted(extra_inputs) if k not in sample.files}
+    ident = [*files["image"][0], list(size), sample.prompt, t5_sequence_length, model_tag]
+    if len(files) > 1 or extras:  # (rows of the image alone keep the keys of earlier caches)
+        ident.append([files, extras])
+    return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()[:32]
 
 
 def models_tag(files: list[str], dtype: torch.dtype) -> str:
@@ -31,8 +41,8 @@ def models_tag(files: list[str], dtype: torch.dtype) -> str:
 
 
 def cache_paths(samples: list[Sample], sizes: list[tuple[int, int]], cache_dir: str, t5_sequence_length: int,
-                model_tag: str) -> list[str]:
-    return [os.path.join(cache_dir, cache_key(s, size, t5_sequence_length, model_tag) + ".safetensors")
+                model_tag: str, extra_inputs: Sequence[str] = ()) -> list[str]:
+    return [os.path.join(cache_dir, cache_key(s, size, t5_sequence_length, model_tag, extra_inputs) + ".safetensors")
             for s, size in zip(samples, sizes)]
 
 
@@ -45,7 +55,7 @@ def build_cache(module: FluxTrainingModule, dataset: ImageDataset, paths: list[s
     todo = [i for i in range(rank, len(paths), world) if not os.path.isfile(paths[i])]
     for i in tqdm(todo, desc="caching latents and text embeddings", disable=not show_progress or not todo):
         inputs = module.prepare_sample(dataset[i], seed=0)
-        # (a unit with nothing to encode for this row, e.g. FLUX.2's reference images, writes no output: it runs
-        # again over the cached row and again writes nothing)
+        # a unit with nothing to do for this row (no reference image) leaves its outputs out; it runs again when
+        # the row is read back, as a no-op
         save_safetensors({k: inputs[k].detach() for k in cached_keys(module.units()) if k in inputs}, paths[i])
     return len(todo)

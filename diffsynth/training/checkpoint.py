@@ -156,8 +156,8 @@ def _replace_folder(root: Path, tmp: Path, name: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_files(accelerator, tmp: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                 ema: dict[str, torch.Tensor] | None) -> None:
+def _write_files(accelerator, tmp: Path, trainable: dict[str, torch.Tensor], optimizer_state: dict | None,
+                 scheduler, ema: dict[str, torch.Tensor] | None) -> None:
     """Every file of a checkpoint but state.json, fsynced (each process writes its own)."""
     deepspeed = accelerator.distributed_type == "DEEPSPEED"
     if deepspeed:  # the engine writes its own sharded model/optimizer files on every rank
@@ -166,7 +166,7 @@ def _write_files(accelerator, tmp: Path, trainable: dict[str, torch.Tensor], opt
     if accelerator.is_main_process:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         if not deepspeed:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if ema is not None:
             save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
@@ -177,9 +177,12 @@ def _write_files(accelerator, tmp: Path, trainable: dict[str, torch.Tensor], opt
                 fsync_path(f)
 
 
-def save_checkpoint(accelerator, root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer,
-                    scheduler, ema: dict[str, torch.Tensor] | None, state: dict, keep: int | None) -> Path:
-    """Write the training state atomically (call on every process). Returns the checkpoint folder."""
+def save_checkpoint(accelerator, root: Path, step: int, trainable: dict[str, torch.Tensor],
+                    optimizer_state: dict | None, scheduler, ema: dict[str, torch.Tensor] | None, state: dict,
+                    keep: int | None) -> Path:
+    """Write the training state atomically (call on every process). `trainable`, `optimizer_state` (the layout
+    of a single process's `optimizer.state_dict()`; None under DeepSpeed) and `ema` are whole tensors, which
+    the main process writes. Returns the checkpoint folder."""
     name = f"step-{step}"
     tmp = root / f".tmp-{name}"
     main = accelerator.is_main_process
@@ -191,7 +194,7 @@ def save_checkpoint(accelerator, root: Path, step: int, trainable: dict[str, tor
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
-        _write_files(accelerator, tmp, trainable, optimizer, scheduler, ema)
+        _write_files(accelerator, tmp, trainable, optimizer_state, scheduler, ema)
         if main:
             save_text(json.dumps(state, indent=2), tmp / STATE_FILE)  # last: its presence means complete
             fsync_path(tmp)
@@ -205,6 +208,55 @@ def save_checkpoint(accelerator, root: Path, step: int, trainable: dict[str, tor
         prune(root, keep, protect=name)
     accelerator.wait_for_everyone()
     return root / name
+
+
+# ----------------------------------------------------------------------------- FSDP2 (sharded tensors)
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every process calls it), else `t`."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` (the same on every process) split as `like` is when `like` is an FSDP2 shard, else `full`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _param_names(model: torch.nn.Module, optimizer) -> list[str]:
+    """The model's name of each optimizer parameter, in `optimizer.state_dict()`'s index order."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def gather_optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    """An FSDP2 optimizer's sharded state as whole tensors, in a single process's `optimizer.state_dict()`
+    layout (parameter indices), so that checkpoints do not depend on the process count. A collective: every
+    process calls it; the main process gets the state, the others {}."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    full = get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:
+        return {}
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    return {"state": {index[n]: s for n, s in full["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]}
+
+
+def load_sharded_optimizer_state(model: torch.nn.Module, optimizer, saved: dict) -> None:
+    """The inverse of gather_optimizer_state: every process passes the whole saved state and keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    names = _param_names(model, optimizer)
+    full = {"state": {names[i]: s for i, s in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):  # as saved (it makes tuples lists)
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
 
 
 # ----------------------------------------------------------------------------- loading
@@ -277,14 +329,17 @@ def load_checkpoint(accelerator, saved: SavedState, module: torch.nn.Module, opt
     else:
         with torch.no_grad():
             for k, p in params.items():
-                p.copy_(saved.trainable[k])
-        optimizer.load_state_dict(saved.optimizer)
+                p.copy_(shard_like(saved.trainable[k], p))
+        if getattr(accelerator, "is_fsdp2", False):
+            load_sharded_optimizer_state(module, optimizer, saved.optimizer)
+        else:
+            optimizer.load_state_dict(saved.optimizer)
     scheduler.load_state_dict(saved.scheduler)
     if ema is not None:
         if saved.ema is None:
             raise ValueError(f"{path} has no EMA weights, but --ema_decay is set")
         for k, v in saved.ema.items():
-            ema[k].copy_(v)
+            ema[k].copy_(shard_like(v, ema[k]))
     if saved.rng is not None:
         restore_rng(saved.rng)
     else:

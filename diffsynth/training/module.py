@@ -16,7 +16,7 @@ from torch import nn
 from ..loading import components as table
 from ..pipelines.units import StepUnit, Unit, active_units, run_units
 from ..schedulers.flow_match import add_noise, training_target
-from .schedule import SigmaSampler, shifted_uniform
+from .schedule import SigmaSampler, grid_sampler
 
 
 def model_name(name: str) -> str:
@@ -106,14 +106,14 @@ class FluxTrainingModule(nn.Module):
                  lora_target_modules: Sequence[str] = (), lora_rank: int = 32, lora_checkpoint: str | None = None,
                  use_gradient_checkpointing: bool = False, use_gradient_checkpointing_offload: bool = False,
                  extra_inputs: Sequence[str] = (), guidance: float = 1.0, t5_sequence_length: int = 512,
-                 sigma_sampler: SigmaSampler = shifted_uniform):
+                 sigma_sampler: SigmaSampler | None = None):
         super().__init__()
         self.pipe = pipe
         self.trainable_models = [model_name(n) for n in trainable_models]
         self.lora_base_model = model_name(lora_base_model) if lora_base_model else None
         self.extra_inputs = list(extra_inputs)
         self.guidance, self.t5_sequence_length = guidance, t5_sequence_length
-        self.sigma_sampler = sigma_sampler
+        self.sigma_sampler = sigma_sampler or grid_sampler(pipe.training_sigmas())  # the family's grid
         self.offload_activations = use_gradient_checkpointing_offload
         self._check_extra_inputs()
 
@@ -198,9 +198,10 @@ class FluxTrainingModule(nn.Module):
             run_units(self.pipe, units, shared, posi, {}, False)
         return {**shared, **posi}
 
-    def prepare_batch(self, batch: list[dict]) -> dict:
-        """Prepare each item (noise seeds drawn from the global torch RNG) and stack per-sample tensors."""
-        seeds = torch.randint(0, 2**31 - 1, (len(batch),)).tolist()
+    def prepare_batch(self, batch: list[dict], generator: torch.Generator | None = None) -> dict:
+        """Prepare each item (noise seeds drawn from `generator`, else the global torch RNG) and stack
+        per-sample tensors."""
+        seeds = torch.randint(0, 2**31 - 1, (len(batch),), generator=generator).tolist()
         items = [self.prepare_sample(item, seed) for item, seed in zip(batch, seeds)]
         out = dict(items[0])
         for k, v in items[0].items():
@@ -212,11 +213,12 @@ class FluxTrainingModule(nn.Module):
         return out
 
     # -- loss --------------------------------------------------------------------------------------
-    def loss(self, inputs: dict) -> torch.Tensor:
-        """Flow matching: x_t = (1 - sigma) x0 + sigma noise, target noise - x0, weighted MSE."""
+    def loss(self, inputs: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Flow matching: x_t = (1 - sigma) x0 + sigma noise, target noise - x0, weighted MSE; sigmas drawn from
+        `generator` (else the global torch RNG)."""
         x0, noise = inputs["input_latents"].float(), inputs["noise"].float()
         b, _, h, w = x0.shape
-        sigma, weight = self.sigma_sampler(b, (h // 2) * (w // 2), None)
+        sigma, weight = self.sigma_sampler(b, (h // 2) * (w // 2), generator)
         sigma, weight = sigma.to(x0.device), weight.to(x0.device)
         latents = add_noise(x0, noise, sigma.view(-1, 1, 1, 1)).to(self.pipe.torch_dtype)
         offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) \
@@ -228,8 +230,8 @@ class FluxTrainingModule(nn.Module):
         per_sample = (pred.float() - training_target(x0, noise)).pow(2).mean(dim=(1, 2, 3))
         return (per_sample * weight).mean()
 
-    def forward(self, batch: list[dict]) -> torch.Tensor:
-        return self.loss(self.prepare_batch(batch))
+    def forward(self, batch: list[dict], generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.loss(self.prepare_batch(batch, generator), generator)
 
     # -- saving ------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -6,19 +6,25 @@ from typing import Callable
 
 import torch
 
-from ..schedulers.flow_match import DEFAULT_SHIFT, training_weights
+from ..schedulers.flow_match import flux_training_sigmas, training_weights
 from .names import LR_SCHEDULERS, TIMESTEP_SAMPLINGS
 
 # (sigma, weight) per sample, given batch size, image tokens per sample, and a torch.Generator (or None)
 SigmaSampler = Callable[[int, int, "torch.Generator | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
-def shifted_uniform(batch: int, seq_len: int, generator: torch.Generator | None = None,
-                    num_train_timesteps: int = 1000, shift: float = DEFAULT_SHIFT) -> tuple[torch.Tensor, torch.Tensor]:
-    """DiffSynth-Studio's sampler: a uniform index into the 1000-step shifted grid, weighted by the grid's bump."""
-    sigmas, weights = training_weights(num_train_timesteps, shift)
-    idx = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
-    return sigmas[idx], weights[idx]
+def grid_sampler(sigmas: torch.Tensor) -> SigmaSampler:
+    """DiffSynth-Studio's sampler on a family's training grid (`pipe.training_sigmas()`): a uniform index into
+    the grid, weighted by the grid's bump (`training_weights`)."""
+    weights = training_weights(sigmas)
+
+    def sample(batch: int, seq_len: int, generator: torch.Generator | None = None):
+        idx = torch.randint(0, len(sigmas), (batch,), generator=generator)
+        return sigmas[idx], weights[idx]
+    return sample
+
+
+shifted_uniform = grid_sampler(flux_training_sigmas())  # FLUX.1's grid
 
 
 def logit_normal(batch: int, seq_len: int, generator: torch.Generator | None = None,
@@ -47,9 +53,12 @@ def flux_shift(batch: int, seq_len: int, generator: torch.Generator | None = Non
     return time_shift(flux_mu(seq_len), sigma.clamp(1e-5, 1 - 1e-5)), weight
 
 
-def make_sigma_sampler(kind: str, logit_mean: float = 0.0, logit_std: float = 1.0) -> SigmaSampler:
+def make_sigma_sampler(kind: str, logit_mean: float = 0.0, logit_std: float = 1.0,
+                       grid: torch.Tensor | None = None) -> SigmaSampler:
+    """`kind` is --timestep_sampling; "shifted_uniform" draws from `grid`, the family's training sigmas
+    (FLUX.1's when not given)."""
     if kind == "shifted_uniform":
-        return shifted_uniform
+        return shifted_uniform if grid is None else grid_sampler(grid)
     if kind == "logit_normal":
         return lambda b, n, g=None: logit_normal(b, n, g, logit_mean, logit_std)
     if kind == "flux_shift":

@@ -1,11 +1,14 @@
-"""The training loop: accelerate (single process, DDP, DeepSpeed), resumable, with outputs saved by rank 0.
+"""The training loop: accelerate (single process, DDP, FSDP2, DeepSpeed), resumable, with outputs saved by rank 0.
 
 A step is one optimizer update (`--gradient_accumulation_steps` batches per process). `--save_steps`,
-`--checkpointing_steps`, `--validation_steps` and `--max_steps` count steps.
+`--checkpointing_steps`, `--validation_steps` and `--max_steps` count steps. The noise and noise levels
+of a batch are drawn from a generator seeded by (seed, epoch, batch index in the epoch), so a run gives the
+same updates whether its steps' batches come from one process (gradient accumulation) or several.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import inspect
 import math
@@ -15,13 +18,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..ops.files import DTYPE_NAMES, DiskFull, all_finite, expand_paths, save_image
 from .args import build_parser, check_args, parse_model_sources, parse_tokenizer
 from .cache import build_cache, cache_paths, models_tag
-from .checkpoint import SavedState, complete_checkpoints, load_checkpoint, read_newest_readable, resume_candidates, save_checkpoint
+from .checkpoint import (SavedState, complete_checkpoints, gather_optimizer_state, load_checkpoint, read_newest_readable,
+                         resume_candidates, save_checkpoint, whole)
 from .data import ImageDataset, bucket_sizes, epoch_batches, load_samples, shard_batches, target_size
 from .export import save_output, training_info
 from .module import FluxTrainingModule
@@ -91,6 +96,8 @@ def make_accelerator(args: argparse.Namespace, tensorboard: bool):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
         log_with="tensorboard" if tensorboard else None, project_dir=args.output_path)
+    if fsdp_requested():
+        use_fsdp2(accelerator, multi_cpu)
     if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
         raise ValueError(f"the accelerate config sets gradient accumulation to {accelerator.gradient_accumulation_steps}"
                          f" but --gradient_accumulation_steps is {args.gradient_accumulation_steps}: remove it from "
@@ -105,6 +112,26 @@ def make_accelerator(args: argparse.Namespace, tensorboard: bool):
     if zero_stage(accelerator):
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
     return accelerator
+
+
+def fsdp_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def use_fsdp2(accelerator, multi_cpu: bool) -> None:
+    """Check the FSDP setting of `accelerate launch`: version 2 only (FSDP1 flattens the frozen and the
+    trained weights together). accelerate sets FSDP up only for accelerator devices; on several CPU processes
+    (gloo) the same FSDP2 state is set here, so that CPU runs shard the model as GPU runs do."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
+    if plugin is None and multi_cpu:
+        from accelerate.state import PartialState
+        plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables `accelerate launch` sets
+        accelerator.state.fsdp_plugin, accelerator.state.distributed_type = plugin, DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does on GPUs
+    if plugin is not None and plugin.fsdp_version != 2:
+        raise ValueError(f"the accelerate config uses FSDP version {plugin.fsdp_version}: training supports "
+                         "fsdp_version: 2 (see examples/flux2/model_training/full/accelerate_config_fsdp2.yaml)")
 
 
 def zero_stage(accelerator) -> int:
@@ -224,7 +251,8 @@ class Trainer:
 
         self.dtype = DTYPE_NAMES[args.torch_dtype] if args.torch_dtype else (
             torch.bfloat16 if acc.device.type == "cuda" else torch.float32)
-        pipe = load_pipeline(args, "cpu" if zero_stage(acc) == 3 else acc.device, self.dtype)
+        sharded = zero_stage(acc) == 3 or acc.is_fsdp2  # whole models stay on the CPU until sharded
+        pipe = load_pipeline(args, "cpu" if sharded else acc.device, self.dtype)
         pipe.device = acc.device
         self.module = FluxTrainingModule(
             pipe, trainable_models=args.trainable_models, lora_base_model=args.lora_base_model,
@@ -232,7 +260,8 @@ class Trainer:
             lora_checkpoint=args.lora_checkpoint, use_gradient_checkpointing=args.use_gradient_checkpointing,
             use_gradient_checkpointing_offload=args.use_gradient_checkpointing_offload,
             extra_inputs=args.extra_inputs, guidance=args.guidance, t5_sequence_length=args.t5_sequence_length,
-            sigma_sampler=make_sigma_sampler(args.timestep_sampling, args.logit_mean, args.logit_std))
+            sigma_sampler=make_sigma_sampler(args.timestep_sampling, args.logit_mean, args.logit_std,
+                                             pipe.training_sigmas()))
         names = list(self.module.trainable_state_dict())
         if not any(k.startswith(args.remove_prefix_in_ckpt) for k in names):
             raise ValueError(f"--remove_prefix_in_ckpt {args.remove_prefix_in_ckpt!r} matches no trainable "
@@ -257,8 +286,9 @@ class Trainer:
         if self.saved is not None:  # restores the RNG states too
             self.state = load_checkpoint(acc, self.saved, self.unwrapped, self.optimizer, self.scheduler, self.ema)
             self.saved = None  # the tensors are in the model now
+            exact = self._place_in_epoch()
             self._apply_resume_changes()
-            self._warn_if_layout_changed()
+            self._warn_if_layout_changed(exact)
         self.files: list[str] = []
         self.losses: list[float] = []
 
@@ -276,7 +306,7 @@ class Trainer:
             raise ValueError("--cache_dir cannot be used while a text encoder or the VAE encoder is trained")
         configs = parse_model_sources(args.model_paths, args.model_id_with_origin_paths)
         tag = models_tag([f for c in configs for f in expand_paths(c.resolve())], self.dtype)  # resolved: on disk
-        paths = cache_paths(self.samples, self.sizes, args.cache_dir, args.t5_sequence_length, tag)
+        paths = cache_paths(self.samples, self.sizes, args.cache_dir, args.t5_sequence_length, tag, args.extra_inputs)
         built = build_cache(self.module, make(), paths, self.rank, self.world, show_progress=self.main)
         acc.wait_for_everyone()
         acc.print(f"latent/text cache: {len(paths)} rows in {args.cache_dir} ({built} new on rank 0)")
@@ -338,13 +368,33 @@ class Trainer:
         names = [f"step-{state['step']}{s}.safetensors" for s in suffixes]
         return [n for n in names if not (self.output / n).is_file()]
 
-    def _warn_if_layout_changed(self) -> None:
-        now = {"world_size": self.world, "batch_size": self.args.batch_size,
-               "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+    def _place_in_epoch(self) -> bool:
+        """The checkpoint's place in its epoch for this process count: the saving run had trained `batch` of its
+        own batches on each of its processes, the first batch x world_size of the epoch's list. False when that
+        does not split evenly over the processes now (the position is rounded down)."""
+        state, saved_world = self.state, self.state.get("world_size", self.world)
+        done = state["batch"] * saved_world
+        state["batch"] = done // self.world
+        return done % self.world == 0
+
+    def _warn_if_layout_changed(self, exact: bool) -> None:
+        """Batches are the same for the same --batch_size, and so are the steps for the same number of batches
+        per step (processes x accumulation); anything else changes the run."""
+        args, state = self.args, self.state
+        per_step = lambda world, accumulation: world * accumulation  # noqa: E731
+        before = {"batch_size": state.get("batch_size", args.batch_size),
+                  "batches per step (processes x accumulation)": per_step(
+                      state.get("world_size", self.world),
+                      state.get("gradient_accumulation_steps", args.gradient_accumulation_steps))}
+        now = {"batch_size": args.batch_size, "batches per step (processes x accumulation)":
+               per_step(self.world, args.gradient_accumulation_steps)}
         for key, value in now.items():
-            if self.state.get(key) != value:
-                self.accelerator.print(f"warning: {key} was {self.state.get(key)} when {self.resume} was saved, now "
+            if before[key] != value:
+                self.accelerator.print(f"warning: {key} was {before[key]} when {self.resume} was saved, now "
                                        f"{value}: the data order differs from an uninterrupted run")
+        if not exact:
+            self.accelerator.print(f"warning: {self.resume} stopped at a batch that does not split over {self.world} "
+                                   f"processes: epoch {state['epoch']} goes on from batch {state['batch'] * self.world}")
         self.accelerator.print(f"resumed from {self.resume} at step {self.state['step']} "
                                f"(epoch {self.state['epoch']}, batch {self.state['batch']})")
 
@@ -353,16 +403,28 @@ class Trainer:
         if zero_stage(self.accelerator) == 3:  # a collective: every process calls it
             full = self.accelerator.get_state_dict(self.model)
             return {k: v for k, v in full.items() if k in self.trainable}
-        return {k: p.detach() for k, p in self.trainable.items()}
+        return {k: whole(p.detach()) for k, p in self.trainable.items()}  # FSDP2: gathered (a collective)
+
+    def gather_ema(self) -> dict[str, torch.Tensor] | None:
+        return None if self.ema is None else {k: whole(v) for k, v in self.ema.items()}
+
+    def optimizer_state(self) -> dict | None:
+        """What optimizer.pt holds: a single process's layout whatever the process count (None: DeepSpeed
+        writes its own)."""
+        if self.accelerator.distributed_type == "DEEPSPEED":
+            return None
+        if self.accelerator.is_fsdp2:
+            return gather_optimizer_state(self.model, self.optimizer)  # a collective
+        return self.optimizer.state_dict()
 
     def save_weights(self, name: str) -> None:
         """`<output_path>/<name>.safetensors` (and `-ema`), written by the main process only."""
         args = self.args
-        sd = self.gather_trainable()
+        sd, ema = self.gather_trainable(), self.gather_ema()
         if self.main:
             dtype = DTYPE_NAMES[args.save_dtype] if args.save_dtype else self.dtype
             info = training_info(args)
-            for suffix, tensors in (("", sd), ("-ema", self.ema)):
+            for suffix, tensors in (("", sd), ("-ema", ema)):
                 if tensors is not None:
                     path = str(self.output / f"{name}{suffix}.safetensors")
                     save_output(tensors, path, args.remove_prefix_in_ckpt, args.lora_format, args.full_format,
@@ -376,13 +438,34 @@ class Trainer:
                   "gradient_accumulation_steps": self.args.gradient_accumulation_steps, "num_rows": len(self.samples),
                   "config": {k: getattr(self.args, k) for k in (*RESUME_FIXED, *RESUME_CHANGEABLE)}}
         save_checkpoint(self.accelerator, self.ckpt_root, self.state["step"], self.gather_trainable(),
-                        self.optimizer, self.scheduler, self.ema, record, self.args.checkpoints_total_limit)
+                        self.optimizer_state(), self.scheduler, self.gather_ema(), record,
+                        self.args.checkpoints_total_limit)
         self.state_saved_at = self.state["step"]
 
     def validate(self, step: int) -> None:
         """Sample the validation prompts into `<output_path>/validation/step-N-i.png` (no training RNG used)."""
         args, folder = self.args, self.output / "validation"
         width, height = validation_size(args)
+        with self.whole_weights():
+            self._sample_validation(folder, step, width, height)
+        self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def whole_weights(self):
+        """FSDP2: every sharded module holds its whole weights inside (the pipeline's models are then called
+        outside the training module's forward); other setups as they are."""
+        from torch.distributed.fsdp import FSDPModule
+        sharded = [m for m in self.model.modules() if isinstance(m, FSDPModule)] if self.accelerator.is_fsdp2 else []
+        for m in sharded:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in sharded:
+                m.reshard()
+
+    def _sample_validation(self, folder: Path, step: int, width: int, height: int) -> None:
+        args = self.args
         for i, prompt in enumerate(args.validation_prompts):  # every process runs it (ZeRO-3 gathers weights)
             pipe = self.unwrapped.pipe
             takes_t5 = "t5_sequence_length" in inspect.signature(type(pipe).__call__).parameters  # FLUX.1's only
@@ -393,21 +476,26 @@ class Trainer:
             if self.main:
                 folder.mkdir(parents=True, exist_ok=True)
                 save_image(image, folder / f"step-{step}-{i}.png")
-        self.accelerator.wait_for_everyone()
 
     # -- the loop ----------------------------------------------------------------------------------
-    def optimizer_step(self, batches) -> float | None:
+    def batch_generator(self, epoch: int, index: int) -> torch.Generator:
+        """The generator of the noise and noise levels of batch `index` of `epoch` (its place in the epoch's
+        list of all processes' batches): the same whichever process trains it."""
+        words = np.random.SeedSequence([self.seed, epoch, index]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+    def optimizer_step(self, batches, generator: torch.Generator) -> float | None:
         """Forward/backward one batch; returns the mean loss when an optimizer step completed, else None."""
         acc = self.accelerator
         with acc.accumulate(self.model):
-            loss = self.model(batches)
-            self._check_loss(loss, batches)
+            loss = self.model(batches, generator)
+            mean_loss = self._check_loss(loss, batches)
             acc.backward(loss)
             if acc.sync_gradients and self.args.max_grad_norm:
                 acc.clip_grad_norm_(self.params, self.args.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self._micro_losses.append(loss.item())
+        self._micro_losses.append(mean_loss)
         if not acc.sync_gradients:
             return None
         self.scheduler.step()
@@ -419,12 +507,13 @@ class Trainer:
         self._micro_losses = []
         return value
 
-    def _check_loss(self, loss: torch.Tensor, batch: list[dict]) -> None:
+    def _check_loss(self, loss: torch.Tensor, batch: list[dict]) -> float:
         """Before the backward pass, on every process together (one small all-gather per batch), so that a
-        non-finite loss never updates the weights and no process is left waiting for a stopped one."""
+        non-finite loss never updates the weights and no process is left waiting for a stopped one. Returns the
+        mean over the processes (the logged loss, the same as one process accumulating their batches)."""
         losses = self.accelerator.gather(loss.detach().float().reshape(1))
         if torch.isfinite(losses).all():
-            return
+            return losses.mean().item()
         value = loss.item()
         if math.isfinite(value):
             value, where = losses[~torch.isfinite(losses)][0].item(), "on another process"
@@ -433,7 +522,7 @@ class Trainer:
         raise self._nonfinite_loss(value, where)
 
     def _nonfinite_loss(self, value: float, where: str) -> NonFiniteLoss:
-        bad = [n for n, p in self.trainable.items() if not all_finite(p)]
+        bad = [n for n, p in self.trainable.items() if not all_finite(p.to_local() if hasattr(p, "to_local") else p)]
         cause = (f"the trained weights are already non-finite ({bad[:3]}): NaN/Inf in the model or "
                  "--lora_checkpoint files, or an earlier update diverged") if bad else \
             ("likely causes: --learning_rate too high, NaN/Inf in the model weights or the image, "
@@ -467,7 +556,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[start:], collate_fn=list,
                                              num_workers=self.args.dataset_num_workers, generator=torch.Generator())
         for i, batch in enumerate(loader, start=start):
-            loss = self.optimizer_step(batch)
+            loss = self.optimizer_step(batch, self.batch_generator(epoch, i * self.world + self.rank))
             if loss is None:
                 continue
             state.update(step=state["step"] + 1, epoch=epoch, batch=i + 1)
@@ -502,7 +591,8 @@ class Trainer:
                                               for k, v in vars(args).items()})
         acc.print(f"training {sum(p.numel() for p in self.params):,} parameters of "
                   f"{', '.join(self.module.trained_models())}: {len(self.samples)} rows x {args.dataset_repeat}, "
-                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {self.world} process(es), "
+                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {self.world} process(es)"
+                  f"{' sharded with FSDP2' if acc.is_fsdp2 else ''}, "
                   f"seed {self.seed}")
         progress = tqdm(total=self.total_steps, initial=state["step"], disable=not self.main, desc="train",
                         dynamic_ncols=True)
