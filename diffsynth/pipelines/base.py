@@ -33,7 +33,6 @@ from .denoise import batch_cfg_inputs
 from .images import tensor_to_images
 from .units import StepUnit, Unit, active_units, run_units
 
-OUTPUT_TYPES = ("pil", "pt", "latent")
 
 
 class ModelList(nn.ModuleList):
@@ -354,13 +353,6 @@ def draw_noise(pipe, shape: tuple[int, ...], seed: int | None, rand_device: str,
     noise = torch.cat([torch.randn(shape, generator=random_generator(rand_device, seed + i), device=rand_device,
                                    dtype=torch.float32) for i in range(num_images)])
     return {"noise": noise.to(pipe.device, pipe.torch_dtype), "seed": seed}
-
-
-def check_output_args(output_type: str, tiled: bool, tile_size: int, tile_stride: int) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-    if tiled and not 0 < tile_stride <= tile_size:
-        raise ValueError(f"tile_stride ({tile_stride}) must be in (0, tile_size={tile_size}]")
 
 
 def either(path, config, name: str):

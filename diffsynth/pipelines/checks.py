@@ -1,8 +1,11 @@
-"""Up-front validation of `FluxImagePipeline.__call__` arguments, and the non-finite output check.
+"""The one place where generation inputs are validated, for both pipelines and for training.
 
-Every argument is checked before anything is allocated or computed, so that a wrong type or an absurd
-value fails at once with a message naming the argument, instead of as a traceback from deep inside (or
-after minutes of work, or as an all-black image).
+`check_call_args` checks a pipeline call's arguments before anything is allocated or computed, so that a wrong
+type or an absurd value fails at once with a message naming the argument, instead of as a traceback from deep
+inside (or after minutes of work, or as an all-black image). The per-value checks it is made of (`check_text`,
+`check_size`, `check_known_inputs`, ...) are the ones the units run too, so training, which feeds dataset rows
+to the same units without a `__call__`, refuses the same values with the same messages. Also here: the models a
+call needs (`require_models`) and the non-finite output check.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def _need_real(name: str, value, low: float = -math.inf, high: float = math.inf,
         raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
 
 
-def _check_text(name: str, value) -> None:
+def check_text(name: str, value) -> None:
     """A str that is valid Unicode: lone surrogates (what Python makes of bytes that are not UTF-8 on a
     command line) failed inside the tokenizer, after the models had loaded."""
     if not isinstance(value, str):
@@ -71,7 +74,11 @@ def check_image_list(value, name: str) -> None:
         _check_image(image, f"{name}[{i}]")
 
 
-def _check_size(height, width) -> None:
+OUTPUT_TYPES = ("pil", "pt", "latent")
+
+
+def check_size(height, width) -> None:
+    """Positive integer sides (None: chosen later) within the side and pixel limits."""
     for name, value in (("height", height), ("width", width)):
         if value is not None:
             _need_int(name, value, 1, MAX_SIDE)
@@ -84,7 +91,7 @@ def check_call_args(args: dict) -> None:
     """`args`: a pipeline `__call__`'s arguments by name (those a family lacks, e.g. FLUX.2's sigma_shift, are
     skipped). Raises TypeError / ValueError naming the first bad one."""
     for name in ("prompt", "negative_prompt"):
-        _check_text(name, args[name])
+        check_text(name, args[name])
     _need_real("cfg_scale", args["cfg_scale"], 0.0)
     _need_real("embedded_guidance", args["embedded_guidance"], 0.0)
     _need_real("denoising_strength", args["denoising_strength"], 0.0, 1.0, low_open=True)
@@ -101,10 +108,33 @@ def check_call_args(args: dict) -> None:
     for name in ("tea_cache_l1_thresh", "fbcache_thresh"):
         if args.get(name) is not None:
             _need_real(name, args[name], 0.0)
-    _check_size(args["height"], args["width"])
+    check_size(args["height"], args["width"])
     _check_image(args["input_image"])
     check_image_list(args.get("edit_image"), "edit_image")
     _check_strengths(args.get("variant_inputs") or {})
+    if "output_type" in args:
+        check_output_args(args["output_type"], args["tiled"], args["tile_size"], args["tile_stride"])
+
+
+def check_output_args(output_type: str, tiled: bool, tile_size: int, tile_stride: int) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+    if tiled and not 0 < tile_stride <= tile_size:
+        raise ValueError(f"tile_stride ({tile_stride}) must be in (0, tile_size={tile_size}]")
+
+
+class UnknownInputError(TypeError, ValueError):
+    """An input no unit reads: a wrong argument to a call (TypeError, as Python says it) and a wrong value of
+    --extra_inputs (ValueError, as argument checks say it)."""
+
+
+def check_known_inputs(given, accepted, what: str) -> None:
+    """Every name in `given` is one the units read (`accepted`): a misspelt variant argument or dataset column
+    is an error, never silently ignored. `what` says how the caller names them."""
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise UnknownInputError(f"{what} {unknown} are not inputs of any unit of this pipeline; units accept: "
+                        f"{', '.join(sorted(accepted))}")
 
 
 def _check_strengths(variant_inputs: dict) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 
 from ..schedulers.flow_match import add_noise
+from .checks import check_size
 from .images import image_to_tensor, vae_encode
 from .units import unit
 
@@ -16,9 +17,7 @@ def check_shape(pipe, height=None, width=None, input_image=None):
     default_h, default_w = (input_image.height, input_image.width) if input_image is not None else (1024, 1024)
     height = default_h if height is None else height
     width = default_w if width is None else width
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_size(height, width)
     rounded = tuple(-(-v // SIZE_MULTIPLE) * SIZE_MULTIPLE for v in (height, width))
     if rounded != (height, width):
         warnings.warn(f"height/width must be multiples of {SIZE_MULTIPLE}: {height}x{width} "

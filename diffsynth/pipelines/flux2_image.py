@@ -23,8 +23,8 @@ from ..loading.model_config import ModelConfig
 from ..models import flux2_text_encoder as te
 from ..models.flux2_dit import Flux2DiT
 from ..schedulers.flow_match import flux2_sigmas, flux2_training_sigmas
-from .base import BasePipeline, check_output_args, draw_noise, tokenizer_dir
-from .checks import check_call_args
+from .base import BasePipeline, draw_noise, tokenizer_dir
+from .checks import check_call_args, check_text
 from .common_units import check_shape, encode_input_image
 from .images import image_to_tensor, vae_encode
 from .units import Unit, order_units, unit
@@ -136,8 +136,7 @@ def prompt_unit(encoder: TextEncoder, name: str, **options) -> Unit:
         if model is None or pipe.tokenizer is None:
             raise RuntimeError("this pipeline has no text encoder loaded: add the text encoder "
                                "(text_encoder/*.safetensors: Qwen3 for FLUX.2 [klein], Mistral for [dev]) ModelConfig")
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        check_text("prompt", prompt)
         emb = te.encode_prompt(pipe.tokenizer, model, [prompt], pipe.compute_device_of(encoder.attribute), encoder.fmt)
         return {"prompt_emb": emb.to(pipe.device, pipe.torch_dtype).repeat(num_images, 1, 1)}
     encode.__name__ = encode.__qualname__ = name
@@ -263,7 +262,6 @@ class Flux2ImagePipeline(BasePipeline):
         batch_cfg: with cfg_scale != 1, run the positive and negative branch in one DiT batch.
         """
         check_call_args(locals())  # types, ranges, finiteness, sizes: before anything is allocated
-        check_output_args(output_type, tiled, tile_size, tile_stride)
         if not isinstance(self.dit, Flux2DiT):
             raise RuntimeError("no FLUX.2 DiT loaded: add the transformer (transformer/*.safetensors) to model_configs")
         shared = dict(cfg_scale=cfg_scale, embedded_guidance=embedded_guidance, input_image=input_image,

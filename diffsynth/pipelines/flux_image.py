@@ -17,8 +17,8 @@ from ..models.flux_dit import image_ids
 from ..models.flux_dit_cache import make_cache
 from ..ops.files import load_state_dict
 from ..schedulers.flow_match import DEFAULT_SHIFT, flux_sigmas, flux_training_sigmas
-from .base import BasePipeline, ModelList, check_output_args, draw_noise, either, tokenizer_dir
-from .checks import check_call_args, require_models
+from .base import BasePipeline, ModelList, draw_noise, either, tokenizer_dir
+from .checks import check_call_args, check_known_inputs, check_text, require_models
 from .denoise import model_fn
 from .images import VAE_FACTOR
 from .common_units import check_shape, encode_input_image
@@ -49,8 +49,7 @@ TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2")
       model_inputs=PROMPT_OUTPUTS, cacheable=PROMPT_OUTPUTS)
 def encode_prompt(pipe, prompt, t5_sequence_length=512, num_images=1):
     require_models(pipe, TEXT_ENCODERS, "the prompt")
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    check_text("prompt", prompt)
     device = pipe.compute_device_of("text_encoder_1")
     pooled = te.encode_prompt_clip(pipe.tokenizer_1, pipe.text_encoder_1, [prompt], device)
     device = pipe.compute_device_of("text_encoder_2")
@@ -184,7 +183,6 @@ class FluxImagePipeline(BasePipeline):
         no unit of this pipeline reads is an error.
         """
         check_call_args(locals())  # types, ranges, finiteness, sizes: before anything is allocated
-        check_output_args(output_type, tiled, tile_size, tile_stride)
         sigmas = flux_sigmas(num_inference_steps, denoising_strength,
                              DEFAULT_SHIFT if sigma_shift is None else sigma_shift)
         shared = dict(
@@ -196,9 +194,7 @@ class FluxImagePipeline(BasePipeline):
         # Variant arguments: what units read that neither this call nor the core units provide.
         produced = {o for u in CORE_UNITS for o in u.outputs}
         variants = self.accepted_inputs() - shared.keys() - posi.keys() - produced
-        unknown = sorted(variant_inputs.keys() - variants)
-        if unknown:
-            raise TypeError(f"unknown argument(s) {unknown}; variant inputs this pipeline reads: {sorted(variants)}")
+        check_known_inputs(variant_inputs, variants, "unknown argument(s)")
         shared.update(variant_inputs)
         cache = make_cache(tea_cache_l1_thresh, fbcache_thresh, num_inference_steps, cfg_scale != 1.0)
         return self.generate(shared, posi, nega, cfg_scale, batch_cfg, cache, progress_bar_cmd, output_type)

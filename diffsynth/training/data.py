@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..pipelines.checks import check_text
 from ..pipelines.common_units import SIZE_MULTIPLE
 from ..ops.images import convert_image
 
@@ -140,8 +141,13 @@ def check_row(row: dict, base: str, file_keys: list[str]) -> Sample:
     """One row -> Sample; ValueError listing everything wrong with it."""
     problems, files = [], {}
     prompt = row.get("prompt")
-    if not isinstance(prompt, str):
-        problems.append("no 'prompt'" if prompt is None else f"'prompt' must be text, got {type(prompt).__name__}")
+    if prompt is None:
+        problems.append("no 'prompt'")
+    else:
+        try:  # the check generation runs: a row the pipeline would refuse is refused before training
+            check_text("prompt", prompt)
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
     size = (0, 0)
     for key in file_keys:
         value = row.get(key)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..loading import components as table
+from ..pipelines.checks import check_known_inputs
 from ..pipelines.units import StepUnit, Unit, active_units, run_units
 from ..schedulers.flow_match import add_noise, training_target
 from .schedule import SigmaSampler, grid_sampler
@@ -148,11 +149,7 @@ class FluxTrainingModule(nn.Module):
         return self
 
     def _check_extra_inputs(self) -> None:
-        accepted = self.pipe.accepted_inputs()
-        unused = [k for k in self.extra_inputs if k not in accepted]
-        if unused:
-            raise ValueError(f"--extra_inputs {unused} are not inputs of any unit of this pipeline; "
-                             f"units accept: {', '.join(sorted(accepted))}")
+        check_known_inputs(self.extra_inputs, self.pipe.accepted_inputs(), "--extra_inputs")
 
     def preprocessing_is_trained(self, cached_only: bool = False) -> bool:
         """True when a model the units read (text encoders, VAE encoder, projectors) has trainable weights;
