@@ -137,9 +137,20 @@ def test_noise_is_drawn_as_diffsynth_studio_draws_it(klein_pipe, one_thread):
     latents = klein_pipe("a cat", height=32, width=64, seed=11, num_inference_steps=1, output_type="latent")
     assert latents.shape == (1, 128, 2, 4)
     shared = {"height": 32, "width": 64, "seed": 11, "num_images": 2}
-    run_units(klein_pipe, [u for u in klein_pipe.units if u.name in ("check_size", "init_noise")], shared, {}, {},
+    run_units(klein_pipe, [u for u in klein_pipe.units if u.name in ("check_shape", "init_noise")], shared, {}, {},
               False)
     assert torch.equal(shared["noise"][0:1], noise(11, 32, 64)) and torch.equal(shared["noise"][1:], noise(12, 32, 64))
+
+
+def test_editing_keeps_the_default_size_as_diffsynth_studio(klein_pipe, one_thread):
+    """An edit image does not set the output size (2.0 and diffusers default to 1024 x 1024); an input image does."""
+    small = Image.new("RGB", (48, 32), (200, 30, 30))
+    out = klein_pipe("red", edit_image=[small], edit_image_auto_resize=False, seed=0, num_inference_steps=1,
+                     output_type="latent")
+    assert out.shape == (1, 128, 64, 64)
+    out = klein_pipe("red", input_image=small, denoising_strength=0.5, seed=0, num_inference_steps=1,
+                     output_type="latent")
+    assert out.shape == (1, 128, 2, 3)
 
 
 def test_auto_resize_targets_a_megapixel_in_multiples_of_32():
@@ -200,8 +211,9 @@ def test_cli_edit_image_and_option_errors(klein, tmp_path, capsys, one_thread):
     Image.new("RGB", (48, 32), (200, 30, 30)).save(ref)
     edited = tmp_path / "edited.png"
     assert main(["generate", "--model-dir", str(klein), "--prompt", "make it red", "--edit-image", str(ref),
-                 "--no-edit-image-auto-resize", "--steps", "1", "--seed", "1", "--device", "cpu", "--dtype", "fp32", "--output", str(edited)]) == 0
-    with Image.open(edited) as image:  # the size of the reference image by default
+                 "--no-edit-image-auto-resize", "--height", "32", "--width", "48", "--steps", "1", "--seed", "1",
+                 "--device", "cpu", "--dtype", "fp32", "--output", str(edited)]) == 0
+    with Image.open(edited) as image:
         assert image.size == (48, 32) and "edit_image" in image.info["diffsynth"]
     assert main(["generate", "--model-dir", str(klein), "--prompt", "x", "--tea-cache", "0.3", "--device", "cpu",
                  "--output", str(tmp_path / "no.png")]) == 1

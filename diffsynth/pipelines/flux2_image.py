@@ -95,13 +95,6 @@ def reference_size(image: Image.Image, auto: bool) -> Image.Image:
 
 # ----------------------------------------------------------------------------- units
 
-@unit(outputs=("height", "width"))
-def check_size(pipe, height=None, width=None, input_image=None, edit_image=None):
-    """Default size: the input image's, else the first reference image's, else 1024 (multiples of 16)."""
-    first_edit = edit_image if isinstance(edit_image, Image.Image) else (edit_image[0] if edit_image else None)
-    return check_shape.fn(pipe, height, width, input_image if input_image is not None else first_edit)
-
-
 @unit(outputs=("sigmas",))
 def set_sigmas(pipe, height, width, num_inference_steps=30, denoising_strength=1.0):
     """FLUX.2's schedule depends on the image size (the number of latent tokens)."""
@@ -182,7 +175,7 @@ def prepare_ids_and_guidance(pipe, noise, embedded_guidance=4.0):
             "guidance": torch.full((b,), float(embedded_guidance), device=pipe.device)}
 
 
-UNITS: list[Unit] = order_units([check_size, set_sigmas, init_noise, encode_prompt, encode_prompt_mistral,
+UNITS: list[Unit] = order_units([check_shape, set_sigmas, init_noise, encode_prompt, encode_prompt_mistral,
                                  encode_input_image, encode_edit_images, prepare_ids_and_guidance])
 
 
@@ -256,8 +249,8 @@ class Flux2ImagePipeline(BasePipeline):
         embedded_guidance: to the DiT's guidance embedder (FLUX.2 [dev]; klein has none and ignores it).
         edit_image: reference image(s) to edit or combine; `edit_image_auto_resize` scales each to about 1024x1024
         (DiffSynth-Studio 2.0), otherwise it is only centre-cropped to multiples of 16 pixels.
-        input_image + denoising_strength: image-to-image. height/width default to the input image's, else the first
-        edit image's, else 1024; rounded up to multiples of 16. tile_size/tile_stride (tiled VAE) are in units of 8 pixels.
+        input_image + denoising_strength: image-to-image. height/width default to the input image's, else 1024 (also
+        when editing, as DiffSynth-Studio 2.0 and diffusers); rounded up to multiples of 16. tile_size/tile_stride (tiled VAE) are in units of 8 pixels.
         output_type: "pil"; "pt" -> (B, 3, H, W) float in [0, 1]; "latent" -> (B, 128, H/16, W/16).
         batch_cfg: with cfg_scale != 1, run the positive and negative branch in one DiT batch.
         """
