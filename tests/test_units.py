@@ -99,3 +99,26 @@ def test_every_variant_module_is_collected_and_the_pipeline_order_holds():
     assert [(a, b) for a, b in before if order.index(a) > order.index(b)] == []
     assert set(variants.IMAGE_INPUTS) >= {"kontext_images", "flux_fill_image", "flux_fill_mask", "flux_redux_image",
                                           "infinityou_id_image", "insert_anything_ref_mask", "step1x_reference_image"}
+
+
+def test_training_batches_stack_what_units_declare_per_sample():
+    import torch
+    from diffsynth.training.module import stack_samples
+
+    @unit(outputs=("noise", "ids", "stop"), model_inputs=("ids", "stop"), stack=("noise",))
+    def prepare(pipe):
+        return {}
+
+    @unit(per_branch=True, outputs=("emb",), model_inputs=("emb",))
+    def embed(pipe, prompt):
+        return {}
+    a = {"noise": torch.zeros(1, 2), "ids": torch.arange(3)[None], "stop": 0.5, "emb": torch.ones(1, 4)}
+    b = {"noise": torch.ones(1, 2), "ids": torch.arange(3)[None], "stop": 0.5, "emb": torch.zeros(1, 4)}
+    out = stack_samples([a, b], [prepare, embed])
+    assert torch.equal(out["noise"], torch.tensor([[0.0, 0.0], [1.0, 1.0]])) and out["emb"].shape == (2, 4)
+    assert out["ids"].shape == (1, 3)  # shared by the batch: not stacked
+    with pytest.raises(ValueError, match="stop differs between the samples of one training batch"):
+        stack_samples([a, {**b, "stop": 0.3}], [prepare, embed])
+    with pytest.raises(ValueError, match="noise cannot be stacked"):
+        stack_samples([a, {**b, "noise": torch.ones(1, 3)}], [prepare, embed])
+    assert prepare.per_sample == ("noise",) and embed.per_sample == ("emb",)

@@ -25,7 +25,8 @@ def check_shape(pipe, height=None, width=None, input_image=None):
     return {"height": rounded[0], "width": rounded[1]}
 
 
-@unit(uses=("vae_encoder",), outputs=("latents", "input_latents"), cacheable=("input_latents",))
+@unit(uses=("vae_encoder",), outputs=("latents", "input_latents"), cacheable=("input_latents",),
+      stack=("latents", "input_latents"))
 def encode_input_image(pipe, noise, sigmas, height, width, input_image=None, denoising_strength=1.0,
                        tiled=False, tile_size=128, tile_stride=64):
     """Inference starts from noise (txt2img) or the noised input latents (img2img); training keeps x0."""

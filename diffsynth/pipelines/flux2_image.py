@@ -102,7 +102,7 @@ def set_sigmas(pipe, height, width, num_inference_steps=30, denoising_strength=1
     return {"sigmas": flux2_sigmas(num_inference_steps, tokens, denoising_strength)}
 
 
-@unit(outputs=("noise", "seed"))
+@unit(outputs=("noise", "seed"), stack=("noise",))
 def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
     """fp32 Gaussian noise (1, 128, H/16, W/16) per image, drawn as DiffSynth-Studio 2.0 draws it."""
     return draw_noise(pipe, (1, LATENT_CHANNELS, height // LATENT_FACTOR, width // LATENT_FACTOR), seed,

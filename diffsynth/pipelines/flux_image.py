@@ -34,7 +34,7 @@ LATENT_CHANNELS = 16
 
 # ----------------------------------------------------------------------------- units
 
-@unit(outputs=("noise", "seed"))
+@unit(outputs=("noise", "seed"), stack=("noise",))
 def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
     """fp32 Gaussian noise drawn on `rand_device`; image i of a batch uses seed + i."""
     return draw_noise(pipe, (1, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR), seed, rand_device,

@@ -25,7 +25,8 @@ signature names (for a value that several units write, those that only write it 
 read it, e.g. `check_shape` after a unit that sets a default size); `needs` adds values a unit reads through
 its branch dicts (an encoder's tokens that it extends); `after` names units that must run first, for what
 the data does not show (the order in which step units edit the same `DiTCall` field). Units that declare
-`image_inputs` take images there: training reads those dataset columns as image files.
+`image_inputs` take images there: training reads those dataset columns as image files; what a training batch
+stacks per sample is declared too (`Unit.per_sample`).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class Unit:
     replaces: tuple[str, ...] = ()
     active: Callable | None = None     # (pipe) -> bool
     image_inputs: tuple[str, ...] = ()  # inputs that are images (dataset columns read as image files)
+    stack: tuple[str, ...] = ()        # shared outputs that differ per training sample, besides `batched`
     needs: tuple[str, ...] = ()        # values read through the branch dicts (not in the signature)
     after: tuple[str, ...] = ()        # units (by name) that must run first when present
 
@@ -65,6 +67,12 @@ class Unit:
     @cached_property  # read at every call; the signature never changes
     def params(self) -> list[str]:
         return _params(self.fn, 2 if self.both_branches else 1)
+
+    @property
+    def per_sample(self) -> tuple[str, ...]:
+        """Outputs a training batch stacks, one row (or one `.stack` item) per sample: the branch outputs (the
+        prompt's), those carrying the batch (`batched`) and `stack`; every other value is shared by the batch."""
+        return self.outputs if self.per_branch or self.both_branches else (*self.batched, *self.stack)
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -99,14 +107,14 @@ def unit(per_branch: bool = False, both_branches: bool = False, models: tuple[st
          uses: tuple[str, ...] = (), outputs: tuple[str, ...] = (), model_inputs: tuple[str, ...] = (),
          batched: tuple[str, ...] = (), cacheable: tuple[str, ...] = (), replaces: tuple[str, ...] = (),
          active: Callable | None = None, image_inputs: tuple[str, ...] = (), needs: tuple[str, ...] = (),
-         after: tuple[str, ...] = ()) -> Callable[[Callable], Unit]:
+         after: tuple[str, ...] = (), stack: tuple[str, ...] = ()) -> Callable[[Callable], Unit]:
     def wrap(fn: Callable) -> Unit:
-        undeclared = set(model_inputs) | set(batched) | set(cacheable)
+        undeclared = set(model_inputs) | set(batched) | set(cacheable) | set(stack)
         if not undeclared <= set(outputs):
             raise ValueError(f"unit {fn.__name__}: {sorted(undeclared - set(outputs))} are not among its outputs")
         u = Unit(fn, per_branch=per_branch, both_branches=both_branches, models=models, uses=uses,
                  outputs=outputs, model_inputs=model_inputs, batched=batched, cacheable=cacheable,
-                 replaces=replaces, active=active, image_inputs=image_inputs, needs=needs, after=after)
+                 replaces=replaces, active=active, image_inputs=image_inputs, needs=needs, after=after, stack=stack)
         if not set(image_inputs) <= set(u.params):
             raise ValueError(f"unit {fn.__name__}: image inputs {sorted(set(image_inputs) - set(u.params))} "
                              "are not among its parameters")

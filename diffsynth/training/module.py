@@ -36,6 +36,38 @@ def pipeline_model(pipe, name: str) -> nn.Module:
     return model
 
 
+def stack_samples(items: list[dict], units: list[Unit]) -> dict:
+    """One batch from prepared samples: what the units declare per-sample (`Unit.per_sample`) is stacked
+    (tensors along their batch dimension of 1, structured values through their `stack`); every other model
+    input is shared by the batch and must be the same in every sample (else the batch would silently train
+    on the first sample's)."""
+    out = dict(items[0])
+    if len(items) == 1:
+        return out
+    stacked = {k for u in units for k in u.per_sample}
+    shared = {k for u in units for k in u.model_inputs} - stacked
+    for k, v in items[0].items():
+        values = [x.get(k) for x in items]
+        if k in stacked and isinstance(v, torch.Tensor):
+            shapes = {tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in values}
+            if len(shapes) != 1 or v.shape[0] != 1:
+                raise ValueError(f"{k} cannot be stacked into a training batch: its shapes differ ({sorted(map(str, shapes))}); "
+                                 "use --batch_size 1 or rows whose inputs have one size")
+            out[k] = torch.cat(values)
+        elif k in stacked and hasattr(v, "stack"):  # structured model inputs (ControlNet conditions)
+            out[k] = type(v).stack(values)
+        elif k in shared and not all(_same(v, x) for x in values[1:]):
+            raise ValueError(f"{k} differs between the samples of one training batch but is shared by the batch: "
+                             "use --batch_size 1, or give the rows of a batch the same value")
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
 def cached_keys(units: list[Unit]) -> tuple[str, ...]:
     """What a training cache stores: the cacheable outputs of the units."""
     return tuple(k for u in units for k in u.cacheable)
@@ -200,14 +232,7 @@ class FluxTrainingModule(nn.Module):
         per-sample tensors."""
         seeds = torch.randint(0, 2**31 - 1, (len(batch),), generator=generator).tolist()
         items = [self.prepare_sample(item, seed) for item, seed in zip(batch, seeds)]
-        out = dict(items[0])
-        for k, v in items[0].items():
-            if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == 1 and len(items) > 1:
-                if all(isinstance(x.get(k), torch.Tensor) and x[k].shape == v.shape for x in items):
-                    out[k] = torch.cat([x[k] for x in items])
-            elif hasattr(v, "stack") and len(items) > 1:  # structured model inputs (ControlNet conditions)
-                out[k] = type(v).stack([x[k] for x in items])
-        return out
+        return stack_samples(items, self.units())
 
     # -- loss --------------------------------------------------------------------------------------
     def loss(self, inputs: dict, generator: torch.Generator | None = None) -> torch.Tensor:

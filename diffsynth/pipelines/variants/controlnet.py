@@ -145,7 +145,8 @@ def collect_controlnet_columns(pipe, controlnet_inputs=None, controlnet_image=No
                                                   scale=float(controlnet_scale))]}
 
 
-@unit(uses=("controlnet", "vae_encoder"), outputs=("controlnet_conditions",), model_inputs=("controlnet_conditions",))
+@unit(uses=("controlnet", "vae_encoder"), outputs=("controlnet_conditions",), model_inputs=("controlnet_conditions",),
+      stack=("controlnet_conditions",))
 def encode_controlnet_inputs(pipe, height, width, sigmas, controlnet_inputs=None, num_images=1, tiled=False,
                              tile_size=128, tile_stride=64):
     if controlnet_inputs is None:

@@ -60,7 +60,7 @@ def _number(value):
 
 
 @unit(models=("image_proj_model",), uses=("controlnet",), image_inputs=("infinityou_id_image",), outputs=("identity_context",),
-      model_inputs=("identity_context",))
+      model_inputs=("identity_context",), stack=("identity_context",))
 def encode_identity(pipe, infinityou_id_image=None, infinityou_guidance=1.0, controlnet_inputs=None):
     if infinityou_id_image is None:
         return {}
