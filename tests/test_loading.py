@@ -284,3 +284,20 @@ def test_model_id_configs_fetch_missing_tokenizers_from_the_same_repo(tiny_root,
     pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs)
     assert sorted(fetched) == ["tokenizer/*", "tokenizer_2/*"]  # only what was missing
     assert pipe("a cat", **quiet).shape == (1, 16, 8, 8)
+
+
+def test_every_model_file_with_a_table_entry_is_registered_once():
+    """A model file's entry (COMPONENTS / FAMILIES at its end) reaches the table only through MODEL_FILES: one
+    forgotten there would leave its files unrecognised."""
+    import importlib
+    import pkgutil
+    import diffsynth.models as models
+    from diffsynth.loading import components
+    declaring = set()
+    for info in pkgutil.iter_modules(models.__path__):
+        module = importlib.import_module(f"diffsynth.models.{info.name}")
+        if hasattr(module, "FAMILIES") or hasattr(module, "COMPONENTS"):
+            declaring.add(module)
+    assert declaring == set(components.MODEL_FILES) and len(components.MODEL_FILES) == len(declaring)
+    names = [f.name for f in components.FAMILIES]
+    assert len(names) == len(set(names)) and len(components.COMPONENT_BY_NAME) == len(components.COMPONENTS)
