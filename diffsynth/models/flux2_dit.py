@@ -31,12 +31,10 @@ from torch import nn
 
 from ..ops.attention import attention
 from ..ops.files import strip_first_prefix
-from ..ops.gguf import dequantize, is_quantized
 from ..ops.linear import Linear
-from ..ops.quant import apply_scales
-from .entry import BuildOptions, Detected, Family, assign, fills, has_key, has_prefix, load_tensors, meta_tensors
+from .entry import BuildOptions, Detected, Family, assign, fills, has_key, has_prefix, meta_tensors
 from ..ops.parallel import context_parallel_enabled, interleave_shards, run_split_blocks, shard_linears, world_size
-from .flux_dit import (RMSNorm, apply_rope, gated, layer_norm, merge_heads, modulate, rope_frequencies,
+from .flux_dit import (RMSNorm, apply_rope, gated, layer_norm, load_dit_tensors, merge_heads, modulate, rope_frequencies,
                        split_heads, timestep_embedding)
 
 
@@ -543,19 +541,9 @@ def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
     """Scaled-fp8 scales and GGUF blocks stay as stored except on BFL's fused q/k/v, which are split (and so
     dequantized / folded once here)."""
     rename = bfl_key_to_internal if det.format == "bfl" else (lambda k: k)
-    config = config_of(det)
-    refs, scale_refs, sd = load_tensors(det, options)
-    # per-tensor scales survive renaming; the BFL final layer's halves swap would reorder per-row ones
-    keep = lambda k, s: rename(k) is not None and (s.numel() == 1 or not k.startswith("final_layer.adaLN"))  # noqa: E731
-    scales = apply_scales(sd, scale_refs, options.dtype, keep)
-    quant = {k: r.extra for k, r in refs.items() if is_quantized(r.extra)}
-    for k in [k for k in quant if rename(k) is None]:
-        dtype = options.dtype if options.dtype is not None else torch.float32
-        sd[k] = dequantize(sd[k], quant.pop(k), dtype).reshape(refs[k].shape)
-    sd = _CONVERTERS[det.format](sd)
-    return {"dit": assign(Flux2DiT, config, sd, f"FLUX.2 DiT from {det.source}",
-                          quantized={rename(k): t for k, t in quant.items()},
-                          scales={rename(k): s for k, s in scales.items()})}
+    sd, quant, scales = load_dit_tensors(det, options, rename)
+    return {"dit": assign(Flux2DiT, config_of(det), _CONVERTERS[det.format](sd), f"FLUX.2 DiT from {det.source}",
+                          quantized=quant, scales=scales)}
 
 
 FAMILIES = (Family("flux2-dit", "FLUX.2 DiT", detect, fills("dit"), build, bundle_prefixes=("model.diffusion_model.",),

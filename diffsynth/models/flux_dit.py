@@ -720,25 +720,28 @@ def describe(det: Detected) -> dict:
             "guidance_embedder": c.guidance_embed, "variant": variant_name(c)}
 
 
-def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
-    """Scaled-fp8 scales and GGUF blocks stay as stored in per-key layouts (BFL, ours); diffusers' separate
-    q/k/v are fused here, so theirs are dequantized / folded once."""
-    rename = {"bfl": bfl_key_to_internal, "diffsynth": lambda k: k}.get(det.format)  # per-key formats
-    config = config_of(det)
+def load_dit_tensors(det: Detected, options: BuildOptions, rename: Callable[[str], str | None]):
+    """(tensors, GGUF types, scaled-fp8 scales) of a DiT file, the last two under our key names. `rename` maps a
+    file key onto ours, or to None where the converter reshapes it (fused or split projections): scaled-fp8
+    scales and GGUF blocks stay as stored on the keys that map one to one; the others are folded / dequantized
+    here, once."""
     refs, scale_refs, sd = load_tensors(det, options)
     # per-tensor scales survive renaming; the BFL final layer's halves swap would reorder per-row ones
-    keep = lambda k, s: rename is not None and (s.numel() == 1 or not k.startswith("final_layer.adaLN"))  # noqa: E731
+    keep = lambda k, s: rename(k) is not None and (s.numel() == 1 or not k.startswith("final_layer.adaLN"))  # noqa: E731
     scales = apply_scales(sd, scale_refs, options.dtype, keep)
     quant = {k: r.extra for k, r in refs.items() if is_quantized(r.extra)}
-    if quant and rename is None:  # fused diffusers projections: dequantize once at load
+    for k in [k for k in quant if rename(k) is None]:
         dtype = options.dtype if options.dtype is not None else torch.float32
-        for k, t in quant.items():
-            sd[k] = dequantize(sd[k], t, dtype).reshape(refs[k].shape)
-        quant = {}
-    sd = _CONVERTERS[det.format](sd)
-    return {"dit": assign(FluxDiT, config, sd, f"FLUX DiT from {det.source}",
-                          quantized={rename(k): t for k, t in quant.items()},
-                          scales={rename(k): s for k, s in scales.items()})}
+        sd[k] = dequantize(sd[k], quant.pop(k), dtype).reshape(refs[k].shape)
+    return sd, {rename(k): t for k, t in quant.items()}, {rename(k): s for k, s in scales.items()}
+
+
+def build(det: Detected, options: BuildOptions) -> dict[str, nn.Module]:
+    """BFL's and our names map key by key; diffusers' separate q/k/v are fused (so folded / dequantized)."""
+    rename = {"bfl": bfl_key_to_internal, "diffsynth": lambda k: k}.get(det.format, lambda k: None)
+    sd, quant, scales = load_dit_tensors(det, options, rename)
+    return {"dit": assign(FluxDiT, config_of(det), _CONVERTERS[det.format](sd), f"FLUX DiT from {det.source}",
+                          quantized=quant, scales=scales)}
 
 
 COMPONENTS = (Component("dit", "denoise", in_loop=True, activation="dit",
