@@ -12,6 +12,7 @@ peak (residents + largest per-layer transient + activation estimate).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from _common import table  # noqa: E402
-from diffsynth.loading.vram import GB, estimate_activation_bytes, plan_model  # noqa: E402
+from diffsynth.loading.vram import GB, VramPlan, estimate_activation_bytes, plan_model  # noqa: E402
 from diffsynth.models.flux2_dit import Flux2DiT, Flux2DiTConfig  # noqa: E402
 from diffsynth.models.flux_dit import FluxDiT, FluxDiTConfig  # noqa: E402
 
@@ -36,14 +37,24 @@ KLEIN = {"FLUX.2 [klein] 4B": Flux2DiTConfig(hidden_size=3072, num_heads=24, num
                                              context_dim=12288)}
 
 
-def plans(name: str, dit, storages, cards) -> None:
+@dataclass
+class PlanRow:
+    model: str
+    parameters: int
+    storage: str
+    card_gb: int
+    plan: VramPlan
+
+
+def plans(name: str, dit, storages, cards) -> list[PlanRow]:
     params = sum(p.numel() for p in dit.parameters())
     act = estimate_activation_bytes("dit", dit, 1024, 1024, 1, torch.bfloat16)
-    rows = []
+    out, rows = [], []
     for label, storage in storages:
         for card in cards:
             plan = plan_model(dit, int((card - 0.5) * GB), torch.bfloat16, activation_bytes=act, **storage)
             total = plan.resident_bytes + plan.streamed_bytes
+            out.append(PlanRow(name, params, label, card, plan))
             rows.append([label, f"{card} GB", f"{total / GB:.1f}", f"{plan.resident_bytes / GB:.1f}",
                          f"{len(plan.resident)}/{len(plan.resident) + len(plan.streamed)}",
                          f"{plan.streamed_bytes / GB:.1f}", f"{plan.peak_bytes / GB:.1f}",
@@ -52,14 +63,16 @@ def plans(name: str, dit, storages, cards) -> None:
           f"activation estimate {act / GB:.2f} GB, vram_buffer 0.5 GB (GB = GiB)")
     print(table(rows, ["storage", "card", "weights GB", "resident GB", "resident layers",
                        "streamed GB / step", "expected peak GB", "fits"]))
+    return out
 
 
-def main() -> None:
+def main() -> list[PlanRow]:
     with torch.device("meta"):
-        plans("FLUX.1-dev", FluxDiT(FluxDiTConfig()), STORAGES, CARDS)
+        out = plans("FLUX.1-dev", FluxDiT(FluxDiTConfig()), STORAGES, CARDS)
         for name, config in KLEIN.items():
             print()
-            plans(name, Flux2DiT(config), STORAGES[:2], (8, 12))
+            out += plans(name, Flux2DiT(config), STORAGES[:2], (8, 12))
+    return out
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from ..ops.attention import attention
 from ..ops.files import strip_first_prefix
 from ..ops.linear import Linear
 from ..ops.parallel import context_parallel_enabled, interleave_shards, run_split_blocks, shard_linears, world_size
-from .flux_dit import (RMSNorm, apply_rope, gated, layer_norm, merge_heads, modulate, rope_frequencies,
+from .flux_dit import (BFL_PREFIXES, RMSNorm, apply_rope, gated, layer_norm, merge_heads, modulate, rope_frequencies,
                        split_heads, timestep_embedding)
 
 
@@ -334,7 +334,6 @@ class Flux2DiT(nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoint formats
 
-BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DIFFUSERS_PREFIXES = ("transformer.",)
 
 # BFL name -> internal (= diffusers) name; block tables apply after `double_blocks.N.` / `single_blocks.N.`.

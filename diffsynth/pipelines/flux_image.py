@@ -20,7 +20,7 @@ from ..ops.files import load_state_dict
 from ..schedulers.flow_match import DEFAULT_SHIFT, add_noise, flux_sigmas
 from .base import BasePipeline, ModelList, check_output_args, draw_noise, either, tokenizer_dir
 from .checks import check_call_args, require_models
-from .denoise import model_fn
+from .denoise import PROMPT_OUTPUTS, model_fn
 from .images import VAE_FACTOR, image_to_tensor, vae_encode
 from .units import StepUnit, Unit, unit
 from .variants import FIRST_UNITS
@@ -59,7 +59,6 @@ def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
                       num_images)
 
 
-PROMPT_OUTPUTS = ("prompt_emb", "pooled_prompt_emb", "text_ids")
 TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2")
 
 
