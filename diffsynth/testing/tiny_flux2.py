@@ -1,6 +1,6 @@
 """Tiny random FLUX.2 models in the real on-disk layouts, for fast CPU tests.
 
-Tensors come from `tiny._fill` (one generator per key), so a seed gives byte-identical files and the
+Tensors come from `nano.text._fill` (one generator per key), so a seed gives byte-identical files and the
 same weights in every layout.
 
 DiT (this section):

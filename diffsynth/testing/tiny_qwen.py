@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from ..models.step1x import PREFIX
-from .tiny import TINY, _WORDS, _byte_chars, _fill, _linear, _norm, write_json, _write_safetensors, \
+from ..nano.text import WORDS, byte_chars
+from .tiny import TINY, _fill, _linear, _norm, write_json, _write_safetensors, \
     _write_sharded, tiny_ae_state_dict, tiny_dit_state_dict
 
 __all__ = ["TINY_QWEN", "build_tiny_qwen_vl", "build_tiny_step1x", "build_tiny_nexus_gen", "tiny_qwen_config", "tiny_connector_state_dict",
@@ -70,11 +71,11 @@ def _split_words(text: str) -> list[str]:
 @lru_cache(maxsize=1)
 def _qwen_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte symbols, word merges (with and without a leading space) and the curly quotes as single tokens."""
-    chars = _byte_chars()
+    chars = byte_chars()
     encode = lambda text: "".join(chars[b] for b in text.encode("utf-8"))  # noqa: E731
     vocab = {c: i for i, c in enumerate(chars)}
     merges: list[tuple[str, str]] = []
-    words = [*_WORDS, *(" " + w for w in _WORDS), "“", "”", "Picture", *_split_words(PREFIX)]
+    words = [*WORDS, *(" " + w for w in WORDS), "“", "”", "Picture", *_split_words(PREFIX)]
     for word in words:
         symbols = list(encode(word))
         left = symbols[0]
