@@ -30,7 +30,7 @@ def t5_corpus() -> tuple[str, ...]:
     the tiny builder's sentences (so the 256-piece vocabulary fills up)."""
     words = vocabulary()
     lines = tuple(" ".join(words[i:i + 6]) for i in range(len(words))) * 40
-    return tuple(text.sentences(3000)) + lines + tuple(prompt(*t) for t in all_triples()) * 20
+    return tuple(text.random_sentences(3000)) + lines + tuple(prompt(*t) for t in all_triples()) * 20
 
 
 def write_text_encoders(root: Path, seed: int) -> None:

@@ -71,7 +71,7 @@ def clip_bpe(words: tuple[str, ...] = tuple(WORDS)) -> tuple[dict[str, int], lis
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def sentences(n: int) -> list[str]:
+def random_sentences(n: int) -> list[str]:
     rng = random.Random(1234)
     out = []
     for _ in range(n):
@@ -88,7 +88,7 @@ def _t5_spiece(sentences: tuple[str, ...] | None = None) -> bytes:
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences or sentences(3000)),
+        sentence_iterator=iter(sentences or random_sentences(3000)),
         model_writer=buf,
         model_type="unigram",
         vocab_size=_T5_SP_VOCAB,
