@@ -358,7 +358,10 @@ def test_step1x_processor_config(qwen_dir, tmp_path):
     load = lambda where: FluxImagePipeline.from_pretrained(  # noqa: E731
         torch_dtype=torch.float32, device="cpu", model_configs=[ModelConfig(path=str(qwen_dir))],
         step1x_processor_config=where)
-    assert load(ModelConfig(path=str(qwen_dir))).qwenvl.processor is not None
+    from transformers import AutoTokenizer
+    processor = load(ModelConfig(path=str(qwen_dir))).qwenvl.processor
+    text = 'write "A" on a red sign'
+    assert processor.tokenizer(text).input_ids == AutoTokenizer.from_pretrained(str(qwen_dir))(text).input_ids
     with pytest.raises(FileNotFoundError, match="lacks its processor files"):
         load(str(tmp_path))
     with pytest.raises(TypeError, match="a folder or a ModelConfig"):
