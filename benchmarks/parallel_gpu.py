@@ -27,6 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from diffsynth.ops.names import PARALLEL_MODES  # noqa: E402
+
 PROMPT = "a photo of a red cat sitting on a wooden table"
 
 
@@ -39,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--t5-sequence-length", type=int, default=512)
-    p.add_argument("--parallel", choices=("context", "tensor"), default="context")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default="context")
     p.add_argument("--pipeline", choices=("flux", "flux2"), default="flux",
                    help="FLUX.1 (FluxImagePipeline) or FLUX.2 (Flux2ImagePipeline) folder")
     p.add_argument("--smoke", action="store_true", help="2 gloo processes, tiny model, CPU (no GPU needed)")
