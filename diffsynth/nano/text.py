@@ -32,8 +32,8 @@ focus soft cinematic lighting shadow reflection colorful bright quiet busy marke
 road field grass leaf autumn winter spring summer""".split()
 
 _CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
-_T5_SP_VOCAB = 256  # sentencepiece pieces, ids 0..255 (pad 0, eos 1, unk 2)
-_T5_EXTRA_IDS = 100
+T5_SP_VOCAB = 256  # sentencepiece pieces, ids 0..255 (pad 0, eos 1, unk 2)
+T5_EXTRA_IDS = 100
 
 
 def byte_chars() -> list[str]:
@@ -91,7 +91,7 @@ def _t5_spiece(sentences: tuple[str, ...] | None = None) -> bytes:
         sentence_iterator=iter(sentences or random_sentences(3000)),
         model_writer=buf,
         model_type="unigram",
-        vocab_size=_T5_SP_VOCAB,
+        vocab_size=T5_SP_VOCAB,
         pad_id=0,
         eos_id=1,
         unk_id=2,
@@ -140,10 +140,10 @@ TEXT_SIZES: dict[str, dict] = {
 
 # kind: "w" weight (std 0.5/sqrt(fan_in)), "b" bias (std 0.01), "norm" scale (1 + 0.01 N),
 # "emb" embedding table (std 0.1)
-_Spec = list[tuple[str, tuple[int, ...], str]]
+Spec = list[tuple[str, tuple[int, ...], str]]
 
 
-def _fill(spec: _Spec, seed: int, component: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def fill_spec(spec: Spec, seed: int, component: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, shape, kind in spec:
         g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{component}/{key}".encode())) % 2**62)
@@ -165,68 +165,69 @@ def _fill(spec: _Spec, seed: int, component: str, dtype: torch.dtype) -> dict[st
     return out
 
 
-def _linear(name: str, n_out: int, n_in: int, bias: bool = True) -> _Spec:
+def linear_spec(name: str, n_out: int, n_in: int, bias: bool = True) -> Spec:
     spec = [(f"{name}.weight", (n_out, n_in), "w")]
     return spec + [(f"{name}.bias", (n_out,), "b")] if bias else spec
 
 
-def _conv(name: str, n_out: int, n_in: int, k: int) -> _Spec:
+def conv_spec(name: str, n_out: int, n_in: int, k: int) -> Spec:
     return [(f"{name}.weight", (n_out, n_in, k, k), "w"), (f"{name}.bias", (n_out,), "b")]
 
 
-def _norm(name: str, n: int, bias: bool = True) -> _Spec:
+def norm_spec(name: str, n: int, bias: bool = True) -> Spec:
     spec = [(f"{name}.weight", (n,), "norm")]
     return spec + [(f"{name}.bias", (n,), "b")] if bias else spec
 
 
 
-def _clip_spec(c: dict | None = None) -> _Spec:
+def _clip_spec(c: dict | None = None) -> Spec:
     c = c or TEXT_SIZES["clip"]
     h, f = c["hidden_size"], c["intermediate_size"]
-    spec: _Spec = [
+    spec: Spec = [
         ("text_model.embeddings.token_embedding.weight", (c["vocab_size"], h), "emb"),
         ("text_model.embeddings.position_embedding.weight", (c["max_position_embeddings"], h), "emb"),
     ]
     for i in range(c["num_hidden_layers"]):
         p = f"text_model.encoder.layers.{i}"
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            spec += _linear(f"{p}.self_attn.{proj}", h, h)
-        spec += _norm(f"{p}.layer_norm1", h) + _linear(f"{p}.mlp.fc1", f, h) + _linear(f"{p}.mlp.fc2", h, f)
-        spec += _norm(f"{p}.layer_norm2", h)
-    return spec + _norm("text_model.final_layer_norm", h)
+            spec += linear_spec(f"{p}.self_attn.{proj}", h, h)
+        spec += norm_spec(f"{p}.layer_norm1", h) + linear_spec(f"{p}.mlp.fc1", f, h) + linear_spec(f"{p}.mlp.fc2", h, f)
+        spec += norm_spec(f"{p}.layer_norm2", h)
+    return spec + norm_spec("text_model.final_layer_norm", h)
 
 
-def _t5_spec(c: dict | None = None) -> _Spec:
+def _t5_spec(c: dict | None = None) -> Spec:
     c = c or TEXT_SIZES["t5"]
     d, f, inner = c["d_model"], c["d_ff"], c["num_heads"] * c["d_kv"]
-    spec: _Spec = [("shared.weight", (c["vocab_size"], d), "emb")]
+    spec: Spec = [("shared.weight", (c["vocab_size"], d), "emb")]
     for i in range(c["num_layers"]):
         p = f"encoder.block.{i}.layer"
         for proj in ("q", "k", "v"):
-            spec += _linear(f"{p}.0.SelfAttention.{proj}", inner, d, bias=False)
-        spec += _linear(f"{p}.0.SelfAttention.o", d, inner, bias=False)
+            spec += linear_spec(f"{p}.0.SelfAttention.{proj}", inner, d, bias=False)
+        spec += linear_spec(f"{p}.0.SelfAttention.o", d, inner, bias=False)
         if i == 0:
             shape = (c["relative_attention_num_buckets"], c["num_heads"])
             spec.append((f"{p}.0.SelfAttention.relative_attention_bias.weight", shape, "emb"))
-        spec += _norm(f"{p}.0.layer_norm", d, bias=False)
-        spec += _linear(f"{p}.1.DenseReluDense.wi_0", f, d, bias=False)
-        spec += _linear(f"{p}.1.DenseReluDense.wi_1", f, d, bias=False)
-        spec += _linear(f"{p}.1.DenseReluDense.wo", d, f, bias=False)
-        spec += _norm(f"{p}.1.layer_norm", d, bias=False)
-    return spec + _norm("encoder.final_layer_norm", d, bias=False)
+        spec += norm_spec(f"{p}.0.layer_norm", d, bias=False)
+        spec += linear_spec(f"{p}.1.DenseReluDense.wi_0", f, d, bias=False)
+        spec += linear_spec(f"{p}.1.DenseReluDense.wi_1", f, d, bias=False)
+        spec += linear_spec(f"{p}.1.DenseReluDense.wo", d, f, bias=False)
+        spec += norm_spec(f"{p}.1.layer_norm", d, bias=False)
+    return spec + norm_spec("encoder.final_layer_norm", d, bias=False)
 
 
 
 def tiny_clip_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None
                          ) -> dict[str, torch.Tensor]:
-    """Random tiny CLIP text encoder weights with HF ``text_model.*`` key names (sizes: `config`, default TEXT_SIZES)."""
-    return _fill(_clip_spec(config), seed, "clip", dtype)
+    """Random tiny CLIP text encoder weights with HF ``text_model.*`` key names (sizes: `config`, default
+    TEXT_SIZES)."""
+    return fill_spec(_clip_spec(config), seed, "clip", dtype)
 
 
 def tiny_t5_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None
                        ) -> dict[str, torch.Tensor]:
     """Random tiny T5 encoder weights with HF key names (``shared.weight`` + ``encoder.*``)."""
-    return _fill(_t5_spec(config), seed, "t5", dtype)
+    return fill_spec(_t5_spec(config), seed, "t5", dtype)
 
 
 def tiny_clip_config(config: dict | None = None) -> dict:
@@ -304,13 +305,13 @@ def write_clip_tokenizer(folder: Path, words: tuple[str, ...] = tuple(WORDS)) ->
 def write_t5_tokenizer(folder: Path, sentences: tuple[str, ...] | None = None,
                        max_length: int = T5_MAX_LENGTH) -> None:
     """T5 sentencepiece tokenizer files trained on `sentences`; `max_length` becomes model_max_length."""
-    extra = [f"<extra_id_{i}>" for i in range(_T5_EXTRA_IDS)]
+    extra = [f"<extra_id_{i}>" for i in range(T5_EXTRA_IDS)]
     special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "additional_special_tokens": extra}
     write_bytes(folder / "spiece.model", _t5_spiece(sentences))
     config = {
         "tokenizer_class": "T5Tokenizer",
         "model_max_length": max_length,
-        "extra_ids": _T5_EXTRA_IDS,
+        "extra_ids": T5_EXTRA_IDS,
         "legacy": True,
         "clean_up_tokenization_spaces": True,
         **special,

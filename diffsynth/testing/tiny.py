@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from ..models.flux_text_encoders import CLIP_MAX_LENGTH
-from ..nano.text import (_T5_EXTRA_IDS, _T5_SP_VOCAB, T5_MAX_LENGTH, TEXT_SIZES, _conv, _fill, _linear, _norm, _Spec,
-                         tiny_clip_config, tiny_clip_state_dict, tiny_t5_config, tiny_t5_state_dict, write_bytes,
-                         write_clip_tokenizer, write_json, write_t5_tokenizer)
+from ..nano.text import (T5_EXTRA_IDS, T5_MAX_LENGTH, T5_SP_VOCAB, TEXT_SIZES, Spec, conv_spec, fill_spec,
+                         linear_spec, norm_spec, tiny_clip_config, tiny_clip_state_dict, tiny_t5_config,
+                         tiny_t5_state_dict, write_bytes, write_clip_tokenizer, write_json, write_t5_tokenizer)
 from ..ops.files import save_safetensors
 
 __all__ = [
@@ -73,63 +73,63 @@ TINY: dict[str, dict] = {
         num_res_blocks=1,
         z_channels=16,
     ),
-    "tokenizer": dict(clip_max_length=CLIP_MAX_LENGTH, t5_max_length=T5_MAX_LENGTH, t5_sp_vocab=_T5_SP_VOCAB,
-                      t5_extra_ids=_T5_EXTRA_IDS),
+    "tokenizer": dict(clip_max_length=CLIP_MAX_LENGTH, t5_max_length=T5_MAX_LENGTH, t5_sp_vocab=T5_SP_VOCAB,
+                      t5_extra_ids=T5_EXTRA_IDS),
 }
 
 # --------------------------------------------------------------------------------------
 # Shape tables -> deterministic random tensors
 # --------------------------------------------------------------------------------------
 
-def _dit_spec(guidance: bool) -> _Spec:
+def _dit_spec(guidance: bool) -> Spec:
     c = TINY["dit"]
     h, d, ctx, pooled, t = c["hidden_size"], c["head_dim"], c["context_dim"], c["pooled_dim"], c["time_dim"]
     m = int(h * c["mlp_ratio"])
-    spec: _Spec = []
-    spec += _linear("img_in", h, c["in_channels"])
-    spec += _linear("txt_in", h, ctx)
-    spec += _linear("time_in.in_layer", h, t) + _linear("time_in.out_layer", h, h)
-    spec += _linear("vector_in.in_layer", h, pooled) + _linear("vector_in.out_layer", h, h)
+    spec: Spec = []
+    spec += linear_spec("img_in", h, c["in_channels"])
+    spec += linear_spec("txt_in", h, ctx)
+    spec += linear_spec("time_in.in_layer", h, t) + linear_spec("time_in.out_layer", h, h)
+    spec += linear_spec("vector_in.in_layer", h, pooled) + linear_spec("vector_in.out_layer", h, h)
     if guidance:
-        spec += _linear("guidance_in.in_layer", h, t) + _linear("guidance_in.out_layer", h, h)
+        spec += linear_spec("guidance_in.in_layer", h, t) + linear_spec("guidance_in.out_layer", h, h)
     for i in range(c["depth"]):
         for s in ("img", "txt"):
             p = f"double_blocks.{i}.{s}"
-            spec += _linear(f"{p}_mod.lin", 6 * h, h)
-            spec += _linear(f"{p}_attn.qkv", 3 * h, h)
+            spec += linear_spec(f"{p}_mod.lin", 6 * h, h)
+            spec += linear_spec(f"{p}_attn.qkv", 3 * h, h)
             spec += [(f"{p}_attn.norm.query_norm.scale", (d,), "norm"), (f"{p}_attn.norm.key_norm.scale", (d,), "norm")]
-            spec += _linear(f"{p}_attn.proj", h, h)
-            spec += _linear(f"{p}_mlp.0", m, h) + _linear(f"{p}_mlp.2", h, m)
+            spec += linear_spec(f"{p}_attn.proj", h, h)
+            spec += linear_spec(f"{p}_mlp.0", m, h) + linear_spec(f"{p}_mlp.2", h, m)
     for i in range(c["depth_single_blocks"]):
         p = f"single_blocks.{i}"
-        spec += _linear(f"{p}.linear1", 3 * h + m, h) + _linear(f"{p}.linear2", h, h + m)
+        spec += linear_spec(f"{p}.linear1", 3 * h + m, h) + linear_spec(f"{p}.linear2", h, h + m)
         spec += [(f"{p}.norm.query_norm.scale", (d,), "norm"), (f"{p}.norm.key_norm.scale", (d,), "norm")]
-        spec += _linear(f"{p}.modulation.lin", 3 * h, h)
-    spec += _linear("final_layer.linear", c["in_channels"], h)
-    spec += _linear("final_layer.adaLN_modulation.1", 2 * h, h)
+        spec += linear_spec(f"{p}.modulation.lin", 3 * h, h)
+    spec += linear_spec("final_layer.linear", c["in_channels"], h)
+    spec += linear_spec("final_layer.adaLN_modulation.1", 2 * h, h)
     return spec
 
 
-def _resnet(name: str, c_in: int, c_out: int) -> _Spec:
-    spec = _norm(f"{name}.norm1", c_in) + _conv(f"{name}.conv1", c_out, c_in, 3)
-    spec += _norm(f"{name}.norm2", c_out) + _conv(f"{name}.conv2", c_out, c_out, 3)
+def _resnet(name: str, c_in: int, c_out: int) -> Spec:
+    spec = norm_spec(f"{name}.norm1", c_in) + conv_spec(f"{name}.conv1", c_out, c_in, 3)
+    spec += norm_spec(f"{name}.norm2", c_out) + conv_spec(f"{name}.conv2", c_out, c_out, 3)
     if c_in != c_out:
-        spec += _conv(f"{name}.nin_shortcut", c_out, c_in, 1)
+        spec += conv_spec(f"{name}.nin_shortcut", c_out, c_in, 1)
     return spec
 
 
-def _mid(name: str, c: int) -> _Spec:
-    spec = _resnet(f"{name}.block_1", c, c) + _norm(f"{name}.attn_1.norm", c)
+def _mid(name: str, c: int) -> Spec:
+    spec = _resnet(f"{name}.block_1", c, c) + norm_spec(f"{name}.attn_1.norm", c)
     for proj in ("q", "k", "v", "proj_out"):
-        spec += _conv(f"{name}.attn_1.{proj}", c, c, 1)
+        spec += conv_spec(f"{name}.attn_1.{proj}", c, c, 1)
     return spec + _resnet(f"{name}.block_2", c, c)
 
 
-def _ae_spec() -> _Spec:
+def _ae_spec() -> Spec:
     c = TINY["vae"]
     ch, mult, nrb, z = c["ch"], c["ch_mult"], c["num_res_blocks"], c["z_channels"]
     levels = len(mult)
-    spec: _Spec = _conv("encoder.conv_in", ch, c["in_channels"], 3)
+    spec: Spec = conv_spec("encoder.conv_in", ch, c["in_channels"], 3)
     block_in = ch
     for i in range(levels):
         block_out = ch * mult[i]
@@ -137,12 +137,12 @@ def _ae_spec() -> _Spec:
             spec += _resnet(f"encoder.down.{i}.block.{j}", block_in, block_out)
             block_in = block_out
         if i != levels - 1:
-            spec += _conv(f"encoder.down.{i}.downsample.conv", block_in, block_in, 3)
+            spec += conv_spec(f"encoder.down.{i}.downsample.conv", block_in, block_in, 3)
     spec += _mid("encoder.mid", block_in)
-    spec += _norm("encoder.norm_out", block_in) + _conv("encoder.conv_out", 2 * z, block_in, 3)
+    spec += norm_spec("encoder.norm_out", block_in) + conv_spec("encoder.conv_out", 2 * z, block_in, 3)
 
     block_in = ch * mult[-1]
-    spec += _conv("decoder.conv_in", block_in, z, 3)
+    spec += conv_spec("decoder.conv_in", block_in, z, 3)
     spec += _mid("decoder.mid", block_in)
     for i in reversed(range(levels)):
         block_out = ch * mult[i]
@@ -150,19 +150,19 @@ def _ae_spec() -> _Spec:
             spec += _resnet(f"decoder.up.{i}.block.{j}", block_in, block_out)
             block_in = block_out
         if i != 0:
-            spec += _conv(f"decoder.up.{i}.upsample.conv", block_in, block_in, 3)
-    spec += _norm("decoder.norm_out", block_in) + _conv("decoder.conv_out", c["out_channels"], block_in, 3)
+            spec += conv_spec(f"decoder.up.{i}.upsample.conv", block_in, block_in, 3)
+    spec += norm_spec("decoder.norm_out", block_in) + conv_spec("decoder.conv_out", c["out_channels"], block_in, 3)
     return spec
 
 
 def tiny_dit_state_dict(seed: int = 0, guidance: bool = True, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random tiny FLUX DiT weights with BFL key names."""
-    return _fill(_dit_spec(guidance), seed, "dit", dtype)
+    return fill_spec(_dit_spec(guidance), seed, "dit", dtype)
 
 
 def tiny_ae_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random tiny FLUX autoencoder weights with BFL (``encoder.*``/``decoder.*``) key names."""
-    return _fill(_ae_spec(), seed, "ae", dtype)
+    return fill_spec(_ae_spec(), seed, "ae", dtype)
 
 
 def bfl_to_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
