@@ -13,7 +13,7 @@ OPTIONAL = {
     "onnxruntime": "pip install 'diffsynth-flux[infiniteyou]'",
     "onnx": "pip install onnx (the tiny InfiniteYou detector is written as ONNX)",
     "gradio": "pip install 'diffsynth-flux[ui]'",
-    "playwright": "pip install playwright && playwright install chromium",
+    "playwright": "pip install 'diffsynth-flux[test]' (Playwright drives the system's Chromium)",
     "controlnet_aux": "pip install 'diffsynth-flux[annotators]'",
 }
 
