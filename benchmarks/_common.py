@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -85,6 +86,23 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, li
 def pair_ratio(ref: list[float], ours: list[float]) -> float:
     """Median over rounds of ours/ref: the ratio each round measured side by side."""
     return median([b / a for a, b in zip(ref, ours)])
+
+
+@dataclass
+class Comparison:
+    """One side-by-side row: median milliseconds of the reference (diffusers) and of ours, the median of the
+    per-round ratios ours/reference, and how far the two outputs differ (each script says which measure)."""
+    case: str
+    reference_ms: float
+    ours_ms: float
+    ratio: float
+    diff: float
+
+
+def compare(case: str, times: dict[str, list[float]], diff: float, reference: str = "diffusers") -> Comparison:
+    """The Comparison of `times` (seconds per round, from `interleaved`) of `reference` and "ours"."""
+    ref, ours = times[reference], times["ours"]
+    return Comparison(case, median(ref) * 1000, median(ours) * 1000, pair_ratio(ref, ours), diff)
 
 
 # For memory measurements: every buffer of 64 KiB or more gets its own mapping and is returned to the OS

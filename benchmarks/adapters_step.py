@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -143,20 +144,31 @@ def worker(kind: str, variant: str = "") -> None:
             emit({"peak_mb": peak_rss_mb() - before})
 
 
-def main(parts: tuple[str, ...] = ("latency", "memory")) -> None:
+@dataclass
+class AdaptersResult:
+    latency_ms: dict[str, float] = field(default_factory=dict)     # variant -> median ms of one step
+    ratio_to_base: dict[str, float] = field(default_factory=dict)  # variant -> median of per-round ratios to "base"
+    xlabs_vs_diffusers: float | None = None                        # ours / diffusers, each with the XLabs adapter
+    memory_mb: dict[str, float] = field(default_factory=dict)      # variant -> RSS growth during one step
+
+
+def main(parts: tuple[str, ...] = ("latency", "memory")) -> AdaptersResult:
+    result = AdaptersResult()
     if "latency" in parts:
-        latency_table()
+        latency_table(result)
     if "memory" in parts:
-        memory_table()
+        memory_table(result)
+    return result
 
 
-def latency_table() -> None:
+def latency_table(result: AdaptersResult) -> None:
     lat = run_worker(__file__, "latency")["times"]
     b = lat["base"]
-    rows = [[name, f"{median(lat[name]) * 1000:.0f}", f"{pair_ratio(b, lat[name]):.2f}"]
-            for name in ("base", "instantx", "xlabs", "eligen", "diffusers", "diffusers-xlabs")]
-    rows.append(["xlabs: ours / diffusers (each with its adapter)", "",
-                 f"{pair_ratio(lat['diffusers-xlabs'], lat['xlabs']):.2f}"])
+    for name in ("base", "instantx", "xlabs", "eligen", "diffusers", "diffusers-xlabs"):
+        result.latency_ms[name], result.ratio_to_base[name] = median(lat[name]) * 1000, pair_ratio(b, lat[name])
+    result.xlabs_vs_diffusers = pair_ratio(lat["diffusers-xlabs"], lat["xlabs"])
+    rows = [[name, f"{ms:.0f}", f"{result.ratio_to_base[name]:.2f}"] for name, ms in result.latency_ms.items()]
+    rows.append(["xlabs: ours / diffusers (each with its adapter)", "", f"{result.xlabs_vs_diffusers:.2f}"])
     print(f"Step latency, CPU fp32 ({DIT['num_double_blocks']}+{DIT['num_single_blocks']} blocks, width "
           f"{DIT['hidden_size']}, {TOKENS} image + {TEXT} text tokens, EliGen {ENTITIES} entities, median of {REPS})")
     print(table(rows, ["variant", "ms", "ratio to our base step"]))
@@ -165,8 +177,9 @@ def latency_table() -> None:
 MEMORY_VARIANTS = ["base", f"unmasked-{ENTITIES}", f"eligen-{ENTITIES}"] + ([] if SMOKE else ["unmasked-1", "eligen-1"])
 
 
-def memory_table() -> None:
-    mem = {v: run_worker(__file__, "memory", v, env=MEMORY_ENV)["peak_mb"] for v in MEMORY_VARIANTS}
+def memory_table(result: AdaptersResult) -> None:
+    mem = result.memory_mb
+    mem.update({v: run_worker(__file__, "memory", v, env=MEMORY_ENV)["peak_mb"] for v in MEMORY_VARIANTS})
     rows = [[v, f"{m:.0f}", f"{m / mem['base']:.2f}",
              f"{m / mem['unmasked-' + v.split('-')[1]]:.2f}" if v.startswith("eligen") else ""]
             for v, m in mem.items()]

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MID_DIT, interleaved, median, pair_ratio, table  # noqa: E402
+from _common import MID_DIT, Comparison, compare, interleaved, table  # noqa: E402
 
 SMOKE = os.environ.get("DIFFSYNTH_BENCH_SMOKE") == "1"
 DIT = dict(MID_DIT, hidden_size=64, num_heads=2, context_dim=32, pooled_dim=32, axes_dim=(8, 12, 12)) if SMOKE \
@@ -108,9 +108,10 @@ def ours_step(models, v, scales):
     return step
 
 
-def main() -> None:
+def main() -> list[Comparison]:
+    """One row per number of ControlNets ("1", "2"); diff: max |ours - diffusers| / max |diffusers|."""
     import torch
-    rows = []
+    results = []
     with torch.inference_mode():
         for n in (1, 2):
             dit, nets = diffusers_models(n)
@@ -119,13 +120,13 @@ def main() -> None:
             fns = {"diffusers": diffusers_step(dit, nets, v, scales), "ours": ours_step(ours, v, scales)}
             a, b = fns["diffusers"](), fns["ours"]()
             diff = ((a - b).abs().max() / a.abs().max()).item()
-            times = interleaved(fns, REPS)
-            rows.append([str(n), f"{median(times['diffusers']) * 1000:.1f}", f"{median(times['ours']) * 1000:.1f}",
-                         f"{pair_ratio(times['diffusers'], times['ours']):.2f}", f"{diff:.1e}"])
+            results.append(compare(str(n), interleaved(fns, REPS), diff))
     print(f"ControlNet step, CPU fp32 (DiT {DIT['num_double_blocks']}+{DIT['num_single_blocks']} blocks, ControlNets "
           f"{CONTROLNET_BLOCKS[0]}+{CONTROLNET_BLOCKS[1]}, width {DIT['hidden_size']}, {TOKENS}+{TEXT} tokens, "
           f"median of {REPS} rotating reps)")
+    rows = [[r.case, f"{r.reference_ms:.1f}", f"{r.ours_ms:.1f}", f"{r.ratio:.2f}", f"{r.diff:.1e}"] for r in results]
     print(table(rows, ["ControlNets", "diffusers ms", "ours ms", "ours/diffusers", "max rel diff"]))
+    return results
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MEMORY_ENV, emit, interleaved, median, pair_ratio, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
+from _common import MEMORY_ENV, Comparison, compare, emit, interleaved, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
 
 SMOKE = os.environ.get("DIFFSYNTH_BENCH_SMOKE") == "1"
 SIDE, TEXT, REPS = (4, 8, 2) if SMOKE else (32, 512, 6)  # packed latent side: 32 -> 1024 tokens (512 px)
@@ -91,21 +92,33 @@ def worker(kind: str, dtype_name: str, refs: str, impl: str = "") -> None:
             emit({"peak_mb": peak_rss_mb() - before})
 
 
-def main(dtypes: tuple[str, ...] = ("fp32", "bf16")) -> None:
-    rows = []
+@dataclass
+class Flux2Row:
+    references: int
+    dtype: str
+    step: Comparison         # diff: relative L2 difference of the velocities
+    reference_peak_mb: float  # RSS growth during one step, fresh process
+    ours_peak_mb: float
+
+
+def main(dtypes: tuple[str, ...] = ("fp32", "bf16")) -> list[Flux2Row]:
+    results = []
     cases = [("1", "fp32")] if SMOKE else [(r, d) for r in ("0", "1") for d in dtypes]
     for refs, dtype in cases:
         lat = run_worker(__file__, "latency", dtype, refs)
-        d, o = lat["times"]["diffusers"], lat["times"]["ours"]
-        mem = {i: run_worker(__file__, "memory", dtype, refs, i, env=MEMORY_ENV) for i in ("diffusers", "ours")}
-        rows.append([f"{refs} reference image(s)", dtype, f"{median(d) * 1000:.0f}", f"{median(o) * 1000:.0f}",
-                     f"{pair_ratio(d, o):.2f}", f"{mem['diffusers']['peak_mb']:.0f}", f"{mem['ours']['peak_mb']:.0f}",
-                     f"{mem['ours']['peak_mb'] / max(mem['diffusers']['peak_mb'], 1e-3):.2f}", f"{lat['rel_diff']:.1e}"])
+        mem = {i: run_worker(__file__, "memory", dtype, refs, i, env=MEMORY_ENV)["peak_mb"]
+               for i in ("diffusers", "ours")}
+        results.append(Flux2Row(int(refs), dtype, compare(f"{refs} reference image(s)", lat["times"], lat["rel_diff"]),
+                                mem["diffusers"], mem["ours"]))
+    rows = [[r.step.case, r.dtype, f"{r.step.reference_ms:.0f}", f"{r.step.ours_ms:.0f}", f"{r.step.ratio:.2f}",
+             f"{r.reference_peak_mb:.0f}", f"{r.ours_peak_mb:.0f}",
+             f"{r.ours_peak_mb / max(r.reference_peak_mb, 1e-3):.2f}", f"{r.step.diff:.1e}"] for r in results]
     print(f"FLUX.2 DiT step, CPU ({CONFIG['num_layers']}+{CONFIG['num_single_layers']} blocks, width "
           f"{CONFIG['num_attention_heads'] * CONFIG['attention_head_dim']}, {SIDE * SIDE}+{TEXT} tokens, "
           f"median of {REPS} alternating reps)")
     print(table(rows, ["case", "dtype", "diffusers ms", "ours ms", "ours/diffusers (median of pairs)",
                        "diffusers step peak MB", "ours step peak MB", "peak ratio", "relative diff"]))
+    return results
 
 
 if __name__ == "__main__":

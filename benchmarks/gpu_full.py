@@ -17,6 +17,7 @@ import gc
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,6 +29,13 @@ from _common import table  # noqa: E402
 
 SMOKE = os.environ.get("DIFFSYNTH_BENCH_SMOKE") == "1"
 STEPS, SIZE, T5_LEN = (2, 64, 16) if SMOKE else (28, 1024, 512)
+
+
+@dataclass
+class Row:
+    variant: str
+    seconds: float
+    peak_gb: float | None  # torch.cuda.max_memory_allocated (NaN on the CPU smoke run); None: not measured
 
 
 def configs():
@@ -144,10 +152,10 @@ def diffusers_dit(ours, device, dtype):
     return model.to(device, dtype).eval()
 
 
-def main() -> None:
+def main() -> list[Row]:
     if not torch.cuda.is_available() and not SMOKE:
         print("gpu_full.py: skipped, no CUDA device (it measures full-size FLUX.1-dev at 1024x1024 on a GPU)")
-        return
+        return []
     device = "cpu" if SMOKE else "cuda"
     dtype = torch.float32 if SMOKE else torch.bfloat16
     compile_kwargs = {"backend": "aot_eager"} if SMOKE else {}
@@ -157,7 +165,7 @@ def main() -> None:
 
     reset_peak(device)
     seconds = run_pipe(pipe, device)
-    rows.append(["ours, eager", f"{seconds:.2f}", f"{seconds / STEPS * 1000:.0f}", f"{peak_gb(device):.1f}"])
+    rows.append(Row("ours, eager", seconds, peak_gb(device)))
 
     inputs = dit_inputs(pipe.dit.config, device, dtype)
     with torch.no_grad():
@@ -178,18 +186,15 @@ def main() -> None:
         ref = None  # frees the diffusers model before ours compiles
         pipe.compile(**compile_kwargs)
         ours_compiled = dit_loop(lambda: pipe.dit(**inputs), device)
-    rows.append([f"DiT x{STEPS}: diffusers", f"{ref_dit:.2f}", f"{ref_dit / STEPS * 1000:.0f}", f"{ref_peak:.1f}"])
-    rows.append([f"DiT x{STEPS}: ours (ratio {ours_dit / ref_dit:.2f})", f"{ours_dit:.2f}",
-                 f"{ours_dit / STEPS * 1000:.0f}", f"{ours_peak:.1f}"])
-    rows.append([f"DiT x{STEPS}: diffusers, compiled", f"{ref_compiled:.2f}", f"{ref_compiled / STEPS * 1000:.0f}", "-"])
-    rows.append([f"DiT x{STEPS}: ours, compiled (ratio {ours_compiled / ref_compiled:.2f})", f"{ours_compiled:.2f}",
-                 f"{ours_compiled / STEPS * 1000:.0f}", "-"])
+    rows.append(Row(f"DiT x{STEPS}: diffusers", ref_dit, ref_peak))
+    rows.append(Row(f"DiT x{STEPS}: ours (ratio {ours_dit / ref_dit:.2f})", ours_dit, ours_peak))
+    rows.append(Row(f"DiT x{STEPS}: diffusers, compiled", ref_compiled, None))
+    rows.append(Row(f"DiT x{STEPS}: ours, compiled (ratio {ours_compiled / ref_compiled:.2f})", ours_compiled, None))
 
     run_pipe(pipe, device, steps=1)  # the blocks were compiled above; this warms the rest of the pipeline
     reset_peak(device)
     seconds = run_pipe(pipe, device)
-    rows.append(["ours, compiled", f"{seconds:.2f}",
-                 f"{seconds / STEPS * 1000:.0f}", f"{peak_gb(device):.1f}"])
+    rows.append(Row("ours, compiled", seconds, peak_gb(device)))
     del pipe
     gc.collect()
 
@@ -203,8 +208,7 @@ def main() -> None:
     run_pipe(pipe, device, steps=1)
     reset_peak(device)
     seconds = run_pipe(pipe, device)
-    rows.append(["ours, fp8 storage, bf16 compute", f"{seconds:.2f}", f"{seconds / STEPS * 1000:.0f}",
-                 f"{peak_gb(device):.1f}"])
+    rows.append(Row("ours, fp8 storage, bf16 compute", seconds, peak_gb(device)))
     del pipe
     gc.collect()
 
@@ -219,12 +223,15 @@ def main() -> None:
     reset_peak(device)
     seconds = run_pipe(pipe, device)
     plan = plans["dit",]
-    rows.append([f"ours, DiT stored on CPU, vram_limit {limit} GB ({plan.streamed_bytes / 2**30:.1f} GB streamed/step)",
-                 f"{seconds:.2f}", f"{seconds / STEPS * 1000:.0f}", f"{peak_gb(device):.1f}"])
+    streamed = f"{plan.streamed_bytes / 2**30:.1f} GB streamed/step"
+    rows.append(Row(f"ours, DiT stored on CPU, vram_limit {limit} GB ({streamed})", seconds, peak_gb(device)))
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run, tiny model)"
     print(f"FLUX.1-dev size, random weights, {SIZE}x{SIZE}, {STEPS} steps, {dtype}, {name}")
-    print(table(rows, ["variant", "seconds", "ms / step", "peak GB"]))
+    cells = [[r.variant, f"{r.seconds:.2f}", f"{r.seconds / STEPS * 1000:.0f}",
+              "-" if r.peak_gb is None else f"{r.peak_gb:.1f}"] for r in rows]
+    print(table(cells, ["variant", "seconds", "ms / step", "peak GB"]))
+    return rows
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MID_DIT, interleaved, median, pair_ratio, table  # noqa: E402
+from _common import MID_DIT, Comparison, compare, interleaved, table  # noqa: E402
 
 # variant -> (DiT input features, condition channels at latent resolution, reference tokens?)
 VARIANTS = {"kontext": (64, 0, True), "fill": (384, 80, False), "canny/depth": (128, 16, False),
@@ -104,24 +104,24 @@ def steps(variant: str, s: dict):
     return {"diffusers": diffusers_step, "ours": ours_step}
 
 
-def main(only: list[str] | None = None) -> None:
-    """`only`: variant names to measure (default: all), e.g. `image_variants.py redux`."""
+def main(only: list[str] | None = None) -> list[Comparison]:
+    """`only`: variant names to measure (default: all), e.g. `image_variants.py redux`. One row per variant;
+    diff: max |velocity difference|."""
     import torch
     s = sizes()
-    rows = []
+    results = []
     with torch.inference_mode():
         for variant in only or VARIANTS:
             fns = steps(variant, s)
             diff = (fns["diffusers"]() - fns["ours"]()).abs().max().item()
-            times = interleaved(fns, s["reps"])
-            d, o = times["diffusers"], times["ours"]
-            rows.append([variant, f"{median(d) * 1000:.0f}", f"{median(o) * 1000:.0f}", f"{pair_ratio(d, o):.2f}",
-                         f"{diff:.1e}"])
+            results.append(compare(variant, interleaved(fns, s["reps"]), diff))
     dit = s["dit"]
     print(f"Variant denoising step, CPU fp32 ({dit['num_double_blocks']}+{dit['num_single_blocks']} blocks, width "
           f"{dit['hidden_size']}, {(s['side'] // 2) ** 2} image + {s['text']} text tokens (Redux: + {s['redux']}), "
           f"median of {s['reps']} rotating reps)")
+    rows = [[r.case, f"{r.reference_ms:.0f}", f"{r.ours_ms:.0f}", f"{r.ratio:.2f}", f"{r.diff:.1e}"] for r in results]
     print(table(rows, ["variant", "diffusers ms", "ours ms", "ours/diffusers", "max |velocity diff|"]))
+    return results
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved, median, pair_ratio, table  # noqa: E402
+from _common import Comparison, compare, interleaved, median, table  # noqa: E402
 from controlnet_step import DIT, REPS, SMOKE, diffusers_models, inputs, ours_models  # noqa: E402
 
 ID_TOKENS, ID_GUIDANCE = 8, 1.0
@@ -55,8 +56,14 @@ def ours_step(models, v, tokens):
     return step
 
 
-def identity_cost() -> list[str]:
-    """Seconds for align + ArcFace + projector of one face (once per call), real sizes unless SMOKE."""
+@dataclass
+class InfiniteYouResult:
+    step: Comparison      # diff: max |ours - diffusers| / max |diffusers| of the velocity
+    identity_ms: float    # align + ArcFace + projector of one face, once per call
+
+
+def identity_cost() -> float:
+    """Milliseconds for align + ArcFace + projector of one face (once per call), real sizes unless SMOKE."""
     import numpy as np
     import torch
     from diffsynth.models.face_id import ARCFACE_TEMPLATE, ArcFaceConfig, ArcFaceIRSE, align_face
@@ -75,11 +82,10 @@ def identity_cost() -> list[str]:
     def run():
         crop = torch.from_numpy(align_face(image, kps)).permute(2, 0, 1)[None].float() / 127.5 - 1
         return projector(arcface(crop)[:, None])
-    times = interleaved({"identity": run}, REPS)["identity"]
-    return ["identity (align + ArcFace IR-SE50 + projector), once per call", f"{median(times) * 1000:.1f}"]
+    return median(interleaved({"identity": run}, REPS)["identity"]) * 1000
 
 
-def main() -> None:
+def main() -> InfiniteYouResult:
     import torch
     with torch.inference_mode():
         dit, (net,) = diffusers_models(1)
@@ -89,16 +95,18 @@ def main() -> None:
         fns = {"diffusers": diffusers_step(dit, net, v, tokens), "ours": ours_step(ours, v, tokens)}
         a, b = fns["diffusers"](), fns["ours"]()
         diff = ((a - b).abs().max() / a.abs().max()).item()
-        times = interleaved(fns, REPS)
+        result = InfiniteYouResult(compare("step", interleaved(fns, REPS), diff), 0.0)
         start = time.perf_counter()
-        cost = identity_cost()
+        result.identity_ms = identity_cost()
+    r = result.step
     print(f"InfiniteYou step, CPU fp32 (DiT {DIT['num_double_blocks']}+{DIT['num_single_blocks']} blocks, InfuseNet "
           f"2+2, width {DIT['hidden_size']}, {ID_TOKENS} identity tokens, median of {REPS} rotating reps)")
-    print(table([["step", f"{median(times['diffusers']) * 1000:.1f}", f"{median(times['ours']) * 1000:.1f}",
-                  f"{pair_ratio(times['diffusers'], times['ours']):.2f}", f"{diff:.1e}"]],
+    print(table([[r.case, f"{r.reference_ms:.1f}", f"{r.ours_ms:.1f}", f"{r.ratio:.2f}", f"{r.diff:.1e}"]],
                 ["InfiniteYou", "diffusers ms", "ours ms", "ours/diffusers", "max rel diff"]))
-    print(table([cost], ["once per call", "ours ms"]))
+    print(table([["identity (align + ArcFace IR-SE50 + projector), once per call", f"{result.identity_ms:.1f}"]],
+                ["once per call", "ours ms"]))
     print(f"(identity measurement took {time.perf_counter() - start:.1f} s)")
+    return result
 
 
 if __name__ == "__main__":

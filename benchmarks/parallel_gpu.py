@@ -19,13 +19,17 @@ CPU smoke run (2 gloo processes on 127.0.0.1, the tiny random FLUX.1-dev or FLUX
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from diffsynth.ops.names import PARALLEL_MODES  # noqa: E402
 
 PROMPT = "a photo of a red cat sitting on a wooden table"
 
@@ -39,14 +43,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--t5-sequence-length", type=int, default=512)
-    p.add_argument("--parallel", choices=("context", "tensor"), default="context")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default="context")
     p.add_argument("--pipeline", choices=("flux", "flux2"), default="flux",
                    help="FLUX.1 (FluxImagePipeline) or FLUX.2 (Flux2ImagePipeline) folder")
     p.add_argument("--smoke", action="store_true", help="2 gloo processes, tiny model, CPU (no GPU needed)")
+    p.add_argument("--result-json", help="rank 0 also writes its numbers (ParallelResult) to this file")
     args = p.parse_args(argv)
     if not args.smoke and not args.model_dir:
         p.error("--model-dir is required (or --smoke)")
     return args
+
+
+@dataclass
+class ParallelResult:
+    devices: int
+    single_s: float           # one process, parallelism off
+    split_s: float            # `devices` processes
+    max_pixel_diff: float     # between the two images, in 1/255 steps
+
+
+@dataclass
+class SmokeResult:
+    exit_code: int                   # the worst of the ranks'
+    result: ParallelResult | None    # rank 0's numbers (None when it failed before writing them)
 
 
 def load(args, parallel: str | None):
@@ -90,6 +109,8 @@ def run_rank(args) -> None:
         timed_generation(pipe, argparse.Namespace(**{**vars(args), "steps": 1}))
         single_s, single_image = timed_generation(pipe, args)
         diff = (split_image - single_image).abs().max().item() * 255
+        if args.result_json:
+            Path(args.result_json).write_text(json.dumps(asdict(ParallelResult(world, single_s, split_s, diff))))
         print(f"| devices | seconds | speed-up |\n|---|---|---|\n| 1 | {single_s:.2f} | 1.00 |\n"
               f"| {world} | {split_s:.2f} | {single_s / split_s:.2f} |")
         print(f"{args.parallel} parallel, {args.height}x{args.width}, {args.steps} steps, {args.dtype}, "
@@ -99,8 +120,8 @@ def run_rank(args) -> None:
     parallel.shutdown()
 
 
-def smoke(mode: str = "context", pipeline: str = "flux") -> int:
-    """The tiny model in a temporary folder, run as 2 local gloo processes; returns the worst exit code."""
+def smoke(mode: str = "context", pipeline: str = "flux") -> SmokeResult:
+    """The tiny model in a temporary folder, run as 2 local gloo processes."""
     from diffsynth.testing import build_tiny_flux
     from diffsynth.testing.distributed import launch_local
     from diffsynth.testing.tiny_flux2 import build_tiny_flux2
@@ -109,18 +130,20 @@ def smoke(mode: str = "context", pipeline: str = "flux") -> int:
             build_tiny_flux(Path(tmp) / "FLUX.1-dev")
         argv = [sys.executable, __file__, "--model-dir", str(root), "--device", "cpu", "--dtype", "fp32",
                 "--height", "48", "--width", "80", "--steps", "2", "--t5-sequence-length", "77", "--parallel", mode,
-                "--pipeline", pipeline]
+                "--pipeline", pipeline, "--result-json", str(Path(tmp) / "result.json")]
         results = launch_local(argv, nprocs=2, timeout=300)
+        written = Path(tmp) / "result.json"
+        result = ParallelResult(**json.loads(written.read_text())) if written.is_file() else None
     for r in results:
         if r.returncode or r.rank == 0:
             print(f"--- rank {r.rank} (exit {r.returncode})\n{r.output}")
-    return max(r.returncode for r in results)
+    return SmokeResult(max(r.returncode for r in results), result)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
-        return smoke(args.parallel, args.pipeline)
+        return smoke(args.parallel, args.pipeline).exit_code
     run_rank(args)
     return 0
 

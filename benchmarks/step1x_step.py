@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MID_DIT, interleaved, median, pair_ratio, table  # noqa: E402
+from _common import MID_DIT, Comparison, compare, interleaved, table  # noqa: E402
 
 SMOKE = os.environ.get("DIFFSYNTH_BENCH_SMOKE") == "1"
 TOKENS, TEXT, QWEN, REPS = (16, 32, 48, 2) if SMOKE else (1024, 640, 3584, 6)
@@ -70,17 +70,18 @@ def runners(ref, ours, connector):
     return {"diffusers": run_diffusers, "ours": run_ours}
 
 
-def main() -> None:
+def main() -> Comparison:
+    """diff: max |ours - diffusers| of the velocity."""
     import torch
     with torch.inference_mode():
         fns = runners(*build())
         max_diff = (fns["diffusers"]() - fns["ours"]()).abs().max().item()
-        times = interleaved(fns, REPS)
-    d, o = times["diffusers"], times["ours"]
+        r = compare("step", interleaved(fns, REPS), max_diff)
     print(f"Step1X-Edit denoiser step, CPU fp32 ({DIT['num_double_blocks']}+{DIT['num_single_blocks']} blocks, "
           f"width {DIT['hidden_size']}, {TOKENS} target + {TOKENS} reference + {TEXT} text tokens)")
-    print(table([[f"{median(d) * 1000:.0f}", f"{median(o) * 1000:.0f}", f"{pair_ratio(d, o):.2f}", f"{max_diff:.1e}"]],
+    print(table([[f"{r.reference_ms:.0f}", f"{r.ours_ms:.0f}", f"{r.ratio:.2f}", f"{r.diff:.1e}"]],
                 ["diffusers transformer ms", "ours ms", "ours/diffusers", "max |diff|"]))
+    return r
 
 
 if __name__ == "__main__":

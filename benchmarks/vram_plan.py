@@ -14,6 +14,7 @@ peak (residents + largest per-layer transient + activation estimate).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from _common import table  # noqa: E402
-from diffsynth.loading.vram import GB, estimate_activation_bytes, plan_model  # noqa: E402
+from diffsynth.loading.vram import GB, VramPlan, estimate_activation_bytes, plan_model  # noqa: E402
 from diffsynth.models.flux2_dit import Flux2DiT, Flux2DiTConfig  # noqa: E402
 from diffsynth.models.flux_dit import FluxDiT, FluxDiTConfig  # noqa: E402
 
@@ -54,15 +55,25 @@ def mistral_encoder():
     return MistralModel(config)
 
 
-def plans(name: str, dit, storages, cards, kind: str = "dit") -> None:
+@dataclass
+class PlanRow:
+    model: str
+    parameters: int
+    storage: str
+    card_gb: int
+    plan: VramPlan
+
+
+def plans(name: str, dit, storages, cards, kind: str = "dit") -> list[PlanRow]:
     params = sum(p.numel() for p in dit.parameters())
     act = estimate_activation_bytes("text_encoder_mistral" if kind == "text" else "dit", dit, 1024, 1024, 1,
                                     torch.bfloat16)
-    rows = []
+    out, rows = [], []
     for label, storage in storages:
         for card in cards:
             plan = plan_model(dit, int((card - 0.5) * GB), torch.bfloat16, activation_bytes=act, **storage)
             total = plan.resident_bytes + plan.streamed_bytes
+            out.append(PlanRow(name, params, label, card, plan))
             rows.append([label, f"{card} GB", f"{total / GB:.1f}", f"{plan.resident_bytes / GB:.1f}",
                          f"{len(plan.resident)}/{len(plan.resident) + len(plan.streamed)}",
                          f"{plan.streamed_bytes / GB:.1f}", f"{plan.peak_bytes / GB:.1f}",
@@ -72,18 +83,20 @@ def plans(name: str, dit, storages, cards, kind: str = "dit") -> None:
           f"activation estimate {act / GB:.2f} GB, vram_buffer 0.5 GB (GB = GiB)")
     print(table(rows, ["storage", "card", "weights GB", "resident GB", "resident layers",
                        "streamed GB / step", "expected peak GB", "fits"]))
+    return out
 
 
-def main() -> None:
+def main() -> list[PlanRow]:
     with torch.device("meta"):
-        plans("FLUX.1-dev", FluxDiT(FluxDiTConfig()), STORAGES, CARDS)
+        out = plans("FLUX.1-dev", FluxDiT(FluxDiTConfig()), STORAGES, CARDS)
         for name, config in KLEIN.items():
             print()
-            plans(name, Flux2DiT(config), STORAGES[:2], (8, 12))
+            out += plans(name, Flux2DiT(config), STORAGES[:2], (8, 12))
         print()
-        plans("FLUX.2 [dev]", Flux2DiT(DEV), STORAGES, DEV_CARDS)
+        out += plans("FLUX.2 [dev]", Flux2DiT(DEV), STORAGES, DEV_CARDS)
         print()
-        plans("FLUX.2 [dev] Mistral-Small-3", mistral_encoder(), STORAGES[:2], DEV_CARDS, kind="text")
+        out += plans("FLUX.2 [dev] Mistral-Small-3", mistral_encoder(), STORAGES[:2], DEV_CARDS, kind="text")
+    return out
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .generation import (GENERATION_KEYS, apply_folder_defaults, build_pipeline, call_params, compute_target, loras,
                          model_files_in, model_paths, offloading, png_metadata)
-from .ops.names import ATTENTION_BACKENDS, COMPUTE_DTYPES, FP8_DTYPES
+from .ops.names import ATTENTION_BACKENDS, COMPUTE_DTYPES, FP8_DTYPES, PARALLEL_MODES
 
 
 def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True, seed: int | None = None) -> None:
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", default="image.png", help="image file; .png (with the parameters), .jpg or .webp "
                      "(numbered when --num-images > 1)")
     gen.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
-    gen.add_argument("--parallel", choices=("context", "tensor"),
+    gen.add_argument("--parallel", choices=PARALLEL_MODES,
                      help="multi-device inference, under `torchrun --nproc-per-node N --no-python diffsynth "
                      "generate ...`: 'context' splits the DiT's tokens over the processes, 'tensor' its heads "
                      "and MLP channels")

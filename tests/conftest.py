@@ -1,7 +1,44 @@
+import importlib.util
+
 import pytest
 import torch
 
 from diffsynth.testing import build_tiny_flux
+
+# Optional packages the tests use -> how to install them. A test that needs one says so with
+# `@pytest.mark.needs("cv2", ...)` (a fixture: `require("onnx")`) and is skipped, naming what is missing,
+# where it is absent; the `test` extra installs them all.
+OPTIONAL = {
+    "cv2": "pip install 'diffsynth-flux[controlnet]' (opencv-python-headless)",
+    "onnxruntime": "pip install 'diffsynth-flux[infiniteyou]'",
+    "onnx": "pip install onnx (the tiny InfiniteYou detector is written as ONNX)",
+    "gradio": "pip install 'diffsynth-flux[ui]'",
+    "playwright": "pip install 'diffsynth-flux[test]' (Playwright drives the system's Chromium)",
+    "controlnet_aux": "pip install 'diffsynth-flux[annotators]'",
+}
+
+
+def missing_reason(*modules: str) -> str | None:
+    """Why a test needing `modules` cannot run here (the absent ones and how to install them), or None."""
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    return "; ".join(f"needs {m}: {OPTIONAL.get(m, f'pip install {m}')}" for m in absent) or None
+
+
+def require(*modules: str) -> None:
+    """Skip the running test (or every test using the running fixture) unless all of `modules` are installed."""
+    reason = missing_reason(*modules)
+    if reason:
+        pytest.skip(reason)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(*modules): skipped, with the reason, when an optional package is absent")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture runs: `needs` marks (module, class, function or parameter) skip a test that cannot run."""
+    require(*(m for mark in item.iter_markers("needs") for m in mark.args))
 
 
 @pytest.fixture(scope="session")

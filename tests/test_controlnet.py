@@ -225,7 +225,6 @@ def test_loaded_names_models_alias_vram_and_fp8(make_pipe):
     assert pipe.controlnet.models[1] is pipe.controlnet[1] and pipe.controlnet[1].is_union
     kw = dict(prompt="a cat", height=64, width=64, num_inference_steps=2, seed=0, t5_sequence_length=16,
               output_type="latent", controlnet_inputs=[ControlNetInput(image=control_image(), scale=0.5)], **quiet)
-    expected = pipe(**kw)
     offloaded = make_pipe("plain", "union", offload_device="cpu", offload_dtype=torch.float32)
     offloaded.enable_vram_management(vram_limit=0)
     seen = []
@@ -238,13 +237,22 @@ def test_loaded_names_models_alias_vram_and_fp8(make_pipe):
     fp8 = make_pipe("plain", offload_dtype=torch.float8_e4m3fn)
     assert fp8.controlnet[0].blocks[0].attn.a_to_qkv.weight.dtype == torch.float8_e4m3fn
     got = fp8(**kw)
-    assert torch.isfinite(got).all() and (got - expected).abs().max() < 0.5
+    # oracle: the fp32 ControlNet with the weights fp8 storage holds rounded to fp8 once
+    reference = make_pipe("plain")
+    stored = dict(fp8.controlnet[0].named_parameters())
+    with torch.no_grad():
+        for name, p in reference.controlnet[0].named_parameters():
+            if stored[name].dtype == torch.float8_e4m3fn:
+                p.copy_(p.to(torch.float8_e4m3fn).float())
+    torch.testing.assert_close(got, reference(**kw), rtol=1e-5, atol=1e-5)
+    assert (got - make_pipe("plain")(**kw)).abs().max() > 0  # the rounding is visible
 
 
 # ----------------------------------------------------------------------------- annotators
 
+@pytest.mark.needs("cv2")
 def test_canny_annotator_matches_opencv():
-    cv2 = pytest.importorskip("cv2")
+    import cv2
     from diffsynth.controlnets.processors import Annotator
     image = control_image(7, size=(80, 64))
     out = Annotator("canny")(image)

@@ -14,11 +14,17 @@ from diffsynth.models.face_id import ARCFACE_TEMPLATE, align_face, similarity_tr
 from diffsynth.testing.tiny_infiniteyou import (INFUSENET_FOLDER, PROJECTOR_FILE, build_tiny_infiniteyou,
                                                 face_image)
 
+from conftest import require
+
+# the face pipeline: SCRFD through onnxruntime, alignment through OpenCV
+FACE_EXTRA = pytest.mark.needs("onnxruntime", "cv2")
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def iy_root(tmp_path_factory):
+    require("onnx")  # the tiny detector is written as an ONNX graph
     return build_tiny_infiniteyou(tmp_path_factory.mktemp("iy") / "ByteDance" / "InfiniteYou")
 
 
@@ -75,6 +81,7 @@ def test_infusenet_loads_as_controlnet(iy_pipe):
     assert (net.config.num_double_blocks, net.config.num_single_blocks, net.is_union) == (2, 2, False)
 
 
+@pytest.mark.needs("cv2")
 def test_similarity_transform_and_alignment():
     angle, scale, shift = math.radians(25), 1.7, np.array([30.0, 12.0])
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
@@ -97,6 +104,7 @@ def test_similarity_transform_and_alignment():
     assert np.abs(crop[..., :2][inside].astype(float) - src[inside]).max() <= 1.0
 
 
+@FACE_EXTRA
 def test_face_embedding(iy_root):
     folder = face_id.face_folder(str(iy_root / PROJECTOR_FILE))
     faces = face_id.FaceEmbedder(folder, torch.device("cpu"), torch.float32)
@@ -110,6 +118,7 @@ def test_face_embedding(iy_root):
         faces(black(256))
 
 
+@FACE_EXTRA
 def test_detector_with_fixed_input_size(tmp_path):
     """A detector exported at a fixed size runs at that size for every requested size; a non-square one
     letterboxes by its own aspect ratio."""
@@ -122,6 +131,7 @@ def test_detector_with_fixed_input_size(tmp_path):
     assert boxes[0] == boxes[1] and boxes[0]
 
 
+@FACE_EXTRA
 def test_missing_face_models_and_extra(tmp_path, iy_root, monkeypatch):
     with pytest.raises(FileNotFoundError, match="scrfd_10g_bnkps.onnx.*antelopev2"):
         face_id.FaceEmbedder(tmp_path / "antelopev2", torch.device("cpu"), torch.float32)
@@ -134,6 +144,7 @@ def test_missing_face_models_and_extra(tmp_path, iy_root, monkeypatch):
         face_id.FaceEmbedder(face_id.face_folder(str(iy_root / PROJECTOR_FILE)), torch.device("cpu"), torch.float32)
 
 
+@FACE_EXTRA
 def test_pipeline_identity_changes_image(iy_pipe):
     args = dict(prompt="a man", height=64, width=64, num_inference_steps=2, seed=1, output_type="pt",
                 controlnet_inputs=[ControlNetInput(image=black(), processor_id="None")])
@@ -147,6 +158,7 @@ def test_pipeline_identity_changes_image(iy_pipe):
     torch.testing.assert_close(iy_pipe(**cfg), iy_pipe(**cfg, batch_cfg=False), rtol=1e-4, atol=1e-4)
 
 
+@FACE_EXTRA
 def test_identity_tokens_reach_the_controlnet(iy_root, iy_pipe, monkeypatch):
     """InfuseNet's call inside the pipeline: text = projector(ArcFace embedding), zero text positions,
     guidance = infinityou_guidance; its residuals equal diffusers' FluxControlNetModel on the same inputs."""
@@ -178,6 +190,7 @@ def test_identity_tokens_reach_the_controlnet(iy_root, iy_pipe, monkeypatch):
         assert (a - b).abs().max() / b.abs().max() < 1e-5
 
 
+@FACE_EXTRA
 def test_identity_errors(tiny_pipe, iy_pipe):
     with pytest.raises(RuntimeError, match="image_proj_model.bin"):
         tiny_pipe(prompt="a", height=64, width=64, num_inference_steps=1, infinityou_id_image=face_image())

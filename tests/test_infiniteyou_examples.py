@@ -16,7 +16,8 @@ ROW = "FLUX.1-dev-InfiniteYou"
 DATASET = Path("data") / "diffsynth_example_dataset" / "flux" / ROW
 
 
-pytestmark = pytest.mark.usefixtures("cpu_noise")
+# tiny detector written as ONNX, run by onnxruntime; faces aligned by OpenCV
+pytestmark = [pytest.mark.usefixtures("cpu_noise"), pytest.mark.needs("onnx", "onnxruntime", "cv2")]
 
 
 @pytest.fixture(scope="module")

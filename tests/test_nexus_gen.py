@@ -160,8 +160,16 @@ def test_pipeline_generation_and_editing(nexus_dir, flux_dir):
               output_type="latent", progress_bar_cmd=lambda x: x)
     gen = _pipe(nexus_dir, flux_dir, "generation_decoder.bin")
     a = gen(**kw)
-    guided = gen(**kw, cfg_scale=2.0)  # negative branch: T5 tokens of another length -> two DiT calls
-    assert guided.shape == a.shape and not torch.allclose(guided, a)
+    # The negative branch keeps the CLIP/T5 encoding (T5 tokens of another length -> two DiT calls): what the same
+    # DiT without Nexus-Gen's Qwen gives for the negative prompt. One Euler step is linear in the velocity, so
+    # CFG = neg + s * (pos - neg) of the two single-branch latents.
+    plain = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
+        ModelConfig(path=str(nexus_dir / "generation_decoder.bin")), *[ModelConfig(path=str(flux_dir / f))
+                                                                       for f in FLUX_FILES]])
+    one = {**kw, "num_inference_steps": 1}
+    pos, neg, guided = gen(**one), plain(**{**one, "prompt": ""}), gen(**one, cfg_scale=2.0)
+    torch.testing.assert_close(guided, neg + 2.0 * (pos - neg), rtol=1e-5, atol=1e-5)
+    assert (pos - neg).abs().max() > 1e-3
     with pytest.raises(RuntimeError, match="edit_decoder.bin"):
         gen(**kw, nexus_gen_reference_image=_image())
     edit = _pipe(nexus_dir, flux_dir, "edit_decoder.bin")

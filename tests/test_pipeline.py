@@ -204,16 +204,32 @@ def test_sigma_shift_changes_schedule(tiny_pipe, monkeypatch):
 
 
 def test_cfg_uses_negative_prompt(tiny_pipe):
-    base = tiny_pipe("a cat", output_type="latent", **SMALL)
-    cfg_a = tiny_pipe("a cat", cfg_scale=3.0, negative_prompt="dog", output_type="latent", **SMALL)
-    cfg_b = tiny_pipe("a cat", cfg_scale=3.0, negative_prompt="red house", output_type="latent", **SMALL)
-    assert not torch.allclose(base, cfg_a) and not torch.allclose(cfg_a, cfg_b)
+    """One Euler step is linear in the velocity: x1 = x0 + dσ * v. With true CFG, v = v_neg + s * (v_pos - v_neg),
+    so the CFG latent is neg + s * (pos - neg) of the two single-prompt latents from the same noise."""
+    one = dict(SMALL, num_inference_steps=1, output_type="latent")
+    pos = tiny_pipe("a cat", **one)
+    for negative in ("dog", "red house"):
+        neg = tiny_pipe(negative, **one)
+        cfg = tiny_pipe("a cat", cfg_scale=3.0, negative_prompt=negative, **one)
+        torch.testing.assert_close(cfg, neg + 3.0 * (pos - neg), rtol=1e-4, atol=1e-4)
+        assert (pos - neg).abs().max() > 1e-3  # the negative prompt is a different condition
 
 
-def test_embedded_guidance_and_t5_length_matter(tiny_pipe):
-    base = tiny_pipe("a cat", output_type="latent", **SMALL)
-    assert not torch.allclose(base, tiny_pipe("a cat", embedded_guidance=1.0, output_type="latent", **SMALL))
-    assert not torch.allclose(base, tiny_pipe("a cat", output_type="latent", **{**SMALL, "t5_sequence_length": 24}))
+@pytest.mark.parametrize("guidance, t5_length", [(1.0, 32), (3.5, 24)], ids=["guidance-1", "t5-24-tokens"])
+def test_embedded_guidance_and_t5_length_match_diffusers(tiny_root, tiny_pipe, guidance, t5_length):
+    """Both reach the DiT as diffusers' FluxPipeline passes them (guidance_scale, max_sequence_length): the
+    final latents agree (an image comparison within 2/255 would not see the T5 length)."""
+    ref = diffusers_pipeline(tiny_root)
+    h, w, steps, seed = 64, 96, 4, 7
+    noise = torch.randn((1, 16, h // 8, w // 8), generator=torch.Generator("cpu").manual_seed(seed))
+    args = dict(prompt="a red cat on a sofa", height=h, width=w, num_inference_steps=steps)
+    expected = ref(**args, guidance_scale=guidance, sigmas=flux_sigmas(steps).numpy(), latents=patchify(noise),
+                   max_sequence_length=t5_length, output_type="latent").images
+    ours = tiny_pipe(**args, embedded_guidance=guidance, seed=seed, t5_sequence_length=t5_length,
+                     output_type="latent", **quiet)
+    torch.testing.assert_close(patchify(ours), expected, rtol=1e-4, atol=1e-4)
+    default = tiny_pipe(**args, embedded_guidance=3.5, seed=seed, t5_sequence_length=32, output_type="latent", **quiet)
+    assert (default - ours).abs().max() > 1e-3  # the argument changes the result
 
 
 def test_progress_bar_cmd_is_used(tiny_pipe):

@@ -8,6 +8,7 @@ from diffsynth.loading.lora import convert_lora, export_kohya, read_lora_file
 from diffsynth.loading.registry import build, detect
 from diffsynth.models.flux_dit import timestep_embedding
 from diffsynth.ops.files import load_state_dict, save_safetensors
+from diffsynth.testing.tiny_image import record_dit_calls
 from diffsynth.testing.tiny_adapters import (lora_encoder_state_dict, tiny_lora_encoder_layers, write_tiny_lora_encoder,
                                              write_tiny_value_controller)
 
@@ -84,12 +85,26 @@ def test_lora_token_steers_and_scale_matters(pipe, files):
     assert (half - steered).abs().max() > 1e-5
 
 
-def test_value_controllers(pipe, files):
-    base = pipe(**KW)
-    bright = pipe(**KW, value_controller_inputs=[0.9, None])
-    dark = pipe(**KW, value_controller_inputs=[0.1, None])
-    both = pipe(**KW, value_controller_inputs=[0.9, 0.5], cfg_scale=2.0, negative_prompt="blurry")
-    assert (bright - dark).abs().max() > 1e-5 and (bright - base).abs().max() > 1e-5 and both.isfinite().all()
+def test_value_controllers(pipe, files, monkeypatch):
+    """Each value's tokens reach every DiT call after the 16 T5 tokens (text id 0), on both CFG rows."""
+    calls = record_dit_calls(monkeypatch, passthrough=True)
+    first, second = pipe.value_controller
+    with torch.no_grad():
+        tokens = {v: first(torch.tensor(v)) for v in (0.9, 0.1)}
+        contrast = second(torch.tensor(0.5))
+    for value in (0.9, 0.1):
+        calls.clear()
+        pipe(**KW, value_controller_inputs=[value, None])
+        assert len(calls) == KW["num_inference_steps"]
+        for call in calls:
+            torch.testing.assert_close(call.prompt_emb[:, 16:], tokens[value][None], rtol=0, atol=0)
+            assert call.text_ids.shape[1] == 16 + len(tokens[value]) and not call.text_ids[:, 16:].any()
+    assert (tokens[0.9] - tokens[0.1]).abs().max() > 1e-3  # the value changes the tokens
+    calls.clear()
+    pipe(**KW, value_controller_inputs=[0.9, 0.5], cfg_scale=2.0, negative_prompt="blurry")
+    both = torch.cat([tokens[0.9], contrast])[None].expand(2, -1, -1)  # one batch: positive and negative rows
+    for call in calls:
+        torch.testing.assert_close(call.prompt_emb[:, 16:], both, rtol=0, atol=0)
     controller = pipe.value_controller[0]
     sd = load_state_dict(str(files["brightness"]))
     emb = timestep_embedding(torch.tensor([900.0]))

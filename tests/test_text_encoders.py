@@ -219,8 +219,11 @@ def test_encode_prompt_clip_equals_pooler_output(tiny, models):
     torch.testing.assert_close(pooled, ref, rtol=0, atol=0)
     assert not torch.allclose(pooled[0], pooled[1])
     long_prompt = " ".join(["cat"] * 200)  # truncated to 77, EOS kept
+    long_ids = tok([long_prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert long_ids.shape == (1, 77) and long_ids[0, -1] == tok.eos_token_id
     with torch.no_grad():
-        assert torch.isfinite(encode_prompt_clip(tok, clip, [long_prompt])).all()
+        torch.testing.assert_close(encode_prompt_clip(tok, clip, [long_prompt], "cpu"), clip(long_ids).pooler_output,
+                                   rtol=0, atol=0)
 
 
 def test_encode_prompt_t5_equals_model_output(tiny, models):

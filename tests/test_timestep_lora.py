@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from diffsynth import FluxImagePipeline
 from diffsynth.loading.registry import build, detect
 from diffsynth.models.flux_dit import dit_from_diffusers
+from diffsynth.testing.tiny_image import record_dit_calls
 from diffsynth.testing.tiny_timestep_lora import FILE, build_tiny_timestep_lora, tiny_timestep_lora_state_dict
 from test_dit import diffusers_model, inputs, ours_from
 
@@ -65,16 +66,27 @@ def test_timestep_lora_equals_diffusers_with_the_lora_merged_at_that_timestep(lo
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_pipeline_applies_it_at_every_step(tiny_pipe, lora_dir):
+def test_pipeline_applies_it_at_every_step(tiny_pipe, lora_dir, monkeypatch):
+    """Every DiT evaluation runs with the LoRA attached at that evaluation's sigma (the module test above pins
+    what an attached LoRA computes) and detached after it."""
     base = tiny_pipe("a cat", seed=0, **SMALL)
+    attached = []
     try:
         tiny_pipe.load_timestep_lora(str(lora_dir / FILE), alpha=2.0)
+        lora = tiny_pipe.timestep_lora
+        calls = record_dit_calls(monkeypatch, passthrough=True)
+        attach = lora.attach
+        monkeypatch.setattr(lora, "attach", lambda dit, sigma: attached.append(sigma.clone()) or attach(dit, sigma))
         with_lora = tiny_pipe("a cat", seed=0, **SMALL)
+        assert len(attached) == len(calls) == SMALL["num_inference_steps"]
+        for sigma, call in zip(attached, calls):
+            assert torch.equal(sigma, call.timestep)
+        assert not any(m._forward_hooks for m in tiny_pipe.dit.modules())  # detached after each call
         batched = tiny_pipe("a cat", seed=0, cfg_scale=2.0, **SMALL)
         separate = tiny_pipe("a cat", seed=0, cfg_scale=2.0, batch_cfg=False, **SMALL)
     finally:
         tiny_pipe.timestep_lora = None
-    assert not torch.allclose(base, with_lora, atol=1e-3)
+    assert (base - with_lora).abs().max() > 1e-3
     torch.testing.assert_close(batched, separate, rtol=1e-4, atol=1e-5)  # one timestep embedding per row
     torch.testing.assert_close(tiny_pipe("a cat", seed=0, **SMALL), base, rtol=0, atol=0)
 

@@ -1,7 +1,6 @@
 """The tiny random FLUX.1 folder: exact layout, determinism, shard indexes, shapes."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffsynth.testing import tiny as tiny_module
+from diffsynth.models.flux_dit import FluxDiT, dit_from_bfl, infer_dit_config
+from diffsynth.models.flux_vae import FluxVAEDecoder, FluxVAEEncoder, infer_vae_config, vae_from_bfl
+from diffsynth.nano import text
 from diffsynth.testing import (
     COMFY_PREFIXES,
     TINY,
@@ -52,11 +53,9 @@ def tiny(tmp_path_factory) -> Path:
     return build_tiny_flux(tmp_path_factory.mktemp("tiny"))
 
 
-def test_layout_and_speed(tmp_path, tiny):
+def test_layout(tmp_path, tiny):
     assert set(files(tiny)) == COMMON | {"flux1-dev.safetensors"}
-    start = time.perf_counter()
     root = build_tiny_flux(tmp_path / "d", dit_format="diffusers")
-    assert time.perf_counter() - start < 5
     assert set(files(root)) == COMMON | DIFFUSERS_DIT
     with pytest.raises(ValueError, match="dit_format"):
         build_tiny_flux(tmp_path / "x", dit_format="gguf")
@@ -67,7 +66,7 @@ def test_deterministic(tmp_path, tiny):
     other = files(build_tiny_flux(tmp_path / "seed1", seed=1))
     assert other["flux1-dev.safetensors"] != files(tiny)["flux1-dev.safetensors"]
     assert other["tokenizer_2/spiece.model"] == files(tiny)["tokenizer_2/spiece.model"]
-    assert tiny_module._t5_spiece.__wrapped__() == tiny_module._t5_spiece()  # retraining is deterministic
+    assert text._t5_spiece.__wrapped__() == text._t5_spiece()  # retraining is deterministic
     a = build_tiny_comfy_checkpoint(tmp_path / "a.safetensors").read_bytes()
     assert build_tiny_comfy_checkpoint(tmp_path / "b.safetensors").read_bytes() == a
 
@@ -135,7 +134,19 @@ def test_diffusers_dit_loads_in_diffusers(tmp_path):
             txt_ids=torch.zeros(8, 3),
             guidance=torch.tensor([3.5]),
         ).sample
-    assert torch.isfinite(out).all() and 0.05 < out.std() < 5
+        # the BFL file of the same seed, through our loader, is the same model
+        bfl = load_file(build_tiny_flux(tmp_path / "bfl") / "flux1-dev.safetensors")
+        config = infer_dit_config(dit_from_bfl(bfl))
+        config.axes_dim = TINY["dit"]["axes_dim"]  # rope axes are not stored in the file
+        ours = FluxDiT(config).eval()
+        ours.load_state_dict(dit_from_bfl(bfl), strict=True)
+        g = torch.Generator().manual_seed(0)
+        x, txt, pooled = (torch.randn(1, 16, 64, generator=g), torch.randn(1, 8, 32, generator=g),
+                          torch.randn(1, 32, generator=g))
+        got = ours(x, torch.zeros(1, 16, 3), txt, torch.zeros(1, 8, 3), torch.tensor([0.5]), pooled,
+                   torch.tensor([3.5]))
+    assert out.abs().mean() > 1e-2
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
 
 
 def test_ae_layout_loads_in_diffusers(tiny):
@@ -162,9 +173,19 @@ def test_ae_layout_loads_in_diffusers(tiny):
     ).eval()
     vae.load_state_dict(convert_ldm_vae_checkpoint(dict(sd), vae.config), strict=True)
     with torch.no_grad():
-        z = vae.encode(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1).latent_dist.mean
+        x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        z = vae.encode(x).latent_dist.mean
         y = vae.decode(z).sample
-    assert z.shape == (1, 16, 4, 4) and torch.isfinite(y).all() and 0.05 < y.std() < 5
+        # the same file through our loader: the same encoder and decoder (ours work on normalised latents)
+        enc_sd, dec_sd = vae_from_bfl(sd)
+        config = infer_vae_config(enc_sd)
+        enc, dec = FluxVAEEncoder(config).eval(), FluxVAEDecoder(config).eval()
+        enc.load_state_dict(enc_sd, strict=True)
+        dec.load_state_dict(dec_sd, strict=True)
+        normalised = (z - config.shift_factor) * config.scaling_factor
+        torch.testing.assert_close(enc(x), normalised, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dec(normalised), y, rtol=1e-5, atol=1e-5)
+    assert z.shape == (1, 16, 4, 4) and y.abs().mean() > 1e-2
 
 
 def test_comfy_checkpoint_has_the_same_tensors(tmp_path, tiny):

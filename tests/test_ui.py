@@ -2,7 +2,6 @@
 (Playwright driving Debian's Chromium) against `diffsynth ui` started as a subprocess on flux-nano."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -186,7 +185,7 @@ def test_edit_tab_offers_only_what_the_models_can_use(tiny_root, tmp_path):
                         (None, 1.0))
 
 
-@pytest.mark.skipif(not importlib.util.find_spec("cv2"), reason="canny needs OpenCV (diffsynth-flux[controlnet])")
+@pytest.mark.needs("cv2")  # canny
 def test_annotator_preview_is_the_condition_image():
     picture = Image.new("RGB", (64, 64), (0, 0, 0))
     ImageDraw.Draw(picture).rectangle((16, 16, 47, 47), fill=(255, 255, 255))
@@ -212,11 +211,15 @@ def test_training_settings_and_progress_lines(tmp_path):
 # -- the page, in a real browser ----------------------------------------------------------------
 
 CHROMIUM = os.environ.get("DIFFSYNTH_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-BROWSER_MISSING = [name for name, ok in (("gradio", importlib.util.find_spec("gradio")),
-                                         ("playwright", importlib.util.find_spec("playwright")),
-                                         ("chromium (apt-get install chromium)", CHROMIUM)) if not ok]
-browser_test = pytest.mark.skipif(bool(BROWSER_MISSING), reason=f"browser tests need {', '.join(BROWSER_MISSING)} "
-                                  "(pip install 'diffsynth-flux[ui,test]')")
+
+
+def browser_test(fn):
+    """A test of the page in a real browser: needs gradio, playwright and a Chromium."""
+    no_chromium = pytest.mark.skipif(not CHROMIUM, reason="browser tests need chromium (apt-get install chromium, "
+                                     "or DIFFSYNTH_CHROMIUM=/path/to/chrome)")
+    return pytest.mark.needs("gradio", "playwright")(no_chromium(fn))
+
+
 STARTUP_S = 300  # importing torch and gradio on a busy 2-core machine took up to 165 s
 WAIT_MS = 240_000  # a generation or a 4-step training run, however busy the machine
 
@@ -374,6 +377,7 @@ def test_ui_command_checks_its_options_before_loading(tmp_path, capsys, monkeypa
     assert "--port must be in 1..65535" in capsys.readouterr().err
 
 
+@pytest.mark.needs("gradio")
 def test_ui_command_loads_flux_nano_without_a_browser(tmp_path):
     """What `diffsynth ui` does before serving (the browser tests start it too, in make test-slow): parse,
     load flux-nano through the CLI's pipeline builder, and describe the page."""

@@ -240,9 +240,6 @@ class VramPlan:
     def fits(self) -> bool:
         return self.peak_bytes <= self.budget_bytes
 
-    def bytes_per_step(self, forwards_per_step: int = 1) -> int:
-        return self.streamed_bytes * forwards_per_step
-
     def summary(self) -> str:
         g = lambda b: f"{b / GB:.2f} GB"  # noqa: E731
         n = len(self.resident) + len(self.streamed)

@@ -41,10 +41,6 @@ class ClipImageEncoder(nn.Module):
         super().__init__()
         self.model = model
 
-    @property
-    def embed_dim(self) -> int:
-        return self.model.config.projection_dim
-
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         size = self.model.config.image_size
         out = []

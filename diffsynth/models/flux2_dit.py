@@ -34,7 +34,8 @@ from ..ops.files import strip_first_prefix
 from ..ops.linear import Linear
 from .entry import BuildOptions, Detected, Family, assign, fills, has_key, has_prefix, meta_tensors
 from ..ops.parallel import context_parallel_enabled, interleave_shards, run_split_blocks, shard_linears, world_size
-from .flux_dit import (RMSNorm, apply_rope, gated, layer_norm, load_dit_tensors, merge_heads, modulate, rope_frequencies,
+from .flux_dit import (BFL_PREFIXES, RMSNorm, apply_rope, gated, layer_norm, load_dit_tensors, merge_heads, modulate,
+                       rope_frequencies,
                        split_heads, timestep_embedding)
 
 
@@ -335,11 +336,10 @@ class Flux2DiT(nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoint formats
 
-BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DIFFUSERS_PREFIXES = ("transformer.",)
 
 # BFL name -> internal (= diffusers) name; block tables apply after `double_blocks.N.` / `single_blocks.N.`.
-_BFL_TOP = {
+BFL_TOP = {
     "img_in": "x_embedder", "txt_in": "context_embedder",
     "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
     "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
@@ -350,7 +350,7 @@ _BFL_TOP = {
     "single_stream_modulation.lin": "single_stream_modulation.linear",
     "final_layer.adaLN_modulation.1": "norm_out.linear", "final_layer.linear": "proj_out",
 }
-_BFL_DOUBLE = {
+BFL_DOUBLE = {
     "img_attn.norm.query_norm.scale": "attn.norm_q.weight", "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
     "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
     "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
@@ -358,12 +358,12 @@ _BFL_DOUBLE = {
     "img_mlp.0": "ff.linear_in", "img_mlp.2": "ff.linear_out",
     "txt_mlp.0": "ff_context.linear_in", "txt_mlp.2": "ff_context.linear_out",
 }
-_BFL_SINGLE = {
+BFL_SINGLE = {
     "linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out",
     "norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight",
 }
 # BFL's fused double-block projections and the internal pieces they concatenate, in order.
-_BFL_FUSED = {
+BFL_FUSED = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
@@ -387,9 +387,9 @@ def bfl_key_to_internal(key: str) -> str | None:
     """One unfused BFL key (prefix stripped) -> internal name; None when unknown or fused (`*_attn.qkv`)."""
     m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", key)
     if m is None:
-        return _rename(key, _BFL_TOP)
+        return _rename(key, BFL_TOP)
     kind, idx, rest = m.groups()
-    name = _rename(rest, _BFL_DOUBLE if kind == "double_blocks" else _BFL_SINGLE)
+    name = _rename(rest, BFL_DOUBLE if kind == "double_blocks" else BFL_SINGLE)
     return None if name is None else f"{_BLOCK_LISTS[kind]}.{idx}.{name}"
 
 
@@ -397,14 +397,14 @@ def internal_key_to_bfl(key: str) -> str | None:
     """Inverse of `bfl_key_to_internal` (the q/k/v pieces of fused projections have no BFL name)."""
     m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", key)
     if m is None:
-        return _rename(key, _invert(_BFL_TOP))
+        return _rename(key, _invert(BFL_TOP))
     kind, idx, rest = m.groups()
     double = kind == "transformer_blocks"
-    name = _rename(rest, _invert(_BFL_DOUBLE if double else _BFL_SINGLE))
+    name = _rename(rest, _invert(BFL_DOUBLE if double else BFL_SINGLE))
     return None if name is None else f"{'double_blocks' if double else 'single_blocks'}.{idx}.{name}"
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
     """BFL's final modulation is (shift, scale); ours is (scale, shift). The swap is its own inverse."""
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
@@ -418,14 +418,14 @@ def dit_from_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         m = re.match(r"double_blocks\.(\d+)\.(img_attn\.qkv|txt_attn\.qkv)\.(weight)$", k)
         if m:
             idx, fused, param = m.groups()
-            for piece, t in zip(_BFL_FUSED[fused], v.chunk(3, dim=0)):
+            for piece, t in zip(BFL_FUSED[fused], v.chunk(3, dim=0)):
                 out[f"transformer_blocks.{idx}.{piece}.{param}"] = t
             continue
         name = bfl_key_to_internal(k)
         if name is None:
             unknown.append(k)
             continue
-        out[name] = _swap_halves(v) if name == "norm_out.linear.weight" else v
+        out[name] = swap_halves(v) if name == "norm_out.linear.weight" else v
     if unknown:
         raise ValueError(f"unknown keys in BFL FLUX.2 DiT checkpoint: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
     return out
@@ -437,15 +437,15 @@ def dit_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for k, v in sd.items():
         m = re.match(r"transformer_blocks\.(\d+)\.(attn\.(?:to|add)_[qkv](?:_proj)?)\.weight$", k)
         if m:
-            fused = next(f for f, parts in _BFL_FUSED.items() if m.group(2) in parts)
-            if m.group(2) == _BFL_FUSED[fused][0]:
-                parts = [sd[f"transformer_blocks.{m.group(1)}.{p}.weight"] for p in _BFL_FUSED[fused]]
+            fused = next(f for f, parts in BFL_FUSED.items() if m.group(2) in parts)
+            if m.group(2) == BFL_FUSED[fused][0]:
+                parts = [sd[f"transformer_blocks.{m.group(1)}.{p}.weight"] for p in BFL_FUSED[fused]]
                 out[f"double_blocks.{m.group(1)}.{fused}.weight"] = torch.cat(parts, 0)
             continue
         name = internal_key_to_bfl(k)
         if name is None:
             raise ValueError(f"cannot export {k!r} to BFL FLUX.2 key names")
-        out[name] = _swap_halves(v) if k == "norm_out.linear.weight" else v
+        out[name] = swap_halves(v) if k == "norm_out.linear.weight" else v
     return out
 
 

@@ -481,7 +481,7 @@ class Extensions:
 
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
-_BFL_TOP = {
+BFL_TOP = {
     "img_in": "x_embedder", "txt_in": "context_embedder",
     "time_in.in_layer": "time_embedder.timestep_embedder.0", "time_in.out_layer": "time_embedder.timestep_embedder.2",
     "guidance_in.in_layer": "guidance_embedder.timestep_embedder.0",
@@ -489,7 +489,7 @@ _BFL_TOP = {
     "vector_in.in_layer": "pooled_text_embedder.0", "vector_in.out_layer": "pooled_text_embedder.2",
     "final_layer.linear": "final_proj_out", "final_layer.adaLN_modulation.1": "final_norm_out.linear",
 }
-_BFL_DOUBLE = {
+BFL_DOUBLE = {
     "img_mod.lin": "norm1_a.linear", "txt_mod.lin": "norm1_b.linear",
     "img_attn.qkv": "attn.a_to_qkv", "txt_attn.qkv": "attn.b_to_qkv",
     "img_attn.proj": "attn.a_to_out", "txt_attn.proj": "attn.b_to_out",
@@ -497,13 +497,13 @@ _BFL_DOUBLE = {
     "txt_attn.norm.query_norm.scale": "attn.norm_q_b.weight", "txt_attn.norm.key_norm.scale": "attn.norm_k_b.weight",
     "img_mlp.0": "ff_a.0", "img_mlp.2": "ff_a.2", "txt_mlp.0": "ff_b.0", "txt_mlp.2": "ff_b.2",
 }
-_BFL_SINGLE = {
+BFL_SINGLE = {
     "linear1": "to_qkv_mlp", "linear2": "proj_out", "modulation.lin": "norm.linear",
     "norm.query_norm.scale": "norm_q_a.weight", "norm.key_norm.scale": "norm_k_a.weight",
 }
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
     """BFL's final modulation is (shift, scale); ours is (scale, shift). The swap is its own inverse."""
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
@@ -523,9 +523,9 @@ def _invert(table: dict[str, str]) -> dict[str, str]:
 
 
 # Block lists of each layout: (name on the other side, per-block key table), and the top-level table.
-_FROM_BFL = ({"double_blocks": ("blocks", _BFL_DOUBLE), "single_blocks": ("single_blocks", _BFL_SINGLE)}, _BFL_TOP)
-_TO_BFL = ({"blocks": ("double_blocks", _invert(_BFL_DOUBLE)),
-            "single_blocks": ("single_blocks", _invert(_BFL_SINGLE))}, _invert(_BFL_TOP))
+_FROM_BFL = ({"double_blocks": ("blocks", BFL_DOUBLE), "single_blocks": ("single_blocks", BFL_SINGLE)}, BFL_TOP)
+_TO_BFL = ({"blocks": ("double_blocks", _invert(BFL_DOUBLE)),
+            "single_blocks": ("single_blocks", _invert(BFL_SINGLE))}, _invert(BFL_TOP))
 
 
 def _map_key(key: str, mapping) -> str | None:
@@ -556,7 +556,7 @@ def dit_from_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if name is None:
             unknown.append(k)
             continue
-        out[name] = _swap_halves(v) if name.startswith("final_norm_out.linear") else v
+        out[name] = swap_halves(v) if name.startswith("final_norm_out.linear") else v
     if unknown:
         raise ValueError(f"unknown keys in BFL FLUX DiT checkpoint: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
     return out
@@ -568,11 +568,11 @@ def dit_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         name = internal_key_to_bfl(k)
         if name is None:
             raise ValueError(f"cannot export {k!r} to BFL key names")
-        out[name] = _swap_halves(v) if k.startswith("final_norm_out.linear") else v
+        out[name] = swap_halves(v) if k.startswith("final_norm_out.linear") else v
     return out
 
 
-_DIFFUSERS_TOP = {
+DIFFUSERS_TOP = {
     "time_text_embed.timestep_embedder.linear_1": "time_embedder.timestep_embedder.0",
     "time_text_embed.timestep_embedder.linear_2": "time_embedder.timestep_embedder.2",
     "time_text_embed.guidance_embedder.linear_1": "guidance_embedder.timestep_embedder.0",
@@ -582,18 +582,18 @@ _DIFFUSERS_TOP = {
     "context_embedder": "context_embedder", "x_embedder": "x_embedder",
     "norm_out.linear": "final_norm_out.linear", "proj_out": "final_proj_out",
 }
-_DIFFUSERS_DOUBLE = {
+DIFFUSERS_DOUBLE = {
     "norm1.linear": "norm1_a.linear", "norm1_context.linear": "norm1_b.linear",
     "attn.to_out.0": "attn.a_to_out", "attn.to_add_out": "attn.b_to_out",
     "attn.norm_q": "attn.norm_q_a", "attn.norm_k": "attn.norm_k_a",
     "attn.norm_added_q": "attn.norm_q_b", "attn.norm_added_k": "attn.norm_k_b",
     "ff.net.0.proj": "ff_a.0", "ff.net.2": "ff_a.2", "ff_context.net.0.proj": "ff_b.0", "ff_context.net.2": "ff_b.2",
 }
-_DIFFUSERS_SINGLE = {
+DIFFUSERS_SINGLE = {
     "norm.linear": "norm.linear", "proj_out": "proj_out", "attn.norm_q": "norm_q_a", "attn.norm_k": "norm_k_a",
 }
 # Fused internal projections and the diffusers pieces they concatenate, in order.
-_DIFFUSERS_FUSED = {
+DIFFUSERS_FUSED = {
     ("transformer_blocks", "attn.a_to_qkv"): ("attn.to_q", "attn.to_k", "attn.to_v"),
     ("transformer_blocks", "attn.b_to_qkv"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
     ("single_transformer_blocks", "to_qkv_mlp"): ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
@@ -611,7 +611,7 @@ def dit_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for (kind, idx), keys in blocks.items():
         prefix = f"{kind}.{idx}."
         internal = f"{'blocks' if kind == 'transformer_blocks' else 'single_blocks'}.{idx}."
-        for (fkind, fused), parts in _DIFFUSERS_FUSED.items():
+        for (fkind, fused), parts in DIFFUSERS_FUSED.items():
             if fkind != kind:
                 continue
             for p in ("weight", "bias"):
@@ -619,14 +619,14 @@ def dit_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 if all(n in sd for n in names):
                     out[f"{internal}{fused}.{p}"] = torch.cat([sd[n] for n in names], 0)
                     used.update(names)
-        table = _DIFFUSERS_DOUBLE if kind == "transformer_blocks" else _DIFFUSERS_SINGLE
+        table = DIFFUSERS_DOUBLE if kind == "transformer_blocks" else DIFFUSERS_SINGLE
         for k in keys - used:
             name = _rename(k[len(prefix):], table)
             if name is not None:
                 out[internal + name] = sd[k]
                 used.add(k)
     for k in sd.keys() - used:
-        name = _rename(k, _DIFFUSERS_TOP)
+        name = _rename(k, DIFFUSERS_TOP)
         if name is not None:
             out[name] = sd[k]
             used.add(k)

@@ -67,13 +67,6 @@ class IpKV(nn.Module):
         self.to_v_ip = Linear(context_dim, hidden, bias=bias)
 
 
-@dataclass
-class IpTokens:
-    """Per-block keys/values of the image tokens of one call (B, heads, T, head_dim), and their scale."""
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
-    scale: float
-
-
 class FluxIpAdapter(nn.Module):
     def __init__(self, config: IpAdapterConfig):
         super().__init__()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flux_dit import _DIFFUSERS_DOUBLE, _DIFFUSERS_FUSED, _DIFFUSERS_SINGLE, timestep_embedding
+from .flux_dit import DIFFUSERS_DOUBLE, DIFFUSERS_FUSED, DIFFUSERS_SINGLE, timestep_embedding
 from .entry import BuildOptions, Component, Detected, Family, assign, fills, plain_tensors
 
 PREFIX = "base_model.model."
@@ -41,10 +41,10 @@ def target(layer: str) -> tuple[str, int] | None:
         return None
     kind, index, rest = m.groups()
     block = f"{'blocks' if kind == 'transformer_blocks' else 'single_blocks'}.{index}"
-    for (fused_kind, ours), pieces in _DIFFUSERS_FUSED.items():
+    for (fused_kind, ours), pieces in DIFFUSERS_FUSED.items():
         if fused_kind == kind and rest in pieces:
             return f"{block}.{ours}", pieces.index(rest)
-    plain = _DIFFUSERS_DOUBLE if kind == "transformer_blocks" else _DIFFUSERS_SINGLE
+    plain = DIFFUSERS_DOUBLE if kind == "transformer_blocks" else DIFFUSERS_SINGLE
     return (f"{block}.{plain[rest]}", 0) if rest in plain else None
 
 

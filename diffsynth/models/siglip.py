@@ -111,10 +111,6 @@ class SiglipImageEncoder(nn.Module):
         super().__init__()
         self.model = model
 
-    @property
-    def embed_dim(self) -> int:
-        return self.model.config.hidden_size
-
     def _run(self, images: list[Image.Image], device, dtype):
         return self.model(pixel_values=siglip_pixels(images, self.model.config.image_size).to(device, dtype))
 

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     report["command"] = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python -m diffsynth.nano.build" + \
         "".join(f" {shlex.quote(a)}" for a in given)
-    from ..testing.tiny import write_bytes, write_json
+    from .text import write_bytes, write_json
     write_json(root / "BUILD.json", report)
     write_bytes(root / "BUILD.md", build_markdown(report).encode())
     e = report["evaluation"]

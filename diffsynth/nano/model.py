@@ -11,13 +11,13 @@ import torch
 
 from ..models.flux_dit import FluxDiT, FluxDiTConfig, dit_to_bfl
 from ..ops.files import save_safetensors
-from ..testing import tiny
+from . import text
 from .shapes import SIZE, all_triples, grammar, prompt, vocabulary
 
 from . import SHIPPED
 T5_LENGTH = 8  # longest prompt: "a yellow triangle in the center" + </s> = 7 tokens
-CLIP = {**tiny.TINY["clip"], "vocab_size": len(tiny._clip_bpe(vocabulary())[0])}
-T5 = dict(tiny.TINY["t5"])
+CLIP = {**text.TEXT_SIZES["clip"], "vocab_size": len(text.clip_bpe(vocabulary())[0])}
+T5 = dict(text.TEXT_SIZES["t5"])
 DIT = FluxDiTConfig(hidden_size=128, num_heads=2, num_double_blocks=2, num_single_blocks=2,
                     context_dim=T5["d_model"], pooled_dim=CLIP["hidden_size"], mlp_ratio=4.0,
                     guidance_embed=True, axes_dim=(8, 28, 28))
@@ -30,18 +30,18 @@ def t5_corpus() -> tuple[str, ...]:
     the tiny builder's sentences (so the 256-piece vocabulary fills up)."""
     words = vocabulary()
     lines = tuple(" ".join(words[i:i + 6]) for i in range(len(words))) * 40
-    return tuple(tiny._sentences(3000)) + lines + tuple(prompt(*t) for t in all_triples()) * 20
+    return tuple(text.random_sentences(3000)) + lines + tuple(prompt(*t) for t in all_triples()) * 20
 
 
 def write_text_encoders(root: Path, seed: int) -> None:
     """Random frozen CLIP-L / T5 layout encoders and tokenizers covering the grammar."""
-    save_safetensors(tiny.tiny_clip_state_dict(seed, config=CLIP), root / "text_encoder" / "model.safetensors")
-    tiny.write_json(root / "text_encoder" / "config.json", tiny.tiny_clip_config(CLIP))
-    save_safetensors(tiny.tiny_t5_state_dict(seed, config=T5), root / "text_encoder_2" / "model.safetensors")
-    tiny.write_json(root / "text_encoder_2" / "config.json", tiny.tiny_t5_config(T5))
-    tiny.write_clip_tokenizer(root / "tokenizer", vocabulary())
-    tiny.write_t5_tokenizer(root / "tokenizer_2", t5_corpus(), max_length=T5_LENGTH)
-    tiny.write_json(root / "generation_defaults.json", DEFAULTS)
+    save_safetensors(text.tiny_clip_state_dict(seed, config=CLIP), root / "text_encoder" / "model.safetensors")
+    text.write_json(root / "text_encoder" / "config.json", text.tiny_clip_config(CLIP))
+    save_safetensors(text.tiny_t5_state_dict(seed, config=T5), root / "text_encoder_2" / "model.safetensors")
+    text.write_json(root / "text_encoder_2" / "config.json", text.tiny_t5_config(T5))
+    text.write_clip_tokenizer(root / "tokenizer", vocabulary())
+    text.write_t5_tokenizer(root / "tokenizer_2", t5_corpus(), max_length=T5_LENGTH)
+    text.write_json(root / "generation_defaults.json", DEFAULTS)
 
 
 def write_initial_dit(path: Path, seed: int) -> None:

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..ops.files import save_image
-from ..testing.tiny import write_bytes
+from .text import write_bytes
 
 SIZE = 64  # image side in pixels: 8x8 latents, 16 DiT tokens
 BACKGROUND = (48, 48, 48)

@@ -32,7 +32,6 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 # Short names of compute/save dtypes on command lines (generate --dtype, train --torch_dtype/--save_dtype).
 DTYPE_NAMES = {name: getattr(torch, attr) for name, attr in COMPUTE_DTYPES.items()}
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt", ".gguf")

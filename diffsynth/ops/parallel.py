@@ -35,7 +35,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-MODES = ("context", "tensor")
+from .names import PARALLEL_MODES
+
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _state: dict = {"group": None, "key_lengths": None}
 
@@ -44,8 +45,8 @@ _state: dict = {"group": None, "key_lengths": None}
 
 def check_mode(mode: str) -> None:
     """A supported parallel mode, checked before any work starts."""
-    if mode not in MODES:
-        raise ValueError(f"unknown parallel mode {mode!r}; choose from {MODES}")
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"unknown parallel mode {mode!r}; choose from {PARALLEL_MODES}")
 
 
 def setup(mode: str, device: str | torch.device) -> torch.device:

@@ -25,10 +25,6 @@ IGNORED_SUFFIXES = (".scale_input", ".input_scale")
 IGNORED_KEYS = ("scaled_fp8",)
 
 
-def is_fp8(dtype: torch.dtype) -> bool:
-    return dtype in FP8_DTYPES
-
-
 def split_scale_keys(keys) -> tuple[dict[str, str], list[str]]:
     """({weight key: its scale key}, keys to drop) of a scaled-fp8 state dict."""
     scales, drop = {}, []
@@ -124,7 +120,7 @@ def split_scales(refs: dict) -> tuple[dict, dict]:
     scale_keys = set(scale_of.values())
     weights = {k: r for k, r in refs.items() if k not in scale_keys and k not in drop}
     markers = [k for k in drop if k.rsplit(".", 1)[-1] in IGNORED_KEYS]
-    if markers and not scale_of and any(is_fp8(r.dtype) for r in weights.values()):
+    if markers and not scale_of and any(r.dtype in FP8_DTYPES for r in weights.values()):
         raise CheckpointError(f"{refs[markers[0]].path}: marked as ComfyUI scaled fp8 ({markers[0]!r}) but holds no "
                               f"scale tensors (*{SCALE_SUFFIXES[0]}): its fp8 weights would be used unscaled, "
                               "giving wrong images. The file is incomplete: download or export it again")

@@ -17,6 +17,9 @@ from ..models.flux_dit import Extensions, patchify, unpatchify
 from ..models.flux_dit_cache import CachedStep
 from .units import StepUnit
 
+# The DiT's text inputs, as the prompt-encoding units (CLIP+T5, Step1X, Redux) write them.
+PROMPT_OUTPUTS = ("prompt_emb", "pooled_prompt_emb", "text_ids")
+
 
 @dataclass
 class ControlNetContext:

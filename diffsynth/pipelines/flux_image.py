@@ -19,7 +19,7 @@ from ..ops.files import load_state_dict
 from ..schedulers.flow_match import DEFAULT_SHIFT, flux_sigmas, flux_training_sigmas
 from .base import BasePipeline, ModelList, draw_noise, either, tokenizer_dir
 from .checks import check_call_args, check_known_inputs, check_text, require_models
-from .denoise import model_fn
+from .denoise import PROMPT_OUTPUTS, model_fn
 from .images import VAE_FACTOR
 from .common_units import check_shape, encode_input_image
 from .units import StepUnit, Unit, order_units, unit
@@ -41,7 +41,6 @@ def init_noise(pipe, height, width, seed=None, rand_device="cpu", num_images=1):
                       num_images)
 
 
-PROMPT_OUTPUTS = ("prompt_emb", "pooled_prompt_emb", "text_ids")
 TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2")
 
 

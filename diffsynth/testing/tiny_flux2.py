@@ -1,6 +1,6 @@
 """Tiny random FLUX.2 models in the real on-disk layouts, for fast CPU tests.
 
-Tensors come from `tiny._fill` (one generator per key), so a seed gives byte-identical files and the
+Tensors come from `nano.text.fill_spec` (one generator per key), so a seed gives byte-identical files and the
 same weights in every layout.
 
 DiT (this section):
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..models.flux2_dit import dit_to_bfl
-from .tiny import _conv, _fill, _linear, _norm, _Spec, _write_safetensors, _write_sharded, write_json
+from .tiny import Spec, _write_safetensors, _write_sharded, conv_spec, fill_spec, linear_spec, norm_spec, write_json
 
 # diffusers' Flux2Transformer2DModel config names. The context width is 3 stacked text-encoder layers.
 TINY_FLUX2_DIT: dict = dict(
@@ -32,11 +32,11 @@ def tiny_flux2_dit_config(guidance: bool = False, **overrides) -> dict:
             **{k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}}
 
 
-def _flux2_dit_spec(c: dict, guidance: bool) -> _Spec:
+def _flux2_dit_spec(c: dict, guidance: bool) -> Spec:
     h = c["num_attention_heads"] * c["attention_head_dim"]
     d, m, t = c["attention_head_dim"], round(h * c["mlp_ratio"]), c["timestep_guidance_channels"]
-    lin = lambda name, n_out, n_in: _linear(name, n_out, n_in, bias=False)  # noqa: E731  FLUX.2 has no biases
-    spec: _Spec = lin("x_embedder", h, c["in_channels"]) + lin("context_embedder", h, c["joint_attention_dim"])
+    lin = lambda name, n_out, n_in: linear_spec(name, n_out, n_in, bias=False)  # noqa: E731  FLUX.2 has no biases
+    spec: Spec = lin("x_embedder", h, c["in_channels"]) + lin("context_embedder", h, c["joint_attention_dim"])
     for emb in ("timestep_embedder",) + (("guidance_embedder",) if guidance else ()):
         spec += lin(f"time_guidance_embed.{emb}.linear_1", h, t) + lin(f"time_guidance_embed.{emb}.linear_2", h, h)
     spec += lin("double_stream_modulation_img.linear", 6 * h, h) + lin("double_stream_modulation_txt.linear", 6 * h, h)
@@ -46,13 +46,13 @@ def _flux2_dit_spec(c: dict, guidance: bool) -> _Spec:
         for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
             spec += lin(f"{p}.attn.{name}", h, h)
         for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-            spec += _norm(f"{p}.attn.{name}", d, bias=False)
+            spec += norm_spec(f"{p}.attn.{name}", d, bias=False)
         for ff in ("ff", "ff_context"):
             spec += lin(f"{p}.{ff}.linear_in", 2 * m, h) + lin(f"{p}.{ff}.linear_out", h, m)
     for i in range(c["num_single_layers"]):
         p = f"single_transformer_blocks.{i}.attn"
         spec += lin(f"{p}.to_qkv_mlp_proj", 3 * h + 2 * m, h) + lin(f"{p}.to_out", h, h + m)
-        spec += _norm(f"{p}.norm_q", d, bias=False) + _norm(f"{p}.norm_k", d, bias=False)
+        spec += norm_spec(f"{p}.norm_q", d, bias=False) + norm_spec(f"{p}.norm_k", d, bias=False)
     spec += lin("norm_out.linear", 2 * h, h) + lin("proj_out", c["in_channels"], h)
     return spec
 
@@ -60,7 +60,7 @@ def _flux2_dit_spec(c: dict, guidance: bool) -> _Spec:
 def tiny_flux2_dit_state_dict(seed: int = 0, guidance: bool = False, dtype: torch.dtype = torch.float32,
                               **overrides) -> dict[str, torch.Tensor]:
     """Random tiny FLUX.2 DiT weights in diffusers' (= our internal) names."""
-    return _fill(_flux2_dit_spec({**TINY_FLUX2_DIT, **overrides}, guidance), seed, "flux2-dit", dtype)
+    return fill_spec(_flux2_dit_spec({**TINY_FLUX2_DIT, **overrides}, guidance), seed, "flux2-dit", dtype)
 
 
 def write_tiny_flux2_transformer(folder: str | Path, seed: int = 0, guidance: bool = False,
@@ -101,34 +101,34 @@ _QWEN3_CHAT_TEMPLATE = (
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
-def _resnet_d(name: str, c_in: int, c_out: int) -> _Spec:
-    spec = _norm(f"{name}.norm1", c_in) + _conv(f"{name}.conv1", c_out, c_in, 3)
-    spec += _norm(f"{name}.norm2", c_out) + _conv(f"{name}.conv2", c_out, c_out, 3)
-    return spec + (_conv(f"{name}.conv_shortcut", c_out, c_in, 1) if c_in != c_out else [])
+def _resnet_d(name: str, c_in: int, c_out: int) -> Spec:
+    spec = norm_spec(f"{name}.norm1", c_in) + conv_spec(f"{name}.conv1", c_out, c_in, 3)
+    spec += norm_spec(f"{name}.norm2", c_out) + conv_spec(f"{name}.conv2", c_out, c_out, 3)
+    return spec + (conv_spec(f"{name}.conv_shortcut", c_out, c_in, 1) if c_in != c_out else [])
 
 
-def _mid_d(name: str, c: int) -> _Spec:
-    spec = _resnet_d(f"{name}.resnets.0", c, c) + _norm(f"{name}.attentions.0.group_norm", c)
+def _mid_d(name: str, c: int) -> Spec:
+    spec = _resnet_d(f"{name}.resnets.0", c, c) + norm_spec(f"{name}.attentions.0.group_norm", c)
     for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-        spec += _linear(f"{name}.attentions.0.{proj}", c, c)
+        spec += linear_spec(f"{name}.attentions.0.{proj}", c, c)
     return spec + _resnet_d(f"{name}.resnets.1", c, c)
 
 
-def _flux2_vae_spec() -> _Spec:
+def _flux2_vae_spec() -> Spec:
     """AutoencoderKLFlux2's tensors in diffusers' names (up blocks in execution order, deepest first)."""
     c = TINY_FLUX2_VAE
     widths, n, z = c["block_out_channels"], c["layers_per_block"], c["latent_channels"]
-    spec: _Spec = _conv("encoder.conv_in", widths[0], 3, 3)
+    spec: Spec = conv_spec("encoder.conv_in", widths[0], 3, 3)
     c_in = widths[0]
     for i, w in enumerate(widths):
         for j in range(n):
             spec += _resnet_d(f"encoder.down_blocks.{i}.resnets.{j}", c_in, w)
             c_in = w
         if i != len(widths) - 1:
-            spec += _conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", w, w, 3)
-    spec += _mid_d("encoder.mid_block", c_in) + _norm("encoder.conv_norm_out", c_in)
-    spec += _conv("encoder.conv_out", 2 * z, c_in, 3) + _conv("quant_conv", 2 * z, 2 * z, 1)
-    spec += _conv("post_quant_conv", z, z, 1) + _conv("decoder.conv_in", widths[-1], z, 3)
+            spec += conv_spec(f"encoder.down_blocks.{i}.downsamplers.0.conv", w, w, 3)
+    spec += _mid_d("encoder.mid_block", c_in) + norm_spec("encoder.conv_norm_out", c_in)
+    spec += conv_spec("encoder.conv_out", 2 * z, c_in, 3) + conv_spec("quant_conv", 2 * z, 2 * z, 1)
+    spec += conv_spec("post_quant_conv", z, z, 1) + conv_spec("decoder.conv_in", widths[-1], z, 3)
     spec += _mid_d("decoder.mid_block", widths[-1])
     c_in = widths[-1]
     for i, w in enumerate(reversed(widths)):
@@ -136,13 +136,13 @@ def _flux2_vae_spec() -> _Spec:
             spec += _resnet_d(f"decoder.up_blocks.{i}.resnets.{j}", c_in, w)
             c_in = w
         if i != len(widths) - 1:
-            spec += _conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", w, w, 3)
-    spec += _norm("decoder.conv_norm_out", c_in) + _conv("decoder.conv_out", 3, c_in, 3)
+            spec += conv_spec(f"decoder.up_blocks.{i}.upsamplers.0.conv", w, w, 3)
+    spec += norm_spec("decoder.conv_norm_out", c_in) + conv_spec("decoder.conv_out", 3, c_in, 3)
     return spec + [("bn.running_mean", (4 * z,), "emb"), ("bn.running_var", (4 * z,), "emb")]
 
 
 def tiny_flux2_vae_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    sd = _fill(_flux2_vae_spec(), seed, "flux2-vae", dtype)
+    sd = fill_spec(_flux2_vae_spec(), seed, "flux2-vae", dtype)
     # latent statistics far enough from (0, 1) that a missed normalisation shows: variances in 0.5 .. ~2
     sd["bn.running_var"] = 0.5 + 5 * sd["bn.running_var"].abs()
     sd["bn.num_batches_tracked"] = torch.tensor(1000)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models.face_id import DETECTOR_FILE, RECOGNITION_FILE, STRIDES, ArcFaceConfig, ArcFaceIRSE
+from ..models.face_id import DETECTOR_FILE, FACE_FOLDER, RECOGNITION_FILE, STRIDES, ArcFaceConfig, ArcFaceIRSE
 from ..models.flux_infiniteyou import InfiniteYouProjector, ProjectorConfig
 from .tiny import TINY, _write_sharded, write_json
 from .tiny_controlnet import diffusers_controlnet_config, tiny_diffusers_controlnet
@@ -26,7 +26,6 @@ from .tiny_controlnet import diffusers_controlnet_config, tiny_diffusers_control
 STAGE = Path("infu_flux_v1.0") / "aes_stage2"
 PROJECTOR_FILE = STAGE / "image_proj_model.bin"
 INFUSENET_FOLDER = STAGE / "InfuseNetModel"
-FACE_FOLDER = Path("supports") / "insightface" / "models" / "antelopev2"
 ARCFACE_FILE = Path("supports") / "facexlib" / RECOGNITION_FILE
 # keypoints of the detected face, in stride units from the anchor centre: eyes, nose, mouth corners
 KEYPOINT_OFFSETS = ((-0.6, -0.5), (0.6, -0.5), (0.0, 0.1), (-0.5, 0.7), (0.5, 0.7))

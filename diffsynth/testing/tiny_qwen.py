@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from ..models.step1x import PREFIX
-from .tiny import TINY, _WORDS, _byte_chars, _fill, _linear, _norm, write_json, _write_safetensors, \
+from ..nano.text import WORDS, byte_chars
+from .tiny import TINY, fill_spec, linear_spec, norm_spec, write_json, _write_safetensors, \
     _write_sharded, tiny_ae_state_dict, tiny_dit_state_dict
 
 __all__ = ["TINY_QWEN", "build_tiny_qwen_vl", "build_tiny_step1x", "build_tiny_nexus_gen", "tiny_qwen_config", "tiny_connector_state_dict",
@@ -70,11 +71,11 @@ def _split_words(text: str) -> list[str]:
 @lru_cache(maxsize=1)
 def _qwen_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte symbols, word merges (with and without a leading space) and the curly quotes as single tokens."""
-    chars = _byte_chars()
+    chars = byte_chars()
     encode = lambda text: "".join(chars[b] for b in text.encode("utf-8"))  # noqa: E731
     vocab = {c: i for i, c in enumerate(chars)}
     merges: list[tuple[str, str]] = []
-    words = [*_WORDS, *(" " + w for w in _WORDS), "“", "”", "Picture", *_split_words(PREFIX)]
+    words = [*WORDS, *(" " + w for w in WORDS), "“", "”", "Picture", *_split_words(PREFIX)]
     for word in words:
         symbols = list(encode(word))
         left = symbols[0]
@@ -133,7 +134,7 @@ def tiny_qwen_config() -> dict:
 
 def _nexus_extras(seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     h = TINY_QWEN["hidden_size"]
-    return _fill([("vision_head.weight", (h, h), "w"), ("image_prefill_embeds.weight", (81, h), "emb")], seed,
+    return fill_spec([("vision_head.weight", (h, h), "w"), ("image_prefill_embeds.weight", (81, h), "emb")], seed,
                  "nexus", dtype)
 
 
@@ -185,21 +186,22 @@ def build_tiny_qwen_vl(folder: str | Path, seed: int = 0, dtype: torch.dtype = t
 # ----------------------------------------------------------------------------- Step1X-Edit
 
 def _connector_spec(in_dim: int, hidden: int, pooled: int, depth: int = 2) -> list:
-    spec = _linear("S.input_embedder", hidden, in_dim)
-    spec += _linear("S.t_embedder.mlp.0", hidden, 256) + _linear("S.t_embedder.mlp.2", hidden, hidden)
-    spec += _linear("S.c_embedder.linear_1", hidden, in_dim) + _linear("S.c_embedder.linear_2", hidden, hidden)
+    spec = linear_spec("S.input_embedder", hidden, in_dim)
+    spec += linear_spec("S.t_embedder.mlp.0", hidden, 256) + linear_spec("S.t_embedder.mlp.2", hidden, hidden)
+    spec += linear_spec("S.c_embedder.linear_1", hidden, in_dim) + linear_spec("S.c_embedder.linear_2", hidden, hidden)
     for i in range(depth):
         p = f"S.individual_token_refiner.blocks.{i}"
-        spec += _norm(f"{p}.norm1", hidden) + _linear(f"{p}.self_attn_qkv", 3 * hidden, hidden)
-        spec += _linear(f"{p}.self_attn_proj", hidden, hidden) + _norm(f"{p}.norm2", hidden)
-        spec += _linear(f"{p}.mlp.fc1", 4 * hidden, hidden) + _linear(f"{p}.mlp.fc2", hidden, 4 * hidden)
-        spec += _linear(f"{p}.adaLN_modulation.1", 2 * hidden, hidden)
-    return spec + _linear("global_proj_out", pooled, in_dim)
+        spec += norm_spec(f"{p}.norm1", hidden) + linear_spec(f"{p}.self_attn_qkv", 3 * hidden, hidden)
+        spec += linear_spec(f"{p}.self_attn_proj", hidden, hidden) + norm_spec(f"{p}.norm2", hidden)
+        spec += linear_spec(f"{p}.mlp.fc1", 4 * hidden, hidden) + linear_spec(f"{p}.mlp.fc2", hidden, 4 * hidden)
+        spec += linear_spec(f"{p}.adaLN_modulation.1", 2 * hidden, hidden)
+    return spec + linear_spec("global_proj_out", pooled, in_dim)
 
 
 def tiny_connector_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Step1X connector tensors (file names without the `connector.` prefix) for the tiny Qwen and DiT."""
-    sd = _fill(_connector_spec(TINY_QWEN["hidden_size"], TINY["dit"]["context_dim"], TINY["dit"]["pooled_dim"]), seed, "step1x", dtype)
+    spec = _connector_spec(TINY_QWEN["hidden_size"], TINY["dit"]["context_dim"], TINY["dit"]["pooled_dim"])
+    sd = fill_spec(spec, seed, "step1x", dtype)
     sd["scale_factor"] = torch.full((1,), -(1 - 0.09), dtype=dtype)
     return sd
 
@@ -220,15 +222,17 @@ def build_tiny_step1x(folder: str | Path, seed: int = 0, dtype: torch.dtype = to
 def _merger_spec(hidden: int, out: int, expand: int = 4) -> list:
     c = TINY_QWEN
     kv = c["num_key_value_heads"] * hidden // c["num_attention_heads"]
-    spec = _linear("layers.0.self_attn.q_proj", hidden, hidden) + _linear("layers.0.self_attn.k_proj", kv, hidden)
-    spec += _linear("layers.0.self_attn.v_proj", kv, hidden) + _linear("layers.0.self_attn.o_proj", hidden, hidden, False)
+    attn = "layers.0.self_attn."
+    spec = linear_spec(attn + "q_proj", hidden, hidden) + linear_spec(attn + "k_proj", kv, hidden)
+    spec += linear_spec(attn + "v_proj", kv, hidden) + linear_spec(attn + "o_proj", hidden, hidden, False)
     for name, shape in (("gate_proj", (c["intermediate_size"], hidden)), ("up_proj", (c["intermediate_size"], hidden)),
                         ("down_proj", (hidden, c["intermediate_size"]))):
         spec.append((f"layers.0.mlp.{name}.weight", shape, "w"))
-    spec += _norm("layers.0.input_layernorm", hidden, False) + _norm("layers.0.post_attention_layernorm", hidden, False)
-    spec += _norm("projector.0", hidden, False) + _linear("projector.1", out * expand, hidden)
-    spec += _norm("projector.2", out * expand, False) + _linear("projector.4", out, out * expand)
-    return spec + _norm("projector.5", out, False)
+    spec += norm_spec("layers.0.input_layernorm", hidden, False)
+    spec += norm_spec("layers.0.post_attention_layernorm", hidden, False)
+    spec += norm_spec("projector.0", hidden, False) + linear_spec("projector.1", out * expand, hidden)
+    spec += norm_spec("projector.2", out * expand, False) + linear_spec("projector.4", out, out * expand)
+    return spec + norm_spec("projector.5", out, False)
 
 
 def build_tiny_nexus_gen(folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
@@ -243,9 +247,10 @@ def build_tiny_nexus_gen(folder: str | Path, seed: int = 0, dtype: torch.dtype =
         shutil.copyfile(folder / name, folder / "processor" / name)
     dit = {"pipe.dit." + k: v for k, v in dit_from_bfl(tiny_dit_state_dict(seed, dtype=dtype)).items()}
     h, ctx = TINY_QWEN["hidden_size"], TINY["dit"]["context_dim"]
-    adapter = _fill(_linear("adapter.0", ctx, h) + _norm("adapter.1", ctx) + _linear("adapter.3", ctx, ctx)
-                    + _norm("adapter.4", ctx), seed, "nexus_adapter", dtype)
-    merger = _fill(_merger_spec(h, ctx), seed, "nexus_merger", dtype)
+    adapter_spec = (linear_spec("adapter.0", ctx, h) + norm_spec("adapter.1", ctx) + linear_spec("adapter.3", ctx, ctx)
+                    + norm_spec("adapter.4", ctx))
+    adapter = fill_spec(adapter_spec, seed, "nexus_adapter", dtype)
+    merger = fill_spec(_merger_spec(h, ctx), seed, "nexus_merger", dtype)
     for name, extra in (("generation_decoder.bin", adapter),
                         ("edit_decoder.bin", {"embedding_merger." + k: v for k, v in merger.items()})):
         tmp = folder / (name + ".tmp")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny import TINY, _fill, _linear, _write_safetensors
+from .tiny import TINY, fill_spec, linear_spec, _write_safetensors
 
 FILE = "adapter_model.safetensors"  # the name DiffSynth-Studio/MultiAlign-FLUX.1-dev uses
 
@@ -30,9 +30,9 @@ def tiny_timestep_lora_state_dict(seed: int = 0, rank: int = 4, dtype: torch.dty
     for name, n_in, n_out in timestep_lora_layers(d["depth"], d["depth_single_blocks"], d["hidden_size"],
                                                   int(d["hidden_size"] * d["mlp_ratio"])):
         p = f"base_model.model.{name}"
-        spec += _linear(f"{p}.lora_A", rank, n_in, bias=False) + _linear(f"{p}.lora_B", n_out, rank, bias=False)
-        spec += _linear(f"{p}.lora_time_gamma", rank, 256) + _linear(f"{p}.lora_time_beta", rank, 256)
-    return _fill(spec, seed, "timestep_lora", dtype)
+        spec += linear_spec(f"{p}.lora_A", rank, n_in, bias=False) + linear_spec(f"{p}.lora_B", n_out, rank, bias=False)
+        spec += linear_spec(f"{p}.lora_time_gamma", rank, 256) + linear_spec(f"{p}.lora_time_beta", rank, 256)
+    return fill_spec(spec, seed, "timestep_lora", dtype)
 
 
 def build_tiny_timestep_lora(folder: str | Path, seed: int = 0) -> Path:

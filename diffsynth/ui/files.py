@@ -17,7 +17,6 @@ from ..ops.files import publish, save_image, temp_path
 from ..ops.images import convert_image
 
 LORA_SUFFIX = ".safetensors"  # the only LoRA format the UI accepts: pickled .bin/.pt files can run code
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class OutsideError(ValueError):

@@ -11,6 +11,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..training.data import METADATA_NAMES
+
 # the trainer's tqdm line: "train:  40%|####| 4/10 [00:01<00:02, loss=0.1234, lr=2.00e-03]"
 PROGRESS = re.compile(r"(\d+)/(\d+) \[[^\]]*?loss=([-+0-9.eE]+|nan|inf)")
 LOG_LINES = 200  # lines of the trainer's output kept for the page
@@ -36,7 +38,7 @@ class TrainSettings:
                 raise ValueError(f"training {name.replace('_', ' ')} must be a positive whole number, got {value}")
         if not 0 < self.learning_rate <= 1:
             raise ValueError(f"learning rate must be in (0, 1], got {self.learning_rate}")
-        if not any((self.data / name).is_file() for name in ("metadata.csv", "metadata.json", "metadata.jsonl")):
+        if not any((self.data / name).is_file() for name in METADATA_NAMES):
             raise ValueError(f"training images: {self.data} has no metadata.csv (columns image, prompt)")
 
 

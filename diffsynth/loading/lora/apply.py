@@ -13,7 +13,7 @@ from torch import nn
 from ...ops.limits import MAX_STRENGTH
 from ...ops.quant import add_to_weight, quant_type
 from ..vram import compute_spec
-from .formats import CanonicalLoRA, LoRAReport, LoRAWeights, _as_canonical, _listing, naming_for
+from .formats import CanonicalLoRA, LoRAReport, LoRAWeights, as_canonical, key_listing, naming_for
 
 
 # ----------------------------------------------------------------------------- application
@@ -39,7 +39,7 @@ class _HotLoRA:
 
 
 @dataclass
-class _Plan:
+class LoRAPlan:
     layers: list[tuple[str, nn.Module, LoRAWeights]] = field(default_factory=list)
     norms: list[tuple[str, nn.Module, torch.Tensor]] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
@@ -64,9 +64,10 @@ def _weight_shape(sub: nn.Module) -> tuple[int, ...]:
     return getattr(sub, "weight_shape", None) or (tuple(w.shape) if isinstance(w, torch.Tensor) else ())
 
 
-def _plan(module: nn.Module, lora: CanonicalLoRA, merge: bool, layers: dict[str, LoRAWeights] | None = None) -> _Plan:
+def plan_lora(module: nn.Module, lora: CanonicalLoRA, merge: bool,
+              layers: dict[str, LoRAWeights] | None = None) -> LoRAPlan:
     """Match every layer/norm of `lora` to `module` without changing anything."""
-    plan = _Plan()
+    plan = LoRAPlan()
     named = dict(module.named_modules())
     for name, lw in (lora.layers if layers is None else layers).items():
         src = ", ".join(lw.source) or name
@@ -174,7 +175,7 @@ def _attach(sub: nn.Module, lw: LoRAWeights, strength: float) -> None:
     getattr(sub, _ADAPTERS).append(adapter)
 
 
-def _execute(plan: _Plan, strength: float, hotload: bool, report: LoRAReport, prefix: str = "") -> None:
+def _execute(plan: LoRAPlan, strength: float, hotload: bool, report: LoRAReport, prefix: str = "") -> None:
     for name, sub, lw in plan.layers:
         if lw.down.shape[1] > _weight_shape(sub)[1]:
             old = widen_linear_input(sub, lw.down.shape[1])
@@ -204,7 +205,7 @@ class UnmatchedLoRAError(ValueError):
 
 
 def _unmatched(problems: list[str]) -> str:
-    return f"{len(problems)} LoRA entries match no layer of the model:" + _listing(problems)
+    return f"{len(problems)} LoRA entries match no layer of the model:" + key_listing(problems)
 
 
 def _check(problems: list[str], strict: bool, report: LoRAReport) -> None:
@@ -216,7 +217,7 @@ def _check(problems: list[str], strict: bool, report: LoRAReport) -> None:
     report.skipped.extend(problems)
 
 
-def _mlp_ratio(module: nn.Module) -> float:
+def mlp_ratio_of(module: nn.Module) -> float:
     return float(getattr(getattr(module, "config", None), "mlp_ratio", 4.0))
 
 
@@ -241,9 +242,9 @@ def apply_lora(module: nn.Module, lora, alpha: float = 1.0, hotload: bool = Fals
     ``apply_lora(text_encoder, lora.text_encoder_part())``.
     """
     check_strength(alpha)
-    lora = _as_canonical(lora, _mlp_ratio(module), naming_for(module))
+    lora = as_canonical(lora, mlp_ratio_of(module), naming_for(module))
     report = LoRAReport("hotload" if hotload else "merge")
-    plan = _plan(module, lora, merge=not hotload)
+    plan = plan_lora(module, lora, merge=not hotload)
     _check([f"{k}: {v}" for k, v in lora.unknown.items()] + plan.unmatched, strict, report)
     if lora.te_layers:
         warnings.warn(f"{len(lora.te_layers)} text-encoder LoRA layers not applied by apply_lora "
@@ -260,9 +261,9 @@ def load_lora_into_pipeline(pipe, module: nn.Module, lora, alpha: float = 1.0, h
     matched first; with `strict`, any unmatched entry raises ValueError and nothing is applied.
     """
     check_strength(alpha)
-    lora = _as_canonical(lora, _mlp_ratio(module), naming_for(module))
+    lora = as_canonical(lora, mlp_ratio_of(module), naming_for(module))
     report = LoRAReport("hotload" if hotload else "merge")
-    dit_plan = _plan(module, lora, merge=not hotload)
+    dit_plan = plan_lora(module, lora, merge=not hotload)
     problems = [f"{k}: {v}" for k, v in lora.unknown.items()] + dit_plan.unmatched
     te_plan = None
     if lora.te_layers:
@@ -271,7 +272,7 @@ def load_lora_into_pipeline(pipe, module: nn.Module, lora, alpha: float = 1.0, h
             problems += [f"{', '.join(lw.source) or n} -> {n}: the pipeline has no text_encoder_1 (CLIP) loaded"
                          for n, lw in lora.te_layers.items()]
         else:
-            te_plan = _plan(te, lora, merge=not hotload, layers=lora.te_layers)
+            te_plan = plan_lora(te, lora, merge=not hotload, layers=lora.te_layers)
             problems += te_plan.unmatched
     _check(problems, strict, report)
     _execute(dit_plan, alpha, hotload, report)

@@ -12,9 +12,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ...models.flux_dit import _swap_halves
-from .apply import _mlp_ratio, _plan
-from .formats import (NAMINGS, CanonicalLoRA, DiTNaming, LoRAWeights, _fuse, _listing, _Target, convert_lora,
+from ...models.flux_dit import swap_halves
+from .apply import mlp_ratio_of, plan_lora
+from .formats import (NAMINGS, CanonicalLoRA, DiTNaming, LoRAWeights, Target, convert_lora, fuse_parts, key_listing,
                       naming_for, read_lora_file)
 
 
@@ -46,7 +46,7 @@ def export_kohya(lora: CanonicalLoRA, strict: bool = True) -> dict[str, torch.Te
         if name in naming.final_layers and lw.scale != 1.0:
             up, alpha = (up.float() * lw.scale).to(up.dtype), None
         if name == naming.final_layers[0]:
-            up = _swap_halves(up)
+            up = swap_halves(up)
         put("lora_unet_" + bfl.replace(".", "_"), lw, up, alpha)
     for name, lw in lora.te_layers.items():
         if lw.bias_up is not None:
@@ -54,7 +54,7 @@ def export_kohya(lora: CanonicalLoRA, strict: bool = True) -> dict[str, torch.Te
             continue
         put("lora_te1_" + name.replace(".", "_"), lw, lw.up, lw.alpha)
     if problems:
-        msg = "cannot export to kohya format:" + _listing(problems)
+        msg = "cannot export to kohya format:" + key_listing(problems)
         if strict:
             raise ValueError(msg)
         warnings.warn(msg, stacklevel=2)
@@ -76,10 +76,10 @@ def _bfl_layers(layers: dict[str, LoRAWeights], naming: DiTNaming, problems: lis
             yield name, None if bfl is None else bfl[: -len(".weight")], lw
             continue
         fused, i, n = hit
-        groups.setdefault(f"double_blocks.{m.group(2)}.{fused}", []).append((_Target("dit", name, (i, i + 1)), lw, n))
+        groups.setdefault(f"double_blocks.{m.group(2)}.{fused}", []).append((Target("dit", name, (i, i + 1)), lw, n))
     for bfl, group in groups.items():
         unknown: dict[str, str] = {}
-        lw = _fuse(bfl, [(t, lw) for t, lw, _ in group], [group[0][1].up.shape[0]] * group[0][2], unknown)
+        lw = fuse_parts(bfl, [(t, lw) for t, lw, _ in group], [group[0][1].up.shape[0]] * group[0][2], unknown)
         if lw is None:
             problems.extend(f"{k}: {v}" for k, v in unknown.items())
         else:
@@ -193,7 +193,7 @@ def describe_lora(path_or_sd, model: nn.Module | object | None = None) -> dict:
     else:
         sd, metadata = read_lora_file(path_or_sd)
         name = str(path_or_sd)
-    ratio = _mlp_ratio(model) if isinstance(model, nn.Module) else float(getattr(model, "mlp_ratio", 4.0))
+    ratio = mlp_ratio_of(model) if isinstance(model, nn.Module) else float(getattr(model, "mlp_ratio", 4.0))
     naming = naming_for(model)
     lora = convert_lora(sd, metadata, ratio, naming)
     every = {**lora.layers, **{f"text_encoder.{k}": v for k, v in lora.te_layers.items()}}
@@ -218,6 +218,6 @@ def describe_lora(path_or_sd, model: nn.Module | object | None = None) -> dict:
             from ...models.flux_dit import FluxDiT
             with torch.device("meta"):
                 model = (Flux2DiT if naming.family == "flux2" else FluxDiT)(model)
-        plan = _plan(model, lora, merge=False)
+        plan = plan_lora(model, lora, merge=False)
         info["not_applied"] = [f"{k}: {v}" for k, v in lora.unknown.items()] + plan.unmatched
     return info

@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ...models.flux_dit import _swap_halves
+from ...models.flux_dit import swap_halves
 from ...ops.files import CheckpointError, all_finite
 
 
@@ -128,12 +128,12 @@ def _identity(names) -> dict[str, str]:
 def _flux1_naming() -> DiTNaming:
     from ...models import flux_dit as m
     return DiTNaming(
-        "flux", m.bfl_key_to_internal, m.internal_key_to_bfl, m._BFL_TOP,
-        {"double_blocks": ("blocks", m._BFL_DOUBLE), "single_blocks": ("single_blocks", m._BFL_SINGLE)},
-        m._DIFFUSERS_TOP,
-        {"transformer_blocks": ("blocks", m._DIFFUSERS_DOUBLE),
-         "single_transformer_blocks": ("single_blocks", m._DIFFUSERS_SINGLE)},
-        m._DIFFUSERS_FUSED, {}, _flux1_rows, re.compile(r"(.*\.)?norm_[qk]_[ab]\.weight"),
+        "flux", m.bfl_key_to_internal, m.internal_key_to_bfl, m.BFL_TOP,
+        {"double_blocks": ("blocks", m.BFL_DOUBLE), "single_blocks": ("single_blocks", m.BFL_SINGLE)},
+        m.DIFFUSERS_TOP,
+        {"transformer_blocks": ("blocks", m.DIFFUSERS_DOUBLE),
+         "single_transformer_blocks": ("single_blocks", m.DIFFUSERS_SINGLE)},
+        m.DIFFUSERS_FUSED, {}, _flux1_rows, re.compile(r"(.*\.)?norm_[qk]_[ab]\.weight"),
         ("final_norm_out.linear", "final_proj_out"),
         xlabs={"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv", "proj_lora1": "img_attn.proj",
                "proj_lora2": "txt_attn.proj", "qkv_lora": "linear1_qkv", "proj_lora": "linear2"},
@@ -144,17 +144,17 @@ def _flux1_naming() -> DiTNaming:
 def _flux2_naming() -> DiTNaming:
     """FLUX.2's internal names are diffusers' own: its diffusers tables are the identity."""
     from ...models import flux2_dit as m
-    double = {v.removesuffix(".weight"): v.removesuffix(".weight") for v in m._BFL_DOUBLE.values()}
-    double |= _identity(p for parts in m._BFL_FUSED.values() for p in parts)
-    single = _identity(v.removesuffix(".weight") for v in m._BFL_SINGLE.values())
+    double = {v.removesuffix(".weight"): v.removesuffix(".weight") for v in m.BFL_DOUBLE.values()}
+    double |= _identity(p for parts in m.BFL_FUSED.values() for p in parts)
+    single = _identity(v.removesuffix(".weight") for v in m.BFL_SINGLE.values())
     return DiTNaming(
-        "flux2", m.bfl_key_to_internal, m.internal_key_to_bfl, m._BFL_TOP,
-        {"double_blocks": ("transformer_blocks", m._BFL_DOUBLE),
-         "single_blocks": ("single_transformer_blocks", m._BFL_SINGLE)},
-        _identity(m._BFL_TOP.values()),
+        "flux2", m.bfl_key_to_internal, m.internal_key_to_bfl, m.BFL_TOP,
+        {"double_blocks": ("transformer_blocks", m.BFL_DOUBLE),
+         "single_blocks": ("single_transformer_blocks", m.BFL_SINGLE)},
+        _identity(m.BFL_TOP.values()),
         {"transformer_blocks": ("transformer_blocks", double),
          "single_transformer_blocks": ("single_transformer_blocks", single)},
-        {}, m._BFL_FUSED, lambda suffix, hidden, ratio: None,
+        {}, m.BFL_FUSED, lambda suffix, hidden, ratio: None,
         re.compile(r"(.*\.)?norm_(added_)?[qk]\.weight"), ("norm_out.linear", "proj_out"))
 
 
@@ -171,7 +171,7 @@ def naming_for(model) -> DiTNaming:
 
 
 @dataclass(frozen=True)
-class _Target:
+class Target:
     space: str  # "dit" or "te"
     name: str  # internal module name / CLIP module name
     parts: tuple[int, int] | None = None  # [first, last) part of a fused layer; None: the whole layer
@@ -184,7 +184,7 @@ _CLIP_SUB = {"self_attn_q_proj": "self_attn.q_proj", "self_attn_k_proj": "self_a
              "mlp_fc1": "mlp.fc1", "mlp_fc2": "mlp.fc2"}
 
 
-def _bfl_target(path: str, n: DiTNaming) -> _Target | None:
+def _bfl_target(path: str, n: DiTNaming) -> Target | None:
     """A BFL module name (``double_blocks.0.img_attn.qkv``) as a target."""
     m = re.fullmatch(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", path)
     if m and m.group(1) in n.bfl_blocks:
@@ -192,17 +192,17 @@ def _bfl_target(path: str, n: DiTNaming) -> _Target | None:
         block = f"{n.bfl_blocks[kind][0]}.{idx}."
         if rest in n.comfy_partial:
             fused, parts = n.comfy_partial[rest]
-            return _Target("dit", block + fused, parts=parts)
+            return Target("dit", block + fused, parts=parts)
         if rest in n.bfl_split and kind == "double_blocks":
-            return _Target("dit", block + n.bfl_split[rest][0], split=tuple(block + p for p in n.bfl_split[rest]))
+            return Target("dit", block + n.bfl_split[rest][0], split=tuple(block + p for p in n.bfl_split[rest]))
     name = n.bfl_key_to_internal(path + ".weight")
     if name is None or not name.endswith(".weight") or n.norm_param.fullmatch(name):
         return None
     name = name[: -len(".weight")]
-    return _Target("dit", name, swap=name == n.final_layers[0])
+    return Target("dit", name, swap=name == n.final_layers[0])
 
 
-def _kohya_target(name: str, n: DiTNaming) -> _Target | None:
+def _kohya_target(name: str, n: DiTNaming) -> Target | None:
     m = re.fullmatch(r"(double_blocks|single_blocks)_(\d+)_(\w+)", name)
     if m:
         kind, idx, rest = m.groups()
@@ -212,7 +212,7 @@ def _kohya_target(name: str, n: DiTNaming) -> _Target | None:
     return _bfl_target(top[name], n) if name in top else None
 
 
-def _diffusers_module(path: str, n: DiTNaming) -> _Target | None:
+def _diffusers_module(path: str, n: DiTNaming) -> Target | None:
     """A diffusers module name (linear or norm) as a target."""
     m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", path)
     if m:
@@ -221,18 +221,18 @@ def _diffusers_module(path: str, n: DiTNaming) -> _Target | None:
         block = f"{internal}.{idx}."
         if (kind, rest) in n.diffusers_parts:
             fused, i = n.diffusers_parts[kind, rest]
-            return _Target("dit", block + fused, parts=(i, i + 1))
+            return Target("dit", block + fused, parts=(i, i + 1))
         name = table.get(rest)
-        return _Target("dit", block + name) if name else None
-    return _Target("dit", n.diffusers_top[path]) if path in n.diffusers_top else None
+        return Target("dit", block + name) if name else None
+    return Target("dit", n.diffusers_top[path]) if path in n.diffusers_top else None
 
 
-def _diffusers_target(path: str, n: DiTNaming) -> _Target | None:
+def _diffusers_target(path: str, n: DiTNaming) -> Target | None:
     t = _diffusers_module(path, n)
     return None if t is None or n.norm_param.fullmatch(t.name + ".weight") else t
 
 
-def _onetrainer_target(name: str, n: DiTNaming) -> _Target | None:
+def _onetrainer_target(name: str, n: DiTNaming) -> Target | None:
     m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)_(\d+)_(\w+)", name)
     if m:
         kind, idx, rest = m.groups()
@@ -243,32 +243,32 @@ def _onetrainer_target(name: str, n: DiTNaming) -> _Target | None:
     return _diffusers_target(top[name], n) if name in top else None
 
 
-def _internal_target(name: str, n: DiTNaming) -> _Target | None:
+def _internal_target(name: str, n: DiTNaming) -> Target | None:
     blocks = n.internal_blocks
     m = re.fullmatch(r"(\w+)\.(\d+)\.(.+)", name)
     ok = m.group(3) in blocks[m.group(1)] if m and m.group(1) in blocks else name in set(n.bfl_top.values())
-    return _Target("dit", name) if ok else None
+    return Target("dit", name) if ok else None
 
 
-def _xlabs_target(path: str, n: DiTNaming) -> _Target | None:
+def _xlabs_target(path: str, n: DiTNaming) -> Target | None:
     m = re.fullmatch(r"(double_blocks|single_blocks)\.(\d+)\.processor\.(\w+)", path)
     if not m or m.group(3) not in n.xlabs:
         return None
     return _bfl_target(f"{m.group(1)}.{m.group(2)}.{n.xlabs[m.group(3)]}", n)
 
 
-def _clip_target(name: str, n: DiTNaming) -> _Target | None:
+def _clip_target(name: str, n: DiTNaming) -> Target | None:
     m = re.fullmatch(r"(?:text_model[._])?encoder[._]layers[._](\d+)[._](.+)", name)
     sub = _CLIP_SUB.get(m.group(2).replace(".", "_")) if m else None
-    return _Target("te", f"text_model.encoder.layers.{m.group(1)}.{sub}") if sub else None
+    return Target("te", f"text_model.encoder.layers.{m.group(1)}.{sub}") if sub else None
 
 
-def _dit_path_target(path: str, n: DiTNaming) -> _Target | None:
+def _dit_path_target(path: str, n: DiTNaming) -> Target | None:
     return _xlabs_target(path, n) or _bfl_target(path, n) or _diffusers_target(path, n) or _internal_target(path, n)
 
 
 _DIT_PREFIXES = ("pipe.dit.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
-_PREFIXED: tuple[tuple[str, Callable[[str, DiTNaming], _Target | None]], ...] = (
+_PREFIXED: tuple[tuple[str, Callable[[str, DiTNaming], Target | None]], ...] = (
     ("lora_unet_", _kohya_target), ("lora_transformer_", _onetrainer_target),
     ("lora_te1_", _clip_target), ("lora_te_", _clip_target),
     ("text_encoders.clip_l.transformer.", _clip_target), ("text_encoder.", _clip_target),
@@ -276,7 +276,7 @@ _PREFIXED: tuple[tuple[str, Callable[[str, DiTNaming], _Target | None]], ...] = 
 )
 
 
-def _resolve(stem: str, n: DiTNaming) -> _Target | None:
+def _resolve(stem: str, n: DiTNaming) -> Target | None:
     """Where the LoRA pair named `stem` (key without ``.lora_down.weight`` etc.) goes; None: unknown."""
     for prefix, fn in _PREFIXED:
         if stem.startswith(prefix):
@@ -297,7 +297,7 @@ def _resolve_norm(key: str, n: DiTNaming) -> str | None:
     return name if name and n.norm_param.fullmatch(name) else None
 
 
-def _listing(items, limit: int = 40) -> str:
+def key_listing(items, limit: int = 40) -> str:
     lines = [f"{k}: {v}" for k, v in items.items()] if isinstance(items, Mapping) else list(items)
     more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
     return "".join(f"\n  {line}" for line in lines[:limit]) + more
@@ -401,7 +401,7 @@ def _peft_alpha_lookup(metadata: Mapping[str, object] | None) -> Callable[[str],
     return lookup
 
 
-def _fuse(name: str, pieces: list[tuple[_Target, LoRAWeights]], sizes: list[int] | None,
+def fuse_parts(name: str, pieces: list[tuple[Target, LoRAWeights]], sizes: list[int] | None,
           unknown: dict[str, str]) -> LoRAWeights | None:
     """Fuse LoRAs of parts of a fused layer (q, k, v [, mlp]; row counts `sizes`) into one exact block LoRA."""
     if sizes is None:
@@ -470,7 +470,7 @@ def convert_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, object] 
             continue
         stems.setdefault(stem, {})[role] = sd[k]
 
-    grouped: dict[tuple[str, str], list[tuple[_Target, LoRAWeights]]] = {}
+    grouped: dict[tuple[str, str], list[tuple[Target, LoRAWeights]]] = {}
     for stem, parts in stems.items():
         if "down" not in parts or "up" not in parts:
             lora.unknown[stem] = f"incomplete LoRA pair (has only {sorted(parts)})"
@@ -492,8 +492,8 @@ def convert_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, object] 
         if "down_bias" in parts:  # B (A x + a) = B A x + B a
             bias = (0 if bias is None else bias.float()) + up.float() @ parts["down_bias"].float()
         if target.swap:
-            up = _swap_halves(up)
-            bias = None if bias is None else _swap_halves(bias)
+            up = swap_halves(up)
+            bias = None if bias is None else swap_halves(bias)
         if target.split and up.shape[0] % len(target.split):
             lora.unknown[stem] = f"{up.shape[0]} rows do not split into {len(target.split)} equal layers"
             continue
@@ -509,21 +509,21 @@ def convert_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, object] 
             continue
         else:
             hidden = pieces[0][1].down.shape[1]
-            lw = _fuse(name, pieces, naming.fused_rows(name.split(".", 2)[-1], hidden, mlp_ratio), lora.unknown)
+            lw = fuse_parts(name, pieces, naming.fused_rows(name.split(".", 2)[-1], hidden, mlp_ratio), lora.unknown)
             if lw is None:
                 continue
         (lora.layers if space == "dit" else lora.te_layers)[name] = lw
     return lora
 
 
-def _split(target: _Target, lw: LoRAWeights) -> list[tuple[_Target, LoRAWeights]]:
+def _split(target: Target, lw: LoRAWeights) -> list[tuple[Target, LoRAWeights]]:
     """A LoRA of a fused BFL layer as exact LoRAs of the separate layers it feeds (shared down, row groups of up)."""
     if not target.split:
         return [(target, lw)]
     n = len(target.split)
     ups = lw.up.chunk(n, dim=0)
     biases = (None,) * n if lw.bias_up is None else lw.bias_up.chunk(n, dim=0)
-    return [(_Target(target.space, name), LoRAWeights(lw.down, up.contiguous(), lw.alpha, bias, lw.source))
+    return [(Target(target.space, name), LoRAWeights(lw.down, up.contiguous(), lw.alpha, bias, lw.source))
             for name, up, bias in zip(target.split, ups, biases)]
 
 
@@ -549,7 +549,7 @@ def lora_from_peft_model_state(sd: Mapping[str, torch.Tensor], lora_alpha: float
     """
     lora = convert_lora(sd, naming=naming)
     if lora.unknown:
-        raise ValueError(f"not a {lora.family.upper()} DiT LoRA state dict: " + _listing(lora.unknown))
+        raise ValueError(f"not a {lora.family.upper()} DiT LoRA state dict: " + key_listing(lora.unknown))
     if lora_alpha is not None:
         for lw in lora.layers.values():
             lw.alpha = float(lora_alpha)
@@ -582,7 +582,7 @@ def refuse_model_checkpoint(path: str) -> None:
         raise CheckpointError(f"{path} is a {kinds} checkpoint, not a LoRA (full weights, no low-rank pairs)")
 
 
-def _as_canonical(lora, mlp_ratio: float = 4.0, naming: DiTNaming | None = None) -> CanonicalLoRA:
+def as_canonical(lora, mlp_ratio: float = 4.0, naming: DiTNaming | None = None) -> CanonicalLoRA:
     naming = naming or FLUX1
     if isinstance(lora, CanonicalLoRA):
         if lora.family != naming.family and lora.layers:

@@ -19,10 +19,9 @@ from PIL import Image
 
 from ...models import flux_text_encoders as te
 from ...ops.attention_mask import GroupMask
+from ..images import VAE_FACTOR
 from ..units import step_unit, unit
 from ...ops.images import convert_image
-
-VAE_FACTOR = 8
 
 
 def entity_masks(masks, count: int, height: int, width: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..denoise import PROMPT_OUTPUTS
 from ..units import unit
 from ._images import image_list
 
@@ -30,10 +31,8 @@ def redux_tokens(pipe, images) -> torch.Tensor:
     return tokens.reshape(1, -1, tokens.shape[-1]).to(pipe.device, pipe.torch_dtype)
 
 
-PROMPT = ("prompt_emb", "pooled_prompt_emb", "text_ids")
-
-
-@unit(both_branches=True, uses=("image_encoder", "redux"), image_inputs=("flux_redux_image",), outputs=PROMPT, needs=PROMPT)
+@unit(both_branches=True, uses=("image_encoder", "redux"), image_inputs=("flux_redux_image",), outputs=PROMPT_OUTPUTS,
+      needs=PROMPT_OUTPUTS)
 def append_redux_tokens(pipe, branches, flux_redux_image=None, redux_replaces_prompt=False):
     if flux_redux_image is None:
         return [{} for _ in branches]

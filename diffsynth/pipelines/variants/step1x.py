@@ -16,13 +16,12 @@ from PIL import Image
 
 from ...models.flux_dit import image_ids, patchify
 from ...models.step1x import encode_step1x_prompts
+from ..denoise import PROMPT_OUTPUTS
 from ..images import image_to_tensor, vae_encode
 from ..units import step_unit, unit
 from ...ops.images import check_image, convert_image
 
 LLM_OUTPUTS = ("step1x_llm_embedding", "step1x_mask")
-# Filled at every step by the connector (step1x_step); None until then.
-DIT_TEXT = ("prompt_emb", "pooled_prompt_emb", "text_ids")
 
 
 def _is_step1x(pipe) -> bool:
@@ -38,8 +37,8 @@ def _reference(pipe, image) -> Image.Image:
     return convert_image(check_image(image, "step1x_reference_image"))
 
 
-@unit(both_branches=True, models=("qwenvl",), uses=("step1x_connector",), outputs=(*LLM_OUTPUTS, *DIT_TEXT),
-      model_inputs=(*LLM_OUTPUTS, *DIT_TEXT), replaces=("encode_prompt",), active=_is_step1x,
+@unit(both_branches=True, models=("qwenvl",), uses=("step1x_connector",), outputs=(*LLM_OUTPUTS, *PROMPT_OUTPUTS),
+      model_inputs=(*LLM_OUTPUTS, *PROMPT_OUTPUTS), replaces=("encode_prompt",), active=_is_step1x,
       image_inputs=("step1x_reference_image",))
 def encode_step1x_prompt(pipe, branches, step1x_reference_image=None, num_images=1):
     """Qwen2.5-VL embeddings of the positive (and negative) prompt with the reference image, one batch."""
@@ -53,8 +52,9 @@ def encode_step1x_prompt(pipe, branches, step1x_reference_image=None, num_images
     emb, mask = encode_step1x_prompts(pipe.qwenvl, pipe.qwenvl.processor, prompts, image,
                                       pipe.compute_device_of("qwenvl"), pipe.torch_dtype)
     emb, mask = emb.to(pipe.device), mask.to(pipe.device)
+    # the DiT's text inputs are filled at every step by the connector (step1x_step); None until then
     return [{"step1x_llm_embedding": emb[i:i + 1].repeat(num_images, 1, 1),
-             "step1x_mask": mask[i:i + 1].repeat(num_images, 1), **dict.fromkeys(DIT_TEXT)}
+             "step1x_mask": mask[i:i + 1].repeat(num_images, 1), **dict.fromkeys(PROMPT_OUTPUTS)}
             for i in range(len(prompts))]
 
 
