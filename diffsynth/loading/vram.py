@@ -29,7 +29,7 @@ from torch import nn
 from . import components
 from ..ops.gguf import BLOCK_SIZES, quantized_nbytes
 from ..ops.linear import Linear, linear
-from ..ops.quant import quant_type, to_compute, weight_for_compute
+from ..ops.quant import quant_type, stored_low_precision, to_compute, weight_for_compute
 
 GB = 1024 ** 3
 
@@ -325,7 +325,8 @@ def model_layers(model: nn.Module, compute_dtype: torch.dtype, storage_dtype: to
                 else:
                     dtype = p.dtype
                     if hypothetical:
-                        dtype = storage_dtype if (storage_dtype is not None and p.ndim >= 2) else compute_dtype
+                        low = storage_dtype is not None and stored_low_precision(p.shape)
+                        dtype = storage_dtype if low else compute_dtype
                     count, stored = p.numel(), p.numel() * _elem_size(dtype)
                     cast = p.is_floating_point() and dtype != compute_dtype
                 numel += count

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..ops.files import CheckpointError, TensorRef
 from ..ops.gguf import dequantize
-from ..ops.quant import FP8_DTYPES, apply_scales, install_gguf_weight, install_weight_scale, split_scales
+from ..ops.quant import (FP8_DTYPES, apply_scales, install_gguf_weight, install_weight_scale, split_scales,
+                         stored_low_precision)
 
 Refs = Mapping[str, TensorRef]
 
@@ -162,13 +163,14 @@ def assign(model_cls, config, state_dict: dict[str, torch.Tensor], name: str,
 def load_tensors(det: Detected, options: BuildOptions) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """(weight refs, scaled-fp8 scale refs, tensors) of a detected model, read into the storage dtype.
 
-    With fp8 storage, 1-D tensors (biases, norm scales: ~0.1% of the bytes) use the compute dtype instead;
-    scaled-fp8 weights and GGUF blocks keep their file format.
+    With fp8 storage, only matrices are stored in fp8 (`stored_low_precision`); biases, norm scales and
+    convolution kernels (~0.1% of a transformer's bytes) use the compute dtype instead. Scaled-fp8 weights and
+    GGUF blocks keep their file format.
     """
     dtype, compute = options.dtype, options.compute_dtype
     refs, scale_refs = split_scales(det.refs)
     small = compute if compute is not None and dtype in FP8_DTYPES else dtype
-    sd = {k: r.load(None if k in scale_refs else (small if len(r.shape) < 2 else dtype), options.device)
+    sd = {k: r.load(None if k in scale_refs else (dtype if stored_low_precision(r.shape) else small), options.device)
           for k, r in refs.items()}
     return refs, scale_refs, sd
 

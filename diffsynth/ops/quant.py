@@ -19,6 +19,14 @@ from .files import CheckpointError
 from .gguf import dequantize, is_quantized
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def stored_low_precision(shape) -> bool:
+    """Whether a tensor of this shape takes a reduced-precision storage dtype (fp8): matrices (Linear and
+    embedding weights, ~all of a transformer's bytes) do; vectors and convolution kernels keep the compute
+    dtype: transformers' vision embeddings cast their *input* to the kernel's dtype, so an fp8 patch kernel
+    would round the image itself to fp8."""
+    return len(shape) == 2
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 # Keys of scaled-fp8 files that carry no weight: the file marker and input scales (used only by fp8 matmuls).
 IGNORED_SUFFIXES = (".scale_input", ".input_scale")
