@@ -219,3 +219,7 @@ def test_customized_optimizer_preset_lora_and_csv_log(klein, tmp_path):
         run(words(klein, data, tmp_path / "c", "--customized_optimizer", "torch.nn.Linear"))
     with pytest.raises(ValueError, match=r"--fp8_models \['unet'\]: no such model"):
         run(words(klein, data, tmp_path / "d", "--fp8_models", "unet"))
+    full = words(klein, data, tmp_path / "e", "--fp8_models", "dit", "--trainable_models", "dit")
+    del full[full.index("--lora_base_model"):full.index("--lora_base_model") + 2]
+    with pytest.raises(ValueError, match="fp8 is for frozen weights"):
+        run(full)

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..ops.files import DTYPE_NAMES, DiskFull, all_finite, expand_paths, save_image
+from ..ops.quant import is_fp8
 from .args import build_parser, check_args, parse_model_sources, parse_tokenizer
 from .cache import build_cache, cache_paths, models_tag
 from .checkpoint import (SavedState, complete_checkpoints, gather_optimizer_state, load_checkpoint, read_newest_readable,
@@ -291,7 +292,8 @@ class Trainer:
         self.dtype = DTYPE_NAMES[args.torch_dtype] if args.torch_dtype else (
             torch.bfloat16 if acc.device.type == "cuda" else torch.float32)
         sharded = zero_stage(acc) == 3 or acc.is_fsdp2  # whole models stay on the CPU until sharded
-        pipe = load_pipeline(args, "cpu" if sharded or args.initialize_model_on_cpu else acc.device, self.dtype)
+        on_cpu = (sharded or args.initialize_model_on_cpu) and not args.enable_model_cpu_offload  # (it computes there)
+        pipe = load_pipeline(args, "cpu" if on_cpu else acc.device, self.dtype)
         pipe.device = acc.device
         self._check_split_models(pipe)
         self.module = FluxTrainingModule(
@@ -302,6 +304,10 @@ class Trainer:
             extra_inputs=args.extra_inputs, guidance=args.guidance, t5_sequence_length=args.t5_sequence_length,
             sigma_sampler=make_sigma_sampler(args.timestep_sampling, args.logit_mean, args.logit_std,
                                              pipe.training_sigmas()))
+        fp8 = [n for n, p in self.module.named_parameters() if p.requires_grad and is_fp8(p.dtype)]
+        if fp8:
+            raise ValueError(f"--fp8_models stores trained weights in fp8 ({fp8[0]}, ...): fp8 is for frozen weights; "
+                             "train a LoRA on the fp8 model, or leave the trained model out of --fp8_models")
         if args.enable_model_cpu_offload:
             place_trained(self.module, acc.device, on_cpu=args.enable_optimizer_cpu_offload)
         names = list(self.module.trainable_state_dict())
