@@ -66,18 +66,25 @@ ONE_STEP = ["--dataset_repeat", "1", "--num_epochs", "1", "--height", "64", "--w
             "--t5_sequence_length", "32", "--seed", "0", "--report_to", "none"]
 
 
-def script_args(script: Path) -> list[str]:
-    """The train.py arguments of an examples/flux/model_training shell script."""
+def script_commands(script: Path) -> list[list[str]]:
+    """The train.py arguments of each command of an examples/*/model_training shell script (split-training
+    scripts have two: --task sft:data_process, then --task sft:train)."""
     words = shlex.split(script.read_text().replace("\\\n", " "), comments=True)
-    start = next(i for i, w in enumerate(words) if w.endswith("/model_training/train.py"))  # flux or flux2
-    return words[start + 1:]
+    starts = [i for i, w in enumerate(words) if w.endswith("/model_training/train.py")]  # flux or flux2
+    ends = [next((j for j in range(i + 1, len(words)) if words[j] == "accelerate"), len(words)) for i in starts]
+    return [words[i + 1:end] for i, end in zip(starts, ends)]
+
+
+def script_args(script: Path) -> list[str]:
+    """The train.py arguments of a script's (last) command."""
+    return script_commands(script)[-1]
 
 
 def train_script_one_step(script: Path):
-    """Run a training script's command for one step (its own arguments + ONE_STEP), in the current folder.
-    Returns (the script's checked arguments, train()'s result, the saved epoch-0 file)."""
+    """Run a training script's commands for one step (each with its own arguments + ONE_STEP), in the current
+    folder. Returns (the last command's checked arguments, its train() result, its saved epoch-0 file)."""
     from diffsynth.training import build_parser, check_args, train
-    words = script_args(script)
-    args = check_args(build_parser().parse_args(words))
-    result = train(build_parser().parse_args(words + ONE_STEP))
+    for words in script_commands(script):
+        args = check_args(build_parser().parse_args(words))
+        result = train(build_parser().parse_args(words + ONE_STEP))
     return args, result, Path(args.output_path) / "epoch-0.safetensors"

@@ -80,17 +80,19 @@ def test_training_scripts_train_and_validate(row, kind, folders, tmp_path, monke
 
 
 def test_dev_lora_script_trains_from_its_cache_and_validates(tmp_path_factory, tmp_path, monkeypatch):
-    """FLUX.2-dev's LoRA script: the Mistral encoder and the VAE fill the cache and are freed; the LoRA on the
-    48 single blocks trains one step; validate_lora (2.0's model-level offload stages) loads it."""
+    """FLUX.2-dev's LoRA script (2.0's two commands): --task sft:data_process runs the Mistral encoder and the VAE
+    over the dataset, --task sft:train loads only the DiT and trains the LoRA on the 48 single blocks one step from
+    that folder; validate_lora (2.0's model-level offload stages) loads it."""
     from test_flux2_examples import on_cpu
     dev = build_tiny_flux2_dev(tmp_path_factory.mktemp("dev_train") / "dev", num_single_layers=48)
     monkeypatch.chdir(tmp_path)
     link_model(tmp_path, "black-forest-labs/FLUX.2-dev", dev)
     write_dataset(tmp_path / "data" / "diffsynth_example_dataset" / "flux2" / "FLUX.2-dev")
     args, result, saved = train_script_one_step(EXAMPLES / "model_training" / "lora" / "FLUX.2-dev.sh")
-    assert result["steps"] == 1 and saved.is_file() and args.cache_dir
+    assert result["steps"] == 1 and saved.is_file() and args.task == "sft:train"
     pipe = result["module"].pipe
-    assert pipe.text_encoder_mistral is None and pipe.vae_decoder is None  # freed after caching
+    assert pipe.text_encoder_mistral is None and pipe.vae_decoder is None  # not loaded by the training half
+    assert (tmp_path / "models" / "train" / "FLUX.2-dev-LoRA-splited-cache" / "split_cache.json").is_file()
     from safetensors.torch import load_file
     assert any("single_transformer_blocks.47.attn.to_out" in k for k in load_file(saved))
     shutil.copy(saved, saved.parent / "epoch-4.safetensors")
@@ -99,6 +101,20 @@ def test_dev_lora_script_trains_from_its_cache_and_validates(tmp_path_factory, t
                         {"black-forest-labs/FLUX.2-dev": dev}, pipeline=Flux2ImagePipeline,
                         examples=tmp_path / "scripts")
     assert (tmp_path / "image_FLUX.2-dev_lora.jpg").is_file() and scope["pipe"].text_encoder_mistral is not None
+
+
+def test_split_training_script_trains(folders, tmp_path, monkeypatch):
+    """2.0's special/split_training/FLUX.2-klein-base-4B_lora.sh: both commands run (encoders and VAE, then the
+    DiT alone) and the LoRA is written."""
+    row = "FLUX.2-klein-base-4B"
+    monkeypatch.chdir(tmp_path)
+    for model_id, folder in models_for(row, folders).items():
+        link_model(tmp_path, model_id, folder)
+    write_dataset(tmp_path / "data" / "diffsynth_example_dataset" / "flux2" / row)
+    args, result, saved = train_script_one_step(EXAMPLES / "model_training" / "special" / "split_training" /
+                                                f"{row}_lora.sh")
+    assert args.task == "sft:train" and result["steps"] == 1 and saved.is_file()
+    assert result["module"].pipe.text_encoder_qwen3 is None
 
 
 def test_editing_data_trains(folders, tmp_path, one_thread):

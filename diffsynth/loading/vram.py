@@ -157,8 +157,7 @@ def install_cast(model: nn.Module, device: str | torch.device, dtype: torch.dtyp
     """
     device = resolve_device(device)
     for _, m in units(model):
-        m.__class__ = _cast_class(type(m))
-        m.compute_device, m.compute_dtype = device, dtype
+        cast_layer(m, device, dtype)
     for m in model.modules():
         for name, b in m._buffers.items():
             if b is not None and name != "scale_weight" and b.device != device:
@@ -166,6 +165,13 @@ def install_cast(model: nn.Module, device: str | torch.device, dtype: torch.dtyp
     model.compute_dtype = dtype
     model.compute_device = device
     return model
+
+
+def cast_layer(module: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """Switch one layer to its cast class computing on `device` in `dtype` (its weights stay where they are)."""
+    module.__class__ = _cast_class(type(module))
+    module.compute_device, module.compute_dtype = resolve_device(device), dtype
+    return module
 
 
 def is_cast(model: nn.Module) -> bool:

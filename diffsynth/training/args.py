@@ -10,7 +10,7 @@ import re
 
 from ..ops.names import COMPUTE_DTYPES
 from ..ops.limits import MAX_PIXELS, MAX_SIDE, MAX_T5_SEQUENCE_LENGTH
-from .names import FULL_FORMATS, LORA_FORMATS, LR_SCHEDULERS, TIMESTEP_SAMPLINGS
+from .names import FULL_FORMATS, LORA_FORMATS, LR_SCHEDULERS, TASKS, TIMESTEP_SAMPLINGS
 
 DEFAULT_LORA_TARGETS = ("a_to_qkv,b_to_qkv,ff_a.0,ff_a.2,ff_b.0,ff_b.2,a_to_out,b_to_out,proj_out,norm.linear,"
                         "norm1_a.linear,norm1_b.linear,to_qkv_mlp")
@@ -48,9 +48,25 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument("--tokenizer_path", help="FLUX.2: the Qwen tokenizer, a folder or 'model_id:origin_pattern' "
                                             "(default: tokenizer/ beside text_encoder/)")
     m.add_argument("--torch_dtype", choices=COMPUTE_DTYPES, help="model dtype (default bf16 on GPU, fp32 on CPU)")
+    m.add_argument("--fp8_models", help="models whose frozen weights are stored in fp8 (e4m3fn) and computed in "
+                                        "--torch_dtype layer by layer: pipeline names (dit, vae, text_encoder...) or "
+                                        "entries of --model_paths / --model_id_with_origin_paths, comma separated")
+    m.add_argument("--offload_models", help="models kept in CPU RAM, each layer moved to the device when it runs "
+                                            "(names as --fp8_models): the ones a split-training stage does not use")
+    m.add_argument("--initialize_model_on_cpu", action="store_true",
+                   help="load the models into CPU RAM; they move to the device when training starts")
+    m.add_argument("--preset_lora_path", help="LoRA file merged into --preset_lora_model before training")
+    m.add_argument("--preset_lora_model", help="the model --preset_lora_path is merged into (e.g. dit)")
 
     t = p.add_argument_group("training")
+    t.add_argument("--task", default="sft",
+                   help="sft: preprocess and train in one run; sft:data_process: run the encoders (text, VAE, "
+                        "reference images) over the dataset and write their outputs to --output_path; sft:train: "
+                        "train from such a folder given as --dataset_base_path (the encoders are not loaded)")
     t.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate")
+    t.add_argument("--customized_optimizer",
+                   help="optimizer class 'module.Class' (e.g. torch.optim.Adam, bitsandbytes.optim.AdamW8bit), built "
+                        "with (params, lr=--learning_rate, weight_decay=--weight_decay); default torch.optim.AdamW")
     t.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     t.add_argument("--num_epochs", type=int, default=1, help="passes over the (repeated) dataset")
     t.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (the LR schedule ends there)")
@@ -88,6 +104,12 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     v.add_argument("--use_gradient_checkpointing_offload", action="store_true",
                    help="checkpointing with the saved activations in CPU memory")
     v.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
+    v.add_argument("--enable_model_cpu_offload", action="store_true",
+                   help="frozen weights stay in CPU RAM and each layer is streamed to the device for its forward "
+                        "(and its recomputation in the backward pass: turns on gradient checkpointing); one process")
+    v.add_argument("--enable_optimizer_cpu_offload", action="store_true",
+                   help="with --enable_model_cpu_offload: the trained weights, their gradients and the optimizer "
+                        "state stay in CPU RAM too (the optimizer steps on the CPU)")
 
     o = p.add_argument_group("outputs, resume, validation")
     o.add_argument("--align_to_opensource_format", action="store_true",
@@ -107,7 +129,36 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     o.add_argument("--validation_guidance", type=float, default=3.5, help="embedded guidance of the validation images")
     o.add_argument("--report_to", choices=("auto", "tensorboard", "none"), default="auto",
                    help="auto: TensorBoard when it is installed")
+    o.add_argument("--enable_tensorboard_log", action="store_true", help="= --report_to tensorboard")
+    o.add_argument("--enable_csv_log", action="store_true",
+                   help="append step, loss and learning rate to <output_path>/loss_log.csv")
+    add_unsupported_args(p)
     return p
+
+
+# DiffSynth-Studio 2.0 training arguments this trainer does not implement: accepted by the parser so that a 2.0
+# script fails with this message instead of "unrecognized arguments" (only when given a non-default value).
+UNSUPPORTED = {
+    "quant_options": "dynamic quantization is not supported: store weights in fp8 with --fp8_models, or load a "
+                     "GGUF / fp8 checkpoint file",
+    "template_model_id_or_path": "template models are not supported",
+    "enable_lora_hot_loading": "LoRA hot-loading of template models is not supported",
+    "cpu_offload_split_threshold": "not supported: --enable_model_cpu_offload always streams one layer at a time "
+                                   "(2.0's default, the threshold unset)",
+    "enable_swanlab_log": "SwanLab logging is not supported: use --enable_tensorboard_log or --enable_csv_log",
+    "swanlab_project": "SwanLab logging is not supported: use --enable_tensorboard_log or --enable_csv_log",
+    "enable_wandb_log": "wandb logging is not supported: use --enable_tensorboard_log or --enable_csv_log",
+    "wandb_project": "wandb logging is not supported: use --enable_tensorboard_log or --enable_csv_log",
+}
+
+
+def add_unsupported_args(p: argparse.ArgumentParser) -> None:
+    u = p.add_argument_group("DiffSynth-Studio 2.0 arguments that are refused (with the reason)")
+    for name in UNSUPPORTED:
+        if name.startswith("enable_"):
+            u.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
+        else:
+            u.add_argument(f"--{name}", help=argparse.SUPPRESS)
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -166,11 +217,14 @@ def validation_prompt_list(value: str | None) -> list[str]:
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived fields and reject inconsistent arguments with one message listing every problem."""
-    problems = []
+    problems = [f"--{k}: {why}" for k, why in UNSUPPORTED.items() if getattr(args, k, None) not in (None, False)]
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
             problems.append(msg)
+
+    need(args.task in TASKS, f"--task {args.task!r} is not supported (distillation tasks are not implemented); "
+                             f"supported: {', '.join(TASKS)}")
 
     need((args.height is None) == (args.width is None), "--height and --width go together (or leave both empty)")
     for name in ("height", "width"):
@@ -208,8 +262,26 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     args.data_file_keys += [k for k in args.extra_inputs if k in IMAGE_INPUTS and k not in args.data_file_keys]
     need("image" not in args.extra_inputs and "prompt" not in args.extra_inputs,
          "--extra_inputs: image and prompt are always passed")
-    need(bool(args.trainable_models or args.lora_base_model),
+    args.fp8_models, args.offload_models = csv_list(args.fp8_models), csv_list(args.offload_models)
+    if args.enable_model_cpu_offload:  # the backward pass fetches the streamed layers again instead of keeping them
+        args.use_gradient_checkpointing = True
+    if args.enable_tensorboard_log:
+        need(args.report_to in ("auto", "tensorboard"), "--enable_tensorboard_log contradicts --report_to none")
+        args.report_to = "tensorboard"
+    need(not args.enable_optimizer_cpu_offload or args.enable_model_cpu_offload,
+         "--enable_optimizer_cpu_offload goes with --enable_model_cpu_offload")
+    need((args.preset_lora_path is None) == (args.preset_lora_model is None),
+         "--preset_lora_path and --preset_lora_model go together")
+    need(args.preset_lora_path is None or os.path.isfile(args.preset_lora_path),
+         f"--preset_lora_path {args.preset_lora_path!r} is not a file")
+    need(args.task == "sft:data_process" or bool(args.trainable_models or args.lora_base_model),
          "nothing to train: give --trainable_models (full training) and/or --lora_base_model (LoRA)")
+    if args.task != "sft":
+        need(args.cache_dir is None, f"--cache_dir is for --task sft (--task {args.task} writes or reads the "
+                                     "preprocessed rows in its own folder)")
+    if args.task == "sft:train":
+        need(args.dataset_metadata_path is None, "--task sft:train reads the rows from the --dataset_base_path "
+                                                 "folder written by --task sft:data_process: drop --dataset_metadata_path")
     if args.lora_base_model:
         need(bool(args.lora_target_modules), "--lora_target_modules is empty")
     if args.align_to_opensource_format:
@@ -238,7 +310,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         problems.append("--validation_prompts needs --validation_steps")
     if args.resume_from_checkpoint not in (None, "latest"):
         need(os.path.isdir(args.resume_from_checkpoint),
-             f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a folder (or use 'latest')")
+             f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a folder (or use 'latest'); a LoRA "
+             "file to start from (DiffSynth-Studio 2.0's meaning) is --lora_checkpoint")
     need(args.lora_checkpoint is None or os.path.isfile(args.lora_checkpoint),
          f"--lora_checkpoint {args.lora_checkpoint!r} is not a file")
     need(args.lora_checkpoint is None or bool(args.lora_base_model), "--lora_checkpoint needs --lora_base_model")

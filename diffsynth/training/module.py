@@ -166,7 +166,7 @@ class FluxTrainingModule(nn.Module):
                 model = getattr(pipe, name)
                 if name != "dit" and hasattr(model, "gradient_checkpointing_enable"):
                     model.gradient_checkpointing_enable()
-        if not any(p.requires_grad for p in self.parameters()):
+        if (self.trainable_models or self.lora_base_model) and not any(p.requires_grad for p in self.parameters()):
             raise ValueError("nothing to train: give --trainable_models and/or --lora_base_model")
         self.train()
 

@@ -23,15 +23,18 @@ import torch
 from tqdm import tqdm
 
 from ..ops.files import DTYPE_NAMES, DiskFull, all_finite, expand_paths, save_image
+from ..ops.quant import FP8_DTYPES
 from .args import build_parser, check_args, parse_model_sources, parse_tokenizer
 from .cache import build_cache, cache_paths, models_tag
 from .checkpoint import (SavedState, complete_checkpoints, gather_optimizer_state, load_checkpoint, read_newest_readable,
                          resume_candidates, save_checkpoint, whole)
-from .data import ImageDataset, bucket_sizes, epoch_batches, load_samples, shard_batches, target_size
+from .data import ImageDataset, epoch_batches, load_samples, shard_batches
 from .export import save_output, training_info
-from .module import FluxTrainingModule
+from .module import FluxTrainingModule, model_name, pipeline_model
+from .offload import place_trained, storage_configs
 from .run_dir import OutputLocked, claim_output
 from .schedule import lr_factor, make_sigma_sampler
+from .split import SplitCache, read_split_cache, rows_folder, sample_sizes, write_manifest
 
 StepCallback = Callable[[int, float], None]  # (optimizer step, loss); may raise to stop training
 # What a checkpoint must share with the run resuming it (the trainable tensors depend on them) ...
@@ -47,34 +50,43 @@ class NonFiniteLoss(ValueError):
 # ----------------------------------------------------------------------------- setup helpers
 
 def load_pipeline(args: argparse.Namespace, device: torch.device | str, dtype: torch.dtype):
+    """The pipeline of the models given, stored as --fp8_models / --offload_models / --enable_model_cpu_offload
+    say, with --preset_lora_path merged. The DiT is needed unless the run only preprocesses (sft:data_process);
+    the encoders unless their outputs come from a cache (--cache_dir, sft:train)."""
     from ..loading.registry import pipeline_family
     from ..pipelines.flux_image import FluxImagePipeline
-    configs = parse_model_sources(args.model_paths, args.model_id_with_origin_paths)
+    configs = storage_configs(parse_model_sources(args.model_paths, args.model_id_with_origin_paths), args)
     if pipeline_family([c.resolve() for c in configs]) == "flux2":
-        return load_flux2_pipeline(args, configs, device, dtype)
-    pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=configs,
-                                             tokenizer_1_path=args.tokenizer_1_path,
-                                             tokenizer_2_path=args.tokenizer_2_path)
-    if pipe.dit is None:
-        raise ValueError("no FLUX DiT among the models: add flux1-dev.safetensors (or another FLUX transformer)")
-    from ..pipelines.units import active_units
-    # CLIP/T5 only where they encode the prompt (a variant's own encoder may replace them, e.g. Step1X's Qwen)
-    clip_t5 = any(u.name == "encode_prompt" for u in active_units(pipe, pipe.units))
-    if not args.cache_dir and (pipe.vae_encoder is None or
-                               (clip_t5 and None in (pipe.text_encoder_1, pipe.text_encoder_2))):
-        raise ValueError("training needs the VAE (ae.safetensors) and both text encoders "
-                         "(text_encoder/model.safetensors, text_encoder_2/)")
+        pipe = load_flux2_pipeline(args, configs, device, dtype)
+    else:
+        pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=configs,
+                                                 tokenizer_1_path=args.tokenizer_1_path,
+                                                 tokenizer_2_path=args.tokenizer_2_path)
+        from ..pipelines.units import active_units
+        # CLIP/T5 only where they encode the prompt (a variant's own encoder may replace them, e.g. Step1X's Qwen)
+        clip_t5 = any(u.name == "encode_prompt" for u in active_units(pipe, pipe.units))
+        if needs_encoders(args) and (pipe.vae_encoder is None or
+                                     (clip_t5 and None in (pipe.text_encoder_1, pipe.text_encoder_2))):
+            raise ValueError("training needs the VAE (ae.safetensors) and both text encoders "
+                             "(text_encoder/model.safetensors, text_encoder_2/)")
+    if pipe.dit is None and args.task != "sft:data_process":
+        raise ValueError("no DiT among the models: add its checkpoint (FLUX.1: flux1-dev.safetensors or another "
+                         "FLUX transformer; FLUX.2: transformer/*.safetensors)")
+    if args.preset_lora_path:
+        pipe.load_lora(pipeline_model(pipe, args.preset_lora_model), args.preset_lora_path)
     return pipe
+
+
+def needs_encoders(args: argparse.Namespace) -> bool:
+    return not args.cache_dir and args.task != "sft:train"
 
 
 def load_flux2_pipeline(args: argparse.Namespace, configs: list, device: torch.device | str, dtype: torch.dtype):
     from ..pipelines.flux2_image import TEXT_ENCODERS, Flux2ImagePipeline
     pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=configs,
                                               tokenizer_config=parse_tokenizer(args.tokenizer_path))
-    if pipe.dit is None:
-        raise ValueError("no FLUX.2 DiT among the models: add transformer/*.safetensors")
     no_encoder = all(getattr(pipe, e.attribute) is None for e in TEXT_ENCODERS)
-    if not args.cache_dir and (pipe.vae_encoder is None or no_encoder):
+    if needs_encoders(args) and (pipe.vae_encoder is None or no_encoder):
         raise ValueError("training FLUX.2 needs the VAE (vae/diffusion_pytorch_model.safetensors) and the text "
                          "encoder (text_encoder/*.safetensors)")
     return pipe
@@ -143,9 +155,29 @@ def make_optimizer(params: list[torch.nn.Parameter], args: argparse.Namespace, a
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}) if plugin else {}
     if offload.get("device", "none") != "none":
+        if args.customized_optimizer:
+            raise ValueError("--customized_optimizer does not combine with DeepSpeed's optimizer offload (it needs "
+                             "DeepSpeed's CPU Adam)")
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO optimizer offload needs DeepSpeed's CPU Adam
         return DeepSpeedCPUAdam(params, lr=args.learning_rate, weight_decay=args.weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    return optimizer_class(args.customized_optimizer)(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+
+
+def optimizer_class(name: str | None) -> type:
+    """--customized_optimizer 'module.Class' (default torch.optim.AdamW)."""
+    if not name:
+        return torch.optim.AdamW
+    module_name, _, class_name = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name) if module_name else None
+    except ImportError as e:
+        raise ImportError(f"--customized_optimizer {name}: cannot import {module_name} ({e})") from None
+    except AttributeError:
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"--customized_optimizer {name!r} is not an optimizer class ('module.Class', e.g. "
+                         "torch.optim.Adam or bitsandbytes.optim.AdamW8bit)")
+    return cls
 
 
 def pick_seed(args: argparse.Namespace, resume: SavedState | None, accelerator) -> int:
@@ -210,8 +242,13 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, step_callback: StepCallback | None = None):
         self.args = args = check_args(args)
+        if args.task == "sft:data_process":
+            raise ValueError("--task sft:data_process preprocesses, it does not train: call train(args), which "
+                             "runs process_data(args)")
         self.step_callback = step_callback
-        self.samples = load_samples(args.dataset_base_path, args.dataset_metadata_path, args.data_file_keys)
+        self.split: SplitCache | None = read_split_cache(args) if args.task == "sft:train" else None
+        self.samples = self.split.samples if self.split else load_samples(
+            args.dataset_base_path, args.dataset_metadata_path, args.data_file_keys)
         missing = [k for k in args.extra_inputs if k not in args.data_file_keys
                    and any(k not in s.extras for s in self.samples)]
         if missing:
@@ -220,6 +257,9 @@ class Trainer:
         self.tensorboard = use_tensorboard(args.report_to)
         self.accelerator = acc = make_accelerator(args, self.tensorboard)
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
+        if args.enable_model_cpu_offload and (self.world > 1 or zero_stage(acc) or acc.is_fsdp2):
+            raise ValueError("--enable_model_cpu_offload trains in one process (the frozen weights stream from this "
+                             "process's CPU RAM); on several GPUs shard the model with the FSDP2 / ZeRO-3 configs")
         self.output = Path(args.output_path)
         self.ckpt_root = self.output / "checkpoints"
         self.lock = claim_output_everywhere(acc, self.output, bool(args.resume_from_checkpoint))
@@ -252,8 +292,10 @@ class Trainer:
         self.dtype = DTYPE_NAMES[args.torch_dtype] if args.torch_dtype else (
             torch.bfloat16 if acc.device.type == "cuda" else torch.float32)
         sharded = zero_stage(acc) == 3 or acc.is_fsdp2  # whole models stay on the CPU until sharded
-        pipe = load_pipeline(args, "cpu" if sharded else acc.device, self.dtype)
+        on_cpu = (sharded or args.initialize_model_on_cpu) and not args.enable_model_cpu_offload  # (it computes there)
+        pipe = load_pipeline(args, "cpu" if on_cpu else acc.device, self.dtype)
         pipe.device = acc.device
+        self._check_split_models(pipe)
         self.module = FluxTrainingModule(
             pipe, trainable_models=args.trainable_models, lora_base_model=args.lora_base_model,
             lora_target_modules=args.lora_target_modules, lora_rank=args.lora_rank,
@@ -262,6 +304,12 @@ class Trainer:
             extra_inputs=args.extra_inputs, guidance=args.guidance, t5_sequence_length=args.t5_sequence_length,
             sigma_sampler=make_sigma_sampler(args.timestep_sampling, args.logit_mean, args.logit_std,
                                              pipe.training_sigmas()))
+        fp8 = [n for n, p in self.module.named_parameters() if p.requires_grad and p.dtype in FP8_DTYPES]
+        if fp8:
+            raise ValueError(f"--fp8_models stores trained weights in fp8 ({fp8[0]}, ...): fp8 is for frozen weights; "
+                             "train a LoRA on the fp8 model, or leave the trained model out of --fp8_models")
+        if args.enable_model_cpu_offload:
+            place_trained(self.module, acc.device, on_cpu=args.enable_optimizer_cpu_offload)
         names = list(self.module.trainable_state_dict())
         if not any(k.startswith(args.remove_prefix_in_ckpt) for k in names):
             raise ValueError(f"--remove_prefix_in_ckpt {args.remove_prefix_in_ckpt!r} matches no trainable "
@@ -276,7 +324,9 @@ class Trainer:
         optimizer = make_optimizer(self.params, args, acc)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, args.lr_scheduler, args.lr_warmup_steps, self.total_steps))
-        self.model, self.optimizer = acc.prepare(self.module, optimizer)
+        # streamed weights stay where they are stored (accelerate would move the whole model to the device)
+        placement = [not args.enable_model_cpu_offload, True]
+        self.model, self.optimizer = acc.prepare(self.module, optimizer, device_placement=placement)
         self.unwrapped = acc.unwrap_model(self.model)
         self.trainable = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
         self.ema = {n: p.detach().float().clone() for n, p in self.trainable.items()} if args.ema_decay else None
@@ -292,14 +342,27 @@ class Trainer:
         self.files: list[str] = []
         self.losses: list[float] = []
 
+    def _check_split_models(self, pipe) -> None:
+        """sft:train: the cached rows fit this DiT (family, dtype); validation images need the encoders too."""
+        if self.split is None:
+            return
+        dtype = str(self.dtype).removeprefix("torch.")
+        if (self.split.family, self.split.dtype) != (pipe.family, dtype):
+            raise ValueError(f"{self.split.folder} holds {self.split.family} inputs in {self.split.dtype}; this run "
+                             f"trains a {pipe.family} DiT in {dtype}: give the DiT and --torch_dtype of the model "
+                             "the data_process run encoded for")
+        if self.args.validation_prompts and pipe.vae_decoder is None:
+            raise ValueError("--validation_prompts under --task sft:train need the text encoders and the VAE: add "
+                             "them to the models, or validate after training")
+
     def _dataset(self) -> ImageDataset:
         """Target sizes (fixed, dynamic or bucketed), and the latent/text cache when asked for."""
         args, acc = self.args, self.accelerator
-        buckets = bucket_sizes(args.max_pixels, args.bucket_step) if args.batch_size > 1 and args.height is None \
-            else None
-        self.sizes = [target_size(s.size, args.height, args.width, args.max_pixels, buckets) for s in self.samples]
+        self.sizes = sample_sizes(self.samples, args)
         make = lambda paths=None: ImageDataset(self.samples, self.sizes, args.extra_inputs, args.height,  # noqa: E731
                                                args.width, args.max_pixels, paths)
+        if self.split is not None:
+            return make(self.split.paths)
         if not args.cache_dir:
             return make()
         if self.module.preprocessing_is_trained(cached_only=True):
@@ -540,6 +603,8 @@ class Trainer:
         progress.set_postfix(loss=f"{sum(self.losses[-20:]) / len(self.losses[-20:]):.4f}", lr=f"{lr:.2e}")
         if self.tensorboard:
             self.accelerator.log({"loss": loss, "lr": lr}, step=step)
+        if args.enable_csv_log and self.main:
+            self.log_csv(step, loss, lr)
         saved = bool(args.save_steps) and step % args.save_steps == 0
         if saved:
             self.save_weights(f"step-{step}")
@@ -549,6 +614,14 @@ class Trainer:
             self.validate(step)
         if self.step_callback is not None:
             self.step_callback(step, loss)
+
+    def log_csv(self, step: int, loss: float, lr: float) -> None:
+        """--enable_csv_log: one line per optimizer step in <output_path>/loss_log.csv (appended: a resumed run
+        continues the file)."""
+        path = self.output / "loss_log.csv"
+        new = not path.is_file()
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(("step,loss,lr\n" if new else "") + f"{step},{loss!r},{lr!r}\n")
 
     def train_epoch(self, epoch: int, batches: list[list[int]], start: int, progress: tqdm) -> None:
         """Batches `start:` of `epoch`, until the epoch or the run ends."""
@@ -626,11 +699,53 @@ def newest_checkpoint(root: Path) -> str:
     return f"the newest checkpoint is {found[-1].name} (resume with --resume_from_checkpoint latest)"
 
 
+def process_data(args: argparse.Namespace) -> dict:
+    """--task sft:data_process: the preprocessing units over the dataset, their outputs written to --output_path
+    (see training/split.py), rows split over the processes. Returns {"rows", "built", "manifest", "module"}."""
+    args = check_args(args)
+    samples = load_samples(args.dataset_base_path, args.dataset_metadata_path, args.data_file_keys)
+    acc = make_accelerator(args, tensorboard=False)
+    output = Path(args.output_path)
+    lock = claim_output_everywhere(acc, output, resuming=False)
+    try:
+        dtype = DTYPE_NAMES[args.torch_dtype] if args.torch_dtype else (
+            torch.bfloat16 if acc.device.type == "cuda" else torch.float32)
+        pipe = load_pipeline(args, acc.device, dtype)
+        trained = [m for m in args.trainable_models if getattr(pipe, model_name(m), None) is not None]
+        module = FluxTrainingModule(pipe, trainable_models=trained, extra_inputs=args.extra_inputs,
+                                    guidance=args.guidance, t5_sequence_length=args.t5_sequence_length)
+        if module.preprocessing_is_trained(cached_only=True):
+            raise ValueError("--task sft:data_process cannot encode for a run that trains a text encoder or the VAE "
+                             "encoder: use --task sft")
+        sizes = sample_sizes(samples, args)
+        configs = parse_model_sources(args.model_paths, args.model_id_with_origin_paths)
+        tag = models_tag([f for c in configs for f in expand_paths(c.resolve())], dtype)
+        paths = cache_paths(samples, sizes, str(rows_folder(output)), args.t5_sequence_length, tag, args.extra_inputs)
+        rows_folder(output).mkdir(parents=True, exist_ok=True)
+        dataset = ImageDataset(samples, sizes, args.extra_inputs, args.height, args.width, args.max_pixels)
+        built = build_cache(module, dataset, paths, acc.process_index, acc.num_processes, acc.is_main_process)
+        acc.wait_for_everyone()
+        manifest = write_manifest(output, args, pipe.family, dtype, samples, sizes, paths) \
+            if acc.is_main_process else output / "split_cache.json"
+        acc.wait_for_everyone()
+        acc.print(f"preprocessed {len(samples)} rows into {output} ({built} new on rank 0); train with --task "
+                  f"sft:train --dataset_base_path {output}")
+    except BaseException:
+        if lock is not None:
+            lock.close(discard=True)
+        raise
+    if lock is not None:
+        lock.close()
+    return {"rows": len(samples), "built": built, "manifest": manifest, "module": module}
+
+
 def train(args: argparse.Namespace, step_callback: StepCallback | None = None) -> dict:
     """Train as described by `args` (from `build_parser().parse_args`). Returns a summary: steps, per-step
     losses, files written, seed, and the trained module (`module.pipe` is the pipeline). Ctrl-C and a full
     disk raise TrainingStopped naming the newest checkpoint (a save in progress is not finished: a
-    checkpoint made of a half-done step would not be one)."""
+    checkpoint made of a half-done step would not be one). `--task sft:data_process` runs `process_data`."""
+    if args.task == "sft:data_process":
+        return process_data(args)
     trainer = Trainer(args, step_callback)
     try:
         return trainer.run()
