@@ -75,14 +75,21 @@ def test_detection_keeps_flux1_and_flux2_vaes_apart(vae_dir, tmp_path):
     assert [d.family for d in detect(str(vae_dir / "diffusion_pytorch_model.safetensors"))] == ["flux2-vae"]
 
 
-def test_bfl_names_load_the_same_model(vae_dir, tmp_path):
-    """The same weights under BFL's block names (quant convs at the top level) build the same modules."""
+@pytest.mark.parametrize("quant_convs", ["top level", "nested"])
+def test_bfl_names_load_the_same_model(vae_dir, tmp_path, quant_convs):
+    """The same weights under BFL's block names build the same modules: with the quant convs at the top level,
+    or as black-forest-labs/flux2's AutoEncoder saves them (`encoder.quant_conv`, `decoder.post_quant_conv`,
+    and the BatchNorm's `bn.num_batches_tracked`)."""
     sd = tiny_flux2_vae_state_dict()
     enc, dec = flux2_vae_parts(sd, "diffusers")
     bfl = {f"encoder.{k}": v for k, v in enc.items() if not k.startswith(("bn.", "quant_conv."))}
     bfl |= {f"decoder.{k}": v for k, v in dec.items() if not k.startswith(("bn.", "post_quant_conv."))}
-    bfl |= {k: sd[k] for k in ("quant_conv.weight", "quant_conv.bias", "post_quant_conv.weight",
-                               "post_quant_conv.bias", "bn.running_mean", "bn.running_var")}
+    bfl |= {k: sd[k] for k in ("bn.running_mean", "bn.running_var")}
+    for key in ("quant_conv.weight", "quant_conv.bias", "post_quant_conv.weight", "post_quant_conv.bias"):
+        half = "encoder." if key.startswith("quant") else "decoder."
+        bfl[key if quant_convs == "top level" else half + key] = sd[key]
+    if quant_convs == "nested":
+        bfl["bn.num_batches_tracked"] = torch.tensor(1000)
     save_safetensors(bfl, tmp_path / "flux2-vae.safetensors")
     (det,) = detect(str(tmp_path / "flux2-vae.safetensors"))
     assert (det.family, det.format) == ("flux2-vae", "bfl")
