@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from .generation import (GENERATION_KEYS, apply_folder_defaults, build_pipeline, call_params, compute_target, loras,
-                         model_files_in, model_paths, offloading, png_metadata)
+from .generation import (GENERATION_KEYS, apply_folder_defaults, build_pipeline, call_params, compute_target,
+                         fill_defaults, loras, model_files_in, model_paths, offloading, pipeline_class, png_metadata)
 from .ops.names import ATTENTION_BACKENDS, COMPUTE_DTYPES, FP8_DTYPES, PARALLEL_MODES
 
 
@@ -22,7 +22,9 @@ def add_generation_args(p: argparse.ArgumentParser, require_prompt: bool = True,
     p.add_argument("--negative-prompt", default="", help="what to avoid (used when --cfg-scale > 1)")
     p.add_argument("--cfg-scale", type=float, default=1.0,
                    help="real classifier-free guidance; 1 = off (FLUX.1-dev uses --embedded-guidance)")
-    p.add_argument("--embedded-guidance", type=float, default=3.5, help="distilled guidance strength (FLUX.1-dev, FLUX.2-dev)")
+    p.add_argument("--embedded-guidance", type=float,
+                   help="distilled guidance strength (FLUX.1-dev, FLUX.2-dev; default: the pipeline's, 3.5 for FLUX.1, "
+                        "4.0 for FLUX.2)")
     p.add_argument("--t5-sequence-length", type=int, default=512, help="T5 tokens the prompt is padded/truncated to")
     p.add_argument("--input-image", help="image for image-to-image")
     p.add_argument("--edit-image", action="append", metavar="FILE",
@@ -152,7 +154,7 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
     edit_image)."""
     from .ops.devices import check_device
     from .pipelines.checks import check_call_args
-    params = {k: getattr(args, k) for k in GENERATION_KEYS}
+    params = fill_defaults(pipeline_class(model_paths(args)), {k: getattr(args, k) for k in GENERATION_KEYS})
     images = {"input_image": open_input_image(args.input_image, "--input-image")}
     if getattr(args, "edit_image", None):
         images["edit_image"] = [open_input_image(p, "--edit-image") for p in args.edit_image]
@@ -184,7 +186,7 @@ def write_images(args, pipe, models: list[str], paths: list[str], image_args: di
     every process generates and rank 0 writes)."""
     from .ops.files import save_image
     from .ops.parallel import is_main_process
-    params = {k: getattr(args, k) for k in GENERATION_KEYS}
+    params = fill_defaults(type(pipe), {k: getattr(args, k) for k in GENERATION_KEYS})
     images = pipe(**call_params(type(pipe), {**params, **image_args}))
     if not is_main_process():
         return paths
@@ -293,7 +295,7 @@ def write_grid(args, pipe, models: list[str], path: str, image_args: dict) -> No
     """The demo's grid: every generation argument applies to each cell (one image per prompt)."""
     from .nano import demo
     from .ops.files import save_image
-    params = {**{k: getattr(args, k) for k in GENERATION_KEYS}, "num_images": 1}
+    params = {**fill_defaults(type(pipe), {k: getattr(args, k) for k in GENERATION_KEYS}), "num_images": 1}
     images = [pipe(**call_params(type(pipe), {**params, **image_args, "prompt": p}), progress_bar_cmd=lambda x: x)
               for p in demo.GRID_PROMPTS]
     record = call_record(args, pipe, {**params, "prompt": " | ".join(demo.GRID_PROMPTS)})

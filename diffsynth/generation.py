@@ -193,6 +193,15 @@ _UNUSED = {"t5_sequence_length": 512, "sigma_shift": None, "tea_cache_l1_thresh"
            "edit_image_auto_resize": True}
 
 
+def fill_defaults(pipeline_cls: type, params: dict) -> dict:
+    """`params` with each option left unset (None) replaced by the pipeline's own default where it has one
+    (embedded guidance: 3.5 for FLUX.1, 4.0 for FLUX.2), so that the call and the saved metadata agree."""
+    import inspect
+    signature = inspect.signature(pipeline_cls.__call__).parameters
+    return {k: signature[k].default if v is None and k in signature and signature[k].default not in (None, inspect.Parameter.empty)
+            else v for k, v in params.items()}
+
+
 def call_params(pipeline_cls: type, params: dict) -> dict:
     """The generation arguments the pipeline class takes; an option it does not have, set by the user, is an
     error."""

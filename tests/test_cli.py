@@ -23,6 +23,7 @@ def test_generate_writes_png_with_parameters(tiny_root, tmp_path, capsys):
     assert "Seed: 42" in text and "CFG scale: 2.0" in text and "Size: 96x64" in text
     call = json.loads(image.text["diffsynth"])
     assert call["seed"] == 42 and call["num_inference_steps"] == 2
+    assert call["embedded_guidance"] == 3.5 and "Guidance: 3.5" in text  # FluxImagePipeline's default
     assert call["t5_sequence_length"] == 16 and call["t5_sequence_length_used"] == 16
 
 

@@ -3,6 +3,7 @@
 images, image-to-image; the schedule; argument errors; FLUX.1/FLUX.2 files kept in their own pipeline."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -215,6 +216,7 @@ def test_cli_edit_image_and_option_errors(klein, tmp_path, capsys, one_thread):
                  "--device", "cpu", "--dtype", "fp32", "--output", str(edited)]) == 0
     with Image.open(edited) as image:
         assert image.size == (48, 32) and "edit_image" in image.info["diffsynth"]
+        assert json.loads(image.info["diffsynth"])["embedded_guidance"] == 4.0  # Flux2ImagePipeline's default
     assert main(["generate", "--model-dir", str(klein), "--prompt", "x", "--tea-cache", "0.3", "--device", "cpu",
                  "--output", str(tmp_path / "no.png")]) == 1
     assert "Flux2ImagePipeline has no --tea-cache-l1-thresh" in capsys.readouterr().err
