@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .generation import (GENERATION_KEYS, apply_folder_defaults, build_pipeline, call_params, compute_target,
-                         fill_defaults, loras, model_files_in, model_paths, offloading, pipeline_class, png_metadata)
+                         fill_defaults, loras, model_files_in, model_paths, offloading, png_metadata)
 from .ops.names import ATTENTION_BACKENDS, COMPUTE_DTYPES, FP8_DTYPES, PARALLEL_MODES
 
 
@@ -154,7 +154,10 @@ def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str
     edit_image)."""
     from .ops.devices import check_device
     from .pipelines.checks import check_call_args
-    params = fill_defaults(pipeline_class(model_paths(args)), {k: getattr(args, k) for k in GENERATION_KEYS})
+    from . import FluxImagePipeline
+    # no file is read yet, so the family is unknown: an unset option is checked with FLUX.1's default (both
+    # families' defaults are valid); the call itself gets its own pipeline's (write_images)
+    params = fill_defaults(FluxImagePipeline, {k: getattr(args, k) for k in GENERATION_KEYS})
     images = {"input_image": open_input_image(args.input_image, "--input-image")}
     if getattr(args, "edit_image", None):
         images["edit_image"] = [open_input_image(p, "--edit-image") for p in args.edit_image]
