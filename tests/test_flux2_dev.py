@@ -11,8 +11,8 @@ import torch
 from test_flux2_pipeline import SIZE, compare, noise, pictures
 
 from diffsynth.loading.registry import build, describe, detect
-from diffsynth.models.flux2_text_encoder import (MISTRAL_FORMAT, MISTRAL_SYSTEM_MESSAGE, chat_text, encode_prompt,
-                                                 load_tokenizer, tokenize_chat)
+from diffsynth.models.flux2_text_encoder import (MISTRAL_FORMAT, MISTRAL_SYSTEM_MESSAGE, MISTRAL_VOCAB, chat_text,
+                                                 encode_prompt, load_tokenizer, tokenize_chat)
 from diffsynth.ops.files import CheckpointError, save_safetensors
 from diffsynth.pipelines.flux2_image import Flux2ImagePipeline, ModelConfig
 from diffsynth.testing.tiny_flux2 import (TINY_MISTRAL, build_tiny_flux2_dev, mistral_token_ids, write_tiny_mistral3,
@@ -128,6 +128,40 @@ def test_single_file_loading_and_its_errors(dev, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="after layer 30, this Mistral has 20 layers"):
         mistral(tmp_path / "short.safetensors")
+
+
+@pytest.mark.parametrize("layers", [32, 30])
+@torch.no_grad()
+def test_comfyui_language_model_file_whole_and_cut_to_30_layers(layers, tmp_path):
+    """ComfyUI's `mistral_3_small_flux2_*.safetensors`: the language model alone under `model.`, Mistral's 131072-token
+    vocabulary, its tokenizer as a byte tensor, no config.json (Mistral-Small-3's head_dim 128 from the shapes), 40
+    layers or cut to 30. Hidden states 10, 20, 30 equal the whole model's in transformers, the last one un-normed."""
+    from transformers import MistralConfig, MistralModel
+    config = MistralConfig(vocab_size=MISTRAL_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=32,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=128, rope_theta=1e9,
+                           rms_norm_eps=1e-5)  # (Mistral-Small-3's, which a file without config is read with)
+    torch.manual_seed(0)
+    whole = MistralModel(config).eval()
+    whole.norm.weight.add_(torch.randn(32))  # (a norm applied where it should not be shows)
+    tensors = {f"model.{k}": t for k, t in whole.state_dict().items()
+               if not (k.startswith("layers.") and int(k.split(".")[1]) >= layers)}
+    tensors["tekken_model"] = torch.frombuffer(bytearray(b'{"vocab": []}'), dtype=torch.uint8)
+    save_safetensors(tensors, tmp_path / "mistral_3_small_flux2_bf16.safetensors")
+    (det,) = detect(str(tmp_path / "mistral_3_small_flux2_bf16.safetensors"))
+    assert (det.family, det.format) == ("mistral3", "lm")
+    ours = build(det, torch.float32, "cpu")["text_encoder_mistral"]
+    assert len(ours.layers) == min(layers, 31)
+    ids = torch.randint(0, 1000, (2, 7))
+    got = ours(input_ids=ids, output_hidden_states=True).hidden_states
+    expected = whole(input_ids=ids, output_hidden_states=True).hidden_states
+    for k in MISTRAL_FORMAT.layers:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    # another decoder of the same design (a Llama's vocabulary) is not taken for FLUX.2's encoder
+    other = {k: t for k, t in tensors.items() if k != "tekken_model"}
+    other["model.embed_tokens.weight"] = other["model.embed_tokens.weight"][:32000]
+    save_safetensors(other, tmp_path / "llama.safetensors")
+    with pytest.raises(CheckpointError, match="not a recognised model file"):
+        detect(str(tmp_path / "llama.safetensors"))
 
 
 def test_inspect_names_the_mistral_encoder(dev, capsys):

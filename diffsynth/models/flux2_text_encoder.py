@@ -11,6 +11,7 @@ layers are concatenated per token: (B, 512, 3 * hidden) = the DiT's context (all
   Pixtral vision tower, its projector and the LM head are set aside by name, and layers 32-40 are not
   loaded (their output is never read: 9 of Mistral-Small's 40 layers, ~5B parameters; layer 31 stays since
   transformers reports the last layer's state after the final norm).
+  ComfyUI's single files hold the language model alone (`model.*`), whole or cut after layer 30.
   The tokenizer folder is a PixtralProcessor's; its text tokenizer alone is read (no torchvision).
 
 The weights are adopted without a copy (meta-device model, tensors assigned in their storage dtype).
@@ -162,26 +163,30 @@ MISTRAL3_LM_PREFIXES = ("model.language_model.", "language_model.model.")
 # What a Mistral3 file also holds and FLUX.2 does not use: the Pixtral vision tower, its projector, the LM head.
 MISTRAL3_UNUSED = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.",
                    "lm_head.", "language_model.lm_head.")
+# Mistral-Small-3's Tekken vocabulary: what tells its language model saved alone (ComfyUI's
+# `mistral_3_small_flux2_*.safetensors`: `model.*` keys) from other decoders of the same design (Llama).
+MISTRAL_VOCAB = 131072
 # Mistral-Small-3.1/3.2's values for what the tensors do not show (head_dim among them: no per-head norm).
 _MISTRAL_DEFAULTS = dict(model_type="mistral", head_dim=128, rope_theta=1_000_000_000.0, rms_norm_eps=1e-5,
                          max_position_embeddings=131072, hidden_act="silu", sliding_window=None,
                          tie_word_embeddings=False)
 
 
+def _mistral_decoder_at(keys, p: str) -> bool:
+    """A Mistral decoder (no per-head norms, no attention biases) under prefix `p`."""
+    return f"{p}embed_tokens.weight" in keys and f"{p}layers.0.self_attn.q_proj.weight" in keys and \
+        f"{p}layers.0.self_attn.q_norm.weight" not in keys and f"{p}layers.0.self_attn.q_proj.bias" not in keys
+
+
 def mistral3_prefix(keys) -> str | None:
-    """The language-model prefix of a Mistral3ForConditionalGeneration state dict (a Mistral decoder: no per-head
-    norms, no attention biases), or None."""
-    for p in MISTRAL3_LM_PREFIXES:
-        if f"{p}embed_tokens.weight" in keys and f"{p}layers.0.self_attn.q_proj.weight" in keys and \
-                f"{p}layers.0.self_attn.q_norm.weight" not in keys and f"{p}layers.0.self_attn.q_proj.bias" not in keys:
-            return p
-    return None
+    """The language-model prefix of a Mistral3ForConditionalGeneration state dict, or None."""
+    return next((p for p in MISTRAL3_LM_PREFIXES if _mistral_decoder_at(keys, p)), None)
 
 
 def mistral3_language_model(refs: Mapping) -> dict:
     """The language model's entries (prefix removed); the unused parts dropped by name, anything else kept as it
     is so that loading refuses it."""
-    p = mistral3_prefix(refs.keys())
+    p = mistral3_prefix(refs.keys()) or ""  # ("": the language model alone, ComfyUI's layout)
     return {(k[len(p):] if k.startswith(p) else k): v for k, v in refs.items() if not k.startswith(MISTRAL3_UNUSED)}
 
 
@@ -214,7 +219,12 @@ def load_mistral(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | 
             config["layer_types"] = config["layer_types"][:keep]
     sd = {k: t for k, t in state_dict.items()
           if not (k.startswith("layers.") and int(k.split(".", 2)[1]) >= config["num_hidden_layers"])}
-    return _adopt(MistralConfig, MistralModel, sd, config, MISTRAL_FORMAT, source, "Mistral")
+    model = _adopt(MistralConfig, MistralModel, sd, config, MISTRAL_FORMAT, source, "Mistral")
+    if config["num_hidden_layers"] == max(MISTRAL_FORMAT.layers):
+        # a file cut after the last layer read (ComfyUI's 30-layer "pruned" one): transformers would report that
+        # layer's state after the final norm, which the whole model never applies to it
+        model.norm = torch.nn.Identity()
+    return model
 
 
 # ----------------------------------------------------------------------------- table entry
@@ -225,9 +235,14 @@ def detect_qwen3(refs) -> str | None:
 
 
 def detect_mistral3(refs) -> str | None:
-    """Mistral3ForConditionalGeneration (FLUX.2 [dev]'s text encoder): a Mistral decoder under the language-model
-    prefix of transformers 4.x or 5, whatever else the file holds (vision tower, projector)."""
-    return "hf" if mistral3_prefix(refs.keys()) is not None else None
+    """FLUX.2 [dev]'s text encoder: Mistral3ForConditionalGeneration ("hf": a Mistral decoder under the
+    language-model prefix of transformers 4.x or 5, whatever else the file holds: vision tower, projector), or its
+    language model alone with Mistral's vocabulary ("lm": ComfyUI's single files, 40 layers or cut to 30)."""
+    if mistral3_prefix(refs.keys()) is not None:
+        return "hf"
+    if _mistral_decoder_at(refs.keys(), "") and refs["embed_tokens.weight"].shape[0] == MISTRAL_VOCAB:
+        return "lm"
+    return None
 
 
 def build_qwen3(det: Detected, options: BuildOptions) -> dict:
