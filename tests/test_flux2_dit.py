@@ -9,6 +9,7 @@ from diffsynth.loading import components
 from diffsynth.loading.registry import build, classify, describe, detect
 from diffsynth.models import flux2_dit
 from diffsynth.loading.vram import install_cast
+from diffsynth.ops.files import CheckpointError
 from diffsynth.models.flux2_dit import Flux2DiT, dit_from_bfl, dit_to_bfl, infer_dit_config
 from diffsynth.testing import bfl_to_diffusers_dit, tiny_dit_state_dict
 from diffsynth.testing.tiny_flux2 import (tiny_flux2_dit_config, tiny_flux2_dit_state_dict, write_tiny_flux2_bfl,
@@ -264,3 +265,36 @@ def test_scaled_fp8_comfyui_file(tmp_path, one_thread):
     x = inputs(False)
     with torch.no_grad():
         assert 0 < rel(model(**x), reference(reference_model(False), x)) < 0.05
+
+
+def comfy_mixed_fp8(fmt: str = "float8_e4m3fn") -> dict:
+    """ComfyUI's "mixed" quantized file (e.g. flux2_dev_fp8mixed): the double blocks' matrices in fp8, each with a
+    `.weight_scale`, an `.input_scale` and a `.comfy_quant` JSON marker; every other tensor in bf16."""
+    prefix, out = "model.diffusion_model.", {}
+    marker = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+    for k, v in dit_to_bfl(tiny_flux2_dit_state_dict()).items():
+        if v.ndim == 2 and k.startswith("double_blocks."):
+            scale = v.abs().max() / 448
+            layer = prefix + k.removesuffix(".weight")
+            out.update({prefix + k: (v / scale).to(torch.float8_e4m3fn), layer + ".weight_scale": scale.reshape(()),
+                        layer + ".input_scale": torch.ones(()), layer + ".comfy_quant": marker.clone()})
+        else:
+            out[prefix + k] = v.to(torch.bfloat16)
+    return out
+
+
+def test_comfyui_mixed_fp8_file(tmp_path, one_thread):
+    """Each fp8 layer computes with `fp8 * weight_scale` (the input scales are for fp8 matmuls: unused); a layer
+    marked with a format there is no decoder for is refused by name."""
+    from safetensors.torch import save_file
+    sd = comfy_mixed_fp8()
+    save_file(sd, tmp_path / "flux2_dev_fp8mixed.safetensors")
+    (det,) = detect(str(tmp_path / "flux2_dev_fp8mixed.safetensors"))
+    model = build(det, dtype=torch.float32)["dit"]
+    stored = sd["model.diffusion_model.double_blocks.0.img_mlp.0.weight"]
+    scale = sd["model.diffusion_model.double_blocks.0.img_mlp.0.weight_scale"]
+    assert torch.equal(model.transformer_blocks[0].ff.linear_in.weight, stored.float() * scale)
+    save_file(comfy_mixed_fp8("nvfp4"), tmp_path / "nvfp4.safetensors")
+    (det,) = detect(str(tmp_path / "nvfp4.safetensors"))
+    with pytest.raises(CheckpointError, match=r"double_blocks\.0\..* is stored in ComfyUI's 'nvfp4' format"):
+        build(det, dtype=torch.float32)

@@ -10,6 +10,7 @@ the compact form first (so streaming a Q4_K layer moves ~0.56 bytes per weight, 
 """
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import torch
@@ -31,13 +32,18 @@ SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 # Keys of scaled-fp8 files that carry no weight: the file marker and input scales (used only by fp8 matmuls).
 IGNORED_SUFFIXES = (".scale_input", ".input_scale")
 IGNORED_KEYS = ("scaled_fp8",)
+# ComfyUI's per-layer marker (its "mixed" files: `<layer>.comfy_quant`, JSON bytes naming the layer's format beside
+# `<layer>.weight_scale`): the fp8 formats are scaled fp8 as above; the others (nvfp4, mxfp8, int8) have no decoder.
+COMFY_QUANT_SUFFIX = ".comfy_quant"
+COMFY_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 
 
 def split_scale_keys(keys) -> tuple[dict[str, str], list[str]]:
     """({weight key: its scale key}, keys to drop) of a scaled-fp8 state dict."""
     scales, drop = {}, []
     for k in keys:
-        if k in IGNORED_KEYS or k.endswith(IGNORED_SUFFIXES) or k.rsplit(".", 1)[-1] in IGNORED_KEYS:
+        if k in IGNORED_KEYS or k.endswith((*IGNORED_SUFFIXES, COMFY_QUANT_SUFFIX)) or \
+                k.rsplit(".", 1)[-1] in IGNORED_KEYS:
             drop.append(k)
             continue
         for suffix in SCALE_SUFFIXES:
@@ -132,7 +138,21 @@ def split_scales(refs: dict) -> tuple[dict, dict]:
         raise CheckpointError(f"{refs[markers[0]].path}: marked as ComfyUI scaled fp8 ({markers[0]!r}) but holds no "
                               f"scale tensors (*{SCALE_SUFFIXES[0]}): its fp8 weights would be used unscaled, "
                               "giving wrong images. The file is incomplete: download or export it again")
+    _check_comfy_formats({k: refs[k] for k in drop if k.endswith(COMFY_QUANT_SUFFIX)})
     return weights, {w: refs[s] for w, s in scale_of.items() if w in weights}
+
+
+def _check_comfy_formats(markers: dict) -> None:
+    """Refuse layers whose ComfyUI marker names a format other than scaled fp8 (their weights are packed)."""
+    for key, ref in markers.items():
+        try:
+            fmt = json.loads(ref.load(None, "cpu").numpy().tobytes()).get("format")
+        except (ValueError, AttributeError) as e:
+            raise CheckpointError(f"{ref.path}: {key} is not a ComfyUI quantization marker (JSON): {e}") from None
+        if fmt not in COMFY_FP8_FORMATS:
+            raise CheckpointError(f"{ref.path}: layer {key[:-len(COMFY_QUANT_SUFFIX)]} is stored in ComfyUI's {fmt!r} "
+                                  f"format, which diffsynth cannot decode (it reads {', '.join(COMFY_FP8_FORMATS)}, "
+                                  "bf16 and GGUF): use the fp8 or bf16 file of this model")
 
 
 def apply_scales(sd: dict[str, torch.Tensor], scales: dict, dtype: torch.dtype | None,
