@@ -130,38 +130,92 @@ def test_single_file_loading_and_its_errors(dev, tmp_path):
         mistral(tmp_path / "short.safetensors")
 
 
-@pytest.mark.parametrize("layers", [32, 30])
+def tiny_bare_mistral(layers: int = 32):
+    """transformers' MistralModel at toy width with Mistral-Small-3's vocabulary, head size and norm epsilon (what a
+    file without config.json is read with), its final norm perturbed (a norm applied where it should not be shows)."""
+    from transformers import MistralConfig, MistralModel
+    config = MistralConfig(vocab_size=MISTRAL_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=128, rope_theta=1e9,
+                           rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = MistralModel(config).eval()
+    with torch.no_grad():
+        model.norm.weight.add_(torch.randn(32))
+    return model
+
+
 @torch.no_grad()
+def assert_same_states(ours, oracle):
+    """Hidden states 10, 20 and 30 (those FLUX.2 reads) of `ours` equal `oracle`'s."""
+    ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(1))
+    got = ours(input_ids=ids, output_hidden_states=True).hidden_states
+    expected = oracle(input_ids=ids, output_hidden_states=True).hidden_states
+    for k in MISTRAL_FORMAT.layers:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [32, 30])
 def test_comfyui_language_model_file_whole_and_cut_to_30_layers(layers, tmp_path):
     """ComfyUI's `mistral_3_small_flux2_*.safetensors`: the language model alone under `model.`, Mistral's 131072-token
-    vocabulary, its tokenizer as a byte tensor, no config.json (Mistral-Small-3's head_dim 128 from the shapes), 40
-    layers or cut to 30. Hidden states 10, 20, 30 equal the whole model's in transformers, the last one un-normed."""
-    from transformers import MistralConfig, MistralModel
-    config = MistralConfig(vocab_size=MISTRAL_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=32,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=128, rope_theta=1e9,
-                           rms_norm_eps=1e-5)  # (Mistral-Small-3's, which a file without config is read with)
-    torch.manual_seed(0)
-    whole = MistralModel(config).eval()
-    whole.norm.weight.add_(torch.randn(32))  # (a norm applied where it should not be shows)
+    vocabulary, its tokenizer as a byte tensor, no config.json, 40 layers or cut to 30. Hidden states 10, 20, 30
+    equal the whole model's in transformers, the last one un-normed; layers past 31 are not even read."""
+    whole = tiny_bare_mistral()
     tensors = {f"model.{k}": t for k, t in whole.state_dict().items()
                if not (k.startswith("layers.") and int(k.split(".")[1]) >= layers)}
     tensors["tekken_model"] = torch.frombuffer(bytearray(b'{"vocab": []}'), dtype=torch.uint8)
     save_safetensors(tensors, tmp_path / "mistral_3_small_flux2_bf16.safetensors")
     (det,) = detect(str(tmp_path / "mistral_3_small_flux2_bf16.safetensors"))
     assert (det.family, det.format) == ("mistral3", "lm")
+    assert not any(k.startswith("layers.31.") for k in det.refs)
     ours = build(det, torch.float32, "cpu")["text_encoder_mistral"]
     assert len(ours.layers) == min(layers, 31)
-    ids = torch.randint(0, 1000, (2, 7))
-    got = ours(input_ids=ids, output_hidden_states=True).hidden_states
-    expected = whole(input_ids=ids, output_hidden_states=True).hidden_states
-    for k in MISTRAL_FORMAT.layers:
-        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert_same_states(ours, whole)
     # another decoder of the same design (a Llama's vocabulary) is not taken for FLUX.2's encoder
     other = {k: t for k, t in tensors.items() if k != "tekken_model"}
     other["model.embed_tokens.weight"] = other["model.embed_tokens.weight"][:32000]
     save_safetensors(other, tmp_path / "llama.safetensors")
     with pytest.raises(CheckpointError, match="not a recognised model file"):
         detect(str(tmp_path / "llama.safetensors"))
+
+
+def test_llama_cpp_gguf_file(tmp_path):
+    """A GGUF conversion (llama.cpp's names; q/k rows interleaved per head for its rotary kernel, as its converter
+    writes them; matrices in Q8_0): equals transformers' model holding the Q8_0-rounded weights. Q8_0 rounds each
+    row on its own, so the oracle rounds the rows in their original order and needs no interleaving."""
+    gguf = pytest.importorskip("gguf")
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+    model = tiny_bare_mistral()
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    writer = gguf.GGUFWriter(str(tmp_path / "Mistral-Small-3.2-24B-Q8_0.gguf"), arch="llama")
+    rounded = {}
+    for key, t in model.state_dict().items():
+        layer, name = (f"blk.{key.split('.')[1]}.", key.split(".", 2)[2]) if key.startswith("layers.") else ("", key)
+        name = layer + names[name.removesuffix(".weight")] + ".weight"
+        arr = t.numpy()
+        if arr.ndim == 1:
+            writer.add_tensor(name, arr)
+            continue
+        rounded[key] = torch.from_numpy(dequantize(quantize(arr, GGMLQuantizationType.Q8_0),
+                                                   GGMLQuantizationType.Q8_0).reshape(arr.shape))
+        if key.endswith(("q_proj.weight", "k_proj.weight")):  # llama.cpp: each head's halves interleaved
+            arr = arr.reshape(-1, 2, 64, arr.shape[1]).swapaxes(1, 2).reshape(arr.shape)
+        writer.add_tensor(name, quantize(arr, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.add_tensor("output.weight", model.embed_tokens.weight.detach().numpy())  # the LM head: set aside
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (det,) = detect(str(tmp_path / "Mistral-Small-3.2-24B-Q8_0.gguf"))
+    assert (det.family, det.format) == ("mistral3", "gguf")
+    ours = build(det, torch.float32, "cpu")["text_encoder_mistral"]
+    with torch.no_grad():
+        for key, w in rounded.items():
+            model.get_parameter(key).copy_(w)
+    assert_same_states(ours, model)
 
 
 def test_inspect_names_the_mistral_encoder(dev, capsys):

@@ -9,9 +9,10 @@ layers are concatenated per token: (B, 512, 3 * hidden) = the DiT's context (all
 * [dev]: Mistral-Small-3.x (`text_encoder/`: Mistral3ForConditionalGeneration shards). BFL's system
   message, then the user message as a text block; layers 10, 20, 30. Only the language model is read: the
   Pixtral vision tower, its projector and the LM head are set aside by name, and layers 32-40 are not
-  loaded (their output is never read: 9 of Mistral-Small's 40 layers, ~5B parameters; layer 31 stays since
+  read (their output is never used: 9 of Mistral-Small's 40 layers, ~5B parameters; layer 31 stays since
   transformers reports the last layer's state after the final norm).
-  ComfyUI's single files hold the language model alone (`model.*`), whole or cut after layer 30.
+  ComfyUI's single files hold the language model alone (`model.*`), whole or cut after layer 30; llama.cpp's
+  GGUF conversions use its own names and rotary row order, and load dequantized.
   The tokenizer folder is a PixtralProcessor's; its text tokenizer alone is read (no torchvision).
 
 The weights are adopted without a copy (meta-device model, tensors assigned in their storage dtype).
@@ -26,6 +27,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..ops.files import CheckpointError
+from ..ops.gguf import dequantize, is_quantized
 from .entry import BuildOptions, Component, Detected, Family, fills, plain_tensors
 from .hf_adopt import adopt_weights
 
@@ -183,11 +185,36 @@ def mistral3_prefix(keys) -> str | None:
     return next((p for p in MISTRAL3_LM_PREFIXES if _mistral_decoder_at(keys, p)), None)
 
 
+# llama.cpp's names (GGUF files of Mistral-Small-3, e.g. unsloth's) -> transformers'; `output.` (the LM head) unused.
+GGUF_LLAMA_NAMES = {"token_embd.": "embed_tokens.", "output_norm.": "norm.", "attn_norm.": "input_layernorm.",
+                    "attn_q.": "self_attn.q_proj.", "attn_k.": "self_attn.k_proj.", "attn_v.": "self_attn.v_proj.",
+                    "attn_output.": "self_attn.o_proj.", "ffn_norm.": "post_attention_layernorm.",
+                    "ffn_gate.": "mlp.gate_proj.", "ffn_up.": "mlp.up_proj.", "ffn_down.": "mlp.down_proj."}
+
+
+def _gguf_to_hf(key: str) -> str:
+    layer, rest = ("", key) if not key.startswith("blk.") else (f"layers.{key.split('.')[1]}.", key.split(".", 2)[2])
+    for gguf_name, hf_name in GGUF_LLAMA_NAMES.items():
+        if rest.startswith(gguf_name):
+            return layer + hf_name + rest[len(gguf_name):]
+    return key  # (unknown: kept, so that loading names it)
+
+
+def _read_layer(key: str) -> bool:
+    """Whether FLUX.2 reads anything computed by this language-model entry (layers past the one after the last
+    state read never load: their bytes are not even read)."""
+    return not key.startswith("layers.") or int(key.split(".", 2)[1]) <= max(MISTRAL_FORMAT.layers)
+
+
 def mistral3_language_model(refs: Mapping) -> dict:
-    """The language model's entries (prefix removed); the unused parts dropped by name, anything else kept as it
-    is so that loading refuses it."""
+    """The language model's entries under transformers' names (prefix removed, llama.cpp names translated), the
+    unused parts (vision tower, projector, LM head, late layers) dropped by name, anything else kept as it is so
+    that loading refuses it."""
+    if "token_embd.weight" in refs:
+        refs = {_gguf_to_hf(k): r for k, r in refs.items() if not k.startswith("output.")}
     p = mistral3_prefix(refs.keys()) or ""  # ("": the language model alone, ComfyUI's layout)
-    return {(k[len(p):] if k.startswith(p) else k): v for k, v in refs.items() if not k.startswith(MISTRAL3_UNUSED)}
+    kept = {(k[len(p):] if k.startswith(p) else k): v for k, v in refs.items() if not k.startswith(MISTRAL3_UNUSED)}
+    return {k: v for k, v in kept.items() if _read_layer(k)}
 
 
 def infer_mistral_config(shapes: Mapping[str, Sequence[int]], source: str = "Mistral") -> dict:
@@ -204,12 +231,20 @@ def infer_mistral_config(shapes: Mapping[str, Sequence[int]], source: str = "Mis
             "intermediate_size": shapes["layers.0.mlp.gate_proj.weight"][0]}
 
 
-def load_mistral(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None, source: str = "Mistral"):
+def mistral_text_config(config_dict: Mapping | None, shapes: Mapping[str, Sequence[int]], source: str) -> dict:
+    """The language model's config: the Mistral3 config.json's `text_config` (or a Mistral config.json), else
+    read from the tensor shapes (language-model keys)."""
+    if config_dict is None:
+        return infer_mistral_config(shapes, source)
+    return dict(config_dict.get("text_config", config_dict))
+
+
+def load_mistral(state_dict: Mapping[str, torch.Tensor], config: dict, source: str = "Mistral"):
     """transformers' MistralModel adopting the language model of a Mistral3 checkpoint (keys without the prefix),
-    with only the layers FLUX.2 reads. `config_dict`: the Mistral3 config.json (its `text_config`) or a Mistral one."""
+    with only the layers FLUX.2 reads (the later ones are not in `state_dict`: see `mistral3_language_model`).
+    `config`: the language model's (`mistral_text_config`)."""
     from transformers import MistralConfig, MistralModel
-    config = dict(config_dict.get("text_config", config_dict)) if config_dict is not None else \
-        infer_mistral_config({k: t.shape for k, t in state_dict.items()}, source)
+    config = dict(config)
     config["model_type"] = "mistral"
     # transformers hands out the last layer's state after the final norm: one layer past the last one read stays
     keep = max(MISTRAL_FORMAT.layers) + 1
@@ -217,14 +252,29 @@ def load_mistral(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | 
         config["num_hidden_layers"] = keep
         if config.get("layer_types"):
             config["layer_types"] = config["layer_types"][:keep]
-    sd = {k: t for k, t in state_dict.items()
-          if not (k.startswith("layers.") and int(k.split(".", 2)[1]) >= config["num_hidden_layers"])}
-    model = _adopt(MistralConfig, MistralModel, sd, config, MISTRAL_FORMAT, source, "Mistral")
+    model = _adopt(MistralConfig, MistralModel, state_dict, config, MISTRAL_FORMAT, source, "Mistral")
     if config["num_hidden_layers"] == max(MISTRAL_FORMAT.layers):
         # a file cut after the last layer read (ComfyUI's 30-layer "pruned" one): transformers would report that
         # layer's state after the final norm, which the whole model never applies to it
         model.norm = torch.nn.Identity()
     return model
+
+
+def gguf_language_model(sd: dict[str, torch.Tensor], refs: Mapping, dtype: torch.dtype | None,
+                        head_dim: int) -> dict[str, torch.Tensor]:
+    """llama.cpp's tensors as transformers' Mistral wants them: blocks dequantized into `dtype`, and the q/k
+    projections' rows put back in rotate-half order (llama.cpp's converter interleaves each head's two halves
+    for its rotary kernel)."""
+    out = {}
+    for key, t in sd.items():
+        if is_quantized(refs[key].extra):
+            t = dequantize(t, refs[key].extra, torch.float32).reshape(refs[key].shape).to(dtype or torch.float32)
+        if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            rows, cols = t.shape
+            t = t.reshape(rows // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+        out[key] = t
+    return out
+
 
 
 # ----------------------------------------------------------------------------- table entry
@@ -237,11 +287,15 @@ def detect_qwen3(refs) -> str | None:
 def detect_mistral3(refs) -> str | None:
     """FLUX.2 [dev]'s text encoder: Mistral3ForConditionalGeneration ("hf": a Mistral decoder under the
     language-model prefix of transformers 4.x or 5, whatever else the file holds: vision tower, projector), or its
-    language model alone with Mistral's vocabulary ("lm": ComfyUI's single files, 40 layers or cut to 30)."""
+    language model alone with Mistral's vocabulary ("lm": ComfyUI's single files, 40 layers or cut to 30; "gguf":
+    llama.cpp's conversions)."""
     if mistral3_prefix(refs.keys()) is not None:
         return "hf"
     if _mistral_decoder_at(refs.keys(), "") and refs["embed_tokens.weight"].shape[0] == MISTRAL_VOCAB:
         return "lm"
+    if "blk.0.attn_q.weight" in refs and "blk.0.attn_q_norm.weight" not in refs and \
+            refs.get("token_embd.weight") is not None and refs["token_embd.weight"].shape[0] == MISTRAL_VOCAB:
+        return "gguf"
     return None
 
 
@@ -251,7 +305,12 @@ def build_qwen3(det: Detected, options: BuildOptions) -> dict:
 
 
 def build_mistral(det: Detected, options: BuildOptions) -> dict:
-    model = load_mistral(plain_tensors(det, options), det.config, f"Mistral from {det.source}")
+    source = f"Mistral from {det.source}"
+    config = mistral_text_config(det.config, {k: r.shape for k, r in det.refs.items()}, source)
+    sd = plain_tensors(det, options)
+    if det.format == "gguf":
+        sd = gguf_language_model(sd, det.refs, options.dtype, config.get("head_dim", _MISTRAL_DEFAULTS["head_dim"]))
+    model = load_mistral(sd, config, source)
     return {"text_encoder_mistral": model.to(options.device)}
 
 
