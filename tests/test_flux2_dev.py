@@ -179,36 +179,12 @@ def test_comfyui_language_model_file_whole_and_cut_to_30_layers(layers, tmp_path
 
 
 def test_llama_cpp_gguf_file(tmp_path):
-    """A GGUF conversion (llama.cpp's names; q/k rows interleaved per head for its rotary kernel, as its converter
-    writes them; matrices in Q8_0): equals transformers' model holding the Q8_0-rounded weights. Q8_0 rounds each
-    row on its own, so the oracle rounds the rows in their original order and needs no interleaving."""
-    gguf = pytest.importorskip("gguf")
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize, quantize
+    """A GGUF conversion (llama.cpp's names, each head's q/k rows interleaved as its converter writes them for
+    Llama-type models, matrices in Q8_0) equals transformers' model holding the Q8_0-rounded weights."""
+    pytest.importorskip("gguf")
+    from diffsynth.testing.llama_cpp import write_llm_gguf
     model = tiny_bare_mistral()
-    names = {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    writer = gguf.GGUFWriter(str(tmp_path / "Mistral-Small-3.2-24B-Q8_0.gguf"), arch="llama")
-    rounded = {}
-    for key, t in model.state_dict().items():
-        layer, name = (f"blk.{key.split('.')[1]}.", key.split(".", 2)[2]) if key.startswith("layers.") else ("", key)
-        name = layer + names[name.removesuffix(".weight")] + ".weight"
-        arr = t.numpy()
-        if arr.ndim == 1:
-            writer.add_tensor(name, arr)
-            continue
-        rounded[key] = torch.from_numpy(dequantize(quantize(arr, GGMLQuantizationType.Q8_0),
-                                                   GGMLQuantizationType.Q8_0).reshape(arr.shape))
-        if key.endswith(("q_proj.weight", "k_proj.weight")):  # llama.cpp: each head's halves interleaved
-            arr = arr.reshape(-1, 2, 64, arr.shape[1]).swapaxes(1, 2).reshape(arr.shape)
-        writer.add_tensor(name, quantize(arr, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
-    writer.add_tensor("output.weight", model.embed_tokens.weight.detach().numpy())  # the LM head: set aside
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    rounded = write_llm_gguf(tmp_path / "Mistral-Small-3.2-24B-Q8_0.gguf", model, "llama", interleave_head_dim=128)
     (det,) = detect(str(tmp_path / "Mistral-Small-3.2-24B-Q8_0.gguf"))
     assert (det.family, det.format) == ("mistral3", "gguf")
     ours = build(det, torch.float32, "cpu")["text_encoder_mistral"]

@@ -74,3 +74,30 @@ def test_too_shallow_model_is_refused(folders, tmp_path):
 def test_tokenizer_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a tokenizer folder"):
         load_tokenizer(tmp_path)
+
+
+@torch.no_grad()
+def test_llama_cpp_gguf_file(tmp_path):
+    """A GGUF conversion of Qwen3 (llama.cpp's names, per-head q/k norms, matrices in Q8_0; Qwen rows are not
+    interleaved): hidden states 9, 18, 27 equal transformers' model holding the Q8_0-rounded weights."""
+    pytest.importorskip("gguf")
+    from transformers import Qwen3Config, Qwen3Model
+
+    from diffsynth.testing.llama_cpp import write_llm_gguf
+    torch.manual_seed(0)
+    model = Qwen3Model(Qwen3Config(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=28,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                   rope_theta=1e6)).eval()  # (Qwen3's, which a file without config is read with)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.add_(0.1 * torch.randn_like(p))
+    rounded = write_llm_gguf(tmp_path / "Qwen3-4B-Q8_0.gguf", model, "qwen3")
+    (det,) = detect(str(tmp_path / "Qwen3-4B-Q8_0.gguf"))
+    assert (det.family, det.format) == ("qwen3", "gguf")
+    got = build(det, torch.float32, "cpu")["text_encoder_qwen3"]
+    for key, w in rounded.items():
+        model.get_parameter(key).copy_(w)
+    ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(1))
+    states, expected = (m(input_ids=ids, output_hidden_states=True).hidden_states for m in (got, model))
+    for k in QWEN3_FORMAT.layers:
+        torch.testing.assert_close(states[k], expected[k], rtol=1e-5, atol=1e-6)

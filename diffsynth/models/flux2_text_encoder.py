@@ -125,6 +125,61 @@ def _num_layers(shapes: Mapping[str, Sequence[int]]) -> int:
     return n
 
 
+# ----------------------------------------------------------------------------- llama.cpp's GGUF conversions
+
+# llama.cpp's tensor names -> transformers' (both encoders); `output.*` (the LM head) is never used.
+GGUF_NAMES = {"token_embd.": "embed_tokens.", "output_norm.": "norm.", "attn_norm.": "input_layernorm.",
+              "attn_q.": "self_attn.q_proj.", "attn_k.": "self_attn.k_proj.", "attn_v.": "self_attn.v_proj.",
+              "attn_output.": "self_attn.o_proj.", "attn_q_norm.": "self_attn.q_norm.",
+              "attn_k_norm.": "self_attn.k_norm.", "ffn_norm.": "post_attention_layernorm.",
+              "ffn_gate.": "mlp.gate_proj.", "ffn_up.": "mlp.up_proj.", "ffn_down.": "mlp.down_proj."}
+
+
+def _gguf_to_hf(key: str) -> str:
+    layer, rest = ("", key) if not key.startswith("blk.") else (f"layers.{key.split('.')[1]}.", key.split(".", 2)[2])
+    for gguf_name, hf_name in GGUF_NAMES.items():
+        if rest.startswith(gguf_name):
+            return layer + hf_name + rest[len(gguf_name):]
+    return key  # (unknown: kept, so that loading names it)
+
+
+def is_gguf_llm(refs) -> bool:
+    return "token_embd.weight" in refs and "blk.0.attn_q.weight" in refs
+
+
+def hf_names(refs: Mapping) -> dict:
+    """A llama.cpp conversion's entries under transformers' names (others returned as they are)."""
+    if not is_gguf_llm(refs):
+        return dict(refs)
+    return {_gguf_to_hf(k): r for k, r in refs.items() if not k.startswith("output.")}
+
+
+def dequantized(sd: dict[str, torch.Tensor], refs: Mapping, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """GGUF blocks in `sd` dequantized into `dtype` (float32 if None); plain tensors as they are."""
+    return {k: dequantize(t, refs[k].extra, torch.float32).reshape(refs[k].shape).to(dtype or torch.float32)
+            if is_quantized(refs[k].extra) else t for k, t in sd.items()}
+
+
+def rotate_half_rows(sd: dict[str, torch.Tensor], head_dim: int) -> dict[str, torch.Tensor]:
+    """q/k projection rows put back in rotate-half order: llama.cpp's converter interleaves each head's two halves
+    for its rotary kernel in Llama-type models (Mistral), not in Qwen's."""
+    def fix(t):
+        rows, cols = t.shape
+        return t.reshape(rows // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    return {k: fix(t) if k.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")) else t
+            for k, t in sd.items()}
+
+
+def plain_language_model(det: Detected, options: BuildOptions, rotary_head_dim: int | None = None) -> dict:
+    """The tensors of a detected language model, GGUF ones dequantized (and, given `rotary_head_dim`, their q/k
+    rows reordered)."""
+    sd = plain_tensors(det, options)
+    if det.format != "gguf":
+        return sd
+    sd = dequantized(sd, det.refs, options.dtype)
+    return rotate_half_rows(sd, rotary_head_dim) if rotary_head_dim else sd
+
+
 # ----------------------------------------------------------------------------- Qwen3 ([klein])
 
 # Qwen3's values for what the tensors do not show.
@@ -185,21 +240,6 @@ def mistral3_prefix(keys) -> str | None:
     return next((p for p in MISTRAL3_LM_PREFIXES if _mistral_decoder_at(keys, p)), None)
 
 
-# llama.cpp's names (GGUF files of Mistral-Small-3, e.g. unsloth's) -> transformers'; `output.` (the LM head) unused.
-GGUF_LLAMA_NAMES = {"token_embd.": "embed_tokens.", "output_norm.": "norm.", "attn_norm.": "input_layernorm.",
-                    "attn_q.": "self_attn.q_proj.", "attn_k.": "self_attn.k_proj.", "attn_v.": "self_attn.v_proj.",
-                    "attn_output.": "self_attn.o_proj.", "ffn_norm.": "post_attention_layernorm.",
-                    "ffn_gate.": "mlp.gate_proj.", "ffn_up.": "mlp.up_proj.", "ffn_down.": "mlp.down_proj."}
-
-
-def _gguf_to_hf(key: str) -> str:
-    layer, rest = ("", key) if not key.startswith("blk.") else (f"layers.{key.split('.')[1]}.", key.split(".", 2)[2])
-    for gguf_name, hf_name in GGUF_LLAMA_NAMES.items():
-        if rest.startswith(gguf_name):
-            return layer + hf_name + rest[len(gguf_name):]
-    return key  # (unknown: kept, so that loading names it)
-
-
 def _read_layer(key: str) -> bool:
     """Whether FLUX.2 reads anything computed by this language-model entry (layers past the one after the last
     state read never load: their bytes are not even read)."""
@@ -210,8 +250,7 @@ def mistral3_language_model(refs: Mapping) -> dict:
     """The language model's entries under transformers' names (prefix removed, llama.cpp names translated), the
     unused parts (vision tower, projector, LM head, late layers) dropped by name, anything else kept as it is so
     that loading refuses it."""
-    if "token_embd.weight" in refs:
-        refs = {_gguf_to_hf(k): r for k, r in refs.items() if not k.startswith("output.")}
+    refs = hf_names(refs)
     p = mistral3_prefix(refs.keys()) or ""  # ("": the language model alone, ComfyUI's layout)
     kept = {(k[len(p):] if k.startswith(p) else k): v for k, v in refs.items() if not k.startswith(MISTRAL3_UNUSED)}
     return {k: v for k, v in kept.items() if _read_layer(k)}
@@ -260,28 +299,15 @@ def load_mistral(state_dict: Mapping[str, torch.Tensor], config: dict, source: s
     return model
 
 
-def gguf_language_model(sd: dict[str, torch.Tensor], refs: Mapping, dtype: torch.dtype | None,
-                        head_dim: int) -> dict[str, torch.Tensor]:
-    """llama.cpp's tensors as transformers' Mistral wants them: blocks dequantized into `dtype`, and the q/k
-    projections' rows put back in rotate-half order (llama.cpp's converter interleaves each head's two halves
-    for its rotary kernel)."""
-    out = {}
-    for key, t in sd.items():
-        if is_quantized(refs[key].extra):
-            t = dequantize(t, refs[key].extra, torch.float32).reshape(refs[key].shape).to(dtype or torch.float32)
-        if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-            rows, cols = t.shape
-            t = t.reshape(rows // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-        out[key] = t
-    return out
-
-
-
 # ----------------------------------------------------------------------------- table entry
 
 def detect_qwen3(refs) -> str | None:
-    """Qwen3 language model (FLUX.2 [klein]'s text encoder), keys without the `model.` level."""
-    return "hf" if is_qwen3_state(refs.keys()) else None
+    """Qwen3 language model (FLUX.2 [klein]'s text encoder), keys without the `model.` level ("hf"), or llama.cpp's
+    conversion of it ("gguf": per-head q/k norms, no attention biases)."""
+    if is_qwen3_state(refs.keys()):
+        return "hf"
+    return "gguf" if is_gguf_llm(refs) and "blk.0.attn_q_norm.weight" in refs and "blk.0.attn_q.bias" not in refs \
+        else None
 
 
 def detect_mistral3(refs) -> str | None:
@@ -293,23 +319,20 @@ def detect_mistral3(refs) -> str | None:
         return "hf"
     if _mistral_decoder_at(refs.keys(), "") and refs["embed_tokens.weight"].shape[0] == MISTRAL_VOCAB:
         return "lm"
-    if "blk.0.attn_q.weight" in refs and "blk.0.attn_q_norm.weight" not in refs and \
-            refs.get("token_embd.weight") is not None and refs["token_embd.weight"].shape[0] == MISTRAL_VOCAB:
+    if is_gguf_llm(refs) and "blk.0.attn_q_norm.weight" not in refs and refs["token_embd.weight"].shape[0] == MISTRAL_VOCAB:
         return "gguf"
     return None
 
 
 def build_qwen3(det: Detected, options: BuildOptions) -> dict:
-    model = load_qwen3(plain_tensors(det, options), det.config, f"Qwen3 from {det.source}")
+    model = load_qwen3(plain_language_model(det, options), det.config, f"Qwen3 from {det.source}")
     return {"text_encoder_qwen3": model.to(options.device)}
 
 
 def build_mistral(det: Detected, options: BuildOptions) -> dict:
     source = f"Mistral from {det.source}"
     config = mistral_text_config(det.config, {k: r.shape for k, r in det.refs.items()}, source)
-    sd = plain_tensors(det, options)
-    if det.format == "gguf":
-        sd = gguf_language_model(sd, det.refs, options.dtype, config.get("head_dim", _MISTRAL_DEFAULTS["head_dim"]))
+    sd = plain_language_model(det, options, rotary_head_dim=config.get("head_dim", _MISTRAL_DEFAULTS["head_dim"]))
     model = load_mistral(sd, config, source)
     return {"text_encoder_mistral": model.to(options.device)}
 
@@ -317,7 +340,7 @@ def build_mistral(det: Detected, options: BuildOptions) -> dict:
 COMPONENTS = (Component("text_encoder_qwen3", "text", activation="text"),     # FLUX.2 [klein]'s prompt encoder
               Component("text_encoder_mistral", "text", activation="text"))   # FLUX.2 [dev]'s prompt encoder
 FAMILIES = (Family("qwen3", "Qwen3 text encoder (FLUX.2 [klein])", detect_qwen3, fills("text_encoder_qwen3"),
-                   build_qwen3, low_precision_storage=True, pipeline="flux2"),
+                   build_qwen3, low_precision_storage=True, normalize=hf_names, pipeline="flux2"),
             Family("mistral3", "Mistral-Small-3 text encoder (FLUX.2 [dev])", detect_mistral3,
                    fills("text_encoder_mistral"), build_mistral, low_precision_storage=True,
                    normalize=mistral3_language_model, pipeline="flux2"))
