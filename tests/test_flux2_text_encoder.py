@@ -101,3 +101,25 @@ def test_llama_cpp_gguf_file(tmp_path):
     states, expected = (m(input_ids=ids, output_hidden_states=True).hidden_states for m in (got, model))
     for k in QWEN3_FORMAT.layers:
         torch.testing.assert_close(states[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_comfyui_fp8mixed_file(folders, tmp_path):
+    """ComfyUI's `qwen_3_8b_fp8mixed.safetensors` style: the layers' matrices in fp8 with `.weight_scale`,
+    `.input_scale` and a `.comfy_quant` marker, the rest bf16; each weight loads as `fp8 * scale`."""
+    sd = {}
+    for shard in sorted(folders[0].glob("model-*.safetensors")):
+        sd.update(load_safetensors(shard))
+    out, expected = {}, {}
+    for k, v in sd.items():
+        if v.ndim == 2 and k.startswith("model.layers."):
+            scale, layer = v.abs().max() / 448, k.removesuffix(".weight")
+            out[k] = (v / scale).to(torch.float8_e4m3fn)
+            out.update({layer + ".weight_scale": scale.reshape(()), layer + ".input_scale": torch.ones(()),
+                        layer + ".comfy_quant": torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)})
+            expected[k[len("model."):]] = out[k].float() * scale
+        else:
+            out[k] = v.to(torch.bfloat16)
+    save_safetensors(out, tmp_path / "qwen_3_fp8mixed.safetensors")
+    model = ours(tmp_path / "qwen_3_fp8mixed.safetensors")
+    for key, w in expected.items():
+        assert torch.equal(model.get_parameter(key), w), key
