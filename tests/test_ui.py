@@ -185,6 +185,42 @@ def test_edit_tab_offers_only_what_the_models_can_use(tiny_root, tmp_path):
                         (None, 1.0))
 
 
+def test_flux2_reference_images_are_its_edit_images(tmp_path, sandbox):
+    """With FLUX.2 loaded the Edit tab offers its reference images only, and they reach the call as `edit_image`:
+    the saved image is the pipeline's own edit of that reference."""
+    from diffsynth import Flux2ImagePipeline
+    from diffsynth.testing.tiny_flux2 import build_tiny_flux2
+    root = build_tiny_flux2(tmp_path / "FLUX.2-klein-4B")
+    files = [str(root / "text_encoder"), str(root / "transformer"), str(root / "vae" / "diffusion_pytorch_model.safetensors")]
+    pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                              model_configs=[ModelConfig(path=f) for f in files])
+    assert cond.available(pipe) == {cond.REFERENCE}
+    reference = Image.new("RGB", (64, 48), (200, 30, 30))
+    extra = cond.conditions({cond.REFERENCE}, [reference], None, (None, ""), (reference, "canny", 1.0), (None, 1.0))
+    assert list(extra) == ["edit_image"]
+    args = dict(prompt="make it blue", seed=3, num_inference_steps=2, height=48, width=64)
+    result = Generator(pipe, files, sandbox).run(Request(**args, conditions=extra), "s", lambda i, n: None)
+    expected = pipe(**args, edit_image=[reference], progress_bar_cmd=lambda x: x)
+    plain = pipe(**args, progress_bar_cmd=lambda x: x)
+    saved = np.asarray(Image.open(result.path).convert("RGB"), dtype=int)
+    assert (saved == np.asarray(expected, dtype=int)).all() and (saved != np.asarray(plain, dtype=int)).any()
+
+    # the page: `diffsynth ui --model-dir` on the klein folder builds, and an uploaded reference becomes edit_image
+    from diffsynth.cli import build_parser
+    from diffsynth.ui.app import build_app, make_request
+    from diffsynth.ui.launch import load_state
+    state = load_state(build_parser().parse_args(["ui", "--model-dir", str(root), "--output", str(tmp_path / "ui"),
+                                                  "--device", "cpu", "--dtype", "fp32"]))
+    assert state.kinds == {cond.REFERENCE} and build_app(state) is not None
+    reference.save(tmp_path / "upload.png")
+    page = dict(prompt="make it blue", negative="", width=64, height=48, steps=2, seed=3, random=False, cfg=1.0,
+                guidance=4.0, input_image=None, strength=1.0, references=[str(tmp_path / "upload.png")], fill=None,
+                ip_image=None, ip_scale=1.0, control_image=None, control_annotator="canny", controlnet_image=None,
+                controlnet_annotator="canny", controlnet_scale=1.0, lora0=None, strength0=1.0, lora1=None, strength1=1.0)
+    request = make_request(state, page)
+    assert list(request.conditions) == ["edit_image"] and request.conditions["edit_image"][0].size == (64, 48)
+
+
 @pytest.mark.needs("cv2")  # canny
 def test_annotator_preview_is_the_condition_image():
     picture = Image.new("RGB", (64, 64), (0, 0, 0))

@@ -129,8 +129,9 @@ def edit_tab(state: AppState) -> dict:
         gr.Markdown("The loaded models take no image conditions.")
     gr.Markdown("These conditions are used by **Generate** (Generate tab), with its prompt and settings.",
                 visible=bool(kinds))
-    with gr.Group(visible=cond.KONTEXT in kinds):
-        c["kontext"] = gr.File(label="Reference images (Kontext)", file_count="multiple", file_types=["image"])
+    with gr.Group(visible=bool({cond.KONTEXT, cond.REFERENCE} & kinds)):
+        label = "Reference images (Kontext)" if cond.KONTEXT in kinds else "Reference images (FLUX.2 editing)"
+        c["references"] = gr.File(label=label, file_count="multiple", file_types=["image"])
     with gr.Group(visible=cond.FILL in kinds):
         c["fill"] = gr.ImageEditor(label="Inpaint: image, paint the area to repaint", type="pil",
                                    brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
@@ -163,7 +164,7 @@ def wire_generation(state: AppState, gen: dict, edit: dict) -> None:
                                  "guidance", "input_image", "strength", "history")}
     named |= {f"lora{i}": d for i, d in enumerate(gen["loras"])} | {f"strength{i}": s for i, s in
                                                                      enumerate(gen["strengths"])}
-    named |= {k: edit[k] for k in ("kontext", "fill", "ip_image", "ip_scale")}
+    named |= {k: edit[k] for k in ("references", "fill", "ip_image", "ip_scale")}
     named |= {f"{kind}_{part}": c for kind in (cond.CONTROL, cond.CONTROLNET)
               for part, c in zip(("image", "annotator", "scale"), edit[kind])}
     outputs = [gen["result"], gen["file"], gen["used_seed"], gen["gallery"], gen["history"]]
@@ -202,8 +203,8 @@ def make_request(state: AppState, v: dict) -> Request:
     missing = [name for name, _ in chosen if name not in files]
     if missing:
         raise FileNotFoundError(f"LoRA {missing[0]} is no longer in the UI's folders")
-    kontext_images = [read_image(f, "Kontext reference image") for f in v["kontext"] or []]
-    extra = cond.conditions(state.kinds, kontext_images, v["fill"], (v["control_image"], v["control_annotator"]),
+    references = [read_image(f, "reference image") for f in v["references"] or []]
+    extra = cond.conditions(state.kinds, references, v["fill"], (v["control_image"], v["control_annotator"]),
                             (v["controlnet_image"], v["controlnet_annotator"], float(v["controlnet_scale"])),
                             (v["ip_image"], float(v["ip_scale"])))
     image = v["input_image"]

@@ -11,11 +11,15 @@ from ..pipelines.variants._images import BASE_CHANNELS, CONTROL_CHANNELS, FILL_C
 from ..ops.images import convert_image
 
 KONTEXT, FILL, CONTROL, CONTROLNET, IPADAPTER = "kontext", "fill", "control", "controlnet", "ipadapter"
+REFERENCE = "reference"  # FLUX.2's reference images (`edit_image`)
 
 
 def available(pipe) -> set[str]:
-    """The conditions of the Edit tab that the loaded models can use (the DiT's input width tells Fill and
-    Canny/Depth DiTs apart; ControlNet and IP-Adapter need their models loaded)."""
+    """The conditions of the Edit tab that the loaded models can use (FLUX.2: its reference images; FLUX.1: the
+    DiT's input width tells Fill and Canny/Depth DiTs apart; ControlNet and IP-Adapter need their models loaded)."""
+    from ..pipelines.flux2_image import Flux2ImagePipeline
+    if isinstance(pipe, Flux2ImagePipeline):
+        return {REFERENCE}
     names = set(pipe.loaded_models())
     channels = dit_channels(pipe)
     found = {KONTEXT} if channels == BASE_CHANNELS else set()
@@ -57,13 +61,15 @@ def editor_mask(value: dict | None) -> tuple[Image.Image, Image.Image] | None:
     return background, Image.fromarray(painted.astype(np.uint8) * 255, mode="L")
 
 
-def conditions(kinds: set[str], kontext_images: list[Image.Image], fill: dict | None,
+def conditions(kinds: set[str], reference_images: list[Image.Image], fill: dict | None,
                control: tuple[Image.Image | None, str], controlnet: tuple[Image.Image | None, str, float],
                ipadapter: tuple[Image.Image | None, float]) -> dict:
     """The variant arguments for what the page filled in (only for conditions in `kinds`)."""
     out: dict = {}
-    if KONTEXT in kinds and kontext_images:
-        out["kontext_images"] = kontext_images
+    if KONTEXT in kinds and reference_images:
+        out["kontext_images"] = reference_images
+    if REFERENCE in kinds and reference_images:
+        out["edit_image"] = reference_images
     masked = editor_mask(fill) if FILL in kinds else None
     if masked is not None:
         out["flux_fill_image"], out["flux_fill_mask"] = masked
