@@ -2,8 +2,9 @@
 
 Tensors are described lazily (`TensorRef`: shape, dtype, where the bytes are) so that detection and
 `diffsynth inspect` never read weights. Loading reads each tensor into its own memory (never a view of
-the file: see `_FileReader`), converting one tensor at a time, so peak memory is the size of the
-weights in the requested dtype plus one tensor.
+the file: see `_FileReader`) with positional reads straight into the destination tensor, a few tensors at a
+time; a dtype conversion reads and converts in chunks, so peak memory is the size of the weights in the
+requested dtype plus a few chunks.
 """
 from __future__ import annotations
 
