@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..ops.files import CheckpointError, TensorRef
+from ..ops.files import CheckpointError, TensorRef, load_all
 from ..ops.gguf import dequantize
 from ..ops.quant import (FP8_DTYPES, apply_scales, install_gguf_weight, install_weight_scale, split_scales,
                          stored_low_precision)
@@ -122,6 +122,15 @@ def meta_tensors(det: Detected) -> dict[str, torch.Tensor]:
     return {k: torch.empty(r.shape, device="meta") for k, r in split_scales(det.refs)[0].items()}
 
 
+def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0; for meta tensors (config inference) the shape alone, built directly: torch's meta
+    kernel for cat imports torch._dynamo on first use, ~2 s of every fresh process's load."""
+    if tensors[0].is_meta:
+        rows = sum(t.shape[0] for t in tensors)
+        return torch.empty((rows, *tensors[0].shape[1:]), dtype=tensors[0].dtype, device="meta")
+    return torch.cat(tensors, 0)
+
+
 # ----------------------------------------------------------------------------- builder helpers
 
 def assign(model_cls, config, state_dict: dict[str, torch.Tensor], name: str,
@@ -170,8 +179,8 @@ def load_tensors(det: Detected, options: BuildOptions) -> tuple[dict, dict, dict
     dtype, compute = options.dtype, options.compute_dtype
     refs, scale_refs = split_scales(det.refs)
     small = compute if compute is not None and dtype in FP8_DTYPES else dtype
-    sd = {k: r.load(None if k in scale_refs else (dtype if stored_low_precision(r.shape) else small), options.device)
-          for k, r in refs.items()}
+    sd = load_all({k: (r, None if k in scale_refs else (dtype if stored_low_precision(r.shape) else small))
+                   for k, r in refs.items()}, options.device)
     return refs, scale_refs, sd
 
 

@@ -22,7 +22,8 @@ from ..ops.parallel import context_parallel_enabled, interleave_shards, run_spli
 from ..ops.files import strip_first_prefix
 from ..ops.gguf import dequantize, is_quantized
 from ..ops.quant import apply_scales
-from .entry import BuildOptions, Component, Detected, Family, assign, fills, has_prefix, load_tensors, meta_tensors
+from .entry import (BuildOptions, Component, Detected, Family, assign, cat_rows, fills, has_prefix, load_tensors,
+                    meta_tensors)
 
 
 @dataclass
@@ -506,7 +507,7 @@ BFL_SINGLE = {
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
     """BFL's final modulation is (shift, scale); ours is (scale, shift). The swap is its own inverse."""
     a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
+    return cat_rows([b, a])
 
 
 def _rename(key: str, table: dict[str, str]) -> str | None:
@@ -617,7 +618,7 @@ def dit_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for p in ("weight", "bias"):
                 names = [f"{prefix}{part}.{p}" for part in parts]
                 if all(n in sd for n in names):
-                    out[f"{internal}{fused}.{p}"] = torch.cat([sd[n] for n in names], 0)
+                    out[f"{internal}{fused}.{p}"] = cat_rows([sd[n] for n in names])
                     used.update(names)
         table = DIFFUSERS_DOUBLE if kind == "transformer_blocks" else DIFFUSERS_SINGLE
         for k in keys - used:

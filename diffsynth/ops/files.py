@@ -2,8 +2,9 @@
 
 Tensors are described lazily (`TensorRef`: shape, dtype, where the bytes are) so that detection and
 `diffsynth inspect` never read weights. Loading reads each tensor into its own memory (never a view of
-the file: see `_FileReader`), converting one tensor at a time, so peak memory is the size of the
-weights in the requested dtype plus one tensor.
+the file: see `_FileReader`) with positional reads straight into the destination tensor, a few tensors at a
+time; a dtype conversion reads and converts in chunks, so peak memory is the size of the weights in the
+requested dtype plus a few chunks.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 
 from .names import COMPUTE_DTYPES
-from .tensor_ref import CheckpointError, TensorRef, all_finite  # noqa: F401  (the readers' public names)
+from .tensor_ref import CheckpointError, TensorRef, all_finite, load_all, read_exactly  # noqa: F401  (the readers' public names)
 
 
 SAFETENSORS_DTYPES = {
@@ -139,17 +140,22 @@ class _FileReader:
 
     def read(self, ref: TensorRef) -> torch.Tensor:
         out = torch.empty(ref.shape, dtype=ref.dtype)
-        if ref.nbytes == 0:
-            return out
-        with open(self.path, "rb") as f:
-            if self._identity(os.fstat(f.fileno())) != self.identity:
+        self.read_range(ref, out.reshape(-1).view(torch.uint8), 0)
+        return out
+
+    def read_range(self, ref: TensorRef, buf: torch.Tensor, start: int) -> None:
+        """Fill uint8 `buf` with the tensor's bytes from `start` on: positional reads straight into its memory."""
+        if buf.numel() == 0:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if self._identity(os.fstat(fd)) != self.identity:
                 raise CheckpointError(f"{self.path}: changed on disk since it was opened (replaced or truncated "
                                       "while loading?): load it again")
-            f.seek(ref.offset)
-            got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
-        if got != ref.nbytes:
-            raise CheckpointError(f"{self.path}: truncated while reading {ref.key!r} (file changed on disk?)")
-        return out
+            read_exactly(fd, memoryview(buf.numpy()), ref.offset + start,
+                         f"{self.path}: truncated while reading {ref.key!r} (file changed on disk?)")
+        finally:
+            os.close(fd)
 
 
 def scan_safetensors(path: str) -> tuple[dict[str, TensorRef], dict[str, str]]:
@@ -166,7 +172,8 @@ def scan_safetensors(path: str) -> tuple[dict[str, TensorRef], dict[str, str]]:
     for key, info in header.items():
         dtype, shape, begin, end = _parse_entry(path, key, info)
         ranges.append((begin, end, key))
-        refs[key] = TensorRef(key, shape, dtype, path, reader.read, data_start + begin, end - begin)
+        refs[key] = TensorRef(key, shape, dtype, path, reader.read, data_start + begin, end - begin,
+                              read_range=reader.read_range)
     _check_layout(path, ranges, data_size)
     return refs, metadata
 
@@ -333,8 +340,8 @@ def strip_first_prefix(mapping: dict, prefixes: Iterable[str]) -> dict:
 
 def load_tensors(refs: dict[str, TensorRef], dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Read every tensor, converting floating ones to `dtype` one at a time."""
-    return {k: r.load(dtype, device) for k, r in refs.items()}
+    """Read every tensor (a few threads), converting floating ones to `dtype` as they are read."""
+    return load_all({k: (r, dtype) for k, r in refs.items()}, device)
 
 
 def load_state_dict(paths, dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from typing import BinaryIO, Callable
 
 import torch
 
-from .tensor_ref import CheckpointError, TensorRef
+from .tensor_ref import CheckpointError, TensorRef, read_exactly
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -130,11 +130,11 @@ def read_gguf_header(path: str) -> tuple[dict, list[tuple[str, tuple[int, ...], 
 def _read_gguf_tensor(ref: TensorRef) -> torch.Tensor:
     type_name = ref.extra
     out = torch.empty(ref.nbytes, dtype=torch.uint8)
-    with open(ref.path, "rb") as f:
-        f.seek(ref.offset)
-        got = f.readinto(memoryview(out.numpy()))
-    if got != ref.nbytes:
-        raise CheckpointError(f"{ref.path}: truncated while reading {ref.key!r}")
+    fd = os.open(ref.path, os.O_RDONLY)
+    try:
+        read_exactly(fd, memoryview(out.numpy()), ref.offset, f"{ref.path}: truncated while reading {ref.key!r}")
+    finally:
+        os.close(fd)
     if type_name in PLAIN_DTYPES:
         return out.view(PLAIN_DTYPES[type_name]).reshape(ref.shape)
     return out.reshape(*ref.shape[:-1], row_bytes(type_name, ref.shape[-1]))
