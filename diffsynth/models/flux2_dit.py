@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.attention import attention
 from ..ops.files import strip_first_prefix
 from ..ops.linear import Linear
 from ..ops.norms import norm_modulate, swiglu
 from .entry import BuildOptions, Detected, Family, assign, fills, has_key, has_prefix, meta_tensors
 from ..ops.parallel import context_parallel_enabled, interleave_shards, run_split_blocks, shard_linears, world_size
-from .flux_dit import BFL_PREFIXES, RMSNorm, apply_rope, gated, load_dit_tensors, rope_frequencies, timestep_embedding
+from .flux_dit import (BFL_PREFIXES, RMSNorm, attend_tokens, gated, load_dit_tensors, rope_frequencies, rope_tokens,
+                       timestep_embedding, token_heads)
 
 
 @dataclass
@@ -69,22 +69,6 @@ class Flux2DiTConfig:
 
 def linear(n_in: int, n_out: int) -> Linear:
     return Linear(n_in, n_out, bias=False)
-
-
-def token_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, L, H*D) -> (B, L, H, D), a view. Norms and RoPE run in this layout (as diffusers'), where each head's
-    channels are contiguous; attention gets the transposed view, and its CPU output is laid out (B, L, H, D)."""
-    return x.unflatten(-1, (heads, -1))
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention over (B, L, H, D) tokens -> (B, L, H*D)."""
-    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).flatten(2)
-
-
-def rope_tokens(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` for (B, L, H, D) tokens."""
-    return apply_rope(x, table[:, None])
 
 
 class TimestepMLP(nn.Module):
@@ -157,7 +141,7 @@ class JointAttention(nn.Module):
         q = torch.cat([self.heads_of(txt, self.add_q_proj, self.norm_added_q), self.heads_of(img, self.to_q, self.norm_q)], 1)
         k = torch.cat([self.heads_of(txt, self.add_k_proj, self.norm_added_k), self.heads_of(img, self.to_k, self.norm_k)], 1)
         v = torch.cat([self.heads_of(txt, self.add_v_proj), self.heads_of(img, self.to_v)], 1)
-        out = attend(rope_tokens(q, rope), rope_tokens(k, rope), v)
+        out = attend_tokens(rope_tokens(q, rope), rope_tokens(k, rope), v).flatten(2)
         n_txt = txt.shape[1]
         return self.to_out(out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -209,7 +193,7 @@ class ParallelAttention(nn.Module):
         projection are gone when it returns."""
         q, k, v = (token_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         q = rope_tokens(self.norm_q(q[:, rows]), rope[rows])
-        return attend(q, rope_tokens(self.norm_k(k), rope), v)
+        return attend_tokens(q, rope_tokens(self.norm_k(k), rope), v).flatten(2)
 
 
 class SingleBlock(nn.Module):
