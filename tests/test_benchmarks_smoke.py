@@ -118,3 +118,12 @@ def test_flux2_step_smoke(smoke):
     check_comparison(row.step, 1e-5)  # with a reference image: the same velocity as diffusers
     assert math.isfinite(row.reference_peak_mb) and math.isfinite(row.ours_peak_mb)
     assert row.reference_peak_mb >= 0 and row.ours_peak_mb >= 0
+
+
+@pytest.mark.slow  # three subprocesses loading both pipelines
+def test_flux2_pipeline_smoke(smoke):
+    result = _import("flux2_pipeline").main()
+    check_comparison(result.run, 2 / 255)  # the same image as diffusers' Flux2KleinPipeline
+    assert result.run.case == "64px-2steps"
+    assert math.isfinite(result.reference_peak_mb) and math.isfinite(result.ours_peak_mb)
+    assert result.reference_peak_mb > 0 and result.ours_peak_mb > 0

@@ -4,9 +4,18 @@ import torch
 import torch.nn.functional as F
 
 from diffsynth.ops import linear as lin
-from diffsynth.ops.linear import Linear, linear, onednn_linear_enabled, set_onednn_linear
+from diffsynth.ops.linear import Linear, default_onednn, linear, onednn_linear_enabled, set_onednn_linear
 
-needs_onednn = pytest.mark.skipif(not onednn_linear_enabled(), reason="no oneDNN linear on this CPU/torch")
+needs_onednn = pytest.mark.skipif(not lin._kernel_available(), reason="no oneDNN linear in this torch build")
+
+
+@pytest.fixture
+def onednn():
+    """The redirection switched on (the default only on AVX-512 CPUs), and back to what it was after."""
+    before = onednn_linear_enabled()
+    set_onednn_linear(True)
+    yield
+    set_onednn_linear(before)
 
 
 def _kernels(fn) -> set[str]:
@@ -24,7 +33,7 @@ def layer():
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_inference_runs_on_onednn_and_matches_f_linear(bias, dtype):
+def test_cpu_inference_runs_on_onednn_and_matches_f_linear(bias, dtype, onednn):
     if dtype not in lin._DTYPES:
         pytest.skip("oneDNN has no bf16 on this CPU")
     torch.manual_seed(0)
@@ -39,7 +48,7 @@ def test_cpu_inference_runs_on_onednn_and_matches_f_linear(bias, dtype):
 
 
 @needs_onednn
-def test_switch_off_and_on(layer):
+def test_switch_off_and_on(layer, onednn):
     x = torch.randn(4, 96)
     try:
         set_onednn_linear(False)
@@ -104,3 +113,12 @@ def test_adopt_linears_switches_plain_linears_only():
         assert type(model[0]) is Linear and type(model[2]) is Custom
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("machine,capability,expected", [("x86_64", "AVX512", True), ("x86_64", "AVX2", False),
+                                                        ("AMD64", "AVX512", True), ("aarch64", "SVE256", False)])
+def test_on_by_default_only_on_avx512_x86(monkeypatch, machine, capability, expected):
+    monkeypatch.setattr(lin.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(lin, "_kernel_available", lambda: True)
+    assert default_onednn() is expected

@@ -29,14 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.attention import attention
 from ..ops.files import strip_first_prefix
 from ..ops.linear import Linear
+from ..ops.norms import norm_modulate, swiglu
 from .entry import BuildOptions, Detected, Family, assign, fills, has_key, has_prefix, meta_tensors
 from ..ops.parallel import context_parallel_enabled, interleave_shards, run_split_blocks, shard_linears, world_size
-from .flux_dit import (BFL_PREFIXES, RMSNorm, apply_rope, gated, layer_norm, load_dit_tensors, merge_heads, modulate,
-                       rope_frequencies,
-                       split_heads, timestep_embedding)
+from .flux_dit import (BFL_PREFIXES, RMSNorm, attend_tokens, gated, load_dit_tensors, rope_frequencies, rope_tokens,
+                       timestep_embedding, token_heads)
 
 
 @dataclass
@@ -70,12 +69,6 @@ class Flux2DiTConfig:
 
 def linear(n_in: int, n_out: int) -> Linear:
     return Linear(n_in, n_out, bias=False)
-
-
-def swiglu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU of the first half times the second half (the gate and value of one fused projection)."""
-    gate, value = x.chunk(2, dim=-1)
-    return F.silu(gate) * value
 
 
 class TimestepMLP(nn.Module):
@@ -140,15 +133,15 @@ class JointAttention(nn.Module):
         self.to_add_out = linear(hidden, hidden)
 
     def heads_of(self, x: torch.Tensor, proj: nn.Module, norm: nn.Module | None = None) -> torch.Tensor:
-        """(B, L, hidden) -> projected (B, heads, L, head_dim), RMS-normed when `norm` is given."""
-        t = split_heads(proj(x), self.heads)
+        """(B, L, hidden) -> projected (B, L, heads, head_dim), RMS-normed when `norm` is given."""
+        t = token_heads(proj(x), self.heads)
         return t if norm is None else norm(t)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = torch.cat([self.heads_of(txt, self.add_q_proj, self.norm_added_q), self.heads_of(img, self.to_q, self.norm_q)], 2)
-        k = torch.cat([self.heads_of(txt, self.add_k_proj, self.norm_added_k), self.heads_of(img, self.to_k, self.norm_k)], 2)
-        v = torch.cat([self.heads_of(txt, self.add_v_proj), self.heads_of(img, self.to_v)], 2)
-        out = merge_heads(attention(apply_rope(q, rope), apply_rope(k, rope), v))
+        q = torch.cat([self.heads_of(txt, self.add_q_proj, self.norm_added_q), self.heads_of(img, self.to_q, self.norm_q)], 1)
+        k = torch.cat([self.heads_of(txt, self.add_k_proj, self.norm_added_k), self.heads_of(img, self.to_k, self.norm_k)], 1)
+        v = torch.cat([self.heads_of(txt, self.add_v_proj), self.heads_of(img, self.to_v)], 1)
+        out = attend_tokens(rope_tokens(q, rope), rope_tokens(k, rope), v).flatten(2)
         n_txt = txt.shape[1]
         return self.to_out(out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -164,12 +157,11 @@ class DoubleBlock(nn.Module):
     def forward(self, img, txt, mod_img: tuple[torch.Tensor, ...], mod_txt: tuple[torch.Tensor, ...], rope):
         shift, scale, gate, shift2, scale2, gate2 = mod_img
         c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = mod_txt
-        img_attn, txt_attn = self.attn(modulate(layer_norm(img), shift, scale),
-                                       modulate(layer_norm(txt), c_shift, c_scale), rope)
+        img_attn, txt_attn = self.attn(norm_modulate(img, shift, scale), norm_modulate(txt, c_shift, c_scale), rope)
         img = gated(img, gate, img_attn)
-        img = gated(img, gate2, self.ff(modulate(layer_norm(img), shift2, scale2)))
+        img = gated(img, gate2, self.ff(norm_modulate(img, shift2, scale2)))
         txt = gated(txt, c_gate, txt_attn)
-        txt = gated(txt, c_gate2, self.ff_context(modulate(layer_norm(txt), c_shift2, c_scale2)))
+        txt = gated(txt, c_gate2, self.ff_context(norm_modulate(txt, c_shift2, c_scale2)))
         if txt.dtype == torch.float16:  # fp16 text activations overflow otherwise
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -189,16 +181,19 @@ class ParallelAttention(nn.Module):
         """Outputs of the tokens `rows` of x (B, L, hidden), attending over all L."""
         proj = self.to_qkv_mlp_proj(x)
         out = self.attend(proj[..., : 3 * self.hidden], rope, rows)
-        mlp = swiglu(proj[:, rows, 3 * self.hidden:])
-        del proj  # the fused projection, the block's largest buffer, is freed before the concatenation
-        return self.to_out(torch.cat([out, mlp], dim=-1))
+        joined = out.new_empty(*out.shape[:-1], out.shape[-1] + self.to_out.in_features - self.hidden)
+        joined[..., :self.hidden] = out
+        del out
+        swiglu(proj[:, rows, 3 * self.hidden:], out=joined[..., self.hidden:])  # written in place, no temporaries
+        del proj  # the fused projection, the block's largest buffer, is freed before the output projection
+        return self.to_out(joined)
 
     def attend(self, qkv: torch.Tensor, rope: torch.Tensor, rows: slice) -> torch.Tensor:
         """Attention of the tokens `rows` over all; its own method so that the q/k/v views of the fused
         projection are gone when it returns."""
-        q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
-        q = apply_rope(self.norm_q(q[:, :, rows]), rope[rows])
-        return merge_heads(attention(q, apply_rope(self.norm_k(k), rope), v))
+        q, k, v = (token_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
+        q = rope_tokens(self.norm_q(q[:, rows]), rope[rows])
+        return attend_tokens(q, rope_tokens(self.norm_k(k), rope), v).flatten(2)
 
 
 class SingleBlock(nn.Module):
@@ -209,7 +204,7 @@ class SingleBlock(nn.Module):
     def forward(self, x, mod: tuple[torch.Tensor, ...], rope, rows: slice = slice(None)):
         """x (B, L, hidden) = [text, image]; returns the updated tokens `rows` (all by default)."""
         shift, scale, gate = mod
-        return gated(x[:, rows], gate, self.attn(modulate(layer_norm(x), shift, scale), rope, rows))
+        return gated(x[:, rows], gate, self.attn(norm_modulate(x, shift, scale), rope, rows))
 
 
 class OutputNorm(nn.Module):
@@ -221,7 +216,7 @@ class OutputNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(F.silu(vec)).chunk(2, dim=-1)
-        return modulate(layer_norm(x), shift, scale)
+        return norm_modulate(x, shift, scale)
 
 
 # ----------------------------------------------------------------------------- the model

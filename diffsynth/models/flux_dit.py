@@ -18,6 +18,7 @@ from torch import nn
 from ..ops.attention import attention
 from ..ops.attention_mask import GroupMask, query_tail, select_batch
 from ..ops.linear import Linear
+from ..ops.norms import norm_modulate, rms_norm
 from ..ops.parallel import context_parallel_enabled, interleave_shards, run_split_blocks, shard_linears, world_size
 from ..ops.files import strip_first_prefix
 from ..ops.gguf import dequantize, is_quantized
@@ -110,9 +111,6 @@ def image_ids(height: int, width: int, batch: int = 1, index: int = 0, device=No
     return ids.reshape(1, h * w, 3).expand(batch, -1, -1)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
-
 
 def gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The gated residual x + gate * y, in one pass."""
@@ -128,8 +126,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float().contiguous()  # q/k arrive as strided head views; reductions over those are ~8x slower
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MLPEmbedder(nn.Sequential):
@@ -160,16 +157,27 @@ class AdaNorm(nn.Module):
         return self.linear(F.silu(vec)).chunk(self.n_chunks, dim=-1)
 
 
-def layer_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
-
-
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, L, H*D) -> (B, H, L, D)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
+
+
+def token_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, H*D) -> (B, L, H, D), a view. The DiTs run q/k norms and RoPE in this layout (as diffusers), where
+    each head's channels are contiguous, so no copy is made before them; attention gets transposed views, and
+    torch's CPU attention lays its output out as (B, L, H, D), so merging the heads back copies nothing."""
+    return x.unflatten(-1, (heads, -1))
+
+
+def rope_tokens(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` for (B, L, H, D) tokens."""
+    return apply_rope(x, table[:, None])
+
+
+def attend_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """Attention over (B, L, H, D) tokens -> (B, L, H, D)."""
+    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
 
 
 class JointAttention(nn.Module):
@@ -185,22 +193,22 @@ class JointAttention(nn.Module):
         self.b_to_out = Linear(hidden, hidden)
 
     def qkv(self, x: torch.Tensor, proj: nn.Linear, norm_q: RMSNorm, norm_k: RMSNorm):
-        q, k, v = (split_heads(t, self.heads) for t in proj(x).chunk(3, dim=-1))
+        """(B, L, H, D) queries and keys (RMS-normed) and values."""
+        q, k, v = (token_heads(t, self.heads) for t in proj(x).chunk(3, dim=-1))
         return norm_q(q), norm_k(k), v
 
     def forward(self, img, txt, rope, mask=None, extra: Callable | None = None):
         """`extra(q_img)`: attention output (B, H, N_img, D) added to the image tokens' own (IP-Adapter);
-        it receives the image queries before RoPE."""
+        it receives the image queries (B, H, N_img, D) before RoPE."""
         q_a, k_a, v_a = self.qkv(img, self.a_to_qkv, self.norm_q_a, self.norm_k_a)
         q_b, k_b, v_b = self.qkv(txt, self.b_to_qkv, self.norm_q_b, self.norm_k_b)
-        q, k, v = torch.cat([q_b, q_a], 2), torch.cat([k_b, k_a], 2), torch.cat([v_b, v_a], 2)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attention(q, k, v, mask)
+        q, k, v = torch.cat([q_b, q_a], 1), torch.cat([k_b, k_a], 1), torch.cat([v_b, v_a], 1)
+        out = attend_tokens(rope_tokens(q, rope), rope_tokens(k, rope), v, mask)
         n_txt = txt.shape[1]
-        txt_out, img_out = out[:, :, :n_txt], out[:, :, n_txt:]
+        txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
         if extra is not None:
-            img_out = img_out + extra(q_a)
-        return self.a_to_out(merge_heads(img_out)), self.b_to_out(merge_heads(txt_out))
+            img_out = img_out + extra(q_a.transpose(1, 2)).transpose(1, 2)
+        return self.a_to_out(img_out.flatten(2)), self.b_to_out(txt_out.flatten(2))
 
 
 class FeedForward(nn.Sequential):
@@ -220,13 +228,12 @@ class DoubleBlock(nn.Module):
     def forward(self, img, txt, vec, rope, mask=None, extra: Callable | None = None):
         a_shift, a_scale, a_gate, a_shift2, a_scale2, a_gate2 = self.norm1_a(vec)
         b_shift, b_scale, b_gate, b_shift2, b_scale2, b_gate2 = self.norm1_b(vec)
-        img_attn, txt_attn = self.attn(
-            modulate(layer_norm(img), a_shift, a_scale), modulate(layer_norm(txt), b_shift, b_scale), rope, mask,
-            extra)
+        img_attn, txt_attn = self.attn(norm_modulate(img, a_shift, a_scale), norm_modulate(txt, b_shift, b_scale),
+                                       rope, mask, extra)
         img = gated(img, a_gate, img_attn)
-        img = gated(img, a_gate2, self.ff_a(modulate(layer_norm(img), a_shift2, a_scale2)))
+        img = gated(img, a_gate2, self.ff_a(norm_modulate(img, a_shift2, a_scale2)))
         txt = gated(txt, b_gate, txt_attn)
-        txt = gated(txt, b_gate2, self.ff_b(modulate(layer_norm(txt), b_shift2, b_scale2)))
+        txt = gated(txt, b_gate2, self.ff_b(norm_modulate(txt, b_shift2, b_scale2)))
         if txt.dtype == torch.float16:  # fp16 text activations overflow otherwise
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -250,7 +257,7 @@ class SingleBlock(nn.Module):
         n = x.shape[1]
         full = x if context is None else torch.cat([context, x], dim=1)
         shift, scale, gate = self.norm(vec)
-        h = self.to_qkv_mlp(modulate(layer_norm(full), shift, scale))
+        h = self.to_qkv_mlp(norm_modulate(full, shift, scale))
         out = self.attend(h[..., : 3 * self.hidden], rope, mask, n, extra)
         mlp = F.gelu(h[:, -n:, 3 * self.hidden:], approximate="tanh")
         del h  # the fused projection, the block's largest buffer, is freed before the concatenation
@@ -258,10 +265,12 @@ class SingleBlock(nn.Module):
 
     def attend(self, qkv, rope, mask, n: int, extra: Callable | None = None):
         """Attention of the last `n` tokens over all of them."""
-        q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
-        q, k = apply_rope(self.norm_q_a(q[:, :, -n:]), rope[-n:]), apply_rope(self.norm_k_a(k), rope)
-        out = attention(q, k, v, query_tail(mask, n))
-        return merge_heads(out if extra is None else out + extra(q))
+        q, k, v = (token_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
+        q, k = rope_tokens(self.norm_q_a(q[:, -n:]), rope[-n:]), rope_tokens(self.norm_k_a(k), rope)
+        out = attend_tokens(q, k, v, query_tail(mask, n))
+        if extra is not None:
+            out = out + extra(q.transpose(1, 2)).transpose(1, 2)
+        return out.flatten(2)
 
 
 class FinalNorm(nn.Module):
@@ -271,7 +280,7 @@ class FinalNorm(nn.Module):
 
     def forward(self, x, vec):
         scale, shift = self.linear(F.silu(vec)).chunk(2, dim=-1)
-        return modulate(layer_norm(x), shift, scale)
+        return norm_modulate(x, shift, scale)
 
 
 # ----------------------------------------------------------------------------- the model

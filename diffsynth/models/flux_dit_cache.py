@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flux_dit import layer_norm, modulate
+from ..ops.norms import norm_modulate
 
 TEACACHE_FLUX_COEFFICIENTS = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
 
@@ -134,7 +134,7 @@ class CachedStep:
         chunk = [slice(i * size, (i + 1) * size) for i in range(n)]
         if isinstance(self.states[0], TeaCache):
             shift, scale = dit.blocks[0].norm1_a(vec)[:2]
-            signal = modulate(layer_norm(img), shift, scale)
+            signal = norm_modulate(img, shift, scale)
             compute = [s.decide(self.step, signal[c]) for s, c in zip(self.states, chunk)]
             start, img0, txt0 = 0, img, txt
         else:

@@ -1,15 +1,18 @@
-"""`Linear`: nn.Linear whose fp32/bf16 CPU inference calls oneDNN's GEMM directly.
+"""`Linear`: nn.Linear whose fp32/bf16 CPU inference calls oneDNN's GEMM directly on AVX-512 CPUs.
 
 On x86 CPUs `F.linear` in fp32 calls MKL's sgemm, and in bf16 reaches oneDNN through ATen's addmm
 (which adds its own copies around the call). Calling oneDNN's linear kernel directly (the one
 torch.compile's CPU backend emits) computes the same products with the same fp32 accumulation
-(differences ~1e-7 relative in fp32) and makes the mid-size DiT step 8-10 % faster in fp32 and 2-3 %
-in bf16 on the development machine (benchmarks/dit_step.py prints both ways). Everything else stays on
-`F.linear`: CUDA, autograd, CPU autocast, torch.compile tracing, tensor subclasses, fp16/fp64,
-non-x86 CPUs, and bf16 where oneDNN has no bf16 kernels for the CPU.
+(differences ~1e-7 relative in fp32) and made the mid-size DiT step 8-10 % faster in fp32 and 2-3 %
+in bf16 on an AVX-512 development machine (benchmarks/dit_step.py prints both ways). On a 2-core
+AVX2-only EPYC (2026-12-04, load ~1.3) the same GEMMs (the FLUX.2 mid DiT's shapes, with and without
+bias) took 1.06-1.10x MKL's time in fp32 and the FLUX.2 step 0.98x diffusers' with oneDNN vs 0.94x on
+MKL, and oneDNN had no bf16 kernels there; so the redirection is on by default only where torch reports
+AVX-512 (or better). Everything else stays on `F.linear`: CUDA, autograd, CPU autocast, torch.compile
+tracing, tensor subclasses, fp16/fp64, non-x86 CPUs, and bf16 where oneDNN has no bf16 kernels.
 
-`adopt_linears(model)` converts another library's model (the text encoders); `set_onednn_linear(False)`
-turns the redirection off (for A/B comparisons).
+`adopt_linears(model)` converts another library's model (the text encoders); `set_onednn_linear(enabled)`
+turns the redirection on or off (for A/B comparisons, or on CPUs where the default is off).
 """
 from __future__ import annotations
 
@@ -26,8 +29,14 @@ def _kernel_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-# Default on x86 only: elsewhere oneDNN may sit on other backends (ACL on Arm), never measured here.
-_state = {"onednn": platform.machine().lower() in ("x86_64", "amd64") and _kernel_available()}
+def default_onednn() -> bool:
+    """On by default on x86 CPUs with AVX-512 only: with AVX2 alone MKL's GEMMs were faster, and elsewhere
+    oneDNN may sit on other backends (ACL on Arm), never measured here."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return x86 and _kernel_available() and torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+
+
+_state = {"onednn": default_onednn()}
 
 
 def _supported_dtypes() -> tuple[torch.dtype, ...]:
@@ -40,7 +49,7 @@ _DTYPES = _supported_dtypes()
 
 
 def set_onednn_linear(enabled: bool) -> None:
-    """Route fp32/bf16 CPU inference GEMMs of `Linear` to oneDNN directly (default on x86) or not."""
+    """Route fp32/bf16 CPU inference GEMMs of `Linear` to oneDNN directly (default on AVX-512 x86) or not."""
     if enabled and not _kernel_available():
         raise RuntimeError("this torch build has no oneDNN linear kernel (torch.ops.mkldnn._linear_pointwise)")
     _state["onednn"] = bool(enabled)
