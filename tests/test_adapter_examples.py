@@ -137,8 +137,12 @@ def _train(script: str, data: Path, out: Path, models: dict, files, metadata: st
         "--output_path": str(out), "--model_paths": _model_paths(models, *files)})
     args += ["--height", "64", "--width", "64", "--t5_sequence_length", "16", "--report_to", "none",
              "--num_epochs", "1", "--dataset_num_workers", "0"]
-    torch.set_num_threads(1)
-    train(build_parser().parse_args(args))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (tiny ops run fastest single-threaded)
+    try:
+        train(build_parser().parse_args(args))
+    finally:  # the thread count changes float results (MKL's blocking): later tests compare bit for bit
+        torch.set_num_threads(threads)
     return sorted(out.glob("*.safetensors"))
 
 
