@@ -127,3 +127,14 @@ def test_flux2_pipeline_smoke(smoke):
     assert result.run.case == "64px-2steps"
     assert math.isfinite(result.reference_peak_mb) and math.isfinite(result.ours_peak_mb)
     assert result.reference_peak_mb > 0 and result.ours_peak_mb > 0
+
+
+@pytest.mark.slow  # four fresh processes loading a pipeline each
+def test_first_image_smoke(smoke):
+    sys.modules.pop("flux2_pipeline", None)  # (it reads the smoke setting when imported)
+    rows = _import("first_image").main()
+    assert [r.family for r in rows] == ["flux1", "flux2"]
+    for r in rows:
+        check_comparison(r.run, 2 / 255)  # the saved PNGs: the same picture from both libraries
+        assert r.run.case == "64px-2steps" and r.run.reference_ms > 0 and r.run.ours_ms > 0
+        assert 100 < r.reference_peak_mb < 8000 and 100 < r.ours_peak_mb < 8000  # a whole process's high-water mark
