@@ -33,6 +33,10 @@ def require(*modules: str) -> None:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs(*modules): skipped, with the reason, when an optional package is absent")
+    # One thread for the whole session, module-scoped fixtures included: the thread count changes a GEMM's float
+    # blocking (MKL: ~5e-7), and many tests compare two runs bit for bit (resume vs uninterrupted, LoRA cleared
+    # vs never applied); the tiny models run fastest single-threaded anyway. Subprocess tests set their own.
+    torch.set_num_threads(1)
 
 
 @pytest.hookimpl(tryfirst=True)
