@@ -181,7 +181,8 @@ class ParallelAttention(nn.Module):
         """Outputs of the tokens `rows` of x (B, L, hidden), attending over all L."""
         proj = self.to_qkv_mlp_proj(x)
         out = self.attend(proj[..., : 3 * self.hidden], rope, rows)
-        joined = out.new_empty(*out.shape[:-1], out.shape[-1] + self.to_out.in_features - self.hidden)
+        mlp_hidden = (proj.shape[-1] - 3 * self.hidden) // 2  # (this rank's share under tensor parallelism)
+        joined = out.new_empty(*out.shape[:-1], self.hidden + mlp_hidden)
         joined[..., :self.hidden] = out
         del out
         swiglu(proj[:, rows, 3 * self.hidden:], out=joined[..., self.hidden:])  # written in place, no temporaries
