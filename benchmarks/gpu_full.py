@@ -8,6 +8,7 @@ per image and are not what this measures); the VAE decoder is full size. Peak me
 `torch.cuda.max_memory_allocated`.
 
     python benchmarks/gpu_full.py        # prints a skip message without CUDA
+    DIFFSYNTH_BENCH_STEPS=8 python benchmarks/gpu_full.py   # fewer steps (the table gives ms per step too)
 
 DIFFSYNTH_BENCH_SMOKE=1 runs the same code on the CPU with a tiny model (for the test suite).
 """
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 from _common import table  # noqa: E402
 
 SMOKE = os.environ.get("DIFFSYNTH_BENCH_SMOKE") == "1"
-STEPS, SIZE, T5_LEN = (2, 64, 16) if SMOKE else (28, 1024, 512)
+STEPS, SIZE, T5_LEN = (2, 64, 16) if SMOKE else (int(os.environ.get("DIFFSYNTH_BENCH_STEPS", 28)), 1024, 512)
 
 
 @dataclass

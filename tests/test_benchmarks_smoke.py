@@ -74,6 +74,16 @@ def test_gpu_full_smoke(smoke, capsys):
     assert "| ours, fp8 storage" in capsys.readouterr().out  # the table still prints
 
 
+def test_gpu_flux2_smoke(smoke, capsys):
+    rows = _import("gpu_flux2").main()
+    assert [r.case for r in rows] == ["text-to-image", "1 reference image", "text-to-image, compiled"]
+    for r in rows:
+        assert r.step.reference_ms > 0 and r.step.ours_ms > 0 and math.isfinite(r.step.ratio), r
+        assert r.step.diff < 1e-5, r  # same weights, same inputs: the same velocities
+    assert math.isnan(rows[0].ours_peak_gb) and rows[2].ours_peak_gb is None  # no CUDA peak on the CPU
+    assert "| tiny  | 1 reference image" in capsys.readouterr().out
+
+
 def test_controlnet_step_smoke(smoke):
     rows = _import("controlnet_step").main()
     assert [r.case for r in rows] == ["1", "2"]

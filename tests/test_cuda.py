@@ -88,3 +88,74 @@ def test_regional_compile_matches_eager_on_device(tiny_configs):
     eager = pipe("a cat", **KW)
     pipe.compile()
     assert rel(pipe("a cat", **KW), eager) < 0.02
+
+
+# FLUX.2 [klein] on the device: the tiny random folder of tests/test_flux2_pipeline.py
+F2 = dict(height=48, width=64, num_inference_steps=3, seed=7, progress_bar_cmd=lambda x: x, output_type="pt")
+
+
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory):
+    from diffsynth.testing.tiny_flux2 import build_tiny_flux2
+    return build_tiny_flux2(tmp_path_factory.mktemp("klein") / "FLUX.2-klein-4B")
+
+
+def klein_pipe(root, device, dtype, **kw):
+    from diffsynth.pipelines.flux2_image import Flux2ImagePipeline, ModelConfig
+    return Flux2ImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=[
+        ModelConfig(path=str(root / "text_encoder"), **kw), ModelConfig(path=str(root / "transformer"), **kw),
+        ModelConfig(path=str(root / "vae" / "diffusion_pytorch_model.safetensors"), **kw)])
+
+
+def reference_image():
+    g = torch.Generator().manual_seed(3)
+    from PIL import Image
+    return Image.fromarray((torch.rand(64, 96, 3, generator=g) * 255).byte().numpy())
+
+
+@pytest.fixture(scope="module")
+def klein_cpu(klein):
+    """Ours on the CPU, fp32, noise drawn on the CPU: text-to-image and editing with one reference image."""
+    pipe = klein_pipe(klein, "cpu", torch.float32)
+    return {edit: pipe("a red cat", edit_image=[reference_image()] if edit else None, edit_image_auto_resize=False,
+                       **F2) for edit in (False, True)}
+
+
+@pytest.mark.parametrize("edit", [False, True])
+def test_flux2_matches_diffusers_on_device(klein, edit):
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.Flux2KleinPipeline.from_pretrained(str(klein), dtype=torch.float32).to(DEVICE)
+    noise = torch.randn(1, 128, 3, 4, generator=torch.Generator("cpu").manual_seed(7))
+    refs = [reference_image()] if edit else None
+    expected = ref(prompt="a red cat", image=refs, height=48, width=64, num_inference_steps=3, guidance_scale=1.0,
+                   latents=noise.to(DEVICE), output_type="pt").images
+    got = klein_pipe(klein, DEVICE, torch.float32)("a red cat", edit_image=refs, edit_image_auto_resize=False, **F2)
+    assert got.device.type == "cuda"
+    assert (got.float().cpu() - expected.float().cpu()).abs().max() <= 2 / 255
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2 / 255), (torch.bfloat16, 0.1)])
+def test_flux2_on_device_matches_cpu(klein, klein_cpu, dtype, tol):
+    pipe = klein_pipe(klein, DEVICE, dtype)
+    for edit, expected in klein_cpu.items():
+        got = pipe("a red cat", edit_image=[reference_image()] if edit else None, edit_image_auto_resize=False, **F2)
+        assert got.device.type == "cuda" and (got.float().cpu() - expected).abs().max() <= tol, (dtype, edit)
+
+
+def test_flux2_fp8_storage_streamed_from_cpu(klein, klein_cpu):
+    pipe = klein_pipe(klein, DEVICE, torch.bfloat16, offload_device="cpu", offload_dtype=torch.float8_e4m3fn)
+    pipe.enable_vram_management(vram_limit=0)
+    weights = [p for p in pipe.dit.parameters() if p.ndim == 2]
+    assert is_cast(pipe.dit) and all(p.device.type == "cpu" and p.dtype == torch.float8_e4m3fn for p in weights)
+    got = pipe("a red cat", **F2)
+    assert got.device.type == "cuda" and (got.float().cpu() - klein_cpu[False]).abs().mean() < 0.05
+    assert all(p.device.type == "cpu" for p in weights)  # streamed for the call, not moved
+
+
+def test_flux2_regional_compile_matches_eager_on_device(klein):
+    import torch._dynamo
+    torch._dynamo.reset()
+    pipe = klein_pipe(klein, DEVICE, torch.bfloat16)
+    eager = pipe("a red cat", **F2)
+    pipe.compile()
+    assert (pipe("a red cat", **F2) - eager).abs().max() < 0.05
