@@ -290,7 +290,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(folders, tmp_path, one_
     root, data = folders[(20, True)], tmp_path / "data"
     two_rows(data, edit=True)
     common = ("--dataset_repeat", "2", "--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--lr_warmup_steps",
-              "1", "--ema_decay", "0.8", "--cache_dir", str(tmp_path / "cache"), *EDIT)
+              "1", "--ema_decay", "0.8", "--cache_dir", str(tmp_path / "cache"), "--deterministic", *EDIT)
     whole = train(build_parser().parse_args(klein_words(root, data, tmp_path / "whole", *common)))
     assert whole["steps"] == 4
 

@@ -295,7 +295,7 @@ class BasePipeline(nn.Module):
                                  tile_stride=shared["tile_stride"])
         check_finite(self, image, "decoded image", {})
         if output_type == "pt":
-            return ((image.float().clamp(-1, 1) + 1) / 2).cpu()
+            return (image.float().clamp(-1, 1) + 1) / 2  # on the device, as latents are
         images = tensor_to_images(image)
         if shared.get("image_edit") is not None:  # a variant's last step on the picture (Insert-Anything's paste)
             images = [shared["image_edit"](im) for im in images]

@@ -251,7 +251,7 @@ class Flux2ImagePipeline(BasePipeline):
         (DiffSynth-Studio 2.0), otherwise it is only centre-cropped to multiples of 16 pixels.
         input_image + denoising_strength: image-to-image. height/width default to the input image's, else 1024 (also
         when editing, as DiffSynth-Studio 2.0 and diffusers); rounded up to multiples of 16. tile_size/tile_stride (tiled VAE) are in units of 8 pixels.
-        output_type: "pil"; "pt" -> (B, 3, H, W) float in [0, 1]; "latent" -> (B, 128, H/16, W/16).
+        output_type: "pil"; "pt" -> (B, 3, H, W) float in [0, 1] on the device; "latent" -> (B, 128, H/16, W/16).
         batch_cfg: with cfg_scale != 1, run the positive and negative branch in one DiT batch.
         """
         check_call_args(locals())  # types, ranges, finiteness, sizes: before anything is allocated

@@ -174,7 +174,7 @@ class FluxImagePipeline(BasePipeline):
         Each PIL image carries its seed in `image.info["seed"]` (image i of a batch: seed + i; a random seed when
         `seed=None`); `pipe.last_seed` holds the calling thread's last seed.
 
-        output_type: "pil"; "pt" -> (B, 3, H, W) float in [0, 1]; "latent" -> (B, 16, H/8, W/8).
+        output_type: "pil"; "pt" -> (B, 3, H, W) float in [0, 1] on the device; "latent" -> (B, 16, H/8, W/8).
         tea_cache_l1_thresh / fbcache_thresh: TeaCache or First-Block-Cache threshold (one per call; larger
         skips more steps; 0 never skips); what was skipped is in `pipe.last_cache_stats`.
         batch_cfg: with cfg_scale != 1, run the positive and negative branch in one DiT batch.

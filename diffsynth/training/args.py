@@ -76,6 +76,10 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--save_steps", type=int, help="also save step-N.safetensors every N optimizer steps")
     t.add_argument("--save_dtype", choices=COMPUTE_DTYPES, help="dtype of saved weights (default: the model dtype)")
     t.add_argument("--seed", type=int, help="seed for data order, noise and timesteps (default: random, logged)")
+    t.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels only (torch.use_deterministic_algorithms; slower on CUDA): a run "
+                        "resumed from a checkpoint on a GPU then ends with the same weights bit for bit (without it, "
+                        "CUDA's atomic-add kernels make last-bit differences; on the CPU runs repeat exactly anyway)")
     t.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev distilled guidance during training")
     t.add_argument("--t5_sequence_length", type=int, default=512, help="T5 tokens the prompts are padded/truncated to")
     t.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLINGS, default="shifted_uniform",

@@ -246,6 +246,11 @@ class Trainer:
             raise ValueError("--task sft:data_process preprocesses, it does not train: call train(args), which "
                              "runs process_data(args)")
         self.step_callback = step_callback
+        self.kernels_before = torch.are_deterministic_algorithms_enabled(), \
+            torch.is_deterministic_algorithms_warn_only_enabled()
+        if args.deterministic:  # (process-wide; close() restores the previous setting)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+            torch.use_deterministic_algorithms(True)
         self.split: SplitCache | None = read_split_cache(args) if args.task == "sft:train" else None
         self.samples = self.split.samples if self.split else load_samples(
             args.dataset_base_path, args.dataset_metadata_path, args.data_file_keys)
@@ -272,6 +277,8 @@ class Trainer:
     def close(self, failed: bool = False) -> None:
         """Release the output folder (the lock also goes when the process dies); a run that failed before
         writing anything leaves no empty folder behind."""
+        enabled, warn_only = self.kernels_before
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         if self.lock is not None:
             self.lock.close(discard=failed)
             self.lock = None
