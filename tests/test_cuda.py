@@ -59,6 +59,16 @@ def test_fp8_storage_streamed_from_cpu(tiny_configs, cpu_latents):
     out = pipe("a cat", **KW)
     assert out.device.type == "cuda" and rel(out, cpu_latents) < 0.1
     assert layer.weight.device.type == "cpu"  # streamed for the call, not moved
+    assert layer.weight.is_pinned()  # page-locked: DMA copies
+    pipe.enable_vram_management(vram_limit=0, pin_memory=False)  # (already pinned weights stay so)
+    assert rel(pipe("a cat", **KW), out) < 1e-3
+
+
+def test_pin_memory_false_leaves_weights_pageable(tiny_configs):
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device=DEVICE, model_configs=tiny_configs(
+        offload_device="cpu"))
+    pipe.enable_vram_management(vram_limit=0, pin_memory=False)
+    assert not any(p.is_pinned() for p in pipe.dit.parameters())
 
 
 def test_caches_skip_steps_on_device(tiny_configs):

@@ -208,3 +208,50 @@ def test_img2img_onloads_the_vae_encoder(fp8_pipe, monkeypatch):
     monkeypatch.setattr(pipe, "load_models_to_device", lambda names: calls.append(tuple(names)) or original(names))
     pipe("a cat", input_image=Image.new("RGB", (96, 64), (90, 20, 200)), denoising_strength=0.5, **KW)
     assert ("vae_encoder",) in calls
+
+
+# ----------------------------------------------------------------------------- page-locked streaming
+
+class FakeArena(vram.PinnedArena):
+    """PinnedArena over ordinary memory (no CUDA here), recording the blocks it allocates."""
+
+    def __init__(self, chunk_bytes):
+        self.blocks = []
+        super().__init__(alloc=lambda n: self.blocks.append(torch.empty(n, dtype=torch.uint8)) or self.blocks[-1],
+                         chunk_bytes=chunk_bytes)
+
+
+def test_pinned_arena_packs_tensors_into_chunks():
+    arena = FakeArena(chunk_bytes=4096)
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, generator=g).to(dtype) for n, dtype in
+               [(100, torch.float32), (333, torch.bfloat16), (7, torch.float32), (600, torch.float32),
+                (2000, torch.float32), (50, torch.float16)]]
+    tensors.append(torch.randn(4, 8, generator=g).t())  # not contiguous
+    copies = [arena.copy_in(t) for t in tensors]
+    for t, c in zip(tensors, copies):
+        assert c.dtype == t.dtype and c.shape == t.shape and torch.equal(c, t)
+    # at 0, 512, 1536, then 2048 + 2400 > 4096: a second chunk; the 8000-byte tensor gets its own block; the
+    # last two fit the second chunk after the 2400 bytes
+    assert [b.numel() for b in arena.blocks] == [4096, 4096, 8000]
+    starts = [c.data_ptr() - b.data_ptr() for c in copies for b in arena.blocks
+              if 0 <= c.data_ptr() - b.data_ptr() < b.numel()]
+    assert len(starts) == len(copies) and all(s % vram.PIN_ALIGN == 0 for s in starts)
+
+
+def test_pin_streamed_moves_only_streamed_weights_in_place(fp8_pipe):
+    pipe = fp8_pipe
+    plans = pipe.enable_vram_management(vram_limit=0, num_persistent_param_in_dit=5000)
+    before = pipe("a cat", **KW)
+    resident = pipe.vram_models["dit"].resident
+    params = {n: (p, p.data_ptr()) for n, p in pipe.dit.named_parameters()}
+    arena = FakeArena(chunk_bytes=1 << 20)
+    moved = vram.pin_streamed(pipe.dit, resident, arena)
+    in_arena = lambda p: any(0 <= p.data_ptr() - b.data_ptr() < b.numel() for b in arena.blocks)  # noqa: E731
+    for unit_name, unit in vram.units(pipe.dit):
+        for p in unit.parameters():
+            assert in_arena(p) == (unit_name not in resident), unit_name
+    assert dict(pipe.dit.named_parameters()).keys() == params.keys()
+    assert all(p is params[n][0] for n, p in pipe.dit.named_parameters())  # same Parameter objects
+    assert moved == plans["dit",].streamed_bytes > 0
+    assert torch.equal(pipe("a cat", **KW), before)

@@ -212,16 +212,18 @@ class BasePipeline(nn.Module):
 
     # -- memory and speed ------------------------------------------------------------------------
     def enable_vram_management(self, vram_limit: float | None = None, vram_buffer: float = 0.5,
-                               num_persistent_param_in_dit: int | None = None) -> dict:
+                               num_persistent_param_in_dit: int | None = None, pin_memory: bool = True) -> dict:
         """Keep layers resident on the device while under `vram_limit` GB (default: the device's free memory
         now) minus `vram_buffer` GB; stream the rest from their storage device (ModelConfig.offload_device)
         at every call. `vram_limit=0` keeps nothing resident (minimum VRAM). `num_persistent_param_in_dit`
         instead keeps that many DiT parameters resident, in module order. Models not needed by the running
         step are moved off the device. The plan reserves the largest layer's transient copy and activations
         estimated for 1024x1024 with one image per DiT call (batched CFG doubles those: on a tight card raise
-        `vram_buffer` or pass `batch_cfg=False`). Returns the plans, {group of models: VramPlan}."""
+        `vram_buffer` or pass `batch_cfg=False`). On a CUDA device the streamed weights stored in CPU RAM are
+        page-locked (`pin_memory=False`: left pageable, several times slower to stream but not locked in RAM).
+        Returns the plans, {group of models: VramPlan}."""
         self._check_not_tensor_parallel("enable_vram_management")
-        return vram.enable_vram_management(self, vram_limit, vram_buffer, num_persistent_param_in_dit)
+        return vram.enable_vram_management(self, vram_limit, vram_buffer, num_persistent_param_in_dit, pin_memory)
 
     def vram_plan(self, vram_limit_gb: float, vram_buffer: float = 0.5, height: int = 1024, width: int = 1024,
                   batch: int = 1, storage_dtype: torch.dtype | None = None, gguf_type: str | None = None,
