@@ -13,13 +13,17 @@ weights are the same for both).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MEMORY_ENV, MID_DIT, emit, interleaved, median, pair_ratio, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
 
-TOKENS, TEXT = 1024, 512
+SMOKE = os.environ.get("DIFFSYNTH_BENCH_SMOKE") == "1"  # tiny sizes (compile_cpu.py's smoke run uses them)
+TOKENS, TEXT = (16, 8) if SMOKE else (1024, 512)
+MID_DIT = dict(MID_DIT, hidden_size=256, num_heads=2, num_double_blocks=1, num_single_blocks=1, context_dim=32,
+               pooled_dim=32) if SMOKE else MID_DIT
 REPS = 6
 
 

@@ -86,6 +86,15 @@ def test_gpu_flux2_smoke(smoke, capsys):
     assert "| tiny  | 1 reference image" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # two subprocesses, each tracing both DiTs' blocks
+def test_compile_cpu_smoke(smoke):
+    rows = _import("compile_cpu").main()
+    assert [(r.family, r.dtype) for r in rows] == [("flux1", "fp32"), ("flux2", "fp32")]
+    for r in rows:
+        assert r.first_call_s > 0
+        check_comparison(r.step, 1e-5)  # compiled (aot_eager here) computes what eager does
+
+
 def test_controlnet_step_smoke(smoke):
     rows = _import("controlnet_step").main()
     assert [r.case for r in rows] == ["1", "2"]
