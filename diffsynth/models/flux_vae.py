@@ -65,6 +65,12 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
+def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    """silu(norm(x)), the activation written over the norm's fresh output when no gradient is recorded
+    (autograd would need the overwritten values): one full-resolution buffer less per call."""
+    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
@@ -77,11 +83,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_norm_silu(self.norm1, x))
+        h = self.conv2(_norm_silu(self.norm2, h))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x) if not torch.is_grad_enabled() else x + h  # (h is the conv's fresh output)
 
 
 class AttnBlock(nn.Module):
@@ -251,7 +257,7 @@ class FluxVAEEncoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid(h)
-        h = self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(_norm_silu(self.norm_out, h))
         if self.config.quant_conv:
             h = self.quant_conv(h)
         mean = h[:, : self.config.z_channels]
@@ -308,7 +314,7 @@ class FluxVAEDecoder(nn.Module):
                 h = block(h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
+        return self.conv_out(_norm_silu(self.norm_out, h)).contiguous()
 
     def forward(
         self, z: Tensor, tiled: bool = False, tile_size: int = 128, tile_stride: int = 64
