@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -176,6 +177,13 @@ def test_argument_errors(klein_pipe, one_thread):
         pipe("a cat", denoising_strength=0.0)
     with pytest.raises(RuntimeError, match="no FLUX.2 DiT loaded"):
         Flux2ImagePipeline(device="cpu", torch_dtype=torch.float32)("a cat")
+    assert not pipe.uses_embedded_guidance
+    small = dict(height=16, width=16, num_inference_steps=1, output_type="latent")
+    with pytest.warns(UserWarning, match=r"embedded_guidance=2.5 does nothing: this FLUX.2 DiT has no guidance"):
+        guided = pipe("a cat", embedded_guidance=2.5, seed=0, **small)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default value is silent
+        assert torch.equal(pipe("a cat", seed=0, **small), guided)  # (and it really does nothing)
 
 
 def test_each_family_loads_in_its_own_pipeline(klein, tiny_root):

@@ -244,6 +244,11 @@ class BasePipeline(nn.Module):
             return self.device
         return next(model.parameters()).device
 
+    @property
+    def uses_embedded_guidance(self) -> bool:
+        """Whether the loaded DiT reads `embedded_guidance` (it has a guidance embedder: FLUX.1-dev, FLUX.2-dev)."""
+        return bool(getattr(getattr(self.dit, "config", None), "guidance_embed", False))
+
     def set_attention_backend(self, name: str) -> None:
         """"auto" (default), "sdpa", "flash", "sage" or "math"; see diffsynth.ops.attention. Process-wide."""
         _set_attention_backend(name)

@@ -12,6 +12,7 @@ same way and appended after the noise tokens with time coordinate 10 * (i + 1); 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -164,10 +165,11 @@ def encode_edit_images(pipe, num_images=1, edit_image=None, edit_image_auto_resi
 
 
 IDS = ("image_ids", "text_ids", "guidance")
+DEFAULT_EMBEDDED_GUIDANCE = 4.0
 
 
 @unit(outputs=IDS, model_inputs=IDS, batched=("guidance",))
-def prepare_ids_and_guidance(pipe, noise, embedded_guidance=4.0):
+def prepare_ids_and_guidance(pipe, noise, embedded_guidance=DEFAULT_EMBEDDED_GUIDANCE):
     """Position ids shared by the batch (and both CFG branches: every prompt is padded to the same length)."""
     b, _, h, w = noise.shape
     return {"image_ids": image_positions(h, w, device=pipe.device)[None],
@@ -236,7 +238,7 @@ class Flux2ImagePipeline(BasePipeline):
 
     @torch.no_grad()
     def __call__(self, prompt: str = "", negative_prompt: str = "", cfg_scale: float = 1.0,
-                 embedded_guidance: float = 4.0, input_image: Image.Image | None = None,
+                 embedded_guidance: float = DEFAULT_EMBEDDED_GUIDANCE, input_image: Image.Image | None = None,
                  denoising_strength: float = 1.0, edit_image: Image.Image | list[Image.Image] | None = None,
                  edit_image_auto_resize: bool = True, height: int | None = None, width: int | None = None,
                  seed: int | None = None, rand_device: str = "cpu", num_inference_steps: int = 30,
@@ -246,7 +248,8 @@ class Flux2ImagePipeline(BasePipeline):
         """Generate images. Returns one PIL image (a list when num_images > 1), or tensors, see output_type.
 
         cfg_scale: true classifier-free guidance with `negative_prompt` (klein-base; distilled klein uses 1).
-        embedded_guidance: to the DiT's guidance embedder (FLUX.2 [dev]; klein has none and ignores it).
+        embedded_guidance: to the DiT's guidance embedder (FLUX.2 [dev]; klein has none: another value than the
+        default warns that it does nothing).
         edit_image: reference image(s) to edit or combine; `edit_image_auto_resize` scales each to about 1024x1024
         (DiffSynth-Studio 2.0), otherwise it is only centre-cropped to multiples of 16 pixels.
         input_image + denoising_strength: image-to-image. height/width default to the input image's, else 1024 (also
@@ -257,6 +260,9 @@ class Flux2ImagePipeline(BasePipeline):
         check_call_args(locals())  # types, ranges, finiteness, sizes: before anything is allocated
         if not isinstance(self.dit, Flux2DiT):
             raise RuntimeError("no FLUX.2 DiT loaded: add the transformer (transformer/*.safetensors) to model_configs")
+        if embedded_guidance != DEFAULT_EMBEDDED_GUIDANCE and not self.uses_embedded_guidance:
+            warnings.warn(f"embedded_guidance={embedded_guidance} does nothing: this FLUX.2 DiT has no guidance "
+                          "embedder (klein); the klein base models take cfg_scale", stacklevel=2)
         shared = dict(cfg_scale=cfg_scale, embedded_guidance=embedded_guidance, input_image=input_image,
                       denoising_strength=denoising_strength, edit_image=edit_image,
                       edit_image_auto_resize=edit_image_auto_resize, height=height, width=width, seed=seed,

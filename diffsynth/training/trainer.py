@@ -540,9 +540,10 @@ class Trainer:
             pipe = self.unwrapped.pipe
             takes_t5 = "t5_sequence_length" in inspect.signature(type(pipe).__call__).parameters  # FLUX.1's only
             t5 = {"t5_sequence_length": args.t5_sequence_length} if takes_t5 else {}
+            guidance = {"embedded_guidance": args.validation_guidance} if pipe.uses_embedded_guidance else {}
             image = pipe(prompt, height=height, width=width, seed=self.seed + i,
-                         num_inference_steps=args.validation_inference_steps,
-                         embedded_guidance=args.validation_guidance, progress_bar_cmd=lambda x: x, **t5)
+                         num_inference_steps=args.validation_inference_steps, progress_bar_cmd=lambda x: x,
+                         **guidance, **t5)
             if self.main:
                 folder.mkdir(parents=True, exist_ok=True)
                 save_image(image, folder / f"step-{step}-{i}.png")

@@ -105,8 +105,10 @@ class Generator:
             for path, alpha in request.loras:
                 # hot-loaded: cleared after this image, the base weights stay untouched
                 self.pipe.load_lora(self.pipe.dit, str(path), alpha=alpha, hotload=True)
-            return self.pipe(**request.params(), input_image=request.input_image, progress_bar_cmd=hook,
-                             **request.conditions)
+            params = request.params()
+            if not self.pipe.uses_embedded_guidance:  # (FLUX.2 [klein] would warn that it does nothing)
+                del params["embedded_guidance"]
+            return self.pipe(**params, input_image=request.input_image, progress_bar_cmd=hook, **request.conditions)
         finally:
             if request.loras:
                 self.pipe.clear_lora()
