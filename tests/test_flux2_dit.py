@@ -298,3 +298,44 @@ def test_comfyui_mixed_fp8_file(tmp_path, one_thread):
     (det,) = detect(str(tmp_path / "nvfp4.safetensors"))
     with pytest.raises(CheckpointError, match=r"double_blocks\.0\..* is stored in ComfyUI's 'nvfp4' format"):
         build(det, dtype=torch.float32)
+
+
+def test_first_block_cache_against_diffusers_pieces(files, one_thread):
+    """First-Block-Cache on the DiT, with reference tokens: step 0 computes and stores the residual (stack output
+    minus first-block output, target tokens); step 1 (a huge threshold) skips and must give diffusers'
+    proj_out(norm_out(first block's output at step 1 + that residual)), read off diffusers' own model by hooks;
+    the last step computes again."""
+    from diffsynth.models.flux_dit_cache import CachedStep, FirstBlockCache
+    ours, theirs = load(files[False]["diffusers"]), reference_model(False)
+    n = H * W
+    ref = torch.randn(1, 6, 128, generator=torch.Generator().manual_seed(5))
+    ref_ids = grid_ids(10, 2, 3)
+    steps = [dict(inputs(False, batch=1, seed=s), timestep=torch.tensor([t])) for s, t in ((1, 0.9), (2, 0.6), (3, 0.3))]
+    seen = {}
+    hooks = [theirs.transformer_blocks[0].register_forward_hook(lambda m, a, out: seen.update(first=out[1])),
+             theirs.norm_out.register_forward_pre_hook(lambda m, a, kw: seen.update(stack=a[0], temb=a[1]),
+                                                       with_kwargs=True)]
+    state = FirstBlockCache(1e9, num_steps=3)
+    outs = []
+    with torch.no_grad():
+        for i, x in enumerate(steps):
+            outs.append(ours(**x, ref=ref, ref_ids=ref_ids, cache=CachedStep([state], i)))
+            reference(theirs, x, ref, ref_ids)
+            if i == 0:
+                residual = seen["stack"][:, :n] - seen["first"][:, :n]
+            if i == 1:
+                skipped = theirs.proj_out(theirs.norm_out(seen["first"][:, :n] + residual, seen["temb"]))
+            if i != 1:
+                assert rel(outs[i], reference(theirs, x, ref, ref_ids)) <= 1e-5  # computed steps: the full model
+    for h in hooks:
+        h.remove()
+    assert state.computed_steps == [0, 2] and state.skipped_steps == [1]
+    assert rel(outs[1], skipped) <= 1e-5
+    assert rel(outs[1], reference(theirs, steps[1], ref, ref_ids)) > 1e-3  # (skipping did change the result)
+
+
+def test_step_caches_refuse_what_they_cannot_do(files):
+    from diffsynth.models.flux_dit_cache import CachedStep, TeaCache
+    ours = load(files[False]["diffusers"])
+    with torch.no_grad(), pytest.raises(ValueError, match="TeaCache's rescaling polynomial is fitted to FLUX.1"):
+        ours(**inputs(False, batch=1), cache=CachedStep([TeaCache(0.1, 3)], 0))

@@ -212,6 +212,13 @@ def test_cli_generate_from_klein_folder(klein, klein_pipe, tmp_path, one_thread)
     expected = klein_pipe("a cat", height=32, width=48, num_inference_steps=2, seed=4)
     with Image.open(out) as image:
         assert image.size == (48, 32) and image.convert("RGB").tobytes() == expected.tobytes()
+    cached = tmp_path / "cached.png"  # --fbcache reaches FLUX.2 (0: never skips, the same image)
+    assert main(["generate", "--model-dir", str(klein), "--prompt", "a cat", "--height", "32", "--width", "48",
+                 "--steps", "2", "--seed", "4", "--device", "cpu", "--dtype", "fp32", "--fbcache", "0",
+                 "--output", str(cached)]) == 0
+    with Image.open(cached) as image:
+        assert image.convert("RGB").tobytes() == expected.tobytes()
+        assert json.loads(image.info["diffsynth"])["fbcache_thresh"] == 0
 
 
 def test_cli_edit_image_and_option_errors(klein, tmp_path, capsys, one_thread):
@@ -239,3 +246,38 @@ def test_cli_inspect_names_the_vae_and_the_text_encoder(klein, capsys):
     assert reports[0]["models"][0]["components"] == ["vae_encoder", "vae_decoder"]
     assert main(["inspect", str(klein / "text_encoder")]) == 0
     assert "qwen3 (hf layout) -> text_encoder_qwen3" in capsys.readouterr().out
+
+
+@torch.no_grad()
+def test_first_block_cache(klein_pipe, klein_base, one_thread):
+    """fbcache_thresh: 0 never skips (the same image bit for bit, also editing and under CFG); a large threshold
+    skips every step but the first and last, per CFG branch; with the negative prompt equal to the positive one
+    each branch makes the no-CFG run's decisions (one state per branch)."""
+    kw = dict(height=32, width=48, num_inference_steps=6, seed=4, output_type="latent")
+    edit = dict(edit_image=pictures(6, (32, 32)), edit_image_auto_resize=False)
+    for extra in ({}, edit):
+        plain = klein_pipe("a cat", **kw, **extra)
+        assert klein_pipe.last_cache_stats is None
+        assert torch.equal(klein_pipe("a cat", **kw, **extra, fbcache_thresh=0.0), plain)
+        stats = klein_pipe.last_cache_stats
+        assert stats["policy"] == "fbcache" and stats["skipped"] == 0
+        fast = klein_pipe("a cat", **kw, **extra, fbcache_thresh=1e9)
+        assert klein_pipe.last_cache_stats["branches"]["posi"]["skipped_steps"] == [1, 2, 3, 4]
+        assert not torch.equal(fast, plain) and rel_l2(fast, plain) < 1.0
+    base = ours(klein_base)
+    alone = base("a cat", **kw, fbcache_thresh=1.0)
+    solo = base.last_cache_stats["branches"]["posi"]["skipped_steps"]
+    assert 0 < len(solo) < 4
+    for batch_cfg in (True, False):
+        both = base("a cat", negative_prompt="a cat", cfg_scale=4.0, batch_cfg=batch_cfg, **kw, fbcache_thresh=1.0)
+        branches = base.last_cache_stats["branches"]
+        assert branches["posi"]["skipped_steps"] == branches["nega"]["skipped_steps"] == solo
+        torch.testing.assert_close(both, alone, rtol=1e-4, atol=1e-4)
+    plain = base("a cat", negative_prompt="blurry", cfg_scale=4.0, **kw)
+    assert torch.equal(base("a cat", negative_prompt="blurry", cfg_scale=4.0, **kw, fbcache_thresh=0.0), plain)
+    with pytest.raises(TypeError, match="tea_cache_l1_thresh"):
+        base("a cat", **kw, tea_cache_l1_thresh=0.1)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()

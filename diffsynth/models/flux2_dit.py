@@ -33,6 +33,7 @@ from ..ops.files import strip_first_prefix
 from ..ops.linear import Linear
 from ..ops.norms import norm_modulate, swiglu
 from .entry import BuildOptions, Detected, Family, assign, fills, has_key, has_prefix, meta_tensors
+from .flux_dit_cache import CachedStep, TeaCache
 from ..ops.parallel import context_parallel_enabled, interleave_shards, run_split_blocks, shard_linears, world_size
 from .flux_dit import (BFL_PREFIXES, RMSNorm, attend_tokens, gated, load_dit_tensors, rope_frequencies, rope_tokens,
                        timestep_embedding, token_heads)
@@ -269,9 +270,29 @@ class Flux2DiT(nn.Module):
         out = run_split_blocks(lambda t, i, r: self._blocks(i, t, vec, r, None if split else n_target), txt, img, rope)
         return out[:, :n_target]
 
-    def _blocks(self, img, txt, vec, rope, n_target: int | None) -> torch.Tensor:
+    def run_cached(self, cache: CachedStep, img, txt, vec, rope, n_target: int) -> torch.Tensor:
+        """The blocks under First-Block-Cache (flux_dit_cache): the first double block always runs; a CFG
+        branch whose first-block residual on the target tokens barely changed since its last computed step
+        skips the rest and adds its cached residual."""
+        if isinstance(cache.states[0], TeaCache):
+            raise ValueError("TeaCache's rescaling polynomial is fitted to FLUX.1; FLUX.2 takes fbcache_thresh")
+        if not len(self.transformer_blocks):
+            raise ValueError("step caches need a DiT with at least one double block")
+        if context_parallel_enabled():
+            raise ValueError("step caches do not combine with context parallelism (each process holds a part "
+                             "of the tokens, the skip decision needs all of them)")
         mod_img, mod_txt = self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec)
-        for block in self.transformer_blocks:
+        img0, txt0 = self._call(self.transformer_blocks[0], img, txt, mod_img, mod_txt, rope)
+        compute = cache.first_block_decisions((img0 - img)[:, :n_target])
+
+        def tail(rows):
+            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+            return self._blocks(pick(img0), pick(txt0), pick(vec), rope, n_target, start=1)[:, :n_target]
+        return cache.blend(compute, img0[:, :n_target], tail)
+
+    def _blocks(self, img, txt, vec, rope, n_target: int | None, start: int = 0) -> torch.Tensor:
+        mod_img, mod_txt = self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec)
+        for block in self.transformer_blocks[start:]:
             img, txt = self._call(block, img, txt, mod_img, mod_txt, rope)
         n_txt, n_img = txt.shape[1], img.shape[1]
         keep = slice(n_txt, n_txt + (n_img if n_target is None else n_target))
@@ -318,8 +339,10 @@ class Flux2DiT(nn.Module):
         return block(*args)
 
     def forward(self, img, img_ids, txt, txt_ids, timestep, guidance=None, *,
-                ref: torch.Tensor | None = None, ref_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity of the target tokens (see the module docstring for the arguments)."""
+                ref: torch.Tensor | None = None, ref_ids: torch.Tensor | None = None,
+                cache: CachedStep | None = None) -> torch.Tensor:
+        """Velocity of the target tokens (see the module docstring for the arguments; `cache`: a step cache
+        that may skip all blocks but the first, see `run_cached`)."""
         n = img.shape[1]
         if ref is not None:
             if ref_ids is None:
@@ -327,7 +350,8 @@ class Flux2DiT(nn.Module):
             img = torch.cat([img, ref.to(img.dtype)], 1)
             img_ids = torch.cat([img_ids, ref_ids.to(img_ids)], -2)
         img, txt, vec, rope = self.embed(img, img_ids, txt, txt_ids, timestep, guidance)
-        return self.proj_out(self.norm_out(self.run_blocks(img, txt, vec, rope, n), vec))
+        out = self.run_blocks(img, txt, vec, rope, n) if cache is None else self.run_cached(cache, img, txt, vec, rope, n)
+        return self.proj_out(self.norm_out(out, vec))
 
 
 # ----------------------------------------------------------------------------- checkpoint formats

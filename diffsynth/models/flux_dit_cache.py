@@ -116,22 +116,51 @@ def make_cache(tea_cache_l1_thresh: float | None, fbcache_thresh: float | None, 
 
 @dataclass
 class CachedStep:
-    """One DiT evaluation under step caching: `FluxDiT.forward(..., cache=CachedStep(states, step))`.
+    """One DiT evaluation under step caching: `dit.forward(..., cache=CachedStep(states, step))`.
 
     The batch is len(states) equal chunks, one per CFG branch; only the branches that must compute run
-    the block stack (as one sub-batch), the others add their cached residual to the input tokens.
+    the block stack (as one sub-batch), the others add their cached residual to the input tokens. `run`
+    is FLUX.1's DiT; other DiTs decide with `chunks` and the states, then finish with `blend`.
     """
     states: list[BranchCache]
     step: int
 
-    def run(self, dit, img, txt, vec, rope, ext) -> torch.Tensor:
+    def chunks(self, batch: int) -> list[slice]:
         n = len(self.states)
+        if batch % n:
+            raise ValueError(f"batch of {batch} does not split into {n} CFG branches")
+        size = batch // n
+        return [slice(i * size, (i + 1) * size) for i in range(n)]
+
+    def blend(self, compute: list[bool], base: torch.Tensor, tail) -> torch.Tensor:
+        """The block stack's image output for the whole batch. `base`: the image tokens the residuals are
+        relative to (B, L, C); `tail(rows)`: the rest of the stack on those batch rows (None: all of them).
+        Computed branches refresh their residual; the others reuse theirs."""
+        chunk = self.chunks(base.shape[0])
+        if all(compute):
+            out = tail(None)
+            for s, c in zip(self.states, chunk):
+                s.residual = out[c] - base[c]
+            return out
+        parts = [base[c] + s.residual for s, c in zip(self.states, chunk)]
+        todo = [i for i, flag in enumerate(compute) if flag]
+        if todo:
+            size = chunk[0].stop - chunk[0].start
+            rows = torch.cat([torch.arange(chunk[i].start, chunk[i].stop, device=base.device) for i in todo])
+            out = tail(rows)
+            for j, i in enumerate(todo):
+                parts[i] = out[j * size:(j + 1) * size]
+                self.states[i].residual = parts[i] - base[chunk[i]]
+        return torch.cat(parts)
+
+    def first_block_decisions(self, first_residual: torch.Tensor) -> list[bool]:
+        """First-Block-Cache: each branch decides on its own rows of the first block's residual."""
+        return [s.decide(self.step, first_residual[c]) for s, c in zip(self.states, self.chunks(len(first_residual)))]
+
+    def run(self, dit, img, txt, vec, rope, ext) -> torch.Tensor:
         if not len(dit.blocks):
             raise ValueError("step caches need a DiT with at least one double block")
-        if img.shape[0] % n:
-            raise ValueError(f"batch of {img.shape[0]} does not split into {n} CFG branches")
-        size = img.shape[0] // n
-        chunk = [slice(i * size, (i + 1) * size) for i in range(n)]
+        chunk = self.chunks(img.shape[0])
         if isinstance(self.states[0], TeaCache):
             shift, scale = dit.blocks[0].norm1_a(vec)[:2]
             signal = norm_modulate(img, shift, scale)
@@ -140,19 +169,10 @@ class CachedStep:
         else:
             img0, txt0 = dit._call(dit.blocks[0], img, txt, vec, rope, ext.mask, ext.attention_for("double", 0))
             img0 = ext.add_residual("double", 0, img0)
-            compute = [s.decide(self.step, (img0 - img)[c]) for s, c in zip(self.states, chunk)]
-            start = 1
-        if all(compute):
-            out = dit.run_blocks(img0, txt0, vec, rope, ext, start=start)
-            for s, c in zip(self.states, chunk):
-                s.residual = out[c] - img0[c]
-            return out
-        parts = [img0[c] + s.residual for s, c in zip(self.states, chunk)]
-        todo = [i for i, flag in enumerate(compute) if flag]
-        if todo:
-            rows = torch.cat([torch.arange(chunk[i].start, chunk[i].stop, device=img.device) for i in todo])
-            out = dit.run_blocks(img0[rows], txt0[rows], vec[rows], rope, ext.rows(rows), start=start)
-            for j, i in enumerate(todo):
-                parts[i] = out[j * size:(j + 1) * size]
-                self.states[i].residual = parts[i] - img0[chunk[i]]
-        return torch.cat(parts)
+            compute, start = self.first_block_decisions(img0 - img), 1
+
+        def tail(rows):
+            if rows is None:
+                return dit.run_blocks(img0, txt0, vec, rope, ext, start=start)
+            return dit.run_blocks(img0[rows], txt0[rows], vec[rows], rope, ext.rows(rows), start=start)
+        return self.blend(compute, img0, tail)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..loading.model_config import ModelConfig
 from ..models import flux2_text_encoder as te
 from ..models.flux2_dit import Flux2DiT
+from ..models.flux_dit_cache import CachedStep, make_cache
 from ..schedulers.flow_match import flux2_sigmas, flux2_training_sigmas
 from .base import BasePipeline, draw_noise, tokenizer_dir
 from .checks import check_call_args, check_text
@@ -184,12 +185,14 @@ UNITS: list[Unit] = order_units([check_shape, set_sigmas, init_noise, encode_pro
 def flux2_model_fn(models, latents, timestep, prompt_emb, text_ids, image_ids, guidance=None, edit_latents=None,
                    edit_ids=None, *, step_units: Sequence = (), step_index: int = 0, cache_states=None
                    ) -> torch.Tensor:
-    """One FLUX.2 DiT evaluation: latents (B, 128, h, w) and sigma (B,) -> velocity (B, 128, h, w)."""
-    if step_units or cache_states is not None:
-        raise NotImplementedError("FLUX.2 has no step units or step caches yet")
+    """One FLUX.2 DiT evaluation: latents (B, 128, h, w) and sigma (B,) -> velocity (B, 128, h, w).
+    `cache_states`: one First-Block-Cache state per CFG branch in the batch (None: no cache)."""
+    if step_units:
+        raise NotImplementedError("FLUX.2 has no step units yet")
     b, c, h, w = latents.shape
+    cache = None if cache_states is None else CachedStep(cache_states, step_index)
     out = models.dit(img=to_tokens(latents), img_ids=image_ids, txt=prompt_emb, txt_ids=text_ids, timestep=timestep,
-                     guidance=guidance, ref=edit_latents, ref_ids=edit_ids)
+                     guidance=guidance, ref=edit_latents, ref_ids=edit_ids, cache=cache)
     return out.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -244,7 +247,7 @@ class Flux2ImagePipeline(BasePipeline):
                  seed: int | None = None, rand_device: str = "cpu", num_inference_steps: int = 30,
                  tiled: bool = False, tile_size: int = 128, tile_stride: int = 64,
                  progress_bar_cmd: Callable = tqdm, num_images: int = 1, output_type: str = "pil",
-                 batch_cfg: bool = True):
+                 batch_cfg: bool = True, fbcache_thresh: float | None = None):
         """Generate images. Returns one PIL image (a list when num_images > 1), or tensors, see output_type.
 
         cfg_scale: true classifier-free guidance with `negative_prompt` (klein-base; distilled klein uses 1).
@@ -256,6 +259,8 @@ class Flux2ImagePipeline(BasePipeline):
         when editing, as DiffSynth-Studio 2.0 and diffusers); rounded up to multiples of 16. tile_size/tile_stride (tiled VAE) are in units of 8 pixels.
         output_type: "pil"; "pt" -> (B, 3, H, W) float in [0, 1] on the device; "latent" -> (B, 128, H/16, W/16).
         batch_cfg: with cfg_scale != 1, run the positive and negative branch in one DiT batch.
+        fbcache_thresh: First-Block-Cache threshold (larger skips more steps; 0 never skips); what was skipped
+        is in `pipe.last_cache_stats`. (TeaCache's polynomial is fitted to FLUX.1: not offered here.)
         """
         check_call_args(locals())  # types, ranges, finiteness, sizes: before anything is allocated
         if not isinstance(self.dit, Flux2DiT):
@@ -268,5 +273,6 @@ class Flux2ImagePipeline(BasePipeline):
                       edit_image_auto_resize=edit_image_auto_resize, height=height, width=width, seed=seed,
                       rand_device=rand_device, num_inference_steps=num_inference_steps, tiled=tiled,
                       tile_size=tile_size, tile_stride=tile_stride, num_images=num_images)
-        return self.generate(shared, {"prompt": prompt}, {"prompt": negative_prompt}, cfg_scale, batch_cfg, None,
+        cache = make_cache(None, fbcache_thresh, num_inference_steps, cfg_scale != 1.0)
+        return self.generate(shared, {"prompt": prompt}, {"prompt": negative_prompt}, cfg_scale, batch_cfg, cache,
                              progress_bar_cmd, output_type)
