@@ -191,6 +191,8 @@ def warn_outside_grammar(args, grammar: list[str] | None) -> None:
 # Options one of the pipelines does not take, with the value that means "not used".
 _UNUSED = {"t5_sequence_length": 512, "sigma_shift": None, "tea_cache_l1_thresh": None, "fbcache_thresh": None,
            "edit_image_auto_resize": True}
+# Generation arguments whose command-line option is not the argument's name with dashes.
+_OPTION_NAMES = {"tea_cache_l1_thresh": "--tea-cache", "fbcache_thresh": "--fbcache", "num_inference_steps": "--steps"}
 
 
 def fill_defaults(pipeline_cls: type, params: dict) -> dict:
@@ -209,5 +211,6 @@ def call_params(pipeline_cls: type, params: dict) -> dict:
     accepted = inspect.signature(pipeline_cls.__call__).parameters
     unusable = sorted(k for k in params if k not in accepted and params[k] != _UNUSED.get(k))
     if unusable:
-        raise ValueError(f"{pipeline_cls.__name__} has no {', '.join('--' + k.replace('_', '-') for k in unusable)}")
+        names = (_OPTION_NAMES.get(k, "--" + k.replace("_", "-")) for k in unusable)
+        raise ValueError(f"{pipeline_cls.__name__} has no {', '.join(names)}")
     return {k: v for k, v in params.items() if k in accepted}
