@@ -61,6 +61,7 @@ def test_vram_plan_table(capsys):
         assert 0.5 < (fp8.plan.resident_bytes + fp8.plan.streamed_bytes) / bf16_bytes < 0.55
 
 
+@pytest.mark.slow  # the whole GPU benchmark on a tiny model, with two regional compiles
 def test_gpu_full_smoke(smoke, capsys):
     rows = _import("gpu_full").main()
     names = [r.variant for r in rows]
@@ -76,6 +77,7 @@ def test_gpu_full_smoke(smoke, capsys):
     assert "| ours, fp8 storage" in capsys.readouterr().out  # the table still prints
 
 
+@pytest.mark.slow  # a regional compile of both DiTs
 def test_gpu_flux2_smoke(smoke, capsys):
     rows = _import("gpu_flux2").main()
     assert [r.case for r in rows] == ["text-to-image", "1 reference image", "text-to-image, compiled"]
