@@ -179,7 +179,8 @@ def test_argument_errors(klein_pipe, one_thread):
         Flux2ImagePipeline(device="cpu", torch_dtype=torch.float32)("a cat")
     assert not pipe.uses_embedded_guidance
     small = dict(height=16, width=16, num_inference_steps=1, output_type="latent")
-    with pytest.warns(UserWarning, match=r"embedded_guidance=2.5 does nothing: this FLUX.2 DiT has no guidance"):
+    with pytest.warns(UserWarning, match=r"embedded_guidance=2.5 does nothing: this DiT has no guidance embedder "
+                                         r"\(FLUX.2 \[klein\]; its base models take cfg_scale\)"):
         guided = pipe("a cat", embedded_guidance=2.5, seed=0, **small)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default value is silent

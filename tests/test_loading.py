@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -93,8 +94,13 @@ def test_schnell_without_guidance_embedder(tmp_path, tiny_root):
     root = build_tiny_flux(tmp_path / "schnell", guidance=False)
     pipe = pipe_from([root / "flux1-dev.safetensors"] + [root / p for p in TEXT])
     assert pipe.dit.guidance_embedder is None
-    a = pipe("a cat", embedded_guidance=1.0, **quiet)
-    assert torch.equal(a, pipe("a cat", embedded_guidance=9.0, **quiet))  # guidance has no input to go to
+    with pytest.warns(UserWarning, match=r"embedded_guidance=1.0 does nothing: this DiT has no guidance embedder "
+                                         r"\(schnell-like"):
+        a = pipe("a cat", embedded_guidance=1.0, **quiet)
+    assert not pipe.uses_embedded_guidance
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default is silent
+        assert torch.equal(a, pipe("a cat", **quiet))  # guidance has no input to go to
     info = describe(detect(str(root / "flux1-dev.safetensors"))[0])
     assert "schnell" in info["architecture"]["variant"]
 

@@ -73,6 +73,7 @@ class BasePipeline(nn.Module):
     family: str = ""
     # DiT block lists compiled one block at a time by `compile` (attribute names on the DiT)
     compiled_blocks: tuple[str, ...] = ()
+    guidance_hint = ""  # what to use instead of embedded_guidance when the DiT has no guidance embedder
     prompt_unit: Unit | None = None
     text_encoders: tuple[str, ...] = ()
 
@@ -248,6 +249,13 @@ class BasePipeline(nn.Module):
     def uses_embedded_guidance(self) -> bool:
         """Whether the loaded DiT reads `embedded_guidance` (it has a guidance embedder: FLUX.1-dev, FLUX.2-dev)."""
         return bool(getattr(getattr(self.dit, "config", None), "guidance_embed", False))
+
+    def warn_if_guidance_unused(self, embedded_guidance: float, default: float) -> None:
+        """Another `embedded_guidance` than the default, for a DiT without a guidance embedder, would do nothing:
+        say so rather than ignore it silently."""
+        if embedded_guidance != default and self.dit is not None and not self.uses_embedded_guidance:
+            warnings.warn(f"embedded_guidance={embedded_guidance} does nothing: this DiT has no guidance embedder"
+                          f"{self.guidance_hint}", stacklevel=3)
 
     def set_attention_backend(self, name: str) -> None:
         """"auto" (default), "sdpa", "flash", "sage" or "math"; see diffsynth.ops.attention. Process-wide."""

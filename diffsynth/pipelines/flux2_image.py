@@ -12,7 +12,6 @@ same way and appended after the noise tokens with time coordinate 10 * (i + 1); 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -205,6 +204,7 @@ class Flux2ImagePipeline(BasePipeline):
 
     family = "flux2"
     compiled_blocks = ("transformer_blocks", "single_transformer_blocks")
+    guidance_hint = " (FLUX.2 [klein]; its base models take cfg_scale)"
     prompt_unit, text_encoders = encode_prompt, ("text_encoder_qwen3",)
     training_sigmas = staticmethod(flux2_training_sigmas)
 
@@ -265,9 +265,7 @@ class Flux2ImagePipeline(BasePipeline):
         check_call_args(locals())  # types, ranges, finiteness, sizes: before anything is allocated
         if not isinstance(self.dit, Flux2DiT):
             raise RuntimeError("no FLUX.2 DiT loaded: add the transformer (transformer/*.safetensors) to model_configs")
-        if embedded_guidance != DEFAULT_EMBEDDED_GUIDANCE and not self.uses_embedded_guidance:
-            warnings.warn(f"embedded_guidance={embedded_guidance} does nothing: this FLUX.2 DiT has no guidance "
-                          "embedder (klein); the klein base models take cfg_scale", stacklevel=2)
+        self.warn_if_guidance_unused(embedded_guidance, DEFAULT_EMBEDDED_GUIDANCE)
         shared = dict(cfg_scale=cfg_scale, embedded_guidance=embedded_guidance, input_image=input_image,
                       denoising_strength=denoising_strength, edit_image=edit_image,
                       edit_image_auto_resize=edit_image_auto_resize, height=height, width=width, seed=seed,

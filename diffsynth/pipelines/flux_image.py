@@ -30,6 +30,7 @@ from .variants.controlnet import ControlNetInput
 __all__ = ["FluxImagePipeline", "ModelConfig", "ModelList", "ControlNetInput", "load_state_dict"]
 
 LATENT_CHANNELS = 16
+DEFAULT_EMBEDDED_GUIDANCE = 3.5  # FLUX.1-dev's, as DiffSynth-Studio's pipeline
 
 
 # ----------------------------------------------------------------------------- units
@@ -59,7 +60,7 @@ def encode_prompt(pipe, prompt, t5_sequence_length=512, num_images=1):
 
 
 @unit(outputs=("image_ids", "guidance"), model_inputs=("image_ids", "guidance"), batched=("image_ids", "guidance"))
-def prepare_ids_and_guidance(pipe, noise, embedded_guidance=3.5):
+def prepare_ids_and_guidance(pipe, noise, embedded_guidance=DEFAULT_EMBEDDED_GUIDANCE):
     b, _, h, w = noise.shape
     return {"image_ids": image_ids(h, w, b, device=pipe.device),
             "guidance": torch.full((b,), float(embedded_guidance), device=pipe.device)}
@@ -76,6 +77,7 @@ class FluxImagePipeline(BasePipeline):
     vae_decoder, and the variants' models) come from the component table, `loading.components`."""
 
     family = "flux"
+    guidance_hint = " (schnell-like; cfg_scale > 1 gives true CFG)"
     compiled_blocks = ("blocks", "single_blocks")  # FLUX.1's 57 blocks share 2 compiled graphs
     prompt_unit, text_encoders = encode_prompt, TEXT_ENCODERS
     training_sigmas = staticmethod(flux_training_sigmas)
@@ -162,7 +164,7 @@ class FluxImagePipeline(BasePipeline):
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt: str = "", negative_prompt: str = "", cfg_scale: float = 1.0,
-                 embedded_guidance: float = 3.5, t5_sequence_length: int = 512,
+                 embedded_guidance: float = DEFAULT_EMBEDDED_GUIDANCE, t5_sequence_length: int = 512,
                  input_image: Image.Image | None = None, denoising_strength: float = 1.0,
                  height: int | None = None, width: int | None = None, seed: int | None = None,
                  rand_device: str = "cpu", sigma_shift: float | None = None, num_inference_steps: int = 30,
@@ -182,6 +184,7 @@ class FluxImagePipeline(BasePipeline):
         no unit of this pipeline reads is an error.
         """
         check_call_args(locals())  # types, ranges, finiteness, sizes: before anything is allocated
+        self.warn_if_guidance_unused(embedded_guidance, DEFAULT_EMBEDDED_GUIDANCE)
         sigmas = flux_sigmas(num_inference_steps, denoising_strength,
                              DEFAULT_SHIFT if sigma_shift is None else sigma_shift)
         shared = dict(
