@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -211,15 +211,21 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 @torch.no_grad()
-def move_unit(module: nn.Module, device: torch.device) -> None:
-    """Move a unit's parameters and weight scales to `device`, in place (hooks and identities kept)."""
+def replace_unit_tensors(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Each parameter's data and weight scale of a unit replaced by `fn(tensor)`, in place (the Parameter objects,
+    their hooks and state-dict keys stay; `fn` returns its argument to leave a tensor as it is)."""
     for m in module.modules():
         for p in m._parameters.values():
-            if p is not None and p.device != device:
-                p.data = p.data.to(device)
+            if p is not None:
+                p.data = fn(p.data)
         scale = m._buffers.get("scale_weight")
-        if scale is not None and scale.device != device:
-            m._buffers["scale_weight"] = scale.to(device)
+        if scale is not None:
+            m._buffers["scale_weight"] = fn(scale)
+
+
+def move_unit(module: nn.Module, device: torch.device) -> None:
+    """Move a unit's parameters and weight scales to `device`, in place (hooks and identities kept)."""
+    replace_unit_tensors(module, lambda t: t if t.device == device else t.to(device))
 
 
 PIN_CHUNK_BYTES = 256 << 20
@@ -251,31 +257,29 @@ class PinnedArena:
         return out.copy_(t)
 
 
-@torch.no_grad()
 def pin_streamed(model: nn.Module, resident: Iterable[str], arena: PinnedArena) -> int:
     """Move the CPU-stored weights of `model`'s streamed units (all but `resident`) into `arena`, in place
     (parameters keep their identity: hooks, LoRA merges and state-dict keys see the same objects).
-    Returns the bytes moved."""
+    Returns the bytes moved (weight scales included)."""
     keep, moved = set(resident), 0
+
+    def pin(t: torch.Tensor) -> torch.Tensor:
+        nonlocal moved
+        if t.device.type != "cpu" or t.is_pinned():
+            return t
+        moved += t.numel() * t.element_size()
+        return arena.copy_in(t)
+
     for unit_name, unit in units(model):
-        if unit_name in keep:
-            continue
-        for m in unit.modules():
-            for p in m._parameters.values():
-                if p is not None and p.device.type == "cpu" and not p.data.is_pinned():
-                    p.data = arena.copy_in(p.data)
-                    moved += p.numel() * p.element_size()
-            scale = m._buffers.get("scale_weight")
-            if scale is not None and scale.device.type == "cpu" and not scale.is_pinned():
-                m._buffers["scale_weight"] = arena.copy_in(scale)
+        if unit_name not in keep:
+            replace_unit_tensors(unit, pin)
     return moved
 
 
-def pin_streamed_models(pipe, arena: PinnedArena | None = None) -> int:
+def pin_streamed_models(pipe) -> int:
     """Page-lock what `pipe` streams from CPU RAM to its CUDA device at every call. Returns bytes pinned; if
     the system refuses to lock more memory, warns and streams the rest from pageable memory (slower)."""
-    loaded, total = pipe.loaded_models(), 0
-    arena = arena or PinnedArena()
+    loaded, total, arena = pipe.loaded_models(), 0, PinnedArena()
     for name, mm in pipe.vram_models.items():
         if mm.storage_device.type != "cpu" or mm.compute_device.type != "cuda":
             continue
