@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from _common import Comparison, compare, interleaved, table  # noqa: E402
+from gpu_full import sync  # noqa: E402
 
 SMOKE = os.environ.get("DIFFSYNTH_BENCH_SMOKE") == "1"
 SIDE, TEXT, REPS = (4, 8, 2) if SMOKE else (64, 512, 10)  # packed latent side 64 -> 4096 tokens (1024 px)
@@ -47,11 +48,6 @@ class GpuFlux2Row:
     step: Comparison                 # diff: relative L2 difference of the two velocities
     reference_peak_gb: float | None  # activation peak of one forward (NaN on the CPU smoke run; None: not measured)
     ours_peak_gb: float | None
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def build(config: dict, device: str, dtype: torch.dtype):
@@ -126,31 +122,35 @@ def activation_peak_gb(fn, device: str) -> float:
 
 
 def compile_blocks(ref, ours, compile_kwargs: dict) -> None:
+    from diffsynth.pipelines.flux2_image import Flux2ImagePipeline
     ref.compile_repeated_blocks(**compile_kwargs)
-    for name in ("transformer_blocks", "single_transformer_blocks"):  # what Flux2ImagePipeline.compile() compiles
+    for name in Flux2ImagePipeline.compiled_blocks:  # what pipe.compile() compiles
         for block in getattr(ours, name):
             block.compile(**compile_kwargs)
+
+
+def side_by_side(case: str, fns: dict) -> Comparison:
+    """One call each (lazy initialisation, compilation), the relative difference of their outputs, then the
+    alternating timed rounds."""
+    a, b = fns["diffusers"]().float(), fns["ours"]().float()
+    diff = ((a - b).norm() / a.norm()).item()
+    return compare(case, interleaved(fns, REPS), diff)
 
 
 def measure(size: str, config: dict, device: str, dtype: torch.dtype) -> list[GpuFlux2Row]:
     ref, ours = build(config, device, dtype)
     rows = []
+
+    def calls(refs: int) -> dict:
+        return {k: synced(f, device) for k, f in runners(ref, ours, config, refs, device, dtype).items()}
     with torch.inference_mode():
         for refs in (0, 1):
-            fns = {k: synced(f, device) for k, f in runners(ref, ours, config, refs, device, dtype).items()}
-            a, b = fns["diffusers"]().float(), fns["ours"]().float()
-            diff = ((a - b).norm() / a.norm()).item()
-            times = interleaved(fns, REPS)
-            case = "text-to-image" if refs == 0 else "1 reference image"
-            rows.append(GpuFlux2Row(size, case, compare(case, times, diff), activation_peak_gb(fns["diffusers"], device),
+            fns, case = calls(refs), "text-to-image" if refs == 0 else "1 reference image"
+            rows.append(GpuFlux2Row(size, case, side_by_side(case, fns), activation_peak_gb(fns["diffusers"], device),
                                     activation_peak_gb(fns["ours"], device)))
         if size == next(iter(SIZES)):
             compile_blocks(ref, ours, {"backend": "aot_eager"} if SMOKE else {})
-            fns = {k: synced(f, device) for k, f in runners(ref, ours, config, 0, device, dtype).items()}
-            a, b = fns["diffusers"]().float(), fns["ours"]().float()  # first calls compile
-            diff = ((a - b).norm() / a.norm()).item()
-            times = interleaved(fns, REPS)
-            rows.append(GpuFlux2Row(size, "text-to-image, compiled", compare("compiled", times, diff), None, None))
+            rows.append(GpuFlux2Row(size, "text-to-image, compiled", side_by_side("compiled", calls(0)), None, None))
     return rows
 
 
