@@ -106,12 +106,12 @@ def main() -> None:
     rows, default = [], "ATen/MKL"
     for dtype in ("fp32", "bf16"):
         lat = run_worker(__file__, "latency", dtype)
-        d, o, oa = (lat["times"][k] for k in ("diffusers", "ours", "ours-other"))
+        d, o, other = (lat["times"][k] for k in ("diffusers", "ours", "ours-other"))
         default = "oneDNN" if lat["onednn"] else "ATen/MKL"
-        ratio, ratio_aten = pair_ratio(d, o), pair_ratio(d, oa)
+        ratio, ratio_other = pair_ratio(d, o), pair_ratio(d, other)
         mem = {i: run_worker(__file__, "memory", dtype, i, env=MEMORY_ENV) for i in ("diffusers", "ours")}
         rows.append([dtype, f"{median(d) * 1000:.0f}", f"{median(o) * 1000:.0f}", f"{ratio:.2f}",
-                     f"{ratio_aten:.2f}", f"{mem['diffusers']['peak_mb']:.0f}", f"{mem['ours']['peak_mb']:.0f}",
+                     f"{ratio_other:.2f}", f"{mem['diffusers']['peak_mb']:.0f}", f"{mem['ours']['peak_mb']:.0f}",
                      f"{mem['ours']['peak_mb'] / mem['diffusers']['peak_mb']:.2f}",
                      f"{mem['ours']['weights_mb']:.0f}", f"{lat['max_abs_diff']:.1e}"])
     print(f"DiT step, CPU ({MID_DIT['num_double_blocks']}+{MID_DIT['num_single_blocks']} blocks, width "
