@@ -42,9 +42,9 @@ def models_and_inputs(family: str, dtype):
 
 def worker(family: str, dtype_name: str) -> None:
     import torch
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # a cold start, as a first run
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    with torch.no_grad():
+    with tempfile.TemporaryDirectory(prefix="inductor-") as cache, torch.no_grad():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # a cold start, as a first run (removed afterwards)
         eager, compiled, model, names = models_and_inputs(family, dtype)
         for name in names:  # what pipe.compile() does
             for block in getattr(model, name):

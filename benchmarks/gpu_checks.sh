@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Everything this project checks on a CUDA machine, in one go (each part under its own time limit):
 # the CUDA tests (parity, fp8 streaming, caches, compile; FLUX.1 and FLUX.2), training on the GPU, and the two
-# GPU benchmarks. Logs go to $OUT (default ./gpu_logs).   bash benchmarks/gpu_checks.sh
+# GPU benchmarks. Logs go to a new folder, $OUT (default ./gpu_logs/<date-time>); existing logs are never
+# overwritten.   bash benchmarks/gpu_checks.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
+OUT=${OUT:-gpu_logs/$(date +%Y%m%d-%H%M%S)}
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then echo "gpu_checks.sh: $OUT is not empty: name a new folder in OUT" >&2; exit 2; fi
+mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
