@@ -110,8 +110,6 @@ class CastModule(Cast):
 
 LEAF_CASTS: dict[type, type] = {nn.Linear: CastLinear, Linear: CastLinear, nn.Conv2d: CastConv2d,
                                 nn.Embedding: CastEmbedding, nn.LayerNorm: CastLayerNorm, nn.GroupNorm: CastGroupNorm}
-# Modules cast as a whole because their forward reads weight dtypes (HF T5 casts activations to wo's dtype).
-WHOLE_MODULES = ("T5DenseGatedActDense", "T5DenseActDense", "T5LayerNorm")
 _GENERIC: dict[type, type] = {}
 
 
@@ -131,7 +129,7 @@ def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     def visit(prefix: str, m: nn.Module) -> None:
         direct = any(p is not None for p in m._parameters.values())
-        if isinstance(m, Cast) or type(m) in LEAF_CASTS or type(m).__name__ in WHOLE_MODULES or direct:
+        if isinstance(m, Cast) or type(m) in LEAF_CASTS or direct:
             if any(True for _ in m.parameters()):
                 found.append((prefix, m))
             return

@@ -1,5 +1,7 @@
-"""FLUX.1 text encoders: CLIP-L (pooled vector) and T5-XXL (token sequence), on HF transformers.
+"""FLUX.1 text encoders: CLIP-L (pooled vector) and T5-XXL (token sequence): loading and prompt encoding.
 
+The models (clip_text.py, t5_encoder.py) and tokenizers (text_tokenizers.py) are the project's own, with
+transformers' parameter names and token ids; nothing here imports transformers (about 2 s per process).
 Weights come as plain state dicts (HF key names), optionally with the ComfyUI all-in-one
 prefixes. Models are built on the meta device and the given tensors are assigned in place
 (``load_state_dict(assign=True)``), so loading never holds two copies of the weights.
@@ -10,15 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from ..ops.linear import adopt_linears
 from ..ops.files import strip_first_prefix, strip_prefix
-if TYPE_CHECKING:  # imported where used: the component table imports this file, transformers is slow to import
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast, T5Config, T5EncoderModel, T5TokenizerFast
-
+from .clip_text import ClipTextConfig, ClipTextModel
+from .t5_encoder import T5EncoderConfig, T5EncoderModel
+from .text_tokenizers import PromptTokenizer, load_clip_tokenizer, load_t5_tokenizer
 from .entry import BuildOptions, Component, Detected, Family, fills, has_prefix, hf_model
 
 __all__ = [
@@ -89,12 +89,11 @@ def canonical_clip_keys(state: Mapping[str, object]) -> dict[str, object]:
     return {k if k in _CLIP_IGNORED else _clip_key(k): v for k, v in state.items()}
 
 
-def infer_clip_config(state_dict: StateDict) -> CLIPTextConfig:
-    """CLIPTextConfig from the shapes of an HF CLIP text state dict (``text_model.*`` keys).
+def infer_clip_config(state_dict: StateDict) -> ClipTextConfig:
+    """The CLIP text config from the shapes of an HF CLIP text state dict (either key layout).
 
     Heads: ``hidden // 64`` (CLIP-L 768 -> 12, CLIP-G 1280 -> 20); below 64 (tiny test models)
-    the fallback is head_dim 8, i.e. ``max(1, hidden // 8)`` heads. ``projection_dim`` comes from
-    ``text_projection.weight`` when present, else equals hidden. BOS/EOS are the two highest ids.
+    the fallback is head_dim 8, i.e. ``max(1, hidden // 8)`` heads. BOS/EOS are the two highest ids.
     """
     sd = {_clip_key(k): v for k, v in state_dict.items() if k not in _CLIP_IGNORED}
     what = "CLIP text encoder"
@@ -102,17 +101,13 @@ def infer_clip_config(state_dict: StateDict) -> CLIPTextConfig:
     pos = _require(sd, "text_model.embeddings.position_embedding.weight", what)
     fc1 = _require(sd, "text_model.encoder.layers.0.mlp.fc1.weight", what)
     vocab, hidden = tok.shape
-    heads = hidden // 64 if hidden >= 64 else max(1, hidden // 8)
-    proj = state_dict.get("text_projection.weight")
-    from transformers import CLIPTextConfig
-    return CLIPTextConfig(
+    return ClipTextConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=fc1.shape[0],
         num_hidden_layers=layer_count(sd, "text_model.encoder.layers."),
-        num_attention_heads=heads,
+        num_attention_heads=hidden // 64 if hidden >= 64 else max(1, hidden // 8),
         max_position_embeddings=pos.shape[0],
-        projection_dim=proj.shape[0] if proj is not None else hidden,
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
         bos_token_id=vocab - 2,
@@ -120,35 +115,25 @@ def infer_clip_config(state_dict: StateDict) -> CLIPTextConfig:
     )
 
 
-def _clip_config_from_dict(config_dict: Mapping) -> CLIPTextConfig:
-    d = dict(config_dict.get("text_config", config_dict))  # a full CLIPConfig nests the text part
-    d.pop("model_type", None)
-    from transformers import CLIPTextConfig
-    return CLIPTextConfig.from_dict(d)
-
-
 def load_clip_text_encoder(
     state_dict: StateDict, config_dict: Mapping | None = None, dtype: torch.dtype | None = torch.float32
-) -> CLIPTextModel:
-    """Build an HF ``CLIPTextModel`` from ``text_model.*`` weights (ComfyUI prefix stripped if present).
+) -> ClipTextModel:
+    """Build the CLIP text model from ``text_model.*`` weights (or transformers 5's names without that level;
+    ComfyUI prefix stripped if present).
 
     ``config_dict`` is the content of a ``config.json`` (CLIPTextConfig or full CLIPConfig); when None
     the config is inferred (:func:`infer_clip_config`). Raises ValueError on unknown/missing keys.
     """
     raw = strip_first_prefix(state_dict, (CLIP_PREFIX,))
-    config = _clip_config_from_dict(config_dict) if config_dict is not None else infer_clip_config(raw)
+    config = ClipTextConfig.from_dict(config_dict) if config_dict is not None else infer_clip_config(raw)
     sd = {_clip_key(k): v for k, v in raw.items() if k not in _CLIP_IGNORED}
     _check_depth(config.num_hidden_layers, layer_count(sd, "text_model.encoder.layers."), "CLIP",
                  "num_hidden_layers")
-    from transformers import CLIPTextModel
     with torch.device("meta"):
-        model = CLIPTextModel(config)
-    # transformers 5 drops the ``text_model.`` level inside CLIPTextModel; 4.x keeps it.
-    nested = any(k.startswith("text_model.") for k in model.state_dict())
-    _assign(model, sd, dtype, "CLIP text encoder", file_prefix="" if nested else "text_model.")
-    rebuild_position_ids(model)
+        model = ClipTextModel(config)
+    _assign(model, sd, dtype, "CLIP text encoder", file_prefix="text_model.")
     _check_materialized(model, "CLIP text encoder")
-    return adopt_linears(model).eval()
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------
@@ -156,8 +141,8 @@ def load_clip_text_encoder(
 # --------------------------------------------------------------------------------------
 
 
-def infer_t5_config(state_dict: StateDict) -> T5Config:
-    """T5Config (encoder only) from the shapes of an HF T5 encoder state dict.
+def infer_t5_config(state_dict: StateDict) -> T5EncoderConfig:
+    """The T5 encoder config from the shapes of an HF T5 encoder state dict.
 
     ``relative_attention_max_distance`` cannot be seen in the weights: the T5 default 128 is used.
     """
@@ -171,8 +156,7 @@ def infer_t5_config(state_dict: StateDict) -> T5Config:
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
     wi = _require(sd, f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight", what)
     buckets, heads = rel.shape
-    from transformers import T5Config
-    return T5Config(
+    return T5EncoderConfig(
         vocab_size=shared.shape[0],
         d_model=shared.shape[1],
         d_kv=q.shape[0] // heads,
@@ -181,16 +165,13 @@ def infer_t5_config(state_dict: StateDict) -> T5Config:
         num_heads=heads,
         relative_attention_num_buckets=buckets,
         feed_forward_proj="gated-gelu" if gated else "relu",
-        is_encoder_decoder=False,
-        use_cache=False,
-        tie_word_embeddings=False,
     )
 
 
 def load_t5_encoder(
     state_dict: StateDict, config_dict: Mapping | None = None, dtype: torch.dtype | None = torch.float32
 ) -> T5EncoderModel:
-    """Build an HF ``T5EncoderModel`` from ``shared.weight`` + ``encoder.*`` weights.
+    """Build the T5 encoder from ``shared.weight`` + ``encoder.*`` weights.
 
     The ComfyUI prefix is stripped if present; ``encoder.embed_tokens.weight`` may be absent
     (it is tied to ``shared.weight``). Decoder keys or other unknown keys raise ValueError.
@@ -199,15 +180,13 @@ def load_t5_encoder(
     embed = sd.pop(_T5_EMBED, None)
     if "shared.weight" not in sd and embed is not None:
         sd["shared.weight"] = embed
-    from transformers import T5Config, T5EncoderModel
-    config = T5Config.from_dict(dict(config_dict)) if config_dict is not None else infer_t5_config(sd)
+    config = T5EncoderConfig.from_dict(config_dict) if config_dict is not None else infer_t5_config(sd)
     _check_depth(config.num_layers, layer_count(sd, "encoder.block."), "T5", "num_layers")
     with torch.device("meta"):
         model = T5EncoderModel(config)
     _assign(model, sd, dtype, "T5 encoder", optional={_T5_EMBED})
-    model.encoder.embed_tokens.weight = model.shared.weight  # tie
     _check_materialized(model, "T5 encoder")
-    return adopt_linears(model).eval()
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------
@@ -274,30 +253,7 @@ def _check_materialized(model: torch.nn.Module, what: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _check_folder(path: str | Path, alternatives: list[list[str]], what: str) -> Path:
-    folder = Path(path)
-    if any(all((folder / f).is_file() for f in files) for files in alternatives):
-        return folder
-    expected = " or ".join(" + ".join(files) for files in alternatives)
-    state = "is missing" if not folder.is_dir() else "lacks the tokenizer files"
-    raise FileNotFoundError(f"{what} folder {str(folder)!r} {state}: expected {expected}")
-
-
-def load_clip_tokenizer(path: str | Path) -> CLIPTokenizerFast:
-    """CLIP BPE tokenizer from a folder with vocab.json + merges.txt (or tokenizer.json). Offline."""
-    folder = _check_folder(path, [["vocab.json", "merges.txt"], ["tokenizer.json"]], "CLIP tokenizer")
-    from transformers import CLIPTokenizerFast  # the tokenizers-backed class (transformers 5: an alias)
-    return CLIPTokenizerFast.from_pretrained(str(folder), local_files_only=True)
-
-
-def load_t5_tokenizer(path: str | Path) -> T5TokenizerFast:
-    """T5 sentencepiece tokenizer from a folder with spiece.model and/or tokenizer.json. Offline."""
-    folder = _check_folder(path, [["spiece.model"], ["tokenizer.json"]], "T5 tokenizer")
-    from transformers import T5TokenizerFast
-    return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
-
-
-def load_tokenizers(clip_dir: str | Path, t5_dir: str | Path) -> tuple[CLIPTokenizerFast, T5TokenizerFast]:
+def load_tokenizers(clip_dir: str | Path, t5_dir: str | Path) -> tuple[PromptTokenizer, PromptTokenizer]:
     """Both FLUX tokenizers: (CLIP from ``clip_dir``, T5 from ``t5_dir``)."""
     return load_clip_tokenizer(clip_dir), load_t5_tokenizer(t5_dir)
 
@@ -312,18 +268,16 @@ def _model_device(model: torch.nn.Module, device: torch.device | str | None) -> 
 
 
 def encode_prompt_clip(
-    tokenizer, model: CLIPTextModel, prompts: list[str], device: torch.device | str | None = None
+    tokenizer: PromptTokenizer, model: ClipTextModel, prompts: list[str], device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Pooled CLIP embedding ``(B, hidden)``: final-layer-norm state at the first EOS token.
 
-    Prompts are padded/truncated to ``min(tokenizer.model_max_length, 77)`` tokens. Equals HF
+    Prompts are padded/truncated to ``min(tokenizer.model_max_length, 77)`` tokens. Equals transformers'
     ``pooler_output`` whenever EOS is the highest token id (as in CLIP-L).
     """
     max_length = min(tokenizer.model_max_length, CLIP_MAX_LENGTH)
-    ids = tokenizer(
-        list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(_model_device(model, device))
-    hidden = model(input_ids=ids).last_hidden_state
+    ids = tokenizer(list(prompts), max_length).to(_model_device(model, device))
+    hidden = model(ids)
     eos = (ids == tokenizer.eos_token_id).int().argmax(dim=-1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]
 
@@ -334,22 +288,20 @@ def t5_length(tokenizer, max_length: int) -> int:
 
 
 def encode_prompt_t5(
-    tokenizer, model: T5EncoderModel, prompts: list[str], max_length: int, device: torch.device | str | None = None
+    tokenizer: PromptTokenizer, model: T5EncoderModel, prompts: list[str], max_length: int,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """T5 token embeddings ``(B, L, d_model)``, ``L = min(max_length, tokenizer.model_max_length)``, padded,
     no attention mask (as BFL's reference code and diffusers' FluxPipeline do). The cap is the one CLIP gets:
     a model trained on short prompts (flux-nano: 16 tokens) declares it, and real T5 tokenizers say 512."""
-    max_length = t5_length(tokenizer, max_length)
-    ids = tokenizer(
-        list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(_model_device(model, device))
-    return model(input_ids=ids).last_hidden_state
+    ids = tokenizer(list(prompts), t5_length(tokenizer, max_length)).to(_model_device(model, device))
+    return model(ids)
 
 
 # ----------------------------------------------------------------------------- table entry
 
 def detect_clip(refs) -> str | None:
-    """HF CLIPTextModel, with the `text_model.` level (transformers 4) or without it (transformers 5)."""
+    """CLIP text weights as transformers writes them, with the `text_model.` level (transformers 4) or without it (transformers 5)."""
     return "hf" if is_clip_text_state(refs.keys()) else None
 
 
