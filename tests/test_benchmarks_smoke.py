@@ -123,6 +123,10 @@ def test_adapters_step_smoke(smoke):
     assert all(math.isfinite(m) and m >= 0 for m in result.memory_mb.values())
 
 
+def test_text_encode_smoke(smoke):
+    check_comparison(_import("text_encode").main(), 1e-5)  # our T5 encoder: transformers' numbers
+
+
 def test_step1x_step_smoke(smoke):
     check_comparison(_import("step1x_step").main(), 1e-4)  # parity with diffusers' transformer
 

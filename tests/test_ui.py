@@ -27,6 +27,7 @@ from diffsynth.ops.files import save_safetensors
 from diffsynth.testing.tiny_controlnet import build_tiny_controlnet
 from diffsynth.testing.tiny_image import VARIANTS, build_tiny_variant
 from diffsynth.ui import conditions as cond
+from diffsynth.ui.app import guidance_slider
 from diffsynth.ui.files import OutsideError, Sandbox, add_lora, write_upload_dataset
 from diffsynth.ui.jobs import Cancelled, Generator, Request, grammar_check
 from diffsynth.ui.training import PROGRESS, TrainSettings, train_argv
@@ -101,6 +102,11 @@ def test_generation_reports_every_step_and_writes_png_metadata(nano_pipe, sandbo
     assert result.seed == 1 and result.path.parent == sandbox.output / "images"
     with Image.open(result.path) as im:
         assert "Seed: 1" in im.text["parameters"] and json.loads(im.text["diffsynth"])["num_inference_steps"] == 4
+
+
+def test_guidance_slider_starts_at_the_pipelines_default(nano_pipe):
+    slider = guidance_slider(nano_pipe)  # FLUX.1 (FLUX.2 [klein]: test_flux2_reference_images_are_its_edit_images)
+    assert slider.value == 3.5 and slider.interactive is not False
 
 
 def test_stop_ends_the_generation_between_steps(nano_pipe, sandbox):
@@ -195,6 +201,8 @@ def test_flux2_reference_images_are_its_edit_images(tmp_path, sandbox):
     pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
                                               model_configs=[ModelConfig(path=f) for f in files])
     assert cond.available(pipe) == {cond.REFERENCE}
+    slider = guidance_slider(pipe)  # klein has no guidance embedder: the slider is fixed and says why
+    assert slider.value == 4.0 and slider.interactive is False and "no guidance embedder" in slider.info
     reference = Image.new("RGB", (64, 48), (200, 30, 30))
     extra = cond.conditions({cond.REFERENCE}, [reference], None, (None, ""), (reference, "canny", 1.0), (None, 1.0))
     assert list(extra) == ["edit_image"]

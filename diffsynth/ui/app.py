@@ -72,7 +72,7 @@ def generate_tab(state: AppState) -> dict:
                 c["used_seed"] = gr.Textbox(label="Used seed", interactive=False)
             with gr.Row():
                 c["cfg"] = gr.Slider(1, 10, value=1, step=0.1, label="CFG scale")
-                c["guidance"] = gr.Slider(0, 30, value=3.5, step=0.1, label="Embedded guidance")
+                c["guidance"] = guidance_slider(state.generator.pipe)
             with gr.Row():
                 c["run"] = gr.Button("Generate", variant="primary")
                 c["stop"] = gr.Button("Stop")
@@ -100,6 +100,17 @@ def generate_tab(state: AppState) -> dict:
     c["lora_upload"].upload(lambda f: upload_lora(state, f), inputs=c["lora_upload"],
                             outputs=[*c["loras"], c["lora_upload"]], queue=False)
     return c
+
+
+def guidance_slider(pipe) -> gr.Slider:
+    """Embedded guidance, starting at the loaded pipeline's own default (FLUX.1 3.5, FLUX.2 4.0); fixed, and
+    saying why, for a DiT without a guidance embedder (it would do nothing)."""
+    from ..generation import fill_defaults
+    default = fill_defaults(type(pipe), {"embedded_guidance": None})["embedded_guidance"]
+    if pipe.uses_embedded_guidance:
+        return gr.Slider(0, 30, value=default, step=0.1, label="Embedded guidance")
+    return gr.Slider(0, 30, value=default, step=0.1, label="Embedded guidance", interactive=False,
+                     info="this model has no guidance embedder: use CFG scale")
 
 
 def lora_choices(state: AppState) -> list[str]:
