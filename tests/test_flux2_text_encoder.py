@@ -41,6 +41,27 @@ def test_prompt_embedding_matches_diffusers(folders, one_thread):
     assert err < 1e-5
 
 
+@torch.no_grad()
+def test_layers_past_the_last_read_are_not_loaded(folders, tmp_path, one_thread):
+    """Qwen3-4B/8B have 36 layers and FLUX.2 reads the state after 27: layers 28-35 are neither read from the file
+    nor built, and the prompt embedding is still the whole model's (diffusers' computation)."""
+    pytest.importorskip("diffusers")
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(1)
+    whole = Qwen3ForCausalLM(Qwen3Config.from_dict({**tiny_qwen3_config(), "num_hidden_layers": 36,
+                                                    "max_window_layers": 36})).eval()
+    whole.save_pretrained(tmp_path / "text_encoder")
+    (det,) = detect(str(tmp_path / "text_encoder"))
+    assert any(k.startswith("layers.27.") for k in det.refs) and not any(k.startswith("layers.28.") for k in det.refs)
+    model = ours(tmp_path / "text_encoder")
+    assert len(model.layers) == 28
+    tokenizer = load_tokenizer(folders[1])
+    expected = Flux2KleinPipeline._get_qwen3_prompt_embeds(whole, tokenizer, ["a red cat"], torch.float32, "cpu")
+    got = encode_prompt(tokenizer, model, ["a red cat"], "cpu", QWEN3_FORMAT)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
 def test_chat_template_closes_thinking(folders):
     text = chat_text(load_tokenizer(folders[1]), "a cat")
     assert text == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"

@@ -115,7 +115,29 @@ def _adopt(config_cls, model_cls, sd: Mapping[str, torch.Tensor], config: dict, 
                               f"{config.num_hidden_layers} layers")
     with init_empty_weights(include_buffers=False):
         model = model_cls(config)
-    return adopt_weights(model, sd, source, f"the {name} config")
+    model = adopt_weights(model, sd, source, f"the {name} config")
+    if config.num_hidden_layers == needed:
+        # a file cut after the last layer read (ComfyUI's 30-layer Mistral): transformers would report that layer's
+        # state after the final norm, which the whole model never applies to it
+        model.norm = torch.nn.Identity()
+    return model
+
+
+def read_by(fmt: PromptFormat, key: str) -> bool:
+    """Whether `fmt` reads anything computed by this language-model entry: layers past the one after the last
+    state read never load (their bytes are not even read)."""
+    return not key.startswith("layers.") or int(key.split(".", 2)[1]) <= max(fmt.layers)
+
+
+def cut_config(config: dict, fmt: PromptFormat) -> dict:
+    """`config` with only the layers `fmt` needs: transformers hands out the last layer's state after the final
+    norm, so one layer past the last one read stays. (Too few layers: refused by _adopt, naming the layer.)"""
+    config, keep = dict(config), max(fmt.layers) + 1
+    if config["num_hidden_layers"] > keep:
+        config["num_hidden_layers"] = keep
+        if config.get("layer_types"):
+            config["layer_types"] = config["layer_types"][:keep]
+    return config
 
 
 def _num_layers(shapes: Mapping[str, Sequence[int]]) -> int:
@@ -204,12 +226,19 @@ def infer_qwen3_config(shapes: Mapping[str, Sequence[int]]) -> dict:
             "intermediate_size": shapes["layers.0.mlp.gate_proj.weight"][0]}
 
 
+def qwen3_language_model(refs: Mapping) -> dict:
+    """A Qwen3 file's entries under transformers' names (llama.cpp names translated), without the layers FLUX.2
+    never reads (Qwen3-4B/8B have 36; [klein] reads up to 27, so 8 are skipped: ~1.6 / 3 GB of bf16)."""
+    return {k: v for k, v in hf_names(refs).items() if read_by(QWEN3_FORMAT, k)}
+
+
 def load_qwen3(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None, source: str = "Qwen3"):
-    """transformers' Qwen3Model adopting `state_dict` (keys without `model.`; `lm_head.*` ignored)."""
+    """transformers' Qwen3Model adopting `state_dict` (keys without `model.`; `lm_head.*` ignored), with only the
+    layers FLUX.2 reads (the later ones are not in `state_dict`: see `qwen3_language_model`)."""
     from transformers import Qwen3Config, Qwen3Model
     sd = {k: t for k, t in state_dict.items() if not k.startswith("lm_head.")}
     config = dict(config_dict) if config_dict is not None else infer_qwen3_config({k: t.shape for k, t in sd.items()})
-    return _adopt(Qwen3Config, Qwen3Model, sd, config, QWEN3_FORMAT, source, "Qwen3")
+    return _adopt(Qwen3Config, Qwen3Model, sd, cut_config(config, QWEN3_FORMAT), QWEN3_FORMAT, source, "Qwen3")
 
 
 # ----------------------------------------------------------------------------- Mistral-Small-3.x ([dev])
@@ -240,12 +269,6 @@ def mistral3_prefix(keys) -> str | None:
     return next((p for p in MISTRAL3_LM_PREFIXES if _mistral_decoder_at(keys, p)), None)
 
 
-def _read_layer(key: str) -> bool:
-    """Whether FLUX.2 reads anything computed by this language-model entry (layers past the one after the last
-    state read never load: their bytes are not even read)."""
-    return not key.startswith("layers.") or int(key.split(".", 2)[1]) <= max(MISTRAL_FORMAT.layers)
-
-
 def mistral3_language_model(refs: Mapping) -> dict:
     """The language model's entries under transformers' names (prefix removed, llama.cpp names translated), the
     unused parts (vision tower, projector, LM head, late layers) dropped by name, anything else kept as it is so
@@ -253,7 +276,7 @@ def mistral3_language_model(refs: Mapping) -> dict:
     refs = hf_names(refs)
     p = mistral3_prefix(refs.keys()) or ""  # ("": the language model alone, ComfyUI's layout)
     kept = {(k[len(p):] if k.startswith(p) else k): v for k, v in refs.items() if not k.startswith(MISTRAL3_UNUSED)}
-    return {k: v for k, v in kept.items() if _read_layer(k)}
+    return {k: v for k, v in kept.items() if read_by(MISTRAL_FORMAT, k)}
 
 
 def infer_mistral_config(shapes: Mapping[str, Sequence[int]], source: str = "Mistral") -> dict:
@@ -283,20 +306,8 @@ def load_mistral(state_dict: Mapping[str, torch.Tensor], config: dict, source: s
     with only the layers FLUX.2 reads (the later ones are not in `state_dict`: see `mistral3_language_model`).
     `config`: the language model's (`mistral_text_config`)."""
     from transformers import MistralConfig, MistralModel
-    config = dict(config)
-    config["model_type"] = "mistral"
-    # transformers hands out the last layer's state after the final norm: one layer past the last one read stays
-    keep = max(MISTRAL_FORMAT.layers) + 1
-    if config["num_hidden_layers"] > keep:  # (too few: refused by _adopt, naming the layer)
-        config["num_hidden_layers"] = keep
-        if config.get("layer_types"):
-            config["layer_types"] = config["layer_types"][:keep]
-    model = _adopt(MistralConfig, MistralModel, state_dict, config, MISTRAL_FORMAT, source, "Mistral")
-    if config["num_hidden_layers"] == max(MISTRAL_FORMAT.layers):
-        # a file cut after the last layer read (ComfyUI's 30-layer "pruned" one): transformers would report that
-        # layer's state after the final norm, which the whole model never applies to it
-        model.norm = torch.nn.Identity()
-    return model
+    config = {**cut_config(config, MISTRAL_FORMAT), "model_type": "mistral"}
+    return _adopt(MistralConfig, MistralModel, state_dict, config, MISTRAL_FORMAT, source, "Mistral")
 
 
 # ----------------------------------------------------------------------------- table entry
@@ -340,7 +351,7 @@ def build_mistral(det: Detected, options: BuildOptions) -> dict:
 COMPONENTS = (Component("text_encoder_qwen3", "text", activation="text"),     # FLUX.2 [klein]'s prompt encoder
               Component("text_encoder_mistral", "text", activation="text"))   # FLUX.2 [dev]'s prompt encoder
 FAMILIES = (Family("qwen3", "Qwen3 text encoder (FLUX.2 [klein])", detect_qwen3, fills("text_encoder_qwen3"),
-                   build_qwen3, low_precision_storage=True, normalize=hf_names, pipeline="flux2"),
+                   build_qwen3, low_precision_storage=True, normalize=qwen3_language_model, pipeline="flux2"),
             Family("mistral3", "Mistral-Small-3 text encoder (FLUX.2 [dev])", detect_mistral3,
                    fills("text_encoder_mistral"), build_mistral, low_precision_storage=True,
                    normalize=mistral3_language_model, pipeline="flux2"))
