@@ -40,19 +40,19 @@ KLEIN = {"FLUX.2 [klein] 4B": Flux2DiTConfig(hidden_size=3072, num_heads=24, num
 
 
 # FLUX.2 [dev]: diffusers' Flux2Transformer2DModel defaults (= the release), and Mistral-Small-3.1's text config
-# with the layers FLUX.2 loads (hidden state 30 read; see models/flux2_text_encoder.py).
+# with the layers FLUX.2 loads (the first 30: hidden state 30 is the last read; see models/flux2_text_encoder.py).
 DEV = Flux2DiTConfig(hidden_size=6144, num_heads=48, num_double_blocks=8, num_single_blocks=48, context_dim=15360,
                      guidance_embed=True)
 MISTRAL_SMALL_3 = dict(hidden_size=5120, intermediate_size=32768, num_attention_heads=32, num_key_value_heads=8,
-                       head_dim=128, vocab_size=131072, num_hidden_layers=31)
+                       head_dim=128, vocab_size=131072, num_hidden_layers=30)
 DEV_CARDS = (16, 24)
 
 
 def mistral_encoder():
-    """FLUX.2 [dev]'s text encoder as Flux2ImagePipeline holds it (transformers' MistralModel), on the meta device."""
-    from transformers import MistralConfig, MistralModel
-    config = MistralConfig(**MISTRAL_SMALL_3, rope_theta=1e9, rms_norm_eps=1e-5, sliding_window=None)
-    return MistralModel(config)
+    """FLUX.2 [dev]'s text encoder as Flux2ImagePipeline holds it (our DecoderLM), on the meta device."""
+    from diffsynth.models.decoder_lm import DecoderConfig, DecoderLM
+    return DecoderLM(DecoderConfig.from_dict({**MISTRAL_SMALL_3, "rope_theta": 1e9, "rms_norm_eps": 1e-5},
+                                             qk_norm=False))
 
 
 @dataclass

@@ -1,26 +1,27 @@
-"""FLUX.2's prompt encoders: a transformers language model read as three of its hidden states.
+"""FLUX.2's prompt encoders: a decoder language model read as three of its hidden states.
 
 Both run the same path: the prompt becomes a chat (`PromptFormat`), the chat template renders it, the
 text is padded (right) to 512 tokens and runs with the padding masked; the hidden states after three
 layers are concatenated per token: (B, 512, 3 * hidden) = the DiT's context (all 512 positions, unmasked).
 
 * [klein]: Qwen3 (`text_encoder/`: Qwen3ForCausalLM shards, `model.*` keys). One user message, the
-  assistant's turn opened, thinking switched off; layers 9, 18, 27.
+  assistant's turn opened, thinking switched off; layers 9, 18, 27 (the 28th to 36th are never read).
 * [dev]: Mistral-Small-3.x (`text_encoder/`: Mistral3ForConditionalGeneration shards). BFL's system
   message, then the user message as a text block; layers 10, 20, 30. Only the language model is read: the
-  Pixtral vision tower, its projector and the LM head are set aside by name, and layers 32-40 are not
-  read (their output is never used: 9 of Mistral-Small's 40 layers, ~5B parameters; layer 31 stays since
-  transformers reports the last layer's state after the final norm).
+  Pixtral vision tower, its projector, the LM head, the final norm and layers 31-40 (the 31st on) are set
+  aside by name: their output is never used (10 of Mistral-Small's 40 layers, ~5.6B parameters).
   ComfyUI's single files hold the language model alone (`model.*`), whole or cut after layer 30; llama.cpp's
   GGUF conversions use its own names and rotary row order, and load dequantized.
   The tokenizer folder is a PixtralProcessor's; its text tokenizer alone is read (no torchvision).
 
-The weights are adopted without a copy (meta-device model, tensors assigned in their storage dtype).
-Without a config.json (a single file) the architecture is read from the tensor shapes.
+The model is our `DecoderLM` (decoder_lm.py: transformers' parameter names and numbers, no transformers import),
+built with only the layers before the last state read: later layers, the final norm and the LM head are never
+read from the file. The weights are adopted without a copy (meta-device model, tensors assigned in their storage
+dtype). Without a config.json (a single file) the architecture is read from the tensor shapes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -28,6 +29,7 @@ import torch
 
 from ..ops.files import CheckpointError
 from ..ops.gguf import dequantize, is_quantized
+from .decoder_lm import DecoderConfig, DecoderLM
 from .entry import BuildOptions, Component, Detected, Family, fills, plain_tensors
 from .hf_adopt import adopt_weights
 
@@ -90,54 +92,37 @@ def tokenize_chat(tokenizer, prompts: Sequence[str], fmt: PromptFormat, max_leng
     (Mistral's) gets no second one from the tokenizer, as transformers' processors decide."""
     texts = [chat_text(tokenizer, p, fmt) for p in prompts]
     bos = tokenizer.bos_token
-    return tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=max_length,
-                     add_special_tokens=not (bos and texts[0].startswith(bos)))
+    batch = tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=max_length,
+                      add_special_tokens=not (bos and texts[0].startswith(bos)))
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def encode_prompt(tokenizer, model, prompts: Sequence[str], device: torch.device | str, fmt: PromptFormat,
                   max_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
     """(B, max_length, len(fmt.layers) * hidden): the hidden states after `fmt.layers`, side by side per token."""
-    batch = tokenize_chat(tokenizer, prompts, fmt, max_length)
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                output_hidden_states=True, use_cache=False)
-    return torch.cat([out.hidden_states[k] for k in fmt.layers], dim=-1)
+    ids, mask = tokenize_chat(tokenizer, prompts, fmt, max_length)
+    return torch.cat(model(ids.to(device), mask.to(device), fmt.layers), dim=-1)
 
 
-def _adopt(config_cls, model_cls, sd: Mapping[str, torch.Tensor], config: dict, fmt: PromptFormat, source: str,
-           name: str):
-    """transformers' `model_cls` built empty from `config` (its attention on SDPA), adopting `sd`."""
-    from accelerate import init_empty_weights
-    config = config_cls.from_dict(config)
-    config._attn_implementation = "sdpa"
+def _build(config: Mapping, sd: Mapping[str, torch.Tensor], fmt: PromptFormat, qk_norm: bool, source: str,
+           name: str) -> DecoderLM:
+    """Our DecoderLM with the layers `fmt` runs (the first max(fmt.layers)), built empty, adopting `sd`."""
+    config = DecoderConfig.from_dict(config, qk_norm=qk_norm)
     needed = max(fmt.layers)
     if config.num_hidden_layers < needed:
         raise CheckpointError(f"{source}: FLUX.2 reads the hidden state after layer {needed}, this {name} has "
                               f"{config.num_hidden_layers} layers")
-    with init_empty_weights(include_buffers=False):
-        model = model_cls(config)
-    model = adopt_weights(model, sd, source, f"the {name} config")
-    if config.num_hidden_layers == needed:
-        # a file cut after the last layer read (ComfyUI's 30-layer Mistral): transformers would report that layer's
-        # state after the final norm, which the whole model never applies to it
-        model.norm = torch.nn.Identity()
-    return model
+    with torch.device("meta"):
+        model = DecoderLM(replace(config, num_hidden_layers=needed))
+    return adopt_weights(model, sd, source, f"the {name} config")
 
 
 def read_by(fmt: PromptFormat, key: str) -> bool:
-    """Whether `fmt` reads anything computed by this language-model entry: layers past the one after the last
-    state read never load (their bytes are not even read)."""
-    return not key.startswith("layers.") or int(key.split(".", 2)[1]) <= max(fmt.layers)
-
-
-def cut_config(config: dict, fmt: PromptFormat) -> dict:
-    """`config` with only the layers `fmt` needs: transformers hands out the last layer's state after the final
-    norm, so one layer past the last one read stays. (Too few layers: refused by _adopt, naming the layer.)"""
-    config, keep = dict(config), max(fmt.layers) + 1
-    if config["num_hidden_layers"] > keep:
-        config["num_hidden_layers"] = keep
-        if config.get("layer_types"):
-            config["layer_types"] = config["layer_types"][:keep]
-    return config
+    """Whether `fmt` reads anything computed by this language-model entry: the layers before the last state read.
+    Later layers and the final norm never load (their bytes are not even read)."""
+    if key.startswith("norm."):
+        return False
+    return not key.startswith("layers.") or int(key.split(".", 2)[1]) < max(fmt.layers)
 
 
 def _num_layers(shapes: Mapping[str, Sequence[int]]) -> int:
@@ -227,18 +212,17 @@ def infer_qwen3_config(shapes: Mapping[str, Sequence[int]]) -> dict:
 
 
 def qwen3_language_model(refs: Mapping) -> dict:
-    """A Qwen3 file's entries under transformers' names (llama.cpp names translated), without the layers FLUX.2
-    never reads (Qwen3-4B/8B have 36; [klein] reads up to 27, so 8 are skipped: ~1.6 / 3 GB of bf16)."""
+    """A Qwen3 file's entries under transformers' names (llama.cpp names translated), without what FLUX.2 never
+    reads (Qwen3-4B/8B have 36 layers; [klein] reads the state after 27, so 9 are skipped: ~1.8 / 3.5 GB of bf16)."""
     return {k: v for k, v in hf_names(refs).items() if read_by(QWEN3_FORMAT, k)}
 
 
-def load_qwen3(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None, source: str = "Qwen3"):
-    """transformers' Qwen3Model adopting `state_dict` (keys without `model.`; `lm_head.*` ignored), with only the
-    layers FLUX.2 reads (the later ones are not in `state_dict`: see `qwen3_language_model`)."""
-    from transformers import Qwen3Config, Qwen3Model
-    sd = {k: t for k, t in state_dict.items() if not k.startswith("lm_head.")}
+def load_qwen3(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None, source: str = "Qwen3") -> DecoderLM:
+    """The Qwen3 language model adopting `state_dict` (keys without `model.`; `lm_head.*` and `norm.*` ignored), with
+    only the layers FLUX.2 runs (the later ones are not in `state_dict`: see `qwen3_language_model`)."""
+    sd = {k: t for k, t in state_dict.items() if not k.startswith(("lm_head.", "norm."))}
     config = dict(config_dict) if config_dict is not None else infer_qwen3_config({k: t.shape for k, t in sd.items()})
-    return _adopt(Qwen3Config, Qwen3Model, sd, cut_config(config, QWEN3_FORMAT), QWEN3_FORMAT, source, "Qwen3")
+    return _build(config, sd, QWEN3_FORMAT, True, source, "Qwen3")
 
 
 # ----------------------------------------------------------------------------- Mistral-Small-3.x ([dev])
@@ -301,13 +285,12 @@ def mistral_text_config(config_dict: Mapping | None, shapes: Mapping[str, Sequen
     return dict(config_dict.get("text_config", config_dict))
 
 
-def load_mistral(state_dict: Mapping[str, torch.Tensor], config: dict, source: str = "Mistral"):
-    """transformers' MistralModel adopting the language model of a Mistral3 checkpoint (keys without the prefix),
-    with only the layers FLUX.2 reads (the later ones are not in `state_dict`: see `mistral3_language_model`).
+def load_mistral(state_dict: Mapping[str, torch.Tensor], config: dict, source: str = "Mistral") -> DecoderLM:
+    """The language model of a Mistral3 checkpoint adopting `state_dict` (keys without the prefix), with only the
+    layers FLUX.2 runs (the later ones are not in `state_dict`: see `mistral3_language_model`).
     `config`: the language model's (`mistral_text_config`)."""
-    from transformers import MistralConfig, MistralModel
-    config = {**cut_config(config, MISTRAL_FORMAT), "model_type": "mistral"}
-    return _adopt(MistralConfig, MistralModel, state_dict, config, MISTRAL_FORMAT, source, "Mistral")
+    sd = {k: t for k, t in state_dict.items() if not k.startswith("norm.")}
+    return _build({**config, "model_type": "mistral"}, sd, MISTRAL_FORMAT, False, source, "Mistral")
 
 
 # ----------------------------------------------------------------------------- table entry
