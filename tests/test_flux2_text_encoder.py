@@ -18,6 +18,12 @@ def folders(tmp_path_factory):
     return write_tiny_qwen3(root), write_tiny_qwen3_tokenizer(root)
 
 
+def hf_tokenizer(folder):
+    """transformers' tokenizer for the oracle side (ours: load_tokenizer)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
 def ours(path):
     (det,) = detect(str(path))
     assert (det.family, det.format, det.components) == ("qwen3", "hf", ("text_encoder_qwen3",))
@@ -30,11 +36,11 @@ def test_prompt_embedding_matches_diffusers(folders, one_thread):
     from diffusers import Flux2KleinPipeline
     from transformers import Qwen3ForCausalLM
     te_dir, tok_dir = folders
-    tokenizer = load_tokenizer(tok_dir)
     prompts = ["a red cat on the table", ""]
     ref_model = Qwen3ForCausalLM.from_pretrained(str(te_dir), torch_dtype=torch.float32).eval()
-    expected = Flux2KleinPipeline._get_qwen3_prompt_embeds(ref_model, tokenizer, prompts, torch.float32, "cpu")
-    got = encode_prompt(tokenizer, ours(te_dir), prompts, "cpu", QWEN3_FORMAT)
+    expected = Flux2KleinPipeline._get_qwen3_prompt_embeds(ref_model, hf_tokenizer(tok_dir), prompts, torch.float32,
+                                                           "cpu")
+    got = encode_prompt(load_tokenizer(tok_dir), ours(te_dir), prompts, "cpu", QWEN3_FORMAT)
     assert got.shape == expected.shape == (2, 512, 3 * tiny_qwen3_config()["hidden_size"])
     err = ((got - expected).abs().max() / expected.abs().max()).item()
     print(f"Qwen3 prompt embedding vs diffusers: rel err {err:.2e}")
@@ -57,9 +63,9 @@ def test_layers_past_the_last_read_are_not_loaded(folders, tmp_path, one_thread)
     assert not any(k.startswith(("layers.27.", "norm.")) for k in det.refs)
     model = ours(tmp_path / "text_encoder")
     assert len(model.layers) == 27
-    tokenizer = load_tokenizer(folders[1])
-    expected = Flux2KleinPipeline._get_qwen3_prompt_embeds(whole, tokenizer, ["a red cat"], torch.float32, "cpu")
-    got = encode_prompt(tokenizer, model, ["a red cat"], "cpu", QWEN3_FORMAT)
+    expected = Flux2KleinPipeline._get_qwen3_prompt_embeds(whole, hf_tokenizer(folders[1]), ["a red cat"],
+                                                           torch.float32, "cpu")
+    got = encode_prompt(load_tokenizer(folders[1]), model, ["a red cat"], "cpu", QWEN3_FORMAT)
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 

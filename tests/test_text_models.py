@@ -118,17 +118,23 @@ def test_configs_reject_what_they_cannot_run():
                                                      "projection_dim": None}}).hidden_size == 64
 
 
-def test_flux1_generation_imports_neither_transformers_nor_dynamo(tmp_path):
-    """A fresh process loads a FLUX.1 folder and draws an image without importing transformers or torch._dynamo
-    (together about 2.5 s of its time to first image)."""
-    from diffsynth.testing import build_tiny_flux
-    root = build_tiny_flux(tmp_path / "FLUX.1-dev")
+@pytest.mark.parametrize("family", ["flux1", "flux2"])
+def test_generation_imports_neither_transformers_nor_dynamo(family, tmp_path):
+    """A fresh process loads a FLUX.1 or FLUX.2 [klein] folder and draws an image without importing transformers
+    or torch._dynamo (together about 2.5 s of its time to first image)."""
+    if family == "flux1":
+        from diffsynth.testing import build_tiny_flux
+        root, pipeline = build_tiny_flux(tmp_path / "FLUX.1-dev"), "FluxImagePipeline"
+        files = ("flux1-dev.safetensors", "text_encoder/model.safetensors", "text_encoder_2/", "ae.safetensors")
+    else:
+        from diffsynth.testing.tiny_flux2 import build_tiny_flux2
+        root, pipeline = build_tiny_flux2(tmp_path / "FLUX.2-klein"), "Flux2ImagePipeline"
+        files = ("text_encoder/", "transformer/", "vae/diffusion_pytorch_model.safetensors")
     code = f"""
 import sys, torch
-from diffsynth import FluxImagePipeline, ModelConfig
-pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
-    ModelConfig(path={str(root)!r} + "/" + p) for p in
-    ("flux1-dev.safetensors", "text_encoder/model.safetensors", "text_encoder_2/", "ae.safetensors")])
+from diffsynth import {pipeline} as Pipeline, ModelConfig
+pipe = Pipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
+    ModelConfig(path={str(root)!r} + "/" + p) for p in {files!r}])
 pipe("a cat", height=64, width=64, num_inference_steps=1, seed=0, progress_bar_cmd=lambda x: x)
 bad = [m for m in ("transformers", "torch._dynamo") if m in sys.modules]
 assert not bad, bad

@@ -29,6 +29,7 @@ import torch
 
 from ..ops.files import CheckpointError
 from ..ops.gguf import dequantize, is_quantized
+from .chat_tokenizers import ChatTokenizer, load_chat_tokenizer
 from .decoder_lm import DecoderConfig, DecoderLM
 from .entry import BuildOptions, Component, Detected, Family, fills, plain_tensors
 from .hf_adopt import adopt_weights
@@ -67,37 +68,29 @@ MISTRAL_FORMAT = PromptFormat(layers=(10, 20, 30), system_message=MISTRAL_SYSTEM
 
 # ----------------------------------------------------------------------------- the shared path
 
-def load_tokenizer(folder: str | Path):
+def load_tokenizer(folder: str | Path) -> ChatTokenizer:
     """The text tokenizer of a `tokenizer/` folder (tokenizer.json, or vocab.json + merges.txt), with its chat
-    template (tokenizer_config.json or chat_template.jinja/.json). A PixtralProcessor folder reads the same way:
-    its image processor (torchvision) is not loaded, FLUX.2 feeds the encoder text only."""
-    from transformers import AutoTokenizer
-    folder = Path(folder)
-    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
-        raise FileNotFoundError(f"{str(folder)!r} is not a tokenizer folder: no tokenizer.json or vocab.json")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    if not getattr(tokenizer, "chat_template", None):
-        raise FileNotFoundError(f"the tokenizer in {str(folder)!r} has no chat template (FLUX.2 formats its prompt "
-                                "as a chat): expected it in tokenizer_config.json or chat_template.jinja")
-    return tokenizer
+    template (tokenizer_config.json or chat_template.jinja/.json), read as transformers' AutoTokenizer reads it
+    (chat_tokenizers.py: same ids, no transformers import). A PixtralProcessor folder reads the same way: its
+    image processor is not loaded, FLUX.2 feeds the encoder text only."""
+    return load_chat_tokenizer(folder)
 
 
-def chat_text(tokenizer, prompt: str, fmt: PromptFormat = QWEN3_FORMAT) -> str:
+def chat_text(tokenizer: ChatTokenizer, prompt: str, fmt: PromptFormat = QWEN3_FORMAT) -> str:
     """The prompt rendered by the chat template as `fmt` formats it."""
-    return tokenizer.apply_chat_template(fmt.messages(prompt), tokenize=False, **dict(fmt.template_args))
+    return tokenizer.chat_text(fmt.messages(prompt), **dict(fmt.template_args))
 
 
-def tokenize_chat(tokenizer, prompts: Sequence[str], fmt: PromptFormat, max_length: int = MAX_SEQUENCE_LENGTH):
+def tokenize_chat(tokenizer: ChatTokenizer, prompts: Sequence[str], fmt: PromptFormat,
+                  max_length: int = MAX_SEQUENCE_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask (B, max_length), padded on the right. A template that writes the BOS itself
     (Mistral's) gets no second one from the tokenizer, as transformers' processors decide."""
     texts = [chat_text(tokenizer, p, fmt) for p in prompts]
     bos = tokenizer.bos_token
-    batch = tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=max_length,
-                      add_special_tokens=not (bos and texts[0].startswith(bos)))
-    return batch["input_ids"], batch["attention_mask"]
+    return tokenizer(texts, max_length, add_special_tokens=not (bos and texts[0].startswith(bos)))
 
 
-def encode_prompt(tokenizer, model, prompts: Sequence[str], device: torch.device | str, fmt: PromptFormat,
+def encode_prompt(tokenizer: ChatTokenizer, model: DecoderLM, prompts: Sequence[str], device: torch.device | str, fmt: PromptFormat,
                   max_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
     """(B, max_length, len(fmt.layers) * hidden): the hidden states after `fmt.layers`, side by side per token."""
     ids, mask = tokenize_chat(tokenizer, prompts, fmt, max_length)

@@ -146,12 +146,12 @@ def _check_folder(path: str | Path, alternatives: list[list[str]], what: str) ->
     raise FileNotFoundError(f"{what} folder {str(folder)!r} {state}: expected {expected}")
 
 
-def _corrupt(path: Path, what: str, reason: object) -> ValueError:
+def corrupt_file(path: Path, what: str, reason: object) -> ValueError:
     return ValueError(f"{what} file {str(path)!r} is corrupt: {reason}")
 
 
 @contextlib.contextmanager
-def _gc_paused():
+def gc_paused():
     """Pause the cyclic garbage collector while a vocabulary's ~10^5 small (acyclic) objects are made: with torch
     imported, the collections it would trigger cost more than the parsing itself."""
     enabled = gc.isenabled()
@@ -163,32 +163,32 @@ def _gc_paused():
             gc.enable()
 
 
-def _read_json(path: Path, what: str, kind: type = dict) -> Any:
+def read_json(path: Path, what: str, kind: type = dict) -> Any:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _corrupt(path, what, f"not valid JSON ({e})") from e
+        raise corrupt_file(path, what, f"not valid JSON ({e})") from e
     if not isinstance(data, kind):
-        raise _corrupt(path, what, f"expected a JSON {kind.__name__}, found {type(data).__name__}")
+        raise corrupt_file(path, what, f"expected a JSON {kind.__name__}, found {type(data).__name__}")
     return data
 
 
 def _read_optional_json(folder: Path, name: str, what: str) -> dict | None:
     path = folder / name
-    return _read_json(path, what) if path.is_file() else None
+    return read_json(path, what) if path.is_file() else None
 
 
-def _read_clip_vocab_files(folder: Path, what: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def read_bpe_vocab_files(folder: Path, what: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """vocab.json (token -> id) and merges.txt, parsed the way the tokenizers library parses them."""
     vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
-    vocab = _read_json(vocab_path, what)
+    vocab = read_json(vocab_path, what)
     for token, index in vocab.items():
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 2**32:
-            raise _corrupt(vocab_path, what, f"token {token!r} has id {index!r}, expected a non-negative integer")
+            raise corrupt_file(vocab_path, what, f"token {token!r} has id {index!r}, expected a non-negative integer")
     try:
         text = merges_path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise _corrupt(merges_path, what, f"not UTF-8 text ({e})") from e
+        raise corrupt_file(merges_path, what, f"not UTF-8 text ({e})") from e
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -199,7 +199,7 @@ def _read_clip_vocab_files(folder: Path, what: str) -> tuple[dict[str, int], lis
             continue
         parts = line.split(" ")
         if len(parts) != 2:
-            raise _corrupt(merges_path, what, f"merge {len(merges) + 1} ({line[:60]!r}) is not two space-separated tokens")
+            raise corrupt_file(merges_path, what, f"merge {len(merges) + 1} ({line[:60]!r}) is not two space-separated tokens")
         merges.append((parts[0], parts[1]))
     return vocab, merges
 
@@ -307,9 +307,9 @@ def _read_spiece(path: Path, what: str) -> tuple[list[tuple[str, float, int]], b
                     if f == 2 and w == 2:
                         charsmap = v
     except (ValueError, UnicodeDecodeError) as e:
-        raise _corrupt(path, what, f"not a sentencepiece model ({e})") from e
+        raise corrupt_file(path, what, f"not a sentencepiece model ({e})") from e
     if not pieces:
-        raise _corrupt(path, what, "not a sentencepiece model (no pieces)")
+        raise corrupt_file(path, what, "not a sentencepiece model (no pieces)")
     return pieces, charsmap
 
 
@@ -324,7 +324,7 @@ def _added_token(entry: dict, source: Path, what: str, special: bool | None = No
         fields["special"] = special
     unknown = set(fields) - set(_ADDED_TOKEN_FIELDS)
     if unknown or not isinstance(fields.get("content"), str):
-        raise _corrupt(source, what, f"bad added-token entry {entry!r}")
+        raise corrupt_file(source, what, f"bad added-token entry {entry!r}")
     return AddedToken(**fields)
 
 
@@ -339,7 +339,7 @@ def _convert_typed(obj: Any, source: Path, what: str) -> Any:
     return obj
 
 
-class _TokenSetup:
+class TokenSetup:
     """The tokenizer_config / special_tokens_map / tokenizer.json settings a transformers tokenizer starts from.
 
     ``init`` is what transformers passes to the tokenizer class as keyword arguments (config keys, with the legacy
@@ -368,15 +368,15 @@ class _TokenSetup:
         if "added_tokens_decoder" in init:
             saved = init.pop("added_tokens_decoder")
             if not isinstance(saved, dict):
-                raise _corrupt(config_path, what, "added_tokens_decoder is not a mapping")
+                raise corrupt_file(config_path, what, "added_tokens_decoder is not a mapping")
             for index, entry in saved.items():
                 if not isinstance(entry, dict):
-                    raise _corrupt(config_path, what, f"added_tokens_decoder[{index!r}] is not a mapping")
+                    raise corrupt_file(config_path, what, f"added_tokens_decoder[{index!r}] is not a mapping")
                 try:
-                    token_id = int(index)
+                    number = int(index)
                 except ValueError as e:
-                    raise _corrupt(config_path, what, f"added_tokens_decoder key {index!r} is not an id") from e
-                added_decoder[token_id] = _added_token(entry, config_path, what)
+                    raise corrupt_file(config_path, what, f"added_tokens_decoder key {index!r} is not an id") from e
+                added_decoder[number] = _added_token(entry, config_path, what)
         else:
             map_path = folder / "special_tokens_map.json"
             for key, value in (_read_optional_json(folder, "special_tokens_map.json", what) or {}).items():
@@ -398,9 +398,9 @@ class _TokenSetup:
             if added_path.is_file():
                 specials = {str(init[k]) for k in _NAMED_SLOTS if init.get(k)}
                 specials.update(str(t) for t in (init.get("extra_special_tokens") or []))
-                for content, index in _read_json(added_path, what).items():
+                for content, index in read_json(added_path, what).items():
                     if isinstance(index, bool) or not isinstance(index, int):
-                        raise _corrupt(added_path, what, f"token {content!r} has id {index!r}")
+                        raise corrupt_file(added_path, what, f"token {content!r} has id {index!r}")
                     special = content in specials
                     added_decoder[int(index)] = AddedToken(content, rstrip=False, lstrip=False,
                                                            normalized=not special, special=special)
@@ -408,7 +408,7 @@ class _TokenSetup:
                 entries = tokenizer_json.get("added_tokens") or []
                 for entry in entries:
                     if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
-                        raise _corrupt(folder / "tokenizer.json", what, f"bad added-token entry {entry!r}")
+                        raise corrupt_file(folder / "tokenizer.json", what, f"bad added-token entry {entry!r}")
                     added_decoder[entry["id"]] = _added_token(entry, folder / "tokenizer.json", what)
         for token in added_decoder.values():
             added_by_content[token.content] = token
@@ -474,7 +474,7 @@ class _TokenSetup:
         padding_side, truncation_side = padding_side or "right", truncation_side or "right"
         for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
             if side not in ("right", "left"):
-                raise _corrupt(path, what, f"{name} must be 'right' or 'left', got {side!r}")
+                raise corrupt_file(path, what, f"{name} must be 'right' or 'left', got {side!r}")
         return padding_side, truncation_side
 
     def model_max_length(self) -> int:
@@ -483,7 +483,7 @@ class _TokenSetup:
         return value if value is not None else VERY_LARGE_INTEGER
 
 
-def _token_id(backend: Tokenizer, token: Any, unk: Any) -> int | None:
+def token_id(backend: Tokenizer, token: Any, unk: Any) -> int | None:
     """transformers' convert_tokens_to_ids: the id of `token`, else the unknown token's id."""
     if token is None:
         return None
@@ -493,7 +493,7 @@ def _token_id(backend: Tokenizer, token: Any, unk: Any) -> int | None:
     return index
 
 
-def _finish(backend: Tokenizer, setup: _TokenSetup, named: dict[str, Any], extra: Any, folder: Path,
+def register_added_tokens(backend: Tokenizer, setup: TokenSetup, named: dict[str, Any], extra: Any, folder: Path,
             what: str, tokenizer_json: dict | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Register the added tokens; return the named special tokens and the PromptTokenizer settings."""
     tokens, slots = setup.tokens_to_add(named, extra)
@@ -503,9 +503,9 @@ def _finish(backend: Tokenizer, setup: _TokenSetup, named: dict[str, Any], extra
     padding_side, truncation_side = setup.sides(tokenizer_json, what, folder / "tokenizer_config.json")
     unk = slots.get("unk_token")
     settings = dict(
-        eos_token_id=_token_id(backend, slots.get("eos_token"), unk),
+        eos_token_id=token_id(backend, slots.get("eos_token"), unk),
         pad_token=None if slots.get("pad_token") is None else str(slots["pad_token"]),
-        pad_token_id=_token_id(backend, slots.get("pad_token"), unk),
+        pad_token_id=token_id(backend, slots.get("pad_token"), unk),
         model_max_length=setup.model_max_length(),
         padding_side=padding_side,
         truncation_side=truncation_side,
@@ -514,13 +514,13 @@ def _finish(backend: Tokenizer, setup: _TokenSetup, named: dict[str, Any], extra
     return slots, settings
 
 
-def _load_tokenizer_json(folder: Path, what: str) -> dict | None:
+def load_tokenizer_json(folder: Path, what: str) -> dict | None:
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
-    data = _read_json(path, what)
+    data = read_json(path, what)
     if not isinstance(data.get("model"), dict):
-        raise _corrupt(path, what, "no 'model' section")
+        raise corrupt_file(path, what, "no 'model' section")
     return data
 
 
@@ -537,14 +537,14 @@ def load_clip_tokenizer(path: str | Path) -> PromptTokenizer:
     ``</w>`` end-of-word suffix; ``<|startoftext|> ... <|endoftext|>`` around every prompt. With a tokenizer.json,
     only its vocabulary, merges and (when the config saves none) added tokens are used, as transformers does.
     """
-    with _gc_paused():
+    with gc_paused():
         return _load_clip(path)
 
 
 def _load_clip(path: str | Path) -> PromptTokenizer:
     what = "CLIP tokenizer"
     folder = _check_folder(path, [["vocab.json", "merges.txt"], ["tokenizer.json"]], what)
-    tokenizer_json = _load_tokenizer_json(folder, what)
+    tokenizer_json = load_tokenizer_json(folder, what)
     if tokenizer_json is not None:
         json_path = folder / "tokenizer.json"
         model = tokenizer_json["model"]
@@ -552,14 +552,14 @@ def _load_clip(path: str | Path) -> PromptTokenizer:
         if isinstance(raw_vocab, list):
             raw_vocab = {item[0] if isinstance(item, list) else item: i for i, item in enumerate(raw_vocab)}
         if not isinstance(raw_vocab, dict):
-            raise _corrupt(json_path, what, "model.vocab is neither a mapping nor a list")
+            raise corrupt_file(json_path, what, "model.vocab is neither a mapping nor a list")
         vocab = raw_vocab
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
         files = f"file {str(json_path)!r} is"
     else:
-        vocab, merges = _read_clip_vocab_files(folder, what)
+        vocab, merges = read_bpe_vocab_files(folder, what)
         files = f"files {str(folder / 'vocab.json')!r} / {str(folder / 'merges.txt')!r} are"
-    setup = _TokenSetup(folder, what, tokenizer_json)
+    setup = TokenSetup(folder, what, tokenizer_json)
     init = setup.init
     named = {key: init[key] if key in init else default for key, default in _CLIP_DEFAULTS.items()}
     try:
@@ -575,10 +575,10 @@ def _load_clip(path: str | Path) -> PromptTokenizer:
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
     extra = init["extra_special_tokens"] if "extra_special_tokens" in init else init.get("additional_special_tokens")
-    slots, settings = _finish(backend, setup, named, extra, folder, what, tokenizer_json)
+    slots, settings = register_added_tokens(backend, setup, named, extra, folder, what, tokenizer_json)
     unk = slots.get("unk_token")
     bos, eos = slots.get("bos_token"), slots.get("eos_token")
-    bos_id, eos_id = _token_id(backend, bos, unk), _token_id(backend, eos, unk)
+    bos_id, eos_id = token_id(backend, bos, unk), token_id(backend, eos, unk)
     if bos_id is None or eos_id is None:
         raise ValueError(f"{what} in {str(folder)!r}: BOS {str(bos)!r} / EOS {str(eos)!r} are not in the vocabulary")
     backend.post_processor = processors.RobertaProcessing((str(eos), eos_id), (str(bos), bos_id),
@@ -605,7 +605,7 @@ def _precompiled_from_json(tokenizer_json: dict, path: Path, what: str) -> bytes
             try:
                 return base64.b64decode(item["precompiled_charsmap"] or "")
             except (ValueError, TypeError) as e:
-                raise _corrupt(path, what, f"bad precompiled_charsmap ({e})") from e
+                raise corrupt_file(path, what, f"bad precompiled_charsmap ({e})") from e
     return None
 
 
@@ -619,19 +619,19 @@ def load_t5_tokenizer(path: str | Path) -> PromptTokenizer:
     whole in the raw prompt. tokenizer.json, when present, wins over spiece.model; from spiece.model the
     sentinels get ids ``len(pieces) + extra_ids - 1 - N``.
     """
-    with _gc_paused():
+    with gc_paused():
         return _load_t5(path)
 
 
 def _load_t5(path: str | Path) -> PromptTokenizer:
     what = "T5 tokenizer"
     folder = _check_folder(path, [["spiece.model"], ["tokenizer.json"]], what)
-    tokenizer_json = _load_tokenizer_json(folder, what)
-    setup = _TokenSetup(folder, what, tokenizer_json)
+    tokenizer_json = load_tokenizer_json(folder, what)
+    setup = TokenSetup(folder, what, tokenizer_json)
     init = setup.init
     extra_ids = init.get("extra_ids", 100)
     if isinstance(extra_ids, bool) or not isinstance(extra_ids, int) or extra_ids < 0:
-        raise _corrupt(folder / "tokenizer_config.json", what, f"extra_ids must be a non-negative int, got {extra_ids!r}")
+        raise corrupt_file(folder / "tokenizer_config.json", what, f"extra_ids must be a non-negative int, got {extra_ids!r}")
     if tokenizer_json is not None:
         json_path = folder / "tokenizer.json"
         raw_vocab = tokenizer_json["model"].get("vocab")
@@ -640,7 +640,7 @@ def _load_t5(path: str | Path) -> PromptTokenizer:
                 raise TypeError
             vocab = [(piece, score) for piece, score in raw_vocab]  # the tokenizers library checks the types
         except (TypeError, ValueError):
-            raise _corrupt(json_path, what, "model.vocab is not a unigram vocabulary ([piece, score] pairs)") from None
+            raise corrupt_file(json_path, what, "model.vocab is not a unigram vocabulary ([piece, score] pairs)") from None
         charsmap = _precompiled_from_json(tokenizer_json, json_path, what)
         additional = init.get("additional_special_tokens")
         source = str(json_path)
@@ -680,7 +680,7 @@ def _load_t5(path: str | Path) -> PromptTokenizer:
         pre_tokenizers.WhitespaceSplit(),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
     ])
-    slots, settings = _finish(backend, setup, named, extra, folder, what, tokenizer_json)
+    slots, settings = register_added_tokens(backend, setup, named, extra, folder, what, tokenizer_json)
     eos_id = settings["eos_token_id"]
     if eos_id is None:
         raise ValueError(f"{what} in {str(folder)!r}: EOS {str(slots.get('eos_token'))!r} is not in the vocabulary")
