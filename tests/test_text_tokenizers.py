@@ -284,7 +284,7 @@ def test_special_tokens_and_truncation(tok_root):
 def test_call_arguments(tok_root):
     clip = _ours(_build("clip", tok_root))
     assert clip([], 77).shape == (0, 77)
-    with pytest.raises(TypeError, match="list of prompts"):
+    with pytest.raises(TypeError, match="list of texts"):
         clip("a cat", 77)
     with pytest.raises(ValueError, match="max_length must be at least 2"):
         clip(["a cat"], 1)  # no room for BOS + EOS

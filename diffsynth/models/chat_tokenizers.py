@@ -45,6 +45,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from .text_tokenizers import (
+    encode_fixed_length,
     corrupt_file,
     register_added_tokens,
     gc_paused,
@@ -196,36 +197,10 @@ class ChatTokenizer:
         the padding side, truncated on the truncation side (keeping room for the special tokens the post-processor
         adds when `add_special_tokens`). A max_length below that count is an error (transformers would not
         truncate at all then)."""
-        if isinstance(texts, str):
-            raise TypeError("ChatTokenizer takes a list of texts, not a single string")
-        texts = list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("every text must be a str")
-        if isinstance(max_length, bool) or int(max_length) != max_length:
-            raise TypeError(f"max_length must be an int, got {max_length!r}")
-        max_length, add_special_tokens = int(max_length), bool(add_special_tokens)
-        specials = self.backend.num_special_tokens_to_add(False) if add_special_tokens else 0
-        if max_length < max(specials, 1):
-            raise ValueError(f"max_length must be at least {max(specials, 1)}"
-                             f"{' (the special tokens)' if specials > 1 else ''}, got {max_length}")
-        if self.pad_token is None or self.pad_token_id is None or self.pad_token_id < 0:
-            raise ValueError(f"the tokenizer in {self.name!r} has no padding token, so it cannot pad to max_length")
-        if not texts:
-            empty = torch.empty((0, max_length), dtype=torch.long)
-            return empty, empty.clone()
-        truncation = {"max_length": max_length, "stride": 0, "strategy": "longest_first",
-                      "direction": self.truncation_side}
-        padding = {"length": max_length, "direction": self.padding_side, "pad_id": self.pad_token_id,
-                   "pad_token": self.pad_token, "pad_type_id": 0, "pad_to_multiple_of": None}
-        with self._lock:
-            current = self.backend.truncation
-            if current is None or any(current.get(k) != v for k, v in truncation.items()):
-                self.backend.enable_truncation(**truncation)
-            if self.backend.padding != padding:
-                self.backend.enable_padding(**padding)
-            encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
-        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
-        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        encodings = encode_fixed_length(self, texts, max_length, add_special_tokens)
+        shape = (len(encodings), int(max_length))
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long).reshape(shape)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long).reshape(shape)
         return ids, mask
 
 

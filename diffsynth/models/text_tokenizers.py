@@ -104,32 +104,44 @@ class PromptTokenizer:
 
     def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor:
         """Token ids ``(len(prompts), max_length)`` (int64), padded with ``pad_token_id`` and truncated."""
-        if isinstance(prompts, str):
-            raise TypeError("PromptTokenizer takes a list of prompts, not a single string")
-        prompts = list(prompts)
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("every prompt must be a str")
-        max_length = int(max_length)
-        specials = self.backend.num_special_tokens_to_add(False)
-        if max_length < max(specials, 1):
-            # transformers would then skip truncation and return rows longer than max_length
-            raise ValueError(f"max_length must be at least {max(specials, 1)} (the special tokens), got {max_length}")
-        if self.pad_token is None or self.pad_token_id is None or self.pad_token_id < 0:
-            raise ValueError(f"tokenizer {self.name!r} has no padding token, so it cannot pad to max_length")
-        if not prompts:
-            return torch.empty((0, max_length), dtype=torch.long)
-        truncation = {"max_length": max_length, "stride": 0, "strategy": "longest_first",
-                      "direction": self.truncation_side}
-        padding = {"length": max_length, "direction": self.padding_side, "pad_id": self.pad_token_id,
-                   "pad_token": self.pad_token, "pad_type_id": 0, "pad_to_multiple_of": None}
-        with self._lock:
-            current = self.backend.truncation
-            if current is None or any(current.get(k) != v for k, v in truncation.items()):
-                self.backend.enable_truncation(**truncation)
-            if self.backend.padding != padding:
-                self.backend.enable_padding(**padding)
-            encodings = self.backend.encode_batch(prompts, add_special_tokens=True)
-        return torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        encodings = encode_fixed_length(self, prompts, max_length)
+        return torch.tensor([e.ids for e in encodings], dtype=torch.long).reshape(len(encodings), int(max_length))
+
+
+def encode_fixed_length(tokenizer, texts: list[str], max_length: int, add_special_tokens: bool = True) -> list:
+    """`texts` encoded by `tokenizer.backend` as transformers' ``padding="max_length", truncation=True`` encodes
+    them: padded with the pad token on the padding side, truncated on the truncation side, keeping room for the
+    special tokens the post-processor adds. A max_length below their count is an error (transformers would then
+    skip truncation and return rows longer than max_length). `tokenizer`: a PromptTokenizer or ChatTokenizer (the
+    backend's padding/truncation settings change under its lock)."""
+    if isinstance(texts, str):
+        raise TypeError(f"{type(tokenizer).__name__} takes a list of texts, not a single string")
+    texts = list(texts)
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("every text must be a str")
+    if isinstance(max_length, bool) or int(max_length) != max_length:
+        raise TypeError(f"max_length must be an int, got {max_length!r}")
+    max_length = int(max_length)
+    specials = tokenizer.backend.num_special_tokens_to_add(False) if add_special_tokens else 0
+    if max_length < max(specials, 1):
+        raise ValueError(f"max_length must be at least {max(specials, 1)}"
+                         f"{' (the special tokens)' if specials else ''}, got {max_length}")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id is None or tokenizer.pad_token_id < 0:
+        raise ValueError(f"the tokenizer in {tokenizer.name!r} has no padding token, so it cannot pad to max_length")
+    if not texts:
+        return []
+    truncation = {"max_length": max_length, "stride": 0, "strategy": "longest_first",
+                  "direction": tokenizer.truncation_side}
+    padding = {"length": max_length, "direction": tokenizer.padding_side, "pad_id": tokenizer.pad_token_id,
+               "pad_token": tokenizer.pad_token, "pad_type_id": 0, "pad_to_multiple_of": None}
+    backend = tokenizer.backend
+    with tokenizer._lock:
+        current = backend.truncation
+        if current is None or any(current.get(k) != v for k, v in truncation.items()):
+            backend.enable_truncation(**truncation)
+        if backend.padding != padding:
+            backend.enable_padding(**padding)
+        return backend.encode_batch(texts, add_special_tokens=bool(add_special_tokens))
 
 
 # --------------------------------------------------------------------------------------
