@@ -145,7 +145,7 @@ def test_vram_management_plans_redux_models(tiny_root, redux_root, pipe):
 
 
 def test_fp8_stored_image_encoder_sees_full_precision_pixels(tiny_root, redux_root):
-    """transformers' SiglipVisionEmbeddings casts pixel_values to the patch kernel's dtype: fp8 storage keeps
+    """The SigLIP embeddings cast pixel_values to the patch kernel's dtype (as transformers' do): fp8 storage keeps
     convolution kernels in the compute dtype, so the image is not rounded to fp8 (the matrices still are)."""
     managed = managed_pipe(tiny_root, redux_root, torch.float8_e4m3fn, torch.float32)
     out = managed(flux_redux_image=picture(), **REDUX_KW)

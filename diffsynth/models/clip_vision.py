@@ -6,17 +6,40 @@ resized (shortest side, bicubic) and centre-cropped to the model's size, normali
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from .siglip import adopt_hf_model
+from ..ops.files import CheckpointError
 from ..ops.images import convert_image
+from ..ops.linear import adopt_linears
 from .entry import BuildOptions, Detected, Family, fills, has_key, plain_tensors
+from .flux_text_encoders import rebuild_position_ids
+from .siglip import VISION_PREFIX
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def adopt_hf_model(model_cls, config, sd: Mapping[str, torch.Tensor], name: str) -> nn.Module:
+    """Build a transformers vision model on the meta device and adopt `sd` (keys with the `vision_model.`
+    level, which transformers 5 drops in some classes); non-persistent position ids are rebuilt."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = model.state_dict()
+    if not any(k.startswith(VISION_PREFIX) for k in expected):
+        sd = {k.removeprefix(VISION_PREFIX): v for k, v in sd.items()}
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
+    bad = [k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape]
+    if missing or unexpected or bad:
+        raise CheckpointError(f"{name}: weights do not fit the config; missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    rebuild_position_ids(model)
+    return adopt_linears(model).eval().requires_grad_(False)
 
 
 def clip_vision_config(sd: dict[str, torch.Tensor], config: dict | None):

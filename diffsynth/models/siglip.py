@@ -1,33 +1,219 @@
-"""SigLIP vision encoder (transformers' SiglipVisionModel), from an HF folder or a single file.
+"""SigLIP vision encoder, from an HF folder or a single file, as the FLUX.1-Redux and InstantX IP-Adapter use it.
 
 Files seen in the wild: a `SiglipVisionModel` (`vision_model.*` keys, FLUX.1-Redux's image_encoder/), a
 whole `SiglipModel` (text + vision, e.g. google/siglip-so400m-patch14-384: only the vision half is
 built), and the same without the `vision_model.` level (transformers 5 saves SiglipVisionModel so).
 With a config.json (plain or nesting `vision_config`) that config is used; otherwise the architecture is
 read from the shapes (heads: 16 for the so400m width 1152, else head_dim 64).
+
+The network is written here (parameter names as transformers 4 writes `SiglipVisionModel`: `vision_model.*`,
+the pooling head under `vision_model.head.*` with nn.MultiheadAttention's names) rather than taken from
+transformers, whose model code costs about 2 s of every fresh process to import:
+
+    pixels (B, C, S, S) -> patch conv (stride = patch) + position table, no class token -> (B, P, D)
+    -> N x [x + attn(ln1(x)), x + mlp(ln2(x))] (bidirectional, tanh-GELU MLP) -> post LN -> last_hidden_state
+    head: one learned probe attends over the P states -> y; y + mlp(ln(y)) -> pooler_output (B, D)
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-if TYPE_CHECKING:  # imported where used: the component table imports this file, transformers is slow to import
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
 from ..ops.files import CheckpointError
-from .flux_text_encoders import layer_count, rebuild_position_ids
-from ..ops.linear import adopt_linears
+from .clip_text import ACTIVATIONS, zero_embedding
+from .flux_text_encoders import layer_count
+from ..ops.linear import Linear, linear
 from ..ops.images import convert_image
 from .entry import BuildOptions, Component, Detected, Family, fills, has_key, has_prefix, plain_tensors
 
 VISION_PREFIX = "vision_model."
 HEADS_BY_WIDTH = {1152: 16}  # so400m: head_dim 72
 
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class SiglipVisionConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    vision_use_head: bool = True
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"SigLIP vision config: hidden_act {self.hidden_act!r} is not supported; "
+                             f"known: {sorted(ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"SigLIP vision config: hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        for name in ("image_size", "patch_size"):  # config.json may write a square size as [n, n]
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                if len(set(value)) != 1:
+                    raise ValueError(f"SigLIP vision config: only square {name}s are supported, got {value}")
+                object.__setattr__(self, name, int(value[0]))
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_dict(cls, config: Mapping) -> "SiglipVisionConfig":
+        """From a config.json (SiglipVisionConfig, or a full SiglipConfig whose `vision_config` holds it); other
+        keys are ignored."""
+        d = config.get("vision_config", config)
+        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+
+
+# ----------------------------------------------------------------------------- network
+
+class SiglipVisionOutput(NamedTuple):
+    last_hidden_state: torch.Tensor      # (B, patches, hidden), after the post-layernorm
+    pooler_output: torch.Tensor | None   # (B, hidden) from the attention-pooling head; None without one
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, c: SiglipVisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
+        self.position_embedding = zero_embedding(c.num_patches, c.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, D, S/p, S/p)
+        x = x.flatten(2).transpose(1, 2)  # (B, P, D), patches row by row
+        # the table through its module (not `.weight`): VRAM management's cast layers convert it there
+        return x + self.position_embedding(torch.arange(x.shape[1], device=x.device))
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, D) -> (B, H, L, D/H)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, c: SiglipVisionConfig):
+        super().__init__()
+        self.heads = c.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(c.hidden_size, c.hidden_size)
+                                                                for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch; scale head_dim ** -0.5
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, c: SiglipVisionConfig):
+        super().__init__()
+        self.fc1 = Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = Linear(c.intermediate_size, c.hidden_size)
+        self.act = ACTIVATIONS[c.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiglipLayer(nn.Module):
+    def __init__(self, c: SiglipVisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = SiglipAttention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = SiglipMLP(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, c: SiglipVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(SiglipLayer(c) for _ in range(c.num_hidden_layers))
+
+
+class PoolingAttention(nn.Module):
+    """Cross-attention with nn.MultiheadAttention's parameter names: q/k/v projections packed in one
+    (3D, D) `in_proj_weight` (rows q, then k, then v), and `out_proj`."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.zeros(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        bq, bk, bv = self.in_proj_bias.chunk(3)
+        q = split_heads(linear(query, wq, bq), self.heads)  # (B, H, Q, d)
+        k, v = (split_heads(linear(x, w, b), self.heads) for w, b in ((wk, bk), (wv, bv)))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, Q, D)
+
+
+class SiglipPoolingHead(nn.Module):
+    """Multihead attention pooling: a learned probe token reads the patch states, then a residual MLP."""
+
+    def __init__(self, c: SiglipVisionConfig):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
+        self.attention = PoolingAttention(c.hidden_size, c.num_attention_heads)
+        self.layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = SiglipMLP(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) -> (B, D)."""
+        y = self.attention(self.probe.expand(x.shape[0], -1, -1), x)
+        return (y + self.mlp(self.layernorm(y)))[:, 0]
+
+
+class SiglipTransformer(nn.Module):
+    def __init__(self, c: SiglipVisionConfig):
+        super().__init__()
+        self.embeddings = SiglipEmbeddings(c)
+        self.encoder = SiglipEncoder(c)
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.head = SiglipPoolingHead(c) if c.vision_use_head else None
+
+
+class SiglipVisionTower(nn.Module):
+    """The vision tower; parameters under `vision_model.` as transformers 4 names SiglipVisionModel's."""
+
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = SiglipTransformer(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> SiglipVisionOutput:
+        """(B, C, S, S) pixels in [-1, 1] at the config's image size -> (last_hidden_state, pooler_output)."""
+        size = self.config.image_size
+        if tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(f"SigLIP vision encoder: images of {size}x{size} expected (its position table), "
+                             f"got {tuple(pixel_values.shape[-2:])}")
+        m = self.vision_model
+        x = m.embeddings(pixel_values)
+        for layer in m.encoder.layers:
+            x = layer(x)
+        x = m.post_layernorm(x)
+        return SiglipVisionOutput(x, m.head(x) if m.head is not None else None)
+
+
+# ----------------------------------------------------------------------------- loading
 
 def vision_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The vision tower's tensors, named without the `vision_model.` level (text tower dropped)."""
@@ -37,7 +223,7 @@ def vision_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def infer_siglip_config(sd: Mapping[str, torch.Tensor]) -> SiglipVisionConfig:
-    """SiglipVisionConfig from the vision tower's shapes (keys without `vision_model.`)."""
+    """The config from the vision tower's shapes (keys without `vision_model.`)."""
     try:
         patch = sd["embeddings.patch_embedding.weight"]
         positions = sd["embeddings.position_embedding.weight"].shape[0]
@@ -47,7 +233,6 @@ def infer_siglip_config(sd: Mapping[str, torch.Tensor]) -> SiglipVisionConfig:
     hidden, channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[2]
     side = round(positions ** 0.5)
     heads = HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64) if hidden >= 64 else max(1, hidden // 8))
-    from transformers import SiglipVisionConfig
     return SiglipVisionConfig(hidden_size=hidden, intermediate_size=fc1.shape[0], num_channels=channels,
                               num_hidden_layers=layer_count(sd, "encoder.layers."), num_attention_heads=heads,
                               image_size=side * patch_size, patch_size=patch_size, layer_norm_eps=1e-6,
@@ -58,38 +243,27 @@ def siglip_config(config_dict: Mapping | None, sd: Mapping) -> SiglipVisionConfi
     if config_dict is None:
         return infer_siglip_config(sd)
     d = dict(config_dict.get("vision_config", config_dict))
-    d.pop("model_type", None)
     d.setdefault("vision_use_head", "head.probe" in sd)
-    from transformers import SiglipVisionConfig
     return SiglipVisionConfig.from_dict(d)
 
 
-def adopt_hf_model(model_cls, config, sd: Mapping[str, torch.Tensor], name: str) -> nn.Module:
-    """Build a transformers vision model on the meta device and adopt `sd` (keys with the `vision_model.`
-    level, which transformers 5 drops in some classes); non-persistent position ids are rebuilt."""
-    with torch.device("meta"):
-        model = model_cls(config)
-    expected = model.state_dict()
-    if not any(k.startswith(VISION_PREFIX) for k in expected):
-        sd = {k.removeprefix(VISION_PREFIX): v for k, v in sd.items()}
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    bad = [k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape]
-    if missing or unexpected or bad:
-        raise CheckpointError(f"{name}: weights do not fit the config; missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
-    model.load_state_dict(sd, strict=True, assign=True)
-    rebuild_position_ids(model)
-    return adopt_linears(model).eval().requires_grad_(False)
-
-
 def load_siglip_vision(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None = None,
-                       dtype: torch.dtype | None = None) -> SiglipVisionModel:
-    """Build transformers' SiglipVisionModel from SigLIP weights (any of the layouts above)."""
+                       dtype: torch.dtype | None = None) -> SiglipVisionTower:
+    """Build the vision tower on the meta device and adopt SigLIP weights (any of the layouts above), cast to
+    `dtype` (floating tensors; None keeps the file's)."""
     sd = vision_keys(state_dict)
     config = siglip_config(config_dict, sd)
     sd = {VISION_PREFIX + k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
-    from transformers import SiglipVisionModel
-    return adopt_hf_model(SiglipVisionModel, config, sd, "SigLIP vision encoder")
+    with torch.device("meta"):
+        model = SiglipVisionTower(config)
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
+    bad = [k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape]
+    if missing or unexpected or bad:
+        raise CheckpointError(f"SigLIP vision encoder: weights do not fit the config; missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
 
 
 def siglip_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
@@ -107,7 +281,7 @@ class SiglipImageEncoder(nn.Module):
     """The `image_encoder` component: PIL images -> SigLIP features (pooled for the IP-Adapter, patch
     features for Redux), resized to the model's square size (bicubic) and mapped to [-1, 1]."""
 
-    def __init__(self, model: SiglipVisionModel):
+    def __init__(self, model: SiglipVisionTower):
         super().__init__()
         self.model = model
 
@@ -116,6 +290,9 @@ class SiglipImageEncoder(nn.Module):
 
     def forward(self, images: list[Image.Image], device, dtype) -> torch.Tensor:
         """(B, hidden): the attention-pooled embedding of each image."""
+        if not self.model.config.vision_use_head:
+            raise ValueError("this SigLIP vision encoder has no attention-pooling head (`head.*` weights): it gives "
+                             "patch features (Redux), not pooled embeddings (IP-Adapter)")
         return self._run(images, device, dtype).pooler_output
 
     def patch_features(self, images: list[Image.Image], device, dtype) -> torch.Tensor:
