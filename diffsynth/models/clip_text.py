@@ -75,21 +75,24 @@ class ClipEmbeddings(nn.Module):
 
 
 class ClipAttention(nn.Module):
-    def __init__(self, c: ClipTextConfig):
+    """Multi-head self-attention with q/k/v/out projections; causal in the text tower, bidirectional in vision
+    towers (SigLIP)."""
+
+    def __init__(self, c, causal: bool = True):
         super().__init__()
-        self.heads = c.num_attention_heads
+        self.heads, self.causal = c.num_attention_heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(c.hidden_size, c.hidden_size)
                                                                 for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, d)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, d)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class ClipMLP(nn.Module):
-    def __init__(self, c: ClipTextConfig):
+    def __init__(self, c):
         super().__init__()
         self.fc1 = Linear(c.hidden_size, c.intermediate_size)
         self.fc2 = Linear(c.intermediate_size, c.hidden_size)
@@ -100,9 +103,12 @@ class ClipMLP(nn.Module):
 
 
 class ClipLayer(nn.Module):
-    def __init__(self, c: ClipTextConfig):
+    """The pre-LN layer of CLIP's towers and SigLIP's: x + attn(ln1(x)), then x + mlp(ln2(x)). `c`: a config with
+    hidden_size, intermediate_size, num_attention_heads, hidden_act and layer_norm_eps."""
+
+    def __init__(self, c, causal: bool = True):
         super().__init__()
-        self.self_attn = ClipAttention(c)
+        self.self_attn = ClipAttention(c, causal)
         self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlp = ClipMLP(c)
         self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)

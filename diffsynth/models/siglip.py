@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from ..ops.files import CheckpointError
-from .clip_text import ACTIVATIONS, zero_embedding
+from .clip_text import ACTIVATIONS, ClipLayer, ClipMLP, zero_embedding
 from .flux_text_encoders import layer_count
 from ..ops.linear import Linear, linear
 from ..ops.images import convert_image
@@ -103,47 +103,10 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-class SiglipAttention(nn.Module):
-    def __init__(self, c: SiglipVisionConfig):
-        super().__init__()
-        self.heads = c.num_attention_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(c.hidden_size, c.hidden_size)
-                                                                for _ in range(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch; scale head_dim ** -0.5
-        return self.out_proj(out.transpose(1, 2).flatten(2))
-
-
-class SiglipMLP(nn.Module):
-    def __init__(self, c: SiglipVisionConfig):
-        super().__init__()
-        self.fc1 = Linear(c.hidden_size, c.intermediate_size)
-        self.fc2 = Linear(c.intermediate_size, c.hidden_size)
-        self.act = ACTIVATIONS[c.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class SiglipLayer(nn.Module):
-    def __init__(self, c: SiglipVisionConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.self_attn = SiglipAttention(c)
-        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.mlp = SiglipMLP(c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class SiglipEncoder(nn.Module):
     def __init__(self, c: SiglipVisionConfig):
         super().__init__()
-        self.layers = nn.ModuleList(SiglipLayer(c) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(ClipLayer(c, causal=False) for _ in range(c.num_hidden_layers))
 
 
 class PoolingAttention(nn.Module):
@@ -174,7 +137,7 @@ class SiglipPoolingHead(nn.Module):
         self.probe = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
         self.attention = PoolingAttention(c.hidden_size, c.num_attention_heads)
         self.layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.mlp = SiglipMLP(c)
+        self.mlp = ClipMLP(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, P, D) -> (B, D)."""
