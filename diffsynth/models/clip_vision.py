@@ -1,12 +1,18 @@
-"""CLIP ViT image encoder (openai/clip-vit-large-patch14 for XLabs' FLUX IP-Adapter), through transformers.
+"""CLIP ViT image encoder (openai/clip-vit-large-patch14 for XLabs' FLUX IP-Adapter).
 
 Reads `CLIPVisionModelWithProjection` weights (`vision_model.*` + `visual_projection.weight`), also out of a
 full CLIPModel file (the text tower is ignored). The embedding is the projected `image_embeds`, from images
 resized (shortest side, bicubic) and centre-cropped to the model's size, normalised with CLIP's statistics.
+
+The network is written here with transformers' parameter names (its model code costs about 2 s of a fresh process
+to import), on the pre-LN layer CLIP's text tower uses, bidirectional:
+
+    pixels (B, 3, S, S) -> [class token; patch conv (stride = patch)] + positions -> pre LN
+    -> N x ClipLayer -> class token's state -> post LN -> visual_projection -> image_embeds (B, projection_dim)
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -15,48 +21,111 @@ from torch import nn
 
 from ..ops.files import CheckpointError
 from ..ops.images import convert_image
-from ..ops.linear import adopt_linears
+from ..ops.linear import Linear
+from .clip_text import ACTIVATIONS, ClipLayer, zero_embedding
 from .entry import BuildOptions, Detected, Family, fills, has_key, plain_tensors
-from .flux_text_encoders import rebuild_position_ids
-from .siglip import VISION_PREFIX
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def adopt_hf_model(model_cls, config, sd: Mapping[str, torch.Tensor], name: str) -> nn.Module:
-    """Build a transformers vision model on the meta device and adopt `sd` (keys with the `vision_model.`
-    level, which transformers 5 drops in some classes); non-persistent position ids are rebuilt."""
-    with torch.device("meta"):
-        model = model_cls(config)
-    expected = model.state_dict()
-    if not any(k.startswith(VISION_PREFIX) for k in expected):
-        sd = {k.removeprefix(VISION_PREFIX): v for k, v in sd.items()}
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    bad = [k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape]
-    if missing or unexpected or bad:
-        raise CheckpointError(f"{name}: weights do not fit the config; missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
-    model.load_state_dict(sd, strict=True, assign=True)
-    rebuild_position_ids(model)
-    return adopt_linears(model).eval().requires_grad_(False)
+@dataclass(frozen=True)
+class ClipVisionConfig:
+    hidden_size: int = 768  # (transformers' CLIPVisionConfig defaults)
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
+    num_channels: int = 3
+    projection_dim: int = 512
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"CLIP vision config: hidden_act {self.hidden_act!r} is not supported; "
+                             f"known: {sorted(ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"CLIP vision config: hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ClipVisionConfig":
+        """From a config.json: CLIPVisionConfig, or a full CLIPConfig (`vision_config` + top-level
+        `projection_dim`); other keys are ignored."""
+        d = {**config.get("vision_config", config)}
+        if d.get("projection_dim") is None:
+            d["projection_dim"] = config.get("projection_dim")
+        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
 
 
-def clip_vision_config(sd: dict[str, torch.Tensor], config: dict | None):
-    from transformers import CLIPVisionConfig
+def clip_vision_config(sd: dict[str, torch.Tensor], config: dict | None) -> ClipVisionConfig:
+    """config.json's, else read from the shapes (heads: width / 64; CLIP's quick GELU)."""
     if config:
-        d = dict(config.get("vision_config", config))
-        d.setdefault("projection_dim", config.get("projection_dim", d.get("projection_dim", 512)))
-        d.pop("model_type", None)
-        return CLIPVisionConfig.from_dict(d)
-    hidden, _, patch, _ = sd["vision_model.embeddings.patch_embedding.weight"].shape
+        return ClipVisionConfig.from_dict(config)
+    hidden, channels, patch, _ = sd["vision_model.embeddings.patch_embedding.weight"].shape
     positions = sd["vision_model.embeddings.position_embedding.weight"].shape[0]
     layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("vision_model.encoder.layers."))
-    return CLIPVisionConfig(
+    return ClipVisionConfig(
         hidden_size=hidden, patch_size=patch, image_size=int(round((positions - 1) ** 0.5)) * patch,
         intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0], num_hidden_layers=layers,
         num_attention_heads=max(1, hidden // 64), projection_dim=sd["visual_projection.weight"].shape[0],
-        hidden_act="quick_gelu")
+        num_channels=channels)
+
+
+class ClipVisionEmbeddings(nn.Module):
+    def __init__(self, c: ClipVisionConfig):
+        super().__init__()
+        self.image_size = c.image_size
+        self.class_embedding = nn.Parameter(torch.zeros(c.hidden_size))
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size, bias=False)
+        self.position_embedding = zero_embedding((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"CLIP vision encoder: images of {tuple(pixels.shape[-2:])} px, the model takes "
+                             f"{self.image_size}x{self.image_size}")
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (B, P, D)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)  # (B, 1 + P, D)
+        # the table through its module: VRAM management's cast layers convert it there
+        return x + self.position_embedding(torch.arange(x.shape[1], device=x.device))
+
+
+class ClipVisionEncoder(nn.Module):
+    def __init__(self, c: ClipVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(ClipLayer(c, causal=False) for _ in range(c.num_hidden_layers))
+
+
+class ClipVisionTransformer(nn.Module):
+    def __init__(self, c: ClipVisionConfig):
+        super().__init__()
+        self.embeddings = ClipVisionEmbeddings(c)
+        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # (transformers' spelling)
+        self.encoder = ClipVisionEncoder(c)
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> (B, hidden): the class token's final state after the post-layernorm."""
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.post_layernorm(x[:, 0])
+
+
+class ClipVisionModel(nn.Module):
+    """CLIPVisionModelWithProjection's image embedding: the pooled class token projected (no bias)."""
+
+    def __init__(self, config: ClipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = ClipVisionTransformer(config)
+        self.visual_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> image_embeds (B, projection_dim)."""
+        return self.visual_projection(self.vision_model(pixel_values))
 
 
 class ClipImageEncoder(nn.Module):
@@ -77,15 +146,24 @@ class ClipImageEncoder(nn.Module):
         return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
     def forward(self, images: list[Image.Image], device, dtype) -> torch.Tensor:
-        return self.model(pixel_values=self.preprocess(images).to(device, dtype)).image_embeds
+        return self.model(self.preprocess(images).to(device, dtype))
 
 
 def load_clip_vision(sd: dict[str, torch.Tensor], config: dict | None, device) -> ClipImageEncoder:
-    from transformers import CLIPVisionModelWithProjection
-    sd = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
-    model = adopt_hf_model(CLIPVisionModelWithProjection, clip_vision_config(sd, config), sd,
-                           "CLIP vision encoder").to(device)
-    return ClipImageEncoder(model)
+    """The image encoder from `CLIPVisionModelWithProjection` weights (a full CLIPModel's text tower dropped);
+    keys and shapes are checked against the config."""
+    sd = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))
+          and not k.endswith("position_ids")}
+    with torch.device("meta"):
+        model = ClipVisionModel(clip_vision_config(sd, config))
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
+    bad = [k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape]
+    if missing or unexpected or bad:
+        raise CheckpointError(f"CLIP vision encoder: weights do not fit the config; missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return ClipImageEncoder(model.eval().requires_grad_(False).to(device))
 
 
 # ----------------------------------------------------------------------------- table entry

@@ -233,15 +233,6 @@ def _assign(
     model.load_state_dict(cast, strict=False, assign=True)
 
 
-def rebuild_position_ids(model: torch.nn.Module) -> None:
-    """transformers keeps `position_ids` as a non-persistent buffer: files do not store it, so a model built
-    on the meta device has it on meta; rebuild it (0..n-1) on the CPU."""
-    for module in model.modules():
-        buf = getattr(module, "position_ids", None)
-        if isinstance(buf, torch.Tensor) and buf.is_meta:
-            module.position_ids = torch.arange(buf.shape[-1]).expand(1, -1)
-
-
 def _check_materialized(model: torch.nn.Module, what: str) -> None:
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -351,6 +351,59 @@ def _convert_typed(obj: Any, source: Path, what: str) -> Any:
     return obj
 
 
+def _saved_added_tokens(saved: Any, config_path: Path, what: str) -> dict[int, AddedToken]:
+    """tokenizer_config.json's `added_tokens_decoder` (id -> added token), as transformers 4.33+ saves it."""
+    if not isinstance(saved, dict):
+        raise corrupt_file(config_path, what, "added_tokens_decoder is not a mapping")
+    out: dict[int, AddedToken] = {}
+    for index, entry in saved.items():
+        if not isinstance(entry, dict):
+            raise corrupt_file(config_path, what, f"added_tokens_decoder[{index!r}] is not a mapping")
+        try:
+            number = int(index)
+        except ValueError as e:
+            raise corrupt_file(config_path, what, f"added_tokens_decoder key {index!r} is not an id") from e
+        out[number] = _added_token(entry, config_path, what)
+    return out
+
+
+def _legacy_added_tokens(folder: Path, init: dict, model_specific: dict, what: str,
+                         tokenizer_json: dict | None) -> dict[int, AddedToken]:
+    """Without `added_tokens_decoder` (older folders): special_tokens_map.json merged into `init` (in place; its
+    model-specific tokens into `model_specific`), then added_tokens.json and tokenizer.json's added tokens."""
+    map_path = folder / "special_tokens_map.json"
+    for key, value in (_read_optional_json(folder, "special_tokens_map.json", what) or {}).items():
+        if isinstance(value, dict) and key != "extra_special_tokens":
+            value = _added_token(value, map_path, what, special=True)
+        elif key == "extra_special_tokens" and isinstance(value, list):
+            merged = list(init.get("extra_special_tokens") or [])
+            for token in value:
+                token = _added_token(token, map_path, what, special=True) if isinstance(token, dict) else token
+                if token not in merged:
+                    merged.append(token)
+            value = merged
+        elif isinstance(value, list):  # additional_special_tokens, entries possibly serialized AddedTokens
+            value = [_added_token(t, map_path, what, special=True) if isinstance(t, dict) else t for t in value]
+        init[key] = value
+    if isinstance(init.get("extra_special_tokens"), dict):
+        model_specific.update(init.pop("extra_special_tokens"))
+    out: dict[int, AddedToken] = {}
+    added_path = folder / "added_tokens.json"
+    if added_path.is_file():
+        specials = {str(init[k]) for k in _NAMED_SLOTS if init.get(k)}
+        specials.update(str(t) for t in (init.get("extra_special_tokens") or []))
+        for content, index in read_json(added_path, what).items():
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise corrupt_file(added_path, what, f"token {content!r} has id {index!r}")
+            special = content in specials
+            out[int(index)] = AddedToken(content, rstrip=False, lstrip=False, normalized=not special, special=special)
+    for entry in (tokenizer_json or {}).get("added_tokens") or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
+            raise corrupt_file(folder / "tokenizer.json", what, f"bad added-token entry {entry!r}")
+        out[entry["id"]] = _added_token(entry, folder / "tokenizer.json", what)
+    return out
+
+
 class TokenSetup:
     """The tokenizer_config / special_tokens_map / tokenizer.json settings a transformers tokenizer starts from.
 
@@ -375,55 +428,11 @@ class TokenSetup:
         if isinstance(init.get("extra_special_tokens"), dict):
             model_specific.update(init.pop("extra_special_tokens"))
 
-        added_decoder: dict[int, AddedToken] = {}
-        added_by_content: dict[str, AddedToken] = {}
         if "added_tokens_decoder" in init:
-            saved = init.pop("added_tokens_decoder")
-            if not isinstance(saved, dict):
-                raise corrupt_file(config_path, what, "added_tokens_decoder is not a mapping")
-            for index, entry in saved.items():
-                if not isinstance(entry, dict):
-                    raise corrupt_file(config_path, what, f"added_tokens_decoder[{index!r}] is not a mapping")
-                try:
-                    number = int(index)
-                except ValueError as e:
-                    raise corrupt_file(config_path, what, f"added_tokens_decoder key {index!r} is not an id") from e
-                added_decoder[number] = _added_token(entry, config_path, what)
+            added_decoder = _saved_added_tokens(init.pop("added_tokens_decoder"), config_path, what)
         else:
-            map_path = folder / "special_tokens_map.json"
-            for key, value in (_read_optional_json(folder, "special_tokens_map.json", what) or {}).items():
-                if isinstance(value, dict) and key != "extra_special_tokens":
-                    value = _added_token(value, map_path, what, special=True)
-                elif key == "extra_special_tokens" and isinstance(value, list):
-                    merged = list(init.get("extra_special_tokens") or [])
-                    for token in value:
-                        token = _added_token(token, map_path, what, special=True) if isinstance(token, dict) else token
-                        if token not in merged:
-                            merged.append(token)
-                    value = merged
-                elif isinstance(value, list):  # additional_special_tokens, entries possibly serialized AddedTokens
-                    value = [_added_token(t, map_path, what, special=True) if isinstance(t, dict) else t for t in value]
-                init[key] = value
-            if isinstance(init.get("extra_special_tokens"), dict):
-                model_specific.update(init.pop("extra_special_tokens"))
-            added_path = folder / "added_tokens.json"
-            if added_path.is_file():
-                specials = {str(init[k]) for k in _NAMED_SLOTS if init.get(k)}
-                specials.update(str(t) for t in (init.get("extra_special_tokens") or []))
-                for content, index in read_json(added_path, what).items():
-                    if isinstance(index, bool) or not isinstance(index, int):
-                        raise corrupt_file(added_path, what, f"token {content!r} has id {index!r}")
-                    special = content in specials
-                    added_decoder[int(index)] = AddedToken(content, rstrip=False, lstrip=False,
-                                                           normalized=not special, special=special)
-            if tokenizer_json is not None:
-                entries = tokenizer_json.get("added_tokens") or []
-                for entry in entries:
-                    if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
-                        raise corrupt_file(folder / "tokenizer.json", what, f"bad added-token entry {entry!r}")
-                    added_decoder[entry["id"]] = _added_token(entry, folder / "tokenizer.json", what)
-        for token in added_decoder.values():
-            added_by_content[token.content] = token
+            added_decoder = _legacy_added_tokens(folder, init, model_specific, what, tokenizer_json)
+        added_by_content = {token.content: token for token in added_decoder.values()}
 
         init = _convert_typed(init, config_path, what)
         model_specific = _convert_typed(model_specific, config_path, what)
@@ -635,15 +644,10 @@ def load_t5_tokenizer(path: str | Path) -> PromptTokenizer:
         return _load_t5(path)
 
 
-def _load_t5(path: str | Path) -> PromptTokenizer:
-    what = "T5 tokenizer"
-    folder = _check_folder(path, [["spiece.model"], ["tokenizer.json"]], what)
-    tokenizer_json = load_tokenizer_json(folder, what)
-    setup = TokenSetup(folder, what, tokenizer_json)
-    init = setup.init
-    extra_ids = init.get("extra_ids", 100)
-    if isinstance(extra_ids, bool) or not isinstance(extra_ids, int) or extra_ids < 0:
-        raise corrupt_file(folder / "tokenizer_config.json", what, f"extra_ids must be a non-negative int, got {extra_ids!r}")
+def _t5_vocabulary(folder: Path, tokenizer_json: dict | None, init: dict, extra_ids: int,
+                   what: str) -> tuple[list[tuple[str, float]], bytes | None, list | None, str]:
+    """(unigram pieces with scores, precompiled charsmap, additional special tokens, the file read) from
+    tokenizer.json when there is one, else from spiece.model (its sentinels appended, its control pieces special)."""
     if tokenizer_json is not None:
         json_path = folder / "tokenizer.json"
         raw_vocab = tokenizer_json["model"].get("vocab")
@@ -653,19 +657,27 @@ def _load_t5(path: str | Path) -> PromptTokenizer:
             vocab = [(piece, score) for piece, score in raw_vocab]  # the tokenizers library checks the types
         except (TypeError, ValueError):
             raise corrupt_file(json_path, what, "model.vocab is not a unigram vocabulary ([piece, score] pairs)") from None
-        charsmap = _precompiled_from_json(tokenizer_json, json_path, what)
-        additional = init.get("additional_special_tokens")
-        source = str(json_path)
-    else:
-        spiece_path = folder / "spiece.model"
-        pieces, charsmap_bytes = _read_spiece(spiece_path, what)
-        vocab = [(piece, score) for piece, score, _ in pieces]
-        vocab += [(f"<extra_id_{i}>", 0.0) for i in range(extra_ids - 1, -1, -1)]
-        charsmap = charsmap_bytes or None
-        # sentencepiece control pieces (type 3: <pad>, </s>, ...) are special tokens
-        additional = [AddedToken(piece, normalized=False, special=True) for piece, _, kind in pieces if kind == 3]
-        source = str(spiece_path)
+        return vocab, _precompiled_from_json(tokenizer_json, json_path, what), \
+            init.get("additional_special_tokens"), str(json_path)
+    spiece_path = folder / "spiece.model"
+    pieces, charsmap = _read_spiece(spiece_path, what)
+    vocab = [(piece, score) for piece, score, _ in pieces]
+    vocab += [(f"<extra_id_{i}>", 0.0) for i in range(extra_ids - 1, -1, -1)]
+    # sentencepiece control pieces (type 3: <pad>, </s>, ...) are special tokens
+    additional = [AddedToken(piece, normalized=False, special=True) for piece, _, kind in pieces if kind == 3]
+    return vocab, charsmap or None, additional, str(spiece_path)
 
+
+def _load_t5(path: str | Path) -> PromptTokenizer:
+    what = "T5 tokenizer"
+    folder = _check_folder(path, [["spiece.model"], ["tokenizer.json"]], what)
+    tokenizer_json = load_tokenizer_json(folder, what)
+    setup = TokenSetup(folder, what, tokenizer_json)
+    init = setup.init
+    extra_ids = init.get("extra_ids", 100)
+    if isinstance(extra_ids, bool) or not isinstance(extra_ids, int) or extra_ids < 0:
+        raise corrupt_file(folder / "tokenizer_config.json", what, f"extra_ids must be a non-negative int, got {extra_ids!r}")
+    vocab, charsmap, additional, source = _t5_vocabulary(folder, tokenizer_json, init, extra_ids, what)
     sentinels = [f"<extra_id_{i}>" for i in range(extra_ids)]
     if additional is not None:
         additional = list(additional)
