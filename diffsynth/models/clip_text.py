@@ -28,6 +28,15 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_new": lambda x: F
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
 
+def check_layer_config(c, what: str) -> None:
+    """What ClipLayer needs of a config: a known activation, a width the heads divide."""
+    if c.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"{what} config: hidden_act {c.hidden_act!r} is not supported; known: {sorted(ACTIVATIONS)}")
+    if c.hidden_size % c.num_attention_heads:
+        raise ValueError(f"{what} config: hidden_size {c.hidden_size} is not a multiple of num_attention_heads "
+                         f"{c.num_attention_heads}")
+
+
 def zero_embedding(num: int, dim: int) -> nn.Embedding:
     """nn.Embedding starting at zeros: its weights come from a file. (Its random init on the meta device would
     import torch._dynamo, 1.5 s of a fresh process.)"""
@@ -48,12 +57,7 @@ class ClipTextConfig:
     eos_token_id: int = 49407
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIP text config: hidden_act {self.hidden_act!r} is not supported; "
-                             f"known: {sorted(ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"CLIP text config: hidden_size {self.hidden_size} is not a multiple of "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_layer_config(self, "CLIP text")
 
     @classmethod
     def from_dict(cls, config: Mapping) -> "ClipTextConfig":

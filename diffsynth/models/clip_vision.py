@@ -22,7 +22,7 @@ from torch import nn
 from ..ops.files import CheckpointError
 from ..ops.images import convert_image
 from ..ops.linear import Linear
-from .clip_text import ACTIVATIONS, ClipLayer, zero_embedding
+from .clip_text import ClipLayer, check_layer_config, zero_embedding
 from .entry import BuildOptions, Detected, Family, fills, has_key, plain_tensors
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -43,12 +43,7 @@ class ClipVisionConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIP vision config: hidden_act {self.hidden_act!r} is not supported; "
-                             f"known: {sorted(ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"CLIP vision config: hidden_size {self.hidden_size} is not a multiple of "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_layer_config(self, "CLIP vision")
 
     @classmethod
     def from_dict(cls, config: dict) -> "ClipVisionConfig":
@@ -158,7 +153,7 @@ def load_clip_vision(sd: dict[str, torch.Tensor], config: dict | None, device) -
         model = ClipVisionModel(clip_vision_config(sd, config))
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    bad = [k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape]
+    bad = sorted(k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape)
     if missing or unexpected or bad:
         raise CheckpointError(f"CLIP vision encoder: weights do not fit the config; missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")

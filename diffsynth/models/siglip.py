@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from ..ops.files import CheckpointError
-from .clip_text import ACTIVATIONS, ClipLayer, ClipMLP, zero_embedding
+from .clip_text import ClipLayer, check_layer_config, ClipMLP, zero_embedding
 from .flux_text_encoders import layer_count
 from ..ops.linear import Linear, linear
 from ..ops.images import convert_image
@@ -53,12 +53,7 @@ class SiglipVisionConfig:
     vision_use_head: bool = True
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"SigLIP vision config: hidden_act {self.hidden_act!r} is not supported; "
-                             f"known: {sorted(ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"SigLIP vision config: hidden_size {self.hidden_size} is not a multiple of "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_layer_config(self, "SigLIP vision")
         for name in ("image_size", "patch_size"):  # config.json may write a square size as [n, n]
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
@@ -221,7 +216,7 @@ def load_siglip_vision(state_dict: Mapping[str, torch.Tensor], config_dict: Mapp
         model = SiglipVisionTower(config)
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    bad = [k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape]
+    bad = sorted(k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape)
     if missing or unexpected or bad:
         raise CheckpointError(f"SigLIP vision encoder: weights do not fit the config; missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
