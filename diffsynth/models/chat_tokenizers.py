@@ -33,7 +33,6 @@ import dataclasses
 import json
 import re
 import sys
-import threading
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -45,7 +44,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from .text_tokenizers import (
-    encode_fixed_length,
+    FixedLengthTokenizer,
     corrupt_file,
     register_added_tokens,
     gc_paused,
@@ -86,7 +85,7 @@ _NO_TEMPLATE = ("the tokenizer in {folder!r} has no chat template (FLUX.2 format
 # --------------------------------------------------------------------------------------
 
 
-class ChatTokenizer:
+class ChatTokenizer(FixedLengthTokenizer):
     """A tokenizer folder's chat template and text tokenizer.
 
     ``chat_text(messages, **template_args)`` equals transformers' ``apply_chat_template(messages, tokenize=False,
@@ -97,9 +96,6 @@ class ChatTokenizer:
 
     bos_token: str | None
     eos_token: str | None
-    pad_token: str | None
-    pad_token_id: int | None  # None only when the config names no usable padding token (then calls raise)
-    model_max_length: int
     chat_template: str  # the default template
 
     def __init__(
@@ -108,28 +104,16 @@ class ChatTokenizer:
         *,
         templates: str | dict[str, str],
         special_tokens: dict[str, str],
-        pad_token: str | None,
-        pad_token_id: int | None,
-        model_max_length: int,
-        padding_side: str = "right",
-        truncation_side: str = "right",
-        name: str = "",
         eos_token_id: int | None = None,
+        **settings,
     ) -> None:
-        self.backend = backend
+        super().__init__(backend, **settings)
         self._templates = templates  # a str, or named templates (as transformers keeps them)
         self.chat_template = templates if isinstance(templates, str) else templates["default"]
         self.special_tokens = dict(special_tokens)  # transformers' special_tokens_map: the template's variables
         self.bos_token = special_tokens.get("bos_token")
         self.eos_token = special_tokens.get("eos_token")
         self.eos_token_id = eos_token_id
-        self.pad_token = pad_token
-        self.pad_token_id = pad_token_id
-        self.model_max_length = model_max_length
-        self.padding_side = padding_side
-        self.truncation_side = truncation_side
-        self.name = name
-        self._lock = threading.Lock()  # truncation/padding are settings of the shared backend
 
     @property
     def chat_templates(self) -> dict[str, str]:
@@ -139,9 +123,6 @@ class ChatTokenizer:
     def __repr__(self) -> str:
         return (f"ChatTokenizer({self.name!r}, vocab={len(self)}, bos={self.bos_token!r}, pad={self.pad_token!r}, "
                 f"templates={sorted(self.chat_templates)})")
-
-    def __len__(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
 
     # ---------------------------------------------------------------- chat template
 
@@ -197,7 +178,7 @@ class ChatTokenizer:
         the padding side, truncated on the truncation side (keeping room for the special tokens the post-processor
         adds when `add_special_tokens`). A max_length below that count is an error (transformers would not
         truncate at all then)."""
-        encodings = encode_fixed_length(self, texts, max_length, add_special_tokens)
+        encodings = self.encode(texts, max_length, add_special_tokens)
         shape = (len(encodings), int(max_length))
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long).reshape(shape)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long).reshape(shape)

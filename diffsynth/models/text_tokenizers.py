@@ -29,7 +29,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, Unigram
 
-__all__ = ["PromptTokenizer", "load_clip_tokenizer", "load_t5_tokenizer", "VERY_LARGE_INTEGER"]
+__all__ = ["FixedLengthTokenizer", "PromptTokenizer", "load_clip_tokenizer", "load_t5_tokenizer", "VERY_LARGE_INTEGER"]
 
 VERY_LARGE_INTEGER = int(1e30)  # transformers' model_max_length when the config gives none
 
@@ -58,7 +58,63 @@ _T5_UNK_ID = 2  # transformers' T5 tokenizer fixes the unigram unk id (pad 0, eo
 # --------------------------------------------------------------------------------------
 
 
-class PromptTokenizer:
+class FixedLengthTokenizer:
+    """A `tokenizers` backend with transformers' pad/truncation settings: texts encoded to a fixed length, as
+    transformers' ``padding="max_length", truncation=True`` encodes them. PromptTokenizer and ChatTokenizer build
+    on it."""
+
+    pad_token_id: int | None  # None only when the config names no usable padding token (then calls raise)
+    model_max_length: int
+
+    def __init__(self, backend: Tokenizer, *, pad_token: str | None, pad_token_id: int | None, model_max_length: int,
+                 padding_side: str = "right", truncation_side: str = "right", name: str = "") -> None:
+        self.backend = backend
+        self.pad_token = pad_token
+        self.pad_token_id = pad_token_id
+        self.model_max_length = model_max_length
+        self.padding_side = padding_side
+        self.truncation_side = truncation_side
+        self.name = name
+        self._lock = threading.Lock()  # truncation/padding are settings of the shared backend
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts: list[str], max_length: int, add_special_tokens: bool = True) -> list:
+        """The encodings of `texts`: padded with the pad token on the padding side, truncated on the truncation
+        side, keeping room for the special tokens the post-processor adds. A max_length below their count is an
+        error (transformers would then skip truncation and return rows longer than max_length)."""
+        if isinstance(texts, str):
+            raise TypeError(f"{type(self).__name__} takes a list of texts, not a single string")
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("every text must be a str")
+        if isinstance(max_length, bool) or int(max_length) != max_length:
+            raise TypeError(f"max_length must be an int, got {max_length!r}")
+        max_length = int(max_length)
+        specials = self.backend.num_special_tokens_to_add(False) if add_special_tokens else 0
+        if max_length < max(specials, 1):
+            raise ValueError(f"max_length must be at least {max(specials, 1)}"
+                             f"{' (the special tokens)' if specials else ''}, got {max_length}")
+        if self.pad_token is None or self.pad_token_id is None or self.pad_token_id < 0:
+            raise ValueError(f"the tokenizer in {self.name!r} has no padding token, so it cannot pad to max_length")
+        if not texts:
+            return []
+        truncation = {"max_length": max_length, "stride": 0, "strategy": "longest_first",
+                      "direction": self.truncation_side}
+        padding = {"length": max_length, "direction": self.padding_side, "pad_id": self.pad_token_id,
+                   "pad_token": self.pad_token, "pad_type_id": 0, "pad_to_multiple_of": None}
+        backend = self.backend
+        with self._lock:
+            current = backend.truncation
+            if current is None or any(current.get(k) != v for k, v in truncation.items()):
+                backend.enable_truncation(**truncation)
+            if backend.padding != padding:
+                backend.enable_padding(**padding)
+            return backend.encode_batch(texts, add_special_tokens=bool(add_special_tokens))
+
+
+class PromptTokenizer(FixedLengthTokenizer):
     """A prompt -> token-id tokenizer: pads/truncates a batch of prompts to a fixed length.
 
     ``tokenizer(prompts, max_length)`` equals transformers' ``tokenizer(list(prompts), padding="max_length",
@@ -68,80 +124,19 @@ class PromptTokenizer:
     """
 
     eos_token_id: int
-    pad_token_id: int  # None only when the config names no usable padding token (then calls raise)
-    model_max_length: int
 
-    def __init__(
-        self,
-        backend: Tokenizer,
-        *,
-        eos_token_id: int,
-        pad_token: str | None,
-        pad_token_id: int | None,
-        model_max_length: int,
-        padding_side: str = "right",
-        truncation_side: str = "right",
-        name: str = "",
-    ) -> None:
-        self.backend = backend
+    def __init__(self, backend: Tokenizer, *, eos_token_id: int, **settings) -> None:
+        super().__init__(backend, **settings)
         self.eos_token_id = eos_token_id
-        self.pad_token = pad_token
-        self.pad_token_id = pad_token_id
-        self.model_max_length = model_max_length
-        self.padding_side = padding_side
-        self.truncation_side = truncation_side
-        self.name = name
-        self._lock = threading.Lock()  # truncation/padding are settings of the shared backend
 
     def __repr__(self) -> str:
-        return (
-            f"PromptTokenizer({self.name!r}, vocab={self.backend.get_vocab_size(with_added_tokens=True)}, "
-            f"eos={self.eos_token_id}, pad={self.pad_token_id}, model_max_length={self.model_max_length})"
-        )
-
-    def __len__(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        return (f"PromptTokenizer({self.name!r}, vocab={len(self)}, eos={self.eos_token_id}, "
+                f"pad={self.pad_token_id}, model_max_length={self.model_max_length})")
 
     def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor:
         """Token ids ``(len(prompts), max_length)`` (int64), padded with ``pad_token_id`` and truncated."""
-        encodings = encode_fixed_length(self, prompts, max_length)
+        encodings = self.encode(prompts, max_length)
         return torch.tensor([e.ids for e in encodings], dtype=torch.long).reshape(len(encodings), int(max_length))
-
-
-def encode_fixed_length(tokenizer, texts: list[str], max_length: int, add_special_tokens: bool = True) -> list:
-    """`texts` encoded by `tokenizer.backend` as transformers' ``padding="max_length", truncation=True`` encodes
-    them: padded with the pad token on the padding side, truncated on the truncation side, keeping room for the
-    special tokens the post-processor adds. A max_length below their count is an error (transformers would then
-    skip truncation and return rows longer than max_length). `tokenizer`: a PromptTokenizer or ChatTokenizer (the
-    backend's padding/truncation settings change under its lock)."""
-    if isinstance(texts, str):
-        raise TypeError(f"{type(tokenizer).__name__} takes a list of texts, not a single string")
-    texts = list(texts)
-    if not all(isinstance(t, str) for t in texts):
-        raise TypeError("every text must be a str")
-    if isinstance(max_length, bool) or int(max_length) != max_length:
-        raise TypeError(f"max_length must be an int, got {max_length!r}")
-    max_length = int(max_length)
-    specials = tokenizer.backend.num_special_tokens_to_add(False) if add_special_tokens else 0
-    if max_length < max(specials, 1):
-        raise ValueError(f"max_length must be at least {max(specials, 1)}"
-                         f"{' (the special tokens)' if specials else ''}, got {max_length}")
-    if tokenizer.pad_token is None or tokenizer.pad_token_id is None or tokenizer.pad_token_id < 0:
-        raise ValueError(f"the tokenizer in {tokenizer.name!r} has no padding token, so it cannot pad to max_length")
-    if not texts:
-        return []
-    truncation = {"max_length": max_length, "stride": 0, "strategy": "longest_first",
-                  "direction": tokenizer.truncation_side}
-    padding = {"length": max_length, "direction": tokenizer.padding_side, "pad_id": tokenizer.pad_token_id,
-               "pad_token": tokenizer.pad_token, "pad_type_id": 0, "pad_to_multiple_of": None}
-    backend = tokenizer.backend
-    with tokenizer._lock:
-        current = backend.truncation
-        if current is None or any(current.get(k) != v for k, v in truncation.items()):
-            backend.enable_truncation(**truncation)
-        if backend.padding != padding:
-            backend.enable_padding(**padding)
-        return backend.encode_batch(texts, add_special_tokens=bool(add_special_tokens))
 
 
 # --------------------------------------------------------------------------------------
