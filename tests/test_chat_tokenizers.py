@@ -19,6 +19,7 @@ from diffsynth.models.chat_tokenizers import ChatTokenizer, load_chat_tokenizer
 from diffsynth.models.flux2_text_encoder import MISTRAL_FORMAT, QWEN3_FORMAT
 from diffsynth.nano.text import random_sentences
 from diffsynth.testing.tiny_flux2 import write_tiny_mistral_tokenizer, write_tiny_qwen3_tokenizer
+from test_text_tokenizers import edit_json
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,16 +103,6 @@ TOOL_TEMPLATE = ("TOOLS {{ tools | tojson(indent=2, sort_keys=true) }}\n"
                  "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
 
 
-def _edit_json(path: Path, **changes) -> None:
-    data = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            data.pop(key, None)
-        else:
-            data[key] = value
-    path.write_text(json.dumps(data, indent=2))
-
-
 def _write_vocab_files(folder: Path) -> None:
     """vocab.json + merges.txt of the folder's tokenizer.json (as the Qwen3 release ships them)."""
     model = json.loads((folder / "tokenizer.json").read_text())["model"]
@@ -141,7 +132,7 @@ def _qwen_files(root):
 
 def _qwen_vocab_only(root, **config):
     folder = _qwen_files(root)
-    _edit_json(folder / "tokenizer_config.json", added_tokens_decoder=_added_tokens_decoder(folder), **config)
+    edit_json(folder / "tokenizer_config.json", added_tokens_decoder=_added_tokens_decoder(folder), **config)
     (folder / "tokenizer.json").unlink()
     return folder
 
@@ -152,21 +143,21 @@ def _qwen_vocab_bos(root):  # no tokenizer.json: the config's add_bos/eos_token 
 
 def _qwen_left(root):
     folder = _qwen(root)
-    _edit_json(folder / "tokenizer_config.json", padding_side="left", truncation_side="left")
+    edit_json(folder / "tokenizer_config.json", padding_side="left", truncation_side="left")
     return folder
 
 
 def _qwen_named(root):
     folder = _qwen(root)
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    _edit_json(folder / "tokenizer_config.json", chat_template=[
+    edit_json(folder / "tokenizer_config.json", chat_template=[
         {"name": "default", "template": config["chat_template"]}, {"name": "tool_use", "template": TOOL_TEMPLATE}])
     return folder
 
 
 def _qwen_release(root):  # the release's config layout: added_tokens_decoder, a long template
     folder = _qwen_files(root)
-    _edit_json(folder / "tokenizer_config.json", added_tokens_decoder=_added_tokens_decoder(folder),
+    edit_json(folder / "tokenizer_config.json", added_tokens_decoder=_added_tokens_decoder(folder),
                chat_template=RELEASE_TEMPLATE, add_bos_token=False)
     return folder
 
@@ -202,26 +193,26 @@ def _mistral_json_pad(root):  # padding and truncation saved in tokenizer.json, 
                        "pad_type_id": 0, "pad_token": "<unk>"}
     data["truncation"] = {"direction": "Left", "max_length": 20, "strategy": "LongestFirst", "stride": 0}
     (folder / "tokenizer.json").write_text(json.dumps(data))
-    _edit_json(folder / "tokenizer_config.json", pad_token=None, padding_side=None, image_token="[IMG]")
+    edit_json(folder / "tokenizer_config.json", pad_token=None, padding_side=None, image_token="[IMG]")
     return folder
 
 
 def _mistral_llama(root):  # tokenizer_class LlamaTokenizerFast over a byte-level tokenizer.json
     folder = _mistral(root)
-    _edit_json(folder / "tokenizer_config.json", tokenizer_class="LlamaTokenizerFast")
+    edit_json(folder / "tokenizer_config.json", tokenizer_class="LlamaTokenizerFast")
     return folder
 
 
 def _qwen_extras(root):  # prefix space, split special tokens, extra and model-specific special tokens
     folder = _qwen(root)
-    _edit_json(folder / "tokenizer_config.json", add_prefix_space=True, split_special_tokens=True,
+    edit_json(folder / "tokenizer_config.json", add_prefix_space=True, split_special_tokens=True,
                additional_special_tokens=["<|box_start|>", "<new_special>"], image_token="<|image_pad|>")
     return folder
 
 
 def _mistral_release(root):  # the release's config layout: added_tokens_decoder and a special_tokens_map.json
     folder = _mistral(root)
-    _edit_json(folder / "tokenizer_config.json", added_tokens_decoder=_added_tokens_decoder(folder))
+    edit_json(folder / "tokenizer_config.json", added_tokens_decoder=_added_tokens_decoder(folder))
     token = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
     (folder / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": {"content": "<s>", **token}, "eos_token": {"content": "</s>", **token},
@@ -231,7 +222,7 @@ def _mistral_release(root):  # the release's config layout: added_tokens_decoder
 
 def _mistral_map(root):  # special tokens in special_tokens_map.json only (the legacy layout)
     folder = _mistral(root)
-    _edit_json(folder / "tokenizer_config.json", bos_token=None, eos_token=None, unk_token=None, pad_token=None)
+    edit_json(folder / "tokenizer_config.json", bos_token=None, eos_token=None, unk_token=None, pad_token=None)
     (folder / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": {"content": "</s>", "lstrip": False, "normalized": False, "rstrip": False,
                                           "single_word": False},
@@ -494,7 +485,7 @@ def test_folder_without_chat_template(tok_root, tmp_path, variant):
     shutil.copytree(_build(variant, tok_root), folder)
     for name in ("chat_template.jinja", "chat_template.json"):
         (folder / name).unlink(missing_ok=True)
-    _edit_json(folder / "tokenizer_config.json", chat_template=None)
+    edit_json(folder / "tokenizer_config.json", chat_template=None)
     with pytest.raises(FileNotFoundError, match=r"has no chat template \(FLUX\.2 formats its prompt as a chat\): "
                                                 r"expected it in tokenizer_config\.json or chat_template\.jinja"):
         load_chat_tokenizer(folder)
@@ -503,7 +494,7 @@ def test_folder_without_chat_template(tok_root, tmp_path, variant):
 def test_templates_without_default(tok_root, tmp_path):
     folder = tmp_path / "tokenizer"
     shutil.copytree(_build("qwen", tok_root), folder)
-    _edit_json(folder / "tokenizer_config.json", chat_template=[{"name": "tool_use", "template": TOOL_TEMPLATE},
+    edit_json(folder / "tokenizer_config.json", chat_template=[{"name": "tool_use", "template": TOOL_TEMPLATE},
                                                                 {"name": "rag", "template": "x"}])
     with pytest.raises(ValueError, match=r"several chat templates \(rag, tool_use\) and none named 'default'"):
         load_chat_tokenizer(folder)
@@ -512,7 +503,7 @@ def test_templates_without_default(tok_root, tmp_path):
 def test_unsupported_tokenizer_class(tok_root, tmp_path):
     folder = tmp_path / "tokenizer"
     shutil.copytree(_build("qwen", tok_root), folder)
-    _edit_json(folder / "tokenizer_config.json", tokenizer_class="T5Tokenizer")
+    edit_json(folder / "tokenizer_config.json", tokenizer_class="T5Tokenizer")
     with pytest.raises(ValueError, match=r"tokenizer_config\.json'.*tokenizer_class 'T5Tokenizer' is not supported"):
         load_chat_tokenizer(folder)
 

@@ -60,7 +60,7 @@ def _save_with_tokenizer_json(src: Path, dst: Path, cls) -> None:
     cls.from_pretrained(str(src), local_files_only=True).save_pretrained(str(dst))
 
 
-def _edit_json(path: Path, **changes) -> None:
+def edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     for key, value in changes.items():
         if value is None:
@@ -75,7 +75,7 @@ def _clip_release(folder: Path) -> None:
     write_clip_tokenizer(folder)
     vocab = json.loads((folder / "vocab.json").read_text())
     flags = dict(lstrip=False, rstrip=False, single_word=False, special=True)
-    _edit_json(folder / "tokenizer_config.json", added_tokens_decoder={
+    edit_json(folder / "tokenizer_config.json", added_tokens_decoder={
         str(vocab["<|startoftext|>"]): {"content": "<|startoftext|>", "normalized": True, **flags},
         str(vocab["<|endoftext|>"]): {"content": "<|endoftext|>", "normalized": False, **flags},
     }, clean_up_tokenization_spaces=True)
@@ -189,15 +189,15 @@ def _build(name: str, tmp: Path) -> Path:
         write_t5_tokenizer(folder)
     elif name == "t5_legacy_false":
         write_t5_tokenizer(folder)
-        _edit_json(folder / "tokenizer_config.json", legacy=False, add_prefix_space=False)
+        edit_json(folder / "tokenizer_config.json", legacy=False, add_prefix_space=False)
     elif name == "t5_sides":
         write_t5_tokenizer(folder)
-        _edit_json(folder / "tokenizer_config.json", padding_side="left", truncation_side="left")
+        edit_json(folder / "tokenizer_config.json", padding_side="left", truncation_side="left")
     elif name == "t5_json":
         _save_with_tokenizer_json(_build("t5", tmp), folder, transformers.T5TokenizerFast)
     elif name == "t5_json_legacy_false":
         _save_with_tokenizer_json(_build("t5_legacy_false", tmp), folder, transformers.T5TokenizerFast)
-        _edit_json(folder / "tokenizer_config.json", legacy=False)
+        edit_json(folder / "tokenizer_config.json", legacy=False)
     elif name == "t5_json_only":
         shutil.copytree(_build("t5_json", tmp), folder)
         (folder / "spiece.model").unlink()
