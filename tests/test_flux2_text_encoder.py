@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from diffsynth.loading.registry import build, detect
-from diffsynth.models.flux2_text_encoder import QWEN3_FORMAT, chat_text, encode_prompt, infer_qwen3_config, load_tokenizer
+from diffsynth.models.flux2_text_encoder import (QWEN3_FORMAT, chat_text, encode_prompt, infer_qwen3_config,
+                                                 load_qwen3, load_tokenizer)
 from diffsynth.ops.files import CheckpointError, save_safetensors
 from diffsynth.testing.tiny_flux2 import tiny_qwen3_config, write_tiny_qwen3, write_tiny_qwen3_tokenizer
 
@@ -67,6 +68,13 @@ def test_layers_past_the_last_read_are_not_loaded(folders, tmp_path, one_thread)
                                                            torch.float32, "cpu")
     got = encode_prompt(load_tokenizer(folders[1]), model, ["a red cat"], "cpu", QWEN3_FORMAT)
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    # given the whole state dict (LM head, final norm, all 36 layers), load_qwen3 takes only what it reads
+    whole_sd = {k.removeprefix("model."): t for k, t in whole.state_dict().items()}
+    assert {"lm_head.weight", "norm.weight", "layers.35.mlp.up_proj.weight"} <= whole_sd.keys()
+    direct = load_qwen3(whole_sd, whole.config.to_dict())
+    assert len(direct.layers) == 27
+    torch.testing.assert_close(encode_prompt(load_tokenizer(folders[1]), direct, ["a red cat"], "cpu", QWEN3_FORMAT),
+                               got, rtol=0, atol=0)
 
 
 def test_chat_template_closes_thinking(folders):

@@ -90,8 +90,8 @@ def tokenize_chat(tokenizer: ChatTokenizer, prompts: Sequence[str], fmt: PromptF
     return tokenizer(texts, max_length, add_special_tokens=not (bos and texts[0].startswith(bos)))
 
 
-def encode_prompt(tokenizer: ChatTokenizer, model: DecoderLM, prompts: Sequence[str], device: torch.device | str, fmt: PromptFormat,
-                  max_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
+def encode_prompt(tokenizer: ChatTokenizer, model: DecoderLM, prompts: Sequence[str], device: torch.device | str,
+                  fmt: PromptFormat, max_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
     """(B, max_length, len(fmt.layers) * hidden): the hidden states after `fmt.layers`, side by side per token."""
     ids, mask = tokenize_chat(tokenizer, prompts, fmt, max_length)
     return torch.cat(model(ids.to(device), mask.to(device), fmt.layers), dim=-1)
@@ -99,7 +99,9 @@ def encode_prompt(tokenizer: ChatTokenizer, model: DecoderLM, prompts: Sequence[
 
 def _build(config: Mapping, sd: Mapping[str, torch.Tensor], fmt: PromptFormat, qk_norm: bool, source: str,
            name: str) -> DecoderLM:
-    """Our DecoderLM with the layers `fmt` runs (the first max(fmt.layers)), built empty, adopting `sd`."""
+    """Our DecoderLM with the layers `fmt` runs (the first max(fmt.layers)), built empty, adopting the entries of
+    `sd` that `fmt` reads (later layers, the final norm and an LM head are left out)."""
+    sd = {k: t for k, t in sd.items() if read_by(fmt, k)}
     config = DecoderConfig.from_dict(config, qk_norm=qk_norm)
     needed = max(fmt.layers)
     if config.num_hidden_layers < needed:
@@ -112,8 +114,8 @@ def _build(config: Mapping, sd: Mapping[str, torch.Tensor], fmt: PromptFormat, q
 
 def read_by(fmt: PromptFormat, key: str) -> bool:
     """Whether `fmt` reads anything computed by this language-model entry: the layers before the last state read.
-    Later layers and the final norm never load (their bytes are not even read)."""
-    if key.startswith("norm."):
+    Later layers, the final norm and the LM head never load (their bytes are not even read)."""
+    if key.startswith(("norm.", "lm_head.")):
         return False
     return not key.startswith("layers.") or int(key.split(".", 2)[1]) < max(fmt.layers)
 
@@ -211,11 +213,10 @@ def qwen3_language_model(refs: Mapping) -> dict:
 
 
 def load_qwen3(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None, source: str = "Qwen3") -> DecoderLM:
-    """The Qwen3 language model adopting `state_dict` (keys without `model.`; `lm_head.*` and `norm.*` ignored), with
-    only the layers FLUX.2 runs (the later ones are not in `state_dict`: see `qwen3_language_model`)."""
-    sd = {k: t for k, t in state_dict.items() if not k.startswith(("lm_head.", "norm."))}
-    config = dict(config_dict) if config_dict is not None else infer_qwen3_config({k: t.shape for k, t in sd.items()})
-    return _build(config, sd, QWEN3_FORMAT, True, source, "Qwen3")
+    """The Qwen3 language model adopting `state_dict` (keys without `model.`), with only the layers FLUX.2 runs."""
+    shapes = {k: t.shape for k, t in state_dict.items()}
+    config = dict(config_dict) if config_dict is not None else infer_qwen3_config(shapes)
+    return _build(config, state_dict, QWEN3_FORMAT, True, source, "Qwen3")
 
 
 # ----------------------------------------------------------------------------- Mistral-Small-3.x ([dev])
@@ -280,10 +281,8 @@ def mistral_text_config(config_dict: Mapping | None, shapes: Mapping[str, Sequen
 
 def load_mistral(state_dict: Mapping[str, torch.Tensor], config: dict, source: str = "Mistral") -> DecoderLM:
     """The language model of a Mistral3 checkpoint adopting `state_dict` (keys without the prefix), with only the
-    layers FLUX.2 runs (the later ones are not in `state_dict`: see `mistral3_language_model`).
-    `config`: the language model's (`mistral_text_config`)."""
-    sd = {k: t for k, t in state_dict.items() if not k.startswith("norm.")}
-    return _build({**config, "model_type": "mistral"}, sd, MISTRAL_FORMAT, False, source, "Mistral")
+    layers FLUX.2 runs. `config`: the language model's (`mistral_text_config`)."""
+    return _build({**config, "model_type": "mistral"}, state_dict, MISTRAL_FORMAT, False, source, "Mistral")
 
 
 # ----------------------------------------------------------------------------- table entry
