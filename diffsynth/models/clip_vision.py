@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..ops.files import CheckpointError
 from ..ops.images import convert_image
 from ..ops.linear import Linear
 from .clip_text import ClipLayer, check_layer_config, zero_embedding
+from .hf_adopt import adopt_weights
 from .entry import BuildOptions, Detected, Family, fills, has_key, plain_tensors
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -151,14 +151,7 @@ def load_clip_vision(sd: dict[str, torch.Tensor], config: dict | None, device) -
           and not k.endswith("position_ids")}
     with torch.device("meta"):
         model = ClipVisionModel(clip_vision_config(sd, config))
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    bad = sorted(k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape)
-    if missing or unexpected or bad:
-        raise CheckpointError(f"CLIP vision encoder: weights do not fit the config; missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
-    model.load_state_dict(sd, strict=True, assign=True)
-    return ClipImageEncoder(model.eval().requires_grad_(False).to(device))
+    return ClipImageEncoder(adopt_weights(model, sd, "CLIP vision encoder", "the config").to(device))
 
 
 # ----------------------------------------------------------------------------- table entry

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..ops.files import CheckpointError
 from .clip_text import ClipLayer, check_layer_config, ClipMLP, zero_embedding
 from .flux_text_encoders import layer_count
 from ..ops.linear import Linear, linear
 from ..ops.images import convert_image
+from .hf_adopt import adopt_weights
 from .entry import BuildOptions, Component, Detected, Family, fills, has_key, has_prefix, plain_tensors
 
 VISION_PREFIX = "vision_model."
@@ -214,14 +214,7 @@ def load_siglip_vision(state_dict: Mapping[str, torch.Tensor], config_dict: Mapp
     sd = {VISION_PREFIX + k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
     with torch.device("meta"):
         model = SiglipVisionTower(config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    bad = sorted(k for k in sd.keys() & expected.keys() if sd[k].shape != expected[k].shape)
-    if missing or unexpected or bad:
-        raise CheckpointError(f"SigLIP vision encoder: weights do not fit the config; missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return adopt_weights(model, sd, "SigLIP vision encoder", "the config")
 
 
 def siglip_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
