@@ -22,6 +22,7 @@ from torch import nn
 
 from ..ops.linear import Linear
 from .clip_text import zero_embedding
+from .flux_dit import RMSNorm  # fp32 statistics, cast back, then the weight: as transformers' Qwen3/Mistral norms
 
 # FLUX.2 pads its prompts to this many tokens: a sliding window at least this wide never cuts one.
 MIN_SLIDING_WINDOW = 512
@@ -101,20 +102,6 @@ class DecoderConfig:
                    rms_norm_eps=float(_get(d, "rms_norm_eps", 1e-6)), rope_theta=rope_theta_of(d), qk_norm=qk_norm,
                    attention_bias=bool(_get(d, "attention_bias", False)), hidden_act=_get(d, "hidden_act", "silu"),
                    sliding_window=sliding_window_of(d, qwen))
-
-
-class RMSNorm(nn.Module):
-    """Scale-only RMS norm: statistics in fp32, the result cast back to the input's dtype, then times the weight."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 def rope_tables(length: int, head_dim: int, theta: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from torch import nn
 from ..ops.attention import attention
 from ..ops.files import CheckpointError
 from ..ops.linear import Linear
+from .clip_text import quick_gelu
 from .entry import BuildOptions, Component, Detected, Family, assign, fills, has_key, has_prefix, plain_tensors, shapes
 
 # Internal layer-name suffixes the encoder may know, longest first (a name's kind is its matching suffix).
@@ -81,7 +82,7 @@ class EncoderLayer(nn.Module):
                    for n in ("to_q", "to_k", "to_v"))
         x = x + self.attn.to_out(attention(q, k, v).transpose(1, 2).flatten(2))
         h = self.fc1(self.layer_norm2(x))
-        return x + self.fc2(h * torch.sigmoid(1.702 * h))
+        return x + self.fc2(quick_gelu(h))
 
 
 class FluxLoRAEncoder(nn.Module):
