@@ -1,7 +1,9 @@
 """Attention backends. `attention(q, k, v, mask)` dispatches to the selected one.
 
 * "auto" (default): exact kernels only. flash-attn (FA3, else FA2; exact attention) when installed, for
-  CUDA fp16/bf16 calls without a mask; torch SDPA otherwise. Approximate kernels are never picked here.
+  CUDA fp16/bf16 calls without a mask; on x86 CPUs with AVX512-BF16, bf16 inference calls without a mask
+  run ops/cpu_attention.py's kernel (about 2x torch's CPU kernel, same numerics); torch SDPA otherwise.
+  Approximate kernels are never picked here.
 * "sdpa": `torch.nn.functional.scaled_dot_product_attention` (picks its own flash/efficient/math kernel).
 * "flash": flash-attn 3 (`flash_attn_interface`) or 2 (`flash_attn`); CUDA, fp16/bf16, no mask.
 * "sage": SageAttention (`sageattention.sageattn`, 8-bit QK: approximate, opt-in only); CUDA, fp16/bf16,
@@ -26,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import cpu_attention
 from .attention_mask import GroupMask, chunked_attention
 from .names import ATTENTION_BACKENDS as BACKENDS
 from .parallel import gather_keys_values, splitting_attention
@@ -134,6 +137,8 @@ def _dense_attention(q, k, v, mask):
     if backend == "auto":
         if _half_cuda(q, mask) and _flash_fn() is not None:
             return _flash(q, k, v)
+        if cpu_attention.applies(q, k, v, mask):
+            return cpu_attention.attention_bf16(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
