@@ -140,3 +140,12 @@ def test_the_build_is_cached_under_a_content_hash(fresh_build):
     stamp = built[0].stat().st_mtime_ns
     ca._state.clear()
     assert ca.kernel_status() is None and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_the_kernel_source_ships_with_the_package():
+    """Wheels carry only the package data pyproject.toml names: the C source must be among it."""
+    from pathlib import Path
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(ca.__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["diffsynth.ops"]
+    assert any(ca._SOURCE.relative_to(root / "diffsynth" / "ops").match(p) for p in patterns)

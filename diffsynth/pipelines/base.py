@@ -270,15 +270,15 @@ class BasePipeline(nn.Module):
         recompilation. Compiled graphs are shared by all blocks of a kind; after about 8 different LoRA
         sets torch's recompile limit makes them run eagerly (`torch._dynamo.config.cache_size_limit`).
         `compile_kwargs` go to torch.compile (mode, backend, dynamic, ...). It pays on GPUs; on a CPU it warns:
-        there it measured 1.01-1.14x the eager step's time after a first call of about 30 s
+        there it measured 1.08-1.33x the eager step's time after a first call of about 30 s
         (benchmarks/compile_cpu.py)."""
         if self.dit is None:
             raise RuntimeError("no DiT loaded")
         self._check_not_tensor_parallel("compile")
         if self.compute_device_of("dit").type == "cpu":
-            warnings.warn("pipe.compile() on the CPU: the compiled DiT step measured 1.01-1.14x the eager step's time "
-                          "(after a first call of about 30 s), because both end in the same GEMM and attention "
-                          "kernels; compiling pays on GPUs", stacklevel=2)
+            warnings.warn("pipe.compile() on the CPU: the compiled DiT step measured 1.08-1.33x the eager step's time "
+                          "(after a first call of about 30 s): it ends in the same GEMM kernels, and in bf16 in "
+                          "torch's attention instead of this project's faster one; compiling pays on GPUs", stacklevel=2)
         import torch._dynamo
         from ..ops import attention
         attention._flash_fn(), attention._sage_fn()  # import optional kernels before tracing
