@@ -280,5 +280,19 @@ def test_first_block_cache(klein_pipe, klein_base, one_thread):
         base("a cat", **kw, tea_cache_l1_thresh=0.1)
 
 
+@torch.no_grad()
+def test_first_block_cache_computes_the_double_block_modulations_once_per_step(klein_pipe, one_thread):
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in
+             (klein_pipe.dit.double_stream_modulation_img, klein_pipe.dit.double_stream_modulation_txt)]
+    try:
+        klein_pipe("a cat", height=32, width=32, num_inference_steps=3, seed=1, output_type="latent",
+                   fbcache_thresh=0.0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == 2 * 3
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()

@@ -287,11 +287,16 @@ class Flux2DiT(nn.Module):
 
         def tail(rows):
             pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-            return self._blocks(pick(img0), pick(txt0), pick(vec), rope, n_target, start=1)[:, :n_target]
+            mods = tuple(tuple(pick(chunk) for chunk in mod) for mod in (mod_img, mod_txt))
+            return self._blocks(pick(img0), pick(txt0), pick(vec), rope, n_target, start=1,
+                                double_mod=mods)[:, :n_target]
         return cache.blend(compute, img0[:, :n_target], tail)
 
-    def _blocks(self, img, txt, vec, rope, n_target: int | None, start: int = 0) -> torch.Tensor:
-        mod_img, mod_txt = self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec)
+    def _blocks(self, img, txt, vec, rope, n_target: int | None, start: int = 0,
+                double_mod: tuple | None = None) -> torch.Tensor:
+        """`double_mod`: the double blocks' (image, text) modulations, when the caller computed them already."""
+        mod_img, mod_txt = double_mod or (self.double_stream_modulation_img(vec),
+                                          self.double_stream_modulation_txt(vec))
         for block in self.transformer_blocks[start:]:
             img, txt = self._call(block, img, txt, mod_img, mod_txt, rope)
         n_txt, n_img = txt.shape[1], img.shape[1]
