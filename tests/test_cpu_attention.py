@@ -47,6 +47,19 @@ def test_online_softmax_rescales_when_a_later_block_holds_the_maximum():
 
 
 @needs_kernel
+def test_a_nan_reaches_the_output_instead_of_vanishing():
+    """torch's CPU kernel can turn a NaN query into a finite row; ours keeps it NaN (a NaN key: every row)."""
+    q, k, v = qkv(1, 2, 70, 100, 128, token_major=False)
+    q_bad, k_bad = q.clone(), k.clone()
+    q_bad[0, 1, 7, 3] = float("nan")
+    k_bad[0, 0, 80, 0] = float("nan")
+    out = ca.attention_bf16(q_bad, k, v)
+    assert out[0, 1, 7].isnan().all() and out[0, 1, 8:].isfinite().all() and out[0, 0].isfinite().all()
+    out = ca.attention_bf16(q, k_bad, v)
+    assert out[0, 0].isnan().all() and out[0, 1].isfinite().all()
+
+
+@needs_kernel
 def test_any_strides_batch_broadcast_and_output_layout():
     q, k, v = qkv(2, 3, 50, 80, 128)
     k_exp, v_exp = k[:1].expand(2, -1, -1, -1), v[:1].expand(2, -1, -1, -1)  # batch stride 0

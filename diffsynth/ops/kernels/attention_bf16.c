@@ -44,9 +44,10 @@ INLINE __m512bh pair(const uint16_t *p) { return (__m512bh)_mm512_set1_epi32(*(c
 INLINE __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
 
 /* 2^x for x <= 0 (x may be -inf): 2^round(x) * p(f), p a degree-6 Taylor series of e^(f ln 2), |f| <= 1/2
-   (relative error < 2e-7). */
+   (relative error < 2e-7). A NaN stays NaN (max returns its second operand when one is NaN), so a NaN score
+   makes its row's output NaN instead of a finite value. */
 INLINE __m512 exp2_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
+    x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
     __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.69314718056f));
     __m512 p = _mm512_set1_ps(1.0f / 720.0f);
