@@ -361,7 +361,7 @@ def test_step1x_processor_config(qwen_dir, tmp_path):
     from transformers import AutoTokenizer
     processor = load(ModelConfig(path=str(qwen_dir))).qwenvl.processor
     text = 'write "A" on a red sign'
-    assert processor.tokenizer(text).input_ids == AutoTokenizer.from_pretrained(str(qwen_dir))(text).input_ids
+    assert processor.ids(text) == AutoTokenizer.from_pretrained(str(qwen_dir))(text).input_ids
     with pytest.raises(FileNotFoundError, match="lacks its processor files"):
         load(str(tmp_path))
     with pytest.raises(TypeError, match="a folder or a ModelConfig"):

@@ -86,8 +86,7 @@ def nexus_gen_embeddings(llm: NexusGenLLM, processor: QwenVLProcessor, prompt: s
         messages = [{"role": "user", "content": instruction},
                     {"role": "assistant", "content": f"Here is the image: {IMAGE_MARK}"}]
         images = [bound_image(convert_image(reference), processor), placeholder]
-    text = processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False,
-                                                   add_generation_prompt=False).replace(IMAGE_MARK, VISION)
+    text = processor.render(messages, add_generation_prompt=False).replace(IMAGE_MARK, VISION)
     vision = processor.images(images)
     ids = torch.tensor([processor.ids(processor.expand_image_tokens(text, vision["image_grid_thw"]))], device=device)
     qwen = llm.qwen

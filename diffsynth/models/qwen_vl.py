@@ -11,7 +11,6 @@ AutoProcessor, which would also require the video processor (and torchvision) th
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..ops.files import CheckpointError
+from .chat_tokenizers import ChatTokenizer, load_chat_tokenizer
 from .hf_adopt import adopt_weights
 from .entry import BuildOptions, Component, Detected, Family, fills, has_prefix, plain_tensors
 
@@ -85,41 +85,40 @@ def _image_processor_class():
         return Qwen2VLImageProcessor
 
 
-def _chat_template(folder: Path, tokenizer) -> str | None:
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    if (folder / "chat_template.json").is_file():
-        return json.loads((folder / "chat_template.json").read_text())["chat_template"]
-    return getattr(tokenizer, "chat_template", None)
-
-
 @dataclass
 class QwenVLProcessor:
-    """The tokenizer, the image processor and the chat template of a Qwen2.5-VL folder."""
-    tokenizer: Any
+    """The chat tokenizer (with the folder's chat template) and the image processor of a Qwen2.5-VL folder."""
+    tokenizer: ChatTokenizer
     image_processor: Any
-    chat_template: str
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "QwenVLProcessor":
-        from transformers import AutoTokenizer
         folder = Path(folder)
         has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
         if not folder.is_dir() or not has_tokenizer or not (folder / "preprocessor_config.json").is_file():
             raise FileNotFoundError(f"Qwen2.5-VL folder {str(folder)!r} lacks its processor files: expected "
                                     f"{', '.join(PROCESSOR_FILES)} (the whole Qwen/Qwen2.5-VL-7B-Instruct folder)")
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        template = _chat_template(folder, tokenizer)
-        if template is None:
-            raise FileNotFoundError(f"Qwen2.5-VL folder {str(folder)!r} has no chat template ({PROCESSOR_FILES[2]})")
+        try:
+            tokenizer = load_chat_tokenizer(folder)
+        except FileNotFoundError as err:
+            if "chat template" not in str(err):
+                raise
+            raise FileNotFoundError(f"Qwen2.5-VL folder {str(folder)!r} has no chat template "
+                                    f"({PROCESSOR_FILES[2]})") from err
         image_processor = _image_processor_class().from_pretrained(str(folder), local_files_only=True)
-        return cls(tokenizer, image_processor, template)
+        return cls(tokenizer, image_processor)
+
+    @property
+    def chat_template(self) -> str:
+        return self.tokenizer.chat_template
+
+    def render(self, messages: list[dict], add_generation_prompt: bool, **template_args) -> str:
+        """A conversation in the chat format (image parts as the template's vision placeholders)."""
+        return self.tokenizer.chat_text(messages, add_generation_prompt=add_generation_prompt, **template_args)
 
     def chat(self, content: list[dict]) -> str:
         """One user message (text and image parts) in the chat format, ready for the assistant's answer."""
-        messages = [{"role": "user", "content": content}]
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=True, add_vision_id=True)
+        return self.render([{"role": "user", "content": content}], add_generation_prompt=True, add_vision_id=True)
 
     def images(self, images: list[Image.Image], min_pixels: int | None = None,
                max_pixels: int | None = None) -> dict[str, torch.Tensor]:
@@ -141,10 +140,13 @@ class QwenVLProcessor:
         return out
 
     def ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer.ids(text)
 
     def token_id(self, token: str) -> int:
-        return self.tokenizer.convert_tokens_to_ids(token)
+        index = self.tokenizer.backend.token_to_id(token)
+        if index is None:
+            raise ValueError(f"the Qwen2.5-VL tokenizer has no token {token!r}")
+        return index
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

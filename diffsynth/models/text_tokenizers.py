@@ -114,6 +114,16 @@ class FixedLengthTokenizer:
             return backend.encode_batch(texts, add_special_tokens=bool(add_special_tokens))
 
 
+    def ids(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """The token ids of one text, neither padded nor truncated (transformers' ``tokenizer(text).input_ids``)."""
+        if not isinstance(text, str):
+            raise TypeError(f"ids takes one text (str), got {type(text).__name__}")
+        with self._lock:
+            self.backend.no_truncation()
+            self.backend.no_padding()
+            return self.backend.encode(text, add_special_tokens=bool(add_special_tokens)).ids
+
+
 class PromptTokenizer(FixedLengthTokenizer):
     """A prompt -> token-id tokenizer: pads/truncates a batch of prompts to a fixed length.
 
