@@ -366,3 +366,22 @@ def test_step1x_processor_config(qwen_dir, tmp_path):
         load(str(tmp_path))
     with pytest.raises(TypeError, match="a folder or a ModelConfig"):
         load(3)
+
+
+def test_the_processor_template_wins_over_the_tokenizers(qwen_dir, tmp_path):
+    """As transformers' processors: chat_template.json (or .jinja) before tokenizer_config.json's template."""
+    import json
+    import shutil
+
+    from diffsynth.models.qwen_vl import QwenVLProcessor
+    folder = tmp_path / "q"
+    shutil.copytree(qwen_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "tokenizer's template"}))
+    content = [{"type": "image", "image": _image()}, {"type": "text", "text": "a cat"}]
+    expected = QwenVLProcessor.from_folder(qwen_dir).chat(content)
+    assert "<|vision_start|>" in expected and QwenVLProcessor.from_folder(folder).chat(content) == expected
+    (folder / "chat_template.json").unlink()
+    assert QwenVLProcessor.from_folder(folder).chat(content) == "tokenizer's template"
+    (folder / "chat_template.jinja").write_text("jinja {{ messages[0].role }}")
+    assert QwenVLProcessor.from_folder(folder).chat(content) == "jinja user"

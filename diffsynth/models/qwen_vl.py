@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..ops.files import CheckpointError
 from .chat_tokenizers import ChatTokenizer, load_chat_tokenizer
+from .text_tokenizers import read_json
 from .hf_adopt import adopt_weights
 from .entry import BuildOptions, Component, Detected, Family, fills, has_prefix, plain_tensors
 
@@ -85,11 +86,26 @@ def _image_processor_class():
         return Qwen2VLImageProcessor
 
 
+def _processor_template(folder: Path) -> str | None:
+    """The processor's own chat template (chat_template.jinja, else chat_template.json), which transformers'
+    processors prefer to the tokenizer's."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    path = folder / "chat_template.json"
+    if not path.is_file():
+        return None
+    template = read_json(path, "Qwen2.5-VL processor").get("chat_template")
+    if not isinstance(template, str):
+        raise CheckpointError(f"{path}: no chat_template string in it")
+    return template
+
+
 @dataclass
 class QwenVLProcessor:
-    """The chat tokenizer (with the folder's chat template) and the image processor of a Qwen2.5-VL folder."""
+    """The chat tokenizer, the chat template and the image processor of a Qwen2.5-VL folder."""
     tokenizer: ChatTokenizer
     image_processor: Any
+    chat_template: str
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "QwenVLProcessor":
@@ -100,21 +116,19 @@ class QwenVLProcessor:
                                     f"{', '.join(PROCESSOR_FILES)} (the whole Qwen/Qwen2.5-VL-7B-Instruct folder)")
         try:
             tokenizer = load_chat_tokenizer(folder)
+            template = _processor_template(folder) or tokenizer.chat_template
         except FileNotFoundError as err:
             if "chat template" not in str(err):
                 raise
             raise FileNotFoundError(f"Qwen2.5-VL folder {str(folder)!r} has no chat template "
                                     f"({PROCESSOR_FILES[2]})") from err
         image_processor = _image_processor_class().from_pretrained(str(folder), local_files_only=True)
-        return cls(tokenizer, image_processor)
-
-    @property
-    def chat_template(self) -> str:
-        return self.tokenizer.chat_template
+        return cls(tokenizer, image_processor, template)
 
     def render(self, messages: list[dict], add_generation_prompt: bool, **template_args) -> str:
         """A conversation in the chat format (image parts as the template's vision placeholders)."""
-        return self.tokenizer.chat_text(messages, add_generation_prompt=add_generation_prompt, **template_args)
+        return self.tokenizer.chat_text(messages, chat_template=self.chat_template,
+                                        add_generation_prompt=add_generation_prompt, **template_args)
 
     def chat(self, content: list[dict]) -> str:
         """One user message (text and image parts) in the chat format, ready for the assistant's answer."""
