@@ -385,3 +385,26 @@ def test_the_processor_template_wins_over_the_tokenizers(qwen_dir, tmp_path):
     assert QwenVLProcessor.from_folder(folder).chat(content) == "tokenizer's template"
     (folder / "chat_template.jinja").write_text("jinja {{ messages[0].role }}")
     assert QwenVLProcessor.from_folder(folder).chat(content) == "jinja user"
+
+
+def test_step1x_generation_does_not_import_transformers(qwen_dir, step1x_dir):
+    """The Qwen2.5-VL model, tokenizer and image processor are this project's: a fresh process loads the Step1X-Edit
+    models, edits an image and never imports transformers (about 2 s of its start-up) or torch._dynamo."""
+    import subprocess
+    import sys
+    code = f"""
+import sys, torch
+from PIL import Image
+from diffsynth import FluxImagePipeline, ModelConfig
+from diffsynth.models import step1x
+step1x.MIN_PIXELS = step1x.MAX_PIXELS = {SMALL_PIXELS}
+pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
+    ModelConfig(path={str(qwen_dir)!r}), ModelConfig(path={str(step1x_dir / "step1x-edit-i1258.safetensors")!r}),
+    ModelConfig(path={str(step1x_dir / "vae.safetensors")!r})])
+image = pipe("a cat", step1x_reference_image=Image.new("RGB", (64, 64), (200, 30, 30)), height=32, width=32,
+             num_inference_steps=1, seed=0, progress_bar_cmd=lambda x: x)
+assert image.size == (32, 32)
+bad = [m for m in ("transformers", "torch._dynamo") if m in sys.modules]
+assert not bad, bad
+"""
+    subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True, timeout=120)

@@ -22,7 +22,8 @@ from torch import nn
 
 from .flux_dit import RMSNorm
 from .flux_dit import build as build_flux_dit
-from .qwen_vl import QwenVLProcessor, build_with_processor, load_qwen_vl
+from .qwen25_vision import smart_resize
+from .qwen_vl import QwenVL, QwenVLProcessor, build_with_processor, load_qwen_vl
 from .qwen_vl import detect as detect_qwen_vl
 from ..ops.images import convert_image
 from .entry import BuildOptions, Component, Detected, Family, assign, fills, has_key, has_prefix, plain_tensors
@@ -36,9 +37,9 @@ BASE_GRID = 72                   # merger positions are rescaled to a 72x72 grid
 
 
 class NexusGenLLM(nn.Module):
-    """transformers' Qwen2_5_VLModel plus Nexus-Gen's `vision_head` and `image_prefill_embeds`."""
+    """Qwen2.5-VL (qwen_vl.QwenVL) plus Nexus-Gen's `vision_head` and `image_prefill_embeds`."""
 
-    def __init__(self, qwen: nn.Module, vision_head: nn.Linear, image_prefill_embeds: nn.Embedding):
+    def __init__(self, qwen: QwenVL, vision_head: nn.Linear, image_prefill_embeds: nn.Embedding):
         super().__init__()
         self.qwen, self.vision_head, self.image_prefill_embeds = qwen, vision_head, image_prefill_embeds
 
@@ -57,10 +58,6 @@ def load_nexus_llm(state_dict: dict[str, torch.Tensor], config_dict, source: str
 
 def bound_image(image: Image.Image, processor: QwenVLProcessor, max_pixels: int = EDIT_MAX_PIXELS) -> Image.Image:
     """Resize to multiples of 28 within `max_pixels` (the reference image of an edit)."""
-    try:  # transformers 5 (PIL backend module) / 4
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-    except ImportError:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
     factor = processor.image_processor.patch_size * processor.image_processor.merge_size
     h, w = smart_resize(image.height, image.width, factor=factor, min_pixels=factor * factor * 4, max_pixels=max_pixels)
     return image.resize((w, h))
@@ -91,8 +88,8 @@ def nexus_gen_embeddings(llm: NexusGenLLM, processor: QwenVLProcessor, prompt: s
     ids = torch.tensor([processor.ids(processor.expand_image_tokens(text, vision["image_grid_thw"]))], device=device)
     qwen = llm.qwen
     image_mask = ids == qwen.config.image_token_id                       # (1, L)
-    out = qwen.visual(vision["pixel_values"].to(device, dtype), grid_thw=vision["image_grid_thw"].to(device))
-    image_embeds = getattr(out, "pooler_output", out)                    # (n_ref + 81, D)
+    image_embeds = qwen.visual(vision["pixel_values"].to(device, dtype), vision["image_grid_thw"].to(device))
+    # image_embeds: (n_ref + 81, D)
     n_in = image_embeds.shape[0] - NUM_IMAGE_TOKENS
     target = image_mask & (image_mask.cumsum(1) > n_in)                  # the placeholder's slots
     embeds = qwen.get_input_embeddings()(ids)
@@ -100,10 +97,8 @@ def nexus_gen_embeddings(llm: NexusGenLLM, processor: QwenVLProcessor, prompt: s
     prefill = llm.image_prefill_embeds(torch.arange(NUM_IMAGE_TOKENS, device=device))
     embeds = embeds.masked_scatter(target[..., None], prefill.to(embeds.dtype))
     mask = torch.ones_like(ids)
-    positions, _ = qwen.get_rope_index(input_ids=ids, mm_token_type_ids=image_mask.int(),
-                                       image_grid_thw=vision["image_grid_thw"].to(device), attention_mask=mask)
-    hidden = qwen.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                                 use_cache=False).last_hidden_state
+    positions = qwen.rope_index(ids, vision["image_grid_thw"].to(device), mask)
+    hidden = qwen.run_language_model(embeds, positions, mask)
     predicted = llm.vision_head(hidden)[:, :-1][target[:, 1:]]         # position p-1 predicts slot p
     return NexusGenOutput(predicted, image_embeds[:n_in] if reference is not None else None,
                           vision["image_grid_thw"])

@@ -1,35 +1,44 @@
-"""Qwen2.5-VL (transformers' own model) loaded from an HF folder, with its tokenizer and image processor.
+"""Qwen2.5-VL (Step1X-Edit's and Nexus-Gen's prompt encoder) loaded from an HF folder, with its processor.
 
-The weights are adopted without a copy: the model is built with its parameters on the meta device (buffers,
-e.g. the rotary tables, computed for real) and the file's tensors are assigned in their storage dtype. Files
-in the release's key layout (`model.layers.*`, `visual.*`, transformers 4) and in transformers 5's
-(`model.language_model.*`, `model.visual.*`) both load; `lm_head` is not needed for embeddings and is dropped.
+The model is this project's: `qwen25_vision.VisionTower` (`visual.*`) and `decoder_lm.DecoderLM` with Qwen2's q/k/v
+biases, the final norm and multimodal RoPE (`language_model.*`, positions from `mrope.rope_index`), under
+transformers' `Qwen2_5_VLModel` parameter names and numbers (tests compare them with transformers). transformers is
+not imported: its model code costs ~2 s of every fresh process and its vision APIs moved between versions.
 
-The processor is assembled here from the folder's files (tokenizer.json/tokenizer_config.json, the image
-processor's preprocessor_config.json, chat_template.json or .jinja) rather than through transformers'
-AutoProcessor, which would also require the video processor (and torchvision) that prompt encoding never uses.
+The weights are adopted without a copy: the model is built on the meta device and the file's tensors are assigned
+in their storage dtype. Files in the release's key layout (`model.layers.*`, `visual.*`, transformers 4) and in
+transformers 5's (`model.language_model.*`, `model.visual.*`) both load; `lm_head` is not needed for embeddings and
+is dropped.
+
+The processor is assembled from the folder's files: the chat tokenizer (tokenizer.json/tokenizer_config.json, read by
+chat_tokenizers.py), the image processor (preprocessor_config.json, qwen25_vision.py) and the processor's chat
+template (chat_template.json or .jinja, else the tokenizer's).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from PIL import Image
+from torch import nn
 
 from ..ops.files import CheckpointError
 from .chat_tokenizers import ChatTokenizer, load_chat_tokenizer
-from .text_tokenizers import read_json
-from .hf_adopt import adopt_weights
+from .decoder_lm import DecoderConfig, DecoderLM
 from .entry import BuildOptions, Component, Detected, Family, fills, has_prefix, plain_tensors
+from .hf_adopt import adopt_weights
+from .mrope import mrope_tables, rope_index
+from .qwen25_vision import QwenImageProcessor, VisionConfig, VisionTower
+from .text_tokenizers import read_json
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_END = "<|vision_end|>"
 PROCESSOR_FILES = ("tokenizer.json or vocab.json + merges.txt", "preprocessor_config.json",
                    "chat_template.json, chat_template.jinja or a chat_template in tokenizer_config.json")
-# A first parameter the model's `dtype` property reads (transformers casts pixel values to it): kept in the
-# compute dtype under fp8 storage. It is tiny (1.5M values in the 7B model).
+# The patch embedding, whose weight dtype the pixel values are cast to: kept in the compute dtype under fp8
+# storage. It is tiny (1.5M values in the 7B model).
 _DTYPE_PROBE = "visual.patch_embed.proj.weight"
 
 
@@ -44,27 +53,84 @@ def qwen_key(key: str) -> str | None:
     return None  # lm_head.*: hidden states are what the pipelines read
 
 
-def _config(config_dict: Mapping | None, source: str):
-    from transformers import Qwen2_5_VLConfig
-    if config_dict is None:
-        raise CheckpointError(f"{source}: Qwen2.5-VL weights need the config.json of their HF folder beside them "
-                              "(load the folder, e.g. ModelConfig(model_id='Qwen/Qwen2.5-VL-7B-Instruct'))")
-    config = Qwen2_5_VLConfig.from_dict(dict(config_dict))
-    config._attn_implementation = "sdpa"
-    return config
+# Token ids transformers' Qwen2_5_VLConfig assumes when config.json names none.
+_DEFAULT_TOKENS = {"image_token_id": 151655, "vision_start_token_id": 151652}
+
+
+@dataclass(frozen=True)
+class QwenVLConfig:
+    text: DecoderConfig
+    vision: VisionConfig
+    image_token_id: int
+    vision_start_token_id: int
+
+    @classmethod
+    def from_dict(cls, config: Mapping | None, source: str) -> "QwenVLConfig":
+        """From the folder's config.json (transformers 4's flat layout or 5's `text_config`)."""
+        if config is None:
+            raise CheckpointError(f"{source}: Qwen2.5-VL weights need the config.json of their HF folder beside them "
+                                  "(load the folder, e.g. ModelConfig(model_id='Qwen/Qwen2.5-VL-7B-Instruct'))")
+        try:
+            text = DecoderConfig.from_dict(config, qk_norm=False, qkv_bias=True)
+            vision = VisionConfig.from_dict(config)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: config.json: {err}") from err
+        if text.mrope_section is None:
+            raise CheckpointError(f"{source}: config.json has no mrope_section (rope_scaling / rope_parameters): "
+                                  "not a Qwen2.5-VL config")
+        tokens = {k: int(config.get(k) if config.get(k) is not None else v) for k, v in _DEFAULT_TOKENS.items()}
+        return cls(text, vision, **tokens)
+
+
+class QwenVL(nn.Module):
+    """Qwen2.5-VL without its LM head: `visual` (the vision tower) and `language_model` (the decoder)."""
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTower(config.vision)
+        self.language_model = DecoderLM(config.text, final_norm=True)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.embed_tokens
+
+    def rope_index(self, ids: torch.Tensor, grid_thw: torch.Tensor | None,
+                   attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(3, B, L) time/height/width positions of text + image tokens (mrope.rope_index)."""
+        positions, _ = rope_index(ids, grid_thw, attention_mask, image_token_id=self.config.image_token_id,
+                                  vision_start_token_id=self.config.vision_start_token_id,
+                                  spatial_merge_size=self.config.vision.spatial_merge_size)
+        return positions
+
+    def run_language_model(self, embeds: torch.Tensor, positions: torch.Tensor,
+                           attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """embeds (B, L, D) at `positions` (3, B, L) -> the final-normed last hidden state (B, L, D)."""
+        c = self.config.text
+        cos, sin = mrope_tables(positions, c.head_dim, c.rope_theta, c.mrope_section, embeds)
+        return self.language_model.forward_embeds(embeds, cos, sin, attention_mask)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, pixel_values: torch.Tensor,
+                grid_thw: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) with each image's placeholders, pixel_values / grid_thw from the processor -> (B, L, D)."""
+        embeds = self.get_input_embeddings()(ids)
+        image = self.visual(pixel_values, grid_thw)                      # (placeholders, D)
+        slots = (ids == self.config.image_token_id)[..., None]
+        if int(slots.sum()) != image.shape[0]:
+            raise ValueError(f"Qwen2.5-VL: {int(slots.sum())} image placeholder tokens for {image.shape[0]} image "
+                             "embeddings")
+        embeds = embeds.masked_scatter(slots, image.to(embeds.dtype))
+        return self.run_language_model(embeds, self.rope_index(ids, grid_thw, attention_mask), attention_mask)
 
 
 def load_qwen_vl(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | None, source: str = "Qwen2.5-VL",
-                 probe_dtype: torch.dtype | None = None):
-    """transformers' Qwen2_5_VLModel (vision tower + language model, no LM head) adopting `state_dict`.
+                 probe_dtype: torch.dtype | None = None) -> QwenVL:
+    """Our Qwen2.5-VL (vision tower + language model, no LM head) adopting `state_dict`.
 
     `probe_dtype`: the dtype of the patch-embedding weight (see `_DTYPE_PROBE`), None keeps the file's.
     """
-    from accelerate import init_empty_weights
-    from transformers import Qwen2_5_VLModel
-    config = _config(config_dict, source)
-    with init_empty_weights(include_buffers=False):
-        model = Qwen2_5_VLModel(config)
+    config = QwenVLConfig.from_dict(config_dict, source)
+    with torch.device("meta"):
+        model = QwenVL(config)
     sd = {}
     for key, t in state_dict.items():
         name = qwen_key(key)
@@ -76,15 +142,6 @@ def load_qwen_vl(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping | 
 
 
 # ----------------------------------------------------------------------------- processor
-
-def _image_processor_class():
-    try:  # transformers 5: the PIL backend (the torchvision one needs torchvision)
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-        return Qwen2VLImageProcessorPil
-    except ImportError:  # transformers 4: the slow (PIL/numpy) processor
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-        return Qwen2VLImageProcessor
-
 
 def _processor_template(folder: Path) -> str | None:
     """The processor's own chat template (chat_template.jinja, else chat_template.json), which transformers'
@@ -104,7 +161,7 @@ def _processor_template(folder: Path) -> str | None:
 class QwenVLProcessor:
     """The chat tokenizer, the chat template and the image processor of a Qwen2.5-VL folder."""
     tokenizer: ChatTokenizer
-    image_processor: Any
+    image_processor: QwenImageProcessor
     chat_template: str
 
     @classmethod
@@ -122,8 +179,7 @@ class QwenVLProcessor:
                 raise
             raise FileNotFoundError(f"Qwen2.5-VL folder {str(folder)!r} has no chat template "
                                     f"({PROCESSOR_FILES[2]})") from err
-        image_processor = _image_processor_class().from_pretrained(str(folder), local_files_only=True)
-        return cls(tokenizer, image_processor, template)
+        return cls(tokenizer, QwenImageProcessor.from_folder(folder), template)
 
     def render(self, messages: list[dict], add_generation_prompt: bool, **template_args) -> str:
         """A conversation in the chat format (image parts as the template's vision placeholders)."""
@@ -138,9 +194,7 @@ class QwenVLProcessor:
                max_pixels: int | None = None) -> dict[str, torch.Tensor]:
         """pixel_values (patches, C*T*P*P) and image_grid_thw (n, 3), each image resized to [min, max] pixels
         (None: the folder's preprocessor_config.json limits)."""
-        size = None if min_pixels is None else {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-        out = self.image_processor(images=images, return_tensors="pt", **({"size": size} if size else {}))
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        return self.image_processor(images, min_pixels=min_pixels, max_pixels=max_pixels)
 
     def expand_image_tokens(self, text: str, grid_thw: torch.Tensor) -> str:
         """One `<|image_pad|>` per merged vision token of each image, in order."""
@@ -174,15 +228,10 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-def hidden_states(model, ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+def hidden_states(model: QwenVL, ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                   grid_thw: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Last hidden state (after the final norm) of the language model over text + image tokens (B, L, D)."""
-    image_token = model.config.image_token_id
-    kwargs = dict(input_ids=ids.to(device), attention_mask=attention_mask.to(device),
-                  pixel_values=pixel_values.to(device), image_grid_thw=grid_thw.to(device), use_cache=False)
-    kwargs["mm_token_type_ids"] = (ids == image_token).int().to(device)  # transformers 5 builds mRoPE from these
-    model.rope_deltas = None  # a cached offset from an earlier call would shift positions
-    return model(**kwargs).last_hidden_state
+    return model(ids.to(device), attention_mask.to(device), pixel_values.to(device), grid_thw.to(device))
 
 
 # ----------------------------------------------------------------------------- table entry
