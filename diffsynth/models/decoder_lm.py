@@ -99,6 +99,7 @@ class DecoderConfig:
     hidden_act: str = "silu"
     sliding_window: int | None = None  # in effect (None: full attention); longer inputs are refused
     mrope_section: tuple[int, ...] | None = None  # Qwen2.5-VL: frequencies per t/h/w axis, for the caller's tables
+    causal: bool = True             # False: every token sees every token (Nexus-Gen's merger layer)
 
     def __post_init__(self):
         if self.hidden_act != "silu":
@@ -175,7 +176,7 @@ class DecoderAttention(nn.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
-        self.qk_norm = c.qk_norm
+        self.qk_norm, self.causal = c.qk_norm, c.causal
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = x.shape
@@ -188,7 +189,7 @@ class DecoderAttention(nn.Module):
             group = self.heads // self.kv_heads
             k, v = (t[:, :, None].expand(b, self.kv_heads, group, n, self.head_dim).reshape(b, self.heads, n, -1)
                     for t in (k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
                                              scale=self.head_dim ** -0.5)  # (B, H, L, d)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 

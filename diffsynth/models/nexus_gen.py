@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from .flux_dit import RMSNorm
 from .flux_dit import build as build_flux_dit
+from .decoder_lm import DecoderConfig, DecoderLayer
+from .mrope import mrope_tables
 from .qwen25_vision import smart_resize
 from .qwen_vl import QwenVL, QwenVLProcessor, build_with_processor, load_qwen_vl
 from .qwen_vl import detect as detect_qwen_vl
@@ -150,62 +151,16 @@ def infer_merger_config(sd: dict[str, torch.Tensor]) -> MergerConfig:
                         expand=sd["projector.1.weight"].shape[0] // sd["projector.4.weight"].shape[0])
 
 
-class _Attention(nn.Module):
-    def __init__(self, c: MergerConfig):
-        super().__init__()
-        d = c.head_dim
-        self.c = c
-        self.q_proj = nn.Linear(c.hidden, c.heads * d)
-        self.k_proj = nn.Linear(c.hidden, c.kv_heads * d)
-        self.v_proj = nn.Linear(c.hidden, c.kv_heads * d)
-        self.o_proj = nn.Linear(c.heads * d, c.hidden, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        d, rep = self.c.head_dim, self.c.heads // self.c.kv_heads
-        q = self.q_proj(x).view(b, n, -1, d).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, -1, d).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, -1, d).transpose(1, 2)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        out = F.scaled_dot_product_attention(q, k, v)  # every token sees every token
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
-class _Mlp(nn.Module):
-    def __init__(self, c: MergerConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
-        self.up_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
-        self.down_proj = nn.Linear(c.intermediate, c.hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class _DecoderLayer(nn.Module):
-    def __init__(self, c: MergerConfig):
-        super().__init__()
-        self.self_attn, self.mlp = _Attention(c), _Mlp(c)
-        self.input_layernorm, self.post_attention_layernorm = RMSNorm(c.hidden), RMSNorm(c.hidden)
-
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
 class NexusGenMerger(nn.Module):
     """[generated, reference] embeddings -> DiT text tokens (file keys `embedding_merger.*`)."""
 
     def __init__(self, config: MergerConfig | None = None):
         super().__init__()
         self.config = c = config or MergerConfig()
-        self.layers = nn.ModuleList([_DecoderLayer(c)])
+        layer = DecoderConfig(vocab_size=0, hidden_size=c.hidden, intermediate_size=c.intermediate, num_hidden_layers=1,
+                              num_attention_heads=c.heads, num_key_value_heads=c.kv_heads, head_dim=c.head_dim,
+                              rope_theta=c.theta, qkv_bias=True, mrope_section=c.mrope_section, causal=False)
+        self.layers = nn.ModuleList([DecoderLayer(layer)])  # a Qwen2.5-VL decoder layer, bidirectional
         wide = c.out_dim * c.expand
         self.projector = nn.Sequential(RMSNorm(c.hidden), nn.Linear(c.hidden, wide), RMSNorm(wide), nn.SiLU(),
                                        nn.Linear(wide, c.out_dim), RMSNorm(c.out_dim))
@@ -219,17 +174,6 @@ class NexusGenMerger(nn.Module):
         ww = torch.arange(gw).repeat(t * gh) * (BASE_GRID / w)
         return torch.stack([tt, hh.float(), ww.float()])
 
-    def rotary(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """mRoPE tables (1, 1, L, head_dim): time/height/width sections take their own position row."""
-        d = self.config.head_dim
-        inv = 1.0 / (self.config.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-        freqs = positions[:, :, None].float() * inv                      # (3, L, d/2)
-        emb = torch.cat([freqs, freqs], -1)                               # (3, L, d)
-        sections = list(self.config.mrope_section) * 2
-        parts = [chunk[i % 3] for i, chunk in enumerate(emb.split(sections, dim=-1))]
-        table = torch.cat(parts, -1)[None, None]
-        return table.cos().to(dtype), table.sin().to(dtype)
-
     def forward(self, embeds: torch.Tensor, grid: torch.Tensor, ref_embeds: torch.Tensor | None = None,
                 ref_grid: torch.Tensor | None = None) -> torch.Tensor:
         """embeds (B, 81, D) on `grid` (t, h, w) [+ ref_embeds (B, n, D) on ref_grid] -> (B, 81 [+ n], out_dim)."""
@@ -237,9 +181,10 @@ class NexusGenMerger(nn.Module):
         if ref_embeds is not None:
             positions = torch.cat([positions, self.positions(ref_grid)], 1)
             x = torch.cat([embeds, ref_embeds.to(embeds.dtype)], 1)
-        cos, sin = self.rotary(positions.to(x.device), x.dtype)
+        c = self.config
+        cos, sin = mrope_tables(positions[:, None], c.head_dim, c.theta, c.mrope_section, x)  # (1, 1, L, head_dim)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, None)
         return self.projector(x)
 
 
