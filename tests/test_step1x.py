@@ -408,3 +408,23 @@ bad = [m for m in ("transformers", "torch._dynamo") if m in sys.modules]
 assert not bad, bad
 """
     subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True, timeout=120)
+
+
+def test_qwen_config_and_input_errors(qwen):
+    import json
+
+    from diffsynth.models.qwen_vl import QwenVLConfig
+    from diffsynth.testing.tiny_qwen import tiny_qwen_config
+    config = tiny_qwen_config()
+    assert QwenVLConfig.from_dict(json.loads(json.dumps(config)), "q").text.mrope_section == tuple(
+        config["rope_scaling"]["mrope_section"])
+    with pytest.raises(CheckpointError, match="no mrope_section"):
+        QwenVLConfig.from_dict({**config, "rope_scaling": None}, "q")
+    with pytest.raises(CheckpointError, match="q: config.json: .*hidden_act 'gelu'"):
+        QwenVLConfig.from_dict({**config, "vision_config": {**config["vision_config"], "hidden_act": "gelu"}}, "q")
+    proc = qwen.processor
+    vision = proc.images([_image()], SMALL_PIXELS, SMALL_PIXELS)
+    text = proc.chat([{"type": "image", "image": _image()}, {"type": "text", "text": "a cat"}])
+    ids = torch.tensor([proc.ids(text)])  # one placeholder, not the 4 the image's grid gives
+    with pytest.raises(ValueError, match="1 image placeholder tokens for 4 image embeddings"):
+        qwen(ids, None, vision["pixel_values"], vision["image_grid_thw"])
