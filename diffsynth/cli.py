@@ -140,11 +140,14 @@ def cmd_generate(args) -> list[str]:
     paths, images = check_generation(args)
     print(f"will write {', '.join(paths)}")
     models = model_paths(args)
+    done = False
     try:
-        return write_images(args, build_pipeline(args, models), models, paths, images)
+        written = write_images(args, build_pipeline(args, models), models, paths, images)
+        done = True
+        return written
     finally:
         if args.parallel:
-            parallel.shutdown()
+            parallel.shutdown(wait_for_peers=done)  # after an error the other ranks may never reach the barrier
 
 
 def check_generation(args, more_outputs: tuple[str, ...] = ()) -> tuple[list[str], dict]:

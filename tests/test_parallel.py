@@ -168,3 +168,31 @@ def test_benchmark_smoke_two_processes_equal_one_tiny_flux(capsys):
     assert smoke.result.single_s > 0 and smoke.result.split_s > 0
     assert smoke.result.max_pixel_diff <= 1.0
     assert "| 2 |" in capsys.readouterr().out  # the table still prints
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_generate_waits_for_the_other_ranks_only_after_success(monkeypatch, fails):
+    """`diffsynth generate --parallel`: a barrier before leaving the group after a successful run (no rank tears it
+    down under another), none after an error (the other ranks may never reach it)."""
+    from types import SimpleNamespace
+
+    from diffsynth import cli
+
+    def write(*args):
+        if fails:
+            raise RuntimeError("rank failed")
+        return ["out.png"]
+    calls = []
+    monkeypatch.setattr(cli, "apply_folder_defaults", lambda args: None)
+    monkeypatch.setattr(cli, "check_generation", lambda args: (["out.png"], {}))
+    monkeypatch.setattr(cli, "model_paths", lambda args: [])
+    monkeypatch.setattr(cli, "build_pipeline", lambda args, models: None)
+    monkeypatch.setattr(cli, "write_images", write)
+    monkeypatch.setattr(parallel, "shutdown", lambda wait_for_peers=True: calls.append(wait_for_peers))
+    args = SimpleNamespace(parallel="context")
+    if fails:
+        with pytest.raises(RuntimeError, match="rank failed"):
+            cli.cmd_generate(args)
+    else:
+        assert cli.cmd_generate(args) == ["out.png"]
+    assert calls == [not fails]

@@ -91,10 +91,15 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a torchrun command)."""
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Leave the process group (at the end of a torchrun command). `wait_for_peers`: a barrier first, so that no
+    rank tears the group down while another still uses it (rank 0 hosts the rendezvous store; leaving early made
+    gloo abort a rank at exit, "terminate called without an active exception", about one run in six). Skip it after
+    an error, where the other ranks may never reach the barrier."""
     disable_context_parallel()
     if dist.is_initialized():
+        if wait_for_peers and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
