@@ -127,6 +127,12 @@ def test_text_encode_smoke(smoke):
     check_comparison(_import("text_encode").main(), 1e-5)  # our T5 encoder: transformers' numbers
 
 
+def test_qwen_vl_encode_smoke(smoke):
+    fp32, bf16 = _import("qwen_vl_encode").main()
+    check_comparison(fp32, 1e-5)  # our Qwen2.5-VL: transformers' numbers
+    check_comparison(bf16, 3e-2)  # bf16 roundings in another order (both ~1.2e-2 from fp32 at mid size)
+
+
 def test_step1x_step_smoke(smoke):
     check_comparison(_import("step1x_step").main(), 1e-4)  # parity with diffusers' transformer
 
