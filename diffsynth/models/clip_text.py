@@ -123,9 +123,11 @@ class ClipLayer(nn.Module):
 
 
 class ClipEncoder(nn.Module):
-    def __init__(self, c: ClipTextConfig):
+    """`layers`: the towers' stack of ClipLayers (causal in the text tower, bidirectional in the vision ones)."""
+
+    def __init__(self, c, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(ClipLayer(c) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(ClipLayer(c, causal) for _ in range(c.num_hidden_layers))
 
 
 class ClipTextModel(nn.Module):

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..ops.images import convert_image
 from ..ops.linear import Linear
-from .clip_text import ClipLayer, check_layer_config, zero_embedding
+from .clip_text import ClipEncoder, check_layer_config, zero_embedding
+from .flux_text_encoders import layer_count
 from .hf_adopt import adopt_weights
 from .entry import BuildOptions, Detected, Family, fills, has_key, plain_tensors
 
@@ -61,7 +62,7 @@ def clip_vision_config(sd: dict[str, torch.Tensor], config: dict | None) -> Clip
         return ClipVisionConfig.from_dict(config)
     hidden, channels, patch, _ = sd["vision_model.embeddings.patch_embedding.weight"].shape
     positions = sd["vision_model.embeddings.position_embedding.weight"].shape[0]
-    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("vision_model.encoder.layers."))
+    layers = layer_count(sd, "vision_model.encoder.layers.")
     return ClipVisionConfig(
         hidden_size=hidden, patch_size=patch, image_size=int(round((positions - 1) ** 0.5)) * patch,
         intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0], num_hidden_layers=layers,
@@ -87,18 +88,12 @@ class ClipVisionEmbeddings(nn.Module):
         return x + self.position_embedding(torch.arange(x.shape[1], device=x.device))
 
 
-class ClipVisionEncoder(nn.Module):
-    def __init__(self, c: ClipVisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(ClipLayer(c, causal=False) for _ in range(c.num_hidden_layers))
-
-
 class ClipVisionTransformer(nn.Module):
     def __init__(self, c: ClipVisionConfig):
         super().__init__()
         self.embeddings = ClipVisionEmbeddings(c)
         self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # (transformers' spelling)
-        self.encoder = ClipVisionEncoder(c)
+        self.encoder = ClipEncoder(c, causal=False)
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -39,12 +39,11 @@ from torch import nn
 
 from ..ops.images import convert_image
 from ..ops.linear import Linear
+from .clip_vision import CLIP_MEAN, CLIP_STD
 from .flux_dit import RMSNorm
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 MAX_ASPECT_RATIO = 200  # smart_resize refuses longer strips, as transformers does
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ----------------------------------------------------------------------------- config

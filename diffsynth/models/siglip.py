@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .clip_text import ClipLayer, check_layer_config, ClipMLP, zero_embedding
+from .clip_text import ClipEncoder, ClipMLP, check_layer_config, zero_embedding
 from .flux_text_encoders import layer_count
 from ..ops.linear import Linear, linear
 from ..ops.images import convert_image
@@ -98,12 +98,6 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-class SiglipEncoder(nn.Module):
-    def __init__(self, c: SiglipVisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(ClipLayer(c, causal=False) for _ in range(c.num_hidden_layers))
-
-
 class PoolingAttention(nn.Module):
     """Cross-attention with nn.MultiheadAttention's parameter names: q/k/v projections packed in one
     (3D, D) `in_proj_weight` (rows q, then k, then v), and `out_proj`."""
@@ -144,7 +138,7 @@ class SiglipTransformer(nn.Module):
     def __init__(self, c: SiglipVisionConfig):
         super().__init__()
         self.embeddings = SiglipEmbeddings(c)
-        self.encoder = SiglipEncoder(c)
+        self.encoder = ClipEncoder(c, causal=False)
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.head = SiglipPoolingHead(c) if c.vision_use_head else None
 
