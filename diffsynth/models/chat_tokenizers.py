@@ -45,6 +45,7 @@ from tokenizers.models import BPE
 
 from .text_tokenizers import (
     FixedLengthTokenizer,
+    bpe_from_tokenizer_json,
     corrupt_file,
     register_added_tokens,
     gc_paused,
@@ -266,15 +267,7 @@ def _qwen2_backend(folder: Path, tokenizer_json: dict | None, init: dict) -> tup
         model = tokenizer_json["model"]
         if model.get("type", "BPE") != "BPE":
             raise corrupt_file(path, _WHAT, f"a Qwen2 tokenizer needs a BPE model, found {model.get('type')!r}")
-        vocab = model.get("vocab")
-        if isinstance(vocab, list):
-            vocab = {item[0] if isinstance(item, list) else item: i for i, item in enumerate(vocab)}
-        if not isinstance(vocab, dict):
-            raise corrupt_file(path, _WHAT, "model.vocab is neither a mapping nor a list")
-        raw_merges = model.get("merges") or []
-        if not isinstance(raw_merges, list):
-            raise corrupt_file(path, _WHAT, "model.merges is not a list")
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in raw_merges]
+        vocab, merges = bpe_from_tokenizer_json(tokenizer_json, path, _WHAT)
         # the post-processor, padding and truncation of the file (read without its vocabulary, as transformers does)
         shell = {**tokenizer_json, "added_tokens": [],
                  "model": {**model, "vocab": {}, "merges": []}}

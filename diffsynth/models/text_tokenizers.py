@@ -113,7 +113,6 @@ class FixedLengthTokenizer:
                 backend.enable_padding(**padding)
             return backend.encode_batch(texts, add_special_tokens=bool(add_special_tokens))
 
-
     def ids(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """The token ids of one text, neither padded nor truncated (transformers' ``tokenizer(text).input_ids``)."""
         if not isinstance(text, str):
@@ -219,6 +218,21 @@ def read_bpe_vocab_files(folder: Path, what: str) -> tuple[dict[str, int], list[
             raise corrupt_file(merges_path, what, f"merge {len(merges) + 1} ({line[:60]!r}) is not two space-separated tokens")
         merges.append((parts[0], parts[1]))
     return vocab, merges
+
+
+def bpe_from_tokenizer_json(tokenizer_json: dict, path: Path, what: str) -> tuple[dict[str, int], list[tuple]]:
+    """A tokenizer.json's BPE vocabulary (a mapping, or a list of tokens / [token, score] in id order) and merges
+    ("a b" strings or [a, b] pairs)."""
+    model = tokenizer_json["model"]
+    vocab = model.get("vocab")
+    if isinstance(vocab, list):
+        vocab = {item[0] if isinstance(item, list) else item: i for i, item in enumerate(vocab)}
+    if not isinstance(vocab, dict):
+        raise corrupt_file(path, what, "model.vocab is neither a mapping nor a list")
+    raw_merges = model.get("merges") or []
+    if not isinstance(raw_merges, list):
+        raise corrupt_file(path, what, "model.merges is not a list")
+    return vocab, [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in raw_merges]
 
 
 def _pb_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -573,14 +587,7 @@ def _load_clip(path: str | Path) -> PromptTokenizer:
     tokenizer_json = load_tokenizer_json(folder, what)
     if tokenizer_json is not None:
         json_path = folder / "tokenizer.json"
-        model = tokenizer_json["model"]
-        raw_vocab = model.get("vocab")
-        if isinstance(raw_vocab, list):
-            raw_vocab = {item[0] if isinstance(item, list) else item: i for i, item in enumerate(raw_vocab)}
-        if not isinstance(raw_vocab, dict):
-            raise corrupt_file(json_path, what, "model.vocab is neither a mapping nor a list")
-        vocab = raw_vocab
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+        vocab, merges = bpe_from_tokenizer_json(tokenizer_json, json_path, what)
         files = f"file {str(json_path)!r} is"
     else:
         vocab, merges = read_bpe_vocab_files(folder, what)
