@@ -91,25 +91,27 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _build() -> dict:
-    lib, why = None, None
+    """The loaded kernel, or why there is none. Where this CPU could run it but it cannot be built (no compiler, a
+    failed build) a warning says so once; on other systems and CPUs it is simply not used."""
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        why = f"needs Linux on x86-64, this is {platform.system()} on {platform.machine()}"
-    elif not {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= _cpu_flags():
-        why = "this CPU has no AVX512-BF16"
-    elif _compiler() is None:
+        return {"lib": None, "why": f"needs Linux on x86-64, this is {platform.system()} on {platform.machine()}"}
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= _cpu_flags():
+        return {"lib": None, "why": "this CPU has no AVX512-BF16"}
+    compiler = _compiler()
+    if compiler is None:
         why = "no C compiler found (set $CC, or install gcc)"
     else:
         try:
-            lib = ctypes.CDLL(str(_compile(_compiler())))
+            lib = ctypes.CDLL(str(_compile(compiler)))
             fn = lib.attention_bf16
         except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
-            lib, why = None, f"could not build the kernel: {err}"
+            why = f"could not build the kernel: {err}"
         else:
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.POINTER(ctypes.c_long)] * 2 + [ctypes.c_float, ctypes.c_long]
-    if lib is None and why and "AVX512" not in why and "x86-64" not in why:  # this CPU would gain from it
-        warnings.warn(f"bf16 CPU attention falls back to torch's SDPA (about half as fast here): {why}", stacklevel=4)
-    return {"lib": lib, "why": why}
+            return {"lib": lib, "why": None}
+    warnings.warn(f"bf16 CPU attention falls back to torch's SDPA (about half as fast here): {why}", stacklevel=4)
+    return {"lib": None, "why": why}
 
 
 def kernel_status() -> str | None:
