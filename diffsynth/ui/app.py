@@ -107,10 +107,9 @@ def guidance_slider(pipe) -> gr.Slider:
     saying why, for a DiT without a guidance embedder (it would do nothing)."""
     from ..generation import fill_defaults
     default = fill_defaults(type(pipe), {"embedded_guidance": None})["embedded_guidance"]
-    if pipe.uses_embedded_guidance:
-        return gr.Slider(0, 30, value=default, step=0.1, label="Embedded guidance")
-    return gr.Slider(0, 30, value=default, step=0.1, label="Embedded guidance", interactive=False,
-                     info="this model has no guidance embedder: use CFG scale")
+    fixed = {} if pipe.uses_embedded_guidance else {"interactive": False,
+                                                    "info": "this model has no guidance embedder: use CFG scale"}
+    return gr.Slider(0, 30, value=default, step=0.1, label="Embedded guidance", **fixed)
 
 
 def lora_choices(state: AppState) -> list[str]:
