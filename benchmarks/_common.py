@@ -42,6 +42,13 @@ def reset_peak_rss() -> None:
         pass
 
 
+def peak_growth_mb(before: float) -> float:
+    """How far the RSS peak of the window opened by `reset_peak_rss()` rose above `before` (the RSS read when it
+    opened). The window's peak includes its start: the kernel's lazily summed RSS counters can report a peak a few
+    KB below the RSS read just after the reset, which must not come out as a negative growth."""
+    return max(peak_rss_mb(), before) - before
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (VmHWM; ru_maxrss would include the parent's across fork+exec)."""
     kb = _status_kb("VmHWM")

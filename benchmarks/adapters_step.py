@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MEMORY_ENV, MID_DIT, emit, interleaved, median, pair_ratio, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
+from _common import MEMORY_ENV, MID_DIT, emit, interleaved, median, pair_ratio, peak_growth_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
 
 SMOKE = os.environ.get("DIFFSYNTH_BENCH_SMOKE") == "1"
 DIT = dict(MID_DIT, hidden_size=64, num_heads=2, axes_dim=(8, 12, 12), context_dim=64, pooled_dim=32) if SMOKE \
@@ -141,7 +141,7 @@ def worker(kind: str, variant: str = "") -> None:
             reset_peak_rss()
             before = rss_mb()
             fn()
-            emit({"peak_mb": peak_rss_mb() - before})
+            emit({"peak_mb": peak_growth_mb(before)})
 
 
 @dataclass

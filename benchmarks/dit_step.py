@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MEMORY_ENV, MID_DIT, emit, interleaved, median, pair_ratio, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
+from _common import MEMORY_ENV, MID_DIT, emit, interleaved, median, pair_ratio, peak_growth_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
 
 SMOKE = os.environ.get("DIFFSYNTH_BENCH_SMOKE") == "1"  # tiny sizes (compile_cpu.py's smoke run uses them)
 TOKENS, TEXT = (16, 8) if SMOKE else (1024, 512)
@@ -99,7 +99,7 @@ def worker(kind: str, dtype_name: str, impl: str = "") -> None:
             reset_peak_rss()
             before = rss_mb()
             fn()
-            emit({"peak_mb": peak_rss_mb() - before, "weights_mb": weights})
+            emit({"peak_mb": peak_growth_mb(before), "weights_mb": weights})
 
 
 def main() -> None:

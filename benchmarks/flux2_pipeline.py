@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MEMORY_ENV, Comparison, compare, emit, interleaved, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
+from _common import Comparison, MEMORY_ENV, compare, emit, interleaved, peak_growth_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
 
 SMOKE = os.environ.get("DIFFSYNTH_BENCH_SMOKE") == "1"
 SIZE, STEPS, REPS = (64, 2, 2) if SMOKE else (512, 4, 4)
@@ -63,7 +63,7 @@ def worker(kind: str, root: str, impl: str = "") -> None:
             reset_peak_rss()
             before = rss_mb()
             generate(impl, load(impl, root))
-            emit({"peak_mb": peak_rss_mb() - before})
+            emit({"peak_mb": peak_growth_mb(before)})
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MEMORY_ENV, Comparison, compare, emit, interleaved, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
+from _common import Comparison, MEMORY_ENV, compare, emit, interleaved, peak_growth_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
 
 SMOKE = os.environ.get("DIFFSYNTH_BENCH_SMOKE") == "1"
 SIDE, TEXT, REPS = (4, 8, 2) if SMOKE else (32, 512, 6)  # packed latent side: 32 -> 1024 tokens (512 px)
@@ -89,7 +89,7 @@ def worker(kind: str, dtype_name: str, refs: str, impl: str = "") -> None:
             reset_peak_rss()
             before = rss_mb()
             fn()
-            emit({"peak_mb": peak_rss_mb() - before})
+            emit({"peak_mb": peak_growth_mb(before)})
 
 
 @dataclass

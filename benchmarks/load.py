@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import MEMORY_ENV, emit, median, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table, warm_page_cache  # noqa: E402,E501
+from _common import MEMORY_ENV, emit, median, peak_growth_mb, reset_peak_rss, rss_mb, run_worker, table, warm_page_cache  # noqa: E402,E501
 
 # FLUX.1's width (diffusers' converter assumes 3072) with 1 double + 1 single block: 0.49B parameters
 CONFIG = dict(hidden_size=3072, num_heads=24, num_double_blocks=1, num_single_blocks=1, context_dim=4096,
@@ -85,7 +85,7 @@ def worker(impl: str, path: str) -> None:
         for p in model.parameters():
             p.detach().reshape(-1).view(torch.uint8)[::4096].sum()
     ready = time.perf_counter() - t
-    emit({"seconds": call, "ready_seconds": ready, "peak_mb": peak_rss_mb() - before, "weights_mb": weights})
+    emit({"seconds": call, "ready_seconds": ready, "peak_mb": peak_growth_mb(before), "weights_mb": weights})
 
 
 def main() -> None:

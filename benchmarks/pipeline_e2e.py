@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from _common import MEMORY_ENV, emit, interleaved, median, pair_ratio, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402
+from _common import MEMORY_ENV, emit, interleaved, median, pair_ratio, peak_growth_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402
 
 CASES = {"512px-10steps": dict(height=512, width=512, num_inference_steps=10, cfg_scale=1.0),
          "512px-10steps-cfg": dict(height=512, width=512, num_inference_steps=10, cfg_scale=2.5)}
@@ -71,7 +71,7 @@ def worker(kind: str, root: str, impl: str = "") -> None:
             pipe = load(impl, root)
             for case in CASES.values():
                 generate(impl, pipe, case)
-            emit({"peak_mb": peak_rss_mb() - before})
+            emit({"peak_mb": peak_growth_mb(before)})
 
 
 def main() -> None:

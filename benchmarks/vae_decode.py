@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MEMORY_ENV, emit, interleaved, median, pair_ratio, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
+from _common import MEMORY_ENV, emit, interleaved, median, pair_ratio, peak_growth_mb, reset_peak_rss, rss_mb, run_worker, table  # noqa: E402,E501
 
 SIDE = 512
 REPS = 3
@@ -52,7 +52,7 @@ def worker(kind: str, impl: str = "") -> None:
             reset_peak_rss()
             before = rss_mb()
             fn()
-            emit({"peak_mb": peak_rss_mb() - before})
+            emit({"peak_mb": peak_growth_mb(before)})
 
 
 def main() -> None:
